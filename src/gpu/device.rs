@@ -1,0 +1,452 @@
+//! The GPU device: adapter choice, features and limits, batched command recording, uploads and
+//! asynchronous readback. Errors the GPU reports (validation, out of memory, device loss) are
+//! captured and returned by the next call that can fail, never panicked on.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use super::dtype::DType;
+use super::pipeline::{Kernel, PipelineCache};
+use super::pool::{size_class, BufferPool, PoolStats, PooledBuffer};
+use super::tensor::Tensor;
+use crate::error::{Error, Result};
+
+/// Which kernel variants suit the adapter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelProfile {
+    /// Real GPUs: workgroup-memory tiles shared by many threads.
+    Tiled,
+    /// Software adapters (llvmpipe, SwiftShader): each invocation keeps its tile in registers,
+    /// because workgroup barriers cost 5-10x there.
+    Register,
+}
+
+/// How to open the device.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Use f32 kernels even when the adapter has `shader-f16`.
+    pub force_f32: bool,
+    /// Kernel variants; chosen from the adapter when `None`.
+    pub profile: Option<KernelProfile>,
+    /// Treat storage bindings as limited to this many bytes even if the adapter allows more, so
+    /// the code that splits large tensors across bindings can be tested on any adapter.
+    pub max_storage_binding: Option<u64>,
+}
+
+/// What the adapter is and can do.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub timestamp_query: bool,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub profile: KernelProfile,
+}
+
+/// Dispatches recorded before the encoder is submitted.
+const BATCH_DISPATCHES: u32 = 128;
+/// Bytes of uniform parameters each dispatch may have.
+pub(crate) const MAX_PARAMS: usize = 256;
+
+struct Batch {
+    encoder: Option<wgpu::CommandEncoder>,
+    /// Parameters of this batch's dispatches, written to `uniforms` just before submission.
+    params: Vec<u8>,
+    uniforms: wgpu::Buffer,
+    dispatches: u32,
+}
+
+struct GpuInner {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    summary: AdapterSummary,
+    limits: wgpu::Limits,
+    pipelines: PipelineCache,
+    pool: Rc<RefCell<BufferPool>>,
+    batch: RefCell<Batch>,
+    /// First error the GPU reported asynchronously; returned by the next fallible call.
+    error: Arc<Mutex<Option<Error>>>,
+    submissions: std::cell::Cell<u64>,
+    f16_kernels: bool,
+}
+
+/// Handle to the GPU device; cheap to clone.
+#[derive(Clone)]
+pub struct Gpu {
+    inner: Rc<GpuInner>,
+}
+
+/// A storage binding: a byte range of a buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct Bind<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl<'a> Bind<'a> {
+    /// All of a tensor's bytes.
+    pub fn whole(t: &'a Tensor) -> Self {
+        Self { buffer: t.buf.raw(), offset: 0, size: t.nbytes().next_multiple_of(4) }
+    }
+}
+
+fn is_software(info: &wgpu::AdapterInfo) -> bool {
+    let text = format!("{} {} {}", info.name, info.driver, info.driver_info).to_lowercase();
+    info.device_type == wgpu::DeviceType::Cpu
+        || ["llvmpipe", "lavapipe", "swiftshader", "softpipe", "warp"].iter().any(|s| text.contains(s))
+}
+
+impl Gpu {
+    /// Opens the best adapter: a discrete GPU over an integrated one over a software one.
+    pub async fn new(opts: GpuOptions) -> Result<Gpu> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        if cfg!(not(target_arch = "wasm32")) && desc.backends == wgpu::Backends::all() {
+            // Compute needs Vulkan/Metal/DX12; the GL backend has no storage-buffer compute worth using.
+            desc.backends = wgpu::Backends::PRIMARY;
+        }
+        let instance = wgpu::Instance::new(desc);
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                force_fallback_adapter: false,
+                compatible_surface: None,
+                apply_limit_buckets: false,
+            })
+            .await
+            .map_err(|e| Error::NoAdapter(e.to_string()))?;
+        let info = adapter.get_info();
+        let features = adapter.features();
+        let shader_f16 = features.contains(wgpu::Features::SHADER_F16);
+        let subgroups = features.contains(wgpu::Features::SUBGROUP);
+        let timestamp_query = features.contains(wgpu::Features::TIMESTAMP_QUERY);
+        let mut required = wgpu::Features::empty();
+        for (have, f) in [(shader_f16, wgpu::Features::SHADER_F16), (subgroups, wgpu::Features::SUBGROUP), (timestamp_query, wgpu::Features::TIMESTAMP_QUERY)] {
+            if have {
+                required |= f;
+            }
+        }
+        // Ask for everything the adapter offers: the defaults (128 MiB bindings, 256 MiB buffers)
+        // are far below what a UNet needs on real GPUs.
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("ldm-web"),
+                required_features: required,
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::RequestDevice(e.to_string()))?;
+        let mut limits = device.limits();
+        if let Some(cap) = opts.max_storage_binding {
+            // Only split decisions read this copy; validation uses the device's real limit.
+            let cap = cap.max(1024) / 256 * 256;
+            limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
+        }
+
+        let error: Arc<Mutex<Option<Error>>> = Arc::default();
+        let sink = error.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let err = match e {
+                wgpu::Error::OutOfMemory { .. } => Error::OutOfMemory(e.to_string()),
+                other => Error::Validation(other.to_string()),
+            };
+            let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert(err);
+        }));
+        let sink = error.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            if reason != wgpu::DeviceLostReason::Destroyed {
+                let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
+                slot.get_or_insert(Error::DeviceLost(format!("{reason:?}: {msg}")));
+            }
+        });
+
+        let profile = opts.profile.unwrap_or(if is_software(&info) { KernelProfile::Register } else { KernelProfile::Tiled });
+        let summary = AdapterSummary {
+            name: info.name.clone(),
+            backend: format!("{:?}", info.backend),
+            device_type: format!("{:?}", info.device_type),
+            driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+            shader_f16,
+            subgroups,
+            timestamp_query,
+            max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
+            max_buffer_size: limits.max_buffer_size,
+            max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+            profile,
+        };
+        let uniforms = new_uniform_buffer(&device);
+        Ok(Gpu {
+            inner: Rc::new(GpuInner {
+                pipelines: PipelineCache::default(),
+                pool: Rc::default(),
+                batch: RefCell::new(Batch { encoder: None, params: Vec::new(), uniforms, dispatches: 0 }),
+                error,
+                submissions: Default::default(),
+                f16_kernels: shader_f16 && !opts.force_f32,
+                device,
+                queue,
+                summary,
+                limits,
+            }),
+        })
+    }
+
+    /// The adapter's description, features and limits.
+    pub fn summary(&self) -> &AdapterSummary {
+        &self.inner.summary
+    }
+    /// Kernel variants in use.
+    pub fn profile(&self) -> KernelProfile {
+        self.inner.summary.profile
+    }
+    /// The activation dtype kernels should use: f16 with `shader-f16`, f32 otherwise.
+    pub fn activation_dtype(&self) -> DType {
+        if self.inner.f16_kernels {
+            DType::F16
+        } else {
+            DType::F32
+        }
+    }
+    /// Whether kernels can store `dtype`.
+    pub fn supports(&self, dtype: DType) -> bool {
+        let i = dtype.info();
+        i.wgsl.is_some() && (!i.needs_shader_f16 || self.inner.summary.shader_f16)
+    }
+    pub(crate) fn limits(&self) -> &wgpu::Limits {
+        &self.inner.limits
+    }
+    /// Buffer pool memory figures.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.inner.pool.borrow().stats()
+    }
+    /// Frees the pool's idle buffers.
+    pub fn trim_pool(&self) {
+        self.inner.pool.borrow_mut().trim();
+    }
+    /// Number of queue submissions so far (batching makes this far smaller than the dispatch count).
+    pub fn submissions(&self) -> u64 {
+        self.inner.submissions.get()
+    }
+
+    /// Returns (and clears) the first error the GPU reported asynchronously.
+    pub fn check(&self) -> Result<()> {
+        let mut slot = self.inner.error.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// An uninitialised tensor from the pool.
+    pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let bytes = (dtype.bytes_for(n) as u64).next_multiple_of(4);
+        if bytes > self.inner.limits.max_buffer_size {
+            return Err(Error::BufferTooLarge { what: format!("a {shape:?} {} tensor", dtype.name()), bytes, limit: self.inner.limits.max_buffer_size });
+        }
+        let buf = self.inner.pool.borrow_mut().take(&self.inner.device, size_class(bytes));
+        Ok(Tensor::from_parts(Rc::new(PooledBuffer::new(buf, &self.inner.pool)), shape.to_vec(), dtype))
+    }
+
+    /// A tensor holding `data` converted to `dtype`.
+    pub fn upload(&self, shape: &[usize], dtype: DType, data: &[f32]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::Shape(format!("{} values given for shape {shape:?}", data.len())));
+        }
+        self.upload_bytes(shape, dtype, &dtype.encode(data))
+    }
+
+    /// A tensor from bytes already in `dtype`'s layout (weights straight from a file).
+    pub fn upload_bytes(&self, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Tensor> {
+        let t = self.empty(shape, dtype)?;
+        if bytes.len() as u64 != t.nbytes() {
+            return Err(Error::Shape(format!("{} bytes given for a {shape:?} {} tensor ({} expected)", bytes.len(), dtype.name(), t.nbytes())));
+        }
+        self.write(&t, bytes);
+        Ok(t)
+    }
+
+    /// A u32 tensor (indices); stored as f32-sized words, read by kernels as `array<u32>`.
+    pub fn upload_u32(&self, shape: &[usize], data: &[u32]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::Shape(format!("{} indices given for shape {shape:?}", data.len())));
+        }
+        self.upload_bytes(shape, DType::F32, bytemuck::cast_slice(data))
+    }
+
+    fn write(&self, t: &Tensor, bytes: &[u8]) {
+        // A pooled buffer may still be read by recorded but unsubmitted dispatches; queue writes
+        // land before the pending encoder would, so submit it first.
+        if self.inner.batch.borrow().dispatches > 0 {
+            self.flush();
+        }
+        let whole = bytes.len() / 4 * 4;
+        self.inner.queue.write_buffer(t.buf.raw(), 0, &bytes[..whole]);
+        if whole < bytes.len() {
+            let mut tail = [0u8; 4];
+            tail[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
+            self.inner.queue.write_buffer(t.buf.raw(), whole as u64, &tail);
+        }
+    }
+
+    /// Records one dispatch: `params` go to binding 0 as a uniform block, `binds` to 1, 2, ...
+    pub(crate) fn dispatch(&self, kernel: &Kernel, params: &[u8], binds: &[Bind], groups: [u32; 3]) -> Result<()> {
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let max = self.inner.limits.max_compute_workgroups_per_dimension;
+        if groups.iter().any(|&g| g > max) {
+            return Err(Error::Unsupported(format!("{} needs {groups:?} workgroups; the adapter allows {max} per dimension", kernel.name())));
+        }
+        assert!(params.len() <= MAX_PARAMS, "{}: params too large", kernel.name());
+        let limit = self.inner.limits.max_storage_buffer_binding_size;
+        for b in binds {
+            if b.size > limit {
+                return Err(Error::BindingTooLarge { what: kernel.name(), bytes: b.size, limit });
+            }
+        }
+        let pipeline = self.inner.pipelines.get(&self.inner.device, kernel);
+        let align = self.inner.limits.min_uniform_buffer_offset_alignment as usize;
+        let mut batch = self.inner.batch.borrow_mut();
+        let offset = batch.params.len().next_multiple_of(align);
+        let size = params.len().next_multiple_of(16).max(16);
+        batch.params.resize(offset + size, 0);
+        batch.params[offset..offset + params.len()].copy_from_slice(params);
+
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &batch.uniforms,
+                offset: offset as u64,
+                size: wgpu::BufferSize::new(size as u64),
+            }),
+        }];
+        for (i, b) in binds.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: b.buffer, offset: b.offset, size: wgpu::BufferSize::new(b.size) }),
+            });
+        }
+        let bind_group = self.inner.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let device = &self.inner.device;
+        let encoder = batch.encoder.get_or_insert_with(|| device.create_command_encoder(&Default::default()));
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        }
+        batch.dispatches += 1;
+        let full = batch.dispatches >= BATCH_DISPATCHES || batch.params.len() + MAX_PARAMS + align > UNIFORM_BYTES as usize;
+        drop(batch);
+        if full {
+            self.flush();
+        }
+        Ok(())
+    }
+
+    /// Submits everything recorded so far.
+    pub fn flush(&self) {
+        let mut batch = self.inner.batch.borrow_mut();
+        let Some(encoder) = batch.encoder.take() else { return };
+        self.inner.queue.write_buffer(&batch.uniforms, 0, &batch.params);
+        batch.params.clear();
+        batch.dispatches = 0;
+        self.inner.queue.submit([encoder.finish()]);
+        self.inner.submissions.set(self.inner.submissions.get() + 1);
+    }
+
+    /// Waits until the GPU has finished all submitted work.
+    pub async fn sync(&self) -> Result<()> {
+        self.flush();
+        let (tx, rx) = futures_channel::oneshot::channel();
+        self.inner.queue.on_submitted_work_done(move || {
+            let _ = tx.send(());
+        });
+        self.wait_native()?;
+        rx.await.map_err(|_| Error::DeviceLost("the queue stopped before the work finished".into()))?;
+        self.check()
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn wait_native(&self) -> Result<()> {
+        self.inner
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::DeviceLost(e.to_string()))
+    }
+    #[cfg(target_arch = "wasm32")]
+    fn wait_native(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Copies a tensor's bytes back to the CPU (flushes pending work first).
+    pub async fn read_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
+        self.check()?;
+        let size = t.nbytes().next_multiple_of(4);
+        let staging = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        {
+            let mut batch = self.inner.batch.borrow_mut();
+            let device = &self.inner.device;
+            let enc = batch.encoder.get_or_insert_with(|| device.create_command_encoder(&Default::default()));
+            enc.copy_buffer_to_buffer(t.buf.raw(), 0, &staging, 0, size);
+            // Counts as a dispatch so that uploads into reused buffers flush it first.
+            batch.dispatches += 1;
+        }
+        self.flush();
+        let (tx, rx) = futures_channel::oneshot::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait_native()?;
+        let mapped = rx.await.map_err(|_| Error::DeviceLost("the map request was dropped".into()))?;
+        self.check()?;
+        mapped.map_err(|e| Error::Readback(e.to_string()))?;
+        let mut out = staging.get_mapped_range(..).map_err(|e| Error::Readback(e.to_string()))?.to_vec();
+        staging.unmap();
+        out.truncate(t.nbytes() as usize);
+        Ok(out)
+    }
+
+    /// Reads a tensor back as f32 values.
+    pub async fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
+        let bytes = self.read_bytes(t).await?;
+        Ok(t.dtype().decode(&bytes, t.numel()))
+    }
+}
+
+const UNIFORM_BYTES: u64 = BATCH_DISPATCHES as u64 * 512;
+
+fn new_uniform_buffer(device: &wgpu::Device) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("dispatch params"),
+        size: UNIFORM_BYTES,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}

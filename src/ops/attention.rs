@@ -1,0 +1,128 @@
+//! Memory-efficient multi-head attention with online softmax (no Nq x Nk score matrix).
+
+use super::{bytes_of, check_same_dtype};
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, Def, Gpu, KernelProfile, Kernel, Tensor};
+
+const ATTENTION_WGSL: &str = include_str!("../../shaders/attention.wgsl");
+/// Queries per workgroup.
+const WGQ: u32 = 64;
+
+/// Element (b, h, n, d) of a tensor at `base + b*batch_stride + h*head_stride + n*row_stride + d`.
+#[derive(Clone, Copy)]
+pub struct HeadView<'a> {
+    pub tensor: &'a Tensor,
+    pub base: usize,
+    pub batch_stride: usize,
+    pub head_stride: usize,
+    pub row_stride: usize,
+}
+
+impl<'a> HeadView<'a> {
+    /// diffusers' hidden-state layout `[B, N, H*D]`.
+    pub fn bnhd(tensor: &'a Tensor, rows: usize, heads: usize, head_dim: usize) -> Self {
+        Self { tensor, base: 0, batch_stride: rows * heads * head_dim, head_stride: head_dim, row_stride: heads * head_dim }
+    }
+    /// Heads-first layout `[B, H, N, D]`.
+    pub fn bhnd(tensor: &'a Tensor, rows: usize, heads: usize, head_dim: usize) -> Self {
+        Self { tensor, base: 0, batch_stride: heads * rows * head_dim, head_stride: rows * head_dim, row_stride: head_dim }
+    }
+    fn last(&self, batch: usize, heads: usize, rows: usize, d: usize) -> usize {
+        self.base + (batch - 1) * self.batch_stride + (heads - 1) * self.head_stride + (rows - 1) * self.row_stride + d
+    }
+}
+
+/// softmax(scale * Q K^T) V per (batch, head); `causal` masks keys after the query (CLIP).
+pub struct AttentionSpec<'a> {
+    pub q: HeadView<'a>,
+    pub k: HeadView<'a>,
+    pub v: HeadView<'a>,
+    pub batch: usize,
+    pub heads: usize,
+    pub nq: usize,
+    pub nk: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub causal: bool,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    nq: u32, nk: u32, heads: u32, causal: u32,
+    q: [u32; 4],
+    k: [u32; 4],
+    v: [u32; 4],
+    o: [u32; 4],
+    scale_log2e: f32,
+}
+
+/// Attention output in `[B, Nq, H*D]` layout.
+pub fn attention(gpu: &Gpu, s: &AttentionSpec) -> Result<Tensor> {
+    attention_with(gpu, s, gpu.profile())
+}
+
+/// As [`attention`] with an explicit kernel profile.
+pub fn attention_with(gpu: &Gpu, s: &AttentionSpec, profile: KernelProfile) -> Result<Tensor> {
+    let dtype = check_same_dtype(&[s.q.tensor, s.k.tensor, s.v.tensor], "attention")?;
+    let d = s.head_dim;
+    let views = [&s.q, &s.k, &s.v];
+    // vec4 loads: every offset and stride must be a multiple of 4 elements.
+    if d % 4 != 0 || views.iter().any(|v| [v.base, v.batch_stride, v.head_stride, v.row_stride].iter().any(|x| x % 4 != 0)) {
+        return Err(Error::Unsupported(format!("attention needs head_dim and strides divisible by 4 (head_dim {d})")));
+    }
+    if s.batch == 0 || s.heads == 0 || s.nq == 0 {
+        return gpu.empty(&[s.batch, s.nq, s.heads * d], dtype);
+    }
+    for (v, rows) in [(&s.q, s.nq), (&s.k, s.nk), (&s.v, s.nk)] {
+        if rows > 0 && v.last(s.batch, s.heads, rows, d) > v.tensor.numel() {
+            return Err(Error::Shape(format!("attention operand {:?} is too small for {} x {} heads x {rows} rows x {d}", v.tensor.shape(), s.batch, s.heads)));
+        }
+    }
+    let out = gpu.empty(&[s.batch, s.nq, s.heads * d], dtype)?;
+    let o = HeadView::bnhd(&out, s.nq, s.heads, d);
+    let quad = |v: &HeadView| [v.base as u32 / 4, v.batch_stride as u32 / 4, v.head_stride as u32 / 4, v.row_stride as u32 / 4];
+    let p = Params {
+        nq: s.nq as u32, nk: s.nk as u32, heads: s.heads as u32, causal: s.causal as u32,
+        q: quad(&s.q), k: quad(&s.k), v: quad(&s.v), o: quad(&o),
+        scale_log2e: s.scale * std::f32::consts::LOG2_E,
+    };
+    // Key tile: as many keys as fit twice (K and V, f32) in workgroup memory, at most 64.
+    let storage = gpu.limits().max_compute_workgroup_storage_size as usize;
+    let mut bkv = 64;
+    while bkv > 1 && bkv * d * 8 > storage {
+        bkv /= 2;
+    }
+    let defs = [("D4", Def::U32(d as u32 / 4)), ("WGQ", Def::U32(WGQ)), ("BKV", Def::U32(bkv as u32))];
+    let entry = match profile {
+        KernelProfile::Tiled => "attention_tiled",
+        KernelProfile::Register => "attention_register",
+    };
+    let kernel = Kernel { family: "attention", sources: &[ATTENTION_WGSL], entry, dtype, defs: &defs };
+    let groups = [(s.nq as u32).div_ceil(WGQ), (s.batch * s.heads) as u32, 1];
+    gpu.dispatch(&kernel, bytes_of(&p), &[Bind::whole(s.q.tensor), Bind::whole(s.k.tensor), Bind::whole(s.v.tensor), Bind::whole(&out)], groups)?;
+    Ok(out)
+}
+
+/// CPU reference (full score matrix, f64), output `[B, Nq, H*D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn reference(q: &[f32], k: &[f32], v: &[f32], views: [(usize, usize, usize, usize); 3], batch: usize, heads: usize, nq: usize, nk: usize, d: usize, scale: f32, causal: bool) -> Vec<f32> {
+    let at = |x: &[f32], vw: (usize, usize, usize, usize), b: usize, h: usize, n: usize, e: usize| x[vw.0 + b * vw.1 + h * vw.2 + n * vw.3 + e] as f64;
+    let mut out = vec![0f32; batch * nq * heads * d];
+    for b in 0..batch {
+        for h in 0..heads {
+            for i in 0..nq {
+                let end = if causal { nk.min(i + 1) } else { nk };
+                let scores: Vec<f64> = (0..end).map(|j| (0..d).map(|e| at(q, views[0], b, h, i, e) * at(k, views[1], b, h, j, e)).sum::<f64>() * scale as f64).collect();
+                let m = scores.iter().copied().fold(f64::MIN, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let sum: f64 = w.iter().sum();
+                for e in 0..d {
+                    let acc: f64 = (0..end).map(|j| w[j] * at(v, views[2], b, h, j, e)).sum();
+                    out[(b * nq + i) * heads * d + h * d + e] = if sum > 0.0 { (acc / sum) as f32 } else { 0.0 };
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,93 @@
+//! Sinusoidal timestep embeddings and embedding-table gathers.
+
+use super::{bytes_of, check_same_dtype, elementwise_grid};
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, DType, Def, Gpu, Kernel, Tensor};
+
+const TIMESTEP_WGSL: &str = include_str!("../../shaders/timestep_embedding.wgsl");
+const EMBEDDING_WGSL: &str = include_str!("../../shaders/embedding.wgsl");
+
+/// diffusers' `get_timestep_embedding` settings.
+#[derive(Clone, Copy, Debug)]
+pub struct TimestepEmbedding {
+    pub dim: usize,
+    pub flip_sin_to_cos: bool,
+    pub downscale_freq_shift: f32,
+    pub scale: f32,
+    pub max_period: f32,
+}
+
+impl TimestepEmbedding {
+    /// Frequencies exactly as diffusers computes them in f32: exp(-ln(max_period) * i / (half - shift)).
+    pub fn frequencies(&self) -> Vec<f32> {
+        let half = self.dim / 2;
+        let ln = -(self.max_period.ln());
+        (0..half).map(|i| ((ln * i as f32) / (half as f32 - self.downscale_freq_shift)).exp()).collect()
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct TimestepParams {
+    n: u32,
+    dim: u32,
+    half_dim: u32,
+    scale: f32,
+}
+
+/// Embeds f32 timesteps `[N]` into `[N, dim]` of `dtype`.
+pub fn timestep_embedding(gpu: &Gpu, timesteps: &Tensor, cfg: &TimestepEmbedding, dtype: DType) -> Result<Tensor> {
+    if timesteps.dtype() != DType::F32 {
+        return Err(Error::Unsupported("timesteps must be an f32 tensor".into()));
+    }
+    let n = timesteps.numel();
+    let freqs = gpu.upload(&[cfg.dim / 2 + 1], DType::F32, &[cfg.frequencies(), vec![0.0]].concat())?;
+    let out = gpu.empty(&[n, cfg.dim], dtype)?;
+    let defs = [("FLIP", Def::Bool(cfg.flip_sin_to_cos))];
+    let kernel = Kernel { family: "timestep_embedding", sources: &[TIMESTEP_WGSL], entry: "main", dtype, defs: &defs };
+    let p = TimestepParams { n: n as u32, dim: cfg.dim as u32, half_dim: (cfg.dim / 2) as u32, scale: cfg.scale };
+    gpu.dispatch(&kernel, bytes_of(&p), &[Bind::whole(timesteps), Bind::whole(&freqs), Bind::whole(&out)], elementwise_grid(gpu, n * cfg.dim))?;
+    Ok(out)
+}
+
+/// CPU reference (the same f32 frequencies and products, sin/cos in f64).
+pub fn timestep_embedding_reference(timesteps: &[f32], cfg: &TimestepEmbedding) -> Vec<f32> {
+    let freqs = cfg.frequencies();
+    let half = cfg.dim / 2;
+    let mut y = vec![0f32; timesteps.len() * cfg.dim];
+    for (r, &t) in timesteps.iter().enumerate() {
+        for (j, &f) in freqs.iter().enumerate() {
+            let arg = (cfg.scale * (t * f)) as f64;
+            let (s, c) = (arg.sin() as f32, arg.cos() as f32);
+            let (a, b) = if cfg.flip_sin_to_cos { (c, s) } else { (s, c) };
+            y[r * cfg.dim + j] = a;
+            y[r * cfg.dim + half + j] = b;
+        }
+    }
+    y
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct EmbeddingParams {
+    n: u32,
+    dim: u32,
+    vocab: u32,
+}
+
+/// Rows of `table` `[vocab, dim]` for each id: `[ids.., dim]`.
+pub fn embedding(gpu: &Gpu, ids: &[u32], table: &Tensor) -> Result<Tensor> {
+    let dtype = check_same_dtype(&[table], "embedding")?;
+    let &[vocab, dim] = table.shape() else {
+        return Err(Error::Shape(format!("embedding table must be [vocab, dim], got {:?}", table.shape())));
+    };
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        return Err(Error::Shape(format!("token id {bad} is outside the vocabulary of {vocab}")));
+    }
+    let id_t = gpu.upload_u32(&[ids.len().max(1)], &if ids.is_empty() { vec![0] } else { ids.to_vec() })?;
+    let out = gpu.empty(&[ids.len(), dim], dtype)?;
+    let kernel = Kernel { family: "embedding", sources: &[EMBEDDING_WGSL], entry: "main", dtype, defs: &[] };
+    let p = EmbeddingParams { n: ids.len() as u32, dim: dim as u32, vocab: vocab as u32 };
+    gpu.dispatch(&kernel, bytes_of(&p), &[Bind::whole(&id_t), Bind::whole(table), Bind::whole(&out)], elementwise_grid(gpu, ids.len() * dim))?;
+    Ok(out)
+}

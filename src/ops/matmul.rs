@@ -1,0 +1,266 @@
+//! Batched strided matmul with fused bias, activation and residual (on the GEMM core).
+
+use super::{bind_range, bytes_of, check_same_dtype, dummy, Activation, ACTIVATIONS_WGSL};
+use crate::error::{Error, Result};
+use crate::gpu::{Def, Gpu, KernelProfile, Kernel, Tensor};
+
+pub(crate) const GEMM_WGSL: &str = include_str!("../../shaders/gemm.wgsl");
+const MATMUL_WGSL: &str = include_str!("../../shaders/matmul.wgsl");
+
+/// A matrix operand: a tensor read at `base + b*batch_stride + r*row_stride + c*col_stride`.
+#[derive(Clone, Copy)]
+pub struct MatView<'a> {
+    pub tensor: &'a Tensor,
+    pub base: usize,
+    pub batch_stride: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> MatView<'a> {
+    /// Row-major `rows x cols` matrices packed one after another.
+    pub fn packed(tensor: &'a Tensor, rows: usize, cols: usize) -> Self {
+        Self { tensor, base: 0, batch_stride: rows * cols, row_stride: cols, col_stride: 1 }
+    }
+    /// The transpose of a packed `cols x rows` matrix (e.g. a Linear weight [out, in] read as [in, out]).
+    pub fn transposed(tensor: &'a Tensor, rows: usize, cols: usize) -> Self {
+        Self { tensor, base: 0, batch_stride: rows * cols, row_stride: 1, col_stride: rows }
+    }
+    /// The same matrix for every batch.
+    pub fn broadcast(mut self) -> Self {
+        self.batch_stride = 0;
+        self
+    }
+    /// Elements `[start, end)` this view touches for batches `b0..b1`, rows `r0..r1`, `cols` columns.
+    fn extent(&self, b0: usize, b1: usize, r0: usize, r1: usize, cols: usize) -> (usize, usize) {
+        let start = self.base + b0 * self.batch_stride + r0 * self.row_stride;
+        let end = self.base + (b1 - 1) * self.batch_stride + (r1 - 1) * self.row_stride + (cols - 1) * self.col_stride + 1;
+        (start, end)
+    }
+}
+
+/// Which axis a bias vector runs along.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BiasAxis {
+    /// One value per output column (Linear layers).
+    Col = 1,
+    /// One value per output row (convolutions as GEMM: one per output channel).
+    Row = 2,
+}
+
+/// `C[b] = act(alpha * A[b] . B[b] + bias) + residual[b]` for `b < batch`.
+pub struct MatmulSpec<'a> {
+    pub a: MatView<'a>,
+    pub b: MatView<'a>,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+    pub alpha: f32,
+    pub bias: Option<(&'a Tensor, BiasAxis)>,
+    pub act: Activation,
+    /// Added after the activation; laid out like C (packed `m x n` per batch).
+    pub residual: Option<&'a Tensor>,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    m: u32, n: u32, k: u32, _p0: u32,
+    a_base: u32, a_bs: u32, a_rs: u32, a_cs: u32,
+    b_base: u32, b_bs: u32, b_rs: u32, b_cs: u32,
+    c_base: u32, c_bs: u32, c_rs: u32, bias_base: u32,
+    r_base: u32, r_bs: u32, r_rs: u32, alpha: f32,
+}
+
+/// Tile shape (WX, WY, TM, TN, BK) for a profile.
+pub(crate) fn gemm_tiles(profile: KernelProfile) -> (u32, u32, u32, u32, u32) {
+    match profile {
+        KernelProfile::Tiled => (16, 16, 4, 4, 16),
+        KernelProfile::Register => (8, 8, 4, 4, 16),
+    }
+}
+
+/// The GEMM-core kernel for a profile, with the caller's loader file and constants.
+pub(crate) fn gemm_kernel<'a>(
+    family: &'static str,
+    sources: &'a [&'static str],
+    profile: KernelProfile,
+    dtype: crate::gpu::DType,
+    defs: &'a mut Vec<(&'static str, Def)>,
+) -> Kernel<'a> {
+    let (wx, wy, tm, tn, bk) = gemm_tiles(profile);
+    defs.extend([("WX", Def::U32(wx)), ("WY", Def::U32(wy)), ("TM", Def::U32(tm)), ("TN", Def::U32(tn)), ("BK", Def::U32(bk))]);
+    let entry = match profile {
+        KernelProfile::Tiled => "gemm_tiled",
+        KernelProfile::Register => "gemm_register",
+    };
+    Kernel { family, sources, entry, dtype, defs }
+}
+
+/// Workgroups covering an `m x n` output.
+pub(crate) fn gemm_groups(profile: KernelProfile, m: usize, n: usize, batch: usize) -> [u32; 3] {
+    let (wx, wy, tm, tn, _) = gemm_tiles(profile);
+    [(n as u32).div_ceil(wx * tn), (m as u32).div_ceil(wy * tm), batch as u32]
+}
+
+/// Runs a [`MatmulSpec`] into a new `[batch, m, n]` tensor.
+pub fn matmul_spec(gpu: &Gpu, s: &MatmulSpec) -> Result<Tensor> {
+    matmul_spec_with(gpu, s, gpu.profile())
+}
+
+/// As [`matmul_spec`] with an explicit kernel profile (tests run both on every adapter).
+pub fn matmul_spec_with(gpu: &Gpu, s: &MatmulSpec, profile: KernelProfile) -> Result<Tensor> {
+    let mut ts = vec![s.a.tensor, s.b.tensor];
+    ts.extend(s.bias.map(|b| b.0));
+    ts.extend(s.residual);
+    let dtype = check_same_dtype(&ts, "matmul")?;
+    if s.m == 0 || s.n == 0 || s.batch == 0 {
+        return gpu.empty(&[s.batch, s.m, s.n], dtype);
+    }
+    let fits = |v: &MatView, rows: usize, cols: usize| v.extent(0, s.batch, 0, rows, cols).1 <= v.tensor.numel();
+    if s.k > 0 && (!fits(&s.a, s.m, s.k) || !fits(&s.b, s.k, s.n)) {
+        return Err(Error::Shape(format!("matmul operands {:?} x {:?} are too small for [{}] x {}x{}x{}", s.a.tensor.shape(), s.b.tensor.shape(), s.batch, s.m, s.k, s.n)));
+    }
+    if let Some((bias, axis)) = s.bias {
+        let want = if axis == BiasAxis::Col { s.n } else { s.m };
+        if bias.numel() != want {
+            return Err(Error::Shape(format!("matmul bias has {} values, {want} needed", bias.numel())));
+        }
+    }
+    if let Some(r) = s.residual {
+        if r.numel() != s.batch * s.m * s.n {
+            return Err(Error::Shape(format!("matmul residual {:?} does not match output [{}, {}, {}]", r.shape(), s.batch, s.m, s.n)));
+        }
+    }
+    let out = gpu.empty(&[s.batch, s.m, s.n], dtype)?;
+    let mut defs = vec![
+        ("BIAS", crate::gpu::Def::U32(s.bias.map_or(0, |b| b.1 as u32))),
+        ("ACT", crate::gpu::Def::U32(s.act.code())),
+        ("RESIDUAL", crate::gpu::Def::Bool(s.residual.is_some())),
+    ];
+    let kernel = gemm_kernel("matmul", &[ACTIVATIONS_WGSL, GEMM_WGSL, MATMUL_WGSL], profile, dtype, &mut defs);
+    let spare = dummy(gpu, dtype)?;
+    let c_view = MatView::packed(&out, s.m, s.n);
+    let limit = gpu.limits().max_storage_buffer_binding_size as usize / dtype.info().block_bytes;
+
+    // One dispatch when everything fits one binding each; otherwise per batch, then per row band.
+    let big = |b0: usize, b1: usize, r0: usize, r1: usize| {
+        let a = s.a.extent(b0, b1, r0, r1, s.k.max(1));
+        let c = c_view.extent(b0, b1, r0, r1, s.n);
+        a.1 - a.0 > limit || c.1 - c.0 > limit
+    };
+    let per_batch = big(0, s.batch, 0, s.m);
+    let mut rows = s.m;
+    while per_batch && rows > 1 && big(0, 1, 0, rows) {
+        rows = rows.div_ceil(2);
+    }
+    let batches: Vec<(usize, usize)> = if per_batch { (0..s.batch).map(|b| (b, b + 1)).collect() } else { vec![(0, s.batch)] };
+    for &(b0, b1) in &batches {
+        for r0 in (0..s.m).step_by(rows) {
+            let r1 = (r0 + rows).min(s.m);
+            let (ab, a_base) = range(gpu, &s.a, b0, b1, r0, r1, s.k.max(1));
+            let (bb, b_base) = range(gpu, &s.b, b0, b1, 0, s.k.max(1), s.n);
+            let (cb, c_base) = range(gpu, &c_view, b0, b1, r0, r1, s.n);
+            let bias_bind = s.bias.map_or(crate::gpu::Bind::whole(&spare), |b| crate::gpu::Bind::whole(b.0));
+            let (rb, r_base) = match s.residual {
+                Some(r) => range(gpu, &MatView::packed(r, s.m, s.n), b0, b1, r0, r1, s.n),
+                None => (crate::gpu::Bind::whole(&spare), 0),
+            };
+            let row_bias = s.bias.is_some_and(|b| b.1 == BiasAxis::Row);
+            let p = Params {
+                m: (r1 - r0) as u32, n: s.n as u32, k: s.k as u32, _p0: 0,
+                a_base, a_bs: s.a.batch_stride as u32, a_rs: s.a.row_stride as u32, a_cs: s.a.col_stride as u32,
+                b_base, b_bs: s.b.batch_stride as u32, b_rs: s.b.row_stride as u32, b_cs: s.b.col_stride as u32,
+                c_base, c_bs: (s.m * s.n) as u32, c_rs: s.n as u32, bias_base: if row_bias { r0 as u32 } else { 0 },
+                r_base, r_bs: (s.m * s.n) as u32, r_rs: s.n as u32, alpha: s.alpha,
+            };
+            gpu.dispatch(&kernel, bytes_of(&p), &[ab, bb, cb, bias_bind, rb], gemm_groups(profile, r1 - r0, s.n, b1 - b0))?;
+        }
+    }
+    Ok(out)
+}
+
+fn range<'a>(gpu: &Gpu, v: &MatView<'a>, b0: usize, b1: usize, r0: usize, r1: usize, cols: usize) -> (crate::gpu::Bind<'a>, u32) {
+    let (start, end) = v.extent(b0, b1, r0, r1, cols);
+    bind_range(gpu, v.tensor, start, end)
+}
+
+/// `[.., M, K] x [.., K, N] -> [.., M, N]`; `b` may be 2-D (shared by every batch).
+pub fn matmul(gpu: &Gpu, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (ra, rb) = (a.shape().len(), b.shape().len());
+    if ra < 2 || rb < 2 {
+        return Err(Error::Shape(format!("matmul needs matrices, got {:?} and {:?}", a.shape(), b.shape())));
+    }
+    let (m, k) = (a.dim(-2), a.dim(-1));
+    let (k2, n) = (b.dim(-2), b.dim(-1));
+    let batch = a.numel() / (m * k).max(1);
+    let b_batch = b.numel() / (k2 * n).max(1);
+    if k != k2 || (b_batch != 1 && b_batch != batch) {
+        return Err(Error::Shape(format!("matmul {:?} x {:?}", a.shape(), b.shape())));
+    }
+    let bv = MatView::packed(b, k, n);
+    let spec = MatmulSpec {
+        a: MatView::packed(a, m, k),
+        b: if b_batch == 1 { bv.broadcast() } else { bv },
+        m, n, k, batch, alpha: 1.0, bias: None, act: Activation::None, residual: None,
+    };
+    let mut shape = a.shape()[..ra - 1].to_vec();
+    shape.push(n);
+    matmul_spec(gpu, &spec)?.reshape(&shape)
+}
+
+/// A Linear layer: `act(x W^T + bias)` for x `[.., in]` and weight `[out, in]` (PyTorch layout).
+pub fn linear(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+    let (out_f, in_f) = match weight.shape() {
+        [o, i] => (*o, *i),
+        s => return Err(Error::Shape(format!("linear weight must be [out, in], got {s:?}"))),
+    };
+    if x.dim(-1) != in_f {
+        return Err(Error::Shape(format!("linear input {:?} does not end in {in_f}", x.shape())));
+    }
+    let rows = x.numel() / in_f;
+    let spec = MatmulSpec {
+        a: MatView::packed(x, rows, in_f),
+        b: MatView::transposed(weight, in_f, out_f).broadcast(),
+        m: rows, n: out_f, k: in_f, batch: 1, alpha: 1.0,
+        bias: bias.map(|b| (b, BiasAxis::Col)), act, residual: None,
+    };
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("x has a last dim") = out_f;
+    matmul_spec(gpu, &spec)?.reshape(&shape)
+}
+
+/// CPU reference of [`MatmulSpec`] on plain slices (f64 accumulation).
+#[allow(clippy::too_many_arguments)]
+pub fn reference(
+    a: &[f32], a_view: (usize, usize, usize, usize),
+    b: &[f32], b_view: (usize, usize, usize, usize),
+    m: usize, n: usize, k: usize, batch: usize, alpha: f32,
+    bias: Option<(&[f32], BiasAxis)>, act: Activation, residual: Option<&[f32]>,
+) -> Vec<f32> {
+    let mut c = vec![0f32; batch * m * n];
+    for bt in 0..batch {
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0f64;
+                for kk in 0..k {
+                    let av = a[a_view.0 + bt * a_view.1 + i * a_view.2 + kk * a_view.3] as f64;
+                    let bv = b[b_view.0 + bt * b_view.1 + kk * b_view.2 + j * b_view.3] as f64;
+                    acc += av * bv;
+                }
+                let mut v = alpha as f64 * acc;
+                if let Some((bias, axis)) = bias {
+                    v += bias[if axis == BiasAxis::Col { j } else { i }] as f64;
+                }
+                v = act.apply(v);
+                let idx = (bt * m + i) * n + j;
+                if let Some(r) = residual {
+                    v += r[idx] as f64;
+                }
+                c[idx] = v as f32;
+            }
+        }
+    }
+    c
+}

@@ -1,0 +1,29 @@
+//! Native kernel tests: the shared suite (`ldm_web::suite`) on the native adapter (lavapipe here).
+//! A missing adapter is a failure, not a skip. Filter with the first argument or LDM_TEST_FILTER.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-')).or_else(|| std::env::var("LDM_TEST_FILTER").ok()).unwrap_or_default();
+    let log = |r: &ldm_web::suite::CaseResult| {
+        let err = r.max_err.map_or(String::new(), |e| format!("  err={e:.2e} tol={:.0e}", r.tol.unwrap_or(0.0)));
+        println!("{:<11} {} {}{err} {}", r.status, r.name, r.dtype, r.message);
+    };
+    match pollster::block_on(ldm_web::suite::run(&filter, &log)) {
+        Ok(rep) => {
+            let a = &rep.adapter;
+            println!("adapter: {} ({}, {}, shader-f16 {}, profile {:?})", a.name, a.backend, a.driver, a.shader_f16, a.profile);
+            println!("native ({}): {} passed, {} failed, {} unsupported", a.name, rep.passed, rep.failed, rep.unsupported);
+            println!("{} passed, {} failed", rep.passed, rep.failed);
+            if rep.failed > 0 || rep.passed == 0 {
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("native kernel tests could not run: {e}");
+            println!("0 passed, 1 failed");
+            ExitCode::FAILURE
+        }
+    }
+}
