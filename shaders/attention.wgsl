@@ -2,7 +2,8 @@
 // one invocation per query row, keys streamed; the Nq x Nk score matrix never exists.
 // Q, K, V, O are read through strides (in vec4 units), so [B, N, H*D] and [B, H, N, D] layouts
 // and slices of a fused QKV projection need no copies.
-// Constants: D4 (head dim / 4), WGQ (queries per workgroup), BKV (keys per workgroup-memory tile).
+// Constants: D4 (head dim / 4), WGQ (invocations per workgroup), BKV (keys per workgroup-memory
+// tile in attention_tiled).
 
 struct AttnParams {
     nq: u32, nk: u32, heads: u32, causal: u32,
@@ -43,41 +44,26 @@ fn store_row(row: ptr<function, Row>, qi: u32, b: u32, h: u32) {
     for (var d = 0u; d < D4; d++) { o[base + d] = T4((*row).acc[d] * inv); }
 }
 
+// Adds a key with score s (log2 units) to the running softmax unless masked; returns its
+// weight for the value row. The accumulator is rescaled only when the running maximum moves
+// (rare after the first keys).
+fn online_update(row: ptr<function, Row>, s: f32, keep: bool) -> f32 {
+    if (keep && s > (*row).mx) {
+        let corr = exp2((*row).mx - s);
+        (*row).l *= corr;
+        for (var d = 0u; d < D4; d++) { (*row).acc[d] *= corr; }
+        (*row).mx = s;
+    }
+    let pr = select(0.0, exp2(s - (*row).mx), keep);
+    (*row).l += pr;
+    return pr;
+}
+
 fn key_end(qi: u32) -> u32 {
     return select(p.nk, min(p.nk, qi + 1u), p.causal != 0u);
 }
 
-// Software adapters: K and V rows come straight from memory.
-@compute @workgroup_size(WGQ)
-fn attention_register(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let qi = wid.x * WGQ + lid.x;
-    let b = wid.y / p.heads;
-    let h = wid.y % p.heads;
-    let qv = load_q(qi, b, h);
-    var row: Row;
-    row.mx = -3.0e38;
-    let kb = p.k_base + b * p.k_bs + h * p.k_hs;
-    let vb = p.v_base + b * p.v_bs + h * p.v_hs;
-    let end = select(0u, key_end(qi), qi < p.nq);
-    for (var j = 0u; j < end; j++) {
-        var s4 = vec4<f32>(0.0);
-        let kr = kb + j * p.k_ns;
-        for (var d = 0u; d < D4; d++) { s4 = fma(qv[d], vec4<f32>(k[kr + d]), s4); }
-        let s = s4.x + s4.y + s4.z + s4.w;
-        // Rescale only when the running maximum moves (rare after the first keys).
-        if (s > row.mx) {
-            let corr = exp2(row.mx - s);
-            row.l *= corr;
-            for (var d = 0u; d < D4; d++) { row.acc[d] *= corr; }
-            row.mx = s;
-        }
-        let pr = exp2(s - row.mx);
-        row.l += pr;
-        let vr = vb + j * p.v_ns;
-        for (var d = 0u; d < D4; d++) { row.acc[d] = fma(vec4<f32>(v[vr + d]), vec4<f32>(pr), row.acc[d]); }
-    }
-    store_row(&row, qi, b, h);
-}
+// The software-adapter variant, attention_register, is generated unrolled by src/ops/unrolled.rs.
 
 // Real GPUs: BKV keys and values at a time staged in workgroup memory for all WGQ queries.
 var<workgroup> k_tile: array<vec4<f32>, BKV * D4>;
@@ -110,19 +96,11 @@ fn attention_tiled(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgr
             v_tile[e] = vv;
         }
         workgroupBarrier();
-        let jn = min(BKV, select(0u, end - t0, end > t0));
+        let jn = min(BKV, wg_end - t0);
         for (var jj = 0u; jj < jn; jj++) {
             var s4 = vec4<f32>(0.0);
             for (var d = 0u; d < D4; d++) { s4 = fma(qv[d], k_tile[jj * D4 + d], s4); }
-            let s = s4.x + s4.y + s4.z + s4.w;
-            if (s > row.mx) {
-                let corr = exp2(row.mx - s);
-                row.l *= corr;
-                for (var d = 0u; d < D4; d++) { row.acc[d] *= corr; }
-                row.mx = s;
-            }
-            let pr = exp2(s - row.mx);
-            row.l += pr;
+            let pr = online_update(&row, s4.x + s4.y + s4.z + s4.w, t0 + jj < end);
             for (var d = 0u; d < D4; d++) { row.acc[d] = fma(v_tile[jj * D4 + d], vec4<f32>(pr), row.acc[d]); }
         }
         workgroupBarrier();

@@ -14,38 +14,7 @@ const BM: u32 = WY * TM;
 const BN: u32 = WX * TN;
 const NT: u32 = WX * WY;
 
-// Software adapters: no workgroup memory, operands come straight from (cached) memory.
-@compute @workgroup_size(WX, WY)
-fn gemm_register(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let dims = gemm_dims();
-    let batch = wid.z;
-    let m0 = wid.y * BM + lid.y;
-    let n0 = wid.x * BN + lid.x;
-    var cols: array<vec4<i32>, TN>;
-    for (var j = 0u; j < TN; j++) {
-        cols[j] = b_col(batch, n0 + j * WX);
-    }
-    var acc: array<array<f32, TN>, TM>;
-    for (var k = 0u; k < dims.z; k++) {
-        let row = b_row(k);
-        var av: array<f32, TM>;
-        var bv: array<f32, TN>;
-        for (var i = 0u; i < TM; i++) { av[i] = a_load(batch, m0 + i * WY, k); }
-        for (var j = 0u; j < TN; j++) { bv[j] = b_load(cols[j], row); }
-        for (var i = 0u; i < TM; i++) {
-            for (var j = 0u; j < TN; j++) {
-                acc[i][j] = fma(av[i], bv[j], acc[i][j]);
-            }
-        }
-    }
-    for (var i = 0u; i < TM; i++) {
-        for (var j = 0u; j < TN; j++) {
-            let m = m0 + i * WY;
-            let n = n0 + j * WX;
-            if (m < dims.x && n < dims.y) { c_store(batch, m, n, acc[i][j]); }
-        }
-    }
-}
+// The software-adapter variant, gemm_register, is generated unrolled by src/ops/unrolled.rs.
 
 // Real GPUs: BM x BK and BK x BN tiles staged in workgroup memory, shared by NT threads.
 var<workgroup> a_tile: array<f32, BK * BM>;

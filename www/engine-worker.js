@@ -69,12 +69,26 @@ async function handle(msg) {
   }
 }
 
+// What the browser says of its adapter (wgpu reports only the description, which Chromium masks).
+async function browserAdapterInfo() {
+  try {
+    const adapter = await navigator.gpu.requestAdapter({ powerPreference: 'high-performance' });
+    const i = adapter?.info ?? {};
+    return { vendor: i.vendor ?? '', architecture: i.architecture ?? '', device: i.device ?? '', description: i.description ?? '', isFallbackAdapter: i.isFallbackAdapter ?? null };
+  } catch (e) {
+    return { error: errorText(e) };
+  }
+}
+
 self.addEventListener('message', async (ev) => {
   const msg = ev.data ?? {};
   const id = msg.id ?? null;
   try {
-    const json = await handle(msg);
-    self.postMessage({ id, ok: true, json: typeof json === 'string' ? json : JSON.stringify(json) });
+    let json = await handle(msg);
+    const report = typeof json === 'string' ? JSON.parse(json) : json;
+    if (report && report.adapter) report.adapter.browser = await browserAdapterInfo();
+    json = JSON.stringify(report);
+    self.postMessage({ id, ok: true, json });
   } catch (e) {
     self.postMessage({ id, ok: false, error: errorText(e) });
   }

@@ -1,1 +1,73 @@
-fn main() {}
+//! The `ldm` command line: the same engine natively.
+
+use clap::{Parser, Subcommand};
+use ldm_web::bench::{BenchOptions, BenchReport};
+use ldm_web::gpu::{DType, KernelProfile};
+
+#[derive(Parser)]
+#[command(name = "ldm", version, about = "Latent diffusion on WebGPU: the ldm-web engine from the command line")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmarks, printed as JSON.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+    /// Describes the GPU adapter ldm would use, as JSON.
+    Adapter,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Every kernel at Stable Diffusion 1.5 shapes (`--shapes sd`) or small ones (`--shapes small`).
+    Kernels {
+        #[arg(long, default_value = "small", value_parser = ["small", "sd"])]
+        shapes: String,
+        /// Only kernels whose name contains this.
+        #[arg(long, default_value = "")]
+        filter: String,
+        /// Activation dtype (default: f16 where the adapter has shader-f16, else f32).
+        #[arg(long, value_parser = ["f32", "f16"])]
+        dtype: Option<String>,
+        /// Kernel variants (default: chosen from the adapter).
+        #[arg(long, value_parser = ["tiled", "register"])]
+        profile: Option<String>,
+        /// Repeat each kernel for at least this many milliseconds.
+        #[arg(long, default_value_t = 500.0)]
+        min_ms: f64,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let out = match cli.command {
+        Command::Adapter => pollster::block_on(ldm_web::gpu::Gpu::new(Default::default())).and_then(|g| serde_json::to_string_pretty(g.summary()).map_err(|e| ldm_web::Error::Unsupported(e.to_string()))),
+        Command::Bench { what: BenchWhat::Kernels { shapes, filter, dtype, profile, min_ms } } => {
+            let opts = BenchOptions {
+                shapes,
+                filter,
+                dtype: dtype.map(|d| if d == "f16" { DType::F16 } else { DType::F32 }),
+                profile: profile.map(|p| if p == "tiled" { KernelProfile::Tiled } else { KernelProfile::Register }),
+                min_ms,
+            };
+            let start = std::time::Instant::now();
+            let now = move || start.elapsed().as_secs_f64() * 1e3;
+            pollster::block_on(ldm_web::bench::run(&opts, &now)).map(|r: BenchReport| serde_json::to_string_pretty(&r).expect("report serialises"))
+        }
+    };
+    match out {
+        Ok(s) => {
+            println!("{s}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ldm: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -22,7 +22,7 @@ pub enum Def {
 pub struct Kernel<'a> {
     /// Kernel family, for messages and cache keys.
     pub family: &'static str,
-    pub sources: &'a [&'static str],
+    pub sources: &'a [&'a str],
     pub entry: &'static str,
     pub dtype: DType,
     pub defs: &'a [(&'static str, Def)],

@@ -93,13 +93,21 @@ pub fn attention_with(gpu: &Gpu, s: &AttentionSpec, profile: KernelProfile) -> R
     while bkv > 1 && bkv * d * 8 > storage {
         bkv /= 2;
     }
-    let defs = [("D4", Def::U32(d as u32 / 4)), ("WGQ", Def::U32(WGQ)), ("BKV", Def::U32(bkv as u32))];
-    let entry = match profile {
-        KernelProfile::Tiled => "attention_tiled",
-        KernelProfile::Register => "attention_register",
+    let d4 = d as u32 / 4;
+    let (entry, qb, generated) = match profile {
+        KernelProfile::Tiled => ("attention_tiled", 1, ""),
+        KernelProfile::Register => {
+            // More query rows per invocation share each K/V load (measured on llvmpipe at SD shapes:
+            // 2.1, 3.7, 5.2, 6.2 GFLOP/s for 4, 8, 16, 24 rows of head dim 40), but the unrolled
+            // shader grows with rows x head dim and so does its compile time: cap at 160 vec4s,
+            // and use no more rows than the queries fill.
+            let qb = (160 / d4).clamp(1, 16).min((s.nq as u32).div_ceil(WGQ));
+            ("attention_register", qb, super::unrolled::cached("attention", qb, d4, || super::unrolled::attention_register(qb, d4)))
+        }
     };
-    let kernel = Kernel { family: "attention", sources: &[ATTENTION_WGSL], entry, dtype, defs: &defs };
-    let groups = [(s.nq as u32).div_ceil(WGQ), (s.batch * s.heads) as u32, 1];
+    let defs = [("D4", Def::U32(d4)), ("WGQ", Def::U32(WGQ)), ("BKV", Def::U32(bkv as u32)), ("QB", Def::U32(qb))];
+    let kernel = Kernel { family: "attention", sources: &[ATTENTION_WGSL, generated], entry, dtype, defs: &defs };
+    let groups = [(s.nq as u32).div_ceil(WGQ * qb), (s.batch * s.heads) as u32, 1];
     gpu.dispatch(&kernel, bytes_of(&p), &[Bind::whole(s.q.tensor), Bind::whole(s.k.tensor), Bind::whole(s.v.tensor), Bind::whole(&out)], groups)?;
     Ok(out)
 }

@@ -1,7 +1,7 @@
 //! 2-D convolution (NCHW) as an implicit GEMM; 1x1 stride-1 convolutions go straight to matmul.
 
-use super::matmul::{gemm_groups, gemm_kernel, matmul_spec_with, BiasAxis, MatView, MatmulSpec, GEMM_WGSL};
-use super::{bytes_of, check_same_dtype, dummy, Activation, ACTIVATIONS_WGSL};
+use super::matmul::{gemm_groups, gemm_kernel, gemm_sources, gemm_tile, matmul_spec_with, BiasAxis, MatView, MatmulSpec};
+use super::{bytes_of, check_same_dtype, dummy, Activation};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Def, Gpu, KernelProfile, Tensor};
 
@@ -90,7 +90,9 @@ pub fn conv2d_with(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>
 
     let out = gpu.empty(&[b, cout, ho, wo], dtype)?;
     let mut defs = vec![("ACT", Def::U32(spec.act.code())), ("RESIDUAL", Def::Bool(residual.is_some()))];
-    let kernel = gemm_kernel("conv2d", &[ACTIVATIONS_WGSL, GEMM_WGSL, CONV2D_WGSL], profile, dtype, &mut defs);
+    let tile = gemm_tile(profile, cout, b * ho * wo);
+    let sources = gemm_sources(CONV2D_WGSL, profile, tile);
+    let kernel = gemm_kernel("conv2d", &sources, profile, tile, dtype, &mut defs);
     let spare = dummy(gpu, dtype)?;
     let p = Params {
         cout: cout as u32, n: (b * ho * wo) as u32, k: (cin * kh * kw) as u32, cin: cin as u32,
@@ -106,7 +108,7 @@ pub fn conv2d_with(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>
         Bind::whole(bias.unwrap_or(&spare)),
         Bind::whole(residual.unwrap_or(&spare)),
     ];
-    gpu.dispatch(&kernel, bytes_of(&p), &binds, gemm_groups(profile, cout, b * ho * wo, 1))?;
+    gpu.dispatch(&kernel, bytes_of(&p), &binds, gemm_groups(tile, cout, b * ho * wo, 1))?;
     Ok(out)
 }
 

@@ -7,6 +7,7 @@ pub mod embedding;
 pub mod layout;
 pub mod matmul;
 pub mod norm;
+mod unrolled;
 
 use crate::error::{Error, Result};
 use crate::gpu::{grid, Bind, DType, Gpu, Tensor};
@@ -79,10 +80,13 @@ pub(crate) fn bind_range<'a>(gpu: &Gpu, t: &'a Tensor, start: usize, end: usize)
     (Bind { buffer: t.buf.raw(), offset, size }, base)
 }
 
-/// Largest element count per binding (a multiple of 256 elements so split offsets stay aligned).
+/// Largest element count a split dispatch may bind from one tensor: the binding limit less the
+/// offset alignment, since [`bind_range`] aligns a range's start down.
 pub(crate) fn max_binding_elems(gpu: &Gpu, dtype: DType) -> usize {
     let per = dtype.info().block_bytes as u64;
-    ((gpu.limits().max_storage_buffer_binding_size as u64 / per) as usize) / 256 * 256
+    let limits = gpu.limits();
+    let usable = limits.max_storage_buffer_binding_size.saturating_sub(limits.min_storage_buffer_offset_alignment as u64);
+    ((usable / per) as usize).max(1)
 }
 
 pub(crate) fn check_float(t: &Tensor, what: &str) -> Result<()> {

@@ -113,7 +113,9 @@ function adapterLine(a) {
   return `adapter: name=${JSON.stringify(a.name ?? '')} backend=${a.backend} shader_f16=${a.shader_f16} ` +
     `subgroups=${a.subgroups} timestamp_query=${a.timestamp_query} ` +
     `max_storage_buffer_binding_size=${a.max_storage_buffer_binding_size}` +
-    (Number.isFinite(a.max_storage_buffer_binding_size) ? ` (${(a.max_storage_buffer_binding_size / 2 ** 20).toFixed(0)} MiB)` : '');
+    (Number.isFinite(a.max_storage_buffer_binding_size) ? ` (${(a.max_storage_buffer_binding_size / 2 ** 20).toFixed(0)} MiB)` : '') +
+    ` device_type=${a.device_type} profile=${a.profile}` +
+    (a.browser ? ` browser_info=${JSON.stringify(a.browser)}` : '');
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -313,7 +315,8 @@ async function runBrowser(name, opts, baseUrl) {
         log(`warning: reported counts (${res.passed} passed, ${res.failed} failed, ${res.unsupported} unsupported) ` +
             `differ from the results list; using the list`);
       }
-      const aname = res.adapter?.name || `unnamed ${res.adapter?.backend ?? ''} adapter`.replace('  ', ' ');
+      const b = res.adapter?.browser;
+      const aname = res.adapter?.name || [b?.vendor, b?.architecture].filter(Boolean).join(' ') || `unnamed ${res.adapter?.backend ?? ''} adapter`.replace('  ', ' ');
       console.log(`${name} (${aname}): ${summary.passed} passed, ${summary.failed} failed, ${summary.unsupported} unsupported`);
       if (summary.passed + summary.failed === 0) {
         summary.error = `zero tests ran in ${name}` + (opts.filter ? ` (filter ${JSON.stringify(opts.filter)})` : '');

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# ldm-web build, set-up and test driver. Every install step lives here and is idempotent, so a
+# fresh Debian machine needs only:
+#   ./build.sh serve     set up, build, and serve the app on http://127.0.0.1:8080 (PORT=...)
+#   ./build.sh test      set up, build, and run every test: unit, native kernels, Chromium, Firefox
+# Other subcommands: setup, build, wasm, bench [small|sd], bench-browser [small|sd].
+# CARGO_TARGET_DIR is honoured (CI keeps it outside the clone to reuse builds).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+BROWSER_DIR="$ROOT/tests/browser"
+APT_PACKAGES=(mesa-vulkan-drivers libvulkan1 chromium firefox-esr binaryen)
+# wgpu's Vulkan loader wants a runtime dir; headless machines often have none.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d /tmp/ldm-xdg.XXXXXX)}"
+[ -d "$XDG_RUNTIME_DIR" ] || mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+
+log() { printf '\n==> %s\n' "$*"; }
+
+wasm_bindgen_version() {
+  # The CLI must be exactly the version of the wasm-bindgen crate in Cargo.lock.
+  awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock
+}
+
+setup() {
+  log "set-up (idempotent)"
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing apt packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+  command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup first" >&2; exit 1; }
+  rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+  local want
+  want="$(wasm_bindgen_version)"
+  if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$want" ]; then
+    echo "installing wasm-bindgen-cli $want (takes several minutes once)"
+    # --locked first; one of 0.2.130's locked dependencies was yanked, so fall back to a fresh resolve.
+    cargo install wasm-bindgen-cli --version "$want" --locked || cargo install wasm-bindgen-cli --version "$want"
+  fi
+  if [ ! -f "$BROWSER_DIR/node_modules/.package-lock.json" ] || [ "$BROWSER_DIR/package-lock.json" -nt "$BROWSER_DIR/node_modules/.package-lock.json" ]; then
+    (cd "$BROWSER_DIR" && npm ci --no-audit --no-fund)
+  fi
+}
+
+build_native() {
+  log "native build (release)"
+  cargo build --release --bin ldm
+}
+
+build_wasm() {
+  log "wasm build"
+  cargo build --lib --target wasm32-unknown-unknown --profile wasm-release
+  local raw="$TARGET_DIR/wasm32-unknown-unknown/wasm-release/ldm_web.wasm"
+  rm -rf www/pkg
+  wasm-bindgen --target web --no-typescript --out-dir www/pkg "$raw"
+  # Debian's binaryen (108) breaks wasm-bindgen's externref table; use the pinned npm build.
+  node "$BROWSER_DIR/node_modules/binaryen/bin/wasm-opt" -Os --enable-reference-types --enable-bulk-memory \
+    --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals --enable-multivalue \
+    www/pkg/ldm_web_bg.wasm -o www/pkg/ldm_web_bg.wasm
+  local size gz
+  size=$(stat -c %s www/pkg/ldm_web_bg.wasm)
+  gz=$(gzip -9 -c www/pkg/ldm_web_bg.wasm | wc -c)
+  echo "www/pkg/ldm_web_bg.wasm: $size bytes after wasm-opt, $gz bytes gzipped"
+}
+
+run_tests() {
+  local results=() failed=0
+  log "unit tests"
+  local unit
+  if unit=$(cargo test --release --lib 2>&1); then :; else failed=1; fi
+  echo "$unit" | tail -n 25
+  local up uf
+  up=$(echo "$unit" | sed -n 's/^test result: .* \([0-9]\+\) passed; \([0-9]\+\) failed.*/\1/p' | tail -1)
+  uf=$(echo "$unit" | sed -n 's/^test result: .* \([0-9]\+\) passed; \([0-9]\+\) failed.*/\2/p' | tail -1)
+  results+=("unit: ${up:-0} passed, ${uf:-1} failed")
+
+  log "kernel tests, native (Vulkan; lavapipe here)"
+  local native
+  if native=$(cargo test --release --test kernels 2>&1 | tee /dev/stderr); then :; else failed=1; fi
+  results+=("$(echo "$native" | grep '^native (' | tail -1 || echo 'native: did not run')")
+
+  log "kernel tests, Chromium and Firefox (WebGPU in a Web Worker)"
+  local browser
+  if browser=$(node "$BROWSER_DIR/run.mjs" --www www --timeout-min 40 2>&1 | tee /dev/stderr); then :; else failed=1; fi
+  results+=("$(echo "$browser" | grep -E '^(chromium|firefox)( |:)' || echo 'browsers: did not run')")
+
+  log "summary"
+  printf '%s\n' "${results[@]}"
+  local tp tf
+  tp=$(printf '%s\n' "${results[@]}" | grep -o '[0-9]\+ passed' | awk '{s += $1} END {print s + 0}')
+  tf=$(printf '%s\n' "${results[@]}" | grep -o '[0-9]\+ failed' | awk '{s += $1} END {print s + 0}')
+  [ "$failed" -eq 0 ] || [ "$tf" -gt 0 ] || tf=1
+  echo "total: $tp passed, $tf failed"
+  [ "$failed" -eq 0 ]
+}
+
+cmd="${1:-}"
+case "$cmd" in
+  setup) setup ;;
+  build) setup; build_native; build_wasm ;;
+  wasm) setup; build_wasm ;;
+  test) setup; build_native; build_wasm; run_tests ;;
+  serve)
+    setup; build_native; build_wasm
+    log "serving www/ on http://127.0.0.1:${PORT:-8080}/ (Ctrl-C stops)"
+    exec node "$BROWSER_DIR/server.mjs" --root www --port "${PORT:-8080}"
+    ;;
+  bench)
+    setup; build_native
+    "$TARGET_DIR/release/ldm" bench kernels --shapes "${2:-small}"
+    ;;
+  bench-browser)
+    setup; build_wasm
+    node "$BROWSER_DIR/run.mjs" --www www --mode bench --which "${2:-small}"
+    ;;
+  *)
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    [ -n "$cmd" ] && { echo "unknown subcommand: $cmd" >&2; exit 2; }
+    ;;
+esac

@@ -1,0 +1,44 @@
+//! The wasm-bindgen API used by the page's Web Worker (`www/engine-worker.js`).
+
+use wasm_bindgen::prelude::*;
+
+use crate::bench::BenchOptions;
+
+#[wasm_bindgen(start)]
+fn start() {
+    console_error_panic_hook::set_once();
+}
+
+fn js_err(e: impl std::fmt::Display) -> JsValue {
+    JsValue::from_str(&e.to_string())
+}
+
+fn log(line: &str) {
+    web_sys::console::log_1(&JsValue::from_str(line));
+}
+
+/// Runs the kernel test suite (cases whose name contains `filter`); resolves to the report as JSON.
+#[wasm_bindgen]
+pub async fn run_kernel_tests(filter: String) -> Result<String, JsValue> {
+    let report = crate::suite::run(&filter, &|r| {
+        let err = r.max_err.map_or(String::new(), |e| format!(" err={e:.2e} tol={:.0e}", r.tol.unwrap_or(0.0)));
+        log(&format!("{} {} {}{err} {}", r.status, r.name, r.dtype, r.message));
+    })
+    .await
+    .map_err(js_err)?;
+    serde_json::to_string(&report).map_err(js_err)
+}
+
+/// Runs the kernel benchmarks (`which`: "small" or "sd", optionally "sd:FILTER"); resolves to JSON.
+#[wasm_bindgen]
+pub async fn bench_kernels(which: String) -> Result<String, JsValue> {
+    let (shapes, filter) = which.split_once(':').unwrap_or((which.as_str(), ""));
+    let opts = BenchOptions { shapes: if shapes.is_empty() { "small".into() } else { shapes.into() }, filter: filter.into(), ..Default::default() };
+    let perf = js_sys::Reflect::get(&js_sys::global(), &JsValue::from_str("performance"))
+        .ok()
+        .and_then(|p| p.dyn_into::<web_sys::Performance>().ok())
+        .ok_or_else(|| js_err("performance.now() is not available"))?;
+    let now = move || perf.now();
+    let report = crate::bench::run(&opts, &now).await.map_err(js_err)?;
+    serde_json::to_string(&report).map_err(js_err)
+}
