@@ -83,14 +83,14 @@ run_tests() {
   results+=("unit: ${up:-0} passed, ${uf:-1} failed")
 
   log "kernel tests, native (Vulkan; lavapipe here)"
-  local native
-  if native=$(cargo test --release --test kernels 2>&1 | tee /dev/stderr); then :; else failed=1; fi
-  results+=("$(echo "$native" | grep '^native (' | tail -1 || echo 'native: did not run')")
+  local logs
+  logs=$(mktemp -d /tmp/ldm-test-logs.XXXXXX)
+  if cargo test --release --test kernels 2>&1 | tee "$logs/native.log"; then :; else failed=1; fi
+  results+=("$(grep '^native (' "$logs/native.log" | tail -1 || echo 'native: did not run')")
 
   log "kernel tests, Chromium and Firefox (WebGPU in a Web Worker)"
-  local browser
-  if browser=$(node "$BROWSER_DIR/run.mjs" --www www --timeout-min 40 2>&1 | tee /dev/stderr); then :; else failed=1; fi
-  results+=("$(echo "$browser" | grep -E '^(chromium|firefox)( |:)' || echo 'browsers: did not run')")
+  if node "$BROWSER_DIR/run.mjs" --www www --timeout-min 40 2>&1 | tee "$logs/browser.log"; then :; else failed=1; fi
+  results+=("$(grep -E '^(chromium|firefox)( |:)' "$logs/browser.log" || echo 'browsers: did not run')")
 
   log "summary"
   printf '%s\n' "${results[@]}"

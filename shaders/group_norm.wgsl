@@ -1,5 +1,5 @@
 // GroupNorm over NCHW (one workgroup per (image, group) "unit"; unit0 numbers the first one of a split dispatch), optionally followed by SiLU (SILU),
-// as diffusers' ResNet blocks use it. Two passes (mean, then centred variance) for accuracy.
+// as diffusers' ResNet blocks use it.
 // Needs reduce.wgsl and activations.wgsl.
 
 struct GroupNormParams {
@@ -26,15 +26,9 @@ fn main(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: v
     let len = p.channels_per_group * p.hw;
     let xs = p.x_base + unit * len;
     let ys = p.y_base + unit * len;
-    var s = 0.0;
-    for (var i = tid; i < len; i += RWG) { s += f32(x[xs + i]); }
-    let mean = workgroup_sum(s, tid) / f32(len);
-    var s2 = 0.0;
-    for (var i = tid; i < len; i += RWG) {
-        let d = f32(x[xs + i]) - mean;
-        s2 += d * d;
-    }
-    let rstd = inverseSqrt(workgroup_sum(s2, tid) / f32(len) + p.eps);
+    let stats = mean_rstd(xs, len, p.eps, tid);
+    let mean = stats.x;
+    let rstd = stats.y;
     let c0 = ((p.unit0 + unit) % p.groups) * p.channels_per_group;
     for (var i = tid; i < len; i += RWG) {
         let c = c0 + i / p.hw;

@@ -18,15 +18,9 @@ fn main(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: v
     let r = wid.x + wid.y * nwg.x;
     if (r >= p.rows) { return; }
     let base = r * p.cols;
-    var s = 0.0;
-    for (var i = tid; i < p.cols; i += RWG) { s += f32(x[base + i]); }
-    let mean = workgroup_sum(s, tid) / f32(p.cols);
-    var s2 = 0.0;
-    for (var i = tid; i < p.cols; i += RWG) {
-        let d = f32(x[base + i]) - mean;
-        s2 += d * d;
-    }
-    let rstd = inverseSqrt(workgroup_sum(s2, tid) / f32(p.cols) + p.eps);
+    let stats = mean_rstd(base, p.cols, p.eps, tid);
+    let mean = stats.x;
+    let rstd = stats.y;
     for (var i = tid; i < p.cols; i += RWG) {
         var v = (f32(x[base + i]) - mean) * rstd;
         if (AFFINE) { v = v * f32(gamma[i]) + f32(beta[i]); }

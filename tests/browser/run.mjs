@@ -316,7 +316,7 @@ async function runBrowser(name, opts, baseUrl) {
             `differ from the results list; using the list`);
       }
       const b = res.adapter?.browser;
-      const aname = res.adapter?.name || [b?.vendor, b?.architecture].filter(Boolean).join(' ') || `unnamed ${res.adapter?.backend ?? ''} adapter`.replace('  ', ' ');
+      const aname = res.adapter?.name || [b?.vendor, b?.architecture].filter(Boolean).join(' ') || (b?.isFallbackAdapter ? 'fallback adapter' : `unnamed ${res.adapter?.backend ?? ''} adapter`.replace('  ', ' '));
       console.log(`${name} (${aname}): ${summary.passed} passed, ${summary.failed} failed, ${summary.unsupported} unsupported`);
       if (summary.passed + summary.failed === 0) {
         summary.error = `zero tests ran in ${name}` + (opts.filter ? ` (filter ${JSON.stringify(opts.filter)})` : '');

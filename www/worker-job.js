@@ -1,0 +1,61 @@
+// Runs one command in the engine's Web Worker for a page (tests.html, bench.html): shows progress in
+// `out`, and publishes the parsed result on window[`${name}Results`] or the failure on
+// window[`${name}Error`], where the browser test driver (tests/browser/run.mjs) looks for them.
+
+export function runWorkerJob({ out, name, tag, message, what, validate = () => null, render }) {
+  const t0 = performance.now();
+  const secs = () => ((performance.now() - t0) / 1000).toFixed(1);
+  let done = false;
+  const log = (line) => { out.textContent += `\n${line}`; };
+  const ticker = setInterval(() => {
+    out.firstChild.textContent = out.firstChild.textContent.replace(/( \(\d+\.\d s\))?$/, ` (${secs()} s)`);
+  }, 1000);
+
+  function fail(text) {
+    if (done) return;
+    done = true;
+    clearInterval(ticker);
+    window[`${name}Error`] = String(text);
+    log(`ERROR after ${secs()} s: ${text}`);
+    out.classList.add('fail');
+    console.error(`[${tag}] ${text}`);
+  }
+
+  function succeed(res) {
+    if (done) return;
+    done = true;
+    clearInterval(ticker);
+    render(res, log, secs());
+    window[`${name}Results`] = res;
+  }
+
+  window.addEventListener('error', (e) => fail(`page error: ${e.message}`));
+  window.addEventListener('unhandledrejection', (e) => fail(`page unhandled rejection: ${e.reason}`));
+
+  let worker;
+  try {
+    worker = new Worker('./engine-worker.js', { type: 'module' });
+  } catch (e) {
+    fail(`could not start worker: ${e}`);
+    return;
+  }
+  worker.addEventListener('error', (e) => {
+    e.preventDefault();
+    fail(`worker error: ${e.message || 'failed to load or run engine-worker.js (see console)'}` +
+         (e.filename ? ` at ${e.filename}:${e.lineno}` : ''));
+  });
+  worker.addEventListener('messageerror', () => fail('worker message could not be deserialised'));
+  worker.addEventListener('message', (e) => {
+    const m = e.data ?? {};
+    if (m.id === null && m.cmd === 'ready') { log(`engine ready after ${secs()} s; running ${what}…`); return; }
+    if (m.id === null && m.ok === false) { fail(m.error); return; }
+    if (m.id !== 1) return;
+    if (!m.ok) { fail(m.error); return; }
+    let res;
+    try { res = JSON.parse(m.json); } catch (err) { fail(`result is not JSON: ${err}: ${String(m.json).slice(0, 200)}`); return; }
+    const problem = validate(res);
+    if (problem) { fail(`${problem}: ${String(m.json).slice(0, 200)}`); return; }
+    succeed(res);
+  });
+  worker.postMessage({ id: 1, ...message });
+}
