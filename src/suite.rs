@@ -132,6 +132,7 @@ pub fn case_names() -> Vec<String> {
             "layout/upsample_nearest2x", "layout/concat_channels", "layout/concat_last", "layout/permute_0213", "layout/permute_201",
             "embedding/timestep_flip_320", "embedding/timestep_odd_shift1", "embedding/gather",
             "split/matmul_rows", "split/unary_chunks", "split/add_chunks", "split/group_norm_units",
+            "errors/binding_too_large", "errors/buffer_too_large", "errors/shape_mismatch",
         ]
         .iter()
         .map(|s| s.to_string()),
@@ -378,6 +379,37 @@ fn run_case<'a>(gpu: &'a Gpu, split_gpu: &'a Gpu, name: &'a str, dtype: DType) -
                 let (bb, bt) = c.tensor(&[8], 1.0)?;
                 let y = norm::group_norm(split_gpu, &xt, 4, &gt, &bt, 1e-5, true)?;
                 c.compare(&y, &norm::group_norm_reference(&x, 2, 8, 4, &g, &bb, 1e-5, true), Tol::Elementwise).await
+            }
+            // Misuse must come back as the right error, not a panic or a GPU validation failure.
+            "errors/binding_too_large" | "errors/buffer_too_large" | "errors/shape_mismatch" => {
+                let got = match base {
+                    "errors/binding_too_large" => {
+                        // A convolution input larger than one binding (1 KiB on split_gpu) cannot be split.
+                        let x = split_gpu.upload(&[1, 4, 12, 12], dtype, &[0.5; 576])?;
+                        let w = split_gpu.upload(&[2, 4, 3, 3], dtype, &[0.1; 72])?;
+                        conv2d::conv2d(split_gpu, &x, &w, None, &conv2d::Conv2dSpec::new(1, 1), None).map(|_| ())
+                    }
+                    "errors/buffer_too_large" => gpu.empty(&[1 << 20, 1 << 20, 1 << 10], dtype).map(|_| ()),
+                    _ => {
+                        let a = gpu.upload(&[2, 3], dtype, &[1.0; 6])?;
+                        let b = gpu.upload(&[4, 5], dtype, &[1.0; 20])?;
+                        ops::matmul(gpu, &a, &b).map(|_| ())
+                    }
+                };
+                let expected = match (&got, base) {
+                    (Err(crate::Error::BindingTooLarge { .. }), "errors/binding_too_large") => true,
+                    (Err(crate::Error::BufferTooLarge { .. }), "errors/buffer_too_large") => true,
+                    (Err(crate::Error::Shape(_)), "errors/shape_mismatch") => true,
+                    _ => false,
+                };
+                // The device must still be healthy afterwards.
+                gpu.check()?;
+                split_gpu.check()?;
+                if expected {
+                    Ok((0.0, 0.0))
+                } else {
+                    Err(crate::Error::Unsupported(format!("expected the {base} error, got {got:?}")))
+                }
             }
             other => Err(crate::Error::Unsupported(format!("unknown test case {other}"))),
         }

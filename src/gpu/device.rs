@@ -76,6 +76,8 @@ struct GpuInner {
     error: Arc<Mutex<Option<Error>>>,
     submissions: std::cell::Cell<u64>,
     f16_kernels: bool,
+    /// Small tensors that never change (frequency tables, placeholder bindings), made once.
+    constants: RefCell<std::collections::HashMap<String, Tensor>>,
 }
 
 /// Handle to the GPU device; cheap to clone.
@@ -195,6 +197,7 @@ impl Gpu {
                 batch: RefCell::new(Batch { encoder: None, params: Vec::new(), uniforms, dispatches: 0 }),
                 error,
                 submissions: Default::default(),
+                constants: Default::default(),
                 f16_kernels: shader_f16 && !opts.force_f32,
                 device,
                 queue,
@@ -277,6 +280,16 @@ impl Gpu {
             return Err(Error::Shape(format!("{} bytes given for a {shape:?} {} tensor ({} expected)", bytes.len(), dtype.name(), t.nbytes())));
         }
         self.write(&t, bytes);
+        Ok(t)
+    }
+
+    /// A constant tensor, uploaded on first use under `key` and shared afterwards.
+    pub fn constant(&self, key: &str, shape: &[usize], dtype: DType, make: impl FnOnce() -> Vec<f32>) -> Result<Tensor> {
+        if let Some(t) = self.inner.constants.borrow().get(key) {
+            return Ok(t.clone());
+        }
+        let t = self.upload(shape, dtype, &make())?;
+        self.inner.constants.borrow_mut().insert(key.to_string(), t.clone());
         Ok(t)
     }
 

@@ -41,7 +41,9 @@ pub fn timestep_embedding(gpu: &Gpu, timesteps: &Tensor, cfg: &TimestepEmbedding
         return Err(Error::Unsupported("timesteps must be an f32 tensor".into()));
     }
     let n = timesteps.numel();
-    let freqs = gpu.upload(&[cfg.dim / 2 + 1], DType::F32, &[cfg.frequencies(), vec![0.0]].concat())?;
+    let key = format!("timestep-freqs/{}/{}/{}", cfg.dim, cfg.downscale_freq_shift, cfg.max_period);
+    // One extra zero keeps the binding non-empty when dim < 2.
+    let freqs = gpu.constant(&key, &[cfg.dim / 2 + 1], DType::F32, || [cfg.frequencies(), vec![0.0]].concat())?;
     let out = gpu.empty(&[n, cfg.dim], dtype)?;
     let defs = [("FLIP", Def::Bool(cfg.flip_sin_to_cos))];
     let kernel = Kernel { family: "timestep_embedding", sources: &[TIMESTEP_WGSL], entry: "main", dtype, defs: &defs };

@@ -105,7 +105,7 @@ pub(crate) fn check_same_dtype(tensors: &[&Tensor], what: &str) -> Result<DType>
     Ok(d)
 }
 
-/// A 4-byte dummy for bindings a kernel variant declares but does not read.
+/// A placeholder for bindings a kernel variant declares but does not read.
 pub(crate) fn dummy(gpu: &Gpu, dtype: DType) -> Result<Tensor> {
-    gpu.empty(&[2], dtype)
+    gpu.constant(&format!("unused-{}", dtype.name()), &[2], dtype, || vec![0.0; 2])
 }
