@@ -12,6 +12,10 @@ struct AttnParams {
     v_base: u32, v_bs: u32, v_hs: u32, v_ns: u32,
     o_base: u32, o_bs: u32, o_hs: u32, o_ns: u32,
     scale_log2e: f32,
+    // First query row and first (batch, head) of this dispatch: large problems are split so that
+    // no single dispatch runs long enough to trip a browser's GPU watchdog on software adapters.
+    q_off: u32,
+    bh_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
@@ -71,9 +75,9 @@ var<workgroup> v_tile: array<vec4<f32>, BKV * D4>;
 
 @compute @workgroup_size(WGQ)
 fn attention_tiled(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let qi = wid.x * WGQ + lid.x;
-    let b = wid.y / p.heads;
-    let h = wid.y % p.heads;
+    let qi = p.q_off + wid.x * WGQ + lid.x;
+    let b = (p.bh_off + wid.y) / p.heads;
+    let h = (p.bh_off + wid.y) % p.heads;
     let qv = load_q(qi, b, h);
     var row: Row;
     row.mx = -3.0e38;
@@ -81,7 +85,7 @@ fn attention_tiled(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgr
     let vb = p.v_base + b * p.v_bs + h * p.v_hs;
     let end = select(0u, key_end(qi), qi < p.nq);
     // Uniform across the workgroup: the last key any of its queries needs.
-    let wg_end = select(p.nk, min(p.nk, wid.x * WGQ + WGQ), p.causal != 0u);
+    let wg_end = select(p.nk, min(p.nk, p.q_off + wid.x * WGQ + WGQ), p.causal != 0u);
     for (var t0 = 0u; t0 < wg_end; t0 += BKV) {
         for (var e = lid.x; e < BKV * D4; e += WGQ) {
             let j = t0 + e / D4;

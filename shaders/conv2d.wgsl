@@ -1,5 +1,6 @@
 // conv2d (NCHW, weights [Cout, Cin, KH, KW]) as an implicit GEMM on the GEMM core:
-// M = Cout, N = batch * Hout * Wout, K = Cin * KH * KW; the im2col matrix is never stored.
+// M = Cout, N = batch * Hout * Wout (columns n0 .. n0 + n in one dispatch), K = Cin * KH * KW;
+// the im2col matrix is never stored.
 // Constants: ACT, RESIDUAL (add a tensor shaped like the output, e.g. a ResNet shortcut).
 
 struct ConvParams {
@@ -8,6 +9,8 @@ struct ConvParams {
     kh: u32, kw: u32, stride_y: u32, stride_x: u32,
     pad_y: u32, pad_x: u32, dil_y: u32, dil_x: u32,
     alpha: f32, has_bias: u32,
+    // First output column (pixel) of this dispatch: long convolutions are split into several.
+    n0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: ConvParams;
@@ -25,7 +28,8 @@ fn a_load(batch: u32, m: u32, k: u32) -> f32 {
 }
 
 // Column n is output pixel (image, oy, ox): where its receptive field starts in the input.
-fn b_col(batch: u32, n: u32) -> vec4<i32> {
+fn b_col(batch: u32, n_local: u32) -> vec4<i32> {
+    let n = p.n0 + n_local;
     let hw = p.ho * p.wo;
     let img = n / hw;
     let pix = n % hw;
@@ -34,7 +38,7 @@ fn b_col(batch: u32, n: u32) -> vec4<i32> {
     return vec4<i32>(i32(img * p.cin * p.h * p.w),
                      i32(oy * p.stride_y) - i32(p.pad_y),
                      i32(ox * p.stride_x) - i32(p.pad_x),
-                     i32(n < p.n));
+                     i32(n_local < p.n));
 }
 
 // Row k is (input channel, ky, kx).
@@ -52,7 +56,8 @@ fn b_load(col: vec4<i32>, row: vec4<i32>) -> f32 {
     return f32(x[col.x + row.x + iy * i32(p.w) + ix]);
 }
 
-fn c_store(batch: u32, m: u32, n: u32, acc: f32) {
+fn c_store(batch: u32, m: u32, n_local: u32, acc: f32) {
+    let n = p.n0 + n_local;
     let hw = p.ho * p.wo;
     let idx = ((n / hw) * p.cout + m) * hw + n % hw;
     var v = p.alpha * acc;

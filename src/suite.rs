@@ -132,16 +132,28 @@ pub fn case_names() -> Vec<String> {
             "layout/upsample_nearest2x", "layout/concat_channels", "layout/concat_last", "layout/permute_0213", "layout/permute_201",
             "embedding/timestep_flip_320", "embedding/timestep_odd_shift1", "embedding/gather",
             "split/matmul_rows", "split/unary_chunks", "split/add_chunks", "split/group_norm_units",
+            "split/conv2d_columns", "split/matmul_work_rows", "split/attention_heads_queries",
             "errors/binding_too_large", "errors/buffer_too_large", "errors/shape_mismatch",
         ]
         .iter()
         .map(|s| s.to_string()),
     );
+    // Every generated register tiling at an odd size (shape-based choice would pick small ones).
+    names.extend((0..matmul::REGISTER_TILINGS).map(|i| format!("matmul/register_tiling{i}_37x45x291")));
     names
 }
 
-fn run_case<'a>(gpu: &'a Gpu, split_gpu: &'a Gpu, name: &'a str, dtype: DType) -> CaseFuture<'a> {
+/// The suite's devices: a normal one, one that pretends storage bindings hold 1 KiB, and one
+/// that allows only 2,000 FLOPs per dispatch (to exercise the splitting code on any adapter).
+struct Devices<'a> {
+    gpu: &'a Gpu,
+    split_gpu: &'a Gpu,
+    short_gpu: &'a Gpu,
+}
+
+fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFuture<'a> {
     Box::pin(async move {
+        let Devices { gpu, split_gpu, short_gpu } = *devices;
         let mut c = Ctx { gpu, dtype, rng: Rng::new(name) };
         let profile = if name.ends_with("/register") { KernelProfile::Register } else { KernelProfile::Tiled };
         let base = name.rsplit_once('/').map_or(name, |(b, p)| if p == "tiled" || p == "register" { b } else { name });
@@ -183,6 +195,17 @@ fn run_case<'a>(gpu: &'a Gpu, split_gpu: &'a Gpu, name: &'a str, dtype: DType) -
                 let spec = ops::MatmulSpec { a: MatView::packed(&at, m, k), b: MatView::packed(&bt, k, n), m, n, k, batch: 1, alpha: 1.0, bias: None, act: Activation::None, residual: None };
                 let y = matmul::matmul_spec_with(gpu, &spec, profile)?;
                 let r = matmul::reference(&a, (0, 0, k, 1), &bb, (0, 0, n, 1), m, n, k, 1, 1.0, None, Activation::None, None);
+                c.compare(&y, &r, Tol::Reduction).await
+            }
+            b if b.starts_with("matmul/register_tiling") => {
+                let index: usize = b["matmul/register_tiling".len()..].split('_').next().and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
+                let (m, k, n, bt) = (37, 45, 291, 2);
+                let (a, at) = c.tensor(&[bt, m, k], 1.0)?;
+                let (bb, btt) = c.tensor(&[k, n], 1.0)?;
+                let (bias, biast) = c.tensor(&[n], 1.0)?;
+                let spec = ops::MatmulSpec { a: MatView::packed(&at, m, k), b: MatView::packed(&btt, k, n).broadcast(), m, n, k, batch: bt, alpha: 1.0, bias: Some((&biast, BiasAxis::Col)), act: Activation::Silu, residual: None };
+                let y = matmul::matmul_register_tile(gpu, &spec, index)?;
+                let r = matmul::reference(&a, (0, m * k, k, 1), &bb, (0, 0, n, 1), m, n, k, bt, 1.0, Some((&bias, BiasAxis::Col)), Activation::Silu, None);
                 c.compare(&y, &r, Tol::Reduction).await
             }
             "matmul/gelu_tanh_k1" => {
@@ -357,6 +380,47 @@ fn run_case<'a>(gpu: &'a Gpu, split_gpu: &'a Gpu, name: &'a str, dtype: DType) -
                 let r = matmul::reference(&a, (0, m * k, k, 1), &bb, (0, 0, n, 1), m, n, k, b, 1.0, None, Activation::None, Some(&res));
                 c.compare(&y, &r, Tol::Reduction).await
             }
+            // Dispatches of bounded work: short_gpu allows 2,000 FLOPs per dispatch.
+            "split/conv2d_columns" => {
+                let mut c = Ctx { gpu: short_gpu, dtype, rng: Rng::new(name) };
+                let spec = conv2d::Conv2dSpec::new(1, 1);
+                let (x, xt) = c.tensor(&[2, 3, 9, 7], 1.0)?;
+                let (w, wt) = c.tensor(&[5, 3, 3, 3], 0.5)?;
+                let (bias, biast) = c.tensor(&[5], 1.0)?;
+                let y = conv2d::conv2d(short_gpu, &xt, &wt, Some(&biast), &spec, None)?;
+                let r = conv2d::reference(&x, [2, 3, 9, 7], &w, [5, 3, 3, 3], Some(&bias), &spec, None);
+                c.compare(&y, &r, Tol::Reduction).await
+            }
+            "split/matmul_work_rows" => {
+                let mut c = Ctx { gpu: short_gpu, dtype, rng: Rng::new(name) };
+                let (m, k, n) = (150, 7, 9);
+                let (a, at) = c.tensor(&[m, k], 1.0)?;
+                let (bb, bt) = c.tensor(&[k, n], 1.0)?;
+                let y = ops::matmul(short_gpu, &at, &bt)?;
+                let r = matmul::reference(&a, (0, 0, k, 1), &bb, (0, 0, n, 1), m, n, k, 1, 1.0, None, Activation::None, None);
+                c.compare(&y, &r, Tol::Reduction).await
+            }
+            "split/attention_heads_queries" => {
+                let mut c = Ctx { gpu: short_gpu, dtype, rng: Rng::new(name) };
+                let (batch, heads, n, d) = (2, 2, 140, 8);
+                let (q, qt) = c.tensor(&[batch, n, heads * d], 1.0)?;
+                let (k, kt) = c.tensor(&[batch, n, heads * d], 1.0)?;
+                let (v, vt) = c.tensor(&[batch, n, heads * d], 1.0)?;
+                let view = |t| HeadView::bnhd(t, n, heads, d);
+                let spec = ops::AttentionSpec { q: view(&qt), k: view(&kt), v: view(&vt), batch, heads, nq: n, nk: n, head_dim: d, scale: 0.35, causal: true };
+                let vw = (0, n * heads * d, d, heads * d);
+                let r = attention::reference(&q, &k, &v, [vw, vw, vw], batch, heads, n, n, d, 0.35, true);
+                // Register blocks cover all 140 queries (so it splits by head); tiled ones are 64 wide.
+                let mut worst = (0.0, 0.0);
+                for (profile, _) in PROFILES {
+                    let y = attention::attention_with(short_gpu, &spec, profile)?;
+                    let e = c.compare(&y, &r, Tol::Reduction).await?;
+                    if e.0 >= worst.0 {
+                        worst = e;
+                    }
+                }
+                Ok(worst)
+            }
             "split/unary_chunks" => {
                 let mut c = Ctx { gpu: split_gpu, dtype, rng: Rng::new(name) };
                 let (x, xt) = c.tensor(&[3001], 2.0)?;
@@ -420,13 +484,15 @@ fn run_case<'a>(gpu: &'a Gpu, split_gpu: &'a Gpu, name: &'a str, dtype: DType) -
 pub async fn run(filter: &str, log: &dyn Fn(&CaseResult)) -> Result<SuiteReport> {
     let gpu = Gpu::new(GpuOptions::default()).await?;
     let split_gpu = Gpu::new(GpuOptions { max_storage_binding: Some(1024), ..Default::default() }).await?;
+    let short_gpu = Gpu::new(GpuOptions { max_dispatch_flops: Some(2e3), ..Default::default() }).await?;
+    let devices = Devices { gpu: &gpu, split_gpu: &split_gpu, short_gpu: &short_gpu };
     let mut results = Vec::new();
     for name in case_names().iter().filter(|n| n.contains(filter)) {
         for dtype in [DType::F32, DType::F16] {
             let r = if !gpu.supports(dtype) {
                 CaseResult { name: name.clone(), dtype: dtype.name().into(), status: "unsupported".into(), max_err: None, tol: None, message: "adapter has no shader-f16".into() }
             } else {
-                match run_case(&gpu, &split_gpu, name, dtype).await {
+                match run_case(&devices, name, dtype).await {
                     Ok((err, tol)) => CaseResult {
                         name: name.clone(),
                         dtype: dtype.name().into(),

@@ -33,6 +33,8 @@ pub struct GpuOptions {
     /// Treat storage bindings as limited to this many bytes even if the adapter allows more, so
     /// the code that splits large tensors across bindings can be tested on any adapter.
     pub max_storage_binding: Option<u64>,
+    /// Override [`Gpu::max_dispatch_flops`] (tests use a tiny value to exercise splitting).
+    pub max_dispatch_flops: Option<f64>,
 }
 
 /// What the adapter is and can do.
@@ -76,6 +78,7 @@ struct GpuInner {
     error: Arc<Mutex<Option<Error>>>,
     submissions: std::cell::Cell<u64>,
     f16_kernels: bool,
+    max_dispatch_flops: Option<f64>,
     /// Small tensors that never change (frequency tables, placeholder bindings), made once.
     constants: RefCell<std::collections::HashMap<String, Tensor>>,
 }
@@ -197,6 +200,7 @@ impl Gpu {
                 batch: RefCell::new(Batch { encoder: None, params: Vec::new(), uniforms, dispatches: 0 }),
                 error,
                 submissions: Default::default(),
+                max_dispatch_flops: opts.max_dispatch_flops,
                 constants: Default::default(),
                 f16_kernels: shader_f16 && !opts.force_f32,
                 device,
@@ -215,6 +219,19 @@ impl Gpu {
     pub fn profile(&self) -> KernelProfile {
         self.inner.summary.profile
     }
+    /// Most floating-point work one dispatch should carry. Software adapters run a dispatch for
+    /// seconds, and browsers reset a device whose GPU work stalls that long (Chromium's watchdog
+    /// took down SwiftShader on a single 7.5 GFLOP convolution), so launchers split big problems.
+    pub fn max_dispatch_flops(&self) -> f64 {
+        if let Some(f) = self.inner.max_dispatch_flops {
+            return f;
+        }
+        match self.profile() {
+            KernelProfile::Register => 5e8,
+            KernelProfile::Tiled => 2e11,
+        }
+    }
+
     /// The activation dtype kernels should use: f16 with `shader-f16`, f32 otherwise.
     pub fn activation_dtype(&self) -> DType {
         if self.inner.f16_kernels {
@@ -255,8 +272,13 @@ impl Gpu {
 
     /// An uninitialised tensor from the pool.
     pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let bytes = (dtype.bytes_for(n) as u64).next_multiple_of(4);
+        // In u64 with overflow checks: on wasm32 a usize product of a user-given shape can wrap.
+        let info = dtype.info();
+        let bytes = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .and_then(|n| n.div_ceil(info.block_size as u64).checked_mul(info.block_bytes as u64))
+            .map_or(u64::MAX, |b| b.next_multiple_of(4));
         if bytes > self.inner.limits.max_buffer_size {
             return Err(Error::BufferTooLarge { what: format!("a {shape:?} {} tensor", dtype.name()), bytes, limit: self.inner.limits.max_buffer_size });
         }

@@ -55,6 +55,8 @@ struct Params {
     v: [u32; 4],
     o: [u32; 4],
     scale_log2e: f32,
+    q_off: u32,
+    bh_off: u32,
 }
 
 /// Attention output in `[B, Nq, H*D]` layout.
@@ -82,7 +84,9 @@ pub fn attention_with(gpu: &Gpu, s: &AttentionSpec, profile: KernelProfile) -> R
     let out = gpu.empty(&[s.batch, s.nq, s.heads * d], dtype)?;
     let o = HeadView::bnhd(&out, s.nq, s.heads, d);
     let quad = |v: &HeadView| [v.base as u32 / 4, v.batch_stride as u32 / 4, v.head_stride as u32 / 4, v.row_stride as u32 / 4];
-    let p = Params {
+    let mut p = Params {
+        q_off: 0,
+        bh_off: 0,
         nq: s.nq as u32, nk: s.nk as u32, heads: s.heads as u32, causal: s.causal as u32,
         q: quad(&s.q), k: quad(&s.k), v: quad(&s.v), o: quad(&o),
         scale_log2e: s.scale * std::f32::consts::LOG2_E,
@@ -107,8 +111,23 @@ pub fn attention_with(gpu: &Gpu, s: &AttentionSpec, profile: KernelProfile) -> R
     };
     let defs = [("D4", Def::U32(d4)), ("WGQ", Def::U32(WGQ)), ("BKV", Def::U32(bkv as u32)), ("QB", Def::U32(qb))];
     let kernel = Kernel { family: "attention", sources: &[ATTENTION_WGSL, generated], entry, dtype, defs: &defs };
-    let groups = [(s.nq as u32).div_ceil(WGQ * qb), (s.batch * s.heads) as u32, 1];
-    gpu.dispatch(&kernel, bytes_of(&p), &[Bind::whole(s.q.tensor), Bind::whole(s.k.tensor), Bind::whole(s.v.tensor), Bind::whole(&out)], groups)?;
+    // Split into dispatches of bounded work (see `gpu::max_dispatch_flops`): whole heads first,
+    // then query blocks.
+    let per_query = 4.0 * (s.nk * d) as f64;
+    let block = (WGQ * qb) as usize;
+    let budget = gpu.max_dispatch_flops();
+    let heads_per = ((budget / (per_query * s.nq as f64)) as usize).clamp(1, s.batch * s.heads);
+    let queries_per = if heads_per > 1 { s.nq } else { (((budget / per_query) as usize) / block).max(1) * block };
+    let binds = [Bind::whole(s.q.tensor), Bind::whole(s.k.tensor), Bind::whole(s.v.tensor), Bind::whole(&out)];
+    for bh0 in (0..s.batch * s.heads).step_by(heads_per) {
+        let bh1 = (bh0 + heads_per).min(s.batch * s.heads);
+        for q0 in (0..s.nq).step_by(queries_per) {
+            let q1 = (q0 + queries_per).min(s.nq);
+            p.q_off = q0 as u32;
+            p.bh_off = bh0 as u32;
+            gpu.dispatch(&kernel, bytes_of(&p), &binds, [((q1 - q0) as u32).div_ceil(WGQ * qb), (bh1 - bh0) as u32, 1])?;
+        }
+    }
     Ok(out)
 }
 

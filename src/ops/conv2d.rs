@@ -45,6 +45,7 @@ struct Params {
     kh: u32, kw: u32, stride_y: u32, stride_x: u32,
     pad_y: u32, pad_x: u32, dil_y: u32, dil_x: u32,
     alpha: f32, has_bias: u32,
+    n0: u32,
 }
 
 /// `act(conv2d(x, weight) + bias) + residual`; x `[B, Cin, H, W]`, weight `[Cout, Cin, KH, KW]`.
@@ -94,7 +95,8 @@ pub fn conv2d_with(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>
     let sources = gemm_sources(CONV2D_WGSL, profile, tile);
     let kernel = gemm_kernel("conv2d", &sources, profile, tile, dtype, &mut defs);
     let spare = dummy(gpu, dtype)?;
-    let p = Params {
+    let mut p = Params {
+        n0: 0,
         cout: cout as u32, n: (b * ho * wo) as u32, k: (cin * kh * kw) as u32, cin: cin as u32,
         h: h as u32, w: w as u32, ho: ho as u32, wo: wo as u32,
         kh: kh as u32, kw: kw as u32, stride_y: spec.stride.0 as u32, stride_x: spec.stride.1 as u32,
@@ -108,7 +110,16 @@ pub fn conv2d_with(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>
         Bind::whole(bias.unwrap_or(&spare)),
         Bind::whole(residual.unwrap_or(&spare)),
     ];
-    gpu.dispatch(&kernel, bytes_of(&p), &binds, gemm_groups(tile, cout, b * ho * wo, 1))?;
+    // Bounded work per dispatch (`Gpu::max_dispatch_flops`), in whole column blocks.
+    let n_total = b * ho * wo;
+    let bn = (tile.wx * tile.tn) as usize;
+    let per = ((gpu.max_dispatch_flops() / (2.0 * (cout * cin * kh * kw) as f64)) as usize / bn * bn).max(bn);
+    for n0 in (0..n_total).step_by(per) {
+        let n1 = (n0 + per).min(n_total);
+        p.n0 = n0 as u32;
+        p.n = (n1 - n0) as u32;
+        gpu.dispatch(&kernel, bytes_of(&p), &binds, gemm_groups(tile, cout, n1 - n0, 1))?;
+    }
     Ok(out)
 }
 

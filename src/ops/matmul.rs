@@ -113,13 +113,26 @@ const REGISTER: [GemmTile; 5] = [
 ];
 
 /// The tiling for an `m x n` output. For software adapters: the register tile with the best
-/// FMAs-per-load ratio after discounting the padding it computes for nothing.
+/// FMAs-per-load ratio after discounting the padding it computes for nothing, among those that
+/// still give every CPU thread work (small problems take the smallest tile: they are cheap anyway,
+/// and a large unrolled tile costs seconds to compile there).
 pub(crate) fn gemm_tile(profile: KernelProfile, m: usize, n: usize) -> GemmTile {
+    const MIN_WORKGROUPS: usize = 16;
+    let groups = |t: &GemmTile| {
+        let (bm, bn) = t.block();
+        m.div_ceil(bm) * n.div_ceil(bn)
+    };
     let score = |t: &GemmTile| (t.tm * t.tn) as f64 / (t.tm + t.tn) as f64 / t.waste(m, n);
     match profile {
         KernelProfile::Tiled => TILED,
-        // max_by keeps the last of equals: reverse so ties go to the larger tile.
-        KernelProfile::Register => REGISTER.iter().rev().max_by(|a, b| score(a).total_cmp(&score(b))).copied().unwrap_or(TILED),
+        KernelProfile::Register => REGISTER
+            .iter()
+            .rev()
+            .filter(|t| groups(t) >= MIN_WORKGROUPS)
+            // max_by keeps the last of equals: reversed, ties go to the larger tile.
+            .max_by(|a, b| score(a).total_cmp(&score(b)))
+            .copied()
+            .unwrap_or(REGISTER[REGISTER.len() - 1]),
     }
 }
 
@@ -163,6 +176,20 @@ pub fn matmul_spec(gpu: &Gpu, s: &MatmulSpec) -> Result<Tensor> {
 
 /// As [`matmul_spec`] with an explicit kernel profile (tests run both on every adapter).
 pub fn matmul_spec_with(gpu: &Gpu, s: &MatmulSpec, profile: KernelProfile) -> Result<Tensor> {
+    matmul_spec_tile(gpu, s, profile, gemm_tile(profile, s.m, s.n))
+}
+
+/// Number of register tilings, for [`matmul_register_tile`].
+pub const REGISTER_TILINGS: usize = REGISTER.len();
+
+/// As [`matmul_spec`] with the register profile and register tiling `index` whatever the shape,
+/// so tests can cover every generated kernel at small sizes.
+pub fn matmul_register_tile(gpu: &Gpu, s: &MatmulSpec, index: usize) -> Result<Tensor> {
+    let tile = *REGISTER.get(index).ok_or_else(|| Error::Unsupported(format!("no register tiling {index}")))?;
+    matmul_spec_tile(gpu, s, KernelProfile::Register, tile)
+}
+
+fn matmul_spec_tile(gpu: &Gpu, s: &MatmulSpec, profile: KernelProfile, tile: GemmTile) -> Result<Tensor> {
     let mut ts = vec![s.a.tensor, s.b.tensor];
     ts.extend(s.bias.map(|b| b.0));
     ts.extend(s.residual);
@@ -191,7 +218,6 @@ pub fn matmul_spec_with(gpu: &Gpu, s: &MatmulSpec, profile: KernelProfile) -> Re
         ("ACT", crate::gpu::Def::U32(s.act.code())),
         ("RESIDUAL", crate::gpu::Def::Bool(s.residual.is_some())),
     ];
-    let tile = gemm_tile(profile, s.m, s.n);
     let sources = gemm_sources(MATMUL_WGSL, profile, tile);
     let kernel = gemm_kernel("matmul", &sources, profile, tile, dtype, &mut defs);
     let spare = dummy(gpu, dtype)?;
@@ -209,6 +235,11 @@ pub fn matmul_spec_with(gpu: &Gpu, s: &MatmulSpec, profile: KernelProfile) -> Re
     while per_batch && rows > 1 && big(0, 1, 0, rows) {
         rows = rows.div_ceil(2);
     }
+    // Bounded work per dispatch (`Gpu::max_dispatch_flops`), in whole row blocks.
+    let bm = (tile.wy * tile.tm) as usize;
+    let batch_per = if per_batch { 1 } else { s.batch };
+    let work_rows = (gpu.max_dispatch_flops() / (2.0 * (s.n * s.k.max(1) * batch_per) as f64)) as usize / bm * bm;
+    rows = rows.min(work_rows.max(bm));
     let batches: Vec<(usize, usize)> = if per_batch { (0..s.batch).map(|b| (b, b + 1)).collect() } else { vec![(0, s.batch)] };
     for &(b0, b1) in &batches {
         for r0 in (0..s.m).step_by(rows) {

@@ -63,7 +63,7 @@ pub(crate) fn attention_register(qb: u32, d4: u32) -> String {
     let w = &mut s;
     let _ = writeln!(w, "@compute @workgroup_size(WGQ)");
     let _ = writeln!(w, "fn attention_register(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {{");
-    let _ = writeln!(w, "    let q0 = (wid.x * WGQ + lid.x) * {qb}u;\n    let b = wid.y / p.heads;\n    let h = wid.y % p.heads;");
+    let _ = writeln!(w, "    let q0 = p.q_off + (wid.x * WGQ + lid.x) * {qb}u;\n    let b = (p.bh_off + wid.y) / p.heads;\n    let h = (p.bh_off + wid.y) % p.heads;");
     for i in 0..qb {
         // Rows past the end read row nq - 1 (in bounds) and are masked out entirely.
         let _ = writeln!(w, "    let qa{i} = p.q_base + b * p.q_bs + h * p.q_hs + min(q0 + {i}u, p.nq - 1u) * p.q_ns;");
@@ -73,7 +73,7 @@ pub(crate) fn attention_register(qb: u32, d4: u32) -> String {
         }
     }
     let _ = writeln!(w, "    let kb = p.k_base + b * p.k_bs + h * p.k_hs;\n    let vb = p.v_base + b * p.v_bs + h * p.v_hs;");
-    let _ = writeln!(w, "    let wg_end = select(p.nk, min(p.nk, (wid.x * WGQ + WGQ) * {qb}u), p.causal != 0u);");
+    let _ = writeln!(w, "    let wg_end = select(p.nk, min(p.nk, p.q_off + (wid.x * WGQ + WGQ) * {qb}u), p.causal != 0u);");
     let _ = writeln!(w, "    for (var j = 0u; j < wg_end; j++) {{\n        let ka = kb + j * p.k_ns;\n        let va = vb + j * p.v_ns;");
     for d in 0..d4 {
         let _ = writeln!(w, "        let k{d} = vec4<f32>(k[ka + {d}u]);");
