@@ -219,16 +219,18 @@ impl Gpu {
     pub fn profile(&self) -> KernelProfile {
         self.inner.summary.profile
     }
-    /// Most floating-point work one dispatch should carry. Software adapters run a dispatch for
-    /// seconds, and browsers reset a device whose GPU work stalls that long (Chromium's watchdog
-    /// took down SwiftShader on a single 7.5 GFLOP convolution), so launchers split big problems.
+    /// Most floating-point work one dispatch should carry. Software adapters run a big dispatch
+    /// for seconds, and browsers reset a device whose GPU work stalls that long (Chromium's
+    /// watchdog took down SwiftShader on a single 7.5 GFLOP convolution), so launchers split big
+    /// problems there. Natively nothing watches, and every split costs a little parallelism.
     pub fn max_dispatch_flops(&self) -> f64 {
         if let Some(f) = self.inner.max_dispatch_flops {
             return f;
         }
+        let browser = self.inner.summary.backend == format!("{:?}", wgpu::Backend::BrowserWebGpu);
         match self.profile() {
-            KernelProfile::Register => 5e8,
-            KernelProfile::Tiled => 2e11,
+            KernelProfile::Register if browser => 1e9,
+            _ => 2e11,
         }
     }
 

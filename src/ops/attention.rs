@@ -5,8 +5,10 @@ use crate::error::{Error, Result};
 use crate::gpu::{Bind, Def, Gpu, KernelProfile, Kernel, Tensor};
 
 const ATTENTION_WGSL: &str = include_str!("../../shaders/attention.wgsl");
-/// Queries per workgroup.
-const WGQ: u32 = 64;
+/// Invocations per workgroup: tiled kernels share a K/V tile among 64 queries; register kernels
+/// use small workgroups so that even one dispatch's slice of a head spreads over the CPU threads.
+const WGQ_TILED: u32 = 64;
+const WGQ_REGISTER: u32 = 16;
 
 /// Element (b, h, n, d) of a tensor at `base + b*batch_stride + h*head_stride + n*row_stride + d`.
 #[derive(Clone, Copy)]
@@ -98,23 +100,23 @@ pub fn attention_with(gpu: &Gpu, s: &AttentionSpec, profile: KernelProfile) -> R
         bkv /= 2;
     }
     let d4 = d as u32 / 4;
-    let (entry, qb, generated) = match profile {
-        KernelProfile::Tiled => ("attention_tiled", 1, ""),
+    let (entry, wgq, qb, generated) = match profile {
+        KernelProfile::Tiled => ("attention_tiled", WGQ_TILED, 1, ""),
         KernelProfile::Register => {
             // More query rows per invocation share each K/V load (measured on llvmpipe at SD shapes:
             // 2.1, 3.7, 5.2, 6.2 GFLOP/s for 4, 8, 16, 24 rows of head dim 40), but the unrolled
             // shader grows with rows x head dim and so does its compile time: cap at 160 vec4s,
             // and use no more rows than the queries fill.
-            let qb = (160 / d4).clamp(1, 16).min((s.nq as u32).div_ceil(WGQ));
-            ("attention_register", qb, super::unrolled::cached("attention", qb, d4, || super::unrolled::attention_register(qb, d4)))
+            let qb = (160 / d4).clamp(1, 16).min((s.nq as u32).div_ceil(WGQ_REGISTER));
+            ("attention_register", WGQ_REGISTER, qb, super::unrolled::cached("attention", qb, d4, || super::unrolled::attention_register(qb, d4)))
         }
     };
-    let defs = [("D4", Def::U32(d4)), ("WGQ", Def::U32(WGQ)), ("BKV", Def::U32(bkv as u32)), ("QB", Def::U32(qb))];
+    let defs = [("D4", Def::U32(d4)), ("WGQ", Def::U32(wgq)), ("BKV", Def::U32(bkv as u32)), ("QB", Def::U32(qb))];
     let kernel = Kernel { family: "attention", sources: &[ATTENTION_WGSL, generated], entry, dtype, defs: &defs };
     // Split into dispatches of bounded work (see `gpu::max_dispatch_flops`): whole heads first,
     // then query blocks.
     let per_query = 4.0 * (s.nk * d) as f64;
-    let block = (WGQ * qb) as usize;
+    let block = (wgq * qb) as usize;
     let budget = gpu.max_dispatch_flops();
     let heads_per = ((budget / (per_query * s.nq as f64)) as usize).clamp(1, s.batch * s.heads);
     let queries_per = if heads_per > 1 { s.nq } else { (((budget / per_query) as usize) / block).max(1) * block };
@@ -125,7 +127,7 @@ pub fn attention_with(gpu: &Gpu, s: &AttentionSpec, profile: KernelProfile) -> R
             let q1 = (q0 + queries_per).min(s.nq);
             p.q_off = q0 as u32;
             p.bh_off = bh0 as u32;
-            gpu.dispatch(&kernel, bytes_of(&p), &binds, [((q1 - q0) as u32).div_ceil(WGQ * qb), (bh1 - bh0) as u32, 1])?;
+            gpu.dispatch(&kernel, bytes_of(&p), &binds, [((q1 - q0) as u32).div_ceil(wgq * qb), (bh1 - bh0) as u32, 1])?;
         }
     }
     Ok(out)
