@@ -79,6 +79,8 @@ struct GpuInner {
     submissions: std::cell::Cell<u64>,
     f16_kernels: bool,
     max_dispatch_flops: Option<f64>,
+    /// FLOPs recorded since the last submission (see `add_work`).
+    pending_flops: std::cell::Cell<f64>,
     /// Small tensors that never change (frequency tables, placeholder bindings), made once.
     constants: RefCell<std::collections::HashMap<String, Tensor>>,
 }
@@ -201,6 +203,7 @@ impl Gpu {
                 error,
                 submissions: Default::default(),
                 max_dispatch_flops: opts.max_dispatch_flops,
+                pending_flops: Default::default(),
                 constants: Default::default(),
                 f16_kernels: shader_f16 && !opts.force_f32,
                 device,
@@ -229,7 +232,7 @@ impl Gpu {
         }
         let browser = self.inner.summary.backend == format!("{:?}", wgpu::Backend::BrowserWebGpu);
         match self.profile() {
-            KernelProfile::Register if browser => 1e9,
+            KernelProfile::Register if browser => 2.5e8,
             _ => 2e11,
         }
     }
@@ -401,8 +404,19 @@ impl Gpu {
         Ok(())
     }
 
+    /// Counts the FLOPs of the dispatch just recorded; submits once a dispatch budget's worth is
+    /// pending, since a browser runs one submission as one task and its watchdog times tasks.
+    pub(crate) fn add_work(&self, flops: f64) {
+        let total = self.inner.pending_flops.get() + flops;
+        self.inner.pending_flops.set(total);
+        if total >= self.max_dispatch_flops() {
+            self.flush();
+        }
+    }
+
     /// Submits everything recorded so far.
     pub fn flush(&self) {
+        self.inner.pending_flops.set(0.0);
         let mut batch = self.inner.batch.borrow_mut();
         let Some(encoder) = batch.encoder.take() else { return };
         self.inner.queue.write_buffer(&batch.uniforms, 0, &batch.params);

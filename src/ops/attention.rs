@@ -128,6 +128,7 @@ pub fn attention_with(gpu: &Gpu, s: &AttentionSpec, profile: KernelProfile) -> R
             p.q_off = q0 as u32;
             p.bh_off = bh0 as u32;
             gpu.dispatch(&kernel, bytes_of(&p), &binds, [((q1 - q0) as u32).div_ceil(wgq * qb), (bh1 - bh0) as u32, 1])?;
+            gpu.add_work(per_query * ((q1 - q0) * (bh1 - bh0)) as f64);
         }
     }
     Ok(out)

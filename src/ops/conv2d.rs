@@ -119,6 +119,7 @@ pub fn conv2d_with(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>
         p.n0 = n0 as u32;
         p.n = (n1 - n0) as u32;
         gpu.dispatch(&kernel, bytes_of(&p), &binds, gemm_groups(tile, cout, n1 - n0, 1))?;
+        gpu.add_work(2.0 * (cout * cin * kh * kw * (n1 - n0)) as f64);
     }
     Ok(out)
 }

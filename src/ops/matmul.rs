@@ -261,6 +261,7 @@ fn matmul_spec_tile(gpu: &Gpu, s: &MatmulSpec, profile: KernelProfile, tile: Gem
                 r_base, r_bs: (s.m * s.n) as u32, r_rs: s.n as u32, alpha: s.alpha,
             };
             gpu.dispatch(&kernel, bytes_of(&p), &[ab, bb, cb, bias_bind, rb], gemm_groups(tile, r1 - r0, s.n, b1 - b0))?;
+            gpu.add_work(2.0 * ((r1 - r0) * s.n * s.k * (b1 - b0)) as f64);
         }
     }
     Ok(out)
