@@ -136,6 +136,12 @@ pub(crate) fn gemm_tile(profile: KernelProfile, m: usize, n: usize) -> GemmTile 
     }
 }
 
+/// The 4x4 register tile unless the shape-based choice is already that small (see conv2d).
+pub(crate) fn small_register_tile(m: usize, n: usize) -> GemmTile {
+    let t = gemm_tile(KernelProfile::Register, m, n);
+    if t.tm * t.tn <= 16 { t } else { REGISTER[4] }
+}
+
 /// Sources of the GEMM core for a tiling: the core, the caller's loaders and, for software
 /// adapters, the generated register-tiled entry point.
 pub(crate) fn gemm_sources(loaders: &'static str, profile: KernelProfile, tile: GemmTile) -> [&'static str; 4] {
