@@ -78,6 +78,8 @@ struct GpuInner {
     error: Arc<Mutex<Option<Error>>>,
     submissions: std::cell::Cell<u64>,
     f16_kernels: bool,
+    /// Running on a browser's WebGPU (rather than a native driver).
+    in_browser: bool,
     max_dispatch_flops: Option<f64>,
     /// FLOPs recorded since the last submission (see `add_work`).
     pending_flops: std::cell::Cell<f64>,
@@ -203,6 +205,7 @@ impl Gpu {
                 error,
                 submissions: Default::default(),
                 max_dispatch_flops: opts.max_dispatch_flops,
+                in_browser: info.backend == wgpu::Backend::BrowserWebGpu,
                 pending_flops: Default::default(),
                 constants: Default::default(),
                 f16_kernels: shader_f16 && !opts.force_f32,
@@ -230,11 +233,15 @@ impl Gpu {
         if let Some(f) = self.inner.max_dispatch_flops {
             return f;
         }
-        let browser = self.inner.summary.backend == format!("{:?}", wgpu::Backend::BrowserWebGpu);
         match self.profile() {
-            KernelProfile::Register if browser => 2.5e8,
+            KernelProfile::Register if self.inner.in_browser => 2.5e8,
             _ => 2e11,
         }
+    }
+
+    /// Whether this device is a browser's WebGPU.
+    pub fn in_browser(&self) -> bool {
+        self.inner.in_browser
     }
 
     /// The activation dtype kernels should use: f16 with `shader-f16`, f32 otherwise.
@@ -384,14 +391,14 @@ impl Gpu {
         }
         let bind_group = self.inner.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
-            layout: &pipeline.get_bind_group_layout(0),
+            layout: &pipeline.layout,
             entries: &entries,
         });
         let device = &self.inner.device;
         let encoder = batch.encoder.get_or_insert_with(|| device.create_command_encoder(&Default::default()));
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-            pass.set_pipeline(&pipeline);
+            pass.set_pipeline(&pipeline.pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         }

@@ -63,14 +63,20 @@ impl Kernel<'_> {
     }
 }
 
+/// A compiled variant with its bind group layout (fetched once, not per dispatch).
+pub(crate) struct CachedPipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
 /// Compiled pipelines by variant.
 #[derive(Default)]
 pub(crate) struct PipelineCache {
-    map: RefCell<HashMap<String, Rc<wgpu::ComputePipeline>>>,
+    map: RefCell<HashMap<String, Rc<CachedPipeline>>>,
 }
 
 impl PipelineCache {
-    pub fn get(&self, device: &wgpu::Device, k: &Kernel) -> Rc<wgpu::ComputePipeline> {
+    pub fn get(&self, device: &wgpu::Device, k: &Kernel) -> Rc<CachedPipeline> {
         let key = k.key();
         if let Some(p) = self.map.borrow().get(&key) {
             return p.clone();
@@ -79,14 +85,15 @@ impl PipelineCache {
             label: Some(&key),
             source: wgpu::ShaderSource::Wgsl(k.source().into()),
         });
-        let pipeline = Rc::new(device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
             layout: None,
             module: &module,
             entry_point: Some(k.entry),
             compilation_options: Default::default(),
             cache: None,
-        }));
+        });
+        let pipeline = Rc::new(CachedPipeline { layout: pipeline.get_bind_group_layout(0), pipeline });
         self.map.borrow_mut().insert(key, pipeline.clone());
         pipeline
     }

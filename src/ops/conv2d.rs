@@ -94,8 +94,7 @@ pub fn conv2d_with(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>
     // SwiftShader (Chromium's fallback) loses the device on convolutions with 8x8 or larger
     // register tiles, even at 75 MFLOP, while 16x32 matmuls run; in browsers convolutions keep to
     // the 4x4 tile that every browser adapter passed.
-    let browser = gpu.summary().backend == "BrowserWebGpu";
-    let tile = if browser && profile == KernelProfile::Register { super::matmul::small_register_tile(cout, b * ho * wo) } else { gemm_tile(profile, cout, b * ho * wo) };
+    let tile = if gpu.in_browser() && profile == KernelProfile::Register { super::matmul::small_register_tile(cout, b * ho * wo) } else { gemm_tile(profile, cout, b * ho * wo) };
     let sources = gemm_sources(CONV2D_WGSL, profile, tile);
     let kernel = gemm_kernel("conv2d", &sources, profile, tile, dtype, &mut defs);
     let spare = dummy(gpu, dtype)?;
