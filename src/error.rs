@@ -23,6 +23,12 @@ pub enum Error {
     Unsupported(String),
     #[error("reading a result back from the GPU failed: {0}")]
     Readback(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("the model is not usable: {0}")]
+    Model(String),
+    #[error("invalid input: {0}")]
+    Input(String),
 }
 
 /// Result with the crate's [`Error`].
