@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Regenerate the test fixtures (tiny random-weight SD1/SD2 models + diffusers reference outputs).
+# Idempotent: creates the Python venv only if it lacks diffusers; re-running reproduces
+# byte-identical files. Venv location: $LDM_VENV (default /work/venv).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${LDM_VENV:-/work/venv}"
+if ! "$VENV/bin/python" -c "import diffusers, transformers, torch" >/dev/null 2>&1; then
+  echo "fixtures.sh: creating venv at $VENV" >&2
+  bash "$ROOT/scripts/install-cpu-torch.sh" "$VENV"
+fi
+cd "$ROOT"
+# one thread: CPU kernels reduce in a fixed order, so outputs are bit-reproducible
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0 \
+  exec "$VENV/bin/python" scripts/make_fixtures.py "$@"
