@@ -214,7 +214,7 @@ def make_unet(sd2):
             upcast_attention=True,
             transformer_layers_per_block=(1, 2, 1),
         )
-    return UNet2DConditionModel(**common, attention_head_dim=8)
+    return UNet2DConditionModel(**common, attention_head_dim=4)  # 4 heads: head dims 4 and 8 (the engine reads heads in vec4s, as every real SD model allows)
 
 
 def make_vae():
