@@ -1,0 +1,133 @@
+//! Reading models from what users have: diffusers folders, single-file checkpoints, by path or URL.
+//!
+//! Everything goes through [`FileSource`], which reads byte ranges of files relative to a model
+//! root, so the same loader runs on a local folder natively and on HTTP range requests in the
+//! browser. Weights are read tensor by tensor; no file is ever copied whole into memory.
+
+pub mod safetensors;
+mod weights;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use weights::{WeightFile, Weights, W};
+
+use crate::error::{Error, Result};
+
+/// A boxed future that need not be `Send` (browser futures are not).
+pub type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// Read access to the files of a model, by paths relative to its root (`unet/config.json`).
+pub trait FileSource {
+    /// Where `path` is, for messages.
+    fn describe(&self, path: &str) -> String;
+    /// Size in bytes, or `None` when the file does not exist.
+    fn size<'a>(&'a self, path: &'a str) -> LocalFuture<'a, Result<Option<u64>>>;
+    /// Bytes `start .. start + len` of `path`.
+    fn read_range<'a>(&'a self, path: &'a str, start: u64, len: u64) -> LocalFuture<'a, Result<Vec<u8>>>;
+}
+
+/// Reads a whole (small) file: configs, tokenizer files, headers.
+pub async fn read_file(src: &dyn FileSource, path: &str) -> Result<Option<Vec<u8>>> {
+    match src.size(path).await? {
+        None => Ok(None),
+        Some(n) => src.read_range(path, 0, n).await.map(Some),
+    }
+}
+
+/// Reads a JSON file into `T`; `None` when it does not exist.
+pub async fn read_json<T: serde::de::DeserializeOwned>(src: &dyn FileSource, path: &str) -> Result<Option<T>> {
+    let Some(bytes) = read_file(src, path).await? else { return Ok(None) };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Model(format!("{} is not valid: {e}", src.describe(path))))
+}
+
+/// Refuses pickle-based checkpoints: loading them means running code from the file.
+pub fn refuse_pickle(path: &str) -> Result<()> {
+    let lower = path.to_ascii_lowercase();
+    if [".ckpt", ".pt", ".pth", ".bin", ".pkl"].iter().any(|e| lower.ends_with(e)) {
+        return Err(Error::Model(format!(
+            "{path} is a pickle checkpoint, which can run code when loaded; ldm-web only reads .safetensors. Convert it once with a trusted tool (e.g. diffusers' convert scripts, or `safetensors.torch.save_file(torch.load(f, weights_only=True)[\"state_dict\"], out)`)"
+        )));
+    }
+    Ok(())
+}
+
+/// The safetensors files holding component `dir`'s weights named `base` (`diffusion_pytorch_model`
+/// or `model`): single, fp16 variant or sharded with an index.
+pub async fn component_files(src: &dyn FileSource, dir: &str, base: &str, prefer_fp16: bool) -> Result<Vec<WeightFile>> {
+    let single = [format!("{dir}/{base}.safetensors"), format!("{dir}/{base}.fp16.safetensors")];
+    let index = [format!("{dir}/{base}.safetensors.index.json"), format!("{dir}/{base}.safetensors.index.fp16.json")];
+    let order: [usize; 2] = if prefer_fp16 { [1, 0] } else { [0, 1] };
+    for i in order {
+        if src.size(&single[i]).await?.is_some() {
+            return Ok(vec![WeightFile::open(src, &single[i]).await?]);
+        }
+        if let Some(idx) = read_json::<serde_json::Value>(src, &index[i]).await? {
+            let map = idx.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Model(format!("{} has no weight_map", src.describe(&index[i]))))?;
+            let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            shards.sort_unstable();
+            shards.dedup();
+            let mut files = Vec::new();
+            for s in shards {
+                if s.contains("..") || s.starts_with('/') {
+                    return Err(Error::Model(format!("{} names a shard outside the model folder: {s}", src.describe(&index[i]))));
+                }
+                refuse_pickle(s)?;
+                files.push(WeightFile::open(src, &format!("{dir}/{s}")).await?);
+            }
+            return Ok(files);
+        }
+    }
+    for pickle in [format!("{dir}/{base}.bin"), format!("{dir}/{base}.ckpt"), format!("{dir}/pytorch_model.bin")] {
+        if src.size(&pickle).await?.is_some() {
+            refuse_pickle(&pickle)?;
+        }
+    }
+    Err(Error::Model(format!("no weights found in {} (expected {base}.safetensors, {base}.fp16.safetensors or a sharded {base}.safetensors.index.json)", src.describe(dir))))
+}
+
+/// A model on the local file system: a folder, or the folder of a single file.
+#[cfg(not(target_arch = "wasm32"))]
+pub struct DirSource {
+    root: std::path::PathBuf,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl DirSource {
+    /// Files under `root`.
+    pub fn new(root: impl Into<std::path::PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    fn full(&self, path: &str) -> std::path::PathBuf {
+        self.root.join(path)
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl FileSource for DirSource {
+    fn describe(&self, path: &str) -> String {
+        self.full(path).display().to_string()
+    }
+    fn size<'a>(&'a self, path: &'a str) -> LocalFuture<'a, Result<Option<u64>>> {
+        Box::pin(async move {
+            match std::fs::metadata(self.full(path)) {
+                Ok(m) if m.is_file() => Ok(Some(m.len())),
+                Ok(_) => Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::Io(format!("cannot read {}: {e}", self.describe(path)))),
+            }
+        })
+    }
+    fn read_range<'a>(&'a self, path: &'a str, start: u64, len: u64) -> LocalFuture<'a, Result<Vec<u8>>> {
+        Box::pin(async move {
+            use std::io::{Read, Seek, SeekFrom};
+            let io = |e: std::io::Error| Error::Io(format!("cannot read {} (bytes {start}..{}): {e}", self.describe(path), start + len));
+            let mut f = std::fs::File::open(self.full(path)).map_err(io)?;
+            f.seek(SeekFrom::Start(start)).map_err(io)?;
+            let len = usize::try_from(len).map_err(|_| Error::Io(format!("{} is too large to read on this platform", self.describe(path))))?;
+            let mut buf = vec![0u8; len];
+            f.read_exact(&mut buf).map_err(io)?;
+            Ok(buf)
+        })
+    }
+}

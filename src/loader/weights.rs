@@ -1,0 +1,195 @@
+//! Named tensors across one or more safetensors files, read one at a time onto the GPU.
+
+use std::collections::HashMap;
+
+use super::safetensors::{header_len, parse_header, Header, TensorEntry};
+use super::FileSource;
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Tensor};
+
+/// One safetensors file's header.
+#[derive(Clone)]
+pub struct WeightFile {
+    pub path: String,
+    pub header: Header,
+}
+
+impl WeightFile {
+    /// Reads and validates the header of `path` (two small range reads).
+    pub async fn open(src: &dyn FileSource, path: &str) -> Result<Self> {
+        let size = src.size(path).await?.ok_or_else(|| Error::Model(format!("{} does not exist", src.describe(path))))?;
+        let prefix = src.read_range(path, 0, 8.min(size)).await?;
+        let n = header_len(&prefix, size, &src.describe(path))?;
+        let json = src.read_range(path, 8, n).await?;
+        let header = parse_header(&json, size, &src.describe(path))?;
+        Ok(Self { path: path.to_string(), header })
+    }
+}
+
+/// Where a model tensor comes from: a file, and a byte range of one of its tensors.
+#[derive(Clone, Debug)]
+struct Source {
+    file: usize,
+    entry: TensorEntry,
+}
+
+/// Tensors by (diffusers) name, possibly renamed from another layout or sliced out of a fused
+/// tensor; read lazily.
+pub struct Weights<'s> {
+    src: &'s dyn FileSource,
+    files: Vec<WeightFile>,
+    names: HashMap<String, Source>,
+}
+
+impl<'s> Weights<'s> {
+    /// Every tensor of `files`, under its own name.
+    pub fn new(src: &'s dyn FileSource, files: Vec<WeightFile>) -> Self {
+        let mut names = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for (k, e) in &f.header.tensors {
+                names.insert(k.clone(), Source { file: i, entry: e.clone() });
+            }
+        }
+        Self { src, files, names }
+    }
+
+    /// An empty set over the same files, filled with [`Weights::alias`] (for renamed layouts).
+    pub fn renamed(src: &'s dyn FileSource, files: Vec<WeightFile>) -> Self {
+        Self { src, files, names: HashMap::new() }
+    }
+
+    /// The files' tensors by their names in the files.
+    pub fn file_entries(&self) -> impl Iterator<Item = (&str, &TensorEntry)> {
+        self.files.iter().flat_map(|f| f.header.tensors.iter().map(|(k, e)| (k.as_str(), e)))
+    }
+
+    /// Shape of a file tensor (by its name in the file).
+    pub fn file_shape(&self, file_name: &str) -> Option<&[usize]> {
+        self.files.iter().find_map(|f| f.header.tensors.get(file_name)).map(|e| e.shape.as_slice())
+    }
+
+    /// Makes `name` read file tensor `file_name`, or rows `rows` of it (for fused q/k/v).
+    pub fn alias(&mut self, name: &str, file_name: &str, rows: Option<(usize, usize)>) -> Result<()> {
+        let (file, entry) = self
+            .files
+            .iter()
+            .enumerate()
+            .find_map(|(i, f)| f.header.tensors.get(file_name).map(|e| (i, e.clone())))
+            .ok_or_else(|| Error::Model(format!("the checkpoint has no tensor {file_name}")))?;
+        let entry = match rows {
+            None => entry,
+            Some((r0, r1)) => {
+                let total = *entry.shape.first().unwrap_or(&0);
+                if r0 > r1 || r1 > total {
+                    return Err(Error::Model(format!("tensor {file_name} of shape {:?} has no rows {r0}..{r1}", entry.shape)));
+                }
+                let row_bytes = entry.len / total.max(1) as u64;
+                let mut shape = entry.shape.clone();
+                shape[0] = r1 - r0;
+                TensorEntry { dtype: entry.dtype, shape, start: entry.start + r0 as u64 * row_bytes, len: (r1 - r0) as u64 * row_bytes }
+            }
+        };
+        self.names.insert(name.to_string(), Source { file, entry });
+        Ok(())
+    }
+
+    /// Whether a tensor of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    /// Shape of `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.names.get(name).map(|s| s.entry.shape.as_slice())
+    }
+
+    /// Names of all tensors.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.keys().map(String::as_str)
+    }
+
+    /// Reads `name` as f32 values with its shape.
+    pub async fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let s = self.names.get(name).ok_or_else(|| Error::Model(format!("missing tensor {name}; is this the right kind of model?")))?;
+        let bytes = self.src.read_range(&self.files[s.file].path, s.entry.start, s.entry.len).await?;
+        Ok((s.entry.shape.clone(), s.entry.dtype.to_f32(&bytes)))
+    }
+
+    /// Reads `name`, checks it has `shape` (trailing 1s ignored, as in 1x1 convolutions stored as
+    /// linears), and uploads it as `dtype`.
+    pub async fn tensor(&self, gpu: &Gpu, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let s = self.names.get(name).ok_or_else(|| Error::Model(format!("missing tensor {name}; is this the right kind of model?")))?;
+        let squeeze = |v: &[usize]| {
+            let mut v = v.to_vec();
+            while v.len() > 1 && v.last() == Some(&1) {
+                v.pop();
+            }
+            v
+        };
+        if squeeze(&s.entry.shape) != squeeze(shape) {
+            return Err(Error::Model(format!("tensor {name} has shape {:?} but the config implies {shape:?}; does config.json belong to these weights?", s.entry.shape)));
+        }
+        let bytes = self.src.read_range(&self.files[s.file].path, s.entry.start, s.entry.len).await?;
+        if dtype == DType::F16 && s.entry.dtype == super::safetensors::FileDType::F16 {
+            return gpu.upload_bytes(shape, dtype, &bytes);
+        }
+        gpu.upload(shape, dtype, &s.entry.dtype.to_f32(&bytes))
+    }
+
+    /// A view that prefixes every name with `prefix.`.
+    pub fn at<'w>(&'w self, gpu: &'w Gpu, dtype: DType, prefix: &str) -> W<'w, 's> {
+        W { weights: self, gpu, dtype, prefix: prefix.to_string() }
+    }
+}
+
+/// A prefixed view of [`Weights`] that uploads in one dtype (like a VarBuilder).
+#[derive(Clone)]
+pub struct W<'w, 's> {
+    weights: &'w Weights<'s>,
+    pub gpu: &'w Gpu,
+    pub dtype: DType,
+    prefix: String,
+}
+
+impl<'w, 's> W<'w, 's> {
+    fn name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+    /// The view under `prefix.sub`.
+    pub fn sub(&self, sub: impl std::fmt::Display) -> Self {
+        Self { prefix: self.name(&sub.to_string()), ..self.clone() }
+    }
+    /// Tensor `name` with the expected shape.
+    pub async fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights.tensor(self.gpu, &self.name(name), shape, self.dtype).await
+    }
+    /// Tensor `name` as f32 values on the CPU, checked against `shape`.
+    pub async fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let full = self.name(name);
+        let (got, data) = self.weights.read_f32(&full).await?;
+        if got.iter().product::<usize>() != shape.iter().product::<usize>() {
+            return Err(Error::Model(format!("tensor {full} has shape {got:?} but the config implies {shape:?}; does config.json belong to these weights?")));
+        }
+        Ok(data)
+    }
+    /// Tensor `name` if present.
+    pub async fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        if self.contains(name) {
+            self.get(name, shape).await.map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+    /// Whether `name` exists under this prefix.
+    pub fn contains(&self, name: &str) -> bool {
+        self.weights.contains(&self.name(name))
+    }
+    /// Shape of `name` under this prefix.
+    pub fn shape(&self, name: &str) -> Option<&'w [usize]> {
+        self.weights.shape(&self.name(name))
+    }
+}
