@@ -1,0 +1,222 @@
+//! LCM (diffusers `LCMScheduler`): latent consistency model multistep sampling.
+//!
+//! diffusers' step also returns `denoised`; on the last step `prev_sample == denoised`, so the
+//! usual loop's final `x` is what the LCM pipeline decodes.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::common::*;
+use super::ddim::{add_noise_alpha, unreachable_flow};
+use super::euler::beta_cfg;
+use super::Scheduler;
+use crate::rng::TorchGenerator;
+use crate::{Error, Result};
+
+const CLASS: &str = "LCMScheduler";
+
+/// `LCMScheduler`'s config keys and defaults.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct LcmConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: BetaSchedule,
+    pub trained_betas: Option<Vec<f64>>,
+    pub original_inference_steps: usize,
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    pub set_alpha_to_one: bool,
+    pub steps_offset: i64,
+    pub prediction_type: PredictionType,
+    pub thresholding: bool,
+    pub dynamic_thresholding_ratio: f64,
+    pub sample_max_value: f64,
+    /// Present in the config but unused by diffusers' LCM schedule.
+    pub timestep_spacing: TimestepSpacing,
+    pub timestep_scaling: f64,
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl Default for LcmConfig {
+    fn default() -> Self {
+        LcmConfig {
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: BetaSchedule::ScaledLinear,
+            trained_betas: None,
+            original_inference_steps: 50,
+            clip_sample: false,
+            clip_sample_range: 1.0,
+            set_alpha_to_one: true,
+            steps_offset: 0,
+            prediction_type: PredictionType::Epsilon,
+            thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            sample_max_value: 1.0,
+            timestep_spacing: TimestepSpacing::Leading,
+            timestep_scaling: 10.0,
+            rescale_betas_zero_snr: false,
+        }
+    }
+}
+
+/// Latent consistency models (Luo et al. 2023).
+#[derive(Clone, Debug)]
+pub struct LcmScheduler {
+    config: LcmConfig,
+    alphas_cumprod: Vec<f32>,
+    final_alpha_cumprod: f32,
+    timesteps: Vec<i64>,
+    timesteps_f32: Vec<f32>,
+}
+
+impl LcmScheduler {
+    pub fn new(config: LcmConfig) -> Result<Self> {
+        reject_thresholding(CLASS, config.thresholding)?;
+        if config.prediction_type == PredictionType::FlowPrediction {
+            return Err(Error::Model(format!("{CLASS}: prediction_type flow_prediction is not supported")));
+        }
+        check_offset(CLASS, config.steps_offset, config.num_train_timesteps)?;
+        let betas = make_betas(
+            CLASS,
+            &beta_cfg(
+                config.num_train_timesteps,
+                config.beta_start,
+                config.beta_end,
+                config.beta_schedule,
+                config.trained_betas.as_deref(),
+                config.rescale_betas_zero_snr,
+            ),
+            &[],
+        )?;
+        let ac = alphas_cumprod(&betas);
+        let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { ac[0] };
+        Ok(LcmScheduler {
+            config,
+            alphas_cumprod: ac,
+            final_alpha_cumprod,
+            timesteps: Vec::new(),
+            timesteps_f32: Vec::new(),
+        })
+    }
+
+    /// `LCMScheduler.from_config(json, **overrides)`.
+    pub fn from_json(json: &Value, overrides: &[(&str, Value)]) -> Result<Self> {
+        Self::new(parse_config(CLASS, json, overrides)?)
+    }
+
+    /// The config this scheduler was built with.
+    pub fn config(&self) -> &LcmConfig {
+        &self.config
+    }
+
+    fn alpha_at(&self, t: i64) -> Result<f32> {
+        py_index(self.alphas_cumprod.len(), t)
+            .map(|i| self.alphas_cumprod[i])
+            .ok_or_else(|| Error::Input(format!("{CLASS}: timestep {t} is outside the training schedule")))
+    }
+}
+
+impl Scheduler for LcmScheduler {
+    fn set_timesteps(&mut self, n: usize) -> Result<()> {
+        let total = self.config.num_train_timesteps;
+        let original = self.config.original_inference_steps;
+        check_steps(CLASS, n, total)?;
+        if original == 0 || original > total {
+            return Err(Error::Model(format!(
+                "{CLASS}: original_inference_steps {original} must be between 1 and num_train_timesteps {total}"
+            )));
+        }
+        if n > original {
+            return Err(Error::Input(format!(
+                "{CLASS}: {n} inference steps is more than original_inference_steps ({original}); use at most {original}"
+            )));
+        }
+        let k = (total / original) as i64;
+        // lcm_origin_timesteps = arange(1, original + 1) * k - 1, reversed
+        let origin: Vec<i64> = (1..=original as i64).rev().map(|i| i * k - 1).collect();
+        let ts: Vec<i64> = np_linspace(0.0, origin.len() as f64, n, false)
+            .into_iter()
+            .map(|x| origin[(x.floor() as usize).min(origin.len() - 1)])
+            .collect();
+        self.timesteps_f32 = ts.iter().map(|&t| t as f32).collect();
+        self.timesteps = ts;
+        Ok(())
+    }
+
+    fn timesteps(&self) -> &[f32] {
+        &self.timesteps_f32
+    }
+
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &[f32], _index: usize) -> Vec<f32> {
+        sample.to_vec()
+    }
+
+    fn step(
+        &mut self,
+        model_output: &[f32],
+        index: usize,
+        sample: &[f32],
+        gen: &mut TorchGenerator,
+    ) -> Result<Vec<f32>> {
+        let len = self.timesteps.len();
+        if len == 0 {
+            return Err(not_set(CLASS));
+        }
+        check_len(CLASS, "model_output", model_output.len(), sample.len())?;
+        let t = *self.timesteps.get(index).ok_or_else(|| bad_index(CLASS, index, len))?;
+        let prev_t = self.timesteps.get(index + 1).copied().unwrap_or(t);
+        let a_t = self.alpha_at(t)?;
+        let a_prev = if prev_t >= 0 { self.alpha_at(prev_t)? } else { self.final_alpha_cumprod };
+        let b_t = 1.0 - a_t;
+        let b_prev = 1.0 - a_prev;
+        // get_scalings_for_boundary_condition_discrete (float32 tensor maths)
+        let scaled = t as f32 * self.config.timestep_scaling as f32;
+        let d = scaled * scaled + 0.25;
+        let c_skip = 0.25 / d;
+        let c_out = scaled / d.sqrt();
+        let n = sample.len();
+        let (sa, sb) = (a_t.sqrt(), b_t.sqrt());
+        let mut x0: Vec<f32> = match self.config.prediction_type {
+            PredictionType::Epsilon => (0..n).map(|i| (sample[i] - sb * model_output[i]) / sa).collect(),
+            PredictionType::Sample => model_output.to_vec(),
+            PredictionType::VPrediction => (0..n).map(|i| sa * sample[i] - sb * model_output[i]).collect(),
+            PredictionType::FlowPrediction => unreachable_flow()?,
+        };
+        if self.config.clip_sample {
+            let r = self.config.clip_sample_range as f32;
+            x0.iter_mut().for_each(|v| *v = v.clamp(-r, r));
+        }
+        let denoised: Vec<f32> = (0..n).map(|i| c_out * x0[i] + c_skip * sample[i]).collect();
+        if index != len - 1 {
+            let noise = gen.randn(n);
+            let (sap, sbp) = (a_prev.sqrt(), b_prev.sqrt());
+            Ok((0..n).map(|i| sap * denoised[i] + sbp * noise[i]).collect())
+        } else {
+            Ok(denoised)
+        }
+    }
+
+    fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
+        add_noise_alpha(&self.alphas_cumprod, &self.timesteps, original, noise, index)
+    }
+
+    fn order(&self) -> usize {
+        1
+    }
+
+    fn alphas_cumprod(&self) -> &[f32] {
+        &self.alphas_cumprod
+    }
+
+    fn class_name(&self) -> &'static str {
+        CLASS
+    }
+}

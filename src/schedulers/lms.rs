@@ -1,0 +1,293 @@
+//! LMS (diffusers `LMSDiscreteScheduler`): linear multistep on the probability-flow ODE, up to
+//! order 4. The integration coefficients diffusers gets from `scipy.integrate.quad` come from
+//! the same 21-point Gauss-Kronrod rule QUADPACK applies first (and, the integrand being a
+//! polynomial of degree <= 3, accepts at once), with the integrand evaluated in f32 as
+//! diffusers' torch scalars do.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::common::*;
+use super::euler::{beta_cfg, interp_sigmas, k_add_noise, k_init_noise_sigma, k_pred_x0, k_scale, k_timesteps};
+use super::Scheduler;
+use crate::rng::TorchGenerator;
+use crate::{Error, Result};
+
+const CLASS: &str = "LMSDiscreteScheduler";
+const MAX_ORDER: usize = 4;
+
+/// `LMSDiscreteScheduler`'s config keys and defaults.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct LmsConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: BetaSchedule,
+    pub trained_betas: Option<Vec<f64>>,
+    pub use_karras_sigmas: bool,
+    pub use_exponential_sigmas: bool,
+    /// Needs scipy's beta distribution; rejected.
+    pub use_beta_sigmas: bool,
+    pub prediction_type: PredictionType,
+    pub timestep_spacing: TimestepSpacing,
+    pub steps_offset: i64,
+}
+
+impl Default for LmsConfig {
+    fn default() -> Self {
+        LmsConfig {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: BetaSchedule::Linear,
+            trained_betas: None,
+            use_karras_sigmas: false,
+            use_exponential_sigmas: false,
+            use_beta_sigmas: false,
+            prediction_type: PredictionType::Epsilon,
+            timestep_spacing: TimestepSpacing::Linspace,
+            steps_offset: 0,
+        }
+    }
+}
+
+/// Linear multistep (k-diffusion `sample_lms`, order 4).
+#[derive(Clone, Debug)]
+pub struct LmsScheduler {
+    config: LmsConfig,
+    sigma_bounds: (Option<f64>, Option<f64>),
+    alphas_cumprod: Vec<f32>,
+    train_sigmas: Vec<f32>,
+    sigmas: Vec<f32>,
+    timesteps: Vec<f32>,
+    derivatives: Vec<Vec<f32>>,
+}
+
+impl LmsScheduler {
+    pub fn new(config: LmsConfig) -> Result<Self> {
+        Self::with_bounds(config, (None, None))
+    }
+
+    fn with_bounds(config: LmsConfig, sigma_bounds: (Option<f64>, Option<f64>)) -> Result<Self> {
+        if config.use_beta_sigmas {
+            return Err(Error::Model(format!("{CLASS}: use_beta_sigmas is not supported")));
+        }
+        if config.use_karras_sigmas && config.use_exponential_sigmas {
+            return Err(Error::Model(format!(
+                "{CLASS}: only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set"
+            )));
+        }
+        k_pred_x0(config.prediction_type, &[], &[], 1.0)?;
+        check_offset(CLASS, config.steps_offset, config.num_train_timesteps)?;
+        let betas = make_betas(
+            CLASS,
+            &beta_cfg(
+                config.num_train_timesteps,
+                config.beta_start,
+                config.beta_end,
+                config.beta_schedule,
+                config.trained_betas.as_deref(),
+                false,
+            ),
+            &[],
+        )?;
+        let ac = alphas_cumprod(&betas);
+        let train_sigmas = train_sigmas(&ac);
+        let mut sigmas: Vec<f32> = train_sigmas.iter().rev().copied().collect();
+        sigmas.push(0.0);
+        Ok(LmsScheduler {
+            config,
+            sigma_bounds,
+            alphas_cumprod: ac,
+            train_sigmas,
+            sigmas,
+            timesteps: Vec::new(),
+            derivatives: Vec::new(),
+        })
+    }
+
+    /// `LMSDiscreteScheduler.from_config(json, **overrides)`.
+    pub fn from_json(json: &Value, overrides: &[(&str, Value)]) -> Result<Self> {
+        Self::with_bounds(parse_config(CLASS, json, overrides)?, config_sigma_bounds(json))
+    }
+
+    /// The config this scheduler was built with.
+    pub fn config(&self) -> &LmsConfig {
+        &self.config
+    }
+
+    /// `get_lms_coefficient(order, t, current_order)`.
+    fn lms_coefficient(&self, order: usize, t: usize, current: usize) -> f64 {
+        let s = &self.sigmas;
+        let f = |tau: f64| -> f64 {
+            let tau32 = tau as f32;
+            let mut prod = 1.0f32;
+            for k in 0..order {
+                if k == current {
+                    continue;
+                }
+                prod *= (tau32 - s[t - k]) / (s[t - current] - s[t - k]);
+            }
+            prod as f64
+        };
+        gauss_kronrod_21(f, s[t] as f64, s[t + 1] as f64)
+    }
+}
+
+/// QUADPACK's `dqk21`: the 21-point Gauss-Kronrod estimate of the integral of `f` over `[a, b]`.
+#[allow(clippy::excessive_precision)] // QUADPACK's constants, verbatim
+fn gauss_kronrod_21(f: impl Fn(f64) -> f64, a: f64, b: f64) -> f64 {
+    const XGK: [f64; 11] = [
+        0.995657163025808080735527280689003,
+        0.973906528517171720077964012084452,
+        0.930157491355708226001207180059508,
+        0.865063366688984510732096688423493,
+        0.780817726586416897063717578345042,
+        0.679409568299024406234327365114874,
+        0.562757134668604683339000099272694,
+        0.433395394129247190799265943165784,
+        0.294392862701460198131126603103866,
+        0.148874338981631210884826001129720,
+        0.000000000000000000000000000000000,
+    ];
+    const WGK: [f64; 11] = [
+        0.011694638867371874278064396062192,
+        0.032558162307964727478818972459390,
+        0.054755896574351996031381300244580,
+        0.075039674810919952767043140916190,
+        0.093125454583697605535065465083366,
+        0.109387158802297641899210590325805,
+        0.123491976262065851077958109831074,
+        0.134709217311473325928054001771707,
+        0.142775938577060080797094273138717,
+        0.147739104901338491374841515972068,
+        0.149445554002916905664936468389821,
+    ];
+    let centr = 0.5 * (a + b);
+    let hlgth = 0.5 * (b - a);
+    let fc = f(centr);
+    let mut resk = WGK[10] * fc;
+    // Gauss points (even 1-based indices) first, then the Kronrod extension points, as dqk21.
+    for j in 1..=5 {
+        let jtw = 2 * j - 1; // 0-based index of xgk(2j)
+        let absc = hlgth * XGK[jtw];
+        let fsum = f(centr - absc) + f(centr + absc);
+        resk += WGK[jtw] * fsum;
+    }
+    for j in 1..=5 {
+        let jtwm1 = 2 * j - 2; // 0-based index of xgk(2j-1)
+        let absc = hlgth * XGK[jtwm1];
+        let fsum = f(centr - absc) + f(centr + absc);
+        resk += WGK[jtwm1] * fsum;
+    }
+    resk * hlgth
+}
+
+impl Scheduler for LmsScheduler {
+    fn set_timesteps(&mut self, n: usize) -> Result<()> {
+        let c = &self.config;
+        check_steps(CLASS, n, c.num_train_timesteps)?;
+        let ts32 = k_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
+        let log_sigmas = log_f32(&self.train_sigmas);
+        let interp = interp_sigmas(&ts32, &self.train_sigmas);
+        let (mut sig64, ts64): (Vec<f64>, Vec<f64>) = if c.use_karras_sigmas || c.use_exponential_sigmas {
+            let in_min = *interp.last().unwrap_or(&0.0);
+            let in_max = *interp.first().unwrap_or(&0.0);
+            let s = if c.use_karras_sigmas {
+                // LMS's own _convert_to_karras ignores config sigma_min / sigma_max
+                karras_sigmas(in_min, in_max, n)
+            } else {
+                exponential_sigmas(self.sigma_bounds.0.unwrap_or(in_min), self.sigma_bounds.1.unwrap_or(in_max), n)
+            };
+            let t = s.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
+            (s, t)
+        } else {
+            (interp, ts32.iter().map(|&t| t as f64).collect())
+        };
+        sig64.push(0.0);
+        self.sigmas = sig64.iter().map(|&v| v as f32).collect();
+        self.timesteps = ts64.iter().map(|&t| t as f32).collect();
+        self.derivatives.clear();
+        Ok(())
+    }
+
+    fn timesteps(&self) -> &[f32] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f32 {
+        k_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
+    }
+
+    fn scale_model_input(&self, sample: &[f32], index: usize) -> Vec<f32> {
+        let Some(&s) = self.sigmas.get(index.min(self.timesteps.len().saturating_sub(1))) else {
+            return sample.to_vec();
+        };
+        k_scale(sample, s)
+    }
+
+    fn step(
+        &mut self,
+        model_output: &[f32],
+        index: usize,
+        sample: &[f32],
+        _gen: &mut TorchGenerator,
+    ) -> Result<Vec<f32>> {
+        if self.timesteps.is_empty() {
+            return Err(not_set(CLASS));
+        }
+        check_len(CLASS, "model_output", model_output.len(), sample.len())?;
+        if index >= self.timesteps.len() {
+            return Err(bad_index(CLASS, index, self.timesteps.len()));
+        }
+        if self.derivatives.iter().any(|d| d.len() != sample.len()) {
+            return Err(Error::Shape(format!("{CLASS}: the sample size changed between steps")));
+        }
+        let sigma = self.sigmas[index];
+        let x0 = k_pred_x0(self.config.prediction_type, sample, model_output, sigma)?;
+        let n = sample.len();
+        let derivative: Vec<f32> = (0..n).map(|i| (sample[i] - x0[i]) / sigma).collect();
+        self.derivatives.push(derivative);
+        if self.derivatives.len() > MAX_ORDER {
+            self.derivatives.remove(0);
+        }
+        let order = (index + 1).min(MAX_ORDER);
+        let coeffs: Vec<f32> = (0..order).map(|k| self.lms_coefficient(order, index, k) as f32).collect();
+        let mut acc: Option<Vec<f32>> = None;
+        for (c, d) in coeffs.iter().zip(self.derivatives.iter().rev()) {
+            acc = Some(match acc {
+                None => d.iter().map(|v| c * v).collect(),
+                Some(a) => a.iter().zip(d).map(|(a, v)| a + c * v).collect(),
+            });
+        }
+        Ok(match acc {
+            Some(a) => sample.iter().zip(&a).map(|(s, a)| s + a).collect(),
+            None => sample.to_vec(),
+        })
+    }
+
+    fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
+        k_add_noise(&self.sigmas[..self.timesteps.len().min(self.sigmas.len())], original, noise, index)
+    }
+
+    fn order(&self) -> usize {
+        1
+    }
+
+    fn sigmas(&self) -> &[f32] {
+        if self.timesteps.is_empty() {
+            &[]
+        } else {
+            &self.sigmas
+        }
+    }
+
+    fn alphas_cumprod(&self) -> &[f32] {
+        &self.alphas_cumprod
+    }
+
+    fn class_name(&self) -> &'static str {
+        CLASS
+    }
+}
