@@ -1,0 +1,13 @@
+//! Models, one file per diffusers / transformers module, built from their config.json.
+
+pub mod autoencoder_kl;
+pub mod clip_text;
+pub mod nn;
+pub mod resnet;
+pub mod transformer_2d;
+pub mod unet_2d_blocks;
+pub mod unet_2d_condition;
+
+pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+pub use clip_text::{ClipTextConfig, ClipTextModel};
+pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};

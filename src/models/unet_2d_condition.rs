@@ -1,0 +1,258 @@
+//! `UNet2DConditionModel`: the denoiser of Stable Diffusion 1.x / 2.x, built from its config.json.
+//!
+//! eps = conv_out(silu(norm(up(mid(down(conv_in(x)), t, c)))), with the timestep embedded
+//! sinusoidally and passed through a two-layer MLP into every resnet, and the text embedding `c`
+//! attended to by every transformer.
+
+use serde::Deserialize;
+
+use super::nn::{Conv2d, GroupNorm, Linear};
+use super::unet_2d_blocks::{BlockAttention, BlockSettings, DownBlock2D, MidBlock2DCrossAttn, UpBlock2D};
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Tensor};
+use crate::loader::W;
+use crate::ops::{self, embedding::TimestepEmbedding, Activation};
+
+/// A config value that is one number for every block or one per block.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    /// The value for block `i` of `n`.
+    pub fn get(&self, i: usize) -> usize {
+        match self {
+            PerBlock::One(v) => *v,
+            PerBlock::Each(v) => v.get(i).copied().unwrap_or(0),
+        }
+    }
+    fn check(&self, n: usize, key: &str) -> Result<()> {
+        match self {
+            PerBlock::Each(v) if v.len() != n => Err(Error::Model(format!("unet config {key} has {} entries for {n} blocks", v.len()))),
+            PerBlock::Each(v) if v.contains(&0) => Err(Error::Model(format!("unet config {key} has a zero"))),
+            PerBlock::One(0) => Err(Error::Model(format!("unet config {key} is zero"))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `unet/config.json`; keys mirror diffusers, unknown keys are ignored, missing ones take
+/// diffusers' defaults.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct UNet2DConditionConfig {
+    pub sample_size: Option<usize>,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub center_input_sample: bool,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f32,
+    pub down_block_types: Vec<String>,
+    pub mid_block_type: Option<String>,
+    pub up_block_types: Vec<String>,
+    pub only_cross_attention: serde_json::Value,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: PerBlock,
+    pub downsample_padding: usize,
+    pub mid_block_scale_factor: f32,
+    pub act_fn: String,
+    pub norm_num_groups: usize,
+    pub norm_eps: f32,
+    pub cross_attention_dim: PerBlock,
+    pub transformer_layers_per_block: PerBlock,
+    pub attention_head_dim: PerBlock,
+    pub num_attention_heads: Option<PerBlock>,
+    pub dual_cross_attention: bool,
+    pub use_linear_projection: bool,
+    pub class_embed_type: Option<String>,
+    pub addition_embed_type: Option<String>,
+    pub upcast_attention: bool,
+    pub resnet_time_scale_shift: String,
+    pub time_embedding_type: String,
+    pub time_cond_proj_dim: Option<usize>,
+    pub conv_in_kernel: usize,
+    pub conv_out_kernel: usize,
+    pub encoder_hid_dim: Option<usize>,
+}
+
+impl Default for UNet2DConditionConfig {
+    fn default() -> Self {
+        Self {
+            sample_size: None, in_channels: 4, out_channels: 4, center_input_sample: false, flip_sin_to_cos: true, freq_shift: 0.0,
+            down_block_types: ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec(),
+            mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
+            up_block_types: ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec(),
+            only_cross_attention: serde_json::Value::Bool(false),
+            block_out_channels: vec![320, 640, 1280, 1280], layers_per_block: PerBlock::One(2), downsample_padding: 1,
+            mid_block_scale_factor: 1.0, act_fn: "silu".into(), norm_num_groups: 32, norm_eps: 1e-5,
+            cross_attention_dim: PerBlock::One(1280), transformer_layers_per_block: PerBlock::One(1), attention_head_dim: PerBlock::One(8),
+            num_attention_heads: None, dual_cross_attention: false, use_linear_projection: false, class_embed_type: None,
+            addition_embed_type: None, upcast_attention: false, resnet_time_scale_shift: "default".into(),
+            time_embedding_type: "positional".into(), time_cond_proj_dim: None, conv_in_kernel: 3, conv_out_kernel: 3, encoder_hid_dim: None,
+        }
+    }
+}
+
+impl UNet2DConditionConfig {
+    /// Rejects what this implementation does not run, saying which key is the problem.
+    pub fn validate(&self) -> Result<()> {
+        let n = self.block_out_channels.len();
+        let unsupported = |what: String| Err(Error::Model(format!("unet config: {what} is not supported yet (Stable Diffusion 1.x / 2.x UNets are)")));
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(Error::Model(format!("unet config has {n} block_out_channels, {} down and {} up block types; they must match", self.down_block_types.len(), self.up_block_types.len())));
+        }
+        for key in ["layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim"] {
+            let v = match key {
+                "layers_per_block" => &self.layers_per_block,
+                "cross_attention_dim" => &self.cross_attention_dim,
+                "transformer_layers_per_block" => &self.transformer_layers_per_block,
+                _ => &self.attention_head_dim,
+            };
+            v.check(n, key)?;
+        }
+        if let Some(h) = &self.num_attention_heads {
+            h.check(n, "num_attention_heads")?;
+        }
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            if self.norm_num_groups == 0 || c % self.norm_num_groups != 0 || c % self.heads(i).max(1) != 0 {
+                return Err(Error::Model(format!("unet block {i}: {c} channels do not divide into {} groups and {} heads", self.norm_num_groups, self.heads(i))));
+            }
+        }
+        for t in &self.down_block_types {
+            if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
+                return unsupported(format!("down block {t}"));
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "CrossAttnUpBlock2D" && t != "UpBlock2D" {
+                return unsupported(format!("up block {t}"));
+            }
+        }
+        match self.mid_block_type.as_deref() {
+            Some("UNetMidBlock2DCrossAttn") => {}
+            other => return unsupported(format!("mid_block_type {other:?}")),
+        }
+        if !matches!(self.cross_attention_dim, PerBlock::One(_)) {
+            return unsupported("a per-block cross_attention_dim".into());
+        }
+        if self.only_cross_attention != serde_json::Value::Bool(false) || self.dual_cross_attention {
+            return unsupported("only_cross_attention / dual_cross_attention".into());
+        }
+        if self.class_embed_type.is_some() || self.addition_embed_type.is_some() || self.encoder_hid_dim.is_some() {
+            return unsupported("class / addition embeddings (SDXL, upscalers)".into());
+        }
+        if self.time_cond_proj_dim.is_some() {
+            return unsupported("time_cond_proj_dim (LCM-distilled UNets)".into());
+        }
+        if self.resnet_time_scale_shift != "default" || self.time_embedding_type != "positional" || self.act_fn != "silu" {
+            return unsupported(format!("resnet_time_scale_shift {:?}, time_embedding_type {:?}, act_fn {:?}", self.resnet_time_scale_shift, self.time_embedding_type, self.act_fn));
+        }
+        if self.conv_in_kernel != 3 || self.conv_out_kernel != 3 || self.downsample_padding != 1 || self.mid_block_scale_factor != 1.0 || self.center_input_sample {
+            return unsupported("conv_in/out_kernel other than 3, downsample_padding other than 1, mid_block_scale_factor or center_input_sample".into());
+        }
+        Ok(())
+    }
+
+    /// Attention heads in block `i`: `num_attention_heads`, or `attention_head_dim`, which
+    /// diffusers has always (mis)read as the number of heads for these UNets.
+    pub fn heads(&self, i: usize) -> usize {
+        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).get(i)
+    }
+
+    /// How much smaller the innermost feature map is than the latent.
+    pub fn downsample_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+}
+
+/// `UNet2DConditionModel`.
+pub struct UNet2DConditionModel {
+    pub config: UNet2DConditionConfig,
+    time_proj: TimestepEmbedding,
+    linear_1: Linear,
+    linear_2: Linear,
+    conv_in: Conv2d,
+    down_blocks: Vec<DownBlock2D>,
+    mid_block: MidBlock2DCrossAttn,
+    up_blocks: Vec<UpBlock2D>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet2DConditionModel {
+    /// Builds the model from `config`, reading weights under `w`.
+    pub async fn load(w: &W<'_, '_>, config: UNet2DConditionConfig) -> Result<Self> {
+        config.validate()?;
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let temb = ch[0] * 4;
+        let s = BlockSettings {
+            temb_channels: temb, groups: config.norm_num_groups, eps: config.norm_eps,
+            cross_attention_dim: config.cross_attention_dim.get(0), use_linear_projection: config.use_linear_projection,
+        };
+        let attn = |i: usize, types: &[String], layers: usize| {
+            types[i].starts_with("CrossAttn").then(|| BlockAttention { heads: config.heads(i), transformer_layers: layers })
+        };
+        let time_proj = TimestepEmbedding { dim: ch[0], flip_sin_to_cos: config.flip_sin_to_cos, downscale_freq_shift: config.freq_shift, scale: 1.0, max_period: 10000.0 };
+        let linear_1 = Linear::load(&w.sub("time_embedding.linear_1"), ch[0], temb, true).await?;
+        let linear_2 = Linear::load(&w.sub("time_embedding.linear_2"), temb, temb, true).await?;
+        let conv_in = Conv2d::load(&w.sub("conv_in"), config.in_channels, ch[0], 3, 1, 1).await?;
+        let mut down_blocks = Vec::new();
+        let mut cout = ch[0];
+        for i in 0..n {
+            let cin = cout;
+            cout = ch[i];
+            let a = attn(i, &config.down_block_types, config.transformer_layers_per_block.get(i));
+            down_blocks.push(DownBlock2D::load(&w.sub(format!("down_blocks.{i}")), cin, cout, config.layers_per_block.get(i), a, i + 1 < n, &s).await?);
+        }
+        let mid_attn = BlockAttention { heads: config.heads(n - 1), transformer_layers: config.transformer_layers_per_block.get(n - 1) };
+        let mid_block = MidBlock2DCrossAttn::load(&w.sub("mid_block"), ch[n - 1], mid_attn, &s).await?;
+        let mut up_blocks = Vec::new();
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut out = rev[0];
+        for i in 0..n {
+            let prev = out;
+            out = rev[i];
+            let cin = rev[(i + 1).min(n - 1)];
+            let r = n - 1 - i;
+            let a = config.up_block_types[i].starts_with("CrossAttn").then(|| BlockAttention { heads: config.heads(r), transformer_layers: config.transformer_layers_per_block.get(r) });
+            up_blocks.push(UpBlock2D::load(&w.sub(format!("up_blocks.{i}")), cin, prev, out, config.layers_per_block.get(r) + 1, a, i + 1 < n, &s).await?);
+        }
+        let conv_norm_out = GroupNorm::load(&w.sub("conv_norm_out"), config.norm_num_groups, ch[0], config.norm_eps).await?;
+        let conv_out = Conv2d::load(&w.sub("conv_out"), ch[0], config.out_channels, 3, 1, 1).await?;
+        Ok(Self { config, time_proj, linear_1, linear_2, conv_in, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out })
+    }
+
+    /// Predicts noise (or v / x0, as trained) for latents `[B, C, H, W]` at `timestep`, given text
+    /// embeddings `[B, L, cross_attention_dim]`.
+    pub fn forward(&self, gpu: &Gpu, sample: &Tensor, timestep: f32, context: &Tensor) -> Result<Tensor> {
+        let &[b, c, h, w] = sample.shape() else { return Err(Error::Shape(format!("unet sample must be [B, C, H, W], got {:?}", sample.shape()))) };
+        let f = self.config.downsample_factor();
+        if c != self.config.in_channels || h % f != 0 || w % f != 0 || h == 0 || w == 0 {
+            return Err(Error::Input(format!("latents {:?} must have {} channels and a size divisible by {f}", sample.shape(), self.config.in_channels)));
+        }
+        if context.dim(0) != b {
+            return Err(Error::Shape(format!("{} text embeddings for {b} latents", context.dim(0))));
+        }
+        let t = gpu.upload(&[b], DType::F32, &vec![timestep; b])?;
+        let t_emb = ops::timestep_embedding(gpu, &t, &self.time_proj, sample.dtype())?;
+        let emb = self.linear_1.forward(gpu, &t_emb, Activation::Silu)?;
+        // Every resnet applies SiLU to the embedding first: do it once here.
+        let silu_emb = self.linear_2.forward(gpu, &emb, Activation::None)?;
+        let silu_emb = ops::activation(gpu, &silu_emb, Activation::Silu)?;
+        let mut hs = self.conv_in.forward(gpu, sample, None)?;
+        let mut skips = vec![hs.clone()];
+        for block in &self.down_blocks {
+            hs = block.forward(gpu, &hs, &silu_emb, context, &mut skips)?;
+        }
+        hs = self.mid_block.forward(gpu, &hs, &silu_emb, context)?;
+        for block in &self.up_blocks {
+            hs = block.forward(gpu, &hs, &silu_emb, context, &mut skips)?;
+        }
+        let hs = self.conv_norm_out.forward(gpu, &hs, true)?;
+        self.conv_out.forward(gpu, &hs, None)
+    }
+}
