@@ -7,6 +7,12 @@
 pub mod bench;
 pub mod error;
 pub mod gpu;
+pub mod loader;
+pub mod models;
+pub mod pipelines;
+pub mod rng;
+pub mod schedulers;
+pub mod tokenizer;
 pub mod ops;
 pub mod suite;
 #[cfg(target_arch = "wasm32")]

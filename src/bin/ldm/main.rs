@@ -1,5 +1,8 @@
 //! The `ldm` command line: the same engine natively.
 
+mod generate;
+mod http;
+
 use clap::{Parser, Subcommand};
 use ldm_web::bench::{BenchOptions, BenchReport};
 use ldm_web::gpu::{DType, KernelProfile};
@@ -20,10 +23,14 @@ enum Command {
     },
     /// Describes the GPU adapter ldm would use, as JSON.
     Adapter,
+    /// Text to image with a Stable Diffusion 1.x / 2.x model; writes PNGs with their parameters.
+    Generate(generate::GenerateArgs),
 }
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// A whole text-to-image run: per-stage times and peak GPU bytes, as JSON.
+    Generate(generate::GenerateArgs),
     /// Every kernel at Stable Diffusion 1.5 shapes (`--shapes sd`) or small ones (`--shapes small`).
     Kernels {
         #[arg(long, default_value = "small", value_parser = ["small", "sd"])]
@@ -47,6 +54,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let out = match cli.command {
         Command::Adapter => pollster::block_on(ldm_web::gpu::Gpu::new(Default::default())).and_then(|g| serde_json::to_string_pretty(g.summary()).map_err(|e| ldm_web::Error::Unsupported(e.to_string()))),
+        Command::Generate(args) => generate::run(&args, false),
+        Command::Bench { what: BenchWhat::Generate(args) } => generate::run(&args, true),
         Command::Bench { what: BenchWhat::Kernels { shapes, filter, dtype, profile, min_ms } } => {
             let opts = BenchOptions {
                 shapes,

@@ -1,0 +1,200 @@
+//! `ldm generate` and `ldm bench generate`.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use ldm_web::gpu::{Gpu, GpuOptions};
+use ldm_web::loader::{DirSource, FileSource};
+use ldm_web::pipelines::{LoadOptions, StableDiffusionModel, Txt2ImgParams};
+use ldm_web::schedulers::SchedulerKind;
+use ldm_web::{Error, Result};
+
+/// `ldm generate` flags (other tools depend on these exact names).
+#[derive(Args, Clone, Debug)]
+pub struct GenerateArgs {
+    /// A diffusers folder, a single .safetensors checkpoint, or an http(s) URL laid out like a diffusers folder.
+    #[arg(long)]
+    model: String,
+    #[arg(long, default_value = "")]
+    prompt: String,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f32,
+    /// Default: the model's sample size times the VAE's scale factor.
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// ddim pndm ddpm euler euler-a heun lms dpmpp-2m dpmpp-2m-karras dpmpp-2m-sde-karras unipc lcm (default: the model's own).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// DDIM's eta.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f32,
+    /// Text encoder layers to skip, counted as diffusers (1 = penultimate layer; A1111's "Clip skip: 2").
+    #[arg(long, default_value_t = 0)]
+    clip_skip: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Output PNG; `{n}` expands to the image's index in the batch.
+    #[arg(long, default_value = "out.png")]
+    out: String,
+}
+
+/// Opens `model` as a file source and says whether it is a single file (and its name).
+fn open_model(model: &str) -> Result<(Box<dyn FileSource>, Option<String>)> {
+    if model.starts_with("http://") || model.starts_with("https://") {
+        return Ok((Box::new(crate::http::HttpSource::new(model)?), None));
+    }
+    let path = Path::new(model);
+    let meta = std::fs::metadata(path).map_err(|e| Error::Io(format!("cannot open model {model}: {e}")))?;
+    if meta.is_dir() {
+        return Ok((Box::new(DirSource::new(path)), None));
+    }
+    ldm_web::loader::refuse_pickle(model)?;
+    if !model.to_ascii_lowercase().ends_with(".safetensors") {
+        return Err(Error::Model(format!("{model} is neither a diffusers folder nor a .safetensors checkpoint")));
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    Ok((Box::new(DirSource::new(parent)), Some(name)))
+}
+
+/// Loads a model from a path or URL.
+pub async fn load_model(gpu: &Gpu, model: &str, opts: &LoadOptions) -> Result<StableDiffusionModel> {
+    let (src, single) = open_model(model)?;
+    let name = model.trim_end_matches('/').rsplit('/').next().unwrap_or(model).to_string();
+    match single {
+        Some(file) => StableDiffusionModel::load_single_file(gpu, src.as_ref(), &file, None, opts).await,
+        None => StableDiffusionModel::load(gpu, src.as_ref(), &name, opts).await,
+    }
+}
+
+/// A1111's sampler names, so the PNG reads as users of those tools expect.
+fn sampler_name(kind: SchedulerKind) -> &'static str {
+    match kind {
+        SchedulerKind::Ddim => "DDIM",
+        SchedulerKind::Pndm => "PLMS",
+        SchedulerKind::Ddpm => "DDPM",
+        SchedulerKind::Euler => "Euler",
+        SchedulerKind::EulerAncestral => "Euler a",
+        SchedulerKind::Heun => "Heun",
+        SchedulerKind::Lms => "LMS",
+        SchedulerKind::DpmPp2m => "DPM++ 2M",
+        SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
+        SchedulerKind::DpmPp2mSdeKarras => "DPM++ 2M SDE Karras",
+        SchedulerKind::UniPc => "UniPC",
+        SchedulerKind::Lcm => "LCM",
+    }
+}
+
+/// The `parameters` text AUTOMATIC1111 / ComfyUI read.
+pub fn parameters_text(p: &Txt2ImgParams, kind: SchedulerKind, model: &str, index: usize) -> String {
+    let mut s = p.prompt.clone();
+    if let Some(n) = &p.negative_prompt {
+        s.push_str(&format!("\nNegative prompt: {n}"));
+    }
+    s.push_str(&format!(
+        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+        p.steps, sampler_name(kind), p.guidance_scale, p.seed, p.width, p.height, model
+    ));
+    if p.eta != 0.0 {
+        s.push_str(&format!(", Eta: {}", p.eta));
+    }
+    if p.clip_skip > 0 {
+        s.push_str(&format!(", Clip skip: {}", p.clip_skip + 1));
+    }
+    if p.batch > 1 {
+        s.push_str(&format!(", Batch size: {}, Batch pos: {index}", p.batch));
+    }
+    s
+}
+
+/// Writes an 8-bit RGB PNG with a `parameters` tEXt chunk.
+pub fn write_png(path: &str, width: usize, height: usize, rgb: &[u8], parameters: &str) -> Result<()> {
+    let io = |e: &dyn std::fmt::Display| Error::Io(format!("cannot write {path}: {e}"));
+    let file = std::fs::File::create(path).map_err(|e| io(&e))?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    // tEXt is Latin-1; A1111 writes prompts with other characters as iTXt.
+    if parameters.chars().all(|c| (c as u32) < 256) {
+        enc.add_text_chunk("parameters".into(), parameters.into()).map_err(|e| io(&e))?;
+    } else {
+        enc.add_itxt_chunk("parameters".into(), parameters.into()).map_err(|e| io(&e))?;
+    }
+    let mut w = enc.write_header().map_err(|e| io(&e))?;
+    w.write_image_data(rgb).map_err(|e| io(&e))?;
+    w.finish().map_err(|e| io(&e))
+}
+
+/// Output path of image `i`.
+fn out_path(pattern: &str, i: usize, batch: usize) -> String {
+    if pattern.contains("{n}") {
+        pattern.replace("{n}", &i.to_string())
+    } else if batch > 1 {
+        match pattern.rsplit_once('.') {
+            Some((stem, ext)) => format!("{stem}-{i}.{ext}"),
+            None => format!("{pattern}-{i}"),
+        }
+    } else {
+        pattern.to_string()
+    }
+}
+
+/// Runs `ldm generate` (or its benchmark, which prints JSON instead of progress).
+pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
+    let scheduler = a.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
+    let start = std::time::Instant::now();
+    let now = move || start.elapsed().as_secs_f64() * 1e3;
+    pollster::block_on(async {
+        let gpu = Gpu::new(GpuOptions { force_f32: true, ..Default::default() }).await?;
+        let t_load = now();
+        let model = load_model(&gpu, &a.model, &LoadOptions::default()).await?;
+        let load_ms = now() - t_load;
+        let default_size = model.unet.config.sample_size.unwrap_or(64) * model.vae.config.scale_factor();
+        let p = Txt2ImgParams {
+            prompt: a.prompt.clone(), negative_prompt: a.negative_prompt.clone(), seed: a.seed, steps: a.steps,
+            guidance_scale: a.guidance, guidance_rescale: 0.0, width: a.width.unwrap_or(default_size), height: a.height.unwrap_or(default_size),
+            scheduler, eta: a.eta, clip_skip: a.clip_skip, batch: a.batch,
+        };
+        model.validate(&p)?;
+        let kind = match scheduler {
+            Some(k) => k,
+            None => ldm_web::schedulers::default_kind(&model.scheduler_config)?,
+        };
+        let bar = if bench { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(p.steps as u64) };
+        bar.set_style(indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+        let mut progress = |done: usize, total: usize| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        };
+        let (images, times) = model.txt2img(&gpu, &p, &now, &mut progress).await?;
+        bar.finish_and_clear();
+        if bench {
+            let steps = &times.unet_steps_ms;
+            let report = serde_json::json!({
+                "model": model.name, "adapter": gpu.summary(), "width": p.width, "height": p.height, "steps": p.steps, "batch": p.batch,
+                "scheduler": sampler_name(kind),
+                "load_ms": load_ms,
+                "text_encoder_ms": times.text_encoder_ms,
+                "unet_step_ms": { "mean": steps.iter().sum::<f64>() / steps.len().max(1) as f64, "min": steps.iter().copied().fold(f64::INFINITY, f64::min), "each": steps },
+                "vae_decode_ms": times.vae_decode_ms,
+                "peak_gpu_bytes": gpu.pool_stats().peak_bytes,
+            });
+            return serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()));
+        }
+        let mut written = Vec::new();
+        for i in 0..images.batch {
+            let path = out_path(&a.out, i, images.batch);
+            write_png(&path, images.width, images.height, &images.rgb8(i), &parameters_text(&p, kind, &model.name, i))?;
+            written.push(path);
+        }
+        Ok(format!("wrote {}", written.join(", ")))
+    })
+}

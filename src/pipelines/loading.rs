@@ -1,0 +1,115 @@
+//! Assembling a Stable Diffusion model from a diffusers folder or a single-file checkpoint.
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu};
+use super::single_file;
+use crate::loader::{component_files, read_file, read_json, refuse_pickle, FileSource, WeightFile, Weights};
+use crate::models::{AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel};
+use crate::tokenizer::{ClipTokenizer, TokenizerConfig};
+
+/// What to load besides the text-to-image essentials.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Load the VAE encoder too (img2img, inpainting).
+    pub vae_encoder: bool,
+    /// Prefer `*.fp16.safetensors` files when both precisions are present (smaller downloads).
+    pub prefer_fp16: bool,
+    /// Activation and weight dtype on the GPU; `None`: f32 (bit-for-bit closest to diffusers).
+    pub dtype: Option<DType>,
+}
+
+/// The components of a Stable Diffusion 1.x / 2.x text-to-image model.
+pub struct StableDiffusionModel {
+    /// Shown in PNG metadata (the folder or file name).
+    pub name: String,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    /// `scheduler/scheduler_config.json` as written (with `_class_name`).
+    pub scheduler_config: serde_json::Value,
+    pub dtype: DType,
+}
+
+async fn config<T: serde::de::DeserializeOwned>(src: &dyn FileSource, path: &str) -> Result<T> {
+    read_json(src, path).await?.ok_or_else(|| Error::Model(format!("{} is missing; is this a diffusers Stable Diffusion folder?", src.describe(path))))
+}
+
+/// Reads the tokenizer from `dir`: vocab.json + merges.txt, or tokenizer.json.
+pub async fn load_tokenizer(src: &dyn FileSource, dir: &str) -> Result<ClipTokenizer> {
+    let text = |b: Vec<u8>, p: &str| String::from_utf8(b).map_err(|_| Error::Model(format!("{} is not UTF-8 text", src.describe(p))));
+    let cfg_path = format!("{dir}/tokenizer_config.json");
+    let cfg = match read_file(src, &cfg_path).await? {
+        Some(b) => TokenizerConfig::from_json(&text(b, &cfg_path)?)?,
+        None => TokenizerConfig::from_json("{}")?,
+    };
+    let (vocab_p, merges_p, json_p) = (format!("{dir}/vocab.json"), format!("{dir}/merges.txt"), format!("{dir}/tokenizer.json"));
+    // transformers reads tokenizer.json when it exists and vocab.json + merges.txt otherwise.
+    if let Some(j) = read_file(src, &json_p).await? {
+        return ClipTokenizer::from_tokenizer_json(&text(j, &json_p)?, cfg);
+    }
+    if let (Some(v), Some(m)) = (read_file(src, &vocab_p).await?, read_file(src, &merges_p).await?) {
+        return ClipTokenizer::from_files(&text(v, &vocab_p)?, &text(m, &merges_p)?, cfg);
+    }
+    Err(Error::Model(format!("no tokenizer in {} (expected vocab.json + merges.txt or tokenizer.json)", src.describe(dir))))
+}
+
+impl StableDiffusionModel {
+    /// Loads a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+    pub async fn load(gpu: &Gpu, src: &dyn FileSource, name: &str, opts: &LoadOptions) -> Result<Self> {
+        let index: serde_json::Value = config(src, "model_index.json").await?;
+        if let Some(class) = index.get("_class_name").and_then(|c| c.as_str()) {
+            if class.contains("XL") || class.contains("Flux") || class.contains("StableDiffusion3") {
+                return Err(Error::Model(format!("{class} models are not supported yet; ldm-web runs Stable Diffusion 1.x / 2.x")));
+            }
+        }
+        let dtype = opts.dtype.unwrap_or(DType::F32);
+        let tokenizer = load_tokenizer(src, "tokenizer").await?;
+        let te_cfg: ClipTextConfig = config(src, "text_encoder/config.json").await?;
+        let te_files = component_files(src, "text_encoder", "model", opts.prefer_fp16).await?;
+        let te_w = Weights::new(src, te_files);
+        let text_encoder = ClipTextModel::load(&te_w.at(gpu, dtype, ""), te_cfg).await?;
+        drop(te_w);
+        let unet_cfg: UNet2DConditionConfig = config(src, "unet/config.json").await?;
+        let unet_w = Weights::new(src, component_files(src, "unet", "diffusion_pytorch_model", opts.prefer_fp16).await?);
+        let unet = UNet2DConditionModel::load(&unet_w.at(gpu, dtype, ""), unet_cfg).await?;
+        drop(unet_w);
+        let vae_cfg: AutoencoderKLConfig = config(src, "vae/config.json").await?;
+        let vae_w = Weights::new(src, component_files(src, "vae", "diffusion_pytorch_model", opts.prefer_fp16).await?);
+        let vae = AutoencoderKL::load(&vae_w.at(gpu, dtype, ""), vae_cfg, opts.vae_encoder).await?;
+        let scheduler_config: serde_json::Value = config(src, "scheduler/scheduler_config.json").await?;
+        Ok(Self { name: name.to_string(), tokenizer, text_encoder, unet, vae, scheduler_config, dtype })
+    }
+
+    /// Loads a single-file checkpoint in the original layout. Configs come from `configs` (like
+    /// diffusers' `from_single_file(config=...)`) or are inferred from tensor shapes.
+    pub async fn load_single_file(gpu: &Gpu, src: &dyn FileSource, file: &str, configs: Option<&dyn FileSource>, opts: &LoadOptions) -> Result<Self> {
+        refuse_pickle(file)?;
+        let dtype = opts.dtype.unwrap_or(DType::F32);
+        let wf = WeightFile::open(src, file).await?;
+        let layout = single_file::detect(&wf.header)?;
+        let (te_cfg, unet_cfg, vae_cfg, scheduler_config, tokenizer) = match configs {
+            Some(c) => (
+                config::<ClipTextConfig>(c, "text_encoder/config.json").await?,
+                config::<UNet2DConditionConfig>(c, "unet/config.json").await?,
+                config::<AutoencoderKLConfig>(c, "vae/config.json").await?,
+                config::<serde_json::Value>(c, "scheduler/scheduler_config.json").await?,
+                load_tokenizer(c, "tokenizer").await?,
+            ),
+            None => {
+                let inferred = single_file::infer_configs(&wf.header, &layout)?;
+                let tokenizer = single_file::builtin_tokenizer(&layout)?;
+                (inferred.text_encoder, inferred.unet, inferred.vae, inferred.scheduler, tokenizer)
+            }
+        };
+        let files = vec![wf];
+        let te_w = single_file::text_encoder_weights(src, files.clone(), &layout, &te_cfg)?;
+        let text_encoder = ClipTextModel::load(&te_w.at(gpu, dtype, ""), te_cfg).await?;
+        let unet_w = single_file::unet_weights(src, files.clone(), &unet_cfg)?;
+        let unet = UNet2DConditionModel::load(&unet_w.at(gpu, dtype, ""), unet_cfg).await?;
+        let vae_w = single_file::vae_weights(src, files.clone(), &vae_cfg)?;
+        let vae = AutoencoderKL::load(&vae_w.at(gpu, dtype, ""), vae_cfg, opts.vae_encoder).await?;
+        let name = file.rsplit('/').next().unwrap_or(file).to_string();
+        Ok(Self { name, tokenizer, text_encoder, unet, vae, scheduler_config, dtype })
+    }
+}

@@ -1,0 +1,8 @@
+//! Pipelines: models + schedulers + seeds, as diffusers' pipelines.
+
+pub mod loading;
+pub mod single_file;
+pub mod stable_diffusion;
+
+pub use loading::{LoadOptions, StableDiffusionModel};
+pub use stable_diffusion::{Images, StageTimes, Txt2ImgParams};

@@ -1,0 +1,222 @@
+//! Text-to-image with Stable Diffusion 1.x / 2.x, step for step as diffusers'
+//! `StableDiffusionPipeline.__call__`, so a seed gives diffusers' image.
+
+use super::loading::StableDiffusionModel;
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Tensor};
+use crate::rng::TorchGenerator;
+use crate::schedulers::{self, Scheduler, SchedulerKind};
+
+/// Generation settings (diffusers' `__call__` arguments).
+#[derive(Clone, Debug)]
+pub struct Txt2ImgParams {
+    pub prompt: String,
+    /// `None` means the empty prompt, as diffusers.
+    pub negative_prompt: Option<String>,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance_scale: f32,
+    pub guidance_rescale: f32,
+    pub width: usize,
+    pub height: usize,
+    /// `None`: the model's own scheduler.
+    pub scheduler: Option<SchedulerKind>,
+    /// DDIM's eta (ignored by other schedulers, as diffusers).
+    pub eta: f32,
+    /// Layers skipped at the end of the text encoder, counted as diffusers (1 = penultimate).
+    pub clip_skip: usize,
+    pub batch: usize,
+}
+
+impl Default for Txt2ImgParams {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(), negative_prompt: None, seed: 0, steps: 50, guidance_scale: 7.5, guidance_rescale: 0.0,
+            width: 512, height: 512, scheduler: None, eta: 0.0, clip_skip: 0, batch: 1,
+        }
+    }
+}
+
+/// Images as diffusers' `output_type="np"`: `[batch, height, width, 3]` in [0, 1].
+#[derive(Clone, Debug)]
+pub struct Images {
+    pub batch: usize,
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<f32>,
+}
+
+impl Images {
+    /// 8-bit RGB of image `i`, rounded as diffusers' `numpy_to_pil`.
+    pub fn rgb8(&self, i: usize) -> Vec<u8> {
+        let n = self.width * self.height * 3;
+        self.data[i * n..(i + 1) * n].iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect()
+    }
+}
+
+/// Where the time went.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StageTimes {
+    pub text_encoder_ms: f64,
+    pub unet_steps_ms: Vec<f64>,
+    pub vae_decode_ms: f64,
+}
+
+/// Progress reported after every denoising step: (steps done, total).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+
+impl StableDiffusionModel {
+    /// The scheduler `kind` (default: the model's own, exactly as configured), built from the
+    /// model's scheduler config after the fix-ups `StableDiffusionPipeline.__init__` applies
+    /// (`steps_offset` 1, `clip_sample` off).
+    pub fn scheduler(&self, kind: Option<SchedulerKind>) -> Result<Box<dyn Scheduler>> {
+        let mut cfg = self.scheduler_config.clone();
+        if let Some(obj) = cfg.as_object_mut() {
+            if obj.get("steps_offset").and_then(|v| v.as_i64()).is_some_and(|v| v != 1) {
+                obj.insert("steps_offset".into(), 1.into());
+            }
+            obj.insert("clip_sample".into(), false.into());
+        }
+        match kind {
+            Some(k) => schedulers::build(k, &cfg),
+            None => schedulers::build_default(&cfg),
+        }
+    }
+
+    /// Text embeddings `[n, 77, D]` for `prompts`, with `clip_skip`.
+    pub fn encode_text(&self, gpu: &Gpu, prompts: &[&str], clip_skip: usize) -> Result<Tensor> {
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| self.tokenizer.encode(p)).collect();
+        self.text_encoder.forward(gpu, &ids, clip_skip)
+    }
+
+    /// Checks sizes and counts before any work starts.
+    pub fn validate(&self, p: &Txt2ImgParams) -> Result<()> {
+        let f = self.vae.config.scale_factor() * self.unet.config.downsample_factor();
+        if p.width == 0 || p.height == 0 || p.width % 8 != 0 || p.height % 8 != 0 {
+            return Err(Error::Input(format!("width and height must be positive multiples of 8, got {}x{}", p.width, p.height)));
+        }
+        if p.width % f != 0 || p.height % f != 0 {
+            return Err(Error::Input(format!("this model needs width and height divisible by {f}, got {}x{}", p.width, p.height)));
+        }
+        if p.width.max(p.height) > 4096 {
+            return Err(Error::Input(format!("{}x{} is larger than the 4096-pixel limit", p.width, p.height)));
+        }
+        if p.steps == 0 || p.steps > 1000 {
+            return Err(Error::Input(format!("steps must be between 1 and 1000, got {}", p.steps)));
+        }
+        if p.batch == 0 || p.batch > 64 {
+            return Err(Error::Input(format!("batch must be between 1 and 64, got {}", p.batch)));
+        }
+        if !p.guidance_scale.is_finite() || !p.guidance_rescale.is_finite() || !p.eta.is_finite() {
+            return Err(Error::Input("guidance, guidance rescale and eta must be finite numbers".into()));
+        }
+        if p.clip_skip >= self.text_encoder.config.num_hidden_layers {
+            return Err(Error::Input(format!("clip skip must be less than {}, got {}", self.text_encoder.config.num_hidden_layers, p.clip_skip)));
+        }
+        Ok(())
+    }
+
+    /// Generates `params.batch` images; `now_ms` times stages, `progress` sees every step.
+    pub async fn txt2img(&self, gpu: &Gpu, p: &Txt2ImgParams, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Images, StageTimes)> {
+        self.validate(p)?;
+        let mut times = StageTimes::default();
+        let mut scheduler = self.scheduler(p.scheduler)?;
+        scheduler.set_timesteps(p.steps)?;
+        if p.eta != 0.0 {
+            scheduler.set_eta(p.eta);
+        }
+        let cfg = p.guidance_scale > 1.0;
+        let b = p.batch;
+
+        // Text: diffusers applies clip_skip to the prompt only; the negative prompt always uses
+        // the last layer.
+        let t0 = now_ms();
+        let cond = self.encode_text(gpu, &[p.prompt.as_str()], p.clip_skip)?;
+        let (l, d) = (cond.dim(1), cond.dim(2));
+        let cond_rows = gpu.read(&cond).await?;
+        let mut context = Vec::with_capacity(2 * b * l * d);
+        if cfg {
+            let neg = self.encode_text(gpu, &[p.negative_prompt.as_deref().unwrap_or("")], 0)?;
+            let neg_rows = gpu.read(&neg).await?;
+            for _ in 0..b {
+                context.extend_from_slice(&neg_rows);
+            }
+        }
+        for _ in 0..b {
+            context.extend_from_slice(&cond_rows);
+        }
+        let rows = if cfg { 2 * b } else { b };
+        let context = gpu.upload(&[rows, l, d], self.dtype, &context)?;
+        times.text_encoder_ms = now_ms() - t0;
+
+        // Latents: randn on the torch CPU generator, scaled by the scheduler's initial sigma.
+        let (c, h, w) = (self.unet.config.in_channels, p.height / self.vae.config.scale_factor(), p.width / self.vae.config.scale_factor());
+        let mut generator = TorchGenerator::new(p.seed);
+        let sigma = scheduler.init_noise_sigma();
+        let mut latents: Vec<f32> = generator.randn(b * c * h * w).into_iter().map(|v| v * sigma).collect();
+
+        let steps = scheduler.timesteps().len();
+        for i in 0..steps {
+            let t_start = now_ms();
+            let t = scheduler.timesteps()[i];
+            let scaled = scheduler.scale_model_input(&latents, i);
+            let input = if cfg { [scaled.as_slice(), scaled.as_slice()].concat() } else { scaled };
+            let x = gpu.upload(&[rows, c, h, w], self.dtype, &input)?;
+            let out = self.unet.forward(gpu, &x, t, &context)?;
+            let out = gpu.read(&out).await?;
+            let noise = if cfg { guide(&out, p.guidance_scale, p.guidance_rescale, b) } else { out };
+            latents = scheduler.step(&noise, i, &latents, &mut generator)?;
+            times.unet_steps_ms.push(now_ms() - t_start);
+            progress(i + 1, steps);
+        }
+
+        let t0 = now_ms();
+        let inv = 1.0 / self.vae.config.scaling_factor;
+        let z: Vec<f32> = latents.iter().map(|v| v * inv).collect();
+        let z = gpu.upload(&[b, c, h, w], self.dtype, &z)?;
+        let image = self.vae.decode(gpu, &z)?;
+        let pixels = gpu.read(&image).await?;
+        times.vae_decode_ms = now_ms() - t0;
+        Ok((to_hwc01(&pixels, b, p.height, p.width), times))
+    }
+}
+
+/// Classifier-free guidance on `[uncond; cond]` predictions, then diffusers' `rescale_noise_cfg`
+/// (Lin et al. 2023, section 3.4) when `rescale > 0`.
+pub fn guide(out: &[f32], scale: f32, rescale: f32, batch: usize) -> Vec<f32> {
+    let half = out.len() / 2;
+    let (uncond, text) = out.split_at(half);
+    let mut g: Vec<f32> = uncond.iter().zip(text).map(|(&u, &t)| u + scale * (t - u)).collect();
+    if rescale > 0.0 {
+        let per = half / batch.max(1);
+        for (gb, tb) in g.chunks_mut(per).zip(text.chunks(per)) {
+            let (std_text, std_cfg) = (std_unbiased(tb), std_unbiased(gb));
+            let factor = std_text / std_cfg;
+            for v in gb.iter_mut() {
+                let rescaled = *v * factor;
+                *v = rescale * rescaled + (1.0 - rescale) * *v;
+            }
+        }
+    }
+    g
+}
+
+fn std_unbiased(x: &[f32]) -> f32 {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    var.sqrt() as f32
+}
+
+/// `[B, 3, H, W]` in [-1, 1] to `[B, H, W, 3]` in [0, 1] (diffusers' postprocess).
+pub fn to_hwc01(x: &[f32], b: usize, h: usize, w: usize) -> Images {
+    let mut data = vec![0f32; b * h * w * 3];
+    for i in 0..b {
+        for c in 0..3 {
+            for p in 0..h * w {
+                data[(i * h * w + p) * 3 + c] = (x[(i * 3 + c) * h * w + p] / 2.0 + 0.5).clamp(0.0, 1.0);
+            }
+        }
+    }
+    Images { batch: b, width: w, height: h, data }
+}
