@@ -1,0 +1,286 @@
+//! `ldm generate` end to end: PNG pixels and metadata, batches, models over HTTP, and a clear
+//! one-line error (never a panic) for every kind of bad input.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{fixtures, reference};
+
+fn ldm(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ldm")).args(args).env("XDG_RUNTIME_DIR", "/tmp").output().expect("ldm runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ldm-cli-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let p = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &p);
+        } else {
+            std::fs::copy(e.path(), p).expect("copy");
+        }
+    }
+}
+
+/// Decodes an RGB PNG and returns (pixels, text chunks).
+fn read_png(path: &Path) -> (Vec<u8>, u32, u32, Vec<(String, String)>) {
+    let dec = png::Decoder::new(BufReader::new(std::fs::File::open(path).expect("png exists")));
+    let mut r = dec.read_info().expect("png header");
+    let mut buf = vec![0; r.output_buffer_size().expect("size")];
+    let info = r.next_frame(&mut buf).expect("png data");
+    buf.truncate(info.buffer_size());
+    let meta = r.info();
+    let mut texts: Vec<(String, String)> = meta.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    texts.extend(meta.utf8_text.iter().map(|t| (t.keyword.clone(), t.get_text().unwrap_or_default())));
+    (buf, info.width, info.height, texts)
+}
+
+const CASE0: &[&str] = &["--prompt", "a photo of an astronaut riding a horse on mars", "--seed", "0", "--steps", "5", "--guidance", "7.5", "--width", "64", "--height", "64"];
+
+/// Pipeline case 0 through the CLI: pixels within 2/255 of diffusers (after 8-bit rounding) and
+/// A1111-style parameters.
+#[test]
+fn generate_writes_diffusers_pixels_and_parameters() {
+    let dir = tmp("generate");
+    let out = dir.join("img.png");
+    let model = fixtures().join("sd1");
+    let mut args = vec!["generate", "--model", model.to_str().expect("utf-8"), "--out", out.to_str().expect("utf-8")];
+    args.extend_from_slice(CASE0);
+    let (ok, stdout, stderr) = ldm(&args);
+    assert!(ok, "ldm failed: {stderr}");
+    assert!(stdout.contains("img.png"), "{stdout}");
+    let (px, w, h, texts) = read_png(&out);
+    assert_eq!((w, h), (64, 64));
+    let want = &reference("pipeline_0.safetensors")["image"].1;
+    let worst = px.iter().zip(want).map(|(&p, &r)| (p as f32 - (r * 255.0).round()).abs()).fold(0.0, f32::max);
+    println!("CLI image vs diffusers: max {worst}/255");
+    assert!(worst <= 2.0, "pixels differ by {worst}/255");
+    let params = texts.iter().find(|(k, _)| k == "parameters").map(|(_, v)| v.clone()).expect("parameters chunk");
+    assert_eq!(params, "a photo of an astronaut riding a horse on mars\nSteps: 5, Sampler: PLMS, CFG scale: 7.5, Seed: 0, Size: 64x64, Model: sd1");
+}
+
+/// `--batch` with `{n}`, a negative prompt, a non-default scheduler and a unicode prompt (iTXt).
+#[test]
+fn generate_batch_names_and_unicode_parameters() {
+    let dir = tmp("batch");
+    let pattern = dir.join("b-{n}.png");
+    let model = fixtures().join("sd2");
+    let (ok, _, stderr) = ldm(&[
+        "generate", "--model", model.to_str().expect("utf-8"), "--prompt", "東京 🚀 at night", "--negative-prompt", "blurry",
+        "--steps", "2", "--width", "64", "--height", "32", "--batch", "2", "--scheduler", "euler-a", "--seed", "18446744073709551615",
+        "--clip-skip", "1", "--out", pattern.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "ldm failed: {stderr}");
+    for i in 0..2 {
+        let (_, w, h, texts) = read_png(&dir.join(format!("b-{i}.png")));
+        assert_eq!((w, h), (64, 32));
+        let params = &texts.iter().find(|(k, _)| k == "parameters").expect("parameters").1;
+        assert!(params.starts_with("東京 🚀 at night\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 18446744073709551615, Size: 64x32, Model: sd2"), "{params}");
+        assert!(params.ends_with(&format!("Clip skip: 2, Batch size: 2, Batch pos: {i}")), "{params}");
+    }
+}
+
+/// A static file server with HEAD and Range support, as a CDN would serve a model folder.
+fn serve(root: PathBuf) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let root = root.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut stream = stream;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut parts = line.split_whitespace();
+                    let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("/").to_string());
+                    let mut range = None;
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                            let (a, b) = v.trim().split_once('-').unwrap_or(("0", ""));
+                            range = Some((a.parse::<u64>().unwrap_or(0), b.parse::<u64>().ok()));
+                        }
+                    }
+                    let file = root.join(path.trim_start_matches('/'));
+                    let resp = match std::fs::read(&file) {
+                        Err(_) => b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_vec(),
+                        Ok(data) => {
+                            let (status, body) = match range {
+                                Some((a, b)) => {
+                                    let end = b.map_or(data.len() as u64, |b| b + 1).min(data.len() as u64);
+                                    ("206 Partial Content", data[a as usize..end as usize].to_vec())
+                                }
+                                None => ("200 OK", data),
+                            };
+                            let mut r = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\naccept-ranges: bytes\r\n\r\n", body.len()).into_bytes();
+                            if method != "HEAD" {
+                                r.extend_from_slice(&body);
+                            }
+                            r
+                        }
+                    };
+                    if stream.write_all(&resp).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// `--model http://…/` reads the folder with range requests and gives the same image.
+#[test]
+fn generate_from_http_model() {
+    let port = serve(fixtures().join("sd1"));
+    let dir = tmp("http");
+    let out = dir.join("http.png");
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut args = vec!["generate", "--model", url.as_str(), "--out", out.to_str().expect("utf-8")];
+    args.extend_from_slice(CASE0);
+    let (ok, _, stderr) = ldm(&args);
+    assert!(ok, "ldm over HTTP failed: {stderr}");
+    let (px, ..) = read_png(&out);
+    let want = &reference("pipeline_0.safetensors")["image"].1;
+    let worst = px.iter().zip(want).map(|(&p, &r)| (p as f32 - (r * 255.0).round()).abs()).fold(0.0, f32::max);
+    assert!(worst <= 2.0, "HTTP image differs by {worst}/255");
+    let missing = format!("http://127.0.0.1:{port}/nothing-here/");
+    let (ok, _, stderr) = ldm(&["generate", "--model", missing.as_str(), "--steps", "1"]);
+    assert!(!ok && stderr.contains("model_index.json"), "{stderr}");
+}
+
+/// Writes a safetensors file from a header JSON and data size.
+fn safetensors(path: &Path, header: &str, data: usize) {
+    let mut f = std::fs::File::create(path).expect("create");
+    f.write_all(&(header.len() as u64).to_le_bytes()).expect("write");
+    f.write_all(header.as_bytes()).expect("write");
+    f.write_all(&vec![0u8; data]).expect("write");
+}
+
+/// Every malformed model and every bad setting: non-zero exit, one line on stderr starting with
+/// `ldm:`, no panic.
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let root = tmp("bad");
+    let sd1 = fixtures().join("sd1");
+    let unet_file = "unet/diffusion_pytorch_model.safetensors";
+    let variant = |name: &str, edit: &dyn Fn(&Path)| -> String {
+        let d = root.join(name);
+        copy_dir(&sd1, &d);
+        edit(&d);
+        d.to_string_lossy().into_owned()
+    };
+    let mut cases: Vec<(String, Vec<String>, &str)> = Vec::new();
+    let m = |s: &str| s.to_string();
+    let good = sd1.to_string_lossy().into_owned();
+    let with = |model: String, extra: &[&str], expect: &'static str| (model, extra.iter().map(|s| s.to_string()).collect::<Vec<_>>(), expect);
+    cases.push(with(m("/nonexistent/model"), &[], "cannot open model"));
+    cases.push(with(fixtures().join("ref").to_string_lossy().into_owned(), &[], "model_index.json"));
+    cases.push(with(variant("no-unet-config", &|d| std::fs::remove_file(d.join("unet/config.json")).expect("rm")), &[], "unet/config.json is missing"));
+    cases.push(with(variant("bad-config", &|d| std::fs::write(d.join("unet/config.json"), "{ not json").expect("w")), &[], "config.json is not valid"));
+    cases.push(with(variant("wrong-config-type", &|d| std::fs::write(d.join("unet/config.json"), r#"{"block_out_channels": "many"}"#).expect("w")), &[], "config.json is not valid"));
+    cases.push(with(
+        variant("shape-mismatch", &|d| {
+            let p = d.join("unet/config.json");
+            let s = std::fs::read_to_string(&p).expect("r").replace("\"cross_attention_dim\": 32", "\"cross_attention_dim\": 48");
+            std::fs::write(p, s).expect("w");
+        }),
+        &[],
+        "does config.json belong to these weights",
+    ));
+    cases.push(with(variant("header-json", &|d| safetensors(&d.join(unet_file), "{\"a\": nope}", 0)), &[], "not JSON"));
+    cases.push(with(variant("header-range", &|d| safetensors(&d.join(unet_file), r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8)), &[], "outside"));
+    cases.push(with(
+        variant("header-overlap", &|d| safetensors(&d.join(unet_file), r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, 12)),
+        &[],
+        "overlap",
+    ));
+    cases.push(with(variant("header-dtype", &|d| safetensors(&d.join(unet_file), r#"{"a":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}"#, 8)), &[], "does not read"));
+    cases.push(with(
+        variant("truncated", &|d| {
+            let p = d.join(unet_file);
+            let data = std::fs::read(&p).expect("r");
+            std::fs::write(&p, &data[..data.len() / 2]).expect("w");
+        }),
+        &[],
+        "truncated",
+    ));
+    cases.push(with(variant("tiny-file", &|d| std::fs::write(d.join(unet_file), b"abc").expect("w")), &[], "too short"));
+    cases.push(with(
+        variant("pickle", &|d| {
+            std::fs::remove_file(d.join(unet_file)).expect("rm");
+            std::fs::write(d.join("unet/diffusion_pytorch_model.bin"), b"pickle").expect("w");
+        }),
+        &[],
+        "pickle",
+    ));
+    let ckpt = root.join("model.ckpt");
+    std::fs::write(&ckpt, b"PK").expect("w");
+    cases.push(with(ckpt.to_string_lossy().into_owned(), &[], "pickle"));
+    let not_sd = root.join("lora.safetensors");
+    safetensors(&not_sd, r#"{"lora_unet_down.alpha":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 4);
+    cases.push(with(not_sd.to_string_lossy().into_owned(), &[], "not a Stable Diffusion checkpoint"));
+    cases.push(with(good.clone(), &["--width", "65"], "multiples of 8"));
+    cases.push(with(good.clone(), &["--height", "0"], "multiples of 8"));
+    cases.push(with(good.clone(), &["--width", "40"], "divisible by 32"));
+    cases.push(with(good.clone(), &["--steps", "0"], "steps must be"));
+    cases.push(with(good.clone(), &["--batch", "0"], "batch must be"));
+    cases.push(with(good.clone(), &["--scheduler", "karras-magic"], "euler-a"));
+    cases.push(with(good.clone(), &["--clip-skip", "3"], "clip skip"));
+    cases.push(with(good.clone(), &["--guidance", "NaN"], "finite"));
+    let mut failures = Vec::new();
+    for (model, extra, expect) in &cases {
+        let out = root.join("never.png");
+        let mut args = vec!["generate", "--model", model.as_str(), "--out", out.to_str().expect("utf-8")];
+        for (flag, default) in [("--steps", "1"), ("--width", "64"), ("--height", "64")] {
+            if !extra.iter().any(|e| e == flag) {
+                args.extend([flag, default]);
+            }
+        }
+        args.extend(extra.iter().map(String::as_str));
+        let (ok, _, stderr) = ldm(&args);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        let good_error = !ok && lines.len() == 1 && lines[0].starts_with("ldm: ") && stderr.contains(expect) && !stderr.contains("panicked");
+        println!("{:<60} {extra:?}: {}", model.rsplit('/').next().unwrap_or(model), stderr.trim());
+        if !good_error {
+            failures.push(format!("{model} {extra:?}: ok={ok}, stderr={stderr:?}, expected one 'ldm: ' line mentioning {expect:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Prompts of any length and content are accepted (truncated to 77 tokens as diffusers).
+#[test]
+fn any_prompt_is_accepted() {
+    let dir = tmp("prompts");
+    let model = fixtures().join("sd1");
+    let long = "a very long prompt ".repeat(500);
+    for (i, prompt) in ["", long.as_str(), "\u{7}control\tchars\r\n\u{1b}[31m", "<|endoftext|><|startoftext|>!!!", "👩‍🚀🏳️‍🌈 ÆØÅ ǅ ﬁ ٣ 𝔘𝔫𝔦"].iter().enumerate() {
+        let out = dir.join(format!("p{i}.png"));
+        let (ok, _, stderr) = ldm(&["generate", "--model", model.to_str().expect("utf-8"), "--prompt", prompt, "--negative-prompt", prompt, "--steps", "1", "--width", "32", "--height", "32", "--out", out.to_str().expect("utf-8")]);
+        assert!(ok, "prompt {i} failed: {stderr}");
+        let mut f = std::fs::File::open(&out).expect("png");
+        let mut magic = [0u8; 8];
+        f.read_exact(&mut magic).expect("read");
+        assert_eq!(&magic[1..4], b"PNG");
+    }
+}
