@@ -46,6 +46,13 @@
 //!    missing from the vocabulary become the unknown token, each on its own);
 //! 5. `<|startoftext|>` + ids + `<|endoftext|>`, the ids cut to `model_max_length - 2`, then
 //!    padded with the pad token up to `model_max_length`.
+//!
+//! # Checkpoints without tokenizer files
+//!
+//! Single-file checkpoints carry no tokenizer. SD 1.x and 2.x both use OpenAI CLIP's vocabulary,
+//! which [`ClipTokenizer::from_clip_bpe`] builds from CLIP's BPE file (kept, gzipped, as
+//! `assets/clip/bpe_simple_vocab_16e6.txt.gz`; the library does not embed it), with the padding
+//! of [`ClipPad`] and the configuration of the diffusers repositories.
 
 use std::collections::{BinaryHeap, HashMap};
 
@@ -184,6 +191,57 @@ fn de_max_length<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<
         })
 }
 
+/// The padding of a built-in CLIP tokenizer ([`ClipTokenizer::from_clip_bpe`]): the one way the
+/// tokenizers of Stable Diffusion 1.x and 2.x differ, as both use OpenAI CLIP's vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClipPad {
+    /// SD 1.x (OpenAI CLIP ViT-L/14): pads with `<|endoftext|>` (id 49407).
+    EndOfText,
+    /// SD 2.x (OpenCLIP ViT-H/14): `pad_token` is `!` (id 0). Being a special token, it also
+    /// makes every `!` of a prompt the token `!` (0) instead of BPE's `!</w>` (256) and such.
+    Exclamation,
+}
+
+impl ClipPad {
+    /// The `tokenizer/tokenizer_config.json` of the diffusers repositories of SD 1.x
+    /// (`stable-diffusion-v1-5/stable-diffusion-v1-5`) or 2.x (`stabilityai/stable-diffusion-2-1`,
+    /// `-2-1-base`): `model_max_length` 77, `bos_token`, `eos_token` and `unk_token` as
+    /// `AddedToken`s with `normalized: true`, and `pad_token` the plain string `<|endoftext|>` or
+    /// `!`. The flags matter when a prompt contains the special tokens' texts: with SD 1.x the
+    /// later plain `pad_token` makes `<|endoftext|>` match only as written, while
+    /// `<|startoftext|>` also matches in other cases (`<|StartOfText|>`); with SD 2.x both match
+    /// in any case.
+    pub fn tokenizer_config(self) -> TokenizerConfig {
+        let added = |content: &str| {
+            Some(TokenSpec::Added(AddedTokenSpec {
+                content: content.to_string(),
+                single_word: false,
+                lstrip: false,
+                rstrip: false,
+                normalized: Some(true),
+                special: None,
+            }))
+        };
+        TokenizerConfig {
+            model_max_length: 77,
+            bos_token: added(CLIP_START),
+            eos_token: added(CLIP_END),
+            unk_token: added(CLIP_END),
+            pad_token: Some(match self {
+                ClipPad::EndOfText => CLIP_END.into(),
+                ClipPad::Exclamation => "!".into(),
+            }),
+            do_lower_case: Some(true),
+            ..TokenizerConfig::default()
+        }
+    }
+}
+
+const CLIP_START: &str = "<|startoftext|>";
+const CLIP_END: &str = "<|endoftext|>";
+/// The merges of OpenAI CLIP's vocabulary: `49152 - 256 - 2`, the first ones of its BPE file.
+const CLIP_MERGES: usize = 49152 - 256 - 2;
+
 /// An added token as the tokenizer matches it.
 #[derive(Debug, Clone)]
 struct AddedToken {
@@ -295,6 +353,53 @@ impl ClipTokenizer {
             merges.push((a, b));
         }
         Self::build(file.model.vocab, merges, file.added_tokens, config)
+    }
+
+    /// Builds OpenAI CLIP's tokenizer, the one of SD 1.x and 2.x, from the text of CLIP's BPE
+    /// file `bpe_simple_vocab_16e6.txt` (decompressed; the repository keeps it, gzipped, as
+    /// `assets/clip/bpe_simple_vocab_16e6.txt.gz`), for checkpoints that carry no tokenizer.
+    ///
+    /// The vocabulary is built as OpenAI's `simple_tokenizer.py` builds it, which is also
+    /// `openai/clip-vit-large-patch14`'s `vocab.json` and `merges.txt`: the merges are lines 1 to
+    /// 48,894 of the file (line 0 is a version line; later lines are unused); the tokens are
+    /// GPT-2's 256 byte characters (in `bytes_to_unicode` order), the same with `</w>`, each
+    /// merge's two parts joined, then `<|startoftext|>` and `<|endoftext|>`: 49,408 ids. The
+    /// configuration is [`ClipPad::tokenizer_config`]'s. Takes well under 0.1 s natively
+    /// (release build).
+    pub fn from_clip_bpe(bpe_text: &str, pad: ClipPad) -> Result<Self> {
+        let bad = |what: String| {
+            Error::Model(format!(
+                "CLIP BPE file: {what}; expected the text of OpenAI CLIP's bpe_simple_vocab_16e6.txt \
+                 (gunzipped)"
+            ))
+        };
+        let mut merges = Vec::with_capacity(CLIP_MERGES);
+        for (n, line) in bpe_text.split('\n').enumerate().skip(1).take(CLIP_MERGES) {
+            // Python's `str.split()`, as simple_tokenizer.py splits a merge line.
+            let mut parts = line.split_whitespace();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
+                _ => return Err(bad(format!("line {} is not two tokens: {line:?}", n + 1))),
+            }
+        }
+        if merges.len() < CLIP_MERGES {
+            return Err(bad(format!("{} merge lines, CLIP uses {CLIP_MERGES}", merges.len())));
+        }
+        // `bytes_to_unicode`'s order is the characters' code point order.
+        let mut alphabet = byte_alphabet();
+        alphabet.sort_unstable();
+        let mut tokens: Vec<String> = Vec::with_capacity(2 * 256 + CLIP_MERGES + 2);
+        tokens.extend(alphabet.iter().map(|c| c.to_string()));
+        tokens.extend(alphabet.iter().map(|c| format!("{c}</w>")));
+        tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
+        tokens.extend([CLIP_START.to_string(), CLIP_END.to_string()]);
+        let count = tokens.len();
+        let vocab: HashMap<String, u32> =
+            tokens.into_iter().enumerate().map(|(id, t)| (t, id as u32)).collect();
+        if vocab.len() != count {
+            return Err(bad(format!("{} of its {count} tokens are repeats", count - vocab.len())));
+        }
+        Self::build(vocab, merges, Vec::new(), pad.tokenizer_config())
     }
 
     fn build(
@@ -976,5 +1081,74 @@ mod tests {
         for p in ["hello cat", "CAT's hello!!", ""] {
             assert_eq!(a.encode(p), b.encode(p));
         }
+    }
+
+    /// OpenAI CLIP's vocabulary from `assets/clip/bpe_simple_vocab_16e6.txt.gz`. The ids are
+    /// transformers 5.24.0's `CLIPTokenizer` (tokenizers 0.23.3), loaded from a `vocab.json` and
+    /// `merges.txt` written from the same file as simple_tokenizer.py reads it, with the
+    /// `tokenizer_config.json` of SD 1.5 and of SD 2.1.
+    #[test]
+    fn clip_bpe_matches_transformers() {
+        use std::io::Read;
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/clip/bpe_simple_vocab_16e6.txt.gz");
+        let gz = std::fs::read(path).expect(path);
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut text).expect("gunzip");
+        let sd1 = ClipTokenizer::from_clip_bpe(&text, ClipPad::EndOfText).expect("SD 1.x tokenizer");
+        let sd2 = ClipTokenizer::from_clip_bpe(&text, ClipPad::Exclamation).expect("SD 2.x tokenizer");
+        let info = |t: &ClipTokenizer| (t.vocab_size(), t.bos_id(), t.eos_id(), t.pad_id(), t.max_length());
+        assert_eq!(info(&sd1), (49408, 49406, 49407, 49407, 77));
+        assert_eq!(info(&sd2), (49408, 49406, 49407, 0, 77));
+        let padded = |ids: &[u32], pad: u32| {
+            let mut v = ids.to_vec();
+            v.resize(77, pad);
+            v
+        };
+        let astronaut = [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 49407];
+        let prompt = "a photo of an astronaut riding a horse on mars";
+        assert_eq!(sd1.encode(prompt), padded(&astronaut, 49407));
+        assert_eq!(sd2.encode(prompt), padded(&astronaut, 0));
+        // (prompt, SD 1.x ids, SD 2.x ids where they differ)
+        type Case = (&'static str, &'static [u32], Option<&'static [u32]>);
+        let cases: &[Case] = &[
+            ("Hello, World!", &[49406, 3306, 267, 1002, 256, 49407], Some(&[49406, 3306, 267, 1002, 0, 49407])),
+            ("wow!!! really?! yes!?", &[49406, 2781, 995, 1414, 2835, 1958, 6004, 49407], Some(&[49406, 2781, 0, 0, 0, 1414, 286, 0, 1958, 0, 286, 49407])),
+            ("It's a dog's life; they're here, we've gone, I'm sure you'll see, he'd say", &[49406, 585, 568, 320, 1929, 568, 970, 282, 889, 982, 763, 267, 649, 1200, 3601, 267, 328, 880, 1650, 592, 1342, 862, 267, 797, 1896, 1451, 49407], None),
+            ("3.14159 2,000,000 1e-5 0x1F -42 +7 100% $99.99 #1", &[49406, 274, 269, 272, 275, 272, 276, 280, 273, 267, 271, 271, 271, 267, 271, 271, 271, 272, 324, 268, 276, 271, 343, 272, 325, 268, 275, 273, 266, 278, 272, 271, 271, 260, 259, 280, 280, 269, 280, 280, 258, 272, 49407], None),
+            ("café naïve résumé façade jalapeño Ångström", &[49406, 15304, 1097, 35689, 563, 29106, 7054, 4166, 778, 10067, 1928, 43017, 23176, 10352, 807, 7255, 332, 49407], None),
+            ("Cafe\u{301} e\u{301}le\u{300}ve", &[49406, 15304, 3459, 75, 12138, 563, 49407], None),
+            ("東京の夜景、ネオン、雨", &[49406, 48338, 21078, 105, 21575, 23170, 250, 48132, 363, 45262, 2429, 235, 3909, 103, 26875, 45262, 165, 249, 357, 49407], None),
+            ("😀 😃 😄 a dog 🐶 and a cat 🐱", &[49406, 7334, 8520, 7624, 320, 1929, 10631, 537, 320, 2368, 22979, 49407], None),
+            ("<|StartOfText|> hi", &[49406, 49406, 1883, 49407], None),
+            ("<|ENDOFTEXT|> hi", &[49406, 27, 347, 40786, 4160, 91, 285, 1883, 49407], Some(&[49406, 49407, 1883, 49407])),
+            ("a<|endoftext|>b", &[49406, 320, 49407, 321, 49407], None),
+            ("masterpiece, best quality, 1girl, solo, long hair, looking at viewer, smile, (blue eyes:1.2), [red hair]", &[49406, 12066, 267, 949, 3027, 267, 272, 1611, 267, 5797, 267, 1538, 2225, 267, 1312, 536, 15061, 267, 3490, 267, 263, 1746, 3095, 281, 272, 269, 273, 2361, 314, 736, 2225, 316, 49407], None),
+            ("", &[49406, 49407], None),
+        ];
+        for &(prompt, want1, want2) in cases {
+            let want2 = want2.unwrap_or(want1);
+            assert_eq!(sd1.encode_unpadded(prompt), want1, "SD 1.x: {prompt:?}");
+            assert_eq!(sd2.encode_unpadded(prompt), want2, "SD 2.x: {prompt:?}");
+            assert_eq!(sd1.encode(prompt), padded(want1, 49407), "SD 1.x: {prompt:?}");
+            assert_eq!(sd2.encode(prompt), padded(want2, 0), "SD 2.x: {prompt:?}");
+        }
+        // 90 tokens, cut to 75.
+        let long = "the quick brown fox jumps over the lazy dog ".repeat(10);
+        let full = sd1.encode_unpadded(&long);
+        assert_eq!(full.len(), 92);
+        assert_eq!(&full[..10], &[49406, 518, 3712, 2866, 3240, 18911, 962, 518, 10753, 1929]);
+        for t in [&sd1, &sd2] {
+            let ids = t.encode(&long);
+            assert_eq!((ids.len(), &ids[..76], ids[76]), (77, &full[..76], 49407));
+        }
+
+        // Other texts are refused.
+        let bad = |text: &str| matches!(ClipTokenizer::from_clip_bpe(text, ClipPad::EndOfText), Err(Error::Model(_)));
+        assert!(bad(""));
+        let head: String = text.split_inclusive('\n').take(1000).collect();
+        assert!(bad(&head), "too few merges");
+        assert!(bad(&text.replacen("\ni n\n", "\ni n x\n", 1)), "three parts");
+        assert!(bad(&text.replacen("\nt h\n", "\ni n\n", 1)), "a repeated merge");
+        assert!(!bad(&text.replace('\n', "\r\n")), "CRLF");
     }
 }
