@@ -239,6 +239,8 @@ fn bad_input_gives_one_line_errors() {
     let not_sd = root.join("lora.safetensors");
     safetensors(&not_sd, r#"{"lora_unet_down.alpha":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 4);
     cases.push(with(not_sd.to_string_lossy().into_owned(), &[], "not a Stable Diffusion checkpoint"));
+    // The tiny fixture's group count (8) is not the SD default a bare checkpoint implies (32).
+    cases.push(with(fixtures().join("sd1.safetensors").to_string_lossy().into_owned(), &[], "groups"));
     cases.push(with(good.clone(), &["--width", "65"], "multiples of 8"));
     cases.push(with(good.clone(), &["--height", "0"], "multiples of 8"));
     cases.push(with(good.clone(), &["--width", "40"], "divisible by 32"));

@@ -16,6 +16,9 @@ pub struct LoadOptions {
     pub prefer_fp16: bool,
     /// Activation and weight dtype on the GPU; `None`: f32 (bit-for-bit closest to diffusers).
     pub dtype: Option<DType>,
+    /// CLIP's BPE merges (`bpe_simple_vocab_16e6.txt`, see `assets/clip/`) for single-file
+    /// checkpoints, which carry no tokenizer.
+    pub clip_bpe: Option<String>,
 }
 
 /// The components of a Stable Diffusion 1.x / 2.x text-to-image model.
@@ -98,7 +101,8 @@ impl StableDiffusionModel {
             ),
             None => {
                 let inferred = single_file::infer_configs(&wf.header, &layout)?;
-                let tokenizer = single_file::builtin_tokenizer(&layout)?;
+                let bpe = opts.clip_bpe.as_deref().ok_or_else(|| Error::Model("single-file checkpoints carry no tokenizer and no CLIP vocabulary was given; use a diffusers folder or pass CLIP's BPE file (assets/clip)".into()))?;
+                let tokenizer = single_file::builtin_tokenizer(&layout, bpe)?;
                 (inferred.text_encoder, inferred.unet, inferred.vae, inferred.scheduler, tokenizer)
             }
         };

@@ -9,7 +9,7 @@ use crate::loader::{FileSource, WeightFile, Weights};
 use crate::error::{Error, Result};
 use crate::models::unet_2d_condition::PerBlock;
 use crate::models::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
-use crate::tokenizer::ClipTokenizer;
+use crate::tokenizer::{ClipPad, ClipTokenizer};
 
 const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";
@@ -153,11 +153,14 @@ fn hf_prefix(h: &Header) -> String {
     }
 }
 
-/// The tokenizer for a checkpoint that carries none: CLIP's BPE, which SD 1.x and 2.x share
-/// (they differ in the padding token).
-pub fn builtin_tokenizer(layout: &Layout) -> Result<ClipTokenizer> {
-    let _ = layout;
-    Err(Error::Model("TODO builtin tokenizer".into()))
+/// The tokenizer for a checkpoint that carries none, from CLIP's BPE merges (`bpe_text`), which
+/// SD 1.x and 2.x share; they differ in the padding token.
+pub fn builtin_tokenizer(layout: &Layout, bpe_text: &str) -> Result<ClipTokenizer> {
+    let pad = match layout.text {
+        TextLayout::HfClip => ClipPad::EndOfText,
+        TextLayout::OpenClip => ClipPad::Exclamation,
+    };
+    ClipTokenizer::from_clip_bpe(bpe_text, pad)
 }
 
 /// The text encoder's tensors under transformers' names.

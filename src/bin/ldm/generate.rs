@@ -65,12 +65,25 @@ fn open_model(model: &str) -> Result<(Box<dyn FileSource>, Option<String>)> {
     Ok((Box::new(DirSource::new(parent)), Some(name)))
 }
 
+/// CLIP's BPE merges (open_clip_torch 3.3.0, MIT; see assets/clip), for single-file checkpoints.
+const CLIP_BPE_GZ: &[u8] = include_bytes!("../../../assets/clip/bpe_simple_vocab_16e6.txt.gz");
+
+fn clip_bpe() -> Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(CLIP_BPE_GZ).read_to_string(&mut text).map_err(|e| Error::Io(format!("built-in CLIP vocabulary: {e}")))?;
+    Ok(text)
+}
+
 /// Loads a model from a path or URL.
 pub async fn load_model(gpu: &Gpu, model: &str, opts: &LoadOptions) -> Result<StableDiffusionModel> {
     let (src, single) = open_model(model)?;
     let name = model.trim_end_matches('/').rsplit('/').next().unwrap_or(model).to_string();
     match single {
-        Some(file) => StableDiffusionModel::load_single_file(gpu, src.as_ref(), &file, None, opts).await,
+        Some(file) => {
+            let opts = LoadOptions { clip_bpe: Some(clip_bpe()?), ..opts.clone() };
+            StableDiffusionModel::load_single_file(gpu, src.as_ref(), &file, None, &opts).await
+        }
         None => StableDiffusionModel::load(gpu, src.as_ref(), &name, opts).await,
     }
 }
@@ -174,6 +187,15 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         };
+        // The benchmark reports steady-state speed: a one-step warm-up run first compiles every
+        // pipeline (seconds per generated kernel variant on software Vulkan).
+        let warmup_ms = if bench {
+            let t = now();
+            model.txt2img(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, &now, &mut |_, _| {}).await?;
+            now() - t
+        } else {
+            0.0
+        };
         let (images, times) = model.txt2img(&gpu, &p, &now, &mut progress).await?;
         bar.finish_and_clear();
         if bench {
@@ -182,6 +204,7 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
                 "model": model.name, "adapter": gpu.summary(), "width": p.width, "height": p.height, "steps": p.steps, "batch": p.batch,
                 "scheduler": sampler_name(kind),
                 "load_ms": load_ms,
+                "warmup_ms": warmup_ms,
                 "text_encoder_ms": times.text_encoder_ms,
                 "unet_step_ms": { "mean": steps.iter().sum::<f64>() / steps.len().max(1) as f64, "min": steps.iter().copied().fold(f64::INFINITY, f64::min), "each": steps },
                 "vae_decode_ms": times.vae_decode_ms,
