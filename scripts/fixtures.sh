@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate the test fixtures (tiny random-weight SD1/SD2 models + diffusers reference outputs).
+# Regenerate the test fixtures (tiny random-weight SD1/SD2 models, diffusers reference outputs,
+# scheduler trajectories).
 # Idempotent: creates the Python venv only if it lacks diffusers; re-running reproduces
 # byte-identical files. Venv location: $LDM_VENV (default /work/venv).
 set -euo pipefail
@@ -9,7 +10,10 @@ if ! "$VENV/bin/python" -c "import diffusers, transformers, torch" >/dev/null 2>
   echo "fixtures.sh: creating venv at $VENV" >&2
   bash "$ROOT/scripts/install-cpu-torch.sh" "$VENV"
 fi
+# diffusers' LMS scheduler integrates its coefficients with scipy.
+"$VENV/bin/python" -c "import scipy" >/dev/null 2>&1 || "$VENV/bin/pip" install --no-cache-dir --disable-pip-version-check scipy
 cd "$ROOT"
 # one thread: CPU kernels reduce in a fixed order, so outputs are bit-reproducible
-OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0 \
-  exec "$VENV/bin/python" scripts/make_fixtures.py "$@"
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
+"$VENV/bin/python" scripts/make_fixtures.py "$@"
+"$VENV/bin/python" scripts/scheduler_fixtures.py

@@ -66,7 +66,7 @@ fn pipelines_match_diffusers_images() {
         let (d, _) = common::max_diff(&images.data, &want.1);
         let mean = images.data.iter().zip(&want.1).map(|(a, b)| (a - b).abs()).sum::<f32>() / want.1.len() as f32;
         println!(
-            "case {:>2} {:<16} {:<20} {}x{} batch {} cfg {}: max |diff| {:.2}/255, mean {:.3}/255",
+            "case {:>2} {:<16} {:<20} {}x{} batch {} cfg {}: max |diff| {:.4}/255, mean {:.5}/255",
             c.index, c.model, c.scheduler.as_deref().unwrap_or("(model default)"), c.width, c.height, c.batch, c.guidance, d * 255.0, mean * 255.0
         );
         if d > PIXEL_TOL {

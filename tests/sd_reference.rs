@@ -39,7 +39,7 @@ fn unet_matches_diffusers() {
     }
 }
 
-/// VAE decode and encode (mean, log-variance): 1e-4 relative.
+/// VAE decode and encode (mean, log-variance, a seeded sample): 1e-4 relative.
 #[test]
 fn vae_matches_diffusers() {
     let gpu = gpu();
@@ -56,8 +56,10 @@ fn vae_matches_diffusers() {
         assert_close(&format!("{model} vae decode"), &pollster::block_on(gpu.read(&out)).expect("read"), &r["decoded"].1, 1e-4);
         let (is, i) = &r["image"];
         let dist = pollster::block_on(vae.encode(&gpu, &gpu.upload(is, DType::F32, i).expect("upload"))).expect("encode");
-        assert_close(&format!("{model} vae encode mean"), &pollster::block_on(gpu.read(&dist.mean)).expect("read"), &r["mean"].1, 1e-4);
+        assert_close(&format!("{model} vae encode mean"), dist.mode(), &r["mean"].1, 1e-4);
         assert_close(&format!("{model} vae encode logvar"), &dist.logvar, &r["logvar"].1, 1e-4);
+        let sampled = dist.sample(&mut ldm_web::rng::TorchGenerator::new(7));
+        assert_close(&format!("{model} vae encode sampled (seed 7)"), &sampled, &r["sampled"].1, 1e-4);
     }
 }
 

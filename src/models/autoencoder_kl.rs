@@ -158,12 +158,25 @@ impl Coder {
     }
 }
 
-/// The encoder's Gaussian over latents.
+/// The encoder's diagonal Gaussian over latents (diffusers' `DiagonalGaussianDistribution`).
 pub struct LatentDist {
     /// `[B, latent_channels, h, w]`
-    pub mean: Tensor,
+    pub shape: Vec<usize>,
+    pub mean: Vec<f32>,
     /// Log-variance clamped to [-30, 20], as diffusers.
     pub logvar: Vec<f32>,
+}
+
+impl LatentDist {
+    /// The distribution's mode (its mean): `latent_dist.mode()`.
+    pub fn mode(&self) -> &[f32] {
+        &self.mean
+    }
+    /// `latent_dist.sample(generator)`: mean + exp(logvar / 2) * randn, drawn as diffusers does.
+    pub fn sample(&self, gen: &mut crate::rng::TorchGenerator) -> Vec<f32> {
+        let noise = gen.randn(self.mean.len());
+        self.mean.iter().zip(&self.logvar).zip(noise).map(|((&m, &lv), n)| m + (0.5 * lv).exp() * n).collect()
+    }
 }
 
 /// `AutoencoderKL`.
@@ -263,6 +276,6 @@ impl AutoencoderKL {
             mean.extend_from_slice(&all[i * 2 * plane..i * 2 * plane + plane]);
             logvar.extend(all[i * 2 * plane + plane..(i + 1) * 2 * plane].iter().map(|v| v.clamp(-30.0, 20.0)));
         }
-        Ok(LatentDist { mean: gpu.upload(&[b, z, hh, ww], x.dtype(), &mean)?, logvar })
+        Ok(LatentDist { shape: vec![b, z, hh, ww], mean, logvar })
     }
 }
