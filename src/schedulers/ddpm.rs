@@ -4,7 +4,6 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::ddim::{add_noise_alpha, ddpm_style_timesteps, unreachable_flow};
 use super::Scheduler;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -76,17 +75,13 @@ impl Default for DdpmConfig {
 #[derive(Clone, Debug)]
 pub struct DdpmScheduler {
     config: DdpmConfig,
-    alphas_cumprod: Vec<f32>,
-    timesteps: Vec<i64>,
-    timesteps_f32: Vec<f32>,
+    schedule: AlphaSchedule,
 }
 
 impl DdpmScheduler {
     pub fn new(config: DdpmConfig) -> Result<Self> {
         reject_thresholding(CLASS, config.thresholding)?;
-        if config.prediction_type == PredictionType::FlowPrediction {
-            return Err(Error::Model(format!("{CLASS}: prediction_type flow_prediction is not supported")));
-        }
+        reject_flow_prediction(CLASS, config.prediction_type)?;
         if matches!(
             config.variance_type,
             VarianceType::Learned | VarianceType::LearnedRange | VarianceType::FixedLargeLog
@@ -97,24 +92,9 @@ impl DdpmScheduler {
             )));
         }
         check_offset(CLASS, config.steps_offset, config.num_train_timesteps)?;
-        let betas = make_betas(
-            CLASS,
-            &BetaConfig {
-                num_train_timesteps: config.num_train_timesteps,
-                beta_start: config.beta_start,
-                beta_end: config.beta_end,
-                beta_schedule: config.beta_schedule,
-                trained_betas: config.trained_betas.as_deref(),
-                rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-            },
-            &[BetaSchedule::Sigmoid, BetaSchedule::Laplace],
-        )?;
-        Ok(DdpmScheduler {
-            alphas_cumprod: alphas_cumprod(&betas),
-            config,
-            timesteps: Vec::new(),
-            timesteps_f32: Vec::new(),
-        })
+        let schedule =
+            AlphaSchedule::new(CLASS, &beta_config!(config), &[BetaSchedule::Sigmoid, BetaSchedule::Laplace])?;
+        Ok(DdpmScheduler { config, schedule })
     }
 
     /// `DDPMScheduler.from_config(json, **overrides)`.
@@ -126,38 +106,15 @@ impl DdpmScheduler {
     pub fn config(&self) -> &DdpmConfig {
         &self.config
     }
-
-    fn alpha_at(&self, t: i64) -> Result<f32> {
-        py_index(self.alphas_cumprod.len(), t)
-            .map(|i| self.alphas_cumprod[i])
-            .ok_or_else(|| Error::Input(format!("{CLASS}: timestep {t} is outside the training schedule")))
-    }
 }
 
 impl Scheduler for DdpmScheduler {
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        check_steps(CLASS, n, self.config.num_train_timesteps)?;
-        let ts = ddpm_style_timesteps(
-            self.config.timestep_spacing,
-            self.config.num_train_timesteps,
-            n,
-            self.config.steps_offset,
-        );
-        self.timesteps_f32 = ts.iter().map(|&t| t as f32).collect();
-        self.timesteps = ts;
-        Ok(())
+        self.schedule.set_spaced_timesteps(n, self.config.timestep_spacing, self.config.steps_offset)
     }
 
     fn timesteps(&self) -> &[f32] {
-        &self.timesteps_f32
-    }
-
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &[f32], _index: usize) -> Vec<f32> {
-        sample.to_vec()
+        self.schedule.timesteps_f32()
     }
 
     fn step(
@@ -167,34 +124,18 @@ impl Scheduler for DdpmScheduler {
         sample: &[f32],
         gen: &mut TorchGenerator,
     ) -> Result<Vec<f32>> {
-        if self.timesteps.is_empty() {
-            return Err(not_set(CLASS));
-        }
-        check_len(CLASS, "model_output", model_output.len(), sample.len())?;
-        let t = *self.timesteps.get(index).ok_or_else(|| bad_index(CLASS, index, self.timesteps.len()))?;
-        let prev_t = self.timesteps.get(index + 1).copied().unwrap_or(-1);
-        let a_t = self.alpha_at(t)?;
-        let a_prev = if prev_t >= 0 { self.alpha_at(prev_t)? } else { 1.0 };
+        let t = self.schedule.step_timestep(index, model_output, sample)?;
+        let prev_t = self.schedule.timesteps.get(index + 1).copied().unwrap_or(-1);
+        let a_t = self.schedule.alpha_prod(t)?;
+        let a_prev = self.schedule.alpha_prod_prev(prev_t, 1.0)?;
         let b_t = 1.0 - a_t;
         let b_prev = 1.0 - a_prev;
         let cur_alpha = a_t / a_prev;
         let cur_beta = 1.0 - cur_alpha;
         let n = sample.len();
-        let mut x0: Vec<f32> = match self.config.prediction_type {
-            PredictionType::Epsilon => {
-                let (sa, sb) = (a_t.sqrt(), b_t.sqrt());
-                (0..n).map(|i| (sample[i] - sb * model_output[i]) / sa).collect()
-            }
-            PredictionType::Sample => model_output.to_vec(),
-            PredictionType::VPrediction => {
-                let (sa, sb) = (a_t.sqrt(), b_t.sqrt());
-                (0..n).map(|i| sa * sample[i] - sb * model_output[i]).collect()
-            }
-            PredictionType::FlowPrediction => unreachable_flow()?,
-        };
+        let mut x0 = alpha_pred_original_sample(self.config.prediction_type, a_t, sample, model_output)?;
         if self.config.clip_sample {
-            let r = self.config.clip_sample_range as f32;
-            x0.iter_mut().for_each(|v| *v = v.clamp(-r, r));
+            clip_sample(&mut x0, self.config.clip_sample_range);
         }
         let c_x0 = a_prev.sqrt() * cur_beta / b_t;
         let c_cur = cur_alpha.sqrt() * b_prev / b_t;
@@ -216,15 +157,11 @@ impl Scheduler for DdpmScheduler {
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        add_noise_alpha(&self.alphas_cumprod, &self.timesteps, original, noise, index)
-    }
-
-    fn order(&self) -> usize {
-        1
+        self.schedule.add_noise(original, noise, index)
     }
 
     fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
+        &self.schedule.alphas_cumprod
     }
 
     fn class_name(&self) -> &'static str {

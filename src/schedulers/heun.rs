@@ -5,7 +5,6 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::euler::{beta_cfg, interp_sigmas, k_add_noise, k_init_noise_sigma, k_scale, k_timesteps};
 use super::Scheduler;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -57,10 +56,7 @@ impl Default for HeunConfig {
 pub struct HeunScheduler {
     config: HeunConfig,
     sigma_bounds: (Option<f64>, Option<f64>),
-    alphas_cumprod: Vec<f32>,
-    train_sigmas: Vec<f32>,
-    sigmas: Vec<f32>,
-    timesteps: Vec<f32>,
+    schedule: SigmaSchedule,
     // state between the two halves of a step
     prev_derivative: Option<Vec<f32>>,
     dt: Option<f32>,
@@ -73,48 +69,18 @@ impl HeunScheduler {
     }
 
     fn with_bounds(config: HeunConfig, sigma_bounds: (Option<f64>, Option<f64>)) -> Result<Self> {
-        if config.use_beta_sigmas {
-            return Err(Error::Model(format!("{CLASS}: use_beta_sigmas is not supported")));
-        }
-        if config.use_karras_sigmas && config.use_exponential_sigmas {
-            return Err(Error::Model(format!(
-                "{CLASS}: only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set"
-            )));
-        }
-        if config.prediction_type == PredictionType::FlowPrediction {
-            return Err(Error::Model(format!("{CLASS}: prediction_type flow_prediction is not supported")));
-        }
+        reject_beta_sigmas(CLASS, config.use_beta_sigmas)?;
+        check_sigma_flags(CLASS, config.use_karras_sigmas, config.use_exponential_sigmas, config.use_beta_sigmas)?;
+        reject_flow_prediction(CLASS, config.prediction_type)?;
         check_offset(CLASS, config.steps_offset, config.num_train_timesteps)?;
-        let betas = make_betas(
-            CLASS,
-            &beta_cfg(
-                config.num_train_timesteps,
-                config.beta_start,
-                config.beta_end,
-                config.beta_schedule,
-                config.trained_betas.as_deref(),
-                false,
-            ),
-            &[BetaSchedule::Exp],
-        )?;
-        let ac = alphas_cumprod(&betas);
-        let train_sigmas = train_sigmas(&ac);
-        let mut s = HeunScheduler {
-            config,
-            sigma_bounds,
-            alphas_cumprod: ac,
-            train_sigmas,
-            sigmas: Vec::new(),
-            timesteps: Vec::new(),
-            prev_derivative: None,
-            dt: None,
-            prev_sample: None,
-        };
+        let schedule = SigmaSchedule::new(CLASS, &beta_config!(config, false), &[BetaSchedule::Exp])?;
+        let mut s =
+            HeunScheduler { config, sigma_bounds, schedule, prev_derivative: None, dt: None, prev_sample: None };
         // diffusers' __init__ calls set_timesteps(num_train_timesteps); keep its sigmas for
         // init_noise_sigma, but report no timesteps until the caller sets them.
         let n = s.config.num_train_timesteps;
         s.set_timesteps(n)?;
-        s.timesteps.clear();
+        s.schedule.timesteps.clear();
         Ok(s)
     }
 
@@ -137,18 +103,9 @@ impl Scheduler for HeunScheduler {
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         let c = &self.config;
         check_steps(CLASS, n, c.num_train_timesteps)?;
-        let ts32 = k_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
-        let log_sigmas = log_f32(&self.train_sigmas);
-        let interp = interp_sigmas(&ts32, &self.train_sigmas);
-        let (mut sig64, ts64): (Vec<f64>, Vec<f64>) = if c.use_karras_sigmas || c.use_exponential_sigmas {
-            let lo = self.sigma_bounds.0.unwrap_or(*interp.last().unwrap_or(&0.0));
-            let hi = self.sigma_bounds.1.unwrap_or(*interp.first().unwrap_or(&0.0));
-            let s = if c.use_karras_sigmas { karras_sigmas(lo, hi, n) } else { exponential_sigmas(lo, hi, n) };
-            let t = s.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
-            (s, t)
-        } else {
-            (interp, ts32.iter().map(|&t| t as f64).collect())
-        };
+        let conversion = SigmaConversion::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
+        let (mut sig64, ts64) =
+            self.schedule.k_sigmas(c.timestep_spacing, n, c.steps_offset, conversion, self.sigma_bounds);
         sig64.push(0.0);
         let s32: Vec<f32> = sig64.iter().map(|&v| v as f32).collect();
         // cat(s[:1], s[1:-1].repeat_interleave(2), s[-1:])
@@ -168,8 +125,8 @@ impl Scheduler for HeunScheduler {
             timesteps.push(t as f32);
             timesteps.push(t as f32);
         }
-        self.sigmas = sigmas;
-        self.timesteps = timesteps;
+        self.schedule.sigmas = sigmas;
+        self.schedule.timesteps = timesteps;
         self.prev_derivative = None;
         self.dt = None;
         self.prev_sample = None;
@@ -177,18 +134,15 @@ impl Scheduler for HeunScheduler {
     }
 
     fn timesteps(&self) -> &[f32] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f32 {
-        k_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
+        self.schedule.init_noise_sigma(self.config.timestep_spacing)
     }
 
     fn scale_model_input(&self, sample: &[f32], index: usize) -> Vec<f32> {
-        let Some(&s) = self.sigmas.get(index.min(self.timesteps.len().saturating_sub(1))) else {
-            return sample.to_vec();
-        };
-        k_scale(sample, s)
+        self.schedule.scale_model_input(sample, index)
     }
 
     fn step(
@@ -198,37 +152,19 @@ impl Scheduler for HeunScheduler {
         sample: &[f32],
         _gen: &mut TorchGenerator,
     ) -> Result<Vec<f32>> {
-        if self.timesteps.is_empty() {
-            return Err(not_set(CLASS));
-        }
-        check_len(CLASS, "model_output", model_output.len(), sample.len())?;
-        if index >= self.timesteps.len() || (!self.first_order() && index == 0) {
-            return Err(bad_index(CLASS, index, self.timesteps.len()));
-        }
+        self.schedule.check_step(index, model_output, sample)?;
         let first = self.first_order();
-        let (sigma, sigma_next) = if first {
-            (self.sigmas[index], self.sigmas[index + 1])
-        } else {
-            (self.sigmas[index - 1], self.sigmas[index])
-        };
+        if !first && index == 0 {
+            return Err(bad_index(CLASS, index, self.schedule.timesteps.len()));
+        }
+        let s = &self.schedule.sigmas;
+        let (sigma, sigma_next) = if first { (s[index], s[index + 1]) } else { (s[index - 1], s[index]) };
         let sigma_hat = sigma; // gamma = 0
         let sigma_input = if first { sigma_hat } else { sigma_next };
         let n = sample.len();
-        let mut x0: Vec<f32> = match self.config.prediction_type {
-            PredictionType::Epsilon => (0..n).map(|i| sample[i] - sigma_input * model_output[i]).collect(),
-            PredictionType::VPrediction => {
-                let s2 = sigma_input * sigma_input + 1.0;
-                let c_out = -sigma_input / s2.sqrt();
-                (0..n).map(|i| model_output[i] * c_out + sample[i] / s2).collect()
-            }
-            PredictionType::Sample => model_output.to_vec(),
-            PredictionType::FlowPrediction => {
-                return Err(Error::Model(format!("{CLASS}: prediction_type flow_prediction is not supported")))
-            }
-        };
+        let mut x0 = sigma_pred_original_sample(self.config.prediction_type, sigma_input, sample, model_output)?;
         if self.config.clip_sample {
-            let r = self.config.clip_sample_range as f32;
-            x0.iter_mut().for_each(|v| *v = v.clamp(-r, r));
+            clip_sample(&mut x0, self.config.clip_sample_range);
         }
         if first {
             let derivative: Vec<f32> = (0..n).map(|i| (sample[i] - x0[i]) / sigma_hat).collect();
@@ -241,7 +177,7 @@ impl Scheduler for HeunScheduler {
         } else {
             let (Some(pd), Some(dt), Some(ps)) = (self.prev_derivative.take(), self.dt.take(), self.prev_sample.take())
             else {
-                return Err(bad_index(CLASS, index, self.timesteps.len()));
+                return Err(bad_index(CLASS, index, self.schedule.timesteps.len()));
             };
             if pd.len() != n {
                 return Err(Error::Shape(format!("{CLASS}: the sample size changed within a step")));
@@ -257,7 +193,7 @@ impl Scheduler for HeunScheduler {
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        k_add_noise(&self.sigmas[..self.timesteps.len().min(self.sigmas.len())], original, noise, index)
+        self.schedule.add_noise(original, noise, index)
     }
 
     fn order(&self) -> usize {
@@ -265,15 +201,11 @@ impl Scheduler for HeunScheduler {
     }
 
     fn sigmas(&self) -> &[f32] {
-        if self.timesteps.is_empty() {
-            &[]
-        } else {
-            &self.sigmas
-        }
+        self.schedule.sigmas_if_set()
     }
 
     fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
+        &self.schedule.alphas_cumprod
     }
 
     fn class_name(&self) -> &'static str {

@@ -7,8 +7,6 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::ddim::{add_noise_alpha, unreachable_flow};
-use super::euler::beta_cfg;
 use super::Scheduler;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -67,40 +65,18 @@ impl Default for LcmConfig {
 #[derive(Clone, Debug)]
 pub struct LcmScheduler {
     config: LcmConfig,
-    alphas_cumprod: Vec<f32>,
+    schedule: AlphaSchedule,
     final_alpha_cumprod: f32,
-    timesteps: Vec<i64>,
-    timesteps_f32: Vec<f32>,
 }
 
 impl LcmScheduler {
     pub fn new(config: LcmConfig) -> Result<Self> {
         reject_thresholding(CLASS, config.thresholding)?;
-        if config.prediction_type == PredictionType::FlowPrediction {
-            return Err(Error::Model(format!("{CLASS}: prediction_type flow_prediction is not supported")));
-        }
+        reject_flow_prediction(CLASS, config.prediction_type)?;
         check_offset(CLASS, config.steps_offset, config.num_train_timesteps)?;
-        let betas = make_betas(
-            CLASS,
-            &beta_cfg(
-                config.num_train_timesteps,
-                config.beta_start,
-                config.beta_end,
-                config.beta_schedule,
-                config.trained_betas.as_deref(),
-                config.rescale_betas_zero_snr,
-            ),
-            &[],
-        )?;
-        let ac = alphas_cumprod(&betas);
-        let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { ac[0] };
-        Ok(LcmScheduler {
-            config,
-            alphas_cumprod: ac,
-            final_alpha_cumprod,
-            timesteps: Vec::new(),
-            timesteps_f32: Vec::new(),
-        })
+        let schedule = AlphaSchedule::new(CLASS, &beta_config!(config), &[])?;
+        let final_alpha_cumprod = schedule.final_alpha_cumprod(config.set_alpha_to_one);
+        Ok(LcmScheduler { config, schedule, final_alpha_cumprod })
     }
 
     /// `LCMScheduler.from_config(json, **overrides)`.
@@ -111,12 +87,6 @@ impl LcmScheduler {
     /// The config this scheduler was built with.
     pub fn config(&self) -> &LcmConfig {
         &self.config
-    }
-
-    fn alpha_at(&self, t: i64) -> Result<f32> {
-        py_index(self.alphas_cumprod.len(), t)
-            .map(|i| self.alphas_cumprod[i])
-            .ok_or_else(|| Error::Input(format!("{CLASS}: timestep {t} is outside the training schedule")))
     }
 }
 
@@ -142,21 +112,12 @@ impl Scheduler for LcmScheduler {
             .into_iter()
             .map(|x| origin[(x.floor() as usize).min(origin.len() - 1)])
             .collect();
-        self.timesteps_f32 = ts.iter().map(|&t| t as f32).collect();
-        self.timesteps = ts;
+        self.schedule.set_timesteps(n, ts);
         Ok(())
     }
 
     fn timesteps(&self) -> &[f32] {
-        &self.timesteps_f32
-    }
-
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &[f32], _index: usize) -> Vec<f32> {
-        sample.to_vec()
+        self.schedule.timesteps_f32()
     }
 
     fn step(
@@ -166,16 +127,10 @@ impl Scheduler for LcmScheduler {
         sample: &[f32],
         gen: &mut TorchGenerator,
     ) -> Result<Vec<f32>> {
-        let len = self.timesteps.len();
-        if len == 0 {
-            return Err(not_set(CLASS));
-        }
-        check_len(CLASS, "model_output", model_output.len(), sample.len())?;
-        let t = *self.timesteps.get(index).ok_or_else(|| bad_index(CLASS, index, len))?;
-        let prev_t = self.timesteps.get(index + 1).copied().unwrap_or(t);
-        let a_t = self.alpha_at(t)?;
-        let a_prev = if prev_t >= 0 { self.alpha_at(prev_t)? } else { self.final_alpha_cumprod };
-        let b_t = 1.0 - a_t;
+        let t = self.schedule.step_timestep(index, model_output, sample)?;
+        let prev_t = self.schedule.timesteps.get(index + 1).copied().unwrap_or(t);
+        let a_t = self.schedule.alpha_prod(t)?;
+        let a_prev = self.schedule.alpha_prod_prev(prev_t, self.final_alpha_cumprod)?;
         let b_prev = 1.0 - a_prev;
         // get_scalings_for_boundary_condition_discrete (float32 tensor maths)
         let scaled = t as f32 * self.config.timestep_scaling as f32;
@@ -183,19 +138,12 @@ impl Scheduler for LcmScheduler {
         let c_skip = 0.25 / d;
         let c_out = scaled / d.sqrt();
         let n = sample.len();
-        let (sa, sb) = (a_t.sqrt(), b_t.sqrt());
-        let mut x0: Vec<f32> = match self.config.prediction_type {
-            PredictionType::Epsilon => (0..n).map(|i| (sample[i] - sb * model_output[i]) / sa).collect(),
-            PredictionType::Sample => model_output.to_vec(),
-            PredictionType::VPrediction => (0..n).map(|i| sa * sample[i] - sb * model_output[i]).collect(),
-            PredictionType::FlowPrediction => unreachable_flow()?,
-        };
+        let mut x0 = alpha_pred_original_sample(self.config.prediction_type, a_t, sample, model_output)?;
         if self.config.clip_sample {
-            let r = self.config.clip_sample_range as f32;
-            x0.iter_mut().for_each(|v| *v = v.clamp(-r, r));
+            clip_sample(&mut x0, self.config.clip_sample_range);
         }
         let denoised: Vec<f32> = (0..n).map(|i| c_out * x0[i] + c_skip * sample[i]).collect();
-        if index != len - 1 {
+        if index != self.schedule.timesteps.len() - 1 {
             let noise = gen.randn(n);
             let (sap, sbp) = (a_prev.sqrt(), b_prev.sqrt());
             Ok((0..n).map(|i| sap * denoised[i] + sbp * noise[i]).collect())
@@ -205,15 +153,11 @@ impl Scheduler for LcmScheduler {
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        add_noise_alpha(&self.alphas_cumprod, &self.timesteps, original, noise, index)
-    }
-
-    fn order(&self) -> usize {
-        1
+        self.schedule.add_noise(original, noise, index)
     }
 
     fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
+        &self.schedule.alphas_cumprod
     }
 
     fn class_name(&self) -> &'static str {

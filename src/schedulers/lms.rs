@@ -8,7 +8,6 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::euler::{beta_cfg, interp_sigmas, k_add_noise, k_init_noise_sigma, k_pred_x0, k_scale, k_timesteps};
 use super::Scheduler;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -57,10 +56,7 @@ impl Default for LmsConfig {
 pub struct LmsScheduler {
     config: LmsConfig,
     sigma_bounds: (Option<f64>, Option<f64>),
-    alphas_cumprod: Vec<f32>,
-    train_sigmas: Vec<f32>,
-    sigmas: Vec<f32>,
-    timesteps: Vec<f32>,
+    schedule: SigmaSchedule,
     derivatives: Vec<Vec<f32>>,
 }
 
@@ -70,41 +66,12 @@ impl LmsScheduler {
     }
 
     fn with_bounds(config: LmsConfig, sigma_bounds: (Option<f64>, Option<f64>)) -> Result<Self> {
-        if config.use_beta_sigmas {
-            return Err(Error::Model(format!("{CLASS}: use_beta_sigmas is not supported")));
-        }
-        if config.use_karras_sigmas && config.use_exponential_sigmas {
-            return Err(Error::Model(format!(
-                "{CLASS}: only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set"
-            )));
-        }
-        k_pred_x0(config.prediction_type, &[], &[], 1.0)?;
+        reject_beta_sigmas(CLASS, config.use_beta_sigmas)?;
+        check_sigma_flags(CLASS, config.use_karras_sigmas, config.use_exponential_sigmas, config.use_beta_sigmas)?;
+        reject_flow_prediction(CLASS, config.prediction_type)?;
         check_offset(CLASS, config.steps_offset, config.num_train_timesteps)?;
-        let betas = make_betas(
-            CLASS,
-            &beta_cfg(
-                config.num_train_timesteps,
-                config.beta_start,
-                config.beta_end,
-                config.beta_schedule,
-                config.trained_betas.as_deref(),
-                false,
-            ),
-            &[],
-        )?;
-        let ac = alphas_cumprod(&betas);
-        let train_sigmas = train_sigmas(&ac);
-        let mut sigmas: Vec<f32> = train_sigmas.iter().rev().copied().collect();
-        sigmas.push(0.0);
-        Ok(LmsScheduler {
-            config,
-            sigma_bounds,
-            alphas_cumprod: ac,
-            train_sigmas,
-            sigmas,
-            timesteps: Vec::new(),
-            derivatives: Vec::new(),
-        })
+        let schedule = SigmaSchedule::new(CLASS, &beta_config!(config, false), &[])?.with_training_sigmas();
+        Ok(LmsScheduler { config, sigma_bounds, schedule, derivatives: Vec::new() })
     }
 
     /// `LMSDiscreteScheduler.from_config(json, **overrides)`.
@@ -119,7 +86,7 @@ impl LmsScheduler {
 
     /// `get_lms_coefficient(order, t, current_order)`.
     fn lms_coefficient(&self, order: usize, t: usize, current: usize) -> f64 {
-        let s = &self.sigmas;
+        let s = &self.schedule.sigmas;
         let f = |tau: f64| -> f64 {
             let tau32 = tau as f32;
             let mut prod = 1.0f32;
@@ -188,43 +155,27 @@ impl Scheduler for LmsScheduler {
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         let c = &self.config;
         check_steps(CLASS, n, c.num_train_timesteps)?;
-        let ts32 = k_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
-        let log_sigmas = log_f32(&self.train_sigmas);
-        let interp = interp_sigmas(&ts32, &self.train_sigmas);
-        let (mut sig64, ts64): (Vec<f64>, Vec<f64>) = if c.use_karras_sigmas || c.use_exponential_sigmas {
-            let in_min = *interp.last().unwrap_or(&0.0);
-            let in_max = *interp.first().unwrap_or(&0.0);
-            let s = if c.use_karras_sigmas {
-                // LMS's own _convert_to_karras ignores config sigma_min / sigma_max
-                karras_sigmas(in_min, in_max, n)
-            } else {
-                exponential_sigmas(self.sigma_bounds.0.unwrap_or(in_min), self.sigma_bounds.1.unwrap_or(in_max), n)
-            };
-            let t = s.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
-            (s, t)
-        } else {
-            (interp, ts32.iter().map(|&t| t as f64).collect())
-        };
+        let conversion = SigmaConversion::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
+        // LMS's own _convert_to_karras ignores config sigma_min / sigma_max
+        let bounds = if c.use_karras_sigmas { (None, None) } else { self.sigma_bounds };
+        let (mut sig64, ts64) = self.schedule.k_sigmas(c.timestep_spacing, n, c.steps_offset, conversion, bounds);
         sig64.push(0.0);
-        self.sigmas = sig64.iter().map(|&v| v as f32).collect();
-        self.timesteps = ts64.iter().map(|&t| t as f32).collect();
+        self.schedule.sigmas = sig64.iter().map(|&v| v as f32).collect();
+        self.schedule.timesteps = ts64.iter().map(|&t| t as f32).collect();
         self.derivatives.clear();
         Ok(())
     }
 
     fn timesteps(&self) -> &[f32] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f32 {
-        k_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
+        self.schedule.init_noise_sigma(self.config.timestep_spacing)
     }
 
     fn scale_model_input(&self, sample: &[f32], index: usize) -> Vec<f32> {
-        let Some(&s) = self.sigmas.get(index.min(self.timesteps.len().saturating_sub(1))) else {
-            return sample.to_vec();
-        };
-        k_scale(sample, s)
+        self.schedule.scale_model_input(sample, index)
     }
 
     fn step(
@@ -234,18 +185,12 @@ impl Scheduler for LmsScheduler {
         sample: &[f32],
         _gen: &mut TorchGenerator,
     ) -> Result<Vec<f32>> {
-        if self.timesteps.is_empty() {
-            return Err(not_set(CLASS));
-        }
-        check_len(CLASS, "model_output", model_output.len(), sample.len())?;
-        if index >= self.timesteps.len() {
-            return Err(bad_index(CLASS, index, self.timesteps.len()));
-        }
+        self.schedule.check_step(index, model_output, sample)?;
         if self.derivatives.iter().any(|d| d.len() != sample.len()) {
             return Err(Error::Shape(format!("{CLASS}: the sample size changed between steps")));
         }
-        let sigma = self.sigmas[index];
-        let x0 = k_pred_x0(self.config.prediction_type, sample, model_output, sigma)?;
+        let sigma = self.schedule.sigmas[index];
+        let x0 = sigma_pred_original_sample(self.config.prediction_type, sigma, sample, model_output)?;
         let n = sample.len();
         let derivative: Vec<f32> = (0..n).map(|i| (sample[i] - x0[i]) / sigma).collect();
         self.derivatives.push(derivative);
@@ -268,23 +213,15 @@ impl Scheduler for LmsScheduler {
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        k_add_noise(&self.sigmas[..self.timesteps.len().min(self.sigmas.len())], original, noise, index)
-    }
-
-    fn order(&self) -> usize {
-        1
+        self.schedule.add_noise(original, noise, index)
     }
 
     fn sigmas(&self) -> &[f32] {
-        if self.timesteps.is_empty() {
-            &[]
-        } else {
-            &self.sigmas
-        }
+        self.schedule.sigmas_if_set()
     }
 
     fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
+        &self.schedule.alphas_cumprod
     }
 
     fn class_name(&self) -> &'static str {

@@ -63,10 +63,15 @@ pub trait Scheduler: Send {
     /// Empty before `set_timesteps`. PNDM gives `n + 1` of them, Heun `2n - 1`.
     fn timesteps(&self) -> &[f32];
     /// The standard deviation of the initial noise (1 for DDPM-style schedulers).
-    fn init_noise_sigma(&self) -> f32;
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
     /// diffusers' `scale_model_input` for the step at `index` into `timesteps()`. An index past
-    /// the end is clamped to the last step.
-    fn scale_model_input(&self, sample: &[f32], index: usize) -> Vec<f32>;
+    /// the end is clamped to the last step. Only the k-diffusion style schedulers scale; the
+    /// others return the sample as it is.
+    fn scale_model_input(&self, sample: &[f32], _index: usize) -> Vec<f32> {
+        sample.to_vec()
+    }
     /// diffusers' `step` at `index` into `timesteps()`: returns `prev_sample`. `gen` draws the
     /// noise of the stochastic schedulers (DDPM, DDIM with eta > 0, Euler ancestral, DPM++ SDE,
     /// LCM), one `randn(sample.len())` per step as diffusers' `randn_tensor` does.
@@ -80,9 +85,11 @@ pub trait Scheduler: Send {
     /// diffusers' `add_noise(original, noise, timesteps[index])` (img2img). An index past the end
     /// is clamped to the last step.
     fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32>;
-    /// diffusers' `scheduler.order` (2 for Heun, 1 otherwise): model calls per "step" for
-    /// progress bars and img2img's `timesteps[t_start * order..]`.
-    fn order(&self) -> usize;
+    /// diffusers' `scheduler.order` (2 for Heun, 1 otherwise, as `SchedulerMixin.order`): model
+    /// calls per "step" for progress bars and img2img's `timesteps[t_start * order..]`.
+    fn order(&self) -> usize {
+        1
+    }
     /// The sigma schedule (`len = timesteps().len() + 1`, ending in the final sigma) of
     /// sigma-based schedulers; empty for the alpha-based ones (DDIM, PNDM, DDPM, LCM).
     fn sigmas(&self) -> &[f32] {

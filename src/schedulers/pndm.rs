@@ -5,7 +5,6 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::ddim::add_noise_alpha;
 use super::Scheduler;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -49,13 +48,10 @@ impl Default for PndmConfig {
 #[derive(Clone, Debug)]
 pub struct PndmScheduler {
     config: PndmConfig,
-    alphas_cumprod: Vec<f32>,
+    schedule: AlphaSchedule,
     final_alpha_cumprod: f32,
-    num_inference_steps: usize,
     prk_len: usize,
     prk_timesteps: Vec<i64>,
-    timesteps: Vec<i64>,
-    timesteps_f32: Vec<f32>,
     // state
     counter: usize,
     ets: Vec<Vec<f32>>,
@@ -65,36 +61,16 @@ pub struct PndmScheduler {
 
 impl PndmScheduler {
     pub fn new(config: PndmConfig) -> Result<Self> {
-        if !matches!(config.prediction_type, PredictionType::Epsilon | PredictionType::VPrediction) {
-            return Err(Error::Model(format!(
-                "{CLASS}: prediction_type {:?} is not supported (epsilon or v_prediction)",
-                config.prediction_type
-            )));
-        }
+        require_epsilon_or_v(CLASS, config.prediction_type)?;
         check_offset(CLASS, config.steps_offset, config.num_train_timesteps)?;
-        let betas = make_betas(
-            CLASS,
-            &BetaConfig {
-                num_train_timesteps: config.num_train_timesteps,
-                beta_start: config.beta_start,
-                beta_end: config.beta_end,
-                beta_schedule: config.beta_schedule,
-                trained_betas: config.trained_betas.as_deref(),
-                rescale_betas_zero_snr: false,
-            },
-            &[],
-        )?;
-        let alphas_cumprod = alphas_cumprod(&betas);
-        let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        let schedule = AlphaSchedule::new(CLASS, &beta_config!(config, false), &[])?;
+        let final_alpha_cumprod = schedule.final_alpha_cumprod(config.set_alpha_to_one);
         Ok(PndmScheduler {
             config,
-            alphas_cumprod,
+            schedule,
             final_alpha_cumprod,
-            num_inference_steps: 0,
             prk_len: 0,
             prk_timesteps: Vec::new(),
-            timesteps: Vec::new(),
-            timesteps_f32: Vec::new(),
             counter: 0,
             ets: Vec::new(),
             cur_model_output: None,
@@ -112,16 +88,10 @@ impl PndmScheduler {
         &self.config
     }
 
-    fn alpha_at(&self, t: i64) -> Result<f32> {
-        py_index(self.alphas_cumprod.len(), t)
-            .map(|i| self.alphas_cumprod[i])
-            .ok_or_else(|| Error::Input(format!("{CLASS}: timestep {t} is outside the training schedule")))
-    }
-
     /// `_get_prev_sample`.
     fn prev_sample(&self, sample: &[f32], t: i64, prev_t: i64, model_output: &[f32]) -> Result<Vec<f32>> {
-        let a_t = self.alpha_at(t)?;
-        let a_prev = if prev_t >= 0 { self.alpha_at(prev_t)? } else { self.final_alpha_cumprod };
+        let a_t = self.schedule.alpha_prod(t)?;
+        let a_prev = self.schedule.alpha_prod_prev(prev_t, self.final_alpha_cumprod)?;
         let b_t = 1.0 - a_t;
         let b_prev = 1.0 - a_prev;
         let mo: Vec<f32> = if self.config.prediction_type == PredictionType::VPrediction {
@@ -137,7 +107,7 @@ impl PndmScheduler {
     }
 
     fn step_prk(&mut self, model_output: &[f32], timestep: i64, sample: &[f32]) -> Result<Vec<f32>> {
-        let half = (self.config.num_train_timesteps / self.num_inference_steps / 2) as i64;
+        let half = (self.config.num_train_timesteps / self.schedule.num_inference_steps / 2) as i64;
         let diff_to_prev = if self.counter % 2 == 1 { 0 } else { half };
         let prev_t = timestep - diff_to_prev;
         let t = self.prk_timesteps[self.counter / 4 * 4];
@@ -173,7 +143,7 @@ impl PndmScheduler {
                 "{CLASS}: PLMS steps need at least 3 previous PRK model outputs; use more inference steps"
             )));
         }
-        let ratio = (self.config.num_train_timesteps / self.num_inference_steps) as i64;
+        let ratio = (self.config.num_train_timesteps / self.schedule.num_inference_steps) as i64;
         let mut t = timestep;
         let mut prev_t = timestep - ratio;
         if self.counter != 1 {
@@ -227,23 +197,8 @@ impl Scheduler for PndmScheduler {
         let total = self.config.num_train_timesteps;
         check_steps(CLASS, n, total)?;
         // self._timesteps, ascending
-        let base: Vec<i64> = match self.config.timestep_spacing {
-            TimestepSpacing::Linspace => {
-                np_linspace(0.0, (total - 1) as f64, n, true).into_iter().map(|x| to_i64(np_round(x))).collect()
-            }
-            TimestepSpacing::Leading => {
-                let ratio = total / n;
-                (0..n).map(|i| (i * ratio) as i64 + self.config.steps_offset).collect()
-            }
-            TimestepSpacing::Trailing => {
-                let mut v: Vec<i64> = np_arange_f64(total as f64, 0.0, -(total as f64 / n as f64))
-                    .into_iter()
-                    .map(|x| to_i64(np_round(x)))
-                    .collect();
-                v.reverse();
-                v.into_iter().map(|t| t - 1).collect()
-            }
-        };
+        let mut base = ddpm_style_timesteps(self.config.timestep_spacing, total, n, self.config.steps_offset);
+        base.reverse();
         let m = base.len();
         let (prk, plms): (Vec<i64>, Vec<i64>) = if self.config.skip_prk_steps {
             // concat(_t[:-1], _t[-2:-1], _t[-1:])[::-1]
@@ -279,9 +234,7 @@ impl Scheduler for PndmScheduler {
         self.prk_timesteps = prk.clone();
         let mut ts = prk;
         ts.extend(plms);
-        self.timesteps_f32 = ts.iter().map(|&t| t as f32).collect();
-        self.timesteps = ts;
-        self.num_inference_steps = n;
+        self.schedule.set_timesteps(n, ts);
         self.ets.clear();
         self.counter = 0;
         self.cur_model_output = None;
@@ -290,15 +243,7 @@ impl Scheduler for PndmScheduler {
     }
 
     fn timesteps(&self) -> &[f32] {
-        &self.timesteps_f32
-    }
-
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &[f32], _index: usize) -> Vec<f32> {
-        sample.to_vec()
+        self.schedule.timesteps_f32()
     }
 
     fn step(
@@ -308,11 +253,7 @@ impl Scheduler for PndmScheduler {
         sample: &[f32],
         _gen: &mut TorchGenerator,
     ) -> Result<Vec<f32>> {
-        if self.num_inference_steps == 0 {
-            return Err(not_set(CLASS));
-        }
-        check_len(CLASS, "model_output", model_output.len(), sample.len())?;
-        let t = *self.timesteps.get(index).ok_or_else(|| bad_index(CLASS, index, self.timesteps.len()))?;
+        let t = self.schedule.step_timestep(index, model_output, sample)?;
         let n = sample.len();
         if self.ets.iter().chain(&self.cur_sample).chain(&self.cur_model_output).any(|v| v.len() != n) {
             return Err(Error::Shape(format!("{CLASS}: the sample size changed between steps")));
@@ -325,15 +266,11 @@ impl Scheduler for PndmScheduler {
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        add_noise_alpha(&self.alphas_cumprod, &self.timesteps, original, noise, index)
-    }
-
-    fn order(&self) -> usize {
-        1
+        self.schedule.add_noise(original, noise, index)
     }
 
     fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
+        &self.schedule.alphas_cumprod
     }
 
     fn class_name(&self) -> &'static str {

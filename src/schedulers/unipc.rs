@@ -4,8 +4,6 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::dpm_solver::{alpha_sigma, lambda, lincomb};
-use super::euler::beta_cfg;
 use super::Scheduler;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -109,12 +107,8 @@ fn powi(x: f32, k: usize) -> f32 {
 pub struct UniPcScheduler {
     config: UniPcConfig,
     solver_type: UniPcSolverType,
-    alphas_cumprod: Vec<f32>,
-    train_sigmas: Vec<f32>,
-    sigmas: Vec<f32>,
-    timesteps: Vec<f32>,
-    model_outputs: Vec<Option<Vec<f32>>>,
-    lower_order_nums: usize,
+    schedule: SigmaSchedule,
+    model_outputs: ModelOutputs,
     last_sample: Option<Vec<f32>>,
     this_order: usize,
 }
@@ -126,6 +120,28 @@ struct Coeffs {
     rhos: Vec<f32>,
 }
 
+/// What the predictor and the corrector share: `x_t_ = c_x * x + c_m0 * m0`, and the `rhos`
+/// and `D1s` of the residual scaled by `c_res`.
+struct BhUpdate<'a> {
+    m0: &'a [f32],
+    c_x: f32,
+    c_m0: f32,
+    c_res: f32,
+    rhos: Vec<f32>,
+    d1s: Vec<Vec<f32>>,
+}
+
+impl BhUpdate<'_> {
+    /// `einsum("k,bkc...->bc...", rhos, D1s)` at element `i`, over the `D1s`.
+    fn residual(&self, i: usize) -> f32 {
+        let mut res = self.rhos[0] * self.d1s[0][i];
+        for (rho, d) in self.rhos.iter().zip(&self.d1s).skip(1) {
+            res += rho * d[i];
+        }
+        res
+    }
+}
+
 impl UniPcScheduler {
     pub fn new(config: UniPcConfig) -> Result<Self> {
         let solver_type = match config.solver_type.as_str() {
@@ -133,60 +149,18 @@ impl UniPcScheduler {
             "bh2" | "midpoint" | "heun" | "logrho" => UniPcSolverType::Bh2,
             other => return Err(Error::Model(format!("{CLASS}: solver_type {other:?} is not implemented"))),
         };
-        if config.solver_order == 0 || config.solver_order > 3 {
-            return Err(Error::Model(format!("{CLASS}: solver_order must be 1, 2 or 3, got {}", config.solver_order)));
-        }
-        let flags = [config.use_karras_sigmas, config.use_exponential_sigmas, config.use_beta_sigmas];
-        if flags.iter().filter(|b| **b).count() > 1 {
-            return Err(Error::Model(format!(
-                "{CLASS}: only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set"
-            )));
-        }
-        if config.use_beta_sigmas || config.use_flow_sigmas || config.use_dynamic_shifting {
-            return Err(Error::Model(format!(
-                "{CLASS}: use_beta_sigmas, use_flow_sigmas and use_dynamic_shifting are not supported"
-            )));
-        }
+        check_solver_order(CLASS, config.solver_order)?;
+        check_sigma_flags(CLASS, config.use_karras_sigmas, config.use_exponential_sigmas, config.use_beta_sigmas)?;
+        reject_unsupported_sigmas(CLASS, config.use_beta_sigmas, config.use_flow_sigmas, config.use_dynamic_shifting)?;
         if config.solver_p.is_some() {
             return Err(Error::Model(format!("{CLASS}: solver_p is not supported")));
         }
-        if config.prediction_type == PredictionType::FlowPrediction {
-            return Err(Error::Model(format!("{CLASS}: prediction_type flow_prediction is not supported")));
-        }
+        reject_flow_prediction(CLASS, config.prediction_type)?;
         reject_thresholding(CLASS, config.thresholding)?;
         check_offset(CLASS, config.steps_offset, config.num_train_timesteps)?;
-        let betas = make_betas(
-            CLASS,
-            &beta_cfg(
-                config.num_train_timesteps,
-                config.beta_start,
-                config.beta_end,
-                config.beta_schedule,
-                config.trained_betas.as_deref(),
-                config.rescale_betas_zero_snr,
-            ),
-            &[],
-        )?;
-        let mut ac = alphas_cumprod(&betas);
-        if config.rescale_betas_zero_snr {
-            if let Some(l) = ac.last_mut() {
-                *l = 2f32.powi(-24);
-            }
-        }
-        let train_sigmas = train_sigmas(&ac);
-        let order = config.solver_order;
-        Ok(UniPcScheduler {
-            config,
-            solver_type,
-            alphas_cumprod: ac,
-            train_sigmas,
-            sigmas: Vec::new(),
-            timesteps: Vec::new(),
-            model_outputs: vec![None; order],
-            lower_order_nums: 0,
-            last_sample: None,
-            this_order: 1,
-        })
+        let schedule = SigmaSchedule::new(CLASS, &beta_config!(config), &[])?;
+        let model_outputs = ModelOutputs::new(config.solver_order);
+        Ok(UniPcScheduler { config, solver_type, schedule, model_outputs, last_sample: None, this_order: 1 })
     }
 
     /// `UniPCMultistepScheduler.from_config(json, **overrides)`.
@@ -197,24 +171,6 @@ impl UniPcScheduler {
     /// The config this scheduler was built with.
     pub fn config(&self) -> &UniPcConfig {
         &self.config
-    }
-
-    fn convert(&self, model_output: &[f32], sample: &[f32], index: usize) -> Vec<f32> {
-        let (a, s) = alpha_sigma(self.sigmas[index]);
-        let n = sample.len();
-        if self.config.predict_x0 {
-            match self.config.prediction_type {
-                PredictionType::Epsilon => (0..n).map(|i| (sample[i] - s * model_output[i]) / a).collect(),
-                PredictionType::VPrediction => (0..n).map(|i| a * sample[i] - s * model_output[i]).collect(),
-                _ => model_output.to_vec(),
-            }
-        } else {
-            match self.config.prediction_type {
-                PredictionType::Epsilon => model_output.to_vec(),
-                PredictionType::VPrediction => (0..n).map(|i| a * model_output[i] + s * sample[i]).collect(),
-                _ => (0..n).map(|i| (sample[i] - a * model_output[i]) / s).collect(),
-            }
-        }
     }
 
     /// The `R`, `b` system and its solution, shared by predictor and corrector.
@@ -260,91 +216,59 @@ impl UniPcScheduler {
         Ok(Coeffs { h_phi_1, b_h, rhos })
     }
 
-    fn outputs(&self, back: usize) -> Option<&[f32]> {
-        let k = self.model_outputs.len();
-        self.model_outputs.get(k.checked_sub(back + 1)?)?.as_deref()
+    /// The part of the predictor (`corrector = false`: from `sigmas[index]` to
+    /// `sigmas[index + 1]`) and the corrector (from `sigmas[index - 1]` to `sigmas[index]`) that
+    /// they share.
+    fn bh_update(&self, index: usize, order: usize, corrector: bool) -> Result<BhUpdate<'_>> {
+        let out_of_range = || bad_index(CLASS, index, self.schedule.timesteps.len());
+        let m0 = self.model_outputs.get(0).ok_or_else(out_of_range)?;
+        let (t, s0) =
+            if corrector { (index, index.checked_sub(1).ok_or_else(out_of_range)?) } else { (index + 1, index) };
+        let sigmas = &self.schedule.sigmas;
+        let (at, st) = alpha_sigma(sigmas[t]);
+        let (as0, ss0) = alpha_sigma(sigmas[s0]);
+        let ls0 = lambda(as0, ss0);
+        let h = lambda(at, st) - ls0;
+        let mut rks = Vec::with_capacity(order);
+        let mut d1s: Vec<Vec<f32>> = Vec::new();
+        for i in 1..order {
+            let si = s0.checked_sub(i).ok_or_else(out_of_range)?;
+            let mi = self.model_outputs.get(i).ok_or_else(out_of_range)?;
+            let (a, s) = alpha_sigma(sigmas[si]);
+            let rk = (lambda(a, s) - ls0) / h;
+            rks.push(rk);
+            d1s.push(mi.iter().zip(m0).map(|(m, z)| (m - z) / rk).collect());
+        }
+        rks.push(1.0);
+        let c = self.coeffs(h, &rks, order, corrector)?;
+        let (c_x, c_m0, c_res) = if self.config.predict_x0 {
+            (st / ss0, -(at * c.h_phi_1), at * c.b_h)
+        } else {
+            (at / as0, -(st * c.h_phi_1), st * c.b_h)
+        };
+        Ok(BhUpdate { m0, c_x, c_m0, c_res, rhos: c.rhos, d1s })
     }
 
     /// `multistep_uni_p_bh_update`.
     fn predictor(&self, index: usize, x: &[f32], order: usize) -> Result<Vec<f32>> {
-        let m0 = self.outputs(0).ok_or_else(|| bad_index(CLASS, index, self.timesteps.len()))?;
-        let (at, st) = alpha_sigma(self.sigmas[index + 1]);
-        let (as0, ss0) = alpha_sigma(self.sigmas[index]);
-        let ls0 = lambda(as0, ss0);
-        let h = lambda(at, st) - ls0;
-        let mut rks = Vec::with_capacity(order);
-        let mut d1s: Vec<Vec<f32>> = Vec::new();
-        for i in 1..order {
-            let si = index.checked_sub(i).ok_or_else(|| bad_index(CLASS, index, self.timesteps.len()))?;
-            let mi = self.outputs(i).ok_or_else(|| bad_index(CLASS, index, self.timesteps.len()))?;
-            let (a, s) = alpha_sigma(self.sigmas[si]);
-            let rk = (lambda(a, s) - ls0) / h;
-            rks.push(rk);
-            d1s.push(mi.iter().zip(m0).map(|(m, z)| (m - z) / rk).collect());
-        }
-        rks.push(1.0);
-        let c = self.coeffs(h, &rks, order, false)?;
-        let (c_x, c_m0, c_res) = if self.config.predict_x0 {
-            (st / ss0, -(at * c.h_phi_1), at * c.b_h)
-        } else {
-            (at / as0, -(st * c.h_phi_1), st * c.b_h)
-        };
-        let x_t_ = lincomb(&[(c_x, x), (c_m0, m0)]);
-        if d1s.is_empty() {
+        let u = self.bh_update(index, order, false)?;
+        let x_t_ = lincomb(&[(u.c_x, x), (u.c_m0, u.m0)]);
+        if u.d1s.is_empty() {
             return Ok(x_t_);
         }
-        let n = x.len();
-        Ok((0..n)
-            .map(|i| {
-                let mut res = c.rhos[0] * d1s[0][i];
-                for (rho, d) in c.rhos.iter().zip(&d1s).skip(1) {
-                    res += rho * d[i];
-                }
-                x_t_[i] - c_res * res
-            })
-            .collect())
+        Ok((0..x.len()).map(|i| x_t_[i] - u.c_res * u.residual(i)).collect())
     }
 
     /// `multistep_uni_c_bh_update`.
     fn corrector(&self, index: usize, model_t: &[f32], last_sample: &[f32], order: usize) -> Result<Vec<f32>> {
-        let m0 = self.outputs(0).ok_or_else(|| bad_index(CLASS, index, self.timesteps.len()))?;
-        let (at, st) = alpha_sigma(self.sigmas[index]);
-        let (as0, ss0) = alpha_sigma(self.sigmas[index - 1]);
-        let ls0 = lambda(as0, ss0);
-        let h = lambda(at, st) - ls0;
-        let mut rks = Vec::with_capacity(order);
-        let mut d1s: Vec<Vec<f32>> = Vec::new();
-        for i in 1..order {
-            let si = index.checked_sub(i + 1).ok_or_else(|| bad_index(CLASS, index, self.timesteps.len()))?;
-            let mi = self.outputs(i).ok_or_else(|| bad_index(CLASS, index, self.timesteps.len()))?;
-            let (a, s) = alpha_sigma(self.sigmas[si]);
-            let rk = (lambda(a, s) - ls0) / h;
-            rks.push(rk);
-            d1s.push(mi.iter().zip(m0).map(|(m, z)| (m - z) / rk).collect());
-        }
-        rks.push(1.0);
-        let c = self.coeffs(h, &rks, order, true)?;
-        let (c_x, c_m0, c_res) = if self.config.predict_x0 {
-            (st / ss0, -(at * c.h_phi_1), at * c.b_h)
-        } else {
-            (at / as0, -(st * c.h_phi_1), st * c.b_h)
-        };
-        let x_t_ = lincomb(&[(c_x, last_sample), (c_m0, m0)]);
-        let rho_t = *c.rhos.last().unwrap_or(&0.5);
-        let n = last_sample.len();
-        Ok((0..n)
+        let u = self.bh_update(index, order, true)?;
+        let x_t_ = lincomb(&[(u.c_x, last_sample), (u.c_m0, u.m0)]);
+        let rho_t = *u.rhos.last().unwrap_or(&0.5);
+        Ok((0..last_sample.len())
             .map(|i| {
-                let d1_t = model_t[i] - m0[i];
-                let corr = if d1s.is_empty() {
-                    rho_t * d1_t
-                } else {
-                    let mut res = c.rhos[0] * d1s[0][i];
-                    for (rho, d) in c.rhos[..c.rhos.len() - 1].iter().zip(&d1s).skip(1) {
-                        res += rho * d[i];
-                    }
-                    res + rho_t * d1_t
-                };
-                x_t_[i] - c_res * corr
+                let d1_t = model_t[i] - u.m0[i];
+                let corr = if u.d1s.is_empty() { rho_t * d1_t } else { u.residual(i) + rho_t * d1_t };
+                x_t_[i] - u.c_res * corr
             })
             .collect())
     }
@@ -355,69 +279,36 @@ impl Scheduler for UniPcScheduler {
         let c = &self.config;
         let total = c.num_train_timesteps;
         check_steps(CLASS, n, total)?;
-        let raw: Vec<f64> = match c.timestep_spacing {
-            TimestepSpacing::Linspace => {
-                let mut v = spaced_timesteps(Spacing::Linspace { last: (total - 1) as f64, count: n + 1, round: true });
-                v.pop();
-                v
-            }
-            TimestepSpacing::Leading => {
-                let mut v = spaced_timesteps(Spacing::Leading { total, count: n + 1, offset: 0 });
-                v.pop();
-                v.into_iter().map(|t| t + c.steps_offset as f64).collect()
-            }
-            TimestepSpacing::Trailing => {
-                spaced_timesteps(Spacing::Trailing { start: total as f64, total, n, round: true })
-            }
-        };
-        let log_sigmas = log_f32(&self.train_sigmas);
-        let in_min = *self.train_sigmas.first().unwrap_or(&0.0) as f64;
-        let in_max = *self.train_sigmas.last().unwrap_or(&0.0) as f64;
-        let (mut sig64, ts64): (Vec<f64>, Vec<f64>) = if c.use_karras_sigmas || c.use_exponential_sigmas {
-            let lo = c.sigma_min.unwrap_or(in_min);
-            let hi = c.sigma_max.unwrap_or(in_max);
-            let s = if c.use_karras_sigmas { karras_sigmas(lo, hi, n) } else { exponential_sigmas(lo, hi, n) };
-            let karras = c.use_karras_sigmas;
-            let t: Vec<f64> =
-                s.iter().map(|&s| sigma_to_t(s, &log_sigmas)).map(|t| if karras { np_round(t) } else { t }).collect();
+        let raw = multistep_timesteps(c.timestep_spacing, total, total, n, c.steps_offset);
+        let schedule = &self.schedule;
+        let conversion = SigmaConversion::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
+        let (sigmas, timesteps): (Vec<f64>, Vec<f64>) = if let Some(conversion) = conversion {
+            let (sigma_min, sigma_max) = schedule.sigma_range((c.sigma_min, c.sigma_max));
+            let (mut sigmas, t) = schedule.convert(conversion, sigma_min, sigma_max, n);
+            let t = if conversion == SigmaConversion::Karras { t.into_iter().map(np_round).collect() } else { t };
+            // diffusers takes this final sigma_min from the converted schedule, not the training one
             let last = match c.final_sigmas_type {
-                FinalSigmasType::SigmaMin => *s.last().unwrap_or(&0.0),
+                FinalSigmasType::SigmaMin => *sigmas.last().unwrap_or(&0.0),
                 FinalSigmasType::Zero => 0.0,
             };
-            let mut s = s;
-            s.push(last);
-            (s, t)
+            sigmas.push(last);
+            (sigmas, t)
         } else {
-            let mut s: Vec<f64> = raw.iter().map(|&t| np_interp_arange(to_i64(t) as f64, &self.train_sigmas)).collect();
-            let last = match c.final_sigmas_type {
-                FinalSigmasType::SigmaMin => {
-                    let a0 = self.alphas_cumprod[0];
-                    ((1.0 - a0) / a0).sqrt() as f64
-                }
-                FinalSigmasType::Zero => 0.0,
-            };
-            s.push(last);
-            (s, raw.iter().map(|&t| to_i64(t) as f64).collect())
+            let t: Vec<f64> = raw.iter().map(|&t| to_i64(t) as f64).collect();
+            let mut sigmas = schedule.interp(&t);
+            sigmas.push(schedule.final_sigma(c.final_sigmas_type));
+            (sigmas, t)
         };
-        self.sigmas = sig64.drain(..).map(|s| s as f32).collect();
-        self.timesteps = ts64.iter().map(|&t| to_i64(t) as f32).collect();
-        self.model_outputs = vec![None; c.solver_order];
-        self.lower_order_nums = 0;
+        self.schedule.sigmas = sigmas.iter().map(|&s| s as f32).collect();
+        self.schedule.timesteps = timesteps.iter().map(|&t| to_i64(t) as f32).collect();
+        self.model_outputs = ModelOutputs::new(c.solver_order);
         self.last_sample = None;
         self.this_order = 1;
         Ok(())
     }
 
     fn timesteps(&self) -> &[f32] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &[f32], _index: usize) -> Vec<f32> {
-        sample.to_vec()
+        &self.schedule.timesteps
     }
 
     fn step(
@@ -427,61 +318,44 @@ impl Scheduler for UniPcScheduler {
         sample: &[f32],
         _gen: &mut TorchGenerator,
     ) -> Result<Vec<f32>> {
-        let len = self.timesteps.len();
-        if len == 0 {
-            return Err(not_set(CLASS));
-        }
-        check_len(CLASS, "model_output", model_output.len(), sample.len())?;
-        if index >= len {
-            return Err(bad_index(CLASS, index, len));
-        }
-        if self.model_outputs.iter().flatten().any(|m| m.len() != sample.len())
+        self.schedule.check_step(index, model_output, sample)?;
+        if self.model_outputs.size_differs(sample.len())
             || self.last_sample.as_ref().is_some_and(|s| s.len() != sample.len())
         {
             return Err(Error::Shape(format!("{CLASS}: the sample size changed between steps")));
         }
         let use_corrector =
             index > 0 && !self.config.disable_corrector.contains(&(index as i64 - 1)) && self.last_sample.is_some();
-        let converted = self.convert(model_output, sample, index);
+        let c = &self.config;
+        let converted =
+            convert_model_output(c.prediction_type, c.predict_x0, self.schedule.sigmas[index], model_output, sample);
         let sample = if use_corrector {
             let last = self.last_sample.take().unwrap_or_default();
             self.corrector(index, &converted, &last, self.this_order)?
         } else {
             sample.to_vec()
         };
-        self.model_outputs.rotate_left(1);
-        if let Some(last) = self.model_outputs.last_mut() {
-            *last = Some(converted);
-        }
+        self.model_outputs.push(converted);
         let order = self.config.solver_order;
+        let len = self.schedule.timesteps.len();
         let this_order = if self.config.lower_order_final { order.min(len - index) } else { order };
-        self.this_order = this_order.min(self.lower_order_nums + 1);
+        self.this_order = this_order.min(self.model_outputs.lower_order_nums + 1);
         let prev = self.predictor(index, &sample, self.this_order)?;
         self.last_sample = Some(sample);
-        if self.lower_order_nums < order {
-            self.lower_order_nums += 1;
-        }
+        self.model_outputs.count_step();
         Ok(prev)
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        let Some(&s) = self.sigmas.get(index.min(self.timesteps.len().saturating_sub(1))) else {
-            return original.to_vec();
-        };
-        let (a, sg) = alpha_sigma(s);
-        original.iter().zip(noise).map(|(x, z)| a * x + sg * z).collect()
-    }
-
-    fn order(&self) -> usize {
-        1
+        self.schedule.add_noise_alpha_sigma(original, noise, index)
     }
 
     fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        self.schedule.sigmas_if_set()
     }
 
     fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
+        &self.schedule.alphas_cumprod
     }
 
     fn class_name(&self) -> &'static str {
