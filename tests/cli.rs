@@ -280,6 +280,7 @@ fn any_prompt_is_accepted() {
         let out = dir.join(format!("p{i}.png"));
         let (ok, _, stderr) = ldm(&["generate", "--model", model.to_str().expect("utf-8"), "--prompt", prompt, "--negative-prompt", prompt, "--steps", "1", "--width", "32", "--height", "32", "--out", out.to_str().expect("utf-8")]);
         assert!(ok, "prompt {i} failed: {stderr}");
+        assert_eq!(stderr.contains("only the first 75 are used"), i == 1, "truncation warning for prompt {i}: {stderr}");
         let mut f = std::fs::File::open(&out).expect("png");
         let mut magic = [0u8; 8];
         f.read_exact(&mut magic).expect("read");

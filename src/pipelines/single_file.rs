@@ -70,7 +70,6 @@ fn count(h: &Header, prefix: &str) -> usize {
 /// Infers configs the way diffusers' single-file loader picks them: architecture from shapes,
 /// the rest from the official SD 1.5 (context 768) or SD 2.1-v (context 1024) configs.
 pub fn infer_configs(h: &Header, layout: &Layout) -> Result<InferredConfigs> {
-    let c0 = shape(h, &format!("{UNET}input_blocks.0.0.weight"))?[0];
     let in_channels = shape(h, &format!("{UNET}input_blocks.0.0.weight"))?[1];
     let n_input = count(h, &format!("{UNET}input_blocks."));
     // input_blocks: conv_in, then per level `lpb` resnets and (all but the last level) a downsampler.
@@ -99,7 +98,6 @@ pub fn infer_configs(h: &Header, layout: &Layout) -> Result<InferredConfigs> {
         cross_attention_dim: PerBlock::One(context_dim), attention_head_dim, use_linear_projection,
         upcast_attention: sd2, ..Default::default()
     };
-    let _ = c0;
     // VAE.
     let v_levels = count(h, &format!("{VAE}encoder.down."));
     let mut vae_ch = Vec::new();

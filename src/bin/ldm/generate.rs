@@ -177,6 +177,14 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
             scheduler, eta: a.eta, clip_skip: a.clip_skip, batch: a.batch,
         };
         model.validate(&p)?;
+        // As diffusers: text past the tokenizer's window is dropped, with a warning.
+        for (what, text) in [("prompt", Some(&p.prompt)), ("negative prompt", p.negative_prompt.as_ref())] {
+            let Some(text) = text else { continue };
+            let (n, max) = (model.tokenizer.encode_unpadded(text).len(), model.tokenizer.max_length());
+            if n > max && !bench {
+                eprintln!("ldm: warning: the {what} is {} tokens long; only the first {} are used", n - 2, max - 2);
+            }
+        }
         let kind = match scheduler {
             Some(k) => k,
             None => ldm_web::schedulers::default_kind(&model.scheduler_config)?,
