@@ -80,7 +80,7 @@ fn text_encoder_matches_diffusers() {
             let Some((_, ids)) = r.get(&format!("ids_{i}")) else { continue };
             let ids: Vec<u32> = ids.iter().map(|&v| v as u32).collect();
             for (key, skip) in [(format!("hidden_{i}"), 0), (format!("skip1_{i}"), 1), (format!("skip2_{i}"), 2)] {
-                let out = te.forward(&gpu, &[ids.clone()], skip).expect("forward");
+                let out = te.forward(&gpu, std::slice::from_ref(&ids), skip).expect("forward");
                 assert_close(&format!("{model} text encoder {key}"), &pollster::block_on(gpu.read(&out)).expect("read"), &r[&key].1, 1e-4);
                 checked += 1;
             }

@@ -198,9 +198,9 @@ impl AutoencoderKL {
             let e = w.sub("encoder");
             let mut blocks = Vec::new();
             let mut cout = ch[0];
-            for i in 0..n {
+            for (i, &c) in ch.iter().enumerate() {
                 let cin = cout;
-                cout = ch[i];
+                cout = c;
                 let b = e.sub(format!("down_blocks.{i}"));
                 let mut resnets = Vec::new();
                 for j in 0..l {
@@ -225,9 +225,9 @@ impl AutoencoderKL {
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut blocks = Vec::new();
         let mut cout = rev[0];
-        for i in 0..n {
+        for (i, &c) in rev.iter().enumerate() {
             let cin = cout;
-            cout = rev[i];
+            cout = c;
             let b = d.sub(format!("up_blocks.{i}"));
             let mut resnets = Vec::new();
             for j in 0..=l {
@@ -259,7 +259,7 @@ impl AutoencoderKL {
     pub async fn encode(&self, gpu: &Gpu, x: &Tensor) -> Result<LatentDist> {
         let enc = self.encoder.as_ref().ok_or_else(|| Error::Unsupported("this VAE was loaded without its encoder".into()))?;
         let f = self.config.scale_factor();
-        if x.shape().len() != 4 || x.dim(2) % f != 0 || x.dim(3) % f != 0 {
+        if x.shape().len() != 4 || !x.dim(2).is_multiple_of(f) || !x.dim(3).is_multiple_of(f) {
             return Err(Error::Input(format!("image {:?} must be [B, 3, H, W] with sides divisible by {f}", x.shape())));
         }
         let h = enc.forward(gpu, x, false)?;

@@ -44,7 +44,7 @@ impl ClipTextConfig {
         })
     }
     fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 || self.hidden_size == 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) || self.hidden_size == 0 {
             return Err(Error::Model(format!("text encoder hidden_size {} is not divisible into {} heads", self.hidden_size, self.num_attention_heads)));
         }
         Ok(())

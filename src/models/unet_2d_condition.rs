@@ -202,9 +202,9 @@ impl UNet2DConditionModel {
         let conv_in = Conv2d::load(&w.sub("conv_in"), config.in_channels, ch[0], 3, 1, 1).await?;
         let mut down_blocks = Vec::new();
         let mut cout = ch[0];
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate() {
             let cin = cout;
-            cout = ch[i];
+            cout = c;
             let a = attn(i, &config.down_block_types, config.transformer_layers_per_block.get(i));
             down_blocks.push(DownBlock2D::load(&w.sub(format!("down_blocks.{i}")), cin, cout, config.layers_per_block.get(i), a, i + 1 < n, &s).await?);
         }

@@ -72,7 +72,7 @@ pub fn attention_with(gpu: &Gpu, s: &AttentionSpec, profile: KernelProfile) -> R
     let d = s.head_dim;
     let views = [&s.q, &s.k, &s.v];
     // vec4 loads: every offset and stride must be a multiple of 4 elements.
-    if d % 4 != 0 || views.iter().any(|v| [v.base, v.batch_stride, v.head_stride, v.row_stride].iter().any(|x| x % 4 != 0)) {
+    if !d.is_multiple_of(4) || views.iter().any(|v| [v.base, v.batch_stride, v.head_stride, v.row_stride].iter().any(|x| x % 4 != 0)) {
         return Err(Error::Unsupported(format!("attention needs head_dim and strides divisible by 4 (head_dim {d})")));
     }
     if s.batch == 0 || s.heads == 0 || s.nq == 0 {

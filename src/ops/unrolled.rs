@@ -11,7 +11,7 @@ use std::fmt::Write;
 /// `gemm_register` for the GEMM core (gemm.wgsl's loader contract): each invocation computes
 /// `tm x tn` outputs (`tn` a multiple of 4), rows strided by WY and columns by WX.
 pub(crate) fn gemm_register(tm: u32, tn: u32) -> String {
-    assert!(tn % 4 == 0 && tm > 0);
+    assert!(tn.is_multiple_of(4) && tm > 0);
     let mut s = String::new();
     let w = &mut s;
     let _ = writeln!(w, "@compute @workgroup_size(WX, WY)");

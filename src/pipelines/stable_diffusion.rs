@@ -92,10 +92,10 @@ impl StableDiffusionModel {
     /// Checks sizes and counts before any work starts.
     pub fn validate(&self, p: &Txt2ImgParams) -> Result<()> {
         let f = self.vae.config.scale_factor() * self.unet.config.downsample_factor();
-        if p.width == 0 || p.height == 0 || p.width % 8 != 0 || p.height % 8 != 0 {
+        if p.width == 0 || p.height == 0 || !p.width.is_multiple_of(8) || !p.height.is_multiple_of(8) {
             return Err(Error::Input(format!("width and height must be positive multiples of 8, got {}x{}", p.width, p.height)));
         }
-        if p.width % f != 0 || p.height % f != 0 {
+        if !p.width.is_multiple_of(f) || !p.height.is_multiple_of(f) {
             return Err(Error::Input(format!("this model needs width and height divisible by {f}, got {}x{}", p.width, p.height)));
         }
         if p.width.max(p.height) > 4096 {
