@@ -42,6 +42,7 @@ from diffusers import (  # noqa: E402
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     LCMScheduler,
+    LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -212,7 +213,7 @@ def make_unet(sd2):
             attention_head_dim=(2, 4, 4),
             use_linear_projection=True,
             upcast_attention=True,
-            transformer_layers_per_block=(1, 2, 1),
+            transformer_layers_per_block=(2, 1, 1),  # asymmetric: up blocks read it reversed
         )
     return UNet2DConditionModel(**common, attention_head_dim=4)  # 4 heads: head dims 4 and 8 (the engine reads heads in vec4s, as every real SD model allows)
 
@@ -736,7 +737,9 @@ def main():
     ps1 = verify_single_file(s1, f1, False)
     ps1.set_progress_bar_config(disable=True)
     shim_clip_skip(ps1)
-    verify_single_file(s2, f2, True)
+    ps2 = verify_single_file(s2, f2, True)
+    ps2.set_progress_bar_config(disable=True)
+    shim_clip_skip(ps2)
 
     # ---- tokens
     print("tokens")
@@ -839,9 +842,12 @@ def main():
         dict(model="sd2", scheduler="dpmpp-2m", seed=11, steps=5, width=64, height=64, negative_prompt="blurry, low quality"),
         dict(model="sd2", scheduler="euler-a", seed=12, steps=5, width=64, height=96, batch=2, guidance=5.0),
         dict(model="sd2", scheduler="pndm", seed=13, steps=5, width=64, height=64, prompt=""),
+        dict(model="sd2", scheduler="lms", seed=14, steps=5, width=96, height=64, negative_prompt="blurry, low quality"),
+        dict(model="sd2.safetensors", scheduler="euler", seed=15, steps=5, width=64, height=64),
     ]
     all_pipes = dict(pipes)
     all_pipes["sd1.safetensors"] = ps1
+    all_pipes["sd2.safetensors"] = ps2
     entries = []
     for idx, c in enumerate(cases):
         base = all_pipes[c["model"]]
@@ -863,6 +869,7 @@ def main():
             ),
             "unipc": lambda: UniPCMultistepScheduler.from_config(cfg),
             "lcm": lambda: LCMScheduler.from_config(cfg),
+            "lms": lambda: LMSDiscreteScheduler.from_config(cfg),
         }[s]()
         pipe = StableDiffusionPipeline(**{**base.components, "scheduler": sched})
         pipe.set_progress_bar_config(disable=True)

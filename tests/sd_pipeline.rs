@@ -77,3 +77,34 @@ fn pipelines_match_diffusers_images() {
     assert!(ran > 0, "no pipeline cases ran");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// f16 weights and activations (what browsers with `shader-f16` run) stay close to diffusers' f32
+/// images: mean difference under 0.5/255, largest under 4/255 (measured: 0.11 and 0.18 mean, 0.8 and 1.5
+/// largest, on lavapipe; f16 rounds every stored activation;
+/// the schedulers still run in f32 on the CPU).
+#[test]
+fn f16_pipeline_stays_close_to_diffusers() {
+    let gpu = pollster::block_on(ldm_web::gpu::Gpu::new(Default::default())).expect("adapter");
+    if !gpu.supports(ldm_web::gpu::DType::F16) {
+        println!("adapter has no shader-f16; nothing to check");
+        return;
+    }
+    let cases: Vec<Case> = serde_json::from_slice(&std::fs::read(fixtures().join("ref/pipelines.json")).expect("pipelines.json")).expect("parses");
+    let opts = LoadOptions { dtype: Some(ldm_web::gpu::DType::F16), ..Default::default() };
+    for index in [0, 3] {
+        let c = &cases[index];
+        let model = pollster::block_on(StableDiffusionModel::load(&gpu, &DirSource::new(fixtures().join(&c.model)), &c.model, &opts)).expect("loads in f16");
+        let p = Txt2ImgParams {
+            prompt: c.prompt.clone(), negative_prompt: c.negative_prompt.clone(), seed: c.seed, steps: c.steps,
+            guidance_scale: c.guidance, guidance_rescale: c.guidance_rescale, width: c.width, height: c.height,
+            scheduler: c.scheduler.as_deref().map(|s| s.parse::<SchedulerKind>().expect("known scheduler")),
+            eta: c.eta, clip_skip: c.clip_skip.unwrap_or(0), batch: c.batch,
+        };
+        let (images, _) = pollster::block_on(model.txt2img(&gpu, &p, &|| 0.0, &mut |_, _| {})).expect("generates");
+        let want = &reference(&format!("pipeline_{index}.safetensors"))["image"].1;
+        let (d, _) = common::max_diff(&images.data, want);
+        let mean = images.data.iter().zip(want).map(|(a, b)| (a - b).abs()).sum::<f32>() / want.len() as f32;
+        println!("f16 case {index} ({}): max |diff| {:.2}/255, mean {:.3}/255", c.model, d * 255.0, mean * 255.0);
+        assert!(mean * 255.0 < 0.5 && d * 255.0 < 4.0, "f16 case {index}: max {:.2}/255, mean {:.3}/255", d * 255.0, mean * 255.0);
+    }
+}
