@@ -15,19 +15,25 @@ pub struct GenerateArgs {
     /// A diffusers folder, a single .safetensors checkpoint, or an http(s) URL laid out like a diffusers folder.
     #[arg(long)]
     model: String,
+    /// What to draw (truncated to the tokenizer's 77 tokens, as diffusers).
     #[arg(long, default_value = "")]
     prompt: String,
+    /// What to steer away from (default: the empty prompt, as diffusers).
     #[arg(long)]
     negative_prompt: Option<String>,
+    /// Seed of torch's CPU generator: the same seed gives diffusers' image.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Denoising steps.
     #[arg(long, default_value_t = 50)]
     steps: usize,
+    /// Classifier-free guidance scale; 1 or less skips the unconditional pass.
     #[arg(long, default_value_t = 7.5)]
     guidance: f32,
     /// Default: the model's sample size times the VAE's scale factor.
     #[arg(long)]
     width: Option<usize>,
+    /// Default: as --width.
     #[arg(long)]
     height: Option<usize>,
     /// ddim pndm ddpm euler euler-a heun lms dpmpp-2m dpmpp-2m-karras dpmpp-2m-sde-karras unipc lcm (default: the model's own).
@@ -39,10 +45,11 @@ pub struct GenerateArgs {
     /// Text encoder layers to skip, counted as diffusers (1 = penultimate layer; A1111's "Clip skip: 2").
     #[arg(long, default_value_t = 0)]
     clip_skip: usize,
+    /// Images per run, from one seed as diffusers' num_images_per_prompt.
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Output PNG; `{n}` expands to the image's index in the batch.
-    #[arg(long, default_value = "out.png")]
+    // clap renders a literal "{n}" in help as a line break; a word joiner (U+2060) keeps it visible.
+    #[arg(long, default_value = "out.png", help = "Output PNG; {\u{2060}n} in the name expands to the image's index in the batch (without it, -0, -1, ... are appended for batches)")]
     out: String,
 }
 
