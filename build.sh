@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ldm-web build, set-up and test driver. Every install step lives here and is idempotent, so a
 # fresh Debian machine needs only:
-#   ./build.sh serve     set up, build, and serve the app on http://127.0.0.1:8080 (PORT=...)
+#   ./build.sh serve [ARGS]  set up, build, and run `ldm serve ARGS` (the app on http://127.0.0.1:8080;
+#                            PORT=..., --models DIR serves model folders at /models/)
 #   ./build.sh test      set up, build, and run every test: unit, native kernels, Chromium, Firefox
 # Other subcommands: setup, build, wasm, bench [small|sd], bench-browser [small|sd].
 # CARGO_TARGET_DIR is honoured (CI keeps it outside the clone to reuse builds).
@@ -75,16 +76,16 @@ run_tests() {
   local results=() failed=0
   log "unit tests"
   local unit
-  if unit=$(cargo test --release --lib 2>&1); then :; else failed=1; fi
+  if unit=$(cargo test --release --lib --bins 2>&1); then :; else failed=1; fi
   echo "$unit" | tail -n 25
   local up uf
-  up=$(echo "$unit" | sed -n 's/^test result: .* \([0-9]\+\) passed; \([0-9]\+\) failed.*/\1/p' | tail -1)
-  uf=$(echo "$unit" | sed -n 's/^test result: .* \([0-9]\+\) passed; \([0-9]\+\) failed.*/\2/p' | tail -1)
+  up=$(echo "$unit" | sed -n 's/^test result: .* \([0-9]\+\) passed; \([0-9]\+\) failed.*/\1/p' | awk '{s += $1} END {print s + 0}')
+  uf=$(echo "$unit" | sed -n 's/^test result: .* \([0-9]\+\) passed; \([0-9]\+\) failed.*/\2/p' | awk '{s += $1} END {print s + 0}')
   results+=("unit: ${up:-0} passed, ${uf:-1} failed")
 
   log "Stable Diffusion against diffusers: schedulers, models, pipelines, CLI (native)"
   local sd sp sf
-  if sd=$(cargo test --release --test schedulers --test sd_reference --test sd_pipeline --test cli -- --nocapture 2>&1); then :; else failed=1; fi
+  if sd=$(cargo test --release --test schedulers --test sd_reference --test sd_pipeline --test cli --test serve -- --nocapture 2>&1); then :; else failed=1; fi
   echo "$sd" | grep -E '^(case |test |sd[12]|.*: max abs diff|test result)' | tail -n 80
   sp=$(echo "$sd" | sed -n 's/^test result: .* \([0-9]\+\) passed; \([0-9]\+\) failed.*/\1/p' | awk '{s += $1} END {print s + 0}')
   sf=$(echo "$sd" | sed -n 's/^test result: .* \([0-9]\+\) passed; \([0-9]\+\) failed.*/\2/p' | awk '{s += $1} END {print s + 0}')
@@ -119,8 +120,11 @@ case "$cmd" in
   test) setup; build_native; build_wasm; run_tests ;;
   serve)
     setup; build_native; build_wasm
-    log "serving www/ on http://127.0.0.1:${PORT:-8080}/ (Ctrl-C stops)"
-    exec node "$BROWSER_DIR/server.mjs" --root www --port "${PORT:-8080}"
+    shift
+    log "ldm serve (Ctrl-C stops)"
+    args=(--root www)
+    if [ -n "${PORT:-}" ]; then args+=(--port "$PORT"); fi
+    exec "$TARGET_DIR/release/ldm" serve "${args[@]}" "$@"
     ;;
   bench)
     setup; build_native

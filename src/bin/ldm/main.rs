@@ -2,6 +2,7 @@
 
 mod generate;
 mod http;
+mod serve;
 
 use clap::{Parser, Subcommand};
 use ldm_web::bench::{BenchOptions, BenchReport};
@@ -25,6 +26,8 @@ enum Command {
     Adapter,
     /// Text to image with a Stable Diffusion 1.x / 2.x model; writes PNGs with their parameters.
     Generate(generate::GenerateArgs),
+    /// Serves the web app and model folders over HTTP (range requests, CORS, caching headers).
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -55,6 +58,7 @@ fn main() -> std::process::ExitCode {
     let out = match cli.command {
         Command::Adapter => pollster::block_on(ldm_web::gpu::Gpu::new(Default::default())).and_then(|g| serde_json::to_string_pretty(g.summary()).map_err(|e| ldm_web::Error::Unsupported(e.to_string()))),
         Command::Generate(args) => generate::run(&args, false),
+        Command::Serve(args) => serve::run(&args),
         Command::Bench { what: BenchWhat::Generate(args) } => generate::run(&args, true),
         Command::Bench { what: BenchWhat::Kernels { shapes, filter, dtype, profile, min_ms } } => {
             let opts = BenchOptions {
