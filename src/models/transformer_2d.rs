@@ -2,7 +2,7 @@
 //! transformer blocks (self-attention, cross-attention, GEGLU feed-forward), projection out,
 //! residual.
 
-use super::nn::{multi_head_attention, Conv2d, GroupNorm, LayerNorm, Linear};
+use super::nn::{multi_head_attention, GroupNorm, LayerNorm, Linear};
 use crate::error::Result;
 use crate::gpu::{Gpu, Tensor};
 use crate::loader::W;
@@ -90,37 +90,29 @@ impl BasicTransformerBlock {
     }
 }
 
-enum Projection {
-    /// 1x1 convolutions (SD 1.x).
-    Conv(Conv2d, Conv2d),
-    /// Linear layers on tokens (`use_linear_projection`, SD 2.x).
-    Linear(Linear, Linear),
-}
-
 /// `Transformer2DModel` on a `[B, C, H, W]` map.
 pub struct Transformer2DModel {
     norm: GroupNorm,
-    proj: Projection,
+    /// 1x1 convolutions (SD 1.x) or linears (`use_linear_projection`, SD 2.x): the same map over
+    /// channels, so both load as linears applied to the channels-first feature map.
+    proj_in: Linear,
+    proj_out: Linear,
     blocks: Vec<BasicTransformerBlock>,
-    inner: usize,
 }
 
 impl Transformer2DModel {
     /// `heads` heads of `channels / heads`, `layers` transformer blocks.
     #[allow(clippy::too_many_arguments)]
-    pub async fn load(w: &W<'_, '_>, channels: usize, heads: usize, layers: usize, cross_dim: usize, groups: usize, linear: bool) -> Result<Self> {
+    pub async fn load(w: &W<'_, '_>, channels: usize, heads: usize, layers: usize, cross_dim: usize, groups: usize) -> Result<Self> {
         let head_dim = channels / heads.max(1);
         let inner = heads * head_dim;
-        let proj = if linear {
-            Projection::Linear(Linear::load(&w.sub("proj_in"), channels, inner, true).await?, Linear::load(&w.sub("proj_out"), inner, channels, true).await?)
-        } else {
-            Projection::Conv(Conv2d::load(&w.sub("proj_in"), channels, inner, 1, 1, 0).await?, Conv2d::load(&w.sub("proj_out"), inner, channels, 1, 1, 0).await?)
-        };
+        let proj_in = Linear::load(&w.sub("proj_in"), channels, inner, true).await?;
+        let proj_out = Linear::load(&w.sub("proj_out"), inner, channels, true).await?;
         let mut blocks = Vec::new();
         for i in 0..layers {
             blocks.push(BasicTransformerBlock::load(&w.sub(format!("transformer_blocks.{i}")), inner, heads, head_dim, cross_dim).await?);
         }
-        Ok(Self { norm: GroupNorm::load(&w.sub("norm"), groups, channels, 1e-6).await?, proj, blocks, inner })
+        Ok(Self { norm: GroupNorm::load(&w.sub("norm"), groups, channels, 1e-6).await?, proj_in, proj_out, blocks })
     }
 
     /// `x + proj_out(blocks(proj_in(norm(x))))`, attending to `context` `[B, L, cross_dim]`.
@@ -128,25 +120,12 @@ impl Transformer2DModel {
         let &[b, c, h, w] = x.shape() else { return Err(crate::Error::Shape(format!("transformer input {:?}", x.shape()))) };
         let n = self.norm.forward(gpu, x, false)?;
         let flat = n.reshape(&[b, c, h * w])?;
-        let mut t = match &self.proj {
-            Projection::Conv(pin, _) => {
-                // A 1x1 convolution is a linear over channels; read it straight into tokens.
-                let lin = Linear { weight: pin.weight.reshape(&[self.inner, c])?, bias: pin.bias.clone(), in_features: c, out_features: self.inner };
-                lin.forward_channels_first(gpu, &flat)?
-            }
-            Projection::Linear(pin, _) => pin.forward_channels_first(gpu, &flat)?,
-        };
+        let mut t = self.proj_in.forward_channels_first(gpu, &flat)?;
         for block in &self.blocks {
             t = block.forward(gpu, &t, context)?;
         }
         let residual = x.reshape(&[b, c, h * w])?;
-        let out = match &self.proj {
-            Projection::Conv(_, pout) => {
-                let lin = Linear { weight: pout.weight.reshape(&[c, self.inner])?, bias: pout.bias.clone(), in_features: self.inner, out_features: c };
-                lin.forward_to_channels_first(gpu, &t, Some(&residual))?
-            }
-            Projection::Linear(_, pout) => pout.forward_to_channels_first(gpu, &t, Some(&residual))?,
-        };
+        let out = self.proj_out.forward_to_channels_first(gpu, &t, Some(&residual))?;
         out.reshape(&[b, c, h, w])
     }
 }

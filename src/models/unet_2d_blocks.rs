@@ -16,7 +16,6 @@ pub struct BlockSettings {
     pub groups: usize,
     pub eps: f32,
     pub cross_attention_dim: usize,
-    pub use_linear_projection: bool,
 }
 
 /// Cross-attention settings of one block: heads and transformer layers, or none.
@@ -27,7 +26,7 @@ pub struct BlockAttention {
 }
 
 async fn load_attention(w: &W<'_, '_>, i: usize, channels: usize, attn: BlockAttention, s: &BlockSettings) -> Result<Transformer2DModel> {
-    Transformer2DModel::load(&w.sub(format!("attentions.{i}")), channels, attn.heads, attn.transformer_layers, s.cross_attention_dim, s.groups, s.use_linear_projection).await
+    Transformer2DModel::load(&w.sub(format!("attentions.{i}")), channels, attn.heads, attn.transformer_layers, s.cross_attention_dim, s.groups).await
 }
 
 /// A down block: resnets (each followed by a transformer when cross-attention is on), then an

@@ -191,7 +191,7 @@ impl UNet2DConditionModel {
         let temb = ch[0] * 4;
         let s = BlockSettings {
             temb_channels: temb, groups: config.norm_num_groups, eps: config.norm_eps,
-            cross_attention_dim: config.cross_attention_dim.get(0), use_linear_projection: config.use_linear_projection,
+            cross_attention_dim: config.cross_attention_dim.get(0),
         };
         let attn = |i: usize, types: &[String], layers: usize| {
             types[i].starts_with("CrossAttn").then(|| BlockAttention { heads: config.heads(i), transformer_layers: layers })
@@ -240,9 +240,8 @@ impl UNet2DConditionModel {
         let t = gpu.upload(&[b], DType::F32, &vec![timestep; b])?;
         let t_emb = ops::timestep_embedding(gpu, &t, &self.time_proj, sample.dtype())?;
         let emb = self.linear_1.forward(gpu, &t_emb, Activation::Silu)?;
-        // Every resnet applies SiLU to the embedding first: do it once here.
-        let silu_emb = self.linear_2.forward(gpu, &emb, Activation::None)?;
-        let silu_emb = ops::activation(gpu, &silu_emb, Activation::Silu)?;
+        // Every resnet applies SiLU to the embedding first: do it once, in linear_2's epilogue.
+        let silu_emb = self.linear_2.forward(gpu, &emb, Activation::Silu)?;
         let mut hs = self.conv_in.forward(gpu, sample, None)?;
         let mut skips = vec![hs.clone()];
         for block in &self.down_blocks {

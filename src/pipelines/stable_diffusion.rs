@@ -4,6 +4,7 @@
 use super::loading::StableDiffusionModel;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
+use crate::ops;
 use crate::rng::TorchGenerator;
 use crate::schedulers::{self, Scheduler, SchedulerKind};
 
@@ -132,21 +133,12 @@ impl StableDiffusionModel {
         // the last layer.
         let t0 = now_ms();
         let cond = self.encode_text(gpu, &[p.prompt.as_str()], p.clip_skip)?;
-        let (l, d) = (cond.dim(1), cond.dim(2));
-        let cond_rows = gpu.read(&cond).await?;
-        let mut context = Vec::with_capacity(2 * b * l * d);
-        if cfg {
-            let neg = self.encode_text(gpu, &[p.negative_prompt.as_deref().unwrap_or("")], 0)?;
-            let neg_rows = gpu.read(&neg).await?;
-            for _ in 0..b {
-                context.extend_from_slice(&neg_rows);
-            }
-        }
-        for _ in 0..b {
-            context.extend_from_slice(&cond_rows);
-        }
-        let rows = if cfg { 2 * b } else { b };
-        let context = gpu.upload(&[rows, l, d], self.dtype, &context)?;
+        let neg = if cfg { Some(self.encode_text(gpu, &[p.negative_prompt.as_deref().unwrap_or("")], 0)?) } else { None };
+        // Rows [uncond x b; cond x b], assembled on the GPU (no readback).
+        let rows: Vec<&Tensor> = neg.iter().flat_map(|n| std::iter::repeat_n(n, b)).chain(std::iter::repeat_n(&cond, b)).collect();
+        let context = ops::concat(gpu, &rows, 0)?;
+        let rows = rows.len();
+        gpu.sync().await?;
         times.text_encoder_ms = now_ms() - t0;
 
         // Latents: randn on the torch CPU generator, scaled by the scheduler's initial sigma.
