@@ -66,6 +66,8 @@ build_wasm() {
   node "$BROWSER_DIR/node_modules/binaryen/bin/wasm-opt" -Os --enable-reference-types --enable-bulk-memory \
     --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals --enable-multivalue \
     www/pkg/ldm_web_bg.wasm -o www/pkg/ldm_web_bg.wasm
+  # CLIP's BPE merges, fetched by the page only for single-file checkpoints (they carry no tokenizer).
+  cp assets/clip/bpe_simple_vocab_16e6.txt.gz www/pkg/clip-bpe.txt.gz
   local size gz
   size=$(stat -c %s www/pkg/ldm_web_bg.wasm)
   gz=$(gzip -9 -c www/pkg/ldm_web_bg.wasm | wc -c)
@@ -101,6 +103,12 @@ run_tests() {
   log "kernel tests, Chromium and Firefox (WebGPU in a Web Worker)"
   if node "$BROWSER_DIR/run.mjs" --www www --timeout-min 40 2>&1 | tee "$logs/browser.log"; then :; else failed=1; fi
   results+=("$(grep -E '^(chromium|firefox)( |:)' "$logs/browser.log" || echo 'browsers: did not run')")
+
+  log "the web app end to end: Chromium and Firefox against ldm serve"
+  mkdir -p "$TARGET_DIR/e2e-artifacts"
+  if node "$BROWSER_DIR/e2e.mjs" --ldm "$TARGET_DIR/release/ldm" --www www --fixtures tests/fixtures \
+      --artifacts "$TARGET_DIR/e2e-artifacts" 2>&1 | tee "$logs/e2e.log"; then :; else failed=1; fi
+  results+=("$(grep -E '^(chromium|firefox) e2e:' "$logs/e2e.log" || echo 'app e2e: 0 passed, 1 failed (did not run)')")
 
   log "summary"
   printf '%s\n' "${results[@]}"

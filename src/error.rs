@@ -9,7 +9,7 @@ pub enum Error {
     RequestDevice(String),
     #[error("the GPU ran out of memory ({0}); use a smaller image size or batch, or a quantised model")]
     OutOfMemory(String),
-    #[error("the GPU device was lost ({0}); reload the page or restart the program")]
+    #[error("the GPU device was lost ({0}); ldm-web reopens it on the next run (natively: run the command again)")]
     DeviceLost(String),
     #[error("GPU validation error (a bug in ldm-web, please report it): {0}")]
     Validation(String),
@@ -29,6 +29,8 @@ pub enum Error {
     Model(String),
     #[error("invalid input: {0}")]
     Input(String),
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// Result with the crate's [`Error`].

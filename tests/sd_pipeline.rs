@@ -60,7 +60,7 @@ fn pipelines_match_diffusers_images() {
             eta: c.eta, clip_skip: c.clip_skip.unwrap_or(0), batch: c.batch,
         };
         let now = || 0.0;
-        let (images, _) = pollster::block_on(model.txt2img(&gpu, &p, &now, &mut |_, _| {})).unwrap_or_else(|e| panic!("case {}: {e}", c.index));
+        let (images, _) = pollster::block_on(model.txt2img(&gpu, &p, &now, &mut |_| Ok(()))).unwrap_or_else(|e| panic!("case {}: {e}", c.index));
         let want = &reference(&format!("pipeline_{}.safetensors", c.index))["image"];
         assert_eq!(want.0, vec![c.batch, c.height, c.width, 3], "case {} shape", c.index);
         let (d, _) = common::max_diff(&images.data, &want.1);
@@ -100,7 +100,7 @@ fn f16_pipeline_stays_close_to_diffusers() {
             scheduler: c.scheduler.as_deref().map(|s| s.parse::<SchedulerKind>().expect("known scheduler")),
             eta: c.eta, clip_skip: c.clip_skip.unwrap_or(0), batch: c.batch,
         };
-        let (images, _) = pollster::block_on(model.txt2img(&gpu, &p, &|| 0.0, &mut |_, _| {})).expect("generates");
+        let (images, _) = pollster::block_on(model.txt2img(&gpu, &p, &|| 0.0, &mut |_| Ok(()))).expect("generates");
         let want = &reference(&format!("pipeline_{index}.safetensors"))["image"].1;
         let (d, _) = common::max_diff(&images.data, want);
         let mean = images.data.iter().zip(want).map(|(a, b)| (a - b).abs()).sum::<f32>() / want.len() as f32;

@@ -1,19 +1,31 @@
-// Module Web Worker hosting the ldm-web wasm engine (wasm-bindgen --target web output in ./pkg/).
+// The engine's module Web Worker: owns the GPU device, the loaded model and the weight cache, so
+// the page never blocks. Used by the app (app.js), the <ldm-image> widget and the test pages,
+// always through ldm-client.js or worker-job.js.
 //
-// Messages in:  {id, cmd: 'test', filter}  -> ldm.run_kernel_tests(filter)  (resolves to a JSON string)
-//               {id, cmd: 'bench', which}  -> ldm.bench_kernels(which)      (resolves to a JSON string)
-// Replies:      {id, ok: true, json} | {id, ok: false, error}
-// Before any command is handled the worker posts {id: null, cmd: 'ready'} or {id: null, ok: false, error}
-// once initialisation finishes; commands sent earlier are queued until then.
+// Messages in (one job runs at a time; `cancel` and `simulate-device-loss` act immediately):
+//   {id, cmd: 'generate', model, params}      params: prompt, negative_prompt, seed, steps, guidance,
+//                                             width, height, scheduler, precision, preview_every
+//   {id, cmd: 'bench-generate', model, params}
+//   {id, cmd: 'adapter'} | {id, cmd: 'models'} | {id, cmd: 'delete-model', url}
+//   {id, cmd: 'test', filter} | {id, cmd: 'bench', which}     (kernel tests and benchmarks)
+//   {cmd: 'cancel'} | {cmd: 'simulate-device-loss'}
+// Messages out:
+//   {id: null, cmd: 'ready'} or {id: null, ok: false, error} once, after initialisation
+//   {id, event: {type: 'stage' | 'step' | 'preview' | 'download' | 'status', ...}} while a job runs
+//   {id, ok: true, json?, png?, info?} | {id, ok: false, error, kind, fatal}
+
+import { WeightStore, abortError, recordModel, listCachedModels, deleteCachedModel } from './weight-store.js';
 
 let ldm = null;
+let current = null; // {id, abort: AbortController} of the running job
+let queue = Promise.resolve();
 
 function errorText(e) {
   if (e instanceof Error) {
     // Chromium's stack starts with "Name: message", Firefox's holds only the frames.
     const head = String(e);
     const stack = (e.stack ?? '').trimEnd();
-    if (!stack) return head;
+    if (!stack || e.kind) return e.message ?? head;
     return stack.startsWith(head) ? stack : `${head}\n${stack}`;
   }
   if (e && typeof e === 'object' && 'message' in e) return String(e.message);
@@ -54,16 +66,93 @@ const ready = initEngine().then(
   },
 );
 
-async function handle(msg) {
+// A model URL: a diffusers folder (ending in '/') or one .safetensors file.
+function modelLocation(model) {
+  if (!model) throw Object.assign(new Error('no model given: enter the URL of a diffusers folder or a .safetensors file'), { kind: 'input' });
+  const url = new URL(model, self.location.href);
+  if (/\.safetensors$/i.test(url.pathname)) {
+    const base = new URL('./', url).href;
+    return { url: url.href, base, file: decodeURIComponent(url.pathname.slice(new URL(base).pathname.length)) };
+  }
+  const href = url.href.endsWith('/') ? url.href : `${url.href}/`;
+  return { url: href, base: href, file: null };
+}
+
+// CLIP's BPE merges for single-file checkpoints (they carry no tokenizer), cached like weights.
+async function clipBpe(signal) {
+  const store = new WeightStore(new URL('./pkg/', import.meta.url).href, { signal });
+  const n = await store.size('clip-bpe.txt.gz');
+  if (n === null) throw new Error('pkg/clip-bpe.txt.gz is missing from this build');
+  const gz = await store.read('clip-bpe.txt.gz', 0, n);
+  const text = await new Response(new Blob([gz]).stream().pipeThrough(new DecompressionStream('gzip'))).text();
+  return text;
+}
+
+async function withModel(id, msg, run) {
+  const loc = modelLocation(msg.model);
+  const post = (event) => self.postMessage({ id, event });
+  const sizes = new Map();
+  let total = 0;
+  const store = new WeightStore(loc.base, {
+    signal: current.abort.signal,
+    onBytes: (fetched) => post({ type: 'download', fetched, total }),
+    log: (line) => post({ type: 'status', message: line }),
+  });
+  // Sizes of weight files, for the progress bar's total.
+  const size = store.size.bind(store);
+  store.size = async (path) => {
+    const n = await size(path);
+    if (n !== null && path.endsWith('.safetensors') && !sizes.has(path)) {
+      sizes.set(path, n);
+      total += n;
+    }
+    return n;
+  };
+  const bpe = loc.file ? await clipBpe(current.abort.signal) : undefined;
+  const result = await run(loc, store, bpe);
+  await recordModel(loc.url, { file: loc.file });
+  return result;
+}
+
+async function generate(id, msg) {
+  const post = (event) => self.postMessage({ id, event });
+  const request = JSON.stringify(msg.params ?? {});
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await withModel(id, msg, async (loc, store, bpe) => {
+        const out = await ldm.generate(loc.base, store, loc.file ?? undefined, bpe, request, (ev) => post(ev));
+        return { png: out.png, info: JSON.parse(out.info) };
+      });
+    } catch (e) {
+      // The device was lost (driver reset, another tab, a simulated loss): the engine has dropped
+      // it; open a new one and load the model again, from the cache.
+      if (e?.kind === 'device-lost' && attempt === 0) {
+        post({ type: 'status', message: `${e.message.replace(/^the GPU/, 'The GPU').replace(/;.*$/, '')}: reopening it and retrying.` });
+        continue;
+      }
+      throw e;
+    }
+  }
+}
+
+async function handle(id, msg) {
   const initError = await ready;
   if (initError !== null) throw new Error(initError);
   switch (msg.cmd) {
     case 'test':
-      if (typeof ldm.run_kernel_tests !== 'function') throw new Error('wasm module has no run_kernel_tests export');
-      return await ldm.run_kernel_tests(msg.filter ?? '');
+      return { json: await ldm.run_kernel_tests(msg.filter ?? '') };
     case 'bench':
-      if (typeof ldm.bench_kernels !== 'function') throw new Error('wasm module has no bench_kernels export');
-      return await ldm.bench_kernels(msg.which ?? 'small');
+      return { json: await ldm.bench_kernels(msg.which ?? 'small') };
+    case 'adapter':
+      return { json: await ldm.adapter_info() };
+    case 'generate':
+      return generate(id, msg);
+    case 'bench-generate':
+      return withModel(id, msg, async (loc, store, bpe) => ({ json: await ldm.bench_generate(loc.base, store, loc.file ?? undefined, bpe, JSON.stringify(msg.params ?? {})) }));
+    case 'models':
+      return { json: JSON.stringify(await listCachedModels()) };
+    case 'delete-model':
+      return { json: JSON.stringify({ deleted: await deleteCachedModel(msg.url) }) };
     default:
       throw new Error(`unknown command ${JSON.stringify(msg.cmd)}`);
   }
@@ -80,16 +169,37 @@ async function browserAdapterInfo() {
   }
 }
 
-self.addEventListener('message', async (ev) => {
+async function runJob(id, msg) {
+  current = { id, abort: new AbortController() };
+  try {
+    const out = await handle(id, msg);
+    if (out.json !== undefined) {
+      const report = JSON.parse(out.json);
+      if (report && report.adapter) report.adapter.browser = await browserAdapterInfo();
+      out.json = JSON.stringify(report);
+    }
+    self.postMessage({ id, ok: true, ...out }, out.png ? [out.png.buffer] : []);
+  } catch (e) {
+    // A wasm trap (a Rust panic) leaves the module unusable: the client starts a new worker.
+    const fatal = e instanceof WebAssembly.RuntimeError;
+    const kind = e?.kind ?? (e?.name === 'AbortError' ? 'cancelled' : fatal ? 'panic' : 'error');
+    self.postMessage({ id, ok: false, error: errorText(e), kind, fatal });
+  } finally {
+    current = null;
+  }
+}
+
+self.addEventListener('message', (ev) => {
   const msg = ev.data ?? {};
   const id = msg.id ?? null;
-  try {
-    let json = await handle(msg);
-    const report = typeof json === 'string' ? JSON.parse(json) : json;
-    if (report && report.adapter) report.adapter.browser = await browserAdapterInfo();
-    json = JSON.stringify(report);
-    self.postMessage({ id, ok: true, json });
-  } catch (e) {
-    self.postMessage({ id, ok: false, error: errorText(e) });
+  if (msg.cmd === 'cancel') {
+    ldm?.cancel();
+    current?.abort.abort(abortError());
+    return;
   }
+  if (msg.cmd === 'simulate-device-loss') {
+    ldm?.simulate_device_loss();
+    return;
+  }
+  queue = queue.then(() => runJob(id, msg));
 });

@@ -50,6 +50,7 @@ export function runWorkerJob({ out, name, tag, message, what, validate = () => n
     if (m.id === null && m.cmd === 'ready') { log(`engine ready after ${secs()} s; running ${what}…`); return; }
     if (m.id === null && m.ok === false) { fail(m.error); return; }
     if (m.id !== 1) return;
+    if (m.event) { if (m.event.type === 'step') log(`step ${m.event.step}/${m.event.steps} (${m.event.ms.toFixed(0)} ms)`); else if (m.event.type === 'stage') log(`stage: ${m.event.stage}`); return; }
     if (!m.ok) { fail(m.error); return; }
     let res;
     try { res = JSON.parse(m.json); } catch (err) { fail(`result is not JSON: ${err}: ${String(m.json).slice(0, 200)}`); return; }

@@ -273,13 +273,22 @@ impl Gpu {
         self.inner.submissions.get()
     }
 
-    /// Returns (and clears) the first error the GPU reported asynchronously.
+    /// Returns (and clears) the first error the GPU reported asynchronously; a lost device stays lost.
     pub fn check(&self) -> Result<()> {
         let mut slot = self.inner.error.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Error::DeviceLost(m)) = &*slot {
+            return Err(Error::DeviceLost(m.clone()));
+        }
         match slot.take() {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Destroys the device and records it as lost, as a driver reset would (tests recovery).
+    pub fn lose_device(&self, why: &str) {
+        self.inner.error.lock().unwrap_or_else(|p| p.into_inner()).replace(Error::DeviceLost(why.to_string()));
+        self.inner.device.destroy();
     }
 
     /// An uninitialised tensor from the pool.

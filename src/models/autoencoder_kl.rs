@@ -40,7 +40,8 @@ impl Default for AutoencoderKLConfig {
 }
 
 impl AutoencoderKLConfig {
-    fn validate(&self) -> Result<()> {
+    /// Refuses configs the decoder cannot run.
+    pub fn validate(&self) -> Result<()> {
         let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(Error::Model(format!("vae config has {n} block_out_channels, {} down and {} up block types; they must match", self.down_block_types.len(), self.up_block_types.len())));

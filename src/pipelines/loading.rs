@@ -1,5 +1,7 @@
 //! Assembling a Stable Diffusion model from a diffusers folder or a single-file checkpoint.
 
+use std::cell::OnceCell;
+
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu};
 use super::single_file;
@@ -19,6 +21,16 @@ pub struct LoadOptions {
     /// CLIP's BPE merges (`bpe_simple_vocab_16e6.txt`, see `assets/clip/`) for single-file
     /// checkpoints, which carry no tokenizer.
     pub clip_bpe: Option<String>,
+    /// Leave the VAE's weights for [`StableDiffusionModel::load_vae`], so denoising can start
+    /// while they are still downloading (the browser).
+    pub defer_vae: bool,
+}
+
+/// Where the VAE's weights are, until they are loaded.
+#[derive(Clone)]
+enum VaeWeights {
+    Folder { prefer_fp16: bool },
+    SingleFile(WeightFile),
 }
 
 /// The components of a Stable Diffusion 1.x / 2.x text-to-image model.
@@ -28,7 +40,10 @@ pub struct StableDiffusionModel {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
-    pub vae: AutoencoderKL,
+    pub vae_config: AutoencoderKLConfig,
+    vae: OnceCell<AutoencoderKL>,
+    vae_weights: VaeWeights,
+    vae_encoder: bool,
     /// `scheduler/scheduler_config.json` as written (with `_class_name`).
     pub scheduler_config: serde_json::Value,
     pub dtype: DType,
@@ -77,11 +92,44 @@ impl StableDiffusionModel {
         let unet_w = Weights::new(src, component_files(src, "unet", "diffusion_pytorch_model", opts.prefer_fp16).await?);
         let unet = UNet2DConditionModel::load(&unet_w.at(gpu, dtype, ""), unet_cfg).await?;
         drop(unet_w);
-        let vae_cfg: AutoencoderKLConfig = config(src, "vae/config.json").await?;
-        let vae_w = Weights::new(src, component_files(src, "vae", "diffusion_pytorch_model", opts.prefer_fp16).await?);
-        let vae = AutoencoderKL::load(&vae_w.at(gpu, dtype, ""), vae_cfg, opts.vae_encoder).await?;
+        let vae_config: AutoencoderKLConfig = config(src, "vae/config.json").await?;
+        vae_config.validate()?;
         let scheduler_config: serde_json::Value = config(src, "scheduler/scheduler_config.json").await?;
-        Ok(Self { name: name.to_string(), tokenizer, text_encoder, unet, vae, scheduler_config, dtype })
+        let vae_weights = VaeWeights::Folder { prefer_fp16: opts.prefer_fp16 };
+        let model = Self { name: name.to_string(), tokenizer, text_encoder, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, scheduler_config, dtype };
+        model.finish_load(gpu, src, opts).await
+    }
+
+    async fn finish_load(self, gpu: &Gpu, src: &dyn FileSource, opts: &LoadOptions) -> Result<Self> {
+        if !opts.defer_vae {
+            self.load_vae(gpu, src).await?;
+        }
+        Ok(self)
+    }
+
+    /// Loads the VAE's weights (a no-op once loaded); `src` is the source the model came from.
+    pub async fn load_vae(&self, gpu: &Gpu, src: &dyn FileSource) -> Result<()> {
+        if self.vae.get().is_some() {
+            return Ok(());
+        }
+        let weights = match &self.vae_weights {
+            VaeWeights::Folder { prefer_fp16 } => Weights::new(src, component_files(src, "vae", "diffusion_pytorch_model", *prefer_fp16).await?),
+            VaeWeights::SingleFile(file) => single_file::vae_weights(src, vec![file.clone()], &self.vae_config)?,
+        };
+        let vae = AutoencoderKL::load(&weights.at(gpu, self.dtype, ""), self.vae_config.clone(), self.vae_encoder).await?;
+        // A concurrent load may have won; either copy is the same model.
+        let _ = self.vae.set(vae);
+        Ok(())
+    }
+
+    /// The VAE, once [`Self::load_vae`] has run.
+    pub fn vae(&self) -> Result<&AutoencoderKL> {
+        self.vae.get().ok_or_else(|| Error::Model("the VAE's weights are not loaded yet (call load_vae first)".into()))
+    }
+
+    /// Whether the VAE's weights are on the GPU.
+    pub fn vae_loaded(&self) -> bool {
+        self.vae.get().is_some()
     }
 
     /// Loads a single-file checkpoint in the original layout. Configs come from `configs` (like
@@ -111,9 +159,10 @@ impl StableDiffusionModel {
         let text_encoder = ClipTextModel::load(&te_w.at(gpu, dtype, ""), te_cfg).await?;
         let unet_w = single_file::unet_weights(src, files.clone(), &unet_cfg)?;
         let unet = UNet2DConditionModel::load(&unet_w.at(gpu, dtype, ""), unet_cfg).await?;
-        let vae_w = single_file::vae_weights(src, files.clone(), &vae_cfg)?;
-        let vae = AutoencoderKL::load(&vae_w.at(gpu, dtype, ""), vae_cfg, opts.vae_encoder).await?;
+        vae_cfg.validate()?;
         let name = file.rsplit('/').next().unwrap_or(file).to_string();
-        Ok(Self { name, tokenizer, text_encoder, unet, vae, scheduler_config, dtype })
+        let vae_weights = VaeWeights::SingleFile(files[0].clone());
+        let model = Self { name, tokenizer, text_encoder, unet, vae_config: vae_cfg, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, scheduler_config, dtype };
+        model.finish_load(gpu, src, opts).await
     }
 }

@@ -1,8 +1,10 @@
 //! Pipelines: models + schedulers + seeds, as diffusers' pipelines.
 
 pub mod loading;
+pub mod output;
+pub mod preview;
 pub mod single_file;
 pub mod stable_diffusion;
 
 pub use loading::{LoadOptions, StableDiffusionModel};
-pub use stable_diffusion::{Images, StageTimes, Txt2ImgParams};
+pub use stable_diffusion::{Images, Latents, StageTimes, StepProgress, Txt2ImgParams};

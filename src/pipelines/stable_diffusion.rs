@@ -63,8 +63,26 @@ pub struct StageTimes {
     pub vae_decode_ms: f64,
 }
 
-/// Progress reported after every denoising step: (steps done, total).
-pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+/// What a caller sees after each denoising step.
+pub struct StepProgress<'a> {
+    /// Steps done (1-based) and in all.
+    pub step: usize,
+    pub steps: usize,
+    /// The current latents `[batch, channels, height, width]`, for previews.
+    pub latents: &'a [f32],
+    pub shape: [usize; 4],
+}
+
+/// Called after every denoising step; an error (e.g. [`Error::Cancelled`]) stops the run.
+pub type Progress<'a> = &'a mut dyn FnMut(&StepProgress) -> Result<()>;
+
+/// Latents after the last denoising step, ready to decode.
+#[derive(Clone, Debug)]
+pub struct Latents {
+    pub data: Vec<f32>,
+    /// `[batch, channels, height, width]`.
+    pub shape: [usize; 4],
+}
 
 impl StableDiffusionModel {
     /// The scheduler `kind` (default: the model's own, exactly as configured), built from the
@@ -92,7 +110,7 @@ impl StableDiffusionModel {
 
     /// Checks sizes and counts before any work starts.
     pub fn validate(&self, p: &Txt2ImgParams) -> Result<()> {
-        let f = self.vae.config.scale_factor() * self.unet.config.downsample_factor();
+        let f = self.vae_config.scale_factor() * self.unet.config.downsample_factor();
         if p.width == 0 || p.height == 0 || !p.width.is_multiple_of(8) || !p.height.is_multiple_of(8) {
             return Err(Error::Input(format!("width and height must be positive multiples of 8, got {}x{}", p.width, p.height)));
         }
@@ -117,8 +135,19 @@ impl StableDiffusionModel {
         Ok(())
     }
 
-    /// Generates `params.batch` images; `now_ms` times stages, `progress` sees every step.
+    /// Generates `params.batch` images (the VAE must be loaded); `now_ms` times stages, `progress`
+    /// sees every step.
     pub async fn txt2img(&self, gpu: &Gpu, p: &Txt2ImgParams, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Images, StageTimes)> {
+        self.vae()?;
+        let (latents, mut times) = self.denoise(gpu, p, now_ms, progress).await?;
+        let t0 = now_ms();
+        let images = self.decode(gpu, &latents).await?;
+        times.vae_decode_ms = now_ms() - t0;
+        Ok((images, times))
+    }
+
+    /// Text encoding and the denoising loop: everything before the VAE.
+    pub async fn denoise(&self, gpu: &Gpu, p: &Txt2ImgParams, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Latents, StageTimes)> {
         self.validate(p)?;
         let mut times = StageTimes::default();
         let mut scheduler = self.scheduler(p.scheduler)?;
@@ -142,7 +171,8 @@ impl StableDiffusionModel {
         times.text_encoder_ms = now_ms() - t0;
 
         // Latents: randn on the torch CPU generator, scaled by the scheduler's initial sigma.
-        let (c, h, w) = (self.unet.config.in_channels, p.height / self.vae.config.scale_factor(), p.width / self.vae.config.scale_factor());
+        let f = self.vae_config.scale_factor();
+        let (c, h, w) = (self.unet.config.in_channels, p.height / f, p.width / f);
         let mut generator = TorchGenerator::new(p.seed);
         let sigma = scheduler.init_noise_sigma();
         let mut latents: Vec<f32> = generator.randn(b * c * h * w).into_iter().map(|v| v * sigma).collect();
@@ -159,17 +189,22 @@ impl StableDiffusionModel {
             let noise = if cfg { guide(&out, p.guidance_scale, p.guidance_rescale, b) } else { out };
             latents = scheduler.step(&noise, i, &latents, &mut generator)?;
             times.unet_steps_ms.push(now_ms() - t_start);
-            progress(i + 1, steps);
+            progress(&StepProgress { step: i + 1, steps, latents: &latents, shape: [b, c, h, w] })?;
         }
+        Ok((Latents { data: latents, shape: [b, c, h, w] }, times))
+    }
 
-        let t0 = now_ms();
-        let inv = 1.0 / self.vae.config.scaling_factor;
-        let z: Vec<f32> = latents.iter().map(|v| v * inv).collect();
-        let z = gpu.upload(&[b, c, h, w], self.dtype, &z)?;
-        let image = self.vae.decode(gpu, &z)?;
+    /// Decodes latents to images with the VAE (diffusers' `vae.decode(latents / scaling_factor)`).
+    pub async fn decode(&self, gpu: &Gpu, latents: &Latents) -> Result<Images> {
+        let vae = self.vae()?;
+        let inv = 1.0 / self.vae_config.scaling_factor;
+        let z: Vec<f32> = latents.data.iter().map(|v| v * inv).collect();
+        let [b, _, h, w] = latents.shape;
+        let f = self.vae_config.scale_factor();
+        let z = gpu.upload(&latents.shape, self.dtype, &z)?;
+        let image = vae.decode(gpu, &z)?;
         let pixels = gpu.read(&image).await?;
-        times.vae_decode_ms = now_ms() - t0;
-        Ok((to_hwc01(&pixels, b, p.height, p.width), times))
+        Ok(to_hwc01(&pixels, b, h * f, w * f))
     }
 }
 

@@ -2,6 +2,9 @@
 
 use wasm_bindgen::prelude::*;
 
+mod engine;
+mod source;
+
 use crate::bench::BenchOptions;
 
 #[wasm_bindgen(start)]

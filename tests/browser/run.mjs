@@ -15,39 +15,11 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { startServer } from './server.mjs';
 
-const CHROMIUM_ARGS = [
-  '--headless=new',
-  '--no-sandbox', // we run as root
-  '--enable-unsafe-webgpu', // no adapter on Linux without it
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--no-first-run',
-  '--disable-quic',
-  '--disable-default-apps',
-  '--disable-features=Translate,MediaRouter,OptimizationHints',
-  '--disable-renderer-backgrounding',
-  '--disable-background-timer-throttling',
-  '--disable-backgrounding-occluded-windows',
-];
-
-const FIREFOX_PREFS = {
-  'dom.webgpu.enabled': true,
-  'gfx.webgpu.ignore-blocklist': true, // no adapter (lavapipe is blocklisted) without it
-  'app.update.enabled': false,
-  'browser.shell.checkDefaultBrowser': false,
-  'datareporting.policy.dataSubmissionEnabled': false,
-  'toolkit.telemetry.enabled': false,
-  'network.captive-portal-service.enabled': false,
-  'network.connectivity-service.enabled': false,
-  'extensions.update.enabled': false,
-  'browser.safebrowsing.malware.enabled': false,
-  'browser.safebrowsing.phishing.enabled': false,
-};
+import { CHROMIUM_ARGS, FIREFOX_PREFS, EXECUTABLES } from './browsers.mjs';
 
 const BROWSERS = {
-  chromium: { executable: process.env.LDM_CHROMIUM ?? '/usr/bin/chromium', launch: launchChromium },
-  firefox: { executable: process.env.LDM_FIREFOX ?? '/usr/bin/firefox-esr', launch: launchFirefox },
+  chromium: { executable: EXECUTABLES.chromium, launch: launchChromium },
+  firefox: { executable: EXECUTABLES.firefox, launch: launchFirefox },
 };
 
 function usage(code) {

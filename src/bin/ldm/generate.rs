@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use ldm_web::gpu::{Gpu, GpuOptions};
 use ldm_web::loader::{DirSource, FileSource};
+use ldm_web::pipelines::output::{bench_report, encode_png, parameters_text};
 use ldm_web::pipelines::{LoadOptions, StableDiffusionModel, Txt2ImgParams};
 use ldm_web::schedulers::SchedulerKind;
 use ldm_web::{Error, Result};
@@ -95,62 +96,10 @@ pub async fn load_model(gpu: &Gpu, model: &str, opts: &LoadOptions) -> Result<St
     }
 }
 
-/// A1111's sampler names, so the PNG reads as users of those tools expect.
-fn sampler_name(kind: SchedulerKind) -> &'static str {
-    match kind {
-        SchedulerKind::Ddim => "DDIM",
-        SchedulerKind::Pndm => "PLMS",
-        SchedulerKind::Ddpm => "DDPM",
-        SchedulerKind::Euler => "Euler",
-        SchedulerKind::EulerAncestral => "Euler a",
-        SchedulerKind::Heun => "Heun",
-        SchedulerKind::Lms => "LMS",
-        SchedulerKind::DpmPp2m => "DPM++ 2M",
-        SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
-        SchedulerKind::DpmPp2mSdeKarras => "DPM++ 2M SDE Karras",
-        SchedulerKind::UniPc => "UniPC",
-        SchedulerKind::Lcm => "LCM",
-    }
-}
-
-/// The `parameters` text AUTOMATIC1111 / ComfyUI read.
-pub fn parameters_text(p: &Txt2ImgParams, kind: SchedulerKind, model: &str, index: usize) -> String {
-    let mut s = p.prompt.clone();
-    if let Some(n) = &p.negative_prompt {
-        s.push_str(&format!("\nNegative prompt: {n}"));
-    }
-    s.push_str(&format!(
-        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-        p.steps, sampler_name(kind), p.guidance_scale, p.seed, p.width, p.height, model
-    ));
-    if p.eta != 0.0 {
-        s.push_str(&format!(", Eta: {}", p.eta));
-    }
-    if p.clip_skip > 0 {
-        s.push_str(&format!(", Clip skip: {}", p.clip_skip + 1));
-    }
-    if p.batch > 1 {
-        s.push_str(&format!(", Batch size: {}, Batch pos: {index}", p.batch));
-    }
-    s
-}
-
-/// Writes an 8-bit RGB PNG with a `parameters` tEXt chunk.
+/// Writes an 8-bit RGB PNG with a `parameters` text chunk.
 pub fn write_png(path: &str, width: usize, height: usize, rgb: &[u8], parameters: &str) -> Result<()> {
-    let io = |e: &dyn std::fmt::Display| Error::Io(format!("cannot write {path}: {e}"));
-    let file = std::fs::File::create(path).map_err(|e| io(&e))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    // tEXt is Latin-1; A1111 writes prompts with other characters as iTXt.
-    if parameters.chars().all(|c| (c as u32) < 256) {
-        enc.add_text_chunk("parameters".into(), parameters.into()).map_err(|e| io(&e))?;
-    } else {
-        enc.add_itxt_chunk("parameters".into(), parameters.into()).map_err(|e| io(&e))?;
-    }
-    let mut w = enc.write_header().map_err(|e| io(&e))?;
-    w.write_image_data(rgb).map_err(|e| io(&e))?;
-    w.finish().map_err(|e| io(&e))
+    let bytes = encode_png(width, height, rgb, parameters)?;
+    std::fs::write(path, bytes).map_err(|e| Error::Io(format!("cannot write {path}: {e}")))
 }
 
 /// Output path of image `i`.
@@ -177,7 +126,7 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
         let t_load = now();
         let model = load_model(&gpu, &a.model, &LoadOptions::default()).await?;
         let load_ms = now() - t_load;
-        let default_size = model.unet.config.sample_size.unwrap_or(64) * model.vae.config.scale_factor();
+        let default_size = model.unet.config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
         let p = Txt2ImgParams {
             prompt: a.prompt.clone(), negative_prompt: a.negative_prompt.clone(), seed: a.seed, steps: a.steps,
             guidance_scale: a.guidance, guidance_rescale: 0.0, width: a.width.unwrap_or(default_size), height: a.height.unwrap_or(default_size),
@@ -198,15 +147,16 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
         };
         let bar = if bench { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(p.steps as u64) };
         bar.set_style(indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
-        let mut progress = |done: usize, total: usize| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
+        let mut progress = |s: &ldm_web::pipelines::StepProgress| {
+            bar.set_length(s.steps as u64);
+            bar.set_position(s.step as u64);
+            Ok(())
         };
         // The benchmark reports steady-state speed: a one-step warm-up run first compiles every
         // pipeline (seconds per generated kernel variant on software Vulkan).
         let warmup_ms = if bench {
             let t = now();
-            model.txt2img(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, &now, &mut |_, _| {}).await?;
+            model.txt2img(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, &now, &mut |_| Ok(())).await?;
             now() - t
         } else {
             0.0
@@ -214,17 +164,7 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
         let (images, times) = model.txt2img(&gpu, &p, &now, &mut progress).await?;
         bar.finish_and_clear();
         if bench {
-            let steps = &times.unet_steps_ms;
-            let report = serde_json::json!({
-                "model": model.name, "adapter": gpu.summary(), "width": p.width, "height": p.height, "steps": p.steps, "batch": p.batch,
-                "scheduler": sampler_name(kind),
-                "load_ms": load_ms,
-                "warmup_ms": warmup_ms,
-                "text_encoder_ms": times.text_encoder_ms,
-                "unet_step_ms": { "mean": steps.iter().sum::<f64>() / steps.len().max(1) as f64, "min": steps.iter().copied().fold(f64::INFINITY, f64::min), "each": steps },
-                "vae_decode_ms": times.vae_decode_ms,
-                "peak_gpu_bytes": gpu.pool_stats().peak_bytes,
-            });
+            let report = bench_report(&model.name, gpu.summary(), &p, kind, load_ms, warmup_ms, &times, gpu.pool_stats().peak_bytes);
             return serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()));
         }
         let mut written = Vec::new();

@@ -2,6 +2,7 @@
 
 mod generate;
 mod http;
+mod manifest;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ enum Command {
     Adapter,
     /// Text to image with a Stable Diffusion 1.x / 2.x model; writes PNGs with their parameters.
     Generate(generate::GenerateArgs),
+    /// Writes ldm-manifest.json (file and chunk sha256) into a model folder, for the browser's download checks.
+    Manifest(manifest::ManifestArgs),
     /// Serves the web app and model folders over HTTP (range requests, CORS, caching headers).
     Serve(serve::ServeArgs),
 }
@@ -59,6 +62,7 @@ fn main() -> std::process::ExitCode {
         Command::Adapter => pollster::block_on(ldm_web::gpu::Gpu::new(Default::default())).and_then(|g| serde_json::to_string_pretty(g.summary()).map_err(|e| ldm_web::Error::Unsupported(e.to_string()))),
         Command::Generate(args) => generate::run(&args, false),
         Command::Serve(args) => serve::run(&args),
+        Command::Manifest(args) => manifest::run(&args),
         Command::Bench { what: BenchWhat::Generate(args) } => generate::run(&args, true),
         Command::Bench { what: BenchWhat::Kernels { shapes, filter, dtype, profile, min_ms } } => {
             let opts = BenchOptions {

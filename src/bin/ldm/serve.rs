@@ -24,6 +24,44 @@ pub struct ServeArgs {
     /// A folder of models: each path under it is served at `/models/<path>`.
     #[arg(long)]
     models: Option<PathBuf>,
+    /// Testing: the first GET of a path containing this text sends half its body, then drops the
+    /// connection, as a flaky network would.
+    #[arg(long, hide = true)]
+    inject_fault: Option<String>,
+}
+
+/// Sends the first `half` bytes of a range response, then breaks the chunked framing, so the
+/// client sees the connection fail mid-body and closes it (tiny_http cannot close a socket itself).
+fn tear(req: tiny_http::Request, headers: Vec<tiny_http::Header>, mut f: File, half: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut body = vec![0u8; half as usize];
+    f.read_exact(&mut body)?;
+    let mut w = req.into_writer();
+    write!(w, "HTTP/1.1 206 Partial Content\r\n")?;
+    for h in &headers {
+        write!(w, "{}: {}\r\n", h.field, h.value)?;
+    }
+    write!(w, "Transfer-Encoding: chunked\r\n\r\n{:x}\r\n", body.len())?;
+    w.write_all(&body)?;
+    w.write_all(b"\r\n")?;
+    w.flush()?;
+    // Let the client take in what arrived before the break, as it would on a real network.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    w.write_all(b"not-a-chunk-size\r\n")?;
+    w.flush()
+}
+
+/// The one fault `--inject-fault` asks for, taken by the first matching request.
+struct Fault {
+    pattern: Option<String>,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+impl Fault {
+    fn take(&self, url: &str, len: u64) -> bool {
+        let hit = self.pattern.as_deref().is_some_and(|p| url.contains(p)) && len > 1;
+        hit && !self.fired.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// Content types of the files the app and models are made of.
@@ -107,7 +145,7 @@ fn header(name: &str, value: &str) -> tiny_http::Header {
     tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("ASCII header")
 }
 
-fn respond(req: tiny_http::Request, app_root: &Path, models: Option<&Path>) {
+fn respond(req: tiny_http::Request, app_root: &Path, models: Option<&Path>, fault: &Fault) {
     let url = req.url().split(['?', '#']).next().unwrap_or("/").to_string();
     let method = req.method().clone();
     let range_h = req.headers().iter().find(|h| h.field.equiv("Range")).map(|h| h.value.as_str().to_string());
@@ -170,9 +208,14 @@ fn respond(req: tiny_http::Request, app_root: &Path, models: Option<&Path>) {
                     if f.seek(SeekFrom::Start(start)).is_err() {
                         return;
                     }
-                    log(206, len, &range_h);
                     headers.push(header("Content-Range", &format!("bytes {start}-{end}/{size}")));
-                    req.respond(tiny_http::Response::new(tiny_http::StatusCode(206), headers, f.take(len), Some(len as usize), None).with_chunked_threshold(usize::MAX))
+                    if method == tiny_http::Method::Get && fault.take(&url, len) {
+                        log(206, len / 2, &range_h.as_ref().map(|r| format!("{r} fault=dropped-after-{}", len / 2)));
+                        tear(req, headers, f, len / 2)
+                    } else {
+                        log(206, len, &range_h);
+                        req.respond(tiny_http::Response::new(tiny_http::StatusCode(206), headers, f.take(len), Some(len as usize), None).with_chunked_threshold(usize::MAX))
+                    }
                 }
                 Ok(None) => {
                     log(200, size, &range_h);
@@ -207,13 +250,14 @@ pub fn run(a: &ServeArgs) -> Result<String> {
     println!("serving {} on http://{}:{port}/{}", a.root.display(), a.host, a.models.as_ref().map(|m| format!(" (models from {} at /models/)", m.display())).unwrap_or_default());
     let server = Arc::new(server);
     let (root, models) = (Arc::new(a.root.clone()), Arc::new(a.models.clone()));
+    let fault = Arc::new(Fault { pattern: a.inject_fault.clone(), fired: Default::default() });
     // A handful of threads: a browser opens several connections for range requests.
     let workers: Vec<_> = (0..8)
         .map(|_| {
-            let (server, root, models) = (server.clone(), root.clone(), models.clone());
+            let (server, root, models, fault) = (server.clone(), root.clone(), models.clone(), fault.clone());
             std::thread::spawn(move || {
                 for req in server.incoming_requests() {
-                    respond(req, &root, models.as_deref());
+                    respond(req, &root, models.as_deref(), &fault);
                 }
             })
         })

@@ -1,0 +1,80 @@
+//! What leaves a pipeline: PNG files carrying their generation settings in the `parameters` text
+//! chunk AUTOMATIC1111 and ComfyUI read, the same natively and in the browser.
+
+use super::stable_diffusion::Txt2ImgParams;
+use crate::error::{Error, Result};
+use crate::schedulers::SchedulerKind;
+
+/// A1111's sampler names, so the PNG reads as users of those tools expect.
+pub fn sampler_name(kind: SchedulerKind) -> &'static str {
+    match kind {
+        SchedulerKind::Ddim => "DDIM",
+        SchedulerKind::Pndm => "PLMS",
+        SchedulerKind::Ddpm => "DDPM",
+        SchedulerKind::Euler => "Euler",
+        SchedulerKind::EulerAncestral => "Euler a",
+        SchedulerKind::Heun => "Heun",
+        SchedulerKind::Lms => "LMS",
+        SchedulerKind::DpmPp2m => "DPM++ 2M",
+        SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
+        SchedulerKind::DpmPp2mSdeKarras => "DPM++ 2M SDE Karras",
+        SchedulerKind::UniPc => "UniPC",
+        SchedulerKind::Lcm => "LCM",
+    }
+}
+
+/// The `parameters` text of image `index` of a batch.
+pub fn parameters_text(p: &Txt2ImgParams, kind: SchedulerKind, model: &str, index: usize) -> String {
+    let mut s = p.prompt.clone();
+    if let Some(n) = &p.negative_prompt {
+        s.push_str(&format!("\nNegative prompt: {n}"));
+    }
+    s.push_str(&format!(
+        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+        p.steps, sampler_name(kind), p.guidance_scale, p.seed, p.width, p.height, model
+    ));
+    if p.eta != 0.0 {
+        s.push_str(&format!(", Eta: {}", p.eta));
+    }
+    if p.clip_skip > 0 {
+        s.push_str(&format!(", Clip skip: {}", p.clip_skip + 1));
+    }
+    if p.batch > 1 {
+        s.push_str(&format!(", Batch size: {}, Batch pos: {index}", p.batch));
+    }
+    s
+}
+
+/// An 8-bit RGB PNG with a `parameters` text chunk.
+pub fn encode_png(width: usize, height: usize, rgb: &[u8], parameters: &str) -> Result<Vec<u8>> {
+    let err = |e: &dyn std::fmt::Display| Error::Io(format!("cannot encode the PNG: {e}"));
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, width as u32, height as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    // tEXt is Latin-1; A1111 writes prompts with other characters as iTXt.
+    if parameters.chars().all(|c| (c as u32) < 256) {
+        enc.add_text_chunk("parameters".into(), parameters.into()).map_err(|e| err(&e))?;
+    } else {
+        enc.add_itxt_chunk("parameters".into(), parameters.into()).map_err(|e| err(&e))?;
+    }
+    let mut w = enc.write_header().map_err(|e| err(&e))?;
+    w.write_image_data(rgb).map_err(|e| err(&e))?;
+    w.finish().map_err(|e| err(&e))?;
+    Ok(out)
+}
+
+/// The JSON `ldm bench generate` prints and `bench.html?mode=generate` shows: one schema for both.
+pub fn bench_report(model: &str, adapter: &crate::gpu::AdapterSummary, p: &Txt2ImgParams, kind: SchedulerKind, load_ms: f64, warmup_ms: f64, times: &super::StageTimes, peak_gpu_bytes: u64) -> serde_json::Value {
+    let steps = &times.unet_steps_ms;
+    serde_json::json!({
+        "model": model, "adapter": adapter, "width": p.width, "height": p.height, "steps": p.steps, "batch": p.batch,
+        "scheduler": sampler_name(kind),
+        "load_ms": load_ms,
+        "warmup_ms": warmup_ms,
+        "text_encoder_ms": times.text_encoder_ms,
+        "unet_step_ms": { "mean": steps.iter().sum::<f64>() / steps.len().max(1) as f64, "min": steps.iter().copied().fold(f64::INFINITY, f64::min), "each": steps },
+        "vae_decode_ms": times.vae_decode_ms,
+        "peak_gpu_bytes": peak_gpu_bytes,
+    })
+}

@@ -1,0 +1,331 @@
+//! The engine as the page's Web Worker drives it: one GPU device, the loaded model, generations
+//! with progress, previews and cancellation. After the device is lost or runs out of memory the
+//! state is dropped, and the next call opens a fresh device and reloads the model (from the
+//! worker's weight cache, so without the network).
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use wasm_bindgen::prelude::*;
+
+use super::source::JsSource;
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, GpuOptions};
+use crate::pipelines::output::{bench_report, encode_png, parameters_text};
+use crate::pipelines::preview::LatentPreview;
+use crate::pipelines::{LoadOptions, StableDiffusionModel, StepProgress, Txt2ImgParams};
+use crate::schedulers::{self, SchedulerKind};
+
+struct Loaded {
+    key: String,
+    model: StableDiffusionModel,
+    preview: RefCell<LatentPreview>,
+}
+
+#[derive(Default)]
+struct Engine {
+    gpu: Option<Gpu>,
+    model: Option<Rc<Loaded>>,
+}
+
+thread_local! {
+    static ENGINE: RefCell<Engine> = RefCell::default();
+    static CANCEL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The generation settings the page sends (JSON), named as the URL parameters.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateRequest {
+    prompt: String,
+    #[serde(default)]
+    negative_prompt: Option<String>,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default = "default_steps")]
+    steps: usize,
+    #[serde(default = "default_guidance")]
+    guidance: f32,
+    #[serde(default)]
+    width: Option<usize>,
+    #[serde(default)]
+    height: Option<usize>,
+    #[serde(default)]
+    scheduler: Option<String>,
+    /// "auto" (f16 where the adapter has shader-f16), "f32" or "f16".
+    #[serde(default)]
+    precision: Option<String>,
+    /// A preview every this many steps (0: none).
+    #[serde(default = "default_preview_every")]
+    preview_every: usize,
+}
+
+fn default_steps() -> usize {
+    25
+}
+fn default_guidance() -> f32 {
+    7.5
+}
+fn default_preview_every() -> usize {
+    2
+}
+
+/// What the page gets back besides the PNG.
+#[derive(serde::Serialize)]
+struct GenerateInfo {
+    model: String,
+    width: usize,
+    height: usize,
+    steps: usize,
+    seed: u64,
+    scheduler: String,
+    precision: &'static str,
+    parameters: String,
+    text_encoder_ms: f64,
+    unet_steps_ms: Vec<f64>,
+    vae_decode_ms: f64,
+    load_ms: f64,
+    total_ms: f64,
+    peak_gpu_bytes: u64,
+}
+
+/// A JS `Error` whose `kind` tells the worker what to do: `cancelled`, `device-lost`,
+/// `out-of-memory`, `input`, `model`, `io` or `gpu`.
+pub fn to_js(e: &Error) -> JsValue {
+    let kind = match e {
+        Error::Cancelled => "cancelled",
+        Error::DeviceLost(_) => "device-lost",
+        Error::OutOfMemory(_) => "out-of-memory",
+        Error::Input(_) | Error::BindingTooLarge { .. } | Error::BufferTooLarge { .. } => "input",
+        Error::Model(_) => "model",
+        Error::Io(_) => "io",
+        _ => "gpu",
+    };
+    let err = js_sys::Error::new(&e.to_string());
+    let _ = js_sys::Reflect::set(&err, &JsValue::from_str("kind"), &JsValue::from_str(kind));
+    err.into()
+}
+
+/// Errors after which the device cannot be trusted: drop it, and everything on it.
+fn poisons_device(e: &Error) -> bool {
+    matches!(e, Error::DeviceLost(_) | Error::OutOfMemory(_) | Error::Validation(_) | Error::Readback(_))
+}
+
+fn now_ms() -> f64 {
+    js_sys::Reflect::get(&js_sys::global(), &JsValue::from_str("performance"))
+        .ok()
+        .and_then(|p| p.dyn_into::<web_sys::Performance>().ok())
+        .map_or_else(js_sys::Date::now, |p| p.now())
+}
+
+async fn gpu() -> Result<Gpu> {
+    if let Some(g) = ENGINE.with_borrow(|e| e.gpu.clone()) {
+        g.check()?;
+        return Ok(g);
+    }
+    let g = Gpu::new(GpuOptions::default()).await?;
+    ENGINE.with_borrow_mut(|e| e.gpu = Some(g.clone()));
+    Ok(g)
+}
+
+/// Drops the device and the model on it; the next call starts afresh.
+#[wasm_bindgen]
+pub fn reset_engine() {
+    ENGINE.with_borrow_mut(|e| *e = Engine::default());
+}
+
+/// Asks the running generation (or model load) to stop at its next step.
+#[wasm_bindgen]
+pub fn cancel() {
+    CANCEL.set(true);
+}
+
+/// Opens the GPU device; resolves to the adapter's summary as JSON.
+#[wasm_bindgen]
+pub async fn adapter_info() -> Result<String, JsValue> {
+    let g = gpu().await.map_err(|e| to_js(&e))?;
+    serde_json::to_string(g.summary()).map_err(|e| to_js(&Error::Io(e.to_string())))
+}
+
+/// Destroys the device as a driver reset would, so the page's recovery can be tested.
+#[wasm_bindgen]
+pub fn simulate_device_loss() {
+    if let Some(g) = ENGINE.with_borrow(|e| e.gpu.clone()) {
+        g.lose_device("simulated by the page");
+    }
+}
+
+fn dtype_for(gpu: &Gpu, precision: Option<&str>) -> Result<DType> {
+    match precision.unwrap_or("auto") {
+        "auto" => Ok(if gpu.supports(DType::F16) { DType::F16 } else { DType::F32 }),
+        "f32" => Ok(DType::F32),
+        "f16" if gpu.supports(DType::F16) => Ok(DType::F16),
+        "f16" => Err(Error::Input("this adapter has no shader-f16; choose f32 (or auto)".into())),
+        other => Err(Error::Input(format!("precision must be auto, f32 or f16, not {other:?}"))),
+    }
+}
+
+/// The loaded model for `key`, loading it (without its VAE) when needed. Only one model is kept,
+/// so a new one frees the previous one's GPU memory first.
+async fn model(gpu: &Gpu, src: &JsSource, key: &str, single_file: Option<&str>, clip_bpe: Option<String>, dtype: DType) -> Result<Rc<Loaded>> {
+    let key = format!("{key}#{}", dtype.name());
+    if let Some(m) = ENGINE.with_borrow(|e| e.model.clone()).filter(|m| m.key == key) {
+        return Ok(m);
+    }
+    ENGINE.with_borrow_mut(|e| e.model = None);
+    gpu.trim_pool();
+    let opts = LoadOptions { defer_vae: true, prefer_fp16: dtype == DType::F16, dtype: Some(dtype), clip_bpe, ..Default::default() };
+    let name = key.trim_end_matches(|c| c != '#').trim_end_matches('#').trim_end_matches('/').rsplit('/').next().unwrap_or("model").to_string();
+    let model = match single_file {
+        Some(file) => StableDiffusionModel::load_single_file(gpu, src, file, None, &opts).await?,
+        None => StableDiffusionModel::load(gpu, src, &name, &opts).await?,
+    };
+    let loaded = Rc::new(Loaded { key, model, preview: RefCell::default() });
+    ENGINE.with_borrow_mut(|e| e.model = Some(loaded.clone()));
+    Ok(loaded)
+}
+
+/// The pipeline's settings for `req`, with the model's defaults filled in, validated.
+fn params(m: &StableDiffusionModel, req: GenerateRequest) -> Result<(Txt2ImgParams, SchedulerKind)> {
+    let kind = match req.scheduler.as_deref().filter(|s| !s.is_empty() && *s != "default") {
+        Some(s) => s.parse::<SchedulerKind>()?,
+        None => schedulers::default_kind(&m.scheduler_config)?,
+    };
+    let default_size = m.unet.config.sample_size.unwrap_or(64) * m.vae_config.scale_factor();
+    let p = Txt2ImgParams {
+        prompt: req.prompt,
+        negative_prompt: req.negative_prompt.filter(|n| !n.is_empty()),
+        seed: req.seed,
+        steps: req.steps,
+        guidance_scale: req.guidance,
+        width: req.width.unwrap_or(default_size),
+        height: req.height.unwrap_or(default_size),
+        scheduler: Some(kind),
+        ..Default::default()
+    };
+    m.validate(&p)?;
+    Ok((p, kind))
+}
+
+fn event(on_event: &js_sys::Function, kind: &str, fields: &[(&str, JsValue)]) {
+    let obj = js_sys::Object::new();
+    let _ = js_sys::Reflect::set(&obj, &JsValue::from_str("type"), &JsValue::from_str(kind));
+    for (k, v) in fields {
+        let _ = js_sys::Reflect::set(&obj, &JsValue::from_str(k), v);
+    }
+    // A failing listener must not abort the generation.
+    let _ = on_event.call1(&JsValue::NULL, &obj);
+}
+
+/// Generates one image. `store` reads the model's files (see `JsSource`); `model_url` names the
+/// model (a diffusers folder URL, or the folder of `single_file`); `clip_bpe` is CLIP's merges for
+/// single files. `on_event` receives `{type: 'stage', stage}`, `{type: 'step', step, steps, ms}`
+/// and `{type: 'preview', step, width, height, rgba}`. Resolves to `{png, info}` (info: JSON).
+#[wasm_bindgen]
+pub async fn generate(model_url: String, store: JsValue, single_file: Option<String>, clip_bpe: Option<String>, request_json: String, on_event: js_sys::Function) -> Result<JsValue, JsValue> {
+    CANCEL.set(false);
+    let result = run_generate(&model_url, store, single_file.as_deref(), clip_bpe, &request_json, &on_event).await;
+    if let Err(e) = &result {
+        if poisons_device(e) {
+            reset_engine();
+        }
+    }
+    result.map_err(|e| to_js(&e))
+}
+
+async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>, clip_bpe: Option<String>, request_json: &str, on_event: &js_sys::Function) -> Result<JsValue> {
+    let t_start = now_ms();
+    let req: GenerateRequest = serde_json::from_str(request_json).map_err(|e| Error::Input(format!("generation settings: {e}")))?;
+    let src = JsSource::new(store, model_url.to_string());
+    let gpu = gpu().await?;
+    let dtype = dtype_for(&gpu, req.precision.as_deref())?;
+    event(on_event, "stage", &[("stage", "load".into())]);
+    let loaded = model(&gpu, &src, model_url, single_file, clip_bpe, dtype).await?;
+    let load_ms = now_ms() - t_start;
+    let m = &loaded.model;
+    let every = req.preview_every;
+    let (p, kind) = params(m, req)?;
+    event(on_event, "stage", &[("stage", "denoise".into())]);
+    let preview = loaded.preview.borrow().clone();
+    let mut last = now_ms();
+    let mut progress = |s: &StepProgress| -> Result<()> {
+        let t = now_ms();
+        event(on_event, "step", &[("step", s.step.into()), ("steps", s.steps.into()), ("ms", (t - last).into())]);
+        last = t;
+        if every > 0 && (s.step % every == 0 || s.step == s.steps) {
+            let rgba = preview.render(s.latents, s.shape);
+            let bytes = js_sys::Uint8ClampedArray::from(rgba.as_slice());
+            event(on_event, "preview", &[("step", s.step.into()), ("width", s.shape[3].into()), ("height", s.shape[2].into()), ("rgba", bytes.into())]);
+        }
+        if CANCEL.get() {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    };
+    let (latents, mut times) = m.denoise(&gpu, &p, &now_ms, &mut progress).await?;
+    if !m.vae_loaded() {
+        event(on_event, "stage", &[("stage", "vae".into())]);
+        m.load_vae(&gpu, &src).await?;
+    }
+    event(on_event, "stage", &[("stage", "decode".into())]);
+    let t0 = now_ms();
+    let images = m.decode(&gpu, &latents).await?;
+    times.vae_decode_ms = now_ms() - t0;
+    loaded.preview.borrow_mut().fit(&latents, &images);
+    let parameters = parameters_text(&p, kind, &m.name, 0);
+    let png = encode_png(images.width, images.height, &images.rgb8(0), &parameters)?;
+    let info = GenerateInfo {
+        model: m.name.clone(),
+        width: p.width,
+        height: p.height,
+        steps: p.steps,
+        seed: p.seed,
+        scheduler: kind.name().to_string(),
+        precision: dtype.name(),
+        parameters,
+        text_encoder_ms: times.text_encoder_ms,
+        unet_steps_ms: times.unet_steps_ms,
+        vae_decode_ms: times.vae_decode_ms,
+        load_ms,
+        total_ms: now_ms() - t_start,
+        peak_gpu_bytes: gpu.pool_stats().peak_bytes,
+    };
+    let out = js_sys::Object::new();
+    let _ = js_sys::Reflect::set(&out, &JsValue::from_str("png"), &js_sys::Uint8Array::from(png.as_slice()));
+    let _ = js_sys::Reflect::set(&out, &JsValue::from_str("info"), &JsValue::from_str(&serde_json::to_string(&info).map_err(|e| Error::Io(e.to_string()))?));
+    Ok(out.into())
+}
+
+/// The UNet step benchmark in the browser: loads the model (timed), runs a one-step warm-up that
+/// compiles every kernel, then the requested generation; resolves to `ldm bench generate`'s JSON.
+#[wasm_bindgen]
+pub async fn bench_generate(model_url: String, store: JsValue, single_file: Option<String>, clip_bpe: Option<String>, request_json: String) -> Result<String, JsValue> {
+    CANCEL.set(false);
+    let result = run_bench(&model_url, store, single_file.as_deref(), clip_bpe, &request_json).await;
+    if let Err(e) = &result {
+        if poisons_device(e) {
+            reset_engine();
+        }
+    }
+    result.map_err(|e| to_js(&e))
+}
+
+async fn run_bench(model_url: &str, store: JsValue, single_file: Option<&str>, clip_bpe: Option<String>, request_json: &str) -> Result<String> {
+    let req: GenerateRequest = serde_json::from_str(request_json).map_err(|e| Error::Input(format!("benchmark settings: {e}")))?;
+    let src = JsSource::new(store, model_url.to_string());
+    let gpu = gpu().await?;
+    let dtype = dtype_for(&gpu, req.precision.as_deref())?;
+    let t = now_ms();
+    let loaded = model(&gpu, &src, model_url, single_file, clip_bpe, dtype).await?;
+    let m = &loaded.model;
+    m.load_vae(&gpu, &src).await?;
+    let load_ms = now_ms() - t;
+    let (p, kind) = params(m, req)?;
+    let t = now_ms();
+    m.txt2img(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, &now_ms, &mut |_| Ok(())).await?;
+    let warmup_ms = now_ms() - t;
+    let (_, times) = m.txt2img(&gpu, &p, &now_ms, &mut |_| if CANCEL.get() { Err(Error::Cancelled) } else { Ok(()) }).await?;
+    let mut report = bench_report(&m.name, gpu.summary(), &p, kind, load_ms, warmup_ms, &times, gpu.pool_stats().peak_bytes);
+    report["precision"] = dtype.name().into();
+    serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()))
+}

@@ -1,0 +1,425 @@
+// End-to-end tests of the web app in headless Chromium (playwright-core) and Firefox ESR
+// (puppeteer-core over WebDriver BiDi), against `ldm serve` on 127.0.0.1.
+//
+//   node tests/browser/e2e.mjs --ldm target/release/ldm --www www --fixtures tests/fixtures
+//                              [--browsers chromium,firefox] [--artifacts DIR]
+//
+// Per browser, with a fresh profile and a fresh server (started with --inject-fault, so the first
+// UNet download breaks off mid-body):
+//   page      a share link generates in the page; PNG pixels within 2/255 of `ldm generate`'s;
+//             the parameters chunk is there; weights came by Range requests; the first UNet step
+//             began before the VAE's weights were requested; the torn download was resumed
+//   again     a second generation (another seed) fetches nothing and matches the CLI
+//   cancel    a long generation stops when Cancel is pressed, and the page stays usable
+//   recover   a lost GPU device is reported and the generation still completes, exactly
+//   manifest  a chunk whose sha256 disagrees with ldm-manifest.json is refused, naming the file
+//   gallery   after a reload the gallery holds the images
+//   share     the share link, opened in a new tab, reproduces the first image exactly
+//   offline   with the server stopped, the page reloads from the service worker and generates
+//   widget    <ldm-image> embedded in a page of another origin generates the same image, with
+//             ldm-progress and ldm-done events
+//   bench     bench.html?mode=generate prints ldm bench generate's JSON (Chromium)
+//   no-webgpu a browser without WebGPU gets a message naming the flag to set
+// A screenshot of the page after its first generation is saved under --artifacts.
+
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import http from 'node:http';
+import { spawn, execFileSync } from 'node:child_process';
+import { performance } from 'node:perf_hooks';
+import { PNG } from 'pngjs';
+import { CHROMIUM_ARGS, FIREFOX_PREFS, EXECUTABLES } from './browsers.mjs';
+
+const TOL = 2; // of 255
+const PROMPT = 'a watercolor lighthouse at dawn';
+const SETTINGS = { prompt: PROMPT, steps: 3, guidance: 7.5, width: 64, height: 64 };
+
+function parseArgs(argv) {
+  const o = { ldm: 'target/release/ldm', www: 'www', fixtures: 'tests/fixtures', browsers: ['chromium', 'firefox'], artifacts: null, timeoutMin: 30 };
+  for (let i = 0; i < argv.length; i++) {
+    const [k, inline] = argv[i].split(/=(.*)/s);
+    const v = () => inline ?? argv[++i];
+    switch (k) {
+      case '--ldm': o.ldm = v(); break;
+      case '--www': o.www = v(); break;
+      case '--fixtures': o.fixtures = v(); break;
+      case '--browsers': o.browsers = v().split(',').filter(Boolean); break;
+      case '--artifacts': o.artifacts = v(); break;
+      case '--timeout-min': o.timeoutMin = Number(v()); break;
+      default: console.error(`unknown argument ${k}`); process.exit(2);
+    }
+  }
+  return o;
+}
+
+const opts = parseArgs(process.argv.slice(2));
+const t0 = performance.now();
+const secs = () => ((performance.now() - t0) / 1000).toFixed(0);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// ---- fixtures: a model folder with a manifest, a tampered copy, and the CLI's images -----------------
+
+function copyDir(from, to) {
+  fs.cpSync(from, to, { recursive: true });
+}
+
+function prepare(work) {
+  const models = path.join(work, 'models');
+  fs.mkdirSync(models, { recursive: true });
+  copyDir(path.join(opts.fixtures, 'sd1'), path.join(models, 'sd1'));
+  // 64 KiB chunks: the 2.2 MB UNet takes several requests, so coalescing and resuming show.
+  execFileSync(opts.ldm, ['manifest', path.join(models, 'sd1'), '--chunk-size', '65536']);
+  copyDir(path.join(models, 'sd1'), path.join(models, 'sd1-tampered'));
+  const mf = path.join(models, 'sd1-tampered', 'ldm-manifest.json');
+  const m = JSON.parse(fs.readFileSync(mf, 'utf8'));
+  m.files['unet/diffusion_pytorch_model.safetensors'].chunks[1] = '0'.repeat(64);
+  fs.writeFileSync(mf, JSON.stringify(m));
+  const refs = {};
+  for (const seed of [7, 8]) {
+    const out = path.join(work, `cli-seed${seed}.png`);
+    execFileSync(opts.ldm, ['generate', '--model', path.join(models, 'sd1'), '--prompt', PROMPT, '--seed', String(seed), '--steps', '3',
+      '--guidance', '7.5', '--width', '64', '--height', '64', '--out', out], { stdio: ['ignore', 'ignore', 'inherit'] });
+    refs[seed] = PNG.sync.read(fs.readFileSync(out));
+  }
+  return { models, refs };
+}
+
+// ---- ldm serve, with its request log ---------------------------------------------------------------
+
+async function startServe(models, port = 0) {
+  const args = ['serve', '--root', opts.www, '--models', models, '--port', String(port), '--inject-fault', 'sd1/unet/diffusion_pytorch_model.safetensors'];
+  const child = spawn(opts.ldm, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const log = [];
+  let buf = '';
+  child.stderr.on('data', (d) => {
+    buf += d;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, i);
+      buf = buf.slice(i + 1);
+      const m = /^(\w+) (\S+) (\d+) (\d+)(?: range=(.*))?$/.exec(line);
+      if (m) log.push({ t: Date.now(), method: m[1], url: m[2], status: Number(m[3]), bytes: Number(m[4]), range: m[5] ?? null });
+    }
+  });
+  const url = await new Promise((resolve, reject) => {
+    let out = '';
+    child.stdout.on('data', (d) => {
+      out += d;
+      const m = /on (http:\/\/[\d.]+:\d+)\//.exec(out);
+      if (m) resolve(`${m[1]}/`);
+    });
+    child.on('exit', (code) => reject(new Error(`ldm serve exited with ${code}`)));
+  });
+  return { url, log, port: Number(new URL(url).port), stop: () => new Promise((r) => { child.on('exit', r); child.kill('SIGKILL'); }) };
+}
+
+// A page of another origin that embeds the widget (localhost and 127.0.0.1 are different origins).
+function startEmbedder(appUrl) {
+  const model = new URL('models/sd1/', appUrl).href;
+  const html = `<!doctype html><meta charset="utf-8"><title>embed</title>
+<script type="module" src="${new URL('ldm-image.js', appUrl).href}"></script>
+<ldm-image model="${model}" prompt="${PROMPT}" seed="7" steps="3" guidance="7.5" width="64" height="64" style="width:128px;height:128px"></ldm-image>
+<script>
+  window.__embed = { progress: [], done: null, error: null };
+  const el = document.querySelector('ldm-image');
+  el.addEventListener('ldm-progress', (e) => window.__embed.progress.push(e.detail));
+  el.addEventListener('ldm-error', (e) => { window.__embed.error = e.detail.message; });
+  el.addEventListener('ldm-done', async (e) => {
+    const b = new Uint8Array(await e.detail.blob.arrayBuffer());
+    let s = ''; for (const x of b) s += String.fromCharCode(x);
+    window.__embed.done = btoa(s);
+  });
+</script>`;
+  const server = http.createServer((req, res) => {
+    res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8' });
+    res.end(html);
+  });
+  return new Promise((resolve) => server.listen(0, 'localhost', () => resolve({ url: `http://localhost:${server.address().port}/`, close: () => server.close() })));
+}
+
+// ---- browsers: one small interface over playwright and puppeteer -----------------------------------
+
+async function launch(name, { webgpu = true } = {}) {
+  if (name === 'chromium') {
+    const { chromium } = await import('playwright-core');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ldm-e2e-chromium-'));
+    const ctx = await chromium.launchPersistentContext(dir, {
+      executablePath: EXECUTABLES.chromium, headless: true, timeout: 120_000,
+      args: webgpu ? CHROMIUM_ARGS : CHROMIUM_ARGS.filter((a) => a !== '--enable-unsafe-webgpu'),
+    });
+    return { newPage: () => ctx.newPage(), close: async () => { await ctx.close().catch(() => {}); fs.rmSync(dir, { recursive: true, force: true }); } };
+  }
+  const puppeteer = (await import('puppeteer-core')).default;
+  const browser = await puppeteer.launch({
+    browser: 'firefox', executablePath: EXECUTABLES.firefox, headless: true, timeout: 120_000, protocolTimeout: 600_000,
+    extraPrefsFirefox: { ...FIREFOX_PREFS, 'dom.webgpu.enabled': webgpu },
+  });
+  return { newPage: () => browser.newPage(), close: () => browser.close().catch(() => {}) };
+}
+
+function watch(page, tag) {
+  page.on('console', (m) => {
+    const text = m.text();
+    if (/error|warn|panic|retrying|lost/i.test(text) || m.type() === 'error') console.log(`${tag} console ${m.type()}: ${text.slice(0, 400)}`);
+  });
+  page.on('pageerror', (e) => console.log(`${tag} page error: ${e?.message ?? e}`));
+  page.on('crash', () => console.log(`${tag} PAGE CRASHED`));
+  page.on('close', () => console.log(`${tag} page closed`));
+}
+
+async function waitFor(page, expr, what, timeoutMs = opts.timeoutMin * 60_000) {
+  const end = performance.now() + timeoutMs;
+  for (;;) {
+    const v = await page.evaluate(expr);
+    if (v) return v;
+    if (performance.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await sleep(250);
+  }
+}
+
+// Waits for the page's next result (or error) after `before` results; returns the PNG and events.
+async function nextResult(page, before) {
+  const out = await waitFor(page, `(() => {
+    const a = window.__ldmApp; if (!a) return null;
+    if (a.results.length > ${before}) return { ok: true };
+    const e = a.events.filter((x) => x.type === 'error');
+    if (e.length && a.events.lastIndexOf(e[e.length - 1]) > a.events.findLastIndex((x) => x.type === 'start')) return { ok: false, error: e[e.length - 1] };
+    return null;
+  })()`, 'a generation');
+  if (!out.ok) throw new Error(`the page reported ${out.error.kind}: ${out.error.message}`);
+  const b64 = await page.evaluate(`(async () => {
+    const r = window.__ldmApp.results[window.__ldmApp.results.length - 1];
+    const b = new Uint8Array(await r.blob.arrayBuffer());
+    let s = ''; for (const x of b) s += String.fromCharCode(x);
+    return btoa(s);
+  })()`);
+  return Buffer.from(b64, 'base64');
+}
+
+function maxDiff(pngBytes, ref) {
+  const img = PNG.sync.read(pngBytes);
+  if (img.width !== ref.width || img.height !== ref.height) throw new Error(`size ${img.width}x${img.height}, CLI ${ref.width}x${ref.height}`);
+  let max = 0;
+  for (let i = 0; i < img.data.length; i++) if (i % 4 !== 3) max = Math.max(max, Math.abs(img.data[i] - ref.data[i]));
+  return max;
+}
+
+function parametersChunk(pngBytes) {
+  // tEXt / iTXt chunks named "parameters".
+  let off = 8;
+  while (off + 8 <= pngBytes.length) {
+    const len = pngBytes.readUInt32BE(off);
+    const type = pngBytes.toString('latin1', off + 4, off + 8);
+    const data = pngBytes.subarray(off + 8, off + 8 + len);
+    if ((type === 'tEXt' || type === 'iTXt') && data.toString('latin1', 0, 11) === 'parameters\0') return data.toString('utf8', 11);
+    off += 12 + len;
+  }
+  return null;
+}
+
+// ---- the scenario ----------------------------------------------------------------------------------
+
+async function runBrowser(name, fx, results) {
+  const tag = `[${name}]`;
+  const check = (test, ok, detail) => {
+    results.push({ browser: name, test, ok, detail });
+    console.log(`${tag} ${ok ? 'pass' : 'FAIL'} ${test}: ${detail}`);
+  };
+  const attempt = async (test, fn) => {
+    try {
+      await fn();
+    } catch (e) {
+      check(test, false, (e?.stack ?? String(e)).split('\n').slice(0, 3).join(' | '));
+    }
+  };
+  let serve = await startServe(fx.models);
+  const app = serve.url;
+  console.log(`${tag} ldm serve at ${app} (t=${secs()} s)`);
+  const browser = await launch(name);
+  const query = (seed) => new URLSearchParams({ model: '/models/sd1/', ...Object.fromEntries(Object.entries(SETTINGS).map(([k, v]) => [k, String(v)])), seed: String(seed) }).toString();
+  const link7 = `${app}?${query(7)}`;
+  let page = await browser.newPage();
+  watch(page, tag);
+  let first = null;
+  try {
+    await attempt('page', async () => {
+      await page.goto(link7);
+      const png = await nextResult(page, 0);
+      first = png;
+      const d = maxDiff(png, fx.refs[7]);
+      check('page matches CLI', d <= TOL, `max |browser - ldm generate| = ${d}/255 (tolerance ${TOL})`);
+      const params = parametersChunk(png);
+      check('PNG parameters chunk', !!params && params.includes('Seed: 7') && params.startsWith(PROMPT), JSON.stringify(params));
+      const modelReqs = serve.log.filter((r) => r.url.startsWith('/models/sd1/') && r.url.endsWith('.safetensors'));
+      check('weights by Range requests', modelReqs.length > 0 && modelReqs.every((r) => r.range && r.status === 206),
+        `${modelReqs.length} safetensors requests, all 206 with Range: ${modelReqs.map((r) => `${r.url.split('/').slice(-2).join('/')} ${r.range}`).slice(0, 6).join('; ')}…`);
+      const events = await page.evaluate('window.__ldmApp.events');
+      const step1 = events.find((e) => e.type === 'step' && e.step === 1);
+      const vae = serve.log.find((r) => r.url.includes('/sd1/vae/') && r.url.endsWith('.safetensors'));
+      check('first UNet step before the VAE is fetched', !!step1 && !!vae && step1.t <= vae.t, `step 1 done at ${step1?.t}, first VAE weight request at ${vae?.t}`);
+      const torn = serve.log.find((r) => r.range?.includes('fault=dropped'));
+      const tornStart = torn && Number(/bytes=(\d+)-/.exec(torn.range)[1]);
+      const resumed = torn && serve.log.find((r) => r.t >= torn.t && r !== torn && r.url === torn.url && Number(/bytes=(\d+)-/.exec(r.range ?? '')?.[1]) > tornStart);
+      check('torn download resumed where it broke off', !!torn && !!resumed, `${torn?.range} -> then ${resumed?.range}`);
+      if (opts.artifacts) {
+        fs.mkdirSync(opts.artifacts, { recursive: true });
+        const shot = path.join(opts.artifacts, `page-${name}.png`);
+        await page.screenshot({ path: shot, fullPage: true });
+        console.log(`${tag} screenshot: ${shot}`);
+      }
+    });
+
+    await attempt('again', async () => {
+      const n = serve.log.length;
+      await page.evaluate(`(() => { const f = document.getElementById('settings'); f.elements.seed.value = '8'; f.requestSubmit(); })()`);
+      const png = await nextResult(page, 1);
+      const d = maxDiff(png, fx.refs[8]);
+      const fetched = serve.log.slice(n).filter((r) => r.url.startsWith('/models/'));
+      check('second generation fetches nothing', fetched.length === 0, `${fetched.length} model requests; max diff vs CLI ${d}/255`);
+      check('second generation matches CLI', d <= TOL, `max diff ${d}/255`);
+    });
+
+    await attempt('cancel', async () => {
+      const before = await page.evaluate('window.__ldmApp.events.length');
+      await page.evaluate(`(() => { const f = document.getElementById('settings'); f.elements.steps.value = '500'; f.requestSubmit(); })()`);
+      await waitFor(page, `window.__ldmApp.events.slice(${before}).some((e) => e.type === 'step')`, 'a first step');
+      await page.evaluate(`document.getElementById('cancel').click()`);
+      const t = Date.now();
+      const err = await waitFor(page, `window.__ldmApp.events.slice(${before}).find((e) => e.type === 'error')`, 'the cancellation', 120_000);
+      const steps = await page.evaluate(`window.__ldmApp.events.slice(${before}).filter((e) => e.type === 'step').length`);
+      const status = await page.evaluate(`document.getElementById('status').textContent + ' / generate enabled: ' + !document.getElementById('generate').disabled`);
+      check('cancel', err.kind === 'cancelled' && steps < 500 && status.includes('enabled: true'), `stopped after ${steps} of 500 steps, ${Date.now() - t} ms after the click; ${status}`);
+      await page.evaluate(`document.getElementById('settings').elements.steps.value = '3'`);
+    });
+
+    await attempt('recover', async () => {
+      const before = await page.evaluate('window.__ldmApp.results.length');
+      const evBefore = await page.evaluate('window.__ldmApp.events.length');
+      await page.evaluate(`(() => { window.__ldmApp.engine.simulateDeviceLoss(); const f = document.getElementById('settings'); f.elements.seed.value = '7'; f.requestSubmit(); })()`);
+      const png = await nextResult(page, before);
+      const msgs = await page.evaluate(`window.__ldmApp.events.slice(${evBefore}).filter((e) => e.type === 'status').map((e) => e.message)`);
+      const d = maxDiff(png, fx.refs[7]);
+      check('device loss reported and recovered', msgs.some((m) => /device was lost/.test(m)) && d <= TOL, `messages ${JSON.stringify(msgs)}; max diff ${d}/255`);
+    });
+
+    await attempt('manifest', async () => {
+      const evBefore = await page.evaluate('window.__ldmApp.events.length');
+      await page.evaluate(`(() => { const f = document.getElementById('settings'); f.elements.model.value = '/models/sd1-tampered/'; f.requestSubmit(); })()`);
+      const err = await waitFor(page, `window.__ldmApp.events.slice(${evBefore}).find((e) => e.type === 'error' || e.type === 'done')`, 'the checksum failure', 300_000);
+      check('tampered chunk refused', err.type === 'error' && /sha256/.test(err.message) && err.message.includes('unet/diffusion_pytorch_model.safetensors'), String(err.message ?? err.type).slice(0, 300));
+      await page.evaluate(`document.getElementById('settings').elements.model.value = '/models/sd1/'`);
+    });
+
+    await attempt('gallery', async () => {
+      await page.goto(app);
+      const n = await waitFor(page, `window.__ldmApp && window.__ldmApp.gallery && window.__ldmApp.gallery.length`, 'the gallery', 60_000);
+      check('gallery survives a reload', n >= 3, `${n} images after reload`);
+    });
+
+    await attempt('share', async () => {
+      const tab = await browser.newPage();
+      watch(tab, `${tag}(share)`);
+      await tab.goto(link7);
+      const png = await nextResult(tab, 0);
+      const same = first && maxDiff(png, PNG.sync.read(first)) === 0;
+      check('share link reproduces the image', same, `identical pixels to the first generation: ${same}`);
+      await tab.close();
+    });
+
+    await attempt('offline', async () => {
+      await waitFor(page, `navigator.serviceWorker.ready.then(() => !!navigator.serviceWorker.controller || 'registered')`, 'the service worker', 60_000);
+      await serve.stop();
+      let loaded = false;
+      try {
+        await page.goto(link7);
+        loaded = true;
+        const png = await nextResult(page, 0);
+        const d = maxDiff(png, fx.refs[7]);
+        check('offline reload generates', d <= TOL, `page loaded from the service worker with the server stopped; max diff vs CLI ${d}/255`);
+      } finally {
+        if (!loaded) console.log(`${tag} the page did not load offline`);
+        serve = await startServe(fx.models, serve.port);
+      }
+    });
+
+    await attempt('widget', async () => {
+      const embed = await startEmbedder(app);
+      try {
+        const tab = await browser.newPage();
+        watch(tab, `${tag}(widget)`);
+        await tab.goto(embed.url);
+        const out = await waitFor(tab, `window.__embed && (window.__embed.done || window.__embed.error) && window.__embed`, 'the widget');
+        if (out.error) throw new Error(`ldm-error: ${out.error}`);
+        const d = maxDiff(Buffer.from(out.done, 'base64'), fx.refs[7]);
+        const last = out.progress[out.progress.length - 1];
+        check('widget on another origin matches CLI', d <= TOL && out.progress.length >= 3 && last?.step === last?.steps, `max diff ${d}/255; ldm-progress events ${JSON.stringify(out.progress)}`);
+        await tab.close();
+      } finally {
+        embed.close();
+      }
+    });
+
+    if (name === 'chromium') {
+      await attempt('bench', async () => {
+        const tab = await browser.newPage();
+        await tab.goto(`${app}bench.html?mode=generate&model=/models/sd1/&steps=2&width=64&height=64`);
+        const r = await waitFor(tab, `window.__ldmBenchError ? { error: window.__ldmBenchError } : window.__ldmBenchResults`, 'the benchmark');
+        if (r.error) throw new Error(r.error);
+        check('bench.html UNet step benchmark', r.unet_step_ms?.each?.length >= 2 && r.peak_gpu_bytes > 0 && r.width === 64, `unet_step_ms ${JSON.stringify(r.unet_step_ms)}, vae ${r.vae_decode_ms?.toFixed(0)} ms, peak ${r.peak_gpu_bytes} B`);
+        await tab.close();
+      });
+    }
+  } finally {
+    await browser.close();
+    await serve.stop();
+  }
+
+  await attempt('no-webgpu', async () => {
+    const srv = await startServe(fx.models);
+    const b = await launch(name, { webgpu: false });
+    try {
+      const p = await b.newPage();
+      await p.goto(srv.url);
+      const msg = await waitFor(p, `(() => { const e = document.getElementById('no-webgpu'); return e && !e.hidden && e.textContent; })()`, 'the no-WebGPU message', 60_000);
+      const names = name === 'chromium' ? /enable-unsafe-webgpu/ : /dom\.webgpu\.enabled/;
+      check('no-WebGPU message', names.test(msg), msg);
+    } finally {
+      await b.close();
+      await srv.stop();
+    }
+  });
+}
+
+async function main() {
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'ldm-e2e-'));
+  const results = [];
+  try {
+    console.log(`preparing fixtures and CLI reference images in ${work}`);
+    const fx = prepare(work);
+    for (const name of opts.browsers) {
+      try {
+        await runBrowser(name, fx, results);
+      } catch (e) {
+        results.push({ browser: name, test: 'run', ok: false, detail: e?.message ?? String(e) });
+        console.log(`[${name}] FAIL run: ${e?.stack ?? e}`);
+      }
+      console.log(`[${name}] finished at t=${secs()} s`);
+    }
+  } finally {
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+  for (const name of opts.browsers) {
+    const mine = results.filter((r) => r.browser === name);
+    const passed = mine.filter((r) => r.ok).length;
+    console.log(`${name} e2e: ${passed} passed, ${mine.length - passed + (mine.length === 0 ? 1 : 0)} failed`);
+  }
+  const failed = results.filter((r) => !r.ok).length;
+  console.log(`app e2e: ${results.length - failed} passed, ${failed} failed (${secs()} s)`);
+  process.exit(failed === 0 && results.length > 0 ? 0 : 1);
+}
+
+main().catch((e) => {
+  console.error(e?.stack ?? String(e));
+  process.exit(1);
+});

@@ -1,0 +1,419 @@
+// The ldm-web page: settings form (mirrored in the URL, so a link reproduces an image), progress
+// and live previews, the result with its PNG download, a gallery in IndexedDB, the models panel,
+// and the mask / condition image inputs. All GPU work happens in the engine worker.
+
+import { LdmEngine, webgpuHelp, previewImage } from './ldm-client.js';
+
+const $ = (id) => document.getElementById(id);
+const form = $('settings');
+const PARAMS = ['model', 'prompt', 'negative_prompt', 'seed', 'steps', 'guidance', 'width', 'height', 'scheduler'];
+const NUMERIC = new Set(['seed', 'steps', 'guidance', 'width', 'height']);
+
+// State the browser tests read (window.__ldmApp): results, events with wall-clock times, errors.
+const app = { results: [], events: [], errors: [], busy: false, engine: null, gallery: null };
+window.__ldmApp = app;
+const note = (type, detail = {}) => app.events.push({ type, t: Date.now(), ...detail });
+
+function setStatus(text, error = false) {
+  $('status').textContent = text;
+  $('status').classList.toggle('error', error);
+}
+
+// ---- settings <-> URL ------------------------------------------------------------------------------
+
+function readForm() {
+  const fd = new FormData(form);
+  const p = {};
+  for (const k of PARAMS) {
+    const v = String(fd.get(k) ?? '').trim();
+    if (v !== '') p[k] = NUMERIC.has(k) ? Number(v) : v;
+  }
+  p.precision = String(fd.get('precision') ?? 'auto');
+  return p;
+}
+
+function fillForm(p) {
+  for (const k of [...PARAMS, 'precision']) if (p[k] !== undefined && form.elements[k]) form.elements[k].value = p[k];
+}
+
+function shareUrl(p) {
+  const u = new URL(location.pathname, location.href);
+  for (const k of PARAMS) if (p[k] !== undefined && p[k] !== '') u.searchParams.set(k, String(p[k]));
+  return u.href;
+}
+
+function fromUrl() {
+  const q = new URLSearchParams(location.search);
+  const p = {};
+  for (const k of PARAMS) if (q.has(k)) p[k] = q.get(k);
+  return p;
+}
+
+// ---- gallery (IndexedDB) ---------------------------------------------------------------------------
+
+function openDb() {
+  return new Promise((resolve, reject) => {
+    const req = indexedDB.open('ldm-web', 1);
+    req.onupgradeneeded = () => req.result.createObjectStore('images', { keyPath: 'id', autoIncrement: true });
+    req.onsuccess = () => resolve(req.result);
+    req.onerror = () => reject(req.error);
+  });
+}
+
+function tx(db, mode, fn) {
+  return new Promise((resolve, reject) => {
+    const t = db.transaction('images', mode);
+    const out = fn(t.objectStore('images'));
+    t.oncomplete = () => resolve(out?.result ?? out);
+    t.onerror = () => reject(t.error);
+    t.onabort = () => reject(t.error ?? new Error('IndexedDB transaction aborted (storage full?)'));
+  });
+}
+
+async function galleryAdd(entry) {
+  const db = await openDb();
+  return tx(db, 'readwrite', (s) => s.add(entry));
+}
+
+async function galleryAll() {
+  const db = await openDb();
+  return tx(db, 'readonly', (s) => s.getAll());
+}
+
+async function galleryDelete(id) {
+  const db = await openDb();
+  return tx(db, 'readwrite', (s) => s.delete(id));
+}
+
+const thumbUrls = [];
+async function renderGallery() {
+  let items;
+  try {
+    items = await galleryAll();
+  } catch (e) {
+    $('gallery').textContent = `The gallery is unavailable: ${e.message}`;
+    return;
+  }
+  app.gallery = items.map((i) => ({ id: i.id, params: i.params, created: i.created }));
+  thumbUrls.splice(0).forEach((u) => URL.revokeObjectURL(u));
+  const g = $('gallery');
+  g.replaceChildren();
+  if (items.length === 0) g.textContent = 'Generated images appear here and stay across visits.';
+  for (const item of items.reverse()) {
+    const fig = document.createElement('figure');
+    const img = document.createElement('img');
+    const url = URL.createObjectURL(item.blob);
+    thumbUrls.push(url);
+    img.src = url;
+    img.alt = item.params.prompt ?? '';
+    img.title = `${item.params.prompt ?? ''}\nseed ${item.params.seed}, ${item.params.steps} steps`;
+    img.addEventListener('click', () => {
+      fillForm(item.params);
+      showResult(item.blob, item.params, item.info);
+    });
+    const cap = document.createElement('figcaption');
+    const span = document.createElement('span');
+    span.textContent = item.params.prompt || '(no prompt)';
+    const del = document.createElement('button');
+    del.textContent = '✕';
+    del.title = 'Delete from the gallery';
+    del.addEventListener('click', async () => {
+      await galleryDelete(item.id);
+      renderGallery();
+    });
+    cap.append(span, del);
+    fig.append(img, cap);
+    g.append(fig);
+  }
+}
+
+// ---- output ----------------------------------------------------------------------------------------
+
+let resultUrl = null;
+function showResult(blob, params, info) {
+  if (resultUrl) URL.revokeObjectURL(resultUrl);
+  resultUrl = URL.createObjectURL(blob);
+  $('result').src = resultUrl;
+  $('result').hidden = false;
+  $('preview').hidden = true;
+  const a = $('download');
+  a.href = resultUrl;
+  a.download = `ldm-${params.seed ?? 0}-${(params.prompt ?? '').replace(/[^a-z0-9]+/gi, '-').slice(0, 40) || 'image'}.png`;
+  a.hidden = false;
+  if (info) {
+    const steps = info.unet_steps_ms ?? [];
+    const mean = steps.length ? steps.reduce((x, y) => x + y, 0) / steps.length : 0;
+    $('info').textContent = `${info.model}: ${info.width}x${info.height}, ${info.steps} steps, ${info.scheduler}, ${info.precision}\n` +
+      `load ${(info.load_ms / 1000).toFixed(1)} s, text encoder ${info.text_encoder_ms.toFixed(0)} ms, UNet ${mean.toFixed(0)} ms/step, ` +
+      `VAE decode ${info.vae_decode_ms.toFixed(0)} ms, total ${(info.total_ms / 1000).toFixed(1)} s, peak GPU ${(info.peak_gpu_bytes / 2 ** 20).toFixed(0)} MiB`;
+  }
+}
+
+function drawPreview(ev) {
+  const c = $('preview');
+  const img = previewImage(ev);
+  c.width = img.width;
+  c.height = img.height;
+  c.getContext('2d').putImageData(img, 0, 0);
+  c.hidden = false;
+  $('result').hidden = true;
+}
+
+// ---- generation ------------------------------------------------------------------------------------
+
+const mb = (b) => (b / 2 ** 20).toFixed(1);
+
+async function generate() {
+  if (app.busy) return;
+  const p = readForm();
+  if (!p.model) {
+    setStatus('Enter a model URL first (a diffusers folder or a .safetensors file).', true);
+    return;
+  }
+  history.replaceState(null, '', shareUrl(p));
+  $('share-link').value = location.href;
+  const extras = [$('init-file').files.length && 'init image', maskPainted && 'mask', $('cond-file').files.length && 'condition image'].filter(Boolean);
+  app.busy = true;
+  $('generate').disabled = true;
+  $('cancel').disabled = false;
+  $('download-bar').value = 0;
+  $('download-text').textContent = '';
+  $('step-bar').value = 0;
+  $('step-text').textContent = '';
+  setStatus('Starting…');
+  note('start', { params: p });
+  navigator.storage?.persist?.().catch(() => {});
+  const params = { ...p, preview_every: 2 };
+  delete params.model;
+  try {
+    const { blob, info } = await app.engine.generate(p.model, params, (ev) => {
+      if (ev.type === 'download') {
+        $('download-bar').max = Math.max(ev.total, ev.fetched, 1);
+        $('download-bar').value = ev.fetched;
+        $('download-text').textContent = `${mb(ev.fetched)} / ${mb(ev.total)} MB`;
+        note('download', { fetched: ev.fetched });
+      } else if (ev.type === 'stage') {
+        note('stage', { stage: ev.stage });
+        setStatus({ load: 'Loading the model…', denoise: 'Denoising…', vae: 'Fetching the VAE…', decode: 'Decoding…' }[ev.stage] ?? ev.stage);
+      } else if (ev.type === 'step') {
+        note('step', { step: ev.step, steps: ev.steps });
+        $('step-bar').max = ev.steps;
+        $('step-bar').value = ev.step;
+        $('step-text').textContent = `${ev.step} / ${ev.steps} (${(ev.ms / 1000).toFixed(2)} s)`;
+      } else if (ev.type === 'preview') {
+        note('preview', { step: ev.step });
+        drawPreview(ev);
+      } else if (ev.type === 'status') {
+        note('status', { message: ev.message });
+        setStatus(ev.message);
+      }
+    });
+    const entry = { params: p, info, blob, created: Date.now() };
+    app.results.push(entry);
+    note('done', { info });
+    showResult(blob, p, info);
+    setStatus(`Done in ${(info.total_ms / 1000).toFixed(1)} s.` + (extras.length ? ` This is a text-to-image model: the ${extras.join(' and ')} were not used.` : ''));
+    try {
+      await galleryAdd(entry);
+    } catch (e) {
+      setStatus(`Done, but the gallery could not keep it: ${e.message}`, true);
+    }
+    renderGallery();
+    refreshModels();
+  } catch (e) {
+    note('error', { kind: e.kind, message: e.message });
+    app.errors.push({ kind: e.kind, message: e.message });
+    if (e.kind === 'cancelled') setStatus('Cancelled.');
+    else if (e.kind === 'out-of-memory') setStatus(`${e.message}\nThe GPU memory was released; try a smaller size.`, true);
+    else setStatus(e.message, true);
+  } finally {
+    app.busy = false;
+    $('generate').disabled = false;
+    $('cancel').disabled = true;
+  }
+}
+
+// ---- models panel ----------------------------------------------------------------------------------
+
+async function refreshModels() {
+  const list = $('model-list');
+  let models;
+  try {
+    models = await app.engine.models();
+  } catch (e) {
+    list.textContent = `Cannot read the cache: ${e.message}`;
+    return;
+  }
+  app.models = models;
+  list.replaceChildren();
+  $('cached-models').replaceChildren(...models.map((m) => Object.assign(document.createElement('option'), { value: m.url })));
+  if (models.length === 0) list.append(Object.assign(document.createElement('li'), { textContent: 'None yet: a model is stored here the first time it is used.' }));
+  for (const m of models) {
+    const li = document.createElement('li');
+    li.textContent = `${m.url} — ${mb(m.bytes)} MB in ${m.files} files `;
+    const use = Object.assign(document.createElement('button'), { type: 'button', textContent: 'use' });
+    use.addEventListener('click', () => { form.elements.model.value = m.url; });
+    const del = Object.assign(document.createElement('button'), { type: 'button', textContent: 'delete' });
+    del.addEventListener('click', async () => {
+      await app.engine.deleteModel(m.url);
+      refreshModels();
+    });
+    li.append(use, del);
+    list.append(li);
+  }
+  if (navigator.storage?.estimate) {
+    const est = await navigator.storage.estimate();
+    const persisted = navigator.storage.persisted ? await navigator.storage.persisted() : false;
+    $('storage-info').textContent = `This site uses ${mb(est.usage ?? 0)} MB of ${mb(est.quota ?? 0)} MB allowed; storage is ${persisted ? 'persistent' : 'best-effort (the browser may evict it when space is short)'}.`;
+  }
+}
+
+// ---- mask painter and condition inputs -------------------------------------------------------------
+
+let maskPainted = false;
+function setupMask() {
+  const canvas = $('mask-canvas');
+  const ctx = canvas.getContext('2d');
+  let drawing = false;
+  let last = null;
+  const pos = (e) => {
+    const r = canvas.getBoundingClientRect();
+    return [((e.clientX - r.left) / r.width) * canvas.width, ((e.clientY - r.top) / r.height) * canvas.height];
+  };
+  const stroke = (a, b) => {
+    const erase = form.ownerDocument.querySelector('input[name=mask-mode]:checked')?.value === 'erase';
+    ctx.globalCompositeOperation = erase ? 'destination-out' : 'source-over';
+    ctx.strokeStyle = '#fff';
+    ctx.lineCap = 'round';
+    ctx.lineWidth = Number($('brush').value) * (canvas.width / canvas.getBoundingClientRect().width || 1);
+    ctx.beginPath();
+    ctx.moveTo(...a);
+    ctx.lineTo(...b);
+    ctx.stroke();
+    maskPainted = true;
+  };
+  canvas.addEventListener('pointerdown', (e) => { drawing = true; last = pos(e); stroke(last, last); canvas.setPointerCapture(e.pointerId); });
+  canvas.addEventListener('pointermove', (e) => { if (drawing) { const p = pos(e); stroke(last, p); last = p; } });
+  canvas.addEventListener('pointerup', () => { drawing = false; });
+  $('mask-clear').addEventListener('click', () => { ctx.clearRect(0, 0, canvas.width, canvas.height); maskPainted = false; });
+  $('mask-invert').addEventListener('click', () => {
+    const img = ctx.getImageData(0, 0, canvas.width, canvas.height);
+    for (let i = 0; i < img.data.length; i += 4) {
+      const on = img.data[i + 3] > 127;
+      img.data.set(on ? [0, 0, 0, 0] : [255, 255, 255, 255], i);
+    }
+    ctx.globalCompositeOperation = 'source-over';
+    ctx.putImageData(img, 0, 0);
+    maskPainted = true;
+  });
+  const loadImage = async (file) => {
+    try {
+      return await createImageBitmap(file);
+    } catch {
+      setStatus(`${file.name} is not an image this browser can read.`, true);
+      return null;
+    }
+  };
+  $('mask-file').addEventListener('change', async (e) => {
+    const f = e.target.files[0];
+    const bmp = f && (await loadImage(f));
+    if (!bmp) return;
+    // White = repaint, whatever the upload's mode: luminance becomes the mask's alpha.
+    const tmp = new OffscreenCanvas(canvas.width, canvas.height);
+    const t = tmp.getContext('2d');
+    t.drawImage(bmp, 0, 0, canvas.width, canvas.height);
+    const img = t.getImageData(0, 0, canvas.width, canvas.height);
+    for (let i = 0; i < img.data.length; i += 4) {
+      const l = 0.299 * img.data[i] + 0.587 * img.data[i + 1] + 0.114 * img.data[i + 2];
+      img.data.set([255, 255, 255, l], i);
+    }
+    ctx.putImageData(img, 0, 0);
+    maskPainted = true;
+  });
+  $('init-file').addEventListener('change', async (e) => {
+    const f = e.target.files[0];
+    const bmp = f && (await loadImage(f));
+    if (!bmp) return;
+    $('init-preview').src = URL.createObjectURL(f);
+    canvas.width = bmp.width;
+    canvas.height = bmp.height;
+    $('mask-stage').style.aspectRatio = `${bmp.width} / ${bmp.height}`;
+    maskPainted = false;
+  });
+  $('cond-file').addEventListener('change', async (e) => {
+    const f = e.target.files[0];
+    if (!f || !(await loadImage(f))) return;
+    $('cond-preview').src = URL.createObjectURL(f);
+    $('cond-preview').hidden = false;
+  });
+}
+
+// ---- start-up --------------------------------------------------------------------------------------
+
+function showOnline() {
+  $('online-status').textContent = navigator.onLine ? '' : 'offline: using stored models';
+}
+
+async function main() {
+  $('widget-url').textContent = new URL('ldm-image.js', location.href).href;
+  if ('serviceWorker' in navigator) {
+    navigator.serviceWorker.register('./sw.js').then(
+      () => note('service-worker'),
+      (e) => console.warn(`offline support unavailable: ${e.message}`),
+    );
+  }
+  addEventListener('online', showOnline);
+  addEventListener('offline', showOnline);
+  showOnline();
+  setupMask();
+  renderGallery();
+  const fromLink = fromUrl();
+  fillForm(fromLink);
+  $('randomise').addEventListener('click', () => { form.elements.seed.value = Math.floor(Math.random() * 2 ** 32); });
+  $('share').addEventListener('click', async () => {
+    const link = shareUrl(readForm());
+    $('share-link').value = link;
+    $('share-link').hidden = false;
+    $('share-link').select();
+    try { await navigator.clipboard.writeText(link); setStatus('Share link copied.'); } catch { setStatus('Share link below: copy it.'); }
+  });
+
+  const help = webgpuHelp();
+  if (help) {
+    $('no-webgpu').textContent = help;
+    $('no-webgpu').hidden = false;
+    $('gpu-status').textContent = 'No WebGPU.';
+    $('generate').disabled = true;
+    note('no-webgpu', { message: help });
+    return;
+  }
+  app.engine = new LdmEngine();
+  app.engine.onStatus = (t) => setStatus(t, true);
+  form.addEventListener('submit', (e) => { e.preventDefault(); generate(); });
+  $('cancel').addEventListener('click', () => { app.engine.cancel(); setStatus('Cancelling…'); });
+  try {
+    const a = await app.engine.adapter();
+    const b = a.browser ?? {};
+    const name = a.name || [b.vendor, b.architecture, b.description].filter(Boolean).join(' ') || (b.isFallbackAdapter ? 'software adapter' : 'unnamed adapter');
+    $('gpu-status').textContent = `WebGPU: ${name}${a.shader_f16 ? ', shader-f16' : ', f32 only'}`;
+    app.adapter = a;
+  } catch (e) {
+    const msg = /adapter/i.test(e.message)
+      ? `This browser has WebGPU but offers no GPU adapter. ${/Linux/.test(navigator.userAgent) ? 'On Linux, start Chromium/Chrome with --enable-unsafe-webgpu; Firefox needs gfx.webgpu.ignore-blocklist in about:config for software adapters.' : 'Update the browser and its GPU driver, or try another browser.'}`
+      : `The engine could not start: ${e.message}`;
+    $('no-webgpu').textContent = msg;
+    $('no-webgpu').hidden = false;
+    $('gpu-status').textContent = 'No usable GPU.';
+    $('generate').disabled = true;
+    note('no-webgpu', { message: msg });
+    return;
+  }
+  refreshModels();
+  note('ready');
+  if (fromLink.model && fromLink.prompt !== undefined) generate();
+}
+
+main().catch((e) => {
+  $('app-error').textContent = `The page failed to start: ${e.message}`;
+  $('app-error').hidden = false;
+});

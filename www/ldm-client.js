@@ -1,0 +1,130 @@
+// Talks to the engine worker from a page: the app (app.js) and the <ldm-image> widget use this.
+// Starts the worker (also when this module was loaded from another origin), restarts it after a
+// fatal error, and turns its messages into promises and callbacks.
+
+const WORKER_URL = new URL('./engine-worker.js', import.meta.url);
+
+// A module worker must come from the page's origin; from elsewhere (an embedding page), start a
+// same-origin blob worker that imports the real one (served with CORS).
+function startWorker() {
+  if (WORKER_URL.origin === self.location.origin) return new Worker(WORKER_URL, { type: 'module' });
+  const shim = URL.createObjectURL(new Blob([`import ${JSON.stringify(WORKER_URL.href)};`], { type: 'text/javascript' }));
+  return new Worker(shim, { type: 'module' });
+}
+
+// Why WebGPU is missing, in words a user can act on; null when navigator.gpu exists.
+export function webgpuHelp() {
+  if (typeof navigator !== 'undefined' && navigator.gpu) return null;
+  const ua = navigator.userAgent;
+  if (!self.isSecureContext) return 'WebGPU needs a secure page: open this app over https:// or from localhost / 127.0.0.1.';
+  if (/Firefox\//.test(ua)) return 'This Firefox has WebGPU switched off: open about:config and set dom.webgpu.enabled to true (on Linux also gfx.webgpu.ignore-blocklist), or use Firefox 141+ on Windows.';
+  if (/Edg\//.test(ua) || /Chrome\//.test(ua) || /Chromium\//.test(ua)) {
+    return /Linux/.test(ua)
+      ? 'This Chromium/Chrome has no WebGPU on Linux by default: start it with --enable-unsafe-webgpu (or enable chrome://flags/#enable-unsafe-webgpu) and, for a real GPU, --enable-features=Vulkan.'
+      : 'This browser has WebGPU switched off: update to Chrome/Edge 113 or newer, or enable chrome://flags/#enable-unsafe-webgpu.';
+  }
+  if (/Safari\//.test(ua)) return 'Safari needs WebGPU turned on: Settings → Feature Flags → WebGPU (Safari 18+), or use Chrome 113+.';
+  return 'This browser has no WebGPU. Use Chrome/Edge 113+, or Firefox with dom.webgpu.enabled.';
+}
+
+export class LdmEngine {
+  constructor() {
+    this.nextId = 1;
+    this.jobs = new Map();
+    this.onStatus = () => {};
+    this.start();
+  }
+
+  start() {
+    this.worker = startWorker();
+    this.ready = new Promise((resolve, reject) => {
+      this.readyResolve = resolve;
+      this.readyReject = reject;
+    });
+    this.ready.catch(() => {});
+    this.worker.addEventListener('message', (e) => this.onMessage(e.data ?? {}));
+    this.worker.addEventListener('error', (e) => {
+      e.preventDefault();
+      this.fail(`the engine worker failed: ${e.message || 'could not load engine-worker.js (see the console)'}`, true);
+    });
+  }
+
+  // Every running job fails; with `restart`, a fresh worker takes over for the next one.
+  fail(message, restart) {
+    this.readyReject(new Error(message));
+    for (const job of this.jobs.values()) job.reject(Object.assign(new Error(message), { kind: 'worker' }));
+    this.jobs.clear();
+    if (restart) {
+      this.worker.terminate();
+      this.onStatus('The engine stopped unexpectedly and was restarted.');
+      this.start();
+    }
+  }
+
+  onMessage(m) {
+    if (m.id === null || m.id === undefined) {
+      if (m.cmd === 'ready') this.readyResolve();
+      else if (m.ok === false) this.readyReject(new Error(m.error));
+      return;
+    }
+    const job = this.jobs.get(m.id);
+    if (!job) return;
+    if (m.event) {
+      job.onEvent?.(m.event);
+      return;
+    }
+    this.jobs.delete(m.id);
+    if (m.ok) job.resolve(m);
+    else {
+      job.reject(Object.assign(new Error(m.error), { kind: m.kind }));
+      if (m.fatal) this.fail('the engine hit an internal error', true);
+    }
+  }
+
+  request(message, onEvent) {
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.jobs.set(id, { resolve, reject, onEvent });
+      this.worker.postMessage({ id, ...message });
+    });
+  }
+
+  // Generates one image: resolves to {blob (PNG with its parameters chunk), info}. onEvent sees
+  // {type: 'download', fetched, total}, {type: 'stage', stage}, {type: 'step', step, steps, ms},
+  // {type: 'preview', step, width, height, rgba}, {type: 'status', message}.
+  async generate(model, params, onEvent) {
+    await this.ready;
+    const m = await this.request({ cmd: 'generate', model: new URL(model, document.baseURI).href, params }, onEvent);
+    return { blob: new Blob([m.png], { type: 'image/png' }), info: m.info };
+  }
+
+  cancel() {
+    this.worker.postMessage({ cmd: 'cancel' });
+  }
+
+  simulateDeviceLoss() {
+    this.worker.postMessage({ cmd: 'simulate-device-loss' });
+  }
+
+  async json(message) {
+    await this.ready;
+    return JSON.parse((await this.request(message)).json);
+  }
+
+  adapter() {
+    return this.json({ cmd: 'adapter' });
+  }
+
+  models() {
+    return this.json({ cmd: 'models' });
+  }
+
+  deleteModel(url) {
+    return this.json({ cmd: 'delete-model', url });
+  }
+}
+
+// RGBA latent previews as a canvas-ready ImageData.
+export function previewImage(ev) {
+  return new ImageData(new Uint8ClampedArray(ev.rgba), ev.width, ev.height);
+}

@@ -1,0 +1,159 @@
+// <ldm-image>: an image generated in the visitor's browser on WebGPU. Embed with
+//   <script type="module" src="https://HOST/ldm-image.js"></script>
+//   <ldm-image model="https://HOST/models/sd1/" prompt="a red apple" seed="1" steps="20"></ldm-image>
+// Attributes: model, prompt, negative-prompt, seed, steps, guidance, width, height, scheduler.
+// It generates when connected and again when an attribute changes, shows its own progress and
+// result, and dispatches ldm-progress ({step, steps}), ldm-done ({blob}: the PNG with its
+// parameters chunk) and ldm-error ({message}). All widgets on a page share one engine worker.
+
+import { LdmEngine, webgpuHelp, previewImage } from './ldm-client.js';
+
+const ATTRS = ['model', 'prompt', 'negative-prompt', 'seed', 'steps', 'guidance', 'width', 'height', 'scheduler'];
+let engine = null;
+let chain = Promise.resolve(); // widgets take turns on the one GPU device
+
+const STYLE = `
+  :host { display: inline-block; position: relative; font: 12px/1.4 system-ui, sans-serif; color: #333; }
+  .frame { position: relative; background: #eee; overflow: hidden; }
+  img, canvas { display: block; width: 100%; height: 100%; }
+  canvas { image-rendering: pixelated; }
+  .bar { position: absolute; left: 0; right: 0; bottom: 0; height: 4px; background: rgba(0,0,0,.15); }
+  .bar > div { height: 100%; width: 0; background: #3b6fd8; transition: width .2s; }
+  .msg { position: absolute; left: 6px; right: 6px; top: 6px; text-shadow: 0 0 3px #fff; }
+  .error { color: #b00020; }
+`;
+
+class LdmImage extends HTMLElement {
+  static get observedAttributes() {
+    return ATTRS;
+  }
+
+  constructor() {
+    super();
+    const root = this.attachShadow({ mode: 'open' });
+    root.innerHTML = `<style>${STYLE}</style><div class="frame" part="frame"><canvas part="preview" hidden></canvas><img part="image" alt="" hidden><div class="msg" part="status"></div><div class="bar"><div></div></div></div>`;
+    this.frame = root.querySelector('.frame');
+    this.canvas = root.querySelector('canvas');
+    this.img = root.querySelector('img');
+    this.msg = root.querySelector('.msg');
+    this.bar = root.querySelector('.bar > div');
+    this.run = 0;
+    this.scheduled = false;
+  }
+
+  connectedCallback() {
+    this.schedule();
+  }
+
+  attributeChangedCallback(name, before, after) {
+    if (before !== after && this.isConnected) this.schedule();
+  }
+
+  disconnectedCallback() {
+    this.run++;
+  }
+
+  // Attribute changes made together start one generation.
+  schedule() {
+    if (this.scheduled) return;
+    this.scheduled = true;
+    queueMicrotask(() => {
+      this.scheduled = false;
+      this.generate();
+    });
+  }
+
+  params() {
+    const num = (name) => {
+      const v = this.getAttribute(name);
+      if (v === null || v === '') return undefined;
+      const n = Number(v);
+      if (!Number.isFinite(n)) throw new Error(`${name}="${v}" is not a number`);
+      return n;
+    };
+    const p = { prompt: this.getAttribute('prompt') ?? '', preview_every: 1 };
+    const neg = this.getAttribute('negative-prompt');
+    if (neg) p.negative_prompt = neg;
+    for (const [attr, key] of [['seed', 'seed'], ['steps', 'steps'], ['guidance', 'guidance'], ['width', 'width'], ['height', 'height']]) {
+      const v = num(attr);
+      if (v !== undefined) p[key] = v;
+    }
+    const s = this.getAttribute('scheduler');
+    if (s) p.scheduler = s;
+    return p;
+  }
+
+  status(text, error = false) {
+    this.msg.textContent = text;
+    this.msg.classList.toggle('error', error);
+  }
+
+  async generate() {
+    const run = ++this.run;
+    const current = () => run === this.run && this.isConnected;
+    let params;
+    try {
+      params = this.params();
+      if (!this.getAttribute('model')) throw new Error('the model attribute is missing');
+      const help = webgpuHelp();
+      if (help) throw new Error(help);
+    } catch (e) {
+      this.fail(e.message);
+      return;
+    }
+    const w = params.width ?? 512;
+    const h = params.height ?? 512;
+    if (!this.style.width && !this.frame.style.width) this.frame.style.aspectRatio = `${w} / ${h}`;
+    this.status('waiting…');
+    this.bar.style.width = '0';
+    const mine = chain.then(async () => {
+      if (!current()) return;
+      engine ??= new LdmEngine();
+      if (engine.busyWith && engine.busyWith !== this) engine.cancel();
+      engine.busyWith = this;
+      this.status('loading…');
+      try {
+        const { blob } = await engine.generate(new URL(this.getAttribute('model'), document.baseURI).href, params, (ev) => {
+          if (!current()) return;
+          if (ev.type === 'download' && ev.total) {
+            this.status(`downloading ${(ev.fetched / 2 ** 20).toFixed(1)} / ${(ev.total / 2 ** 20).toFixed(1)} MB`);
+          } else if (ev.type === 'step') {
+            this.status(`step ${ev.step}/${ev.steps}`);
+            this.bar.style.width = `${(100 * ev.step) / ev.steps}%`;
+            this.dispatchEvent(new CustomEvent('ldm-progress', { detail: { step: ev.step, steps: ev.steps } }));
+          } else if (ev.type === 'preview') {
+            const img = previewImage(ev);
+            this.canvas.width = img.width;
+            this.canvas.height = img.height;
+            this.canvas.getContext('2d').putImageData(img, 0, 0);
+            if (this.img.hidden) this.canvas.hidden = false;
+          } else if (ev.type === 'stage' && ev.stage === 'decode') {
+            this.status('decoding…');
+          }
+        });
+        if (!current()) return;
+        if (this.img.src) URL.revokeObjectURL(this.img.src);
+        this.img.src = URL.createObjectURL(blob);
+        this.img.alt = params.prompt;
+        this.img.hidden = false;
+        this.canvas.hidden = true;
+        this.status('');
+        this.bar.style.width = '0';
+        this.dispatchEvent(new CustomEvent('ldm-done', { detail: { blob } }));
+      } catch (e) {
+        if (current()) this.fail(e.kind === 'cancelled' ? 'cancelled' : e.message);
+      } finally {
+        if (engine.busyWith === this) engine.busyWith = null;
+      }
+    });
+    chain = mine.catch(() => {});
+    await mine;
+  }
+
+  fail(message) {
+    this.status(message, true);
+    this.dispatchEvent(new CustomEvent('ldm-error', { detail: { message } }));
+  }
+}
+
+if (!customElements.get('ldm-image')) customElements.define('ldm-image', LdmImage);
