@@ -64,17 +64,32 @@ pub fn encode_png(width: usize, height: usize, rgb: &[u8], parameters: &str) -> 
     Ok(out)
 }
 
-/// The JSON `ldm bench generate` prints and `bench.html?mode=generate` shows: one schema for both.
-pub fn bench_report(model: &str, adapter: &crate::gpu::AdapterSummary, p: &Txt2ImgParams, kind: SchedulerKind, load_ms: f64, warmup_ms: f64, times: &super::StageTimes, peak_gpu_bytes: u64) -> serde_json::Value {
-    let steps = &times.unet_steps_ms;
-    serde_json::json!({
-        "model": model, "adapter": adapter, "width": p.width, "height": p.height, "steps": p.steps, "batch": p.batch,
-        "scheduler": sampler_name(kind),
-        "load_ms": load_ms,
-        "warmup_ms": warmup_ms,
-        "text_encoder_ms": times.text_encoder_ms,
-        "unet_step_ms": { "mean": steps.iter().sum::<f64>() / steps.len().max(1) as f64, "min": steps.iter().copied().fold(f64::INFINITY, f64::min), "each": steps },
-        "vae_decode_ms": times.vae_decode_ms,
-        "peak_gpu_bytes": peak_gpu_bytes,
-    })
+/// One measured generation, as `ldm bench generate` prints it and `bench.html?mode=generate` shows
+/// it: one schema for both.
+pub struct GenerateBench<'a> {
+    pub model: &'a str,
+    pub adapter: &'a crate::gpu::AdapterSummary,
+    pub params: &'a Txt2ImgParams,
+    pub scheduler: SchedulerKind,
+    pub load_ms: f64,
+    pub warmup_ms: f64,
+    pub times: &'a super::StageTimes,
+    pub peak_gpu_bytes: u64,
+}
+
+impl GenerateBench<'_> {
+    /// The report as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        let (p, steps) = (self.params, &self.times.unet_steps_ms);
+        serde_json::json!({
+            "model": self.model, "adapter": self.adapter, "width": p.width, "height": p.height, "steps": p.steps, "batch": p.batch,
+            "scheduler": sampler_name(self.scheduler),
+            "load_ms": self.load_ms,
+            "warmup_ms": self.warmup_ms,
+            "text_encoder_ms": self.times.text_encoder_ms,
+            "unet_step_ms": { "mean": steps.iter().sum::<f64>() / steps.len().max(1) as f64, "min": steps.iter().copied().fold(f64::INFINITY, f64::min), "each": steps },
+            "vae_decode_ms": self.times.vae_decode_ms,
+            "peak_gpu_bytes": self.peak_gpu_bytes,
+        })
+    }
 }

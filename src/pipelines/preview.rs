@@ -27,7 +27,7 @@ impl LatentPreview {
     /// Fits the map on image 0 of a finished generation.
     pub fn fit(&mut self, latents: &Latents, images: &Images) {
         let [_, c, h, w] = latents.shape;
-        if h == 0 || w == 0 || images.width % w != 0 || images.height % h != 0 {
+        if h == 0 || w == 0 || !images.width.is_multiple_of(w) || !images.height.is_multiple_of(h) {
             return;
         }
         let f = images.width / w;

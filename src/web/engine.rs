@@ -11,7 +11,7 @@ use wasm_bindgen::prelude::*;
 use super::source::JsSource;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, GpuOptions};
-use crate::pipelines::output::{bench_report, encode_png, parameters_text};
+use crate::pipelines::output::{encode_png, parameters_text, GenerateBench};
 use crate::pipelines::preview::LatentPreview;
 use crate::pipelines::{LoadOptions, StableDiffusionModel, StepProgress, Txt2ImgParams};
 use crate::schedulers::{self, SchedulerKind};
@@ -252,7 +252,7 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
         let t = now_ms();
         event(on_event, "step", &[("step", s.step.into()), ("steps", s.steps.into()), ("ms", (t - last).into())]);
         last = t;
-        if every > 0 && (s.step % every == 0 || s.step == s.steps) {
+        if every > 0 && (s.step.is_multiple_of(every) || s.step == s.steps) {
             let rgba = preview.render(s.latents, s.shape);
             let bytes = js_sys::Uint8ClampedArray::from(rgba.as_slice());
             event(on_event, "preview", &[("step", s.step.into()), ("width", s.shape[3].into()), ("height", s.shape[2].into()), ("rgba", bytes.into())]);
@@ -325,7 +325,7 @@ async fn run_bench(model_url: &str, store: JsValue, single_file: Option<&str>, c
     m.txt2img(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, &now_ms, &mut |_| Ok(())).await?;
     let warmup_ms = now_ms() - t;
     let (_, times) = m.txt2img(&gpu, &p, &now_ms, &mut |_| if CANCEL.get() { Err(Error::Cancelled) } else { Ok(()) }).await?;
-    let mut report = bench_report(&m.name, gpu.summary(), &p, kind, load_ms, warmup_ms, &times, gpu.pool_stats().peak_bytes);
+    let mut report = GenerateBench { model: &m.name, adapter: gpu.summary(), params: &p, scheduler: kind, load_ms, warmup_ms, times: &times, peak_gpu_bytes: gpu.pool_stats().peak_bytes }.to_json();
     report["precision"] = dtype.name().into();
     serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()))
 }

@@ -260,6 +260,8 @@ async function runBrowser(name, fx, results) {
       const step1 = events.find((e) => e.type === 'step' && e.step === 1);
       const vae = serve.log.find((r) => r.url.includes('/sd1/vae/') && r.url.endsWith('.safetensors'));
       check('first UNet step before the VAE is fetched', !!step1 && !!vae && step1.t <= vae.t, `step 1 done at ${step1?.t}, first VAE weight request at ${vae?.t}`);
+      const previews = events.filter((e) => e.type === 'preview').length;
+      check('live previews while denoising', previews >= 2, `${previews} preview frames before the image`);
       const torn = serve.log.find((r) => r.range?.includes('fault=dropped'));
       const tornStart = torn && Number(/bytes=(\d+)-/.exec(torn.range)[1]);
       const resumed = torn && serve.log.find((r) => r.t >= torn.t && r !== torn && r.url === torn.url && Number(/bytes=(\d+)-/.exec(r.range ?? '')?.[1]) > tornStart);
@@ -360,6 +362,15 @@ async function runBrowser(name, fx, results) {
       } finally {
         embed.close();
       }
+    });
+
+    await attempt('models panel', async () => {
+      const before = await page.evaluate('window.__ldmApp.engine.models()');
+      const sd1 = before.find((m) => m.url.endsWith('/models/sd1/'));
+      await page.evaluate(`window.__ldmApp.engine.deleteModel(${JSON.stringify(sd1?.url ?? '')})`);
+      const after = await page.evaluate('window.__ldmApp.engine.models()');
+      check('models panel lists and deletes', !!sd1 && sd1.bytes > 2_500_000 && !after.some((m) => m.url === sd1.url),
+        `before: ${JSON.stringify(before.map((m) => [m.url, m.bytes]))}; after delete: ${JSON.stringify(after.map((m) => m.url))}`);
     });
 
     if (name === 'chromium') {

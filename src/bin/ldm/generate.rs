@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use ldm_web::gpu::{Gpu, GpuOptions};
 use ldm_web::loader::{DirSource, FileSource};
-use ldm_web::pipelines::output::{bench_report, encode_png, parameters_text};
+use ldm_web::pipelines::output::{encode_png, parameters_text, GenerateBench};
 use ldm_web::pipelines::{LoadOptions, StableDiffusionModel, Txt2ImgParams};
 use ldm_web::schedulers::SchedulerKind;
 use ldm_web::{Error, Result};
@@ -164,7 +164,7 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
         let (images, times) = model.txt2img(&gpu, &p, &now, &mut progress).await?;
         bar.finish_and_clear();
         if bench {
-            let report = bench_report(&model.name, gpu.summary(), &p, kind, load_ms, warmup_ms, &times, gpu.pool_stats().peak_bytes);
+            let report = GenerateBench { model: &model.name, adapter: gpu.summary(), params: &p, scheduler: kind, load_ms, warmup_ms, times: &times, peak_gpu_bytes: gpu.pool_stats().peak_bytes }.to_json();
             return serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()));
         }
         let mut written = Vec::new();

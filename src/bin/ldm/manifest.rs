@@ -41,7 +41,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 
 /// Writes `DIR/ldm-manifest.json`; returns what was written.
 pub fn run(a: &ManifestArgs) -> Result<String> {
-    if a.chunk_size < 4096 || a.chunk_size % 4096 != 0 {
+    if a.chunk_size < 4096 || !a.chunk_size.is_multiple_of(4096) {
         return Err(Error::Input(format!("--chunk-size must be a multiple of 4096, got {}", a.chunk_size)));
     }
     let mut files = Vec::new();
