@@ -287,3 +287,30 @@ fn any_prompt_is_accepted() {
         assert_eq!(&magic[1..4], b"PNG");
     }
 }
+
+#[test]
+fn manifest_lists_sizes_and_chunk_hashes() {
+    use sha2::{Digest, Sha256};
+    let dir = tmp("manifest");
+    copy_dir(&fixtures().join("sd1"), &dir.join("sd1"));
+    let model = dir.join("sd1");
+    let (ok, _, err) = ldm(&["manifest", model.to_str().expect("utf-8"), "--chunk-size", "65536"]);
+    assert!(ok, "{err}");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("ldm-manifest.json")).expect("written")).expect("JSON");
+    assert_eq!(m["chunk_size"], 65536);
+    let unet = std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).expect("unet");
+    let e = &m["files"]["unet/diffusion_pytorch_model.safetensors"];
+    assert_eq!(e["size"].as_u64(), Some(unet.len() as u64));
+    let hex = |b: &[u8]| Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert_eq!(e["sha256"].as_str(), Some(hex(&unet).as_str()));
+    let chunks = e["chunks"].as_array().expect("chunks");
+    assert_eq!(chunks.len(), unet.len().div_ceil(65536));
+    for (i, c) in chunks.iter().enumerate() {
+        let end = ((i + 1) * 65536).min(unet.len());
+        assert_eq!(c.as_str(), Some(hex(&unet[i * 65536..end]).as_str()), "chunk {i}");
+    }
+    assert!(m["files"].get("ldm-manifest.json").is_none());
+    let (ok, _, err) = ldm(&["manifest", model.to_str().expect("utf-8"), "--chunk-size", "1000"]);
+    assert!(!ok && err.contains("multiple of 4096"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
