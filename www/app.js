@@ -193,10 +193,10 @@ async function generate() {
         $('download-text').textContent = `${mb(ev.fetched)} / ${mb(ev.total)} MB`;
         note('download', { fetched: ev.fetched });
       } else if (ev.type === 'stage') {
-        note('stage', { stage: ev.stage });
+        note('stage', { stage: ev.stage, worker_t: ev.t });
         setStatus({ load: 'Loading the model…', denoise: 'Denoising…', vae: 'Fetching the VAE…', decode: 'Decoding…' }[ev.stage] ?? ev.stage);
       } else if (ev.type === 'step') {
-        note('step', { step: ev.step, steps: ev.steps });
+        note('step', { step: ev.step, steps: ev.steps, worker_t: ev.t });
         $('step-bar').max = ev.steps;
         $('step-bar').value = ev.step;
         $('step-text').textContent = `${ev.step} / ${ev.steps} (${(ev.ms / 1000).toFixed(2)} s)`;

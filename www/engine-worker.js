@@ -108,19 +108,33 @@ async function withModel(id, msg, run) {
     }
     return n;
   };
-  const bpe = loc.file ? await clipBpe(current.abort.signal) : undefined;
-  const result = await run(loc, store, bpe);
+  // Recorded before anything downloads, so a partial download is listed (and can be deleted) too.
   await recordModel(loc.url, { file: loc.file });
-  return result;
+  const bpe = loc.file ? await clipBpe(current.abort.signal) : undefined;
+  return run(loc, store, bpe);
+}
+
+// Downloads the first of `files` that exists, in the background.
+async function prefetchFirst(store, files) {
+  for (const f of files) {
+    if ((await store.size(f).catch(() => null)) !== null) {
+      await store.prefetch(f);
+      return;
+    }
+  }
 }
 
 async function generate(id, msg) {
-  const post = (event) => self.postMessage({ id, event });
+  // Events carry the worker's clock (ms since the epoch), so tests can order them against a server's log.
+  const post = (event) => self.postMessage({ id, event: Object.assign(event, { t: Date.now() }) });
   const request = JSON.stringify(msg.params ?? {});
   for (let attempt = 0; ; attempt++) {
     try {
       return await withModel(id, msg, async (loc, store, bpe) => {
-        const out = await ldm.generate(loc.base, store, loc.file ?? undefined, bpe, request, (ev) => post(ev));
+        const out = await ldm.generate(loc.base, store, loc.file ?? undefined, bpe, request, (ev) => {
+          if (ev.type === 'prefetch') prefetchFirst(store, ev.files);
+          else post(ev);
+        });
         return { png: out.png, info: JSON.parse(out.info) };
       });
     } catch (e) {

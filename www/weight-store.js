@@ -51,6 +51,7 @@ export class WeightStore {
     this.chunkSize = DEFAULT_CHUNK;
     this.metas = new Map();
     this.memory = new Map();
+    this.inflight = new Map();
     this.memoryBytes = 0;
     this.fetched = 0;
     this.manifest = undefined;
@@ -178,7 +179,7 @@ export class WeightStore {
     };
     const missing = [];
     for (let i = first; i <= last; i++) {
-      const bytes = await this.cachedChunk(url, i, cs);
+      const bytes = (await this.cachedChunk(url, i, cs)) ?? (await this.inflight.get(this.chunkKey(url, i, cs)));
       if (bytes) copy(i, bytes);
       else missing.push(i);
     }
@@ -190,12 +191,67 @@ export class WeightStore {
       while (k + 1 < missing.length && missing[k + 1] === b + 1 && b - a + 1 < MAX_RUN) b = missing[++k];
       k++;
       if (k >= missing.length) {
-        while (b + 1 < nChunks && b - a + 1 < MAX_RUN && !(await this.cachedChunk(url, b + 1, cs))) b++;
+        while (b + 1 < nChunks && b - a + 1 < MAX_RUN && !(await this.cachedOrComing(url, b + 1, cs))) b++;
       }
-      const got = await this.fetchRange(path, a * cs, Math.min((b + 1) * cs, meta.size), cs, meta.size);
-      for (const [i, bytes] of got.chunks) if (i >= first && i <= last) copy(i, bytes);
+      const got = await this.fetchRun(path, a, b, cs, meta.size);
+      for (const [i, bytes] of got) if (i >= first && i <= last) copy(i, bytes);
     }
     return out;
+  }
+
+  async cachedOrComing(url, i, cs) {
+    return this.inflight.has(this.chunkKey(url, i, cs)) || !!(await this.cachedChunk(url, i, cs));
+  }
+
+  // Fetches chunks a..b in one request; meanwhile a read of any of them waits for it instead of
+  // asking the network again. Resolves to Map(index -> bytes).
+  async fetchRun(path, a, b, cs, size) {
+    const url = this.url(path);
+    const waiting = new Map();
+    for (let i = a; i <= b; i++) {
+      let settle;
+      const p = new Promise((resolve, reject) => { settle = { resolve, reject }; });
+      p.catch(() => {});
+      waiting.set(i, settle);
+      this.inflight.set(this.chunkKey(url, i, cs), p);
+    }
+    try {
+      const got = await this.fetchRange(path, a * cs, Math.min((b + 1) * cs, size), cs, size);
+      for (const [i, settle] of waiting) {
+        if (got.chunks.has(i)) settle.resolve(got.chunks.get(i));
+        else settle.reject(new Error(`${url}: chunk ${i} did not arrive`));
+      }
+      return got.chunks;
+    } catch (e) {
+      for (const settle of waiting.values()) settle.reject(e);
+      throw e;
+    } finally {
+      for (let i = a; i <= b; i++) this.inflight.delete(this.chunkKey(url, i, cs));
+    }
+  }
+
+  // Downloads a whole file into the cache in the background (the VAE while the UNet denoises),
+  // so that reading it later needs no network. Failures are left for the real read to report.
+  async prefetch(path) {
+    try {
+      await this.init();
+      const cs = this.chunkSize;
+      const meta = await this.meta(path, cs);
+      if (meta.missing) return false;
+      const url = this.url(path);
+      const n = Math.ceil(meta.size / cs);
+      for (let i = 0; i < n; i++) {
+        if (await this.cachedOrComing(url, i, cs)) continue;
+        let b = i;
+        while (b + 1 < n && b - i + 1 < MAX_RUN && !(await this.cachedOrComing(url, b + 1, cs))) b++;
+        await this.fetchRun(path, i, b, cs, meta.size);
+        i = b;
+      }
+      return true;
+    } catch (e) {
+      if (e?.name !== 'AbortError') this.log(`prefetching ${path} failed (${e.message}); it is fetched again when needed`);
+      return false;
+    }
   }
 
   // Checks and caches one whole chunk.

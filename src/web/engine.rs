@@ -248,9 +248,20 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
     event(on_event, "stage", &[("stage", "denoise".into())]);
     let preview = loaded.preview.borrow().clone();
     let mut last = now_ms();
+    // Once denoising runs, the VAE's weights can download alongside it: the worker prefetches
+    // the first of these files that exists (a single file holds the VAE with everything else).
+    let vae_files: Vec<&str> = match (m.vae_loaded(), single_file) {
+        (false, None) if dtype == DType::F16 => vec!["vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors"],
+        (false, None) => vec!["vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"],
+        _ => vec![],
+    };
     let mut progress = |s: &StepProgress| -> Result<()> {
         let t = now_ms();
         event(on_event, "step", &[("step", s.step.into()), ("steps", s.steps.into()), ("ms", (t - last).into())]);
+        if s.step == 1 && !vae_files.is_empty() {
+            let files: js_sys::Array = vae_files.iter().map(|f| JsValue::from_str(f)).collect();
+            event(on_event, "prefetch", &[("files", files.into())]);
+        }
         last = t;
         if every > 0 && (s.step.is_multiple_of(every) || s.step == s.steps) {
             let rgba = preview.render(s.latents, s.shape);

@@ -259,7 +259,11 @@ async function runBrowser(name, fx, results) {
       const events = await page.evaluate('window.__ldmApp.events');
       const step1 = events.find((e) => e.type === 'step' && e.step === 1);
       const vae = serve.log.find((r) => r.url.includes('/sd1/vae/') && r.url.endsWith('.safetensors'));
-      check('first UNet step before the VAE is fetched', !!step1 && !!vae && step1.t <= vae.t, `step 1 done at ${step1?.t}, first VAE weight request at ${vae?.t}`);
+      check('first UNet step before the VAE is fetched', !!step1 && !!vae && step1.worker_t <= vae.t, `step 1 done at ${step1?.worker_t} (worker clock), first VAE weight request logged at ${vae?.t}; the VAE downloads during the remaining steps`);
+      const lastStep = events.filter((e) => e.type === 'step').pop();
+      const vaeReqs = serve.log.filter((r) => r.url.includes('/sd1/vae/') && r.status === 206);
+      check('VAE downloaded while denoising', vaeReqs.length > 0 && vaeReqs.every((r) => r.t <= lastStep.worker_t),
+        `${vaeReqs.length} VAE range requests, the last at ${vaeReqs.at(-1)?.t}; last step done at ${lastStep?.worker_t}`);
       const previews = events.filter((e) => e.type === 'preview').length;
       check('live previews while denoising', previews >= 2, `${previews} preview frames before the image`);
       const torn = serve.log.find((r) => r.range?.includes('fault=dropped'));
