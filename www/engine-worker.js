@@ -2,13 +2,13 @@
 // the page never blocks. Used by the app (app.js), the <ldm-image> widget and the test pages,
 // always through ldm-client.js or worker-job.js.
 //
-// Messages in (one job runs at a time; `cancel` and `simulate-device-loss` act immediately):
+// Messages in (one job runs at a time; `cancel` and the `simulate-*` commands act immediately):
 //   {id, cmd: 'generate', model, params}      params: prompt, negative_prompt, seed, steps, guidance,
 //                                             width, height, scheduler, precision, preview_every
 //   {id, cmd: 'bench-generate', model, params}
 //   {id, cmd: 'adapter'} | {id, cmd: 'models'} | {id, cmd: 'delete-model', url}
 //   {id, cmd: 'test', filter} | {id, cmd: 'bench', which}     (kernel tests and benchmarks)
-//   {cmd: 'cancel'} | {cmd: 'simulate-device-loss'}
+//   {cmd: 'cancel'} | {cmd: 'simulate-device-loss'} | {cmd: 'simulate-out-of-memory'}   (the last two test recovery)
 // Messages out:
 //   {id: null, cmd: 'ready'} or {id: null, ok: false, error} once, after initialisation
 //   {id, event: {type: 'stage' | 'step' | 'preview' | 'download' | 'status', ...}} while a job runs
@@ -213,6 +213,10 @@ self.addEventListener('message', (ev) => {
   }
   if (msg.cmd === 'simulate-device-loss') {
     ldm?.simulate_device_loss();
+    return;
+  }
+  if (msg.cmd === 'simulate-out-of-memory') {
+    ldm?.simulate_out_of_memory();
     return;
   }
   queue = queue.then(() => runJob(id, msg));

@@ -102,8 +102,13 @@ export class LdmEngine {
     this.worker.postMessage({ cmd: 'cancel' });
   }
 
+  // Test hooks: the next GPU call fails as after a driver reset / an out-of-memory error.
   simulateDeviceLoss() {
     this.worker.postMessage({ cmd: 'simulate-device-loss' });
+  }
+
+  simulateOutOfMemory() {
+    this.worker.postMessage({ cmd: 'simulate-out-of-memory' });
   }
 
   async json(message) {

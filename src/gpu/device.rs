@@ -285,6 +285,11 @@ impl Gpu {
         }
     }
 
+    /// Records `error` as if the GPU had reported it asynchronously (tests the recovery paths).
+    pub fn inject_error(&self, error: Error) {
+        self.inner.error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(error);
+    }
+
     /// Destroys the device and records it as lost, as a driver reset would (tests recovery).
     pub fn lose_device(&self, why: &str) {
         self.inner.error.lock().unwrap_or_else(|p| p.into_inner()).replace(Error::DeviceLost(why.to_string()));

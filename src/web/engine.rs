@@ -155,6 +155,14 @@ pub fn simulate_device_loss() {
     }
 }
 
+/// Makes the next GPU call report an out-of-memory error, so the page's recovery can be tested.
+#[wasm_bindgen]
+pub fn simulate_out_of_memory() {
+    if let Some(g) = ENGINE.with_borrow(|e| e.gpu.clone()) {
+        g.inject_error(Error::OutOfMemory("simulated by the page".into()));
+    }
+}
+
 fn dtype_for(gpu: &Gpu, precision: Option<&str>) -> Result<DType> {
     match precision.unwrap_or("auto") {
         "auto" => Ok(if gpu.supports(DType::F16) { DType::F16 } else { DType::F32 }),
