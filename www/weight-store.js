@@ -179,7 +179,12 @@ export class WeightStore {
     };
     const missing = [];
     for (let i = first; i <= last; i++) {
-      const bytes = (await this.cachedChunk(url, i, cs)) ?? (await this.inflight.get(this.chunkKey(url, i, cs)));
+      let bytes = (await this.cachedChunk(url, i, cs)) ?? (await this.inflight.get(this.chunkKey(url, i, cs)));
+      if (bytes && bytes.byteLength !== Math.min(cs, meta.size - i * cs)) {
+        // Not what this file's chunk must be (storage damaged, or the file changed): fetch it again.
+        await this.forget(url, i, cs);
+        bytes = null;
+      }
       if (bytes) copy(i, bytes);
       else missing.push(i);
     }
@@ -197,6 +202,16 @@ export class WeightStore {
       for (const [i, bytes] of got) if (i >= first && i <= last) copy(i, bytes);
     }
     return out;
+  }
+
+  async forget(url, i, cs) {
+    const key = this.chunkKey(url, i, cs);
+    const m = this.memory.get(key);
+    if (m) {
+      this.memory.delete(key);
+      this.memoryBytes -= m.byteLength;
+    }
+    await (await this.cache()).delete(key);
   }
 
   async cachedOrComing(url, i, cs) {
