@@ -13,9 +13,10 @@ let engine = null;
 let chain = Promise.resolve(); // widgets take turns on the one GPU device
 
 const STYLE = `
-  :host { display: inline-block; position: relative; font: 12px/1.4 system-ui, sans-serif; color: #333; }
-  .frame { position: relative; background: #eee; overflow: hidden; }
-  img, canvas { display: block; width: 100%; height: 100%; }
+  :host { display: inline-block; position: relative; width: 256px; aspect-ratio: var(--ldm-aspect, 1); font: 12px/1.4 system-ui, sans-serif; color: #333; }
+  [hidden] { display: none !important; }
+  .frame { position: absolute; inset: 0; background: #eee; overflow: hidden; }
+  img, canvas { position: absolute; inset: 0; width: 100%; height: 100%; object-fit: contain; }
   canvas { image-rendering: pixelated; }
   .bar { position: absolute; left: 0; right: 0; bottom: 0; height: 4px; background: rgba(0,0,0,.15); }
   .bar > div { height: 100%; width: 0; background: #3b6fd8; transition: width .2s; }
@@ -103,7 +104,7 @@ class LdmImage extends HTMLElement {
     }
     const w = params.width ?? 512;
     const h = params.height ?? 512;
-    if (!this.style.width && !this.frame.style.width) this.frame.style.aspectRatio = `${w} / ${h}`;
+    this.style.setProperty('--ldm-aspect', `${w} / ${h}`);
     this.status('waiting…');
     this.bar.style.width = '0';
     const mine = chain.then(async () => {
@@ -126,7 +127,8 @@ class LdmImage extends HTMLElement {
             this.canvas.width = img.width;
             this.canvas.height = img.height;
             this.canvas.getContext('2d').putImageData(img, 0, 0);
-            if (this.img.hidden) this.canvas.hidden = false;
+            this.canvas.hidden = false;
+            this.img.hidden = true;
           } else if (ev.type === 'stage' && ev.stage === 'decode') {
             this.status('decoding…');
           }

@@ -120,16 +120,18 @@ function startEmbedder(appUrl) {
   const model = new URL('models/sd1/', appUrl).href;
   const html = `<!doctype html><meta charset="utf-8"><title>embed</title>
 <script type="module" src="${new URL('ldm-image.js', appUrl).href}"></script>
-<ldm-image model="${model}" prompt="${PROMPT}" seed="7" steps="3" guidance="7.5" width="64" height="64" style="width:128px;height:128px"></ldm-image>
+<ldm-image model="${model}" prompt="${PROMPT}" seed="7" steps="3" guidance="7.5" width="64" height="64" style="width:192px"></ldm-image>
 <script>
   window.__embed = { progress: [], done: null, error: null };
   const el = document.querySelector('ldm-image');
   el.addEventListener('ldm-progress', (e) => window.__embed.progress.push(e.detail));
   el.addEventListener('ldm-error', (e) => { window.__embed.error = e.detail.message; });
+  window.__embed.all = [];
   el.addEventListener('ldm-done', async (e) => {
     const b = new Uint8Array(await e.detail.blob.arrayBuffer());
     let s = ''; for (const x of b) s += String.fromCharCode(x);
     window.__embed.done = btoa(s);
+    window.__embed.all.push(window.__embed.done);
   });
 </script>`;
   const server = http.createServer((req, res) => {
@@ -376,6 +378,12 @@ async function runBrowser(name, fx, results) {
         const d = maxDiff(Buffer.from(out.done, 'base64'), fx.refs[7]);
         const last = out.progress[out.progress.length - 1];
         check('widget on another origin matches CLI', d <= TOL && out.progress.length >= 3 && last?.step === last?.steps, `max diff ${d}/255; ldm-progress events ${JSON.stringify(out.progress)}`);
+        await tab.evaluate(`document.querySelector('ldm-image').setAttribute('seed', '8')`);
+        const again = await waitFor(tab, `window.__embed.all.length >= 2 ? window.__embed.all[1] : (window.__embed.error ? 'error: ' + window.__embed.error : null)`, 'the widget after an attribute change');
+        if (again.startsWith('error')) throw new Error(again);
+        const d8 = maxDiff(Buffer.from(again, 'base64'), fx.refs[8]);
+        check('widget regenerates when an attribute changes', d8 <= TOL, `seed="8" set: max diff ${d8}/255 vs the CLI's seed 8`);
+        if (opts.artifacts) await tab.screenshot({ path: path.join(opts.artifacts, `widget-${name}.png`) });
         await tab.close();
       } finally {
         embed.close();
