@@ -17,3 +17,4 @@ cd "$ROOT"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
 "$VENV/bin/python" scripts/make_fixtures.py "$@"
 "$VENV/bin/python" scripts/scheduler_fixtures.py
+"$VENV/bin/python" scripts/ldm_fixtures.py

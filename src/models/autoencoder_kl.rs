@@ -2,8 +2,8 @@
 
 use serde::Deserialize;
 
-use super::nn::{multi_head_attention, Conv2d, GroupNorm, Linear};
-use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use super::nn::Conv2d;
+use super::vae::Coder;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::loader::W;
@@ -60,105 +60,6 @@ impl AutoencoderKLConfig {
     }
 }
 
-/// The single-head self-attention in the VAE's mid block, on a `[B, C, H, W]` map.
-struct VaeAttention {
-    group_norm: GroupNorm,
-    qkv: Linear,
-    to_out: Linear,
-    channels: usize,
-}
-
-impl VaeAttention {
-    async fn load(w: &W<'_, '_>, channels: usize, groups: usize) -> Result<Self> {
-        Ok(Self {
-            group_norm: GroupNorm::load(&w.sub("group_norm"), groups, channels, 1e-6).await?,
-            qkv: Linear::load_fused(&[w.sub("to_q"), w.sub("to_k"), w.sub("to_v")], channels, channels, true).await?,
-            to_out: Linear::load(&w.sub("to_out.0"), channels, channels, true).await?,
-            channels,
-        })
-    }
-    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        let &[b, c, h, w] = x.shape() else { return Err(Error::Shape(format!("vae attention input {:?}", x.shape()))) };
-        let n = self.group_norm.forward(gpu, x, false)?.reshape(&[b, c, h * w])?;
-        let qkv = self.qkv.forward_channels_first(gpu, &n)?;
-        let d = self.channels;
-        let a = multi_head_attention(gpu, (&qkv, 0, 3 * d), (&qkv, d, 3 * d), (&qkv, 2 * d, 3 * d), b, h * w, h * w, 1, d, false)?;
-        let residual = x.reshape(&[b, c, h * w])?;
-        self.to_out.forward_to_channels_first(gpu, &a, Some(&residual))?.reshape(&[b, c, h, w])
-    }
-}
-
-/// `UNetMidBlock2D` without time embedding: resnet, attention, resnet.
-struct VaeMidBlock {
-    resnet0: ResnetBlock2D,
-    attention: Option<VaeAttention>,
-    resnet1: ResnetBlock2D,
-}
-
-impl VaeMidBlock {
-    async fn load(w: &W<'_, '_>, c: usize, groups: usize, attention: bool) -> Result<Self> {
-        Ok(Self {
-            resnet0: ResnetBlock2D::load(&w.sub("resnets.0"), c, c, None, groups, 1e-6).await?,
-            attention: if attention { Some(VaeAttention::load(&w.sub("attentions.0"), c, groups).await?) } else { None },
-            resnet1: ResnetBlock2D::load(&w.sub("resnets.1"), c, c, None, groups, 1e-6).await?,
-        })
-    }
-    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        let mut h = self.resnet0.forward(gpu, x, None)?;
-        if let Some(a) = &self.attention {
-            h = a.forward(gpu, &h)?;
-        }
-        self.resnet1.forward(gpu, &h, None)
-    }
-}
-
-struct CoderBlock {
-    resnets: Vec<ResnetBlock2D>,
-    down: Option<Downsample2D>,
-    up: Option<Upsample2D>,
-}
-
-impl CoderBlock {
-    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for r in &self.resnets {
-            h = r.forward(gpu, &h, None)?;
-        }
-        if let Some(d) = &self.down {
-            h = d.forward(gpu, &h)?;
-        }
-        if let Some(u) = &self.up {
-            h = u.forward(gpu, &h)?;
-        }
-        Ok(h)
-    }
-}
-
-struct Coder {
-    conv_in: Conv2d,
-    blocks: Vec<CoderBlock>,
-    mid: VaeMidBlock,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
-}
-
-impl Coder {
-    fn forward(&self, gpu: &Gpu, x: &Tensor, mid_first: bool) -> Result<Tensor> {
-        let mut h = self.conv_in.forward(gpu, x, None)?;
-        if mid_first {
-            h = self.mid.forward(gpu, &h)?;
-        }
-        for b in &self.blocks {
-            h = b.forward(gpu, &h)?;
-        }
-        if !mid_first {
-            h = self.mid.forward(gpu, &h)?;
-        }
-        let h = self.conv_norm_out.forward(gpu, &h, true)?;
-        self.conv_out.forward(gpu, &h, None)
-    }
-}
-
 /// The encoder's diagonal Gaussian over latents (diffusers' `DiagonalGaussianDistribution`).
 pub struct LatentDist {
     /// `[B, latent_channels, h, w]`
@@ -194,56 +95,15 @@ impl AutoencoderKL {
     pub async fn load(w: &W<'_, '_>, config: AutoencoderKLConfig, with_encoder: bool) -> Result<Self> {
         config.validate()?;
         let ch = &config.block_out_channels;
-        let (n, g, l, z) = (ch.len(), config.norm_num_groups, config.layers_per_block, config.latent_channels);
+        let (g, l, z) = (config.norm_num_groups, config.layers_per_block, config.latent_channels);
         let encoder = if with_encoder {
-            let e = w.sub("encoder");
-            let mut blocks = Vec::new();
-            let mut cout = ch[0];
-            for (i, &c) in ch.iter().enumerate() {
-                let cin = cout;
-                cout = c;
-                let b = e.sub(format!("down_blocks.{i}"));
-                let mut resnets = Vec::new();
-                for j in 0..l {
-                    resnets.push(ResnetBlock2D::load(&b.sub(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout, None, g, 1e-6).await?);
-                }
-                let down = if i + 1 < n { Some(Downsample2D::load(&b.sub("downsamplers.0"), cout, true).await?) } else { None };
-                blocks.push(CoderBlock { resnets, down, up: None });
-            }
-            Some(Coder {
-                conv_in: Conv2d::load(&e.sub("conv_in"), config.in_channels, ch[0], 3, 1, 1).await?,
-                blocks,
-                mid: VaeMidBlock::load(&e.sub("mid_block"), ch[n - 1], g, config.mid_block_add_attention).await?,
-                conv_norm_out: GroupNorm::load(&e.sub("conv_norm_out"), g, ch[n - 1], 1e-6).await?,
-                conv_out: Conv2d::load(&e.sub("conv_out"), ch[n - 1], 2 * z, 3, 1, 1).await?,
-            })
+            Some(Coder::encoder(&w.sub("encoder"), config.in_channels, ch, l, g, 2 * z, config.mid_block_add_attention).await?)
         } else {
             None
         };
         let quant_conv = if with_encoder && config.use_quant_conv { Some(Conv2d::load(&w.sub("quant_conv"), 2 * z, 2 * z, 1, 1, 0).await?) } else { None };
         let post_quant_conv = if config.use_post_quant_conv { Some(Conv2d::load(&w.sub("post_quant_conv"), z, z, 1, 1, 0).await?) } else { None };
-        let d = w.sub("decoder");
-        let rev: Vec<usize> = ch.iter().rev().copied().collect();
-        let mut blocks = Vec::new();
-        let mut cout = rev[0];
-        for (i, &c) in rev.iter().enumerate() {
-            let cin = cout;
-            cout = c;
-            let b = d.sub(format!("up_blocks.{i}"));
-            let mut resnets = Vec::new();
-            for j in 0..=l {
-                resnets.push(ResnetBlock2D::load(&b.sub(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout, None, g, 1e-6).await?);
-            }
-            let up = if i + 1 < n { Some(Upsample2D::load(&b.sub("upsamplers.0"), cout).await?) } else { None };
-            blocks.push(CoderBlock { resnets, down: None, up });
-        }
-        let decoder = Coder {
-            conv_in: Conv2d::load(&d.sub("conv_in"), z, rev[0], 3, 1, 1).await?,
-            blocks,
-            mid: VaeMidBlock::load(&d.sub("mid_block"), rev[0], g, config.mid_block_add_attention).await?,
-            conv_norm_out: GroupNorm::load(&d.sub("conv_norm_out"), g, ch[0], 1e-6).await?,
-            conv_out: Conv2d::load(&d.sub("conv_out"), ch[0], config.out_channels, 3, 1, 1).await?,
-        };
+        let decoder = Coder::decoder(&w.sub("decoder"), z, config.out_channels, ch, l, g, config.mid_block_add_attention).await?;
         Ok(Self { config, encoder, quant_conv, decoder, post_quant_conv })
     }
 

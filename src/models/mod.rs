@@ -7,7 +7,10 @@ pub mod resnet;
 pub mod transformer_2d;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
+mod vae;
+pub mod vq_model;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 pub use clip_text::{ClipTextConfig, ClipTextModel};
 pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+pub use vq_model::{VQModel, VQModelConfig};
