@@ -3,7 +3,7 @@
 diffusers' reference outputs. Run through scripts/fixtures.sh (one thread: byte-reproducible).
 
 Outputs (see tests/fixtures/README.md):
-  tests/fixtures/ldm/vqvae/            a diffusers VQModel folder (f=4: two blocks, 3 latent channels)
+  tests/fixtures/ldm/vqvae/            a diffusers VQModel folder (two blocks: f=2, 3 latent channels)
   tests/fixtures/ref/vqmodel.safetensors  latents and VQModel.decode outputs, quantised and not
 """
 
