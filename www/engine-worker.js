@@ -88,26 +88,19 @@ async function clipBpe(signal) {
   return text;
 }
 
+// Events carry the worker's clock (ms since the epoch), so tests can order them against a server's log.
+function postEvent(id, event) {
+  self.postMessage({ id, event: Object.assign(event, { t: Date.now() }) });
+}
+
 async function withModel(id, msg, run) {
   const loc = modelLocation(msg.model);
-  const post = (event) => self.postMessage({ id, event });
-  const sizes = new Map();
-  let total = 0;
+  const post = (event) => postEvent(id, event);
   const store = new WeightStore(loc.base, {
     signal: current.abort.signal,
-    onBytes: (fetched) => post({ type: 'download', fetched, total }),
+    onBytes: (fetched, total) => post({ type: 'download', fetched, total }),
     log: (line) => post({ type: 'status', message: line }),
   });
-  // Sizes of weight files, for the progress bar's total.
-  const size = store.size.bind(store);
-  store.size = async (path) => {
-    const n = await size(path);
-    if (n !== null && path.endsWith('.safetensors') && !sizes.has(path)) {
-      sizes.set(path, n);
-      total += n;
-    }
-    return n;
-  };
   // Recorded before anything downloads, so a partial download is listed (and can be deleted) too.
   await recordModel(loc.url, { file: loc.file });
   const bpe = loc.file ? await clipBpe(current.abort.signal) : undefined;
@@ -125,8 +118,7 @@ async function prefetchFirst(store, files) {
 }
 
 async function generate(id, msg) {
-  // Events carry the worker's clock (ms since the epoch), so tests can order them against a server's log.
-  const post = (event) => self.postMessage({ id, event: Object.assign(event, { t: Date.now() }) });
+  const post = (event) => postEvent(id, event);
   const request = JSON.stringify(msg.params ?? {});
   for (let attempt = 0; ; attempt++) {
     try {

@@ -41,7 +41,8 @@ async function sha256Hex(bytes) {
 }
 
 export class WeightStore {
-  // base: the model folder's URL (ending in '/'). opts.onBytes(fetchedBytes) reports downloads,
+  // base: the model folder's URL (ending in '/'). opts.onBytes(fetched, total) reports downloads
+  // (total: the sizes of the weight files asked about so far),
   // opts.signal cancels, opts.fetch replaces fetch (tests).
   constructor(base, opts = {}) {
     this.base = base.endsWith('/') ? base : `${base}/`;
@@ -54,6 +55,8 @@ export class WeightStore {
     this.inflight = new Map();
     this.memoryBytes = 0;
     this.fetched = 0;
+    this.weightFiles = new Set();
+    this.weightBytes = 0;
     this.manifest = undefined;
     this.cachePromise = null;
     this.log = opts.log ?? (() => {});
@@ -96,7 +99,12 @@ export class WeightStore {
   async size(path) {
     await this.init();
     const meta = await this.meta(path, this.chunkSize);
-    return meta.missing ? null : meta.size;
+    if (meta.missing) return null;
+    if (path.endsWith('.safetensors') && !this.weightFiles.has(path)) {
+      this.weightFiles.add(path);
+      this.weightBytes += meta.size;
+    }
+    return meta.size;
   }
 
   async read(path, start, length) {
@@ -360,7 +368,7 @@ export class WeightStore {
               buf.set(v.subarray(0, n), pos - bufStart);
               pos += n;
               this.fetched += n;
-              this.onBytes(this.fetched);
+              this.onBytes(this.fetched, this.weightBytes);
               v = v.subarray(n);
               if (pos === bufStart + buf.byteLength) {
                 try {

@@ -42,21 +42,11 @@ impl Default for AutoencoderKLConfig {
 impl AutoencoderKLConfig {
     /// Refuses configs the decoder cannot run.
     pub fn validate(&self) -> Result<()> {
-        let n = self.block_out_channels.len();
-        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
-            return Err(Error::Model(format!("vae config has {n} block_out_channels, {} down and {} up block types; they must match", self.down_block_types.len(), self.up_block_types.len())));
-        }
-        if self.down_block_types.iter().any(|t| t != "DownEncoderBlock2D") || self.up_block_types.iter().any(|t| t != "UpDecoderBlock2D") || self.act_fn != "silu" {
-            return Err(Error::Model("vae config: only DownEncoderBlock2D / UpDecoderBlock2D with silu are supported".into()));
-        }
-        if self.norm_num_groups == 0 || self.block_out_channels.iter().any(|c| c % self.norm_num_groups != 0) || self.layers_per_block == 0 {
-            return Err(Error::Model(format!("vae config: channels {:?} do not divide into {} groups", self.block_out_channels, self.norm_num_groups)));
-        }
-        Ok(())
+        super::vae::validate_coder("vae", &self.block_out_channels, &self.down_block_types, &self.up_block_types, &self.act_fn, self.norm_num_groups, self.layers_per_block)
     }
     /// Image pixels per latent pixel along each side.
     pub fn scale_factor(&self) -> usize {
-        1 << self.block_out_channels.len().saturating_sub(1)
+        super::vae::scale_factor(&self.block_out_channels)
     }
 }
 

@@ -7,6 +7,26 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::loader::W;
 
+/// Checks the encoder/decoder half of an autoencoder's config (`what` names the component).
+pub(crate) fn validate_coder(what: &str, block_out_channels: &[usize], down: &[String], up: &[String], act_fn: &str, groups: usize, layers: usize) -> Result<()> {
+    let n = block_out_channels.len();
+    if n == 0 || down.len() != n || up.len() != n {
+        return Err(Error::Model(format!("{what} config has {n} block_out_channels, {} down and {} up block types; they must match", down.len(), up.len())));
+    }
+    if down.iter().any(|t| t != "DownEncoderBlock2D") || up.iter().any(|t| t != "UpDecoderBlock2D") || act_fn != "silu" {
+        return Err(Error::Model(format!("{what} config: only DownEncoderBlock2D / UpDecoderBlock2D with silu are supported")));
+    }
+    if groups == 0 || block_out_channels.iter().any(|c| c % groups != 0) || layers == 0 {
+        return Err(Error::Model(format!("{what} config: channels {block_out_channels:?} do not divide into {groups} groups")));
+    }
+    Ok(())
+}
+
+/// Image pixels per latent pixel along each side: one 2x resampling between consecutive blocks.
+pub(crate) fn scale_factor(block_out_channels: &[usize]) -> usize {
+    1 << block_out_channels.len().saturating_sub(1)
+}
+
 /// The single-head self-attention in the VAE's mid block, on a `[B, C, H, W]` map.
 struct VaeAttention {
     group_norm: GroupNorm,

@@ -173,17 +173,17 @@ fn dtype_for(gpu: &Gpu, precision: Option<&str>) -> Result<DType> {
     }
 }
 
-/// The loaded model for `key`, loading it (without its VAE) when needed. Only one model is kept,
+/// The loaded model at `model_url` in `dtype`, loading it (without its VAE) when needed. Only one model is kept,
 /// so a new one frees the previous one's GPU memory first.
-async fn model(gpu: &Gpu, src: &JsSource, key: &str, single_file: Option<&str>, clip_bpe: Option<String>, dtype: DType) -> Result<Rc<Loaded>> {
-    let key = format!("{key}#{}", dtype.name());
+async fn model(gpu: &Gpu, src: &JsSource, model_url: &str, single_file: Option<&str>, clip_bpe: Option<String>, dtype: DType) -> Result<Rc<Loaded>> {
+    let key = format!("{model_url}#{}", dtype.name());
     if let Some(m) = ENGINE.with_borrow(|e| e.model.clone()).filter(|m| m.key == key) {
         return Ok(m);
     }
     ENGINE.with_borrow_mut(|e| e.model = None);
     gpu.trim_pool();
     let opts = LoadOptions { defer_vae: true, prefer_fp16: dtype == DType::F16, dtype: Some(dtype), clip_bpe, ..Default::default() };
-    let name = key.trim_end_matches(|c| c != '#').trim_end_matches('#').trim_end_matches('/').rsplit('/').next().unwrap_or("model").to_string();
+    let name = model_url.trim_end_matches('/').rsplit('/').next().unwrap_or("model").to_string();
     let model = match single_file {
         Some(file) => StableDiffusionModel::load_single_file(gpu, src, file, None, &opts).await?,
         None => StableDiffusionModel::load(gpu, src, &name, &opts).await?,
