@@ -314,3 +314,58 @@ fn manifest_lists_sizes_and_chunk_hashes() {
     assert!(!ok && err.contains("multiple of 4096"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The latent diffusion paper's pipelines through the CLI, chosen from `model_index.json`: pixels
+/// of diffusers' cases (after 8-bit rounding) and one-line errors for flags a pipeline cannot use.
+#[test]
+fn generate_runs_the_ldm_pipelines() {
+    let dir = tmp("ldm");
+    let want = reference("ldm_pipelines.safetensors");
+    let ldm_dir = fixtures().join("ldm");
+    let model = |name: &str| ldm_dir.join(name).to_string_lossy().into_owned();
+    let lowres = ldm_dir.join("lowres.png").to_string_lossy().into_owned();
+    let cases: Vec<(&str, Vec<String>, &str, usize)> = vec![
+        ("uncond", vec!["--steps".into(), "4".into(), "--batch".into(), "2".into(), "--seed".into(), "1".into()], "uncond_0", 2),
+        ("superres", ["--init-image", &lowres, "--steps", "3", "--eta", "1", "--seed", "4", "--scheduler", "ddim"].map(String::from).to_vec(), "superres_0", 1),
+        ("text2im", ["--prompt", "A painting of a squirrel eating a burger", "--steps", "4", "--guidance", "6", "--eta", "0.3", "--seed", "6", "--width", "96", "--height", "64"].map(String::from).to_vec(), "text2im_0", 1),
+    ];
+    for (name, extra, key, batch) in &cases {
+        let out = dir.join(format!("{name}-{{n}}.png"));
+        let mut args = vec!["generate".to_string(), "--model".into(), model(name), "--out".into(), out.to_string_lossy().into_owned()];
+        args.extend(extra.iter().cloned());
+        let (ok, _, stderr) = ldm(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "{name}: {stderr}");
+        let (shape, pixels) = &want[*key];
+        let n = shape[1] * shape[2] * 3;
+        for i in 0..*batch {
+            let (png, w, h, texts) = read_png(&dir.join(format!("{name}-{i}.png")));
+            assert_eq!((h as usize, w as usize), (shape[1], shape[2]), "{name} size");
+            let d = png.iter().zip(&pixels[i * n..(i + 1) * n]).map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs()).fold(0.0, f32::max);
+            println!("ldm generate {name} image {i}: max |diff| {d}/255 against diffusers' {key}");
+            assert!(d <= 2.0, "{name} image {i}: {d}/255");
+            assert!(texts.iter().any(|(k, v)| k == "parameters" && v.contains("Sampler: DDIM")), "{name}: parameters chunk");
+        }
+    }
+    let junk = dir.join("junk.png");
+    std::fs::write(&junk, b"not an image").expect("w");
+    let small = dir.join("small.png");
+    image::RgbImage::new(16, 16).save(&small).expect("png");
+    let errors: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("superres", vec![], "--init-image"),
+        ("superres", vec!["--init-image", junk.to_str().expect("utf-8")], "cannot read the image"),
+        ("superres", vec!["--init-image", small.to_str().expect("utf-8")], "at least 32x32"),
+        ("uncond", vec!["--prompt", "a cat"], "does not use --prompt"),
+        ("uncond", vec!["--width", "64"], "does not use --width"),
+        ("text2im", vec!["--init-image", lowres.as_str()], "takes no --init-image"),
+        ("text2im", vec!["--negative-prompt", "x"], "does not use --negative-prompt"),
+        ("text2im", vec!["--width", "72"], "divisible by 16"),
+    ];
+    for (name, extra, expect) in errors {
+        let m = model(name);
+        let mut args = vec!["generate", "--model", m.as_str(), "--steps", "1", "--out", "/nonexistent/never.png"];
+        args.extend(extra.iter().copied());
+        let (ok, _, stderr) = ldm(&args);
+        println!("{name} {extra:?}: {}", stderr.trim());
+        assert!(!ok && stderr.trim().lines().count() == 1 && stderr.starts_with("ldm: ") && stderr.contains(expect), "{name} {extra:?}: {stderr:?}, expected {expect:?}");
+    }
+}

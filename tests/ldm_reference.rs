@@ -1,12 +1,173 @@
-//! The latent diffusion paper's own model family against diffusers: `VQModel` (codebook choices
-//! exactly, decoded images within 1e-4 relative), from the fixtures of `scripts/ldm_fixtures.py`.
+//! The latent diffusion paper's own model family against diffusers, from the fixtures of
+//! `scripts/ldm_fixtures.py`: `VQModel` (codebook choices exactly, decoded images within 1e-4
+//! relative), `UNet2DModel` (self-attention blocks, scale-shift resnets, the three class
+//! embeddings) and `LDMBertModel` within 1e-4 relative, `BertTokenizer` ids exactly, and the three
+//! pipelines (`LDMPipeline`, `LDMSuperResolutionPipeline`, `LDMTextToImagePipeline`): every
+//! pixel within 2/255 of diffusers' `output_type="np"` images.
 
 mod common;
 
-use common::{assert_close, fixtures, gpu, reference};
-use ldm_web::gpu::DType;
+use common::{assert_close, fixtures, gpu, max_diff, reference};
+use ldm_web::gpu::{DType, Gpu};
 use ldm_web::loader::{component_files, read_json, DirSource, Weights};
-use ldm_web::models::{VQModel, VQModelConfig};
+use ldm_web::models::{LdmBertConfig, LdmBertModel, UNet2DConfig, UNet2DModel, VQModel, VQModelConfig};
+use ldm_web::pipelines::ldm::load_bert_tokenizer;
+use ldm_web::pipelines::{DiffusionModel, LdmModel, LoadOptions, LowResImage, Txt2ImgParams};
+use ldm_web::schedulers::SchedulerKind;
+
+/// Largest allowed per-channel difference from diffusers' image in [0, 1].
+const PIXEL_TOL: f32 = 2.0 / 255.0;
+
+fn load_unet(gpu: &Gpu, folder: &str) -> UNet2DModel {
+    let src = DirSource::new(fixtures().join("ldm"));
+    pollster::block_on(async {
+        let config: UNet2DConfig = read_json(&src, &format!("{folder}/config.json")).await?.expect("config");
+        let w = Weights::new(&src, component_files(&src, folder, "diffusion_pytorch_model", false).await?);
+        UNet2DModel::load(&w.at(gpu, DType::F32, ""), config).await
+    })
+    .unwrap_or_else(|e| panic!("{folder}: {e}"))
+}
+
+#[test]
+fn unet_2d_matches_diffusers() {
+    let gpu = gpu();
+    let r = reference("ldm_models.safetensors");
+    let (xs, x) = &r["unet2d_sample"];
+    let sample = gpu.upload(xs, DType::F32, x).expect("upload");
+    let read = |t| pollster::block_on(gpu.read(&t)).expect("read");
+    let out = load_unet(&gpu, "uncond/unet").forward(&gpu, &sample, 500.0, None).expect("forward");
+    assert_close("UNet2DModel (attention blocks) t=500", &read(out), &r["unet2d_out"].1, 1e-4);
+    for name in ["unet_class_timestep", "unet_class_table", "unet_class_identity"] {
+        let unet = load_unet(&gpu, name);
+        let labels = &r[&format!("{name}_labels")].1;
+        let out = unet.forward(&gpu, &sample, 250.0, Some(labels)).expect("forward");
+        assert_close(&format!("UNet2DModel {name} t=250"), &read(out), &r[&format!("{name}_out")].1, 1e-4);
+        assert!(unet.forward(&gpu, &sample, 250.0, None).is_err(), "{name} must refuse a run without class labels");
+    }
+}
+
+#[test]
+fn ldm_bert_and_tokenizer_match_transformers() {
+    let gpu = gpu();
+    let src = DirSource::new(fixtures().join("ldm/text2im"));
+    let tokenizer = pollster::block_on(load_bert_tokenizer(&src, "tokenizer")).expect("tokenizer");
+    #[derive(serde::Deserialize)]
+    struct Case {
+        prompt: String,
+        ids: Vec<u32>,
+    }
+    let cases: Vec<Case> = serde_json::from_slice(&std::fs::read(fixtures().join("ref/bert_tokens.json")).expect("bert_tokens.json")).expect("parses");
+    for c in &cases {
+        assert_eq!(tokenizer.encode(&c.prompt, 77), c.ids, "BertTokenizer ids of {:?}", c.prompt);
+    }
+    println!("bert tokenizer: {} prompts, ids identical to transformers'", cases.len());
+    let r = reference("ldm_models.safetensors");
+    let bert = pollster::block_on(async {
+        let config: LdmBertConfig = read_json(&src, "bert/config.json").await?.expect("config");
+        let w = Weights::new(&src, component_files(&src, "bert", "model", false).await?);
+        LdmBertModel::load(&w.at(&gpu, DType::F32, ""), config).await
+    })
+    .expect("LDMBert loads");
+    let (shape, ids) = &r["bert_ids"];
+    let rows: Vec<Vec<u32>> = ids.chunks(shape[1]).map(|row| row.iter().map(|&v| v as u32).collect()).collect();
+    assert_eq!(rows[0], tokenizer.encode("A painting of a squirrel eating a burger", 77));
+    let out = bert.forward(&gpu, &rows).expect("forward");
+    assert_close("LDMBert last_hidden_state", &pollster::block_on(gpu.read(&out)).expect("read"), &r["bert_hidden"].1, 1e-4);
+}
+
+#[derive(serde::Deserialize)]
+struct PipelineCase {
+    key: String,
+    model: String,
+    #[serde(default)]
+    prompt: String,
+    scheduler: String,
+    steps: usize,
+    #[serde(default = "one")]
+    guidance: f32,
+    eta: f32,
+    #[serde(default)]
+    width: usize,
+    #[serde(default)]
+    height: usize,
+    batch: usize,
+    seed: u64,
+    image: Option<String>,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// The fixture's low-resolution PNG as the pipeline takes it (diffusers' `preprocess`: no resize
+/// at a multiple of 32, then `2 x - 1`).
+fn low_res(name: &str) -> LowResImage {
+    let img = image::open(fixtures().join("ldm").join(name)).expect("lowres.png").to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut data = vec![0f32; 3 * w * h];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            data[c * w * h + i] = 2.0 * (p.0[c] as f32 / 255.0) - 1.0;
+        }
+    }
+    LowResImage { width: w, height: h, data }
+}
+
+#[test]
+fn ldm_pipelines_match_diffusers_images() {
+    let cases: Vec<PipelineCase> = serde_json::from_slice(&std::fs::read(fixtures().join("ref/ldm_cases.json")).expect("ldm_cases.json")).expect("parses");
+    let want = reference("ldm_pipelines.safetensors");
+    let gpu = gpu();
+    let mut models: std::collections::HashMap<String, LdmModel> = Default::default();
+    let mut failures = Vec::new();
+    for c in &cases {
+        let model = models.entry(c.model.clone()).or_insert_with(|| {
+            match pollster::block_on(DiffusionModel::load(&gpu, &DirSource::new(fixtures().join("ldm").join(&c.model)), &c.model, &LoadOptions::default())) {
+                Ok(DiffusionModel::Ldm(m)) => m,
+                Ok(_) => panic!("{}: loaded as Stable Diffusion, not an LDM pipeline", c.model),
+                Err(e) => panic!("{}: {e}", c.model),
+            }
+        });
+        let p = Txt2ImgParams {
+            prompt: c.prompt.clone(), seed: c.seed, steps: c.steps, guidance_scale: c.guidance, width: c.width, height: c.height,
+            scheduler: Some(c.scheduler.parse::<SchedulerKind>().expect("scheduler")), eta: c.eta, batch: c.batch, ..Default::default()
+        };
+        let img = c.image.as_deref().map(low_res);
+        let (images, _) = pollster::block_on(model.generate(&gpu, &p, img.as_ref(), &|| 0.0, &mut |_| Ok(()))).unwrap_or_else(|e| panic!("{}: {e}", c.key));
+        let (shape, pixels) = &want[&c.key];
+        assert_eq!(vec![images.batch, images.height, images.width, 3], *shape, "{} shape", c.key);
+        let (d, _) = max_diff(&images.data, pixels);
+        let mean = images.data.iter().zip(pixels).map(|(a, b)| (a - b).abs()).sum::<f32>() / pixels.len() as f32;
+        println!("{:<11} {:<8} {} steps, eta {}, cfg {}, {}x{} batch {}: max |diff| {:.4}/255, mean {:.5}/255",
+            c.key, c.scheduler, c.steps, c.eta, c.guidance, images.width, images.height, c.batch, d * 255.0, mean * 255.0);
+        if d > PIXEL_TOL {
+            failures.push(format!("{}: max pixel difference {:.2}/255", c.key, d * 255.0));
+        }
+    }
+    assert!(!cases.is_empty(), "no LDM pipeline cases");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn ldm_models_refuse_what_they_cannot_run() {
+    let bad = |json: &str| serde_json::from_str::<UNet2DConfig>(json).expect("json").validate().unwrap_err().to_string();
+    assert!(bad(r#"{"down_block_types": ["CrossAttnDownBlock2D"], "up_block_types": ["UpBlock2D"], "block_out_channels": [32]}"#).contains("CrossAttnDownBlock2D"));
+    assert!(bad(r#"{"time_embedding_type": "fourier"}"#).contains("fourier"));
+    assert!(bad(r#"{"resnet_time_scale_shift": "spatial"}"#).contains("spatial"));
+    assert!(bad(r#"{"class_embed_type": "projection"}"#).contains("projection"));
+    assert!(bad(r#"{"block_out_channels": [30, 60, 90, 120]}"#).contains("groups"));
+    assert!(UNet2DConfig::default().validate().is_ok());
+    let gpu = gpu();
+    let m = match pollster::block_on(DiffusionModel::load(&gpu, &DirSource::new(fixtures().join("ldm/superres")), "superres", &LoadOptions::default())) {
+        Ok(DiffusionModel::Ldm(m)) => m,
+        _ => panic!("superres loads"),
+    };
+    let p = Txt2ImgParams { steps: 2, ..Default::default() };
+    let e = pollster::block_on(m.generate(&gpu, &p, None, &|| 0.0, &mut |_| Ok(()))).err().expect("needs an image").to_string();
+    assert!(e.contains("--init-image"), "{e}");
+    let odd = LowResImage { width: 33, height: 32, data: vec![0.0; 3 * 33 * 32] };
+    assert!(pollster::block_on(m.generate(&gpu, &p, Some(&odd), &|| 0.0, &mut |_| Ok(()))).is_err());
+}
 
 #[test]
 fn vq_model_matches_diffusers() {

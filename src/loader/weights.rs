@@ -159,6 +159,10 @@ impl<'w, 's> W<'w, 's> {
             format!("{}.{name}", self.prefix)
         }
     }
+    /// The prefix this view reads under, for messages.
+    pub fn describe(&self) -> &str {
+        if self.prefix.is_empty() { "model" } else { &self.prefix }
+    }
     /// The view under `prefix.sub`.
     pub fn sub(&self, sub: impl std::fmt::Display) -> Self {
         Self { prefix: self.name(&sub.to_string()), ..self.clone() }

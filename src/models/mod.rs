@@ -2,9 +2,12 @@
 
 pub mod autoencoder_kl;
 pub mod clip_text;
+pub mod ldm_bert;
 pub mod nn;
 pub mod resnet;
+pub mod spatial_attention;
 pub mod transformer_2d;
+pub mod unet_2d;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 mod vae;
@@ -12,5 +15,7 @@ pub mod vq_model;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 pub use clip_text::{ClipTextConfig, ClipTextModel};
+pub use ldm_bert::{LdmBertConfig, LdmBertModel};
+pub use unet_2d::{UNet2DConfig, UNet2DModel};
 pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 pub use vq_model::{VQModel, VQModelConfig};

@@ -40,6 +40,18 @@ impl Linear {
         Ok(Self { weight, bias, in_features, out_features: n })
     }
 
+    /// Output rows `rows` of a stored `[total_out, in]` linear as a linear of their own, with
+    /// `bias_shift` added to the bias (e.g. 1 for a modulation `x * (1 + scale)`).
+    pub async fn load_rows(w: &W<'_, '_>, in_features: usize, total_out: usize, rows: std::ops::Range<usize>, bias_shift: f32) -> Result<Self> {
+        let weight = w.read_f32("weight", &[total_out, in_features]).await?;
+        let bias = w.read_f32("bias", &[total_out]).await?;
+        let out_features = rows.len();
+        let weight = w.gpu.upload(&[out_features, in_features], w.dtype, &weight[rows.start * in_features..rows.end * in_features])?;
+        let bias: Vec<f32> = bias[rows].iter().map(|b| b + bias_shift).collect();
+        let bias = Some(w.gpu.upload(&[out_features], w.dtype, &bias)?);
+        Ok(Self { weight, bias, in_features, out_features })
+    }
+
     /// `act(x W^T + b)` for x `[.., in]`.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, act: Activation) -> Result<Tensor> {
         ops::linear(gpu, x, &self.weight, self.bias.as_ref(), act)

@@ -1,8 +1,10 @@
-//! The UNet's down, mid and up blocks (diffusers' `unet_2d_blocks.py`): `CrossAttnDownBlock2D` /
-//! `DownBlock2D`, `UNetMidBlock2DCrossAttn`, `CrossAttnUpBlock2D` / `UpBlock2D`; a block without
-//! attentions is the plain variant.
+//! The UNets' down, mid and up blocks (diffusers' `unet_2d_blocks.py`): `CrossAttnDownBlock2D`,
+//! `AttnDownBlock2D` and `DownBlock2D`; `UNetMidBlock2DCrossAttn` and `UNetMidBlock2D`;
+//! `CrossAttnUpBlock2D`, `AttnUpBlock2D` and `UpBlock2D`. A block is its resnets, each followed
+//! by an attention layer of the block's kind (or none), and its resampler.
 
-use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use super::resnet::{Downsample2D, ResnetBlock2D, ResnetOptions, TimeEmbeddingNorm, Upsample2D};
+use super::spatial_attention::SpatialSelfAttention;
 use super::transformer_2d::Transformer2DModel;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
@@ -15,45 +17,79 @@ pub struct BlockSettings {
     pub temb_channels: usize,
     pub groups: usize,
     pub eps: f32,
+    /// Text embedding width (`UNet2DConditionModel`; unused by self-attention blocks).
     pub cross_attention_dim: usize,
+    pub time_norm: TimeEmbeddingNorm,
 }
 
-/// Cross-attention settings of one block: heads and transformer layers, or none.
+impl BlockSettings {
+    fn resnet(&self, output_scale_factor: f32) -> ResnetOptions {
+        ResnetOptions { temb_channels: Some(self.temb_channels), groups: self.groups, eps: self.eps, time_norm: self.time_norm, output_scale_factor }
+    }
+}
+
+/// The attention after each resnet of a block.
 #[derive(Clone, Copy, Debug)]
-pub struct BlockAttention {
-    pub heads: usize,
-    pub transformer_layers: usize,
+pub enum BlockAttention {
+    /// `Transformer2DModel` attending to the text (`CrossAttn*` blocks).
+    Cross { heads: usize, transformer_layers: usize },
+    /// Self-attention with heads of `head_dim` channels (`Attn*` blocks of `UNet2DModel`).
+    SelfAttention { head_dim: usize },
 }
 
-async fn load_attention(w: &W<'_, '_>, i: usize, channels: usize, attn: BlockAttention, s: &BlockSettings) -> Result<Transformer2DModel> {
-    Transformer2DModel::load(&w.sub(format!("attentions.{i}")), channels, attn.heads, attn.transformer_layers, s.cross_attention_dim, s.groups).await
+enum AttentionLayer {
+    Cross(Transformer2DModel),
+    SelfAttention(SpatialSelfAttention),
 }
 
-/// A down block: resnets (each followed by a transformer when cross-attention is on), then an
-/// optional stride-2 downsampler. Every intermediate output is kept for the skip connections.
+impl AttentionLayer {
+    /// `groups`: the self-attention's input norm (`None`: none); `rescale`: its output divisor.
+    async fn load(w: &W<'_, '_>, channels: usize, kind: BlockAttention, s: &BlockSettings, groups: Option<usize>, rescale: f32) -> Result<Self> {
+        Ok(match kind {
+            BlockAttention::Cross { heads, transformer_layers } => {
+                AttentionLayer::Cross(Transformer2DModel::load(w, channels, heads, transformer_layers, s.cross_attention_dim, s.groups).await?)
+            }
+            BlockAttention::SelfAttention { head_dim } => {
+                AttentionLayer::SelfAttention(SpatialSelfAttention::load(w, channels, channels / head_dim.max(1), head_dim, groups, s.eps, rescale).await?)
+            }
+        })
+    }
+
+    fn forward(&self, gpu: &Gpu, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            AttentionLayer::Cross(t) => t.forward(gpu, x, context.ok_or_else(|| Error::Shape("cross-attention blocks need text embeddings".into()))?),
+            AttentionLayer::SelfAttention(a) => a.forward(gpu, x),
+        }
+    }
+}
+
+/// A down block: resnets (each followed by its attention, if any), then an optional stride-2
+/// downsampler. Every intermediate output is kept for the skip connections.
 pub struct DownBlock2D {
     resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
+    attentions: Vec<AttentionLayer>,
     downsampler: Option<Downsample2D>,
 }
 
 impl DownBlock2D {
-    /// Loads `layers` resnets `cin -> cout`.
-    pub async fn load(w: &W<'_, '_>, cin: usize, cout: usize, layers: usize, attn: Option<BlockAttention>, downsample: bool, s: &BlockSettings) -> Result<Self> {
+    /// Loads `layers` resnets `cin -> cout`; `downsample_padding` 0 pads only the right and
+    /// bottom edge, as diffusers' `Downsample2D`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn load(w: &W<'_, '_>, cin: usize, cout: usize, layers: usize, attn: Option<BlockAttention>, downsample: bool, downsample_padding: usize, s: &BlockSettings) -> Result<Self> {
         let (mut resnets, mut attentions) = (Vec::new(), Vec::new());
         for i in 0..layers {
             let c = if i == 0 { cin } else { cout };
-            resnets.push(ResnetBlock2D::load(&w.sub(format!("resnets.{i}")), c, cout, Some(s.temb_channels), s.groups, s.eps).await?);
+            resnets.push(ResnetBlock2D::load_with(&w.sub(format!("resnets.{i}")), c, cout, &s.resnet(1.0)).await?);
             if let Some(a) = attn {
-                attentions.push(load_attention(w, i, cout, a, s).await?);
+                attentions.push(AttentionLayer::load(&w.sub(format!("attentions.{i}")), cout, a, s, Some(s.groups), 1.0).await?);
             }
         }
-        let downsampler = if downsample { Some(Downsample2D::load(&w.sub("downsamplers.0"), cout, false).await?) } else { None };
+        let downsampler = if downsample { Some(Downsample2D::load(&w.sub("downsamplers.0"), cout, downsample_padding == 0).await?) } else { None };
         Ok(Self { resnets, attentions, downsampler })
     }
 
     /// Returns the output and appends every skip state to `skips`.
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb: &Tensor, context: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb: &Tensor, context: Option<&Tensor>, skips: &mut Vec<Tensor>) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, r) in self.resnets.iter().enumerate() {
             h = r.forward(gpu, &h, Some(temb))?;
@@ -70,37 +106,43 @@ impl DownBlock2D {
     }
 }
 
-/// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) per layer.
-pub struct MidBlock2DCrossAttn {
+/// `UNetMidBlock2DCrossAttn` / `UNetMidBlock2D`: resnet, then (attention, resnet).
+pub struct MidBlock2D {
     resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
+    attentions: Vec<AttentionLayer>,
 }
 
-impl MidBlock2DCrossAttn {
-    /// Loads a mid block on `channels` with one attention layer.
-    pub async fn load(w: &W<'_, '_>, channels: usize, attn: BlockAttention, s: &BlockSettings) -> Result<Self> {
-        let mut resnets = vec![ResnetBlock2D::load(&w.sub("resnets.0"), channels, channels, Some(s.temb_channels), s.groups, s.eps).await?];
-        let attentions = vec![load_attention(w, 0, channels, attn, s).await?];
-        resnets.push(ResnetBlock2D::load(&w.sub("resnets.1"), channels, channels, Some(s.temb_channels), s.groups, s.eps).await?);
+impl MidBlock2D {
+    /// A mid block on `channels`; `attn: None` is `add_attention=False`. `attn_groups` is the
+    /// self-attention's input norm (diffusers: the resnet groups with default time embedding,
+    /// none with scale-shift, unless `attn_norm_num_groups` says otherwise). `output_scale_factor`
+    /// is the config's `mid_block_scale_factor`.
+    pub async fn load(w: &W<'_, '_>, channels: usize, attn: Option<BlockAttention>, attn_groups: Option<usize>, output_scale_factor: f32, s: &BlockSettings) -> Result<Self> {
+        let o = s.resnet(output_scale_factor);
+        let mut resnets = vec![ResnetBlock2D::load_with(&w.sub("resnets.0"), channels, channels, &o).await?];
+        let mut attentions = Vec::new();
+        if let Some(a) = attn {
+            attentions.push(AttentionLayer::load(&w.sub("attentions.0"), channels, a, s, attn_groups, output_scale_factor).await?);
+        }
+        resnets.push(ResnetBlock2D::load_with(&w.sub("resnets.1"), channels, channels, &o).await?);
         Ok(Self { resnets, attentions })
     }
 
     /// Runs the block.
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self.resnets[0].forward(gpu, x, Some(temb))?;
-        for (a, r) in self.attentions.iter().zip(&self.resnets[1..]) {
+        if let Some(a) = self.attentions.first() {
             h = a.forward(gpu, &h, context)?;
-            h = r.forward(gpu, &h, Some(temb))?;
         }
-        Ok(h)
+        self.resnets[1].forward(gpu, &h, Some(temb))
     }
 }
 
-/// An up block: each resnet takes the previous output concatenated with a skip state; optional
-/// transformers; then an optional 2x upsampler.
+/// An up block: each resnet takes the previous output concatenated with a skip state, then its
+/// attention (if any); then an optional 2x upsampler.
 pub struct UpBlock2D {
     resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
+    attentions: Vec<AttentionLayer>,
     upsampler: Option<Upsample2D>,
 }
 
@@ -113,9 +155,9 @@ impl UpBlock2D {
         for i in 0..layers {
             let skip = if i == layers - 1 { cin } else { cout };
             let c = if i == 0 { prev_output } else { cout };
-            resnets.push(ResnetBlock2D::load(&w.sub(format!("resnets.{i}")), c + skip, cout, Some(s.temb_channels), s.groups, s.eps).await?);
+            resnets.push(ResnetBlock2D::load_with(&w.sub(format!("resnets.{i}")), c + skip, cout, &s.resnet(1.0)).await?);
             if let Some(a) = attn {
-                attentions.push(load_attention(w, i, cout, a, s).await?);
+                attentions.push(AttentionLayer::load(&w.sub(format!("attentions.{i}")), cout, a, s, Some(s.groups), 1.0).await?);
             }
         }
         let upsampler = if upsample { Some(Upsample2D::load(&w.sub("upsamplers.0"), cout).await?) } else { None };
@@ -123,7 +165,7 @@ impl UpBlock2D {
     }
 
     /// Consumes skip states from the end of `skips`.
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb: &Tensor, context: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb: &Tensor, context: Option<&Tensor>, skips: &mut Vec<Tensor>) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, r) in self.resnets.iter().enumerate() {
             let skip = skips.pop().ok_or_else(|| Error::Shape("UNet ran out of skip connections".into()))?;
@@ -140,5 +182,15 @@ impl UpBlock2D {
             h = u.forward(gpu, &h)?;
         }
         Ok(h)
+    }
+}
+
+/// The block kinds a config names, as (has attention, is cross-attention).
+pub fn block_kind(name: &str) -> Option<(bool, bool)> {
+    match name {
+        "DownBlock2D" | "UpBlock2D" => Some((false, false)),
+        "AttnDownBlock2D" | "AttnUpBlock2D" => Some((true, false)),
+        "CrossAttnDownBlock2D" | "CrossAttnUpBlock2D" => Some((true, true)),
+        _ => None,
     }
 }

@@ -7,7 +7,8 @@
 use serde::Deserialize;
 
 use super::nn::{Conv2d, GroupNorm, Linear};
-use super::unet_2d_blocks::{BlockAttention, BlockSettings, DownBlock2D, MidBlock2DCrossAttn, UpBlock2D};
+use super::resnet::TimeEmbeddingNorm;
+use super::unet_2d_blocks::{BlockAttention, BlockSettings, DownBlock2D, MidBlock2D, UpBlock2D};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::loader::W;
@@ -176,7 +177,7 @@ pub struct UNet2DConditionModel {
     linear_2: Linear,
     conv_in: Conv2d,
     down_blocks: Vec<DownBlock2D>,
-    mid_block: MidBlock2DCrossAttn,
+    mid_block: MidBlock2D,
     up_blocks: Vec<UpBlock2D>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -191,10 +192,10 @@ impl UNet2DConditionModel {
         let temb = ch[0] * 4;
         let s = BlockSettings {
             temb_channels: temb, groups: config.norm_num_groups, eps: config.norm_eps,
-            cross_attention_dim: config.cross_attention_dim.get(0),
+            cross_attention_dim: config.cross_attention_dim.get(0), time_norm: TimeEmbeddingNorm::Default,
         };
         let attn = |i: usize, types: &[String], layers: usize| {
-            types[i].starts_with("CrossAttn").then(|| BlockAttention { heads: config.heads(i), transformer_layers: layers })
+            types[i].starts_with("CrossAttn").then(|| BlockAttention::Cross { heads: config.heads(i), transformer_layers: layers })
         };
         let time_proj = TimestepEmbedding { dim: ch[0], flip_sin_to_cos: config.flip_sin_to_cos, downscale_freq_shift: config.freq_shift, scale: 1.0, max_period: 10000.0 };
         let linear_1 = Linear::load(&w.sub("time_embedding.linear_1"), ch[0], temb, true).await?;
@@ -206,10 +207,10 @@ impl UNet2DConditionModel {
             let cin = cout;
             cout = c;
             let a = attn(i, &config.down_block_types, config.transformer_layers_per_block.get(i));
-            down_blocks.push(DownBlock2D::load(&w.sub(format!("down_blocks.{i}")), cin, cout, config.layers_per_block.get(i), a, i + 1 < n, &s).await?);
+            down_blocks.push(DownBlock2D::load(&w.sub(format!("down_blocks.{i}")), cin, cout, config.layers_per_block.get(i), a, i + 1 < n, config.downsample_padding, &s).await?);
         }
-        let mid_attn = BlockAttention { heads: config.heads(n - 1), transformer_layers: config.transformer_layers_per_block.get(n - 1) };
-        let mid_block = MidBlock2DCrossAttn::load(&w.sub("mid_block"), ch[n - 1], mid_attn, &s).await?;
+        let mid_attn = BlockAttention::Cross { heads: config.heads(n - 1), transformer_layers: config.transformer_layers_per_block.get(n - 1) };
+        let mid_block = MidBlock2D::load(&w.sub("mid_block"), ch[n - 1], Some(mid_attn), None, config.mid_block_scale_factor, &s).await?;
         let mut up_blocks = Vec::new();
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut out = rev[0];
@@ -218,7 +219,7 @@ impl UNet2DConditionModel {
             out = rev[i];
             let cin = rev[(i + 1).min(n - 1)];
             let r = n - 1 - i;
-            let a = config.up_block_types[i].starts_with("CrossAttn").then(|| BlockAttention { heads: config.heads(r), transformer_layers: config.transformer_layers_per_block.get(r) });
+            let a = config.up_block_types[i].starts_with("CrossAttn").then(|| BlockAttention::Cross { heads: config.heads(r), transformer_layers: config.transformer_layers_per_block.get(r) });
             up_blocks.push(UpBlock2D::load(&w.sub(format!("up_blocks.{i}")), cin, prev, out, config.layers_per_block.get(r) + 1, a, i + 1 < n, &s).await?);
         }
         let conv_norm_out = GroupNorm::load(&w.sub("conv_norm_out"), config.norm_num_groups, ch[0], config.norm_eps).await?;
@@ -245,11 +246,11 @@ impl UNet2DConditionModel {
         let mut hs = self.conv_in.forward(gpu, sample, None)?;
         let mut skips = vec![hs.clone()];
         for block in &self.down_blocks {
-            hs = block.forward(gpu, &hs, &silu_emb, context, &mut skips)?;
+            hs = block.forward(gpu, &hs, &silu_emb, Some(context), &mut skips)?;
         }
-        hs = self.mid_block.forward(gpu, &hs, &silu_emb, context)?;
+        hs = self.mid_block.forward(gpu, &hs, &silu_emb, Some(context))?;
         for block in &self.up_blocks {
-            hs = block.forward(gpu, &hs, &silu_emb, context, &mut skips)?;
+            hs = block.forward(gpu, &hs, &silu_emb, Some(context), &mut skips)?;
         }
         let hs = self.conv_norm_out.forward(gpu, &hs, true)?;
         self.conv_out.forward(gpu, &hs, None)

@@ -1,7 +1,8 @@
 //! The convolutional encoder and decoder the paper's autoencoders share (diffusers'
 //! `autoencoders/vae.py`): `AutoencoderKL` and `VQModel` differ only around them.
 
-use super::nn::{multi_head_attention, Conv2d, GroupNorm, Linear};
+use super::nn::{Conv2d, GroupNorm};
+use super::spatial_attention::SpatialSelfAttention;
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
@@ -27,38 +28,10 @@ pub(crate) fn scale_factor(block_out_channels: &[usize]) -> usize {
     1 << block_out_channels.len().saturating_sub(1)
 }
 
-/// The single-head self-attention in the VAE's mid block, on a `[B, C, H, W]` map.
-struct VaeAttention {
-    group_norm: GroupNorm,
-    qkv: Linear,
-    to_out: Linear,
-    channels: usize,
-}
-
-impl VaeAttention {
-    async fn load(w: &W<'_, '_>, channels: usize, groups: usize) -> Result<Self> {
-        Ok(Self {
-            group_norm: GroupNorm::load(&w.sub("group_norm"), groups, channels, 1e-6).await?,
-            qkv: Linear::load_fused(&[w.sub("to_q"), w.sub("to_k"), w.sub("to_v")], channels, channels, true).await?,
-            to_out: Linear::load(&w.sub("to_out.0"), channels, channels, true).await?,
-            channels,
-        })
-    }
-    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        let &[b, c, h, w] = x.shape() else { return Err(Error::Shape(format!("vae attention input {:?}", x.shape()))) };
-        let n = self.group_norm.forward(gpu, x, false)?.reshape(&[b, c, h * w])?;
-        let qkv = self.qkv.forward_channels_first(gpu, &n)?;
-        let d = self.channels;
-        let a = multi_head_attention(gpu, (&qkv, 0, 3 * d), (&qkv, d, 3 * d), (&qkv, 2 * d, 3 * d), b, h * w, h * w, 1, d, false)?;
-        let residual = x.reshape(&[b, c, h * w])?;
-        self.to_out.forward_to_channels_first(gpu, &a, Some(&residual))?.reshape(&[b, c, h, w])
-    }
-}
-
 /// `UNetMidBlock2D` without time embedding: resnet, attention, resnet.
 struct VaeMidBlock {
     resnet0: ResnetBlock2D,
-    attention: Option<VaeAttention>,
+    attention: Option<SpatialSelfAttention>,
     resnet1: ResnetBlock2D,
 }
 
@@ -66,7 +39,8 @@ impl VaeMidBlock {
     async fn load(w: &W<'_, '_>, c: usize, groups: usize, attention: bool) -> Result<Self> {
         Ok(Self {
             resnet0: ResnetBlock2D::load(&w.sub("resnets.0"), c, c, None, groups, 1e-6).await?,
-            attention: if attention { Some(VaeAttention::load(&w.sub("attentions.0"), c, groups).await?) } else { None },
+            // One head over all channels, as diffusers' `attention_head_dim=in_channels`.
+            attention: if attention { Some(SpatialSelfAttention::load(&w.sub("attentions.0"), c, 1, c, Some(groups), 1e-6, 1.0).await?) } else { None },
             resnet1: ResnetBlock2D::load(&w.sub("resnets.1"), c, c, None, groups, 1e-6).await?,
         })
     }

@@ -4,6 +4,7 @@ use std::cell::OnceCell;
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu};
+use super::ldm::{LdmKind, LdmModel};
 use super::single_file;
 use crate::loader::{component_files, read_file, read_json, refuse_pickle, FileSource, WeightFile, Weights};
 use crate::models::{AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel};
@@ -24,6 +25,41 @@ pub struct LoadOptions {
     /// Leave the VAE's weights for [`StableDiffusionModel::load_vae`], so denoising can start
     /// while they are still downloading (the browser).
     pub defer_vae: bool,
+}
+
+/// Any model a diffusers folder holds, chosen by `model_index.json`'s `_class_name`: Stable
+/// Diffusion or one of the latent diffusion paper's pipelines.
+pub enum DiffusionModel {
+    StableDiffusion(StableDiffusionModel),
+    Ldm(LdmModel),
+}
+
+impl DiffusionModel {
+    /// Loads the folder `src` as the pipeline its `model_index.json` names.
+    pub async fn load(gpu: &Gpu, src: &dyn FileSource, name: &str, opts: &LoadOptions) -> Result<Self> {
+        let index: serde_json::Value = config(src, "model_index.json").await?;
+        let class = index.get("_class_name").and_then(|c| c.as_str()).unwrap_or("StableDiffusionPipeline");
+        match LdmKind::from_class_name(class) {
+            Some(kind) => Ok(Self::Ldm(LdmModel::load(gpu, src, name, kind, &index, opts.dtype.unwrap_or(DType::F32)).await?)),
+            None => Ok(Self::StableDiffusion(StableDiffusionModel::load(gpu, src, name, opts).await?)),
+        }
+    }
+
+    /// The name shown in PNG metadata.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::StableDiffusion(m) => &m.name,
+            Self::Ldm(m) => &m.name,
+        }
+    }
+
+    /// `scheduler/scheduler_config.json`.
+    pub fn scheduler_config(&self) -> &serde_json::Value {
+        match self {
+            Self::StableDiffusion(m) => &m.scheduler_config,
+            Self::Ldm(m) => &m.scheduler_config,
+        }
+    }
 }
 
 /// Where the VAE's weights are, until they are loaded.
@@ -49,7 +85,7 @@ pub struct StableDiffusionModel {
     pub dtype: DType,
 }
 
-async fn config<T: serde::de::DeserializeOwned>(src: &dyn FileSource, path: &str) -> Result<T> {
+pub(crate) async fn config<T: serde::de::DeserializeOwned>(src: &dyn FileSource, path: &str) -> Result<T> {
     read_json(src, path).await?.ok_or_else(|| Error::Model(format!("{} is missing; is this a diffusers Stable Diffusion folder?", src.describe(path))))
 }
 

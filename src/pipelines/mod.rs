@@ -1,10 +1,12 @@
 //! Pipelines: models + schedulers + seeds, as diffusers' pipelines.
 
+pub mod ldm;
 pub mod loading;
 pub mod output;
 pub mod preview;
 pub mod single_file;
 pub mod stable_diffusion;
 
-pub use loading::{LoadOptions, StableDiffusionModel};
+pub use ldm::{LdmKind, LdmModel, LowResImage};
+pub use loading::{DiffusionModel, LoadOptions, StableDiffusionModel};
 pub use stable_diffusion::{Images, Latents, StageTimes, StepProgress, Txt2ImgParams};

@@ -6,7 +6,7 @@ use clap::Args;
 use ldm_web::gpu::{Gpu, GpuOptions};
 use ldm_web::loader::{DirSource, FileSource};
 use ldm_web::pipelines::output::{encode_png, parameters_text, GenerateBench};
-use ldm_web::pipelines::{LoadOptions, StableDiffusionModel, Txt2ImgParams};
+use ldm_web::pipelines::{DiffusionModel, LdmKind, LdmModel, LoadOptions, LowResImage, StableDiffusionModel, Txt2ImgParams};
 use ldm_web::schedulers::SchedulerKind;
 use ldm_web::{Error, Result};
 
@@ -25,12 +25,12 @@ pub struct GenerateArgs {
     /// Seed of torch's CPU generator: the same seed gives diffusers' image.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    /// Classifier-free guidance scale; 1 or less skips the unconditional pass.
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f32,
+    /// Denoising steps (default: the pipeline's own, as diffusers: 50; 100 for LDM super-resolution).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale (default: 7.5 for Stable Diffusion, where 1 or less skips the unconditional pass; 1 for LDM text-to-image, which guides at any other value).
+    #[arg(long)]
+    guidance: Option<f32>,
     /// Default: the model's sample size times the VAE's scale factor.
     #[arg(long)]
     width: Option<usize>,
@@ -46,6 +46,9 @@ pub struct GenerateArgs {
     /// Text encoder layers to skip, counted as diffusers (1 = penultimate layer; A1111's "Clip skip: 2").
     #[arg(long, default_value_t = 0)]
     clip_skip: usize,
+    /// Input image (PNG, JPEG or WebP): the low-resolution image of an LDM super-resolution model.
+    #[arg(long)]
+    init_image: Option<String>,
     /// Images per run, from one seed as diffusers' num_images_per_prompt.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -83,17 +86,37 @@ fn clip_bpe() -> Result<String> {
     Ok(text)
 }
 
-/// Loads a model from a path or URL.
-pub async fn load_model(gpu: &Gpu, model: &str, opts: &LoadOptions) -> Result<StableDiffusionModel> {
+/// Loads a model from a path or URL: a single file is Stable Diffusion, a folder is whatever
+/// pipeline its `model_index.json` names.
+pub async fn load_model(gpu: &Gpu, model: &str, opts: &LoadOptions) -> Result<DiffusionModel> {
     let (src, single) = open_model(model)?;
     let name = model.trim_end_matches('/').rsplit('/').next().unwrap_or(model).to_string();
     match single {
         Some(file) => {
             let opts = LoadOptions { clip_bpe: Some(clip_bpe()?), ..opts.clone() };
-            StableDiffusionModel::load_single_file(gpu, src.as_ref(), &file, None, &opts).await
+            Ok(DiffusionModel::StableDiffusion(StableDiffusionModel::load_single_file(gpu, src.as_ref(), &file, None, &opts).await?))
         }
-        None => StableDiffusionModel::load(gpu, src.as_ref(), &name, opts).await,
+        None => DiffusionModel::load(gpu, src.as_ref(), &name, opts).await,
     }
+}
+
+/// Reads `path` as RGB in [-1, 1], channels first, resized as diffusers' super-resolution
+/// `preprocess` does (down to a multiple of 32 per side, Lanczos; not bit-identical to PIL's).
+fn read_low_res(path: &str) -> Result<LowResImage> {
+    let img = image::open(path).map_err(|e| Error::Input(format!("cannot read the image {path}: {e}")))?.to_rgb8();
+    let (w, h) = (img.width() - img.width() % 32, img.height() - img.height() % 32);
+    if w == 0 || h == 0 {
+        return Err(Error::Input(format!("{path} is {}x{}; the super-resolution model needs at least 32x32 pixels", img.width(), img.height())));
+    }
+    let img = if (w, h) == img.dimensions() { img } else { image::imageops::resize(&img, w, h, image::imageops::FilterType::Lanczos3) };
+    let (w, h) = (w as usize, h as usize);
+    let mut data = vec![0f32; 3 * w * h];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            data[c * w * h + i] = 2.0 * (p.0[c] as f32 / 255.0) - 1.0;
+        }
+    }
+    Ok(LowResImage { width: w, height: h, data })
 }
 
 /// Writes an 8-bit RGB PNG with a `parameters` text chunk.
@@ -126,53 +149,109 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
         let t_load = now();
         let model = load_model(&gpu, &a.model, &LoadOptions::default()).await?;
         let load_ms = now() - t_load;
-        let default_size = model.unet.config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
-        let p = Txt2ImgParams {
-            prompt: a.prompt.clone(), negative_prompt: a.negative_prompt.clone(), seed: a.seed, steps: a.steps,
-            guidance_scale: a.guidance, guidance_rescale: 0.0, width: a.width.unwrap_or(default_size), height: a.height.unwrap_or(default_size),
-            scheduler, eta: a.eta, clip_skip: a.clip_skip, batch: a.batch,
-        };
-        model.validate(&p)?;
-        // As diffusers: text past the tokenizer's window is dropped, with a warning.
-        for (what, text) in [("prompt", Some(&p.prompt)), ("negative prompt", p.negative_prompt.as_ref())] {
-            let Some(text) = text else { continue };
-            let (n, max) = (model.tokenizer.encode_unpadded(text).len(), model.tokenizer.max_length());
-            if n > max && !bench {
-                eprintln!("ldm: warning: the {what} is {} tokens long; only the first {} are used", n - 2, max - 2);
-            }
-        }
         let kind = match scheduler {
             Some(k) => k,
-            None => ldm_web::schedulers::default_kind(&model.scheduler_config)?,
+            None => ldm_web::schedulers::default_kind(model.scheduler_config())?,
         };
-        let bar = if bench { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(p.steps as u64) };
+        let bar = if bench { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(a.steps.unwrap_or(50) as u64) };
         bar.set_style(indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
         let mut progress = |s: &ldm_web::pipelines::StepProgress| {
             bar.set_length(s.steps as u64);
             bar.set_position(s.step as u64);
             Ok(())
         };
-        // The benchmark reports steady-state speed: a one-step warm-up run first compiles every
-        // pipeline (seconds per generated kernel variant on software Vulkan).
-        let warmup_ms = if bench {
-            let t = now();
-            model.txt2img(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, &now, &mut |_| Ok(())).await?;
-            now() - t
-        } else {
-            0.0
+        let (p, images, times, warmup_ms) = match &model {
+            DiffusionModel::StableDiffusion(m) => {
+                let p = sd_params(a, m, scheduler, bench)?;
+                if a.init_image.is_some() {
+                    return Err(Error::Input("this is a text-to-image model: --init-image is taken by LDM super-resolution models".into()));
+                }
+                // The benchmark reports steady-state speed: a one-step warm-up run first compiles
+                // every pipeline (seconds per generated kernel variant on software Vulkan).
+                let warmup_ms = if bench {
+                    let t = now();
+                    m.txt2img(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, &now, &mut |_| Ok(())).await?;
+                    now() - t
+                } else {
+                    0.0
+                };
+                let (images, times) = m.txt2img(&gpu, &p, &now, &mut progress).await?;
+                (p, images, times, warmup_ms)
+            }
+            DiffusionModel::Ldm(m) => {
+                let (p, low_res) = ldm_params(a, m, scheduler)?;
+                m.validate(&p, low_res.as_ref())?;
+                let warmup_ms = if bench {
+                    let t = now();
+                    m.generate(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, low_res.as_ref(), &now, &mut |_| Ok(())).await?;
+                    now() - t
+                } else {
+                    0.0
+                };
+                let (images, times) = m.generate(&gpu, &p, low_res.as_ref(), &now, &mut progress).await?;
+                (p, images, times, warmup_ms)
+            }
         };
-        let (images, times) = model.txt2img(&gpu, &p, &now, &mut progress).await?;
         bar.finish_and_clear();
         if bench {
-            let report = GenerateBench { model: &model.name, adapter: gpu.summary(), params: &p, scheduler: kind, load_ms, warmup_ms, times: &times, peak_gpu_bytes: gpu.pool_stats().peak_bytes }.to_json();
+            let report = GenerateBench { model: model.name(), adapter: gpu.summary(), params: &p, scheduler: kind, load_ms, warmup_ms, times: &times, peak_gpu_bytes: gpu.pool_stats().peak_bytes }.to_json();
             return serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()));
         }
         let mut written = Vec::new();
         for i in 0..images.batch {
             let path = out_path(&a.out, i, images.batch);
-            write_png(&path, images.width, images.height, &images.rgb8(i), &parameters_text(&p, kind, &model.name, i))?;
+            write_png(&path, images.width, images.height, &images.rgb8(i), &parameters_text(&p, kind, model.name(), i))?;
             written.push(path);
         }
         Ok(format!("wrote {}", written.join(", ")))
     })
+}
+
+/// Stable Diffusion settings from the flags, checked; warns about prompts cut to the tokenizer's window.
+fn sd_params(a: &GenerateArgs, model: &StableDiffusionModel, scheduler: Option<SchedulerKind>, bench: bool) -> Result<Txt2ImgParams> {
+    let default_size = model.unet.config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
+    let p = Txt2ImgParams {
+        prompt: a.prompt.clone(), negative_prompt: a.negative_prompt.clone(), seed: a.seed, steps: a.steps.unwrap_or(50),
+        guidance_scale: a.guidance.unwrap_or(7.5), guidance_rescale: 0.0, width: a.width.unwrap_or(default_size), height: a.height.unwrap_or(default_size),
+        scheduler, eta: a.eta, clip_skip: a.clip_skip, batch: a.batch,
+    };
+    model.validate(&p)?;
+    // As diffusers: text past the tokenizer's window is dropped, with a warning.
+    for (what, text) in [("prompt", Some(&p.prompt)), ("negative prompt", p.negative_prompt.as_ref())] {
+        let Some(text) = text else { continue };
+        let (n, max) = (model.tokenizer.encode_unpadded(text).len(), model.tokenizer.max_length());
+        if n > max && !bench {
+            eprintln!("ldm: warning: the {what} is {} tokens long; only the first {} are used", n - 2, max - 2);
+        }
+    }
+    Ok(p)
+}
+
+/// Settings of an LDM pipeline from the flags, refusing those the pipeline has no use for.
+fn ldm_params(a: &GenerateArgs, model: &LdmModel, scheduler: Option<SchedulerKind>) -> Result<(Txt2ImgParams, Option<LowResImage>)> {
+    let kind = model.kind;
+    let unused = |flag: &str, given: bool| if given { Err(Error::Input(format!("{} does not use {flag}", kind.class_name()))) } else { Ok(()) };
+    unused("--negative-prompt", a.negative_prompt.is_some())?;
+    unused("--clip-skip", a.clip_skip != 0)?;
+    if kind != LdmKind::TextToImage {
+        unused("--prompt", !a.prompt.is_empty())?;
+        unused("--guidance", a.guidance.is_some())?;
+        unused("--width / --height (its size is the model's sample size, or the input image's)", a.width.is_some() || a.height.is_some())?;
+    }
+    let low_res = match (&a.init_image, kind) {
+        (Some(path), LdmKind::SuperResolution) => Some(read_low_res(path)?),
+        (None, LdmKind::SuperResolution) => return Err(Error::Input("this super-resolution model needs its low-resolution input: --init-image FILE".into())),
+        (Some(_), _) => return Err(Error::Input(format!("{} takes no --init-image", kind.class_name()))),
+        (None, _) => None,
+    };
+    let (dw, dh) = model.default_size();
+    let (width, height) = match &low_res {
+        Some(img) => (img.width * model.first_stage.scale_factor(), img.height * model.first_stage.scale_factor()),
+        None => (a.width.unwrap_or(dw), a.height.unwrap_or(dh)),
+    };
+    let p = Txt2ImgParams {
+        prompt: a.prompt.clone(), negative_prompt: None, seed: a.seed, steps: a.steps.unwrap_or(kind.default_steps()),
+        guidance_scale: a.guidance.unwrap_or(1.0), guidance_rescale: 0.0, width, height, scheduler, eta: a.eta, clip_skip: 0, batch: a.batch,
+    };
+    Ok((p, low_res))
 }

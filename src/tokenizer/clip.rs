@@ -244,13 +244,13 @@ const CLIP_MERGES: usize = 49152 - 256 - 2;
 
 /// An added token as the tokenizer matches it.
 #[derive(Debug, Clone)]
-struct AddedToken {
-    content: String,
-    id: u32,
-    single_word: bool,
-    lstrip: bool,
-    rstrip: bool,
-    normalized: bool,
+pub(super) struct AddedToken {
+    pub(super) content: String,
+    pub(super) id: u32,
+    pub(super) single_word: bool,
+    pub(super) lstrip: bool,
+    pub(super) rstrip: bool,
+    pub(super) normalized: bool,
 }
 
 /// The CLIP BPE tokenizer of a Stable Diffusion checkpoint.
@@ -838,7 +838,7 @@ fn pre_tokenize(text: &str) -> Vec<&str> {
 /// non-overlapping leftmost-longest matches, dropped when `single_word` finds a word character
 /// beside them, widened over whitespace by `lstrip` / `rstrip`. Pieces come with the token's id
 /// when they are one.
-fn split_added<'a>(text: &'a str, tokens: &[AddedToken]) -> Vec<(&'a str, Option<u32>)> {
+pub(super) fn split_added<'a>(text: &'a str, tokens: &[AddedToken]) -> Vec<(&'a str, Option<u32>)> {
     if tokens.is_empty() || text.is_empty() {
         return vec![(text, None)];
     }

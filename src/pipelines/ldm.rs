@@ -1,0 +1,392 @@
+//! The latent diffusion paper's own pipelines, step for step as diffusers':
+//! `LDMPipeline` (unconditional, e.g. CompVis' CelebA-HQ model), `LDMSuperResolutionPipeline`
+//! (the low-resolution image concatenated to the latents, 4x) and `LDMTextToImagePipeline`
+//! (LDMBert text encoder, classifier-free guidance). Each is reproduced with its own quirks, so a
+//! seed gives diffusers' image: the unconditional pipeline scales the noise before
+//! `set_timesteps`, the text-to-image one never calls `scale_model_input` and makes latents of
+//! `height / 8`, the super-resolution one decodes without a scaling factor.
+//!
+//! Randomness: the initial latents come from torch's CPU generator seeded with the seed, as the
+//! `generator` argument. These pipelines do not hand that generator to `scheduler.step`, so the
+//! noise DDIM (eta > 0) and the ancestral samplers add each step comes from torch's global
+//! generator; ldm-web draws it from a second generator seeded with the same seed, which is
+//! diffusers after `torch.manual_seed(seed)`.
+
+use super::loading::config;
+use super::stable_diffusion::{guide, to_hwc01, Images, Latents, Progress, StageTimes, StepProgress, Txt2ImgParams};
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Tensor};
+use crate::loader::{component_files, FileSource, Weights};
+use crate::models::{AutoencoderKL, AutoencoderKLConfig, LdmBertConfig, LdmBertModel, UNet2DConditionConfig, UNet2DConditionModel, UNet2DConfig, UNet2DModel, VQModel, VQModelConfig};
+use crate::ops;
+use crate::rng::TorchGenerator;
+use crate::schedulers::{self, Scheduler, SchedulerKind};
+use crate::tokenizer::{BertTokenizer, BertTokenizerConfig};
+
+/// The paper's first stage: a vector-quantised or a KL-regularised autoencoder (`vqvae/`).
+pub enum FirstStage {
+    Vq(VQModel),
+    Kl(AutoencoderKL),
+}
+
+impl FirstStage {
+    /// Image pixels per latent pixel along each side.
+    pub fn scale_factor(&self) -> usize {
+        match self {
+            FirstStage::Vq(v) => v.config.scale_factor(),
+            FirstStage::Kl(v) => v.config.scale_factor(),
+        }
+    }
+    /// `vqvae.config.scaling_factor`.
+    pub fn scaling_factor(&self) -> f32 {
+        match self {
+            FirstStage::Vq(v) => v.config.scaling_factor,
+            FirstStage::Kl(v) => v.config.scaling_factor,
+        }
+    }
+    /// `vqvae.decode(latents)`: a VQ model snaps latents to its codebook first. Images in [-1, 1].
+    pub fn decode(&self, gpu: &Gpu, latents: &[f32], shape: [usize; 4], dtype: DType) -> Result<Tensor> {
+        match self {
+            FirstStage::Vq(v) => v.decode(gpu, latents, shape, false, dtype),
+            FirstStage::Kl(v) => v.decode(gpu, &gpu.upload(&shape, dtype, latents)?),
+        }
+    }
+}
+
+/// Which of the three pipelines a model folder is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LdmKind {
+    /// `LDMPipeline`.
+    Unconditional,
+    /// `LDMSuperResolutionPipeline`.
+    SuperResolution,
+    /// `LDMTextToImagePipeline`.
+    TextToImage,
+}
+
+impl LdmKind {
+    /// From `model_index.json`'s `_class_name`.
+    pub fn from_class_name(class: &str) -> Option<Self> {
+        match class {
+            "LDMPipeline" => Some(Self::Unconditional),
+            "LDMSuperResolutionPipeline" => Some(Self::SuperResolution),
+            "LDMTextToImagePipeline" => Some(Self::TextToImage),
+            _ => None,
+        }
+    }
+    /// The diffusers class name.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Self::Unconditional => "LDMPipeline",
+            Self::SuperResolution => "LDMSuperResolutionPipeline",
+            Self::TextToImage => "LDMTextToImagePipeline",
+        }
+    }
+    /// diffusers' default `num_inference_steps`.
+    pub fn default_steps(self) -> usize {
+        match self {
+            Self::SuperResolution => 100,
+            _ => 50,
+        }
+    }
+}
+
+/// The denoiser: `UNet2DModel` for the unconditional and super-resolution models,
+/// `UNet2DConditionModel` for text-to-image.
+pub enum LdmUNet {
+    Plain(UNet2DModel),
+    Conditional(UNet2DConditionModel),
+}
+
+/// LDMBert and its tokenizer.
+pub struct LdmText {
+    pub tokenizer: BertTokenizer,
+    pub bert: LdmBertModel,
+}
+
+/// A CompVis latent diffusion model in diffusers' layout.
+pub struct LdmModel {
+    /// Shown in PNG metadata (the folder name).
+    pub name: String,
+    pub kind: LdmKind,
+    pub unet: LdmUNet,
+    pub first_stage: FirstStage,
+    pub text: Option<LdmText>,
+    /// `scheduler/scheduler_config.json` as written.
+    pub scheduler_config: serde_json::Value,
+    pub dtype: DType,
+}
+
+/// The low-resolution input of the super-resolution pipeline: `[3, H, W]` in [-1, 1].
+#[derive(Clone, Debug)]
+pub struct LowResImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<f32>,
+}
+
+async fn weights<'s>(src: &'s dyn FileSource, dir: &str, stem: &str) -> Result<Weights<'s>> {
+    Ok(Weights::new(src, component_files(src, dir, stem, false).await?))
+}
+
+/// The class of component `key` in `model_index.json` (`["diffusers", "VQModel"]`).
+fn component_class<'a>(index: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    index.get(key)?.as_array()?.get(1)?.as_str()
+}
+
+impl LdmModel {
+    /// Loads a diffusers folder whose `model_index.json` names one of the LDM pipelines.
+    pub async fn load(gpu: &Gpu, src: &dyn FileSource, name: &str, kind: LdmKind, index: &serde_json::Value, dtype: DType) -> Result<Self> {
+        let unet_class = component_class(index, "unet").unwrap_or(if kind == LdmKind::TextToImage { "UNet2DConditionModel" } else { "UNet2DModel" });
+        let unet = match unet_class {
+            "UNet2DModel" if kind != LdmKind::TextToImage => {
+                let cfg: UNet2DConfig = config(src, "unet/config.json").await?;
+                LdmUNet::Plain(UNet2DModel::load(&weights(src, "unet", "diffusion_pytorch_model").await?.at(gpu, dtype, ""), cfg).await?)
+            }
+            "UNet2DConditionModel" if kind == LdmKind::TextToImage => {
+                let cfg: UNet2DConditionConfig = config(src, "unet/config.json").await?;
+                LdmUNet::Conditional(UNet2DConditionModel::load(&weights(src, "unet", "diffusion_pytorch_model").await?.at(gpu, dtype, ""), cfg).await?)
+            }
+            other => return Err(Error::Model(format!("{} with a {other} is not supported (LDMTextToImagePipeline takes a UNet2DConditionModel, the others a UNet2DModel)", kind.class_name()))),
+        };
+        let first_stage = match component_class(index, "vqvae").unwrap_or("VQModel") {
+            "VQModel" => {
+                let cfg: VQModelConfig = config(src, "vqvae/config.json").await?;
+                FirstStage::Vq(VQModel::load(&weights(src, "vqvae", "diffusion_pytorch_model").await?.at(gpu, dtype, ""), cfg).await?)
+            }
+            "AutoencoderKL" => {
+                let cfg: AutoencoderKLConfig = config(src, "vqvae/config.json").await?;
+                FirstStage::Kl(AutoencoderKL::load(&weights(src, "vqvae", "diffusion_pytorch_model").await?.at(gpu, dtype, ""), cfg, false).await?)
+            }
+            other => return Err(Error::Model(format!("vqvae class {other} is not supported (VQModel and AutoencoderKL are)"))),
+        };
+        let text = if kind == LdmKind::TextToImage {
+            match component_class(index, "bert") {
+                Some("LDMBertModel") | None => {}
+                Some(other) => return Err(Error::Model(format!("LDMTextToImagePipeline with a {other} text encoder is not supported (LDMBertModel is)"))),
+            }
+            let tokenizer = load_bert_tokenizer(src, "tokenizer").await?;
+            let cfg: LdmBertConfig = config(src, "bert/config.json").await?;
+            let bert = LdmBertModel::load(&weights(src, "bert", "model").await?.at(gpu, dtype, ""), cfg).await?;
+            Some(LdmText { tokenizer, bert })
+        } else {
+            None
+        };
+        let scheduler_config = config(src, "scheduler/scheduler_config.json").await?;
+        Ok(Self { name: name.to_string(), kind, unet, first_stage, text, scheduler_config, dtype })
+    }
+
+    /// The scheduler `kind` (default: the model's own), built from the model's config as
+    /// `Scheduler.from_config` does (the LDM pipelines apply no fix-ups).
+    pub fn scheduler(&self, kind: Option<SchedulerKind>) -> Result<Box<dyn Scheduler>> {
+        match kind {
+            Some(k) => schedulers::build(k, &self.scheduler_config),
+            None => schedulers::build_default(&self.scheduler_config),
+        }
+    }
+
+    /// The image size a run makes by default: the UNet's sample size through the first stage
+    /// (the super-resolution pipeline's output size follows its input).
+    pub fn default_size(&self) -> (usize, usize) {
+        match &self.unet {
+            LdmUNet::Plain(u) => {
+                let (h, w) = u.config.sample_size.as_ref().map_or((64, 64), |s| s.height_width());
+                (w * self.first_stage.scale_factor(), h * self.first_stage.scale_factor())
+            }
+            // diffusers: sample_size * vae_scale_factor.
+            LdmUNet::Conditional(u) => {
+                let s = u.config.sample_size.unwrap_or(32) * self.first_stage.scale_factor();
+                (s, s)
+            }
+        }
+    }
+
+    /// Checks settings before any work starts.
+    pub fn validate(&self, p: &Txt2ImgParams, low_res: Option<&LowResImage>) -> Result<()> {
+        if p.steps == 0 || p.steps > 1000 {
+            return Err(Error::Input(format!("steps must be between 1 and 1000, got {}", p.steps)));
+        }
+        if p.batch == 0 || p.batch > 64 {
+            return Err(Error::Input(format!("batch must be between 1 and 64, got {}", p.batch)));
+        }
+        if !p.guidance_scale.is_finite() || !p.eta.is_finite() {
+            return Err(Error::Input("guidance and eta must be finite numbers".into()));
+        }
+        match (self.kind, &self.unet) {
+            (LdmKind::SuperResolution, LdmUNet::Plain(u)) => {
+                let img = low_res.ok_or_else(|| Error::Input("the super-resolution model needs a low-resolution input image (--init-image)".into()))?;
+                let f = u.config.downsample_factor();
+                if img.width == 0 || img.height == 0 || img.width % f != 0 || img.height % f != 0 {
+                    return Err(Error::Input(format!("the low-resolution image is {}x{}; this model needs sides divisible by {f}", img.width, img.height)));
+                }
+                if u.config.in_channels < 3 || u.config.in_channels % 2 != 0 {
+                    return Err(Error::Model(format!("a super-resolution UNet takes latents and the image in equal halves; this one has {} input channels", u.config.in_channels)));
+                }
+            }
+            (LdmKind::TextToImage, LdmUNet::Conditional(u)) => {
+                let f = 8 * u.config.downsample_factor();
+                if p.width == 0 || p.height == 0 || p.width % f != 0 || p.height % f != 0 {
+                    return Err(Error::Input(format!("this model needs width and height divisible by {f}, got {}x{}", p.width, p.height)));
+                }
+                if p.width.max(p.height) > 4096 {
+                    return Err(Error::Input(format!("{}x{} is larger than the 4096-pixel limit", p.width, p.height)));
+                }
+            }
+            _ => {}
+        }
+        if low_res.is_some() && self.kind != LdmKind::SuperResolution {
+            return Err(Error::Input(format!("{} takes no input image", self.kind.class_name())));
+        }
+        Ok(())
+    }
+
+    /// Generates `p.batch` images; `low_res` is the super-resolution model's input.
+    pub async fn generate(&self, gpu: &Gpu, p: &Txt2ImgParams, low_res: Option<&LowResImage>, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Images, StageTimes)> {
+        self.validate(p, low_res)?;
+        let (latents, mut times) = match (&self.unet, low_res) {
+            (LdmUNet::Plain(u), None) => self.denoise_unconditional(gpu, u, p, now_ms, progress).await?,
+            (LdmUNet::Plain(u), Some(img)) => self.denoise_super_resolution(gpu, u, p, img, now_ms, progress).await?,
+            (LdmUNet::Conditional(u), _) => self.denoise_text(gpu, u, p, now_ms, progress).await?,
+        };
+        let t0 = now_ms();
+        // LDMPipeline and LDMTextToImagePipeline divide by the scaling factor; the
+        // super-resolution pipeline decodes its latents as they are.
+        let inv = if self.kind == LdmKind::SuperResolution { 1.0 } else { 1.0 / self.first_stage.scaling_factor() };
+        let z: Vec<f32> = latents.data.iter().map(|v| v * inv).collect();
+        let image = self.first_stage.decode(gpu, &z, latents.shape, self.dtype)?;
+        let &[b, _, h, w] = image.shape() else { return Err(Error::Shape("decoded image".into())) };
+        let pixels = gpu.read(&image).await?;
+        times.vae_decode_ms = now_ms() - t0;
+        Ok((to_hwc01(&pixels, b, h, w), times))
+    }
+
+    fn scheduler_for(&self, p: &Txt2ImgParams) -> Result<Box<dyn Scheduler>> {
+        let mut s = self.scheduler(p.scheduler)?;
+        if p.eta != 0.0 {
+            s.set_eta(p.eta);
+        }
+        Ok(s)
+    }
+
+    async fn denoise_unconditional(&self, gpu: &Gpu, unet: &UNet2DModel, p: &Txt2ImgParams, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Latents, StageTimes)> {
+        let (h, w) = unet.config.sample_size.as_ref().map_or((64, 64), |s| s.height_width());
+        let shape = [p.batch, unet.config.in_channels, h, w];
+        let mut scheduler = self.scheduler_for(p)?;
+        let mut gen = TorchGenerator::new(p.seed);
+        // diffusers scales by init_noise_sigma before set_timesteps here.
+        let sigma = scheduler.init_noise_sigma();
+        let latents: Vec<f32> = gen.randn(shape.iter().product()).into_iter().map(|v| v * sigma).collect();
+        scheduler.set_timesteps(p.steps)?;
+        let step = Loop { shape, input_shape: shape, scale_input: true, guidance: None };
+        self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &|x| x.to_vec(), &|x, t| unet.forward(gpu, x, t, None), now_ms, progress).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn denoise_super_resolution(&self, gpu: &Gpu, unet: &UNet2DModel, p: &Txt2ImgParams, img: &LowResImage, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Latents, StageTimes)> {
+        let (b, c, h, w) = (p.batch, unet.config.in_channels / 2, img.height, img.width);
+        if img.data.len() != 3 * h * w || unet.config.in_channels - c != 3 {
+            return Err(Error::Input(format!("the low-resolution image must be RGB {w}x{h} for a UNet with {} input channels", unet.config.in_channels)));
+        }
+        let mut scheduler = self.scheduler_for(p)?;
+        let mut gen = TorchGenerator::new(p.seed);
+        let noise = gen.randn(b * c * h * w);
+        scheduler.set_timesteps(p.steps)?;
+        let sigma = scheduler.init_noise_sigma();
+        let latents: Vec<f32> = noise.into_iter().map(|v| v * sigma).collect();
+        // The scheduler scales the concatenation [latents, image] as one tensor, so it is built
+        // on the CPU.
+        let plane = c * h * w;
+        let concat = |x: &[f32]| -> Vec<f32> { x.chunks(plane).flat_map(|l| l.iter().chain(&img.data).copied()).collect() };
+        let step = Loop { shape: [b, c, h, w], input_shape: [b, c + 3, h, w], scale_input: true, guidance: None };
+        self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &concat, &|x, t| unet.forward(gpu, x, t, None), now_ms, progress).await
+    }
+
+    async fn denoise_text(&self, gpu: &Gpu, unet: &UNet2DConditionModel, p: &Txt2ImgParams, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Latents, StageTimes)> {
+        let text = self.text.as_ref().ok_or_else(|| Error::Model("this text-to-image model has no text encoder".into()))?;
+        let b = p.batch;
+        // diffusers guides whenever the scale is not exactly 1 (not only above 1).
+        let guided = p.guidance_scale != 1.0;
+        let t0 = now_ms();
+        // The pipeline pads to 77 tokens whatever the tokenizer's own maximum.
+        let embed = |prompt: &str| text.bert.forward(gpu, &[text.tokenizer.encode(prompt, 77)]);
+        let cond = embed(&p.prompt)?;
+        let uncond = if guided { Some(embed("")?) } else { None };
+        let rows: Vec<&Tensor> = uncond.iter().flat_map(|n| std::iter::repeat_n(n, b)).chain(std::iter::repeat_n(&cond, b)).collect();
+        let context = ops::concat(gpu, &rows, 0)?;
+        gpu.sync().await?;
+        let text_ms = now_ms() - t0;
+        let shape = [b, unet.config.in_channels, p.height / 8, p.width / 8];
+        let mut scheduler = self.scheduler_for(p)?;
+        let mut gen = TorchGenerator::new(p.seed);
+        let latents = gen.randn(shape.iter().product());
+        scheduler.set_timesteps(p.steps)?;
+        // LDMTextToImagePipeline calls neither init_noise_sigma nor scale_model_input.
+        let rows = if guided { 2 * b } else { b };
+        let step = Loop { shape, input_shape: [rows, shape[1], shape[2], shape[3]], scale_input: false, guidance: guided.then_some(p.guidance_scale) };
+        let duplicate = |x: &[f32]| if guided { [x, x].concat() } else { x.to_vec() };
+        let (latents, mut times) = self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &duplicate, &|x, t| unet.forward(gpu, x, t, &context), now_ms, progress).await?;
+        times.text_encoder_ms = text_ms;
+        Ok((latents, times))
+    }
+
+    /// The loop all three share: the model input is made from the latents (and scaled by the
+    /// scheduler when the pipeline does), the prediction guided when asked, one step taken.
+    #[allow(clippy::too_many_arguments)]
+    async fn denoise_loop(
+        &self, gpu: &Gpu, scheduler: &mut dyn Scheduler, seed: u64, mut latents: Vec<f32>, l: &Loop,
+        make_input: &dyn Fn(&[f32]) -> Vec<f32>, model: &dyn Fn(&Tensor, f32) -> Result<Tensor>, now_ms: &dyn Fn() -> f64, progress: Progress<'_>,
+    ) -> Result<(Latents, StageTimes)> {
+        let mut times = StageTimes::default();
+        let steps = scheduler.timesteps().len();
+        // The scheduler's own noise: torch's global generator in diffusers (see the module doc).
+        let mut step_noise = TorchGenerator::new(seed);
+        for i in 0..steps {
+            let t_start = now_ms();
+            let t = scheduler.timesteps()[i];
+            let input = make_input(&latents);
+            let input = if l.scale_input { scheduler.scale_model_input(&input, i) } else { input };
+            let out = model(&gpu.upload(&l.input_shape, self.dtype, &input)?, t)?;
+            let out = gpu.read(&out).await?;
+            let prediction = match l.guidance {
+                Some(g) => guide(&out, g, 0.0, l.shape[0]),
+                None => out,
+            };
+            latents = scheduler.step(&prediction, i, &latents, &mut step_noise)?;
+            times.unet_steps_ms.push(now_ms() - t_start);
+            progress(&StepProgress { step: i + 1, steps, latents: &latents, shape: l.shape })?;
+        }
+        Ok((Latents { data: latents, shape: l.shape }, times))
+    }
+}
+
+/// Shapes and options of one denoising loop.
+struct Loop {
+    /// The latents `[B, C, H, W]`.
+    shape: [usize; 4],
+    /// What the UNet is given.
+    input_shape: [usize; 4],
+    scale_input: bool,
+    guidance: Option<f32>,
+}
+
+/// Reads a BERT tokenizer folder: `vocab.txt` (or `tokenizer.json`) and `tokenizer_config.json`.
+pub async fn load_bert_tokenizer(src: &dyn FileSource, dir: &str) -> Result<BertTokenizer> {
+    use crate::loader::read_file;
+    let text = |b: Vec<u8>, p: &str| String::from_utf8(b).map_err(|_| Error::Model(format!("{} is not UTF-8 text", src.describe(p))));
+    let cfg_path = format!("{dir}/tokenizer_config.json");
+    let cfg: BertTokenizerConfig = match read_file(src, &cfg_path).await? {
+        Some(b) => serde_json::from_str(&text(b, &cfg_path)?).map_err(|e| Error::Model(format!("{}: {e}", src.describe(&cfg_path))))?,
+        None => BertTokenizerConfig::default(),
+    };
+    let vocab_path = format!("{dir}/vocab.txt");
+    if let Some(v) = read_file(src, &vocab_path).await? {
+        return BertTokenizer::from_vocab_txt(&text(v, &vocab_path)?, &cfg);
+    }
+    let json_path = format!("{dir}/tokenizer.json");
+    if let Some(j) = read_file(src, &json_path).await? {
+        let v: serde_json::Value = serde_json::from_str(&text(j, &json_path)?).map_err(|e| Error::Model(format!("{}: {e}", src.describe(&json_path))))?;
+        let vocab = serde_json::from_value(v["model"]["vocab"].clone()).map_err(|e| Error::Model(format!("{}: model.vocab: {e}", src.describe(&json_path))))?;
+        return BertTokenizer::from_vocab(vocab, &cfg);
+    }
+    Err(Error::Model(format!("no tokenizer in {} (expected vocab.txt or tokenizer.json)", src.describe(dir))))
+}
