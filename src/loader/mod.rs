@@ -27,6 +27,38 @@ pub trait FileSource {
     fn read_range<'a>(&'a self, path: &'a str, start: u64, len: u64) -> LocalFuture<'a, Result<Vec<u8>>>;
 }
 
+/// A model compiled into the program: `(path, bytes)` pairs (the CLI's built-in model).
+pub struct StaticSource {
+    name: &'static str,
+    files: &'static [(&'static str, &'static [u8])],
+}
+
+impl StaticSource {
+    /// Files of the model called `name` (for messages).
+    pub const fn new(name: &'static str, files: &'static [(&'static str, &'static [u8])]) -> Self {
+        Self { name, files }
+    }
+    fn file(&self, path: &str) -> Option<&'static [u8]> {
+        self.files.iter().find(|(p, _)| *p == path).map(|(_, b)| *b)
+    }
+}
+
+impl FileSource for StaticSource {
+    fn describe(&self, path: &str) -> String {
+        format!("{path} of the built-in model {}", self.name)
+    }
+    fn size<'a>(&'a self, path: &'a str) -> LocalFuture<'a, Result<Option<u64>>> {
+        Box::pin(async move { Ok(self.file(path).map(|b| b.len() as u64)) })
+    }
+    fn read_range<'a>(&'a self, path: &'a str, start: u64, len: u64) -> LocalFuture<'a, Result<Vec<u8>>> {
+        Box::pin(async move {
+            let bytes = self.file(path).ok_or_else(|| Error::Io(format!("{} does not exist", self.describe(path))))?;
+            let end = start.checked_add(len).filter(|&e| e <= bytes.len() as u64).ok_or_else(|| Error::Io(format!("{} has {} bytes, not {}", self.describe(path), bytes.len(), start.saturating_add(len))))?;
+            Ok(bytes[start as usize..end as usize].to_vec())
+        })
+    }
+}
+
 /// Reads a whole (small) file: configs, tokenizer files, headers.
 pub async fn read_file(src: &dyn FileSource, path: &str) -> Result<Option<Vec<u8>>> {
     match src.size(path).await? {

@@ -8,13 +8,12 @@
 
 use serde::Deserialize;
 
-use super::nn::{Conv2d, GroupNorm, Linear};
 use super::resnet::TimeEmbeddingNorm;
-use super::unet_2d_blocks::{block_kind, BlockAttention, BlockSettings, DownBlock2D, MidBlock2D, UpBlock2D};
+use super::unet_2d_blocks::{block_kind, BlockAttention, BlockSettings, TimestepMlp, UNetBody, UNetBodyConfig};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::loader::W;
-use crate::ops::{self, embedding::TimestepEmbedding, Activation};
+use crate::ops::{self, Activation};
 
 /// `sample_size`: one number, or `[height, width]`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -177,23 +176,16 @@ impl UNet2DConfig {
 /// The class embedding's weights.
 enum ClassEmbedding {
     Table(Tensor),
-    Timestep { linear_1: Linear, linear_2: Linear },
+    Timestep(TimestepMlp),
     Identity,
 }
 
 /// `UNet2DModel`.
 pub struct UNet2DModel {
     pub config: UNet2DConfig,
-    time_proj: TimestepEmbedding,
-    linear_1: Linear,
-    linear_2: Linear,
+    time_embedding: TimestepMlp,
     class_embedding: Option<ClassEmbedding>,
-    conv_in: Conv2d,
-    down_blocks: Vec<DownBlock2D>,
-    mid_block: Option<MidBlock2D>,
-    up_blocks: Vec<UpBlock2D>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    body: UNetBody,
 }
 
 impl UNet2DModel {
@@ -204,52 +196,33 @@ impl UNet2DModel {
         let n = ch.len();
         let temb = config.time_embed_dim();
         let time_norm = TimeEmbeddingNorm::from_config(&config.resnet_time_scale_shift)?;
-        let s = BlockSettings { temb_channels: temb, groups: config.norm_num_groups, eps: config.norm_eps, cross_attention_dim: 0, time_norm };
-        let attn = |name: &str, i: usize| block_kind(name).is_some_and(|(a, _)| a).then(|| BlockAttention::SelfAttention { head_dim: config.head_dim(i) });
-        let time_proj = TimestepEmbedding { dim: ch[0], flip_sin_to_cos: config.flip_sin_to_cos, downscale_freq_shift: config.freq_shift, scale: 1.0, max_period: 10000.0 };
-        let linear_1 = Linear::load(&w.sub("time_embedding.linear_1"), ch[0], temb, true).await?;
-        let linear_2 = Linear::load(&w.sub("time_embedding.linear_2"), temb, temb, true).await?;
+        let attention = |types: &[String], i: usize, r: usize| {
+            block_kind(&types[i]).is_some_and(|(a, _)| a).then(|| BlockAttention::SelfAttention { head_dim: config.head_dim(r) })
+        };
+        // diffusers: the mid attention normalises with the resnets' groups only with the default
+        // time embedding, unless attn_norm_num_groups says otherwise.
+        let mid_groups = config.attn_norm_num_groups.or((time_norm == TimeEmbeddingNorm::Default).then_some(config.norm_num_groups));
+        let mid_attention = config.add_attention.then(|| BlockAttention::SelfAttention { head_dim: config.head_dim(n - 1) });
+        let body = UNetBodyConfig {
+            in_channels: config.in_channels,
+            out_channels: config.out_channels,
+            block_out_channels: ch,
+            layers_per_block: vec![config.layers_per_block; n],
+            down_attention: (0..n).map(|i| attention(&config.down_block_types, i, i)).collect(),
+            up_attention: (0..n).map(|i| attention(&config.up_block_types, i, n - 1 - i)).collect(),
+            mid: config.mid_block_type.is_some().then_some((mid_attention, mid_groups, config.mid_block_scale_factor)),
+            downsample_padding: config.downsample_padding,
+            settings: BlockSettings { temb_channels: temb, groups: config.norm_num_groups, eps: config.norm_eps, cross_attention_dim: 0, time_norm },
+        };
+        let time_embedding = TimestepMlp::load(&w.sub("time_embedding"), ch[0], temb, config.flip_sin_to_cos, config.freq_shift).await?;
         let class_embedding = match config.class_embedding()? {
             None => None,
             Some(ClassEmbedKind::Table(classes)) => Some(ClassEmbedding::Table(w.get("class_embedding.weight", &[classes, temb]).await?)),
-            Some(ClassEmbedKind::Timestep) => Some(ClassEmbedding::Timestep {
-                linear_1: Linear::load(&w.sub("class_embedding.linear_1"), ch[0], temb, true).await?,
-                linear_2: Linear::load(&w.sub("class_embedding.linear_2"), temb, temb, true).await?,
-            }),
+            Some(ClassEmbedKind::Timestep) => Some(ClassEmbedding::Timestep(TimestepMlp::load(&w.sub("class_embedding"), ch[0], temb, config.flip_sin_to_cos, config.freq_shift).await?)),
             Some(ClassEmbedKind::Identity) => Some(ClassEmbedding::Identity),
         };
-        let conv_in = Conv2d::load(&w.sub("conv_in"), config.in_channels, ch[0], 3, 1, 1).await?;
-        let mut down_blocks = Vec::new();
-        let mut cout = ch[0];
-        for (i, &c) in ch.iter().enumerate() {
-            let cin = cout;
-            cout = c;
-            let a = attn(&config.down_block_types[i], i);
-            down_blocks.push(DownBlock2D::load(&w.sub(format!("down_blocks.{i}")), cin, cout, config.layers_per_block, a, i + 1 < n, config.downsample_padding, &s).await?);
-        }
-        let mid_block = match config.mid_block_type {
-            None => None,
-            Some(_) => {
-                let a = config.add_attention.then(|| BlockAttention::SelfAttention { head_dim: config.head_dim(n - 1) });
-                // diffusers: the attention normalises with the resnets' groups only with the
-                // default time embedding, unless attn_norm_num_groups says otherwise.
-                let groups = config.attn_norm_num_groups.or((time_norm == TimeEmbeddingNorm::Default).then_some(config.norm_num_groups));
-                Some(MidBlock2D::load(&w.sub("mid_block"), ch[n - 1], a, groups, config.mid_block_scale_factor, &s).await?)
-            }
-        };
-        let mut up_blocks = Vec::new();
-        let rev: Vec<usize> = ch.iter().rev().copied().collect();
-        let mut out = rev[0];
-        for i in 0..n {
-            let prev = out;
-            out = rev[i];
-            let cin = rev[(i + 1).min(n - 1)];
-            let a = attn(&config.up_block_types[i], n - 1 - i);
-            up_blocks.push(UpBlock2D::load(&w.sub(format!("up_blocks.{i}")), cin, prev, out, config.layers_per_block + 1, a, i + 1 < n, &s).await?);
-        }
-        let conv_norm_out = GroupNorm::load(&w.sub("conv_norm_out"), config.norm_num_groups, ch[0], config.norm_eps).await?;
-        let conv_out = Conv2d::load(&w.sub("conv_out"), ch[0], config.out_channels, 3, 1, 1).await?;
-        Ok(Self { config, time_proj, linear_1, linear_2, class_embedding, conv_in, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out })
+        let body = UNetBody::load(w, &body).await?;
+        Ok(Self { config, time_embedding, class_embedding, body })
     }
 
     /// Predicts noise (or v, as trained) for `sample` `[B, C, H, W]` at `timestep`.
@@ -262,14 +235,13 @@ impl UNet2DModel {
             return Err(Error::Input(format!("UNet2DModel input {:?} must have {} channels and a size divisible by {f}", sample.shape(), self.config.in_channels)));
         }
         let dtype = sample.dtype();
-        let t = gpu.upload(&[b], DType::F32, &vec![timestep; b])?;
-        let emb = self.linear_1.forward(gpu, &ops::timestep_embedding(gpu, &t, &self.time_proj, dtype)?, Activation::Silu)?;
+        let t = vec![timestep; b];
         // Every resnet applies SiLU to the embedding first: do it once (in linear_2's epilogue
         // when nothing is added to it).
         let silu_emb = match (&self.class_embedding, class_labels) {
-            (None, None) => self.linear_2.forward(gpu, &emb, Activation::Silu)?,
+            (None, None) => self.time_embedding.forward(gpu, &t, dtype, Activation::Silu)?,
             (Some(kind), Some(labels)) => {
-                let emb = self.linear_2.forward(gpu, &emb, Activation::None)?;
+                let emb = self.time_embedding.forward(gpu, &t, dtype, Activation::None)?;
                 let class = self.embed_classes(gpu, kind, labels, b, dtype)?;
                 ops::activation(gpu, &ops::add(gpu, &emb, &class)?, Activation::Silu)?
             }
@@ -277,19 +249,7 @@ impl UNet2DModel {
             (Some(_), None) => return Err(Error::Input("this UNet2DModel is class-conditional; it needs class labels".into())),
         };
         let x = if self.config.center_input_sample { ops::scale(gpu, sample, 2.0, -1.0)? } else { sample.clone() };
-        let mut hs = self.conv_in.forward(gpu, &x, None)?;
-        let mut skips = vec![hs.clone()];
-        for block in &self.down_blocks {
-            hs = block.forward(gpu, &hs, &silu_emb, None, &mut skips)?;
-        }
-        if let Some(mid) = &self.mid_block {
-            hs = mid.forward(gpu, &hs, &silu_emb, None)?;
-        }
-        for block in &self.up_blocks {
-            hs = block.forward(gpu, &hs, &silu_emb, None, &mut skips)?;
-        }
-        let hs = self.conv_norm_out.forward(gpu, &hs, true)?;
-        self.conv_out.forward(gpu, &hs, None)
+        self.body.forward(gpu, &x, &silu_emb, None)
     }
 
     fn embed_classes(&self, gpu: &Gpu, kind: &ClassEmbedding, labels: &[f32], b: usize, dtype: DType) -> Result<Tensor> {
@@ -306,13 +266,11 @@ impl UNet2DModel {
                 }
                 ops::embedding(gpu, &ids, table)
             }
-            ClassEmbedding::Timestep { linear_1, linear_2 } => {
+            ClassEmbedding::Timestep(mlp) => {
                 if labels.len() != b {
                     return Err(Error::Input(format!("{} class labels for a batch of {b}", labels.len())));
                 }
-                let l = gpu.upload(&[b], DType::F32, labels)?;
-                let e = linear_1.forward(gpu, &ops::timestep_embedding(gpu, &l, &self.time_proj, dtype)?, Activation::Silu)?;
-                linear_2.forward(gpu, &e, Activation::None)
+                mlp.forward(gpu, labels, dtype, Activation::None)
             }
             ClassEmbedding::Identity => {
                 if labels.len() != b * temb {

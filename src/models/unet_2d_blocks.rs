@@ -1,15 +1,17 @@
 //! The UNets' down, mid and up blocks (diffusers' `unet_2d_blocks.py`): `CrossAttnDownBlock2D`,
 //! `AttnDownBlock2D` and `DownBlock2D`; `UNetMidBlock2DCrossAttn` and `UNetMidBlock2D`;
 //! `CrossAttnUpBlock2D`, `AttnUpBlock2D` and `UpBlock2D`. A block is its resnets, each followed
-//! by an attention layer of the block's kind (or none), and its resampler.
+//! by an attention layer of the block's kind (or none), and its resampler. Also what both UNets
+//! share around them: the timestep MLP and the body that strings the blocks together.
 
+use super::nn::{Conv2d, GroupNorm, Linear};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetOptions, TimeEmbeddingNorm, Upsample2D};
 use super::spatial_attention::SpatialSelfAttention;
 use super::transformer_2d::Transformer2DModel;
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Tensor};
+use crate::gpu::{DType, Gpu, Tensor};
 use crate::loader::W;
-use crate::ops;
+use crate::ops::{self, embedding::TimestepEmbedding, Activation};
 
 /// Settings shared by every block of one UNet.
 #[derive(Clone, Copy, Debug)]
@@ -192,5 +194,113 @@ pub fn block_kind(name: &str) -> Option<(bool, bool)> {
         "AttnDownBlock2D" | "AttnUpBlock2D" => Some((true, false)),
         "CrossAttnDownBlock2D" | "CrossAttnUpBlock2D" => Some((true, true)),
         _ => None,
+    }
+}
+
+/// diffusers' `Timesteps` + `TimestepEmbedding`: the sinusoidal embedding of a value per batch
+/// item (a timestep, or a class label embedded like one), then `linear_2(silu(linear_1(.)))`.
+pub struct TimestepMlp {
+    sinusoid: TimestepEmbedding,
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepMlp {
+    /// Loads `linear_1` / `linear_2` under `w`: `dim` sinusoid channels to `temb`.
+    pub async fn load(w: &W<'_, '_>, dim: usize, temb: usize, flip_sin_to_cos: bool, freq_shift: f32) -> Result<Self> {
+        Ok(Self {
+            sinusoid: TimestepEmbedding { dim, flip_sin_to_cos, downscale_freq_shift: freq_shift, scale: 1.0, max_period: 10000.0 },
+            linear_1: Linear::load(&w.sub("linear_1"), dim, temb, true).await?,
+            linear_2: Linear::load(&w.sub("linear_2"), temb, temb, true).await?,
+        })
+    }
+
+    /// `[B, temb]` for one value per batch item; `act` runs in `linear_2`'s epilogue.
+    pub fn forward(&self, gpu: &Gpu, values: &[f32], dtype: DType, act: Activation) -> Result<Tensor> {
+        let v = gpu.upload(&[values.len()], DType::F32, values)?;
+        let e = self.linear_1.forward(gpu, &ops::timestep_embedding(gpu, &v, &self.sinusoid, dtype)?, Activation::Silu)?;
+        self.linear_2.forward(gpu, &e, act)
+    }
+}
+
+/// How to build a [`UNetBody`]: channels, resnets and attention per block, the mid block.
+pub struct UNetBodyConfig<'a> {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: &'a [usize],
+    /// Resnets per down block (the up block mirroring it has one more).
+    pub layers_per_block: Vec<usize>,
+    /// The attention after each resnet of down block `i`, and of up block `i`.
+    pub down_attention: Vec<Option<BlockAttention>>,
+    pub up_attention: Vec<Option<BlockAttention>>,
+    /// `None`: no mid block; else its attention, the attention's input norm groups and the
+    /// block's output scale factor.
+    pub mid: Option<(Option<BlockAttention>, Option<usize>, f32)>,
+    pub downsample_padding: usize,
+    pub settings: BlockSettings,
+}
+
+/// What both UNets are made of around their embeddings: `conv_in`, the down blocks, the mid
+/// block, the up blocks fed the down blocks' skip states, group norm + SiLU, `conv_out`.
+pub struct UNetBody {
+    conv_in: Conv2d,
+    down_blocks: Vec<DownBlock2D>,
+    mid_block: Option<MidBlock2D>,
+    up_blocks: Vec<UpBlock2D>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNetBody {
+    /// Loads the body under `w` with diffusers' channel bookkeeping.
+    pub async fn load(w: &W<'_, '_>, c: &UNetBodyConfig<'_>) -> Result<Self> {
+        let (ch, s) = (c.block_out_channels, &c.settings);
+        let n = ch.len();
+        let conv_in = Conv2d::load(&w.sub("conv_in"), c.in_channels, ch[0], 3, 1, 1).await?;
+        let mut down_blocks = Vec::new();
+        let mut cout = ch[0];
+        for (i, &co) in ch.iter().enumerate() {
+            let cin = cout;
+            cout = co;
+            down_blocks.push(DownBlock2D::load(&w.sub(format!("down_blocks.{i}")), cin, cout, c.layers_per_block[i], c.down_attention[i], i + 1 < n, c.downsample_padding, s).await?);
+        }
+        let mid_block = match c.mid {
+            Some((attn, groups, scale)) => Some(MidBlock2D::load(&w.sub("mid_block"), ch[n - 1], attn, groups, scale, s).await?),
+            None => None,
+        };
+        let mut up_blocks = Vec::new();
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut out = rev[0];
+        for i in 0..n {
+            let prev = out;
+            out = rev[i];
+            let cin = rev[(i + 1).min(n - 1)];
+            up_blocks.push(UpBlock2D::load(&w.sub(format!("up_blocks.{i}")), cin, prev, out, c.layers_per_block[n - 1 - i] + 1, c.up_attention[i], i + 1 < n, s).await?);
+        }
+        Ok(Self {
+            conv_in,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNorm::load(&w.sub("conv_norm_out"), s.groups, ch[0], s.eps).await?,
+            conv_out: Conv2d::load(&w.sub("conv_out"), ch[0], c.out_channels, 3, 1, 1).await?,
+        })
+    }
+
+    /// The prediction for `x`, given `silu(temb)` and (cross-attention UNets) the text.
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, silu_emb: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let mut hs = self.conv_in.forward(gpu, x, None)?;
+        let mut skips = vec![hs.clone()];
+        for block in &self.down_blocks {
+            hs = block.forward(gpu, &hs, silu_emb, context, &mut skips)?;
+        }
+        if let Some(mid) = &self.mid_block {
+            hs = mid.forward(gpu, &hs, silu_emb, context)?;
+        }
+        for block in &self.up_blocks {
+            hs = block.forward(gpu, &hs, silu_emb, context, &mut skips)?;
+        }
+        let hs = self.conv_norm_out.forward(gpu, &hs, true)?;
+        self.conv_out.forward(gpu, &hs, None)
     }
 }

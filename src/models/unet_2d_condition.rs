@@ -6,13 +6,12 @@
 
 use serde::Deserialize;
 
-use super::nn::{Conv2d, GroupNorm, Linear};
 use super::resnet::TimeEmbeddingNorm;
-use super::unet_2d_blocks::{BlockAttention, BlockSettings, DownBlock2D, MidBlock2D, UpBlock2D};
+use super::unet_2d_blocks::{BlockAttention, BlockSettings, TimestepMlp, UNetBody, UNetBodyConfig};
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Gpu, Tensor};
+use crate::gpu::{Gpu, Tensor};
 use crate::loader::W;
-use crate::ops::{self, embedding::TimestepEmbedding, Activation};
+use crate::ops::Activation;
 
 /// A config value that is one number for every block or one per block.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -172,15 +171,8 @@ impl UNet2DConditionConfig {
 /// `UNet2DConditionModel`.
 pub struct UNet2DConditionModel {
     pub config: UNet2DConditionConfig,
-    time_proj: TimestepEmbedding,
-    linear_1: Linear,
-    linear_2: Linear,
-    conv_in: Conv2d,
-    down_blocks: Vec<DownBlock2D>,
-    mid_block: MidBlock2D,
-    up_blocks: Vec<UpBlock2D>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    time_embedding: TimestepMlp,
+    body: UNetBody,
 }
 
 impl UNet2DConditionModel {
@@ -190,41 +182,27 @@ impl UNet2DConditionModel {
         let ch = &config.block_out_channels;
         let n = ch.len();
         let temb = ch[0] * 4;
-        let s = BlockSettings {
-            temb_channels: temb, groups: config.norm_num_groups, eps: config.norm_eps,
-            cross_attention_dim: config.cross_attention_dim.get(0), time_norm: TimeEmbeddingNorm::Default,
+        // Block i's settings; up block i mirrors down block n - 1 - i (diffusers reverses the
+        // per-block lists for the up blocks).
+        let attention = |r: usize| BlockAttention::Cross { heads: config.heads(r), transformer_layers: config.transformer_layers_per_block.get(r) };
+        let cross = |types: &[String], i: usize, r: usize| types[i].starts_with("CrossAttn").then(|| attention(r));
+        let body = UNetBodyConfig {
+            in_channels: config.in_channels,
+            out_channels: config.out_channels,
+            block_out_channels: ch,
+            layers_per_block: (0..n).map(|i| config.layers_per_block.get(i)).collect(),
+            down_attention: (0..n).map(|i| cross(&config.down_block_types, i, i)).collect(),
+            up_attention: (0..n).map(|i| cross(&config.up_block_types, i, n - 1 - i)).collect(),
+            mid: Some((Some(attention(n - 1)), None, config.mid_block_scale_factor)),
+            downsample_padding: config.downsample_padding,
+            settings: BlockSettings {
+                temb_channels: temb, groups: config.norm_num_groups, eps: config.norm_eps,
+                cross_attention_dim: config.cross_attention_dim.get(0), time_norm: TimeEmbeddingNorm::Default,
+            },
         };
-        let attn = |i: usize, types: &[String], layers: usize| {
-            types[i].starts_with("CrossAttn").then(|| BlockAttention::Cross { heads: config.heads(i), transformer_layers: layers })
-        };
-        let time_proj = TimestepEmbedding { dim: ch[0], flip_sin_to_cos: config.flip_sin_to_cos, downscale_freq_shift: config.freq_shift, scale: 1.0, max_period: 10000.0 };
-        let linear_1 = Linear::load(&w.sub("time_embedding.linear_1"), ch[0], temb, true).await?;
-        let linear_2 = Linear::load(&w.sub("time_embedding.linear_2"), temb, temb, true).await?;
-        let conv_in = Conv2d::load(&w.sub("conv_in"), config.in_channels, ch[0], 3, 1, 1).await?;
-        let mut down_blocks = Vec::new();
-        let mut cout = ch[0];
-        for (i, &c) in ch.iter().enumerate() {
-            let cin = cout;
-            cout = c;
-            let a = attn(i, &config.down_block_types, config.transformer_layers_per_block.get(i));
-            down_blocks.push(DownBlock2D::load(&w.sub(format!("down_blocks.{i}")), cin, cout, config.layers_per_block.get(i), a, i + 1 < n, config.downsample_padding, &s).await?);
-        }
-        let mid_attn = BlockAttention::Cross { heads: config.heads(n - 1), transformer_layers: config.transformer_layers_per_block.get(n - 1) };
-        let mid_block = MidBlock2D::load(&w.sub("mid_block"), ch[n - 1], Some(mid_attn), None, config.mid_block_scale_factor, &s).await?;
-        let mut up_blocks = Vec::new();
-        let rev: Vec<usize> = ch.iter().rev().copied().collect();
-        let mut out = rev[0];
-        for i in 0..n {
-            let prev = out;
-            out = rev[i];
-            let cin = rev[(i + 1).min(n - 1)];
-            let r = n - 1 - i;
-            let a = config.up_block_types[i].starts_with("CrossAttn").then(|| BlockAttention::Cross { heads: config.heads(r), transformer_layers: config.transformer_layers_per_block.get(r) });
-            up_blocks.push(UpBlock2D::load(&w.sub(format!("up_blocks.{i}")), cin, prev, out, config.layers_per_block.get(r) + 1, a, i + 1 < n, &s).await?);
-        }
-        let conv_norm_out = GroupNorm::load(&w.sub("conv_norm_out"), config.norm_num_groups, ch[0], config.norm_eps).await?;
-        let conv_out = Conv2d::load(&w.sub("conv_out"), ch[0], config.out_channels, 3, 1, 1).await?;
-        Ok(Self { config, time_proj, linear_1, linear_2, conv_in, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out })
+        let time_embedding = TimestepMlp::load(&w.sub("time_embedding"), ch[0], temb, config.flip_sin_to_cos, config.freq_shift).await?;
+        let body = UNetBody::load(w, &body).await?;
+        Ok(Self { config, time_embedding, body })
     }
 
     /// Predicts noise (or v / x0, as trained) for latents `[B, C, H, W]` at `timestep`, given text
@@ -238,21 +216,8 @@ impl UNet2DConditionModel {
         if context.dim(0) != b {
             return Err(Error::Shape(format!("{} text embeddings for {b} latents", context.dim(0))));
         }
-        let t = gpu.upload(&[b], DType::F32, &vec![timestep; b])?;
-        let t_emb = ops::timestep_embedding(gpu, &t, &self.time_proj, sample.dtype())?;
-        let emb = self.linear_1.forward(gpu, &t_emb, Activation::Silu)?;
         // Every resnet applies SiLU to the embedding first: do it once, in linear_2's epilogue.
-        let silu_emb = self.linear_2.forward(gpu, &emb, Activation::Silu)?;
-        let mut hs = self.conv_in.forward(gpu, sample, None)?;
-        let mut skips = vec![hs.clone()];
-        for block in &self.down_blocks {
-            hs = block.forward(gpu, &hs, &silu_emb, Some(context), &mut skips)?;
-        }
-        hs = self.mid_block.forward(gpu, &hs, &silu_emb, Some(context))?;
-        for block in &self.up_blocks {
-            hs = block.forward(gpu, &hs, &silu_emb, Some(context), &mut skips)?;
-        }
-        let hs = self.conv_norm_out.forward(gpu, &hs, true)?;
-        self.conv_out.forward(gpu, &hs, None)
+        let silu_emb = self.time_embedding.forward(gpu, &vec![timestep; b], sample.dtype(), Activation::Silu)?;
+        self.body.forward(gpu, sample, &silu_emb, Some(context))
     }
 }

@@ -83,6 +83,25 @@ pub struct StableDiffusionModel {
     /// `scheduler/scheduler_config.json` as written (with `_class_name`).
     pub scheduler_config: serde_json::Value,
     pub dtype: DType,
+    /// The folder's `ldm-web.json`, when it has one.
+    pub hints: ModelHints,
+}
+
+/// What a model folder may say about its own use (`ldm-web.json`, written for the built-in
+/// model): settings it was evaluated with, used when the user gives none, and prompts that work.
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct ModelHints {
+    pub steps: Option<usize>,
+    pub guidance: Option<f32>,
+    pub example_prompts: Vec<String>,
+}
+
+impl ModelHints {
+    /// Reads `ldm-web.json` from `src` (defaults when the folder has none).
+    pub async fn load(src: &dyn FileSource) -> Result<Self> {
+        Ok(read_json(src, "ldm-web.json").await?.unwrap_or_default())
+    }
 }
 
 pub(crate) async fn config<T: serde::de::DeserializeOwned>(src: &dyn FileSource, path: &str) -> Result<T> {
@@ -132,7 +151,8 @@ impl StableDiffusionModel {
         vae_config.validate()?;
         let scheduler_config: serde_json::Value = config(src, "scheduler/scheduler_config.json").await?;
         let vae_weights = VaeWeights::Folder { prefer_fp16: opts.prefer_fp16 };
-        let model = Self { name: name.to_string(), tokenizer, text_encoder, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, scheduler_config, dtype };
+        let hints = ModelHints::load(src).await?;
+        let model = Self { name: name.to_string(), tokenizer, text_encoder, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, scheduler_config, dtype, hints };
         model.finish_load(gpu, src, opts).await
     }
 
@@ -198,7 +218,7 @@ impl StableDiffusionModel {
         vae_cfg.validate()?;
         let name = file.rsplit('/').next().unwrap_or(file).to_string();
         let vae_weights = VaeWeights::SingleFile(files[0].clone());
-        let model = Self { name, tokenizer, text_encoder, unet, vae_config: vae_cfg, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, scheduler_config, dtype };
+        let model = Self { name, tokenizer, text_encoder, unet, vae_config: vae_cfg, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, scheduler_config, dtype, hints: ModelHints::default() };
         model.finish_load(gpu, src, opts).await
     }
 }

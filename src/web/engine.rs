@@ -13,12 +13,12 @@ use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, GpuOptions};
 use crate::pipelines::output::{encode_png, parameters_text, GenerateBench};
 use crate::pipelines::preview::LatentPreview;
-use crate::pipelines::{LoadOptions, StableDiffusionModel, StepProgress, Txt2ImgParams};
+use crate::pipelines::{DiffusionModel, LdmKind, LdmModel, LoadOptions, StableDiffusionModel, StepProgress, Txt2ImgParams};
 use crate::schedulers::{self, SchedulerKind};
 
 struct Loaded {
     key: String,
-    model: StableDiffusionModel,
+    model: DiffusionModel,
     preview: RefCell<LatentPreview>,
 }
 
@@ -42,10 +42,12 @@ struct GenerateRequest {
     negative_prompt: Option<String>,
     #[serde(default)]
     seed: u64,
-    #[serde(default = "default_steps")]
-    steps: usize,
-    #[serde(default = "default_guidance")]
-    guidance: f32,
+    /// Default: the model's `ldm-web.json`, else 25.
+    #[serde(default)]
+    steps: Option<usize>,
+    /// Default: the model's `ldm-web.json`, else 7.5.
+    #[serde(default)]
+    guidance: Option<f32>,
     #[serde(default)]
     width: Option<usize>,
     #[serde(default)]
@@ -60,12 +62,6 @@ struct GenerateRequest {
     preview_every: usize,
 }
 
-fn default_steps() -> usize {
-    25
-}
-fn default_guidance() -> f32 {
-    7.5
-}
 fn default_preview_every() -> usize {
     2
 }
@@ -185,27 +181,54 @@ async fn model(gpu: &Gpu, src: &JsSource, model_url: &str, single_file: Option<&
     let opts = LoadOptions { defer_vae: true, prefer_fp16: dtype == DType::F16, dtype: Some(dtype), clip_bpe, ..Default::default() };
     let name = model_url.trim_end_matches('/').rsplit('/').next().unwrap_or("model").to_string();
     let model = match single_file {
-        Some(file) => StableDiffusionModel::load_single_file(gpu, src, file, None, &opts).await?,
-        None => StableDiffusionModel::load(gpu, src, &name, &opts).await?,
+        Some(file) => DiffusionModel::StableDiffusion(StableDiffusionModel::load_single_file(gpu, src, file, None, &opts).await?),
+        None => DiffusionModel::load(gpu, src, &name, &opts).await?,
     };
     let loaded = Rc::new(Loaded { key, model, preview: RefCell::default() });
     ENGINE.with_borrow_mut(|e| e.model = Some(loaded.clone()));
     Ok(loaded)
 }
 
+/// The scheduler `req` asks for, or the model's own.
+fn scheduler_kind(req: &GenerateRequest, config: &serde_json::Value) -> Result<SchedulerKind> {
+    match req.scheduler.as_deref().filter(|s| !s.is_empty() && *s != "default") {
+        Some(s) => s.parse::<SchedulerKind>(),
+        None => schedulers::default_kind(config),
+    }
+}
+
+/// An LDM pipeline's settings for `req` (diffusers' defaults for what is not given), validated.
+fn ldm_params(m: &LdmModel, req: GenerateRequest) -> Result<(Txt2ImgParams, SchedulerKind)> {
+    let kind = scheduler_kind(&req, &m.scheduler_config)?;
+    if m.kind == LdmKind::SuperResolution {
+        return Err(Error::Input("the page cannot give a super-resolution model its input image yet; use ldm generate --init-image".into()));
+    }
+    let (w, h) = m.default_size();
+    let text = m.kind == LdmKind::TextToImage;
+    let p = Txt2ImgParams {
+        prompt: if text { req.prompt } else { String::new() },
+        seed: req.seed,
+        steps: req.steps.unwrap_or(m.kind.default_steps()),
+        guidance_scale: if text { req.guidance.unwrap_or(1.0) } else { 1.0 },
+        width: if text { req.width.unwrap_or(w) } else { w },
+        height: if text { req.height.unwrap_or(h) } else { h },
+        scheduler: Some(kind),
+        ..Default::default()
+    };
+    m.validate(&p, None)?;
+    Ok((p, kind))
+}
+
 /// The pipeline's settings for `req`, with the model's defaults filled in, validated.
 fn params(m: &StableDiffusionModel, req: GenerateRequest) -> Result<(Txt2ImgParams, SchedulerKind)> {
-    let kind = match req.scheduler.as_deref().filter(|s| !s.is_empty() && *s != "default") {
-        Some(s) => s.parse::<SchedulerKind>()?,
-        None => schedulers::default_kind(&m.scheduler_config)?,
-    };
+    let kind = scheduler_kind(&req, &m.scheduler_config)?;
     let default_size = m.unet.config.sample_size.unwrap_or(64) * m.vae_config.scale_factor();
     let p = Txt2ImgParams {
         prompt: req.prompt,
         negative_prompt: req.negative_prompt.filter(|n| !n.is_empty()),
         seed: req.seed,
-        steps: req.steps,
-        guidance_scale: req.guidance,
+        steps: req.steps.or(m.hints.steps).unwrap_or(25),
+        guidance_scale: req.guidance.or(m.hints.guidance).unwrap_or(7.5),
         width: req.width.unwrap_or(default_size),
         height: req.height.unwrap_or(default_size),
         scheduler: Some(kind),
@@ -250,17 +273,14 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
     event(on_event, "stage", &[("stage", "load".into())]);
     let loaded = model(&gpu, &src, model_url, single_file, clip_bpe, dtype).await?;
     let load_ms = now_ms() - t_start;
-    let m = &loaded.model;
     let every = req.preview_every;
-    let (p, kind) = params(m, req)?;
-    event(on_event, "stage", &[("stage", "denoise".into())]);
     let preview = loaded.preview.borrow().clone();
     let mut last = now_ms();
     // Once denoising runs, the VAE's weights can download alongside it: the worker prefetches
     // the first of these files that exists (a single file holds the VAE with everything else).
-    let vae_files: Vec<&str> = match (m.vae_loaded(), single_file) {
-        (false, None) if dtype == DType::F16 => vec!["vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors"],
-        (false, None) => vec!["vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"],
+    let vae_files: Vec<&str> = match (&loaded.model, single_file) {
+        (DiffusionModel::StableDiffusion(m), None) if !m.vae_loaded() && dtype == DType::F16 => vec!["vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors"],
+        (DiffusionModel::StableDiffusion(m), None) if !m.vae_loaded() => vec!["vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"],
         _ => vec![],
     };
     let mut progress = |s: &StepProgress| -> Result<()> {
@@ -281,22 +301,36 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
         }
         Ok(())
     };
-    let (latents, mut times) = m.denoise(&gpu, &p, &now_ms, &mut progress).await?;
-    if !m.vae_loaded() {
-        event(on_event, "stage", &[("stage", "vae".into())]);
-        m.load_vae(&gpu, &src).await?;
-    }
-    event(on_event, "stage", &[("stage", "decode".into())]);
-    let t0 = now_ms();
-    let images = m.decode(&gpu, &latents).await?;
-    times.vae_decode_ms = now_ms() - t0;
-    loaded.preview.borrow_mut().fit(&latents, &images);
-    let parameters = parameters_text(&p, kind, &m.name, 0);
+    let (p, kind, images, times) = match &loaded.model {
+        DiffusionModel::StableDiffusion(m) => {
+            let (p, kind) = params(m, req)?;
+            event(on_event, "stage", &[("stage", "denoise".into())]);
+            let (latents, mut times) = m.denoise(&gpu, &p, &now_ms, &mut progress).await?;
+            if !m.vae_loaded() {
+                event(on_event, "stage", &[("stage", "vae".into())]);
+                m.load_vae(&gpu, &src).await?;
+            }
+            event(on_event, "stage", &[("stage", "decode".into())]);
+            let t0 = now_ms();
+            let images = m.decode(&gpu, &latents).await?;
+            times.vae_decode_ms = now_ms() - t0;
+            loaded.preview.borrow_mut().fit(&latents, &images);
+            (p, kind, images, times)
+        }
+        DiffusionModel::Ldm(m) => {
+            let (p, kind) = ldm_params(m, req)?;
+            event(on_event, "stage", &[("stage", "denoise".into())]);
+            let (images, times) = m.generate(&gpu, &p, None, &now_ms, &mut progress).await?;
+            (p, kind, images, times)
+        }
+    };
+    let name = loaded.model.name().to_string();
+    let parameters = parameters_text(&p, kind, &name, 0);
     let png = encode_png(images.width, images.height, &images.rgb8(0), &parameters)?;
     let info = GenerateInfo {
-        model: m.name.clone(),
-        width: p.width,
-        height: p.height,
+        model: name,
+        width: images.width,
+        height: images.height,
         steps: p.steps,
         seed: p.seed,
         scheduler: kind.name().to_string(),
@@ -336,15 +370,29 @@ async fn run_bench(model_url: &str, store: JsValue, single_file: Option<&str>, c
     let dtype = dtype_for(&gpu, req.precision.as_deref())?;
     let t = now_ms();
     let loaded = model(&gpu, &src, model_url, single_file, clip_bpe, dtype).await?;
-    let m = &loaded.model;
-    m.load_vae(&gpu, &src).await?;
-    let load_ms = now_ms() - t;
-    let (p, kind) = params(m, req)?;
-    let t = now_ms();
-    m.txt2img(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, &now_ms, &mut |_| Ok(())).await?;
-    let warmup_ms = now_ms() - t;
-    let (_, times) = m.txt2img(&gpu, &p, &now_ms, &mut |_| if CANCEL.get() { Err(Error::Cancelled) } else { Ok(()) }).await?;
-    let mut report = GenerateBench { model: &m.name, adapter: gpu.summary(), params: &p, scheduler: kind, load_ms, warmup_ms, times: &times, peak_gpu_bytes: gpu.pool_stats().peak_bytes }.to_json();
+    let cancel = &mut |_: &StepProgress| if CANCEL.get() { Err(Error::Cancelled) } else { Ok(()) };
+    let (p, kind, load_ms, warmup_ms, times) = match &loaded.model {
+        DiffusionModel::StableDiffusion(m) => {
+            m.load_vae(&gpu, &src).await?;
+            let load_ms = now_ms() - t;
+            let (p, kind) = params(m, req)?;
+            let t = now_ms();
+            m.txt2img(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, &now_ms, &mut |_| Ok(())).await?;
+            let warmup_ms = now_ms() - t;
+            let (_, times) = m.txt2img(&gpu, &p, &now_ms, cancel).await?;
+            (p, kind, load_ms, warmup_ms, times)
+        }
+        DiffusionModel::Ldm(m) => {
+            let load_ms = now_ms() - t;
+            let (p, kind) = ldm_params(m, req)?;
+            let t = now_ms();
+            m.generate(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, None, &now_ms, &mut |_| Ok(())).await?;
+            let warmup_ms = now_ms() - t;
+            let (_, times) = m.generate(&gpu, &p, None, &now_ms, cancel).await?;
+            (p, kind, load_ms, warmup_ms, times)
+        }
+    };
+    let mut report = GenerateBench { model: loaded.model.name(), adapter: gpu.summary(), params: &p, scheduler: kind, load_ms, warmup_ms, times: &times, peak_gpu_bytes: gpu.pool_stats().peak_bytes }.to_json();
     report["precision"] = dtype.name().into();
     serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()))
 }

@@ -13,8 +13,8 @@ use ldm_web::{Error, Result};
 /// `ldm generate` flags (other tools depend on these exact names).
 #[derive(Args, Clone, Debug)]
 pub struct GenerateArgs {
-    /// A diffusers folder, a single .safetensors checkpoint, or an http(s) URL laid out like a diffusers folder.
-    #[arg(long)]
+    /// A diffusers folder, a single .safetensors checkpoint, or an http(s) URL laid out like a diffusers folder (default: the built-in emoji model).
+    #[arg(long, default_value = crate::builtin::NAME)]
     model: String,
     /// What to draw (truncated to the tokenizer's 77 tokens, as diffusers).
     #[arg(long, default_value = "")]
@@ -25,10 +25,10 @@ pub struct GenerateArgs {
     /// Seed of torch's CPU generator: the same seed gives diffusers' image.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Denoising steps (default: the pipeline's own, as diffusers: 50; 100 for LDM super-resolution).
+    /// Denoising steps (default: the model's ldm-web.json, else the pipeline's own as diffusers: 50; 100 for LDM super-resolution).
     #[arg(long)]
     steps: Option<usize>,
-    /// Classifier-free guidance scale (default: 7.5 for Stable Diffusion, where 1 or less skips the unconditional pass; 1 for LDM text-to-image, which guides at any other value).
+    /// Classifier-free guidance scale (default: the model's ldm-web.json, else 7.5 for Stable Diffusion, where 1 or less skips the unconditional pass; 1 for LDM text-to-image, which guides at any other value).
     #[arg(long)]
     guidance: Option<f32>,
     /// Default: the model's sample size times the VAE's scale factor.
@@ -89,6 +89,10 @@ fn clip_bpe() -> Result<String> {
 /// Loads a model from a path or URL: a single file is Stable Diffusion, a folder is whatever
 /// pipeline its `model_index.json` names.
 pub async fn load_model(gpu: &Gpu, model: &str, opts: &LoadOptions) -> Result<DiffusionModel> {
+    if model == crate::builtin::NAME && !Path::new(model).exists() {
+        let src = crate::builtin::source().ok_or_else(|| Error::Model("this ldm was built without the built-in model (assets/builtin/emoji); pass --model".into()))?;
+        return DiffusionModel::load(gpu, &src, "ldm-web emoji", opts).await;
+    }
     let (src, single) = open_model(model)?;
     let name = model.trim_end_matches('/').rsplit('/').next().unwrap_or(model).to_string();
     match single {
@@ -211,8 +215,8 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
 fn sd_params(a: &GenerateArgs, model: &StableDiffusionModel, scheduler: Option<SchedulerKind>, bench: bool) -> Result<Txt2ImgParams> {
     let default_size = model.unet.config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
     let p = Txt2ImgParams {
-        prompt: a.prompt.clone(), negative_prompt: a.negative_prompt.clone(), seed: a.seed, steps: a.steps.unwrap_or(50),
-        guidance_scale: a.guidance.unwrap_or(7.5), guidance_rescale: 0.0, width: a.width.unwrap_or(default_size), height: a.height.unwrap_or(default_size),
+        prompt: a.prompt.clone(), negative_prompt: a.negative_prompt.clone(), seed: a.seed, steps: a.steps.or(model.hints.steps).unwrap_or(50),
+        guidance_scale: a.guidance.or(model.hints.guidance).unwrap_or(7.5), guidance_rescale: 0.0, width: a.width.unwrap_or(default_size), height: a.height.unwrap_or(default_size),
         scheduler, eta: a.eta, clip_skip: a.clip_skip, batch: a.batch,
     };
     model.validate(&p)?;

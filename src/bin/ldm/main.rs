@@ -1,5 +1,6 @@
 //! The `ldm` command line: the same engine natively.
 
+mod builtin;
 mod generate;
 mod http;
 mod manifest;
@@ -25,7 +26,7 @@ enum Command {
     },
     /// Describes the GPU adapter ldm would use, as JSON.
     Adapter,
-    /// Text to image with a Stable Diffusion 1.x / 2.x model; writes PNGs with their parameters.
+    /// Generates images (Stable Diffusion 1.x / 2.x, the CompVis LDMs, the built-in emoji model); writes PNGs with their parameters.
     Generate(generate::GenerateArgs),
     /// Writes ldm-manifest.json (file and chunk sha256) into a model folder, for the browser's download checks.
     Manifest(manifest::ManifestArgs),
