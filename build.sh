@@ -68,6 +68,10 @@ build_wasm() {
     www/pkg/ldm_web_bg.wasm -o www/pkg/ldm_web_bg.wasm
   # CLIP's BPE merges, fetched by the page only for single-file checkpoints (they carry no tokenizer).
   cp assets/clip/bpe_simple_vocab_16e6.txt.gz www/pkg/clip-bpe.txt.gz
+  # The built-in model ships with the app, served from www/builtin/ (by ldm serve or any static server).
+  rm -rf www/builtin
+  mkdir -p www/builtin
+  cp -r assets/builtin/emoji assets/builtin/LICENSES www/builtin/
   local size gz
   size=$(stat -c %s www/pkg/ldm_web_bg.wasm)
   gz=$(gzip -9 -c www/pkg/ldm_web_bg.wasm | wc -c)

@@ -369,3 +369,36 @@ fn generate_runs_the_ldm_pipelines() {
         assert!(!ok && stderr.trim().lines().count() == 1 && stderr.starts_with("ldm: ") && stderr.contains(expect), "{name} {extra:?}: {stderr:?}, expected {expect:?}");
     }
 }
+
+/// With no `--model`, `ldm generate` draws with the built-in emoji model compiled into the
+/// binary, with the model's own steps and guidance: diffusers' image of the same prompt and seed.
+#[test]
+fn generate_defaults_to_the_builtin_model() {
+    #[derive(serde::Deserialize)]
+    struct Case {
+        key: String,
+        prompt: String,
+        seed: u64,
+        steps: usize,
+        guidance: f32,
+        batch: usize,
+        scheduler: Option<String>,
+    }
+    let cases: Vec<Case> = serde_json::from_slice(&std::fs::read(fixtures().join("ref/builtin_cases.json")).expect("builtin_cases.json")).expect("parses");
+    let want = reference("builtin.safetensors");
+    let dir = tmp("builtin");
+    for c in cases.iter().filter(|c| c.batch == 1 && c.scheduler.is_none()) {
+        let out = dir.join(format!("{}.png", c.key));
+        // The model's ldm-web.json gives the steps and guidance; only the prompt and seed are passed.
+        let (ok, stdout, stderr) = ldm(&["generate", "--prompt", &c.prompt, "--seed", &c.seed.to_string(), "--out", out.to_str().expect("utf-8")]);
+        assert!(ok, "{}: {stderr}", c.key);
+        assert!(stdout.contains("wrote"), "{stdout}");
+        let (png, w, h, texts) = read_png(&out);
+        assert_eq!((w, h), (64, 64));
+        let d = png.iter().zip(&want[&c.key].1).map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs()).fold(0.0, f32::max);
+        println!("ldm generate (built-in) {:?} seed {}: max |diff| {d}/255 against diffusers", c.prompt, c.seed);
+        assert!(d <= 2.0, "{}: {d}/255", c.key);
+        let params = texts.iter().find(|(k, _)| k == "parameters").map(|(_, v)| v.clone()).unwrap_or_default();
+        assert!(params.contains(&format!("Steps: {}", c.steps)) && params.contains(&format!("CFG scale: {}", c.guidance)), "{params}");
+    }
+}

@@ -7,6 +7,9 @@ import { LdmEngine, webgpuHelp, previewImage } from './ldm-client.js';
 const $ = (id) => document.getElementById(id);
 const form = $('settings');
 const PARAMS = ['model', 'prompt', 'negative_prompt', 'seed', 'steps', 'guidance', 'width', 'height', 'scheduler'];
+// The emoji model that ships with the app (copied to www/builtin/ by build.sh), used when no
+// other model is chosen.
+const BUILTIN = new URL('builtin/emoji/', location.href).href;
 const NUMERIC = new Set(['seed', 'steps', 'guidance', 'width', 'height']);
 
 // State the browser tests read (window.__ldmApp): results, events with wall-clock times, errors.
@@ -348,6 +351,40 @@ function setupMask() {
   });
 }
 
+// ---- the built-in model: its settings and example prompts (ldm-web.json) ---------------------------
+
+async function builtinHints() {
+  try {
+    const res = await fetch(new URL('ldm-web.json', BUILTIN));
+    return res.ok ? await res.json() : {};
+  } catch {
+    return {};
+  }
+}
+
+function showExamples(hints, given) {
+  const box = $('examples');
+  for (const prompt of hints.example_prompts ?? []) {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.textContent = prompt;
+    b.addEventListener('click', () => {
+      form.elements.model.value = BUILTIN;
+      form.elements.prompt.value = prompt;
+      if (hints.steps) form.elements.steps.value = hints.steps;
+      if (hints.guidance) form.elements.guidance.value = hints.guidance;
+      generate();
+    });
+    box.append(b);
+  }
+  box.hidden = !(hints.example_prompts ?? []).length;
+  // The built-in model's own settings, unless the link says otherwise.
+  if (!given.model || given.model === BUILTIN) {
+    if (!given.steps && hints.steps) form.elements.steps.value = hints.steps;
+    if (!given.guidance && hints.guidance) form.elements.guidance.value = hints.guidance;
+  }
+}
+
 // ---- start-up --------------------------------------------------------------------------------------
 
 function showOnline() {
@@ -369,6 +406,11 @@ async function main() {
   renderGallery();
   const fromLink = fromUrl();
   fillForm(fromLink);
+  if (!form.elements.model.value) form.elements.model.value = BUILTIN;
+  $('use-builtin').addEventListener('click', () => { form.elements.model.value = BUILTIN; });
+  const hints = await builtinHints();
+  app.hints = hints;
+  showExamples(hints, fromLink);
   $('randomise').addEventListener('click', () => { form.elements.seed.value = Math.floor(Math.random() * 2 ** 32); });
   $('share').addEventListener('click', async () => {
     const link = shareUrl(readForm());
@@ -410,7 +452,14 @@ async function main() {
   }
   refreshModels();
   note('ready');
-  if (fromLink.model && fromLink.prompt !== undefined) generate();
+  if (fromLink.model && fromLink.prompt !== undefined) {
+    generate();
+  } else if (location.search === '' && hints.example_prompts?.length && !(await galleryAll().catch(() => [])).length) {
+    // A first visit: show what the app does right away, with the built-in model.
+    form.elements.prompt.value = hints.example_prompts[0];
+    note('first-visit');
+    generate();
+  }
 }
 
 main().catch((e) => {

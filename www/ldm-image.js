@@ -1,7 +1,8 @@
 // <ldm-image>: an image generated in the visitor's browser on WebGPU. Embed with
 //   <script type="module" src="https://HOST/ldm-image.js"></script>
 //   <ldm-image model="https://HOST/models/sd1/" prompt="a red apple" seed="1" steps="20"></ldm-image>
-// Attributes: model, prompt, negative-prompt, seed, steps, guidance, width, height, scheduler.
+// Attributes: model (default: the built-in emoji model), prompt, negative-prompt, seed, steps, guidance,
+// width, height, scheduler.
 // It generates when connected and again when an attribute changes, shows its own progress and
 // result, and dispatches ldm-progress ({step, steps}), ldm-done ({blob}: the PNG with its
 // parameters chunk) and ldm-error ({message}). All widgets on a page share one engine worker.
@@ -95,7 +96,6 @@ class LdmImage extends HTMLElement {
     let params;
     try {
       params = this.params();
-      if (!this.getAttribute('model')) throw new Error('the model attribute is missing');
       const help = webgpuHelp();
       if (help) throw new Error(help);
     } catch (e) {
@@ -114,7 +114,9 @@ class LdmImage extends HTMLElement {
       engine.busyWith = this;
       this.status('loading…');
       try {
-        const { blob } = await engine.generate(new URL(this.getAttribute('model'), document.baseURI).href, params, (ev) => {
+        // Without a model attribute: the built-in emoji model served beside this script.
+        const model = this.getAttribute('model') ? new URL(this.getAttribute('model'), document.baseURI).href : new URL('builtin/emoji/', import.meta.url).href;
+        const { blob } = await engine.generate(model, params, (ev) => {
           if (!current()) return;
           if (ev.type === 'download' && ev.total) {
             this.status(`downloading ${(ev.fetched / 2 ** 20).toFixed(1)} / ${(ev.total / 2 ** 20).toFixed(1)} MB`);

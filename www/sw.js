@@ -3,11 +3,14 @@
 // update shows on the next online visit; model weights are not touched here (the engine worker
 // caches them chunk by chunk in the Cache API itself).
 
-const SHELL_CACHE = 'ldm-shell-v1';
+const SHELL_CACHE = 'ldm-shell-v2';
 const SHELL = [
   './', 'index.html', 'app.js', 'app.css', 'ldm-client.js', 'ldm-image.js', 'engine-worker.js', 'weight-store.js',
   'worker-job.js', 'manifest.webmanifest', 'icon.svg', 'embed.html', 'bench.html', 'tests.html',
   'pkg/ldm_web.js', 'pkg/ldm_web_bg.wasm',
+  // The built-in model's settings and example prompts (its weights arrive through the engine's
+  // chunk cache like any model's).
+  'builtin/emoji/ldm-web.json', 'builtin/emoji/README.md', 'builtin/LICENSES/Apache-2.0.txt', 'builtin/LICENSES/CC-BY-4.0.txt',
 ];
 
 self.addEventListener('install', (event) => {
@@ -27,7 +30,9 @@ self.addEventListener('activate', (event) => {
 
 function isShell(url) {
   if (url.origin !== self.location.origin || !url.pathname.startsWith(new URL(self.registration.scope).pathname)) return false;
-  return !url.pathname.includes('/models/');
+  if (url.pathname.includes('/models/')) return false;
+  // Model files are the engine's business; of the built-in model only the small files above are shell.
+  return !url.pathname.includes('/builtin/emoji/') || SHELL.some((p) => url.pathname.endsWith(p));
 }
 
 self.addEventListener('fetch', (event) => {

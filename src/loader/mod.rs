@@ -70,7 +70,54 @@ pub async fn read_file(src: &dyn FileSource, path: &str) -> Result<Option<Vec<u8
 /// Reads a JSON file into `T`; `None` when it does not exist.
 pub async fn read_json<T: serde::de::DeserializeOwned>(src: &dyn FileSource, path: &str) -> Result<Option<T>> {
     let Some(bytes) = read_file(src, path).await? else { return Ok(None) };
-    serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Model(format!("{} is not valid: {e}", src.describe(path))))
+    parse_config_json(&bytes).map(Some).map_err(|e| Error::Model(format!("{} is not valid: {e}", src.describe(path))))
+}
+
+/// Parses a config written by Python's `json`, which writes `Infinity`, `-Infinity` and `NaN`
+/// (diffusers' `DPMSolverMultistepScheduler` saves `"lambda_min_clipped": -Infinity`): those
+/// tokens, outside strings, are read as the largest finite numbers and `null`.
+pub fn parse_config_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
+    let strict = serde_json::from_slice(bytes);
+    let Ok(text) = std::str::from_utf8(bytes) else { return strict };
+    if strict.is_ok() || !(text.contains("Infinity") || text.contains("NaN")) {
+        return strict;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            in_string = escaped || c != '"';
+            escaped = !escaped && c == '\\';
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(r) = rest.strip_prefix("Infinity") {
+            out.push_str("1.7976931348623157e308");
+            rest = r;
+            continue;
+        } else if let Some(r) = rest.strip_prefix("NaN") {
+            out.push_str("null");
+            rest = r;
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    serde_json::from_str(&out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn python_json_non_finite_numbers() {
+        let v: serde_json::Value = super::parse_config_json(br#"{"a": -Infinity, "b": Infinity, "c": NaN, "d": "NaN -Infinity \" Infinity", "e": [1, -Infinity]}"#).expect("parses");
+        assert_eq!(v["a"].as_f64(), Some(f64::MIN));
+        assert_eq!(v["b"].as_f64(), Some(f64::MAX));
+        assert!(v["c"].is_null());
+        assert_eq!(v["d"], "NaN -Infinity \" Infinity");
+        assert_eq!(v["e"][1].as_f64(), Some(f64::MIN));
+        assert!(super::parse_config_json::<serde_json::Value>(b"{not json").is_err());
+    }
 }
 
 /// Refuses pickle-based checkpoints: loading them means running code from the file.

@@ -25,7 +25,8 @@ use crate::tokenizer::{BertTokenizer, BertTokenizerConfig};
 
 /// The paper's first stage: a vector-quantised or a KL-regularised autoencoder (`vqvae/`).
 pub enum FirstStage {
-    Vq(VQModel),
+    /// With the dtype it runs in (f32 when its config says `force_upcast`).
+    Vq(VQModel, DType),
     Kl(AutoencoderKL),
 }
 
@@ -33,21 +34,21 @@ impl FirstStage {
     /// Image pixels per latent pixel along each side.
     pub fn scale_factor(&self) -> usize {
         match self {
-            FirstStage::Vq(v) => v.config.scale_factor(),
+            FirstStage::Vq(v, _) => v.config.scale_factor(),
             FirstStage::Kl(v) => v.config.scale_factor(),
         }
     }
     /// `vqvae.config.scaling_factor`.
     pub fn scaling_factor(&self) -> f32 {
         match self {
-            FirstStage::Vq(v) => v.config.scaling_factor,
+            FirstStage::Vq(v, _) => v.config.scaling_factor,
             FirstStage::Kl(v) => v.config.scaling_factor,
         }
     }
     /// `vqvae.decode(latents)`: a VQ model snaps latents to its codebook first. Images in [-1, 1].
     pub fn decode(&self, gpu: &Gpu, latents: &[f32], shape: [usize; 4], dtype: DType) -> Result<Tensor> {
         match self {
-            FirstStage::Vq(v) => v.decode(gpu, latents, shape, false, dtype),
+            FirstStage::Vq(v, own) => v.decode(gpu, latents, shape, false, *own),
             FirstStage::Kl(v) => v.decode(gpu, &gpu.upload(&shape, dtype, latents)?),
         }
     }
@@ -152,7 +153,9 @@ impl LdmModel {
         let first_stage = match component_class(index, "vqvae").unwrap_or("VQModel") {
             "VQModel" => {
                 let cfg: VQModelConfig = config(src, "vqvae/config.json").await?;
-                FirstStage::Vq(VQModel::load(&weights(src, "vqvae", "diffusion_pytorch_model").await?.at(gpu, dtype, ""), cfg).await?)
+                // force_upcast: the autoencoder is not to run in f16 (diffusers upcasts it).
+                let own = if cfg.force_upcast { DType::F32 } else { dtype };
+                FirstStage::Vq(VQModel::load(&weights(src, "vqvae", "diffusion_pytorch_model").await?.at(gpu, own, ""), cfg).await?, own)
             }
             "AutoencoderKL" => {
                 let cfg: AutoencoderKLConfig = config(src, "vqvae/config.json").await?;

@@ -313,7 +313,7 @@ pub fn build_default(scheduler_config: &Value) -> Result<Box<dyn Scheduler>> {
 /// Parses a `scheduler_config.json` text into the JSON value [`build`] takes and the
 /// model's default kind.
 pub fn parse_scheduler_config(text: &str) -> Result<(Value, SchedulerKind)> {
-    let v: Value = serde_json::from_str(text)
+    let v: Value = crate::loader::parse_config_json(text.as_bytes())
         .map_err(|e| Error::Model(format!("scheduler_config.json is not valid JSON: {e}")))?;
     let kind = default_kind(&v)?;
     Ok((v, kind))

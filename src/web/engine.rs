@@ -37,6 +37,8 @@ thread_local! {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GenerateRequest {
+    /// Empty (or missing) for unconditional models.
+    #[serde(default)]
     prompt: String,
     #[serde(default)]
     negative_prompt: Option<String>,

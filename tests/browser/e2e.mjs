@@ -6,10 +6,15 @@
 //
 // Per browser, with a fresh profile and a fresh server (started with --inject-fault, so the first
 // UNet download breaks off mid-body):
+//   builtin   a first visit (no link, empty gallery) generates an example prompt with the built-in
+//             emoji model served beside the app, within 2/255 of `ldm generate` with no --model;
+//             the example prompts and the About box (sources, licences) are on the page
 //   page      a share link generates in the page; PNG pixels within 2/255 of `ldm generate`'s;
 //             the parameters chunk is there; weights came by Range requests; the first UNet step
 //             began before the VAE's weights were requested; the torn download was resumed
 //   again     a second generation (another seed) fetches nothing and matches the CLI
+//   ldm       the latent diffusion paper's pipelines (tiny LDMTextToImagePipeline and LDMPipeline
+//             fixtures) generate in the page as with `ldm generate`
 //   cancel    a long generation stops when Cancel is pressed, and the page stays usable
 //   oom       an out-of-memory error is reported plainly, and the next generation works
 //   recover   a lost GPU device is reported and the generation still completes, exactly
@@ -35,6 +40,10 @@ import { CHROMIUM_ARGS, FIREFOX_PREFS, EXECUTABLES } from './browsers.mjs';
 const TOL = 2; // of 255
 const PROMPT = 'a watercolor lighthouse at dawn';
 const SETTINGS = { prompt: PROMPT, steps: 3, guidance: 7.5, width: 64, height: 64 };
+// LDM fixture runs, as page links and as `ldm generate` flags.
+const LDM_TEXT2IM = { query: { prompt: 'A painting of a squirrel eating a burger', seed: '6', steps: '4', guidance: '6', width: '96', height: '64' },
+  cli: ['--prompt', 'A painting of a squirrel eating a burger', '--seed', '6', '--steps', '4', '--guidance', '6', '--width', '96', '--height', '64'] };
+const LDM_UNCOND = { query: { prompt: '', seed: '1', steps: '4' }, cli: ['--seed', '1', '--steps', '4'] };
 
 function parseArgs(argv) {
   const o = { ldm: 'target/release/ldm', www: 'www', fixtures: 'tests/fixtures', browsers: ['chromium', 'firefox'], artifacts: null, timeoutMin: 30 };
@@ -76,6 +85,19 @@ function prepare(work) {
   const m = JSON.parse(fs.readFileSync(mf, 'utf8'));
   m.files['unet/diffusion_pytorch_model.safetensors'].chunks[1] = '0'.repeat(64);
   fs.writeFileSync(mf, JSON.stringify(m));
+  copyDir(path.join(opts.fixtures, 'ldm', 'text2im'), path.join(models, 'ldm-text2im'));
+  copyDir(path.join(opts.fixtures, 'ldm', 'uncond'), path.join(models, 'ldm-uncond'));
+  const cli = (args, out) => {
+    execFileSync(opts.ldm, ['generate', ...args, '--out', out], { stdio: ['ignore', 'ignore', 'inherit'] });
+    return PNG.sync.read(fs.readFileSync(out));
+  };
+  const ldm = {
+    text2im: cli(['--model', path.join(models, 'ldm-text2im'), ...LDM_TEXT2IM.cli], path.join(work, 'cli-ldm-text2im.png')),
+    uncond: cli(['--model', path.join(models, 'ldm-uncond'), ...LDM_UNCOND.cli], path.join(work, 'cli-ldm-uncond.png')),
+  };
+  // The built-in model's first-visit image: example prompt 0 with the model's own settings.
+  const hints = JSON.parse(fs.readFileSync(path.join(opts.www, 'builtin', 'emoji', 'ldm-web.json'), 'utf8'));
+  const builtin = { hints, png: cli(['--prompt', hints.example_prompts[0], '--seed', '0'], path.join(work, 'cli-builtin.png')) };
   const refs = {};
   for (const seed of [7, 8]) {
     const out = path.join(work, `cli-seed${seed}.png`);
@@ -83,7 +105,7 @@ function prepare(work) {
       '--guidance', '7.5', '--width', '64', '--height', '64', '--out', out], { stdio: ['ignore', 'ignore', 'inherit'] });
     refs[seed] = PNG.sync.read(fs.readFileSync(out));
   }
-  return { models, refs };
+  return { models, refs, ldm, builtin };
 }
 
 // ---- ldm serve, with its request log ---------------------------------------------------------------
@@ -246,6 +268,43 @@ async function runBrowser(name, fx, results) {
   watch(page, tag);
   let first = null;
   try {
+    await attempt('builtin', async () => {
+      // A profile of its own: a first visit has an empty gallery and caches.
+      const fresh = await launch(name);
+      const page = await fresh.newPage();
+      watch(page, `${tag}(first visit)`);
+      try {
+        await page.goto(app);
+        const png = await nextResult(page, 0);
+        const d = maxDiff(png, fx.builtin.png);
+        const info = await page.evaluate('window.__ldmApp.results[0].info');
+        const firstVisit = await page.evaluate(`window.__ldmApp.events.some((e) => e.type === 'first-visit')`);
+        check('first visit draws with the built-in model', firstVisit && d <= TOL,
+          `"${fx.builtin.hints.example_prompts[0]}", ${info.steps} steps, ${info.precision}: max |browser - ldm generate (no --model)| = ${d}/255 in ${(info.total_ms / 1000).toFixed(1)} s (UNet ${(info.unet_steps_ms.reduce((a, b) => a + b, 0) / info.unet_steps_ms.length).toFixed(0)} ms/step, load ${(info.load_ms / 1000).toFixed(1)} s)`);
+        const builtinReqs = serve.log.filter((r) => r.url.startsWith('/builtin/emoji/') && r.url.endsWith('.safetensors'));
+        check('built-in weights served beside the app', builtinReqs.length > 0 && builtinReqs.every((r) => r.status === 206 || r.status === 404), `${builtinReqs.length} range requests under /builtin/emoji/`);
+        const page_ = await page.evaluate(`({ examples: [...document.querySelectorAll('#examples button')].map((b) => b.textContent), about: document.getElementById('about').textContent })`);
+        check('example prompts and licences on the page', page_.examples.length === fx.builtin.hints.example_prompts.length && /Apache License 2\.0/.test(page_.about) && /CC BY 4\.0/.test(page_.about),
+          `${page_.examples.length} example prompts; About box names Apache-2.0 and CC BY 4.0`);
+        if (opts.artifacts) {
+          fs.mkdirSync(opts.artifacts, { recursive: true });
+          const shot = path.join(opts.artifacts, `builtin-${name}.png`);
+          await page.screenshot({ path: shot, fullPage: true });
+          console.log(`${tag} screenshot: ${shot}`);
+        }
+        // Steady-state speed of the built-in model in this browser (after a warm-up run).
+        const h = fx.builtin.hints;
+        await page.goto(`${app}bench.html?mode=generate&steps=${h.steps}&guidance=${h.guidance}&prompt=${encodeURIComponent(h.example_prompts[0])}`);
+        const r = await waitFor(page, `window.__ldmBenchError ? { error: window.__ldmBenchError } : window.__ldmBenchResults`, 'the built-in benchmark');
+        if (r.error) throw new Error(r.error);
+        const total = r.text_encoder_ms + r.unet_step_ms.each.reduce((a, b) => a + b, 0) + r.vae_decode_ms;
+        check('built-in model benchmark', r.unet_step_ms.each.length === h.steps && total > 0,
+          `${r.precision}: ${(total / 1000).toFixed(2)} s per image after warm-up (text encoder ${r.text_encoder_ms.toFixed(0)} ms, UNet ${r.unet_step_ms.mean.toFixed(0)} ms/step x ${h.steps}, VAE ${r.vae_decode_ms.toFixed(0)} ms), warm-up ${(r.warmup_ms / 1000).toFixed(1)} s, peak ${(r.peak_gpu_bytes / 2 ** 20).toFixed(1)} MiB`);
+      } finally {
+        await fresh.close();
+      }
+    });
+
     await attempt('page', async () => {
       await page.goto(link7);
       const png = await nextResult(page, 0);
@@ -409,6 +468,17 @@ async function runBrowser(name, fx, results) {
         await tab.close();
       });
     }
+
+    await attempt('ldm', async () => {
+      for (const [which, run, ref] of [['ldm-text2im', LDM_TEXT2IM, fx.ldm.text2im], ['ldm-uncond', LDM_UNCOND, fx.ldm.uncond]]) {
+        const q = new URLSearchParams({ model: `/models/${which}/`, ...run.query }).toString();
+        await page.goto(`${app}?${q}`);
+        const png = await nextResult(page, 0);
+        const d = maxDiff(png, ref);
+        const info = await page.evaluate('window.__ldmApp.results[0].info');
+        check(`${which} matches CLI`, d <= TOL, `${info.width}x${info.height}, ${info.steps} steps, ${info.precision}: max |browser - ldm generate| = ${d}/255`);
+      }
+    });
   } finally {
     await browser.close();
     await serve.stop();
