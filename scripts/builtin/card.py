@@ -34,14 +34,16 @@ def main():
     m = json.loads((WORK / "metrics.json").read_text())
     t = json.loads((WORK / "timings.json").read_text()) if (WORK / "timings.json").exists() else {}
     gen = m["generated"]
-    best = max(gen, key=lambda g: gen[g]["category"])
-    hints = {"steps": m["steps"], "guidance": float(best), "example_prompts": SAMPLE_PROMPTS}
+    steps, best = m["chosen"]["steps"], m["chosen"]["guidance"]
+    chosen = gen[f"{steps}/{best}"]
+    hints = {"steps": steps, "guidance": best, "example_prompts": SAMPLE_PROMPTS}
     (MODEL_DIR / "ldm-web.json").write_text(json.dumps(hints, indent=1) + "\n")
     size = sum(p.stat().st_size for p in MODEL_DIR.rglob("*") if p.is_file() and p.name != "README.md")
     rows = "\n".join(
-        f"| {g} | {pct(v['category'])} | {pct(v['subcategory'])} | {v['torch_cpu_seconds_per_image']:.2f} s |" for g, v in sorted(gen.items(), key=lambda kv: float(kv[0]))
+        f"| {v['steps']} | {v['guidance']} | {pct(v['category'])} | {pct(v['subcategory'])} | {v['torch_cpu_seconds_per_image']:.2f} s |"
+        for v in sorted(gen.values(), key=lambda v: (v["steps"], v["guidance"]))
     )
-    cats = "\n".join(f"| {c} | {pct(a)} |" for c, a in gen[best]["per_category"].items())
+    cats = "\n".join(f"| {c} | {pct(a)} |" for c, a in chosen["per_category"].items())
     timing = t.get("inference", {})
     timing_rows = "\n".join(f"| {k} | {v} |" for k, v in timing.items()) or "| (not measured) | |"
     train_rows = "\n".join(f"| {k} | {v} |" for k, v in t.get("training", {}).items()) or "| (not recorded) | |"
@@ -53,8 +55,8 @@ weights, {size / 1e6:.2f} MB in all) that ldm-web, diffusers and other diffusers
 It draws 64x64 emoji from their names, in two styles: `noto` and `twemoji`.
 
 Prompts that work: an emoji's name, optionally with its style, as in the training captions:
-{", ".join(f"`{p}`" for p in SAMPLE_PROMPTS)}. It was evaluated at {m['steps']} steps of the shipped
-scheduler ({m['scheduler']}) and guidance {best} (`ldm-web.json` holds these defaults).
+{", ".join(f"`{p}`" for p in SAMPLE_PROMPTS)}. Its defaults (`ldm-web.json`): {steps} steps of the shipped
+scheduler ({m['scheduler']}) at guidance {best}, chosen from the measurements below.
 
 ## Data
 
@@ -106,24 +108,24 @@ Using the model means giving that attribution (ldm-web's page does, in its About
 
 - Stage 1 reconstruction PSNR on the {ae['heldout_images']} held-out images: **{ae['heldout_psnr_db']:.2f} dB**
   (training images: {ae['train_psnr_db']:.2f} dB). Latent scaling factor {ae['scaling_factor']}.
-- Generated images from the captions of {m['captions']} training images (seed = index, {m['steps']} steps), classified by a
-  CNN trained on the real training images:
+- Generated images from the captions of {m['captions']} training images (seed = index), classified by a
+  CNN trained on the real training images (10 categories, 99 subcategories):
 
-| guidance | category accuracy (10 classes) | subcategory accuracy (99) | diffusers CPU time per image |
-|---|---|---|---|
+| steps | guidance | category accuracy | subcategory accuracy | diffusers CPU time per image (2 cores) |
+|---|---|---|---|---|
 {rows}
 
   For comparison, the same classifier on the real images of those captions: {pct(m['real_same_captions']['category'])} category,
   {pct(m['real_same_captions']['subcategory'])} subcategory; on the held-out real images: {pct(m['real_heldout']['category'])} /
   {pct(m['real_heldout']['subcategory'])}; always answering the most common category: {pct(m['majority_category'])}.
 
-  Per category at guidance {best}:
+  Per category at the defaults ({steps} steps, guidance {best}):
 
 | category | accuracy |
 |---|---|
 {cats}
 
-- Generation time per 64x64 image ({m['steps']} steps, guidance {best}):
+- Generation time per 64x64 image with ldm-web ({steps} steps, guidance {best}):
 
 | where | time |
 |---|---|
