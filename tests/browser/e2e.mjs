@@ -38,6 +38,8 @@ import { PNG } from 'pngjs';
 import { CHROMIUM_ARGS, FIREFOX_PREFS, EXECUTABLES } from './browsers.mjs';
 
 const TOL = 2; // of 255
+// The built-in model in f16 against the CLI's f32 (see tests/builtin.rs): max and mean, of 255.
+const BUILTIN_F16_TOL = { max: 8, mean: 0.5 };
 const PROMPT = 'a watercolor lighthouse at dawn';
 const SETTINGS = { prompt: PROMPT, steps: 3, guidance: 7.5, width: 64, height: 64 };
 // LDM fixture runs, as page links and as `ldm generate` flags.
@@ -222,13 +224,19 @@ async function nextResult(page, before) {
   return Buffer.from(b64, 'base64');
 }
 
-function maxDiff(pngBytes, ref) {
+function pixelDiff(pngBytes, ref) {
   const img = PNG.sync.read(pngBytes);
   if (img.width !== ref.width || img.height !== ref.height) throw new Error(`size ${img.width}x${img.height}, CLI ${ref.width}x${ref.height}`);
-  let max = 0;
-  for (let i = 0; i < img.data.length; i++) if (i % 4 !== 3) max = Math.max(max, Math.abs(img.data[i] - ref.data[i]));
-  return max;
+  let max = 0, sum = 0, n = 0;
+  for (let i = 0; i < img.data.length; i++) {
+    if (i % 4 === 3) continue;
+    const d = Math.abs(img.data[i] - ref.data[i]);
+    max = Math.max(max, d); sum += d; n++;
+  }
+  return { max, mean: sum / n };
 }
+
+const maxDiff = (pngBytes, ref) => pixelDiff(pngBytes, ref).max;
 
 function parametersChunk(pngBytes) {
   // tEXt / iTXt chunks named "parameters".
@@ -276,11 +284,14 @@ async function runBrowser(name, fx, results) {
       try {
         await page.goto(app);
         const png = await nextResult(page, 0);
-        const d = maxDiff(png, fx.builtin.png);
+        const { max: d, mean } = pixelDiff(png, fx.builtin.png);
         const info = await page.evaluate('window.__ldmApp.results[0].info');
         const firstVisit = await page.evaluate(`window.__ldmApp.events.some((e) => e.type === 'first-visit')`);
-        check('first visit draws with the built-in model', firstVisit && d <= TOL,
-          `"${fx.builtin.hints.example_prompts[0]}", ${info.steps} steps, ${info.precision}: max |browser - ldm generate (no --model)| = ${d}/255 in ${(info.total_ms / 1000).toFixed(1)} s (UNet ${(info.unet_steps_ms.reduce((a, b) => a + b, 0) / info.unet_steps_ms.length).toFixed(0)} ms/step, load ${(info.load_ms / 1000).toFixed(1)} s)`);
+        // A trained model with guidance 5 carries f16 rounding through 12 steps into a few pixels
+        // (natively: 4.1/255 at most, 0.1/255 on average, tests/builtin.rs); f32 stays within TOL.
+        const [tolMax, tolMean] = info.precision === 'f16' ? [BUILTIN_F16_TOL.max, BUILTIN_F16_TOL.mean] : [TOL, TOL];
+        check('first visit draws with the built-in model', firstVisit && d <= tolMax && mean <= tolMean,
+          `"${fx.builtin.hints.example_prompts[0]}", ${info.steps} steps, ${info.precision}: max |browser - ldm generate (no --model)| = ${d}/255 (mean ${mean.toFixed(3)}, tolerance ${tolMax}/${tolMean}) in ${(info.total_ms / 1000).toFixed(1)} s (UNet ${(info.unet_steps_ms.reduce((a, b) => a + b, 0) / info.unet_steps_ms.length).toFixed(0)} ms/step, load ${(info.load_ms / 1000).toFixed(1)} s)`);
         const builtinReqs = serve.log.filter((r) => r.url.startsWith('/builtin/emoji/') && r.url.endsWith('.safetensors'));
         check('built-in weights served beside the app', builtinReqs.length > 0 && builtinReqs.every((r) => r.status === 206 || r.status === 404), `${builtinReqs.length} range requests under /builtin/emoji/`);
         const page_ = await page.evaluate(`({ examples: [...document.querySelectorAll('#examples button')].map((b) => b.textContent), about: document.getElementById('about').textContent })`);
