@@ -148,12 +148,22 @@ def save_pipeline(pipe, name):
     return loaded
 
 
-def run(pipe, seed, **kw):
+# The case tables' scheduler names (ldm-web's --scheduler names); "ddim" is the pipelines' own.
+SCHEDULERS = {"euler": EulerDiscreteScheduler, "euler-a": EulerAncestralDiscreteScheduler, "pndm": PNDMScheduler}
+
+
+def run(pipe, seed, sched="ddim", **kw):
     """The LDM pipelines do not pass their generator to scheduler.step: DDIM's eta noise and the
     ancestral samplers' noise come from torch's global generator. Seeding it with the same seed
-    is ldm-web's definition of these pipelines' randomness."""
-    torch.manual_seed(seed)
-    return pipe(generator=gen(seed), output_type="np", **kw).images
+    is ldm-web's definition of these pipelines' randomness. `sched` swaps the scheduler for the run."""
+    base = pipe.scheduler
+    if sched != "ddim":
+        pipe.scheduler = SCHEDULERS[sched].from_config(base.config)
+    try:
+        torch.manual_seed(seed)
+        return pipe(generator=gen(seed), output_type="np", **kw).images
+    finally:
+        pipe.scheduler = base
 
 
 def ldm_pipelines():
@@ -163,11 +173,7 @@ def ldm_pipelines():
     unet = tiny_unet2d(30)
     uncond = save_pipeline(LDMPipeline(vqvae=tiny_vq(31), unet=unet, scheduler=DDIMScheduler(**LDM_SCHEDULER)), "uncond")
     for i, (sched, steps, eta, batch, seed) in enumerate([("ddim", 4, 0.0, 2, 1), ("ddim", 3, 0.7, 1, 2), ("euler", 3, 0.0, 1, 3)]):
-        base = uncond.scheduler
-        if sched == "euler":
-            uncond.scheduler = EulerDiscreteScheduler.from_config(base.config)
-        img = run(uncond, seed, batch_size=batch, num_inference_steps=steps, eta=eta)
-        uncond.scheduler = base
+        img = run(uncond, seed, sched, batch_size=batch, num_inference_steps=steps, eta=eta)
         key = f"uncond_{i}"
         out[key] = torch.from_numpy(img)
         cases.append({"key": key, "model": "uncond", "scheduler": sched, "steps": steps, "eta": eta, "batch": batch, "seed": seed})
@@ -201,11 +207,7 @@ def ldm_pipelines():
     Image.fromarray(low).save(FIX / "ldm" / "lowres.png")
     low_img = Image.open(FIX / "ldm" / "lowres.png").convert("RGB")
     for i, (sched, steps, eta, seed) in enumerate([("ddim", 3, 1.0, 4), ("euler-a", 3, 0.0, 5)]):
-        base = sr.scheduler
-        if sched == "euler-a":
-            sr.scheduler = EulerAncestralDiscreteScheduler.from_config(base.config)
-        img = run(sr, seed, image=low_img, num_inference_steps=steps, eta=eta)
-        sr.scheduler = base
+        img = run(sr, seed, sched, image=low_img, num_inference_steps=steps, eta=eta)
         key = f"superres_{i}"
         out[key] = torch.from_numpy(img)
         cases.append({"key": key, "model": "superres", "scheduler": sched, "steps": steps, "eta": eta, "batch": 1, "seed": seed, "image": "lowres.png"})
@@ -244,13 +246,7 @@ def ldm_pipelines():
         ("", "euler", 3, 0.5, 0.0, 64, 64, 1, 9),
     ]
     for i, (prompt, sched, steps, g_scale, eta, h, w, batch, seed) in enumerate(text_cases):
-        base = text.scheduler
-        if sched == "pndm":
-            text.scheduler = PNDMScheduler.from_config(base.config)
-        elif sched == "euler":
-            text.scheduler = EulerDiscreteScheduler.from_config(base.config)
-        img = run(text, seed, prompt=[prompt] * batch, height=h, width=w, num_inference_steps=steps, guidance_scale=g_scale, eta=eta)
-        text.scheduler = base
+        img = run(text, seed, sched, prompt=[prompt] * batch, height=h, width=w, num_inference_steps=steps, guidance_scale=g_scale, eta=eta)
         key = f"text2im_{i}"
         out[key] = torch.from_numpy(img)
         cases.append({"key": key, "model": "text2im", "prompt": prompt, "scheduler": sched, "steps": steps, "guidance": g_scale, "eta": eta,
