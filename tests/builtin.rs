@@ -67,7 +67,8 @@ fn builtin_model_matches_diffusers() {
         let mean = got.iter().zip(&want[&cases[0].key].1).map(|(a, b)| (a - b).abs()).sum::<f32>() / got.len() as f32;
         println!("builtin {} in f16: max |diff| {:.3}/255, mean {:.4}/255", cases[0].key, d * 255.0, mean * 255.0);
         // f16 rounding, amplified by guidance over the steps, moves a few pixels of a trained
-        // model by several levels (measured 4.1/255) while the image as a whole stays put (0.1/255).
+        // model by several levels (measured 4.1/255 natively and 7/255 in Firefox on the 3,500-step
+        // weights, 2.5 and 2 on the 7,500-step ones) while the image as a whole stays put (0.1/255).
         assert!(d <= 8.0 / 255.0 && mean <= 0.5 / 255.0, "f16: {:.2}/255 (mean {:.3}/255)", d * 255.0, mean * 255.0);
     }
 }
