@@ -45,8 +45,14 @@ def generate(pipe, prompts, seeds, steps, guidance, batch=16):
     return torch.cat(out)
 
 
-def confirm(pipe, clf, cats, subs, meta, pool, n, chosen):
-    """Accuracy at the chosen defaults on n captions drawn from pool (seeds 10000 + index)."""
+def sweep_captions(train, n):
+    """The training images whose captions the sweep uses (a fixed seed)."""
+    return sorted(random.Random(1234).sample(train, n))
+
+
+def confirm(pipe, clf, cats, subs, meta, train, swept, n, chosen):
+    """Accuracy at the chosen defaults on n training captions not in the sweep (seeds 10000 + index)."""
+    pool = sorted(set(train) - set(swept))
     picked = sorted(random.Random(4321).sample(pool, min(n, len(pool))))
     prompts = [canonical_caption(meta[i]) for i in picked]
     yc = torch.tensor([cats.index(meta[i]["category"]) for i in picked])
@@ -77,11 +83,11 @@ def main():
     train = [i for i, m in enumerate(meta) if m["split"] == "train"]
     if a.confirm_only:
         results = json.loads((WORK / "metrics.json").read_text())
-        picked = set(sorted(random.Random(1234).sample(train, results["captions"])))
-        results["confirmation"] = confirm(pipe, clf, cats, subs, meta, [i for i in train if i not in picked], a.confirm, results["chosen"])
+        swept = sweep_captions(train, results["captions"])
+        results["confirmation"] = confirm(pipe, clf, cats, subs, meta, train, swept, a.confirm, results["chosen"])
         (WORK / "metrics.json").write_text(json.dumps(results, indent=1))
         return
-    picked = sorted(random.Random(1234).sample(train, a.n))
+    picked = sweep_captions(train, a.n)
     prompts = [canonical_caption(meta[i]) for i in picked]
     seeds = list(range(len(picked)))
     yc = torch.tensor([cats.index(meta[i]["category"]) for i in picked])
@@ -106,7 +112,7 @@ def main():
     best = max(results["generated"].values(), key=lambda r: r["category"])
     chosen = min((r for r in results["generated"].values() if r["category"] >= best["category"] - 0.02), key=lambda r: (r["steps"], -r["category"]))
     results["chosen"] = {"steps": chosen["steps"], "guidance": chosen["guidance"]}
-    results["confirmation"] = confirm(pipe, clf, cats, subs, meta, [i for i in train if i not in set(picked)], a.confirm, results["chosen"])
+    results["confirmation"] = confirm(pipe, clf, cats, subs, meta, train, picked, a.confirm, results["chosen"])
     ae = json.loads((WORK / "autoencoder.json").read_text())
     results["autoencoder"] = {k: ae[k] for k in ("heldout_psnr_db", "train_psnr_db", "heldout_images", "scaling_factor", "params")}
     results["eval_prompts"] = [{"prompt": pr, "seed": s} for pr, s in zip(prompts[:8], seeds[:8])]
