@@ -50,16 +50,26 @@ def sweep_captions(train, n):
     return sorted(random.Random(1234).sample(train, n))
 
 
+def captions_and_labels(meta, cats, subs, picked):
+    """The captions of images `picked` and their category and subcategory indices."""
+    prompts = [canonical_caption(meta[i]) for i in picked]
+    yc = torch.tensor([cats.index(meta[i]["category"]) for i in picked])
+    ys = torch.tensor([subs.index(meta[i]["subcategory"]) for i in picked])
+    return prompts, yc, ys
+
+
+def accuracy(pc, ps, yc, ys):
+    """Top-1 category and subcategory accuracy of predictions against labels."""
+    return {"category": (pc == yc).float().mean().item(), "subcategory": (ps == ys).float().mean().item()}
+
+
 def confirm(pipe, clf, cats, subs, meta, train, swept, n, chosen):
     """Accuracy at the chosen defaults on n training captions not in the sweep (seeds 10000 + index)."""
     pool = sorted(set(train) - set(swept))
     picked = sorted(random.Random(4321).sample(pool, min(n, len(pool))))
-    prompts = [canonical_caption(meta[i]) for i in picked]
-    yc = torch.tensor([cats.index(meta[i]["category"]) for i in picked])
-    ys = torch.tensor([subs.index(meta[i]["subcategory"]) for i in picked])
+    prompts, yc, ys = captions_and_labels(meta, cats, subs, picked)
     pc, ps = predict(clf, generate(pipe, prompts, [10000 + k for k in range(len(picked))], chosen["steps"], chosen["guidance"]))
-    r = {"captions": len(picked), "steps": chosen["steps"], "guidance": chosen["guidance"],
-         "category": (pc == yc).float().mean().item(), "subcategory": (ps == ys).float().mean().item()}
+    r = {"captions": len(picked), "steps": chosen["steps"], "guidance": chosen["guidance"], **accuracy(pc, ps, yc, ys)}
     print(f"confirmation, {r['captions']} other captions at {r['steps']} steps, guidance {r['guidance']}: "
           f"category {r['category']:.1%}, subcategory {r['subcategory']:.1%}", flush=True)
     return r
@@ -88,13 +98,11 @@ def main():
         (WORK / "metrics.json").write_text(json.dumps(results, indent=1))
         return
     picked = sweep_captions(train, a.n)
-    prompts = [canonical_caption(meta[i]) for i in picked]
+    prompts, yc, ys = captions_and_labels(meta, cats, subs, picked)
     seeds = list(range(len(picked)))
-    yc = torch.tensor([cats.index(meta[i]["category"]) for i in picked])
-    ys = torch.tensor([subs.index(meta[i]["subcategory"]) for i in picked])
     real_c, real_s = predict(clf, to_tensor(images[picked]))
     results = {"captions": a.n, "scheduler": type(pipe.scheduler).__name__,
-               "real_same_captions": {"category": (real_c == yc).float().mean().item(), "subcategory": (real_s == ys).float().mean().item()},
+               "real_same_captions": accuracy(real_c, real_s, yc, ys),
                "real_heldout": {"category": info["heldout_category_acc"], "subcategory": info["heldout_subcategory_acc"]},
                "majority_category": max(np.bincount(yc.numpy())) / len(yc), "generated": {}}
     for steps in a.steps:
@@ -104,7 +112,7 @@ def main():
             secs = (time.time() - t0) / len(prompts)
             pc, ps = predict(clf, x)
             per_cat = {c: round((pc[yc == k] == k).float().mean().item(), 3) for k, c in enumerate(cats) if (yc == k).any()}
-            r = {"steps": steps, "guidance": g, "category": (pc == yc).float().mean().item(), "subcategory": (ps == ys).float().mean().item(),
+            r = {"steps": steps, "guidance": g, **accuracy(pc, ps, yc, ys),
                  "per_category": per_cat, "torch_cpu_seconds_per_image": round(secs, 3)}
             results["generated"][f"{steps}/{g}"] = r
             print(f"{steps} steps, guidance {g}: category {r['category']:.1%}, subcategory {r['subcategory']:.1%} ({secs:.2f} s/image)", flush=True)
