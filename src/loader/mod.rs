@@ -4,13 +4,14 @@
 //! root, so the same loader runs on a local folder natively and on HTTP range requests in the
 //! browser. Weights are read tensor by tensor; no file is ever copied whole into memory.
 
+pub mod quantised;
 pub mod safetensors;
 mod weights;
 
 use std::future::Future;
 use std::pin::Pin;
 
-pub use weights::{WeightFile, Weights, W};
+pub use weights::{quantisable, WeightFile, Weights, W};
 
 use crate::error::{Error, Result};
 

@@ -21,6 +21,8 @@ pub enum FileDType {
     F64,
     I64,
     I32,
+    I8,
+    U8,
 }
 
 impl FileDType {
@@ -32,12 +34,15 @@ impl FileDType {
             "F64" => Self::F64,
             "I64" => Self::I64,
             "I32" => Self::I32,
+            "I8" => Self::I8,
+            "U8" => Self::U8,
             _ => return None,
         })
     }
     /// Bytes per element.
     pub fn size(self) -> u64 {
         match self {
+            Self::I8 | Self::U8 => 1,
             Self::F16 | Self::BF16 => 2,
             Self::F32 | Self::I32 => 4,
             Self::F64 | Self::I64 => 8,
@@ -59,6 +64,8 @@ impl FileDType {
                 Self::F64 => f64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32,
                 Self::I64 => i64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32,
                 Self::I32 => i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32,
+                Self::I8 => c[0] as i8 as f32,
+                Self::U8 => c[0] as f32,
             });
         }
         out
@@ -116,7 +123,7 @@ pub fn parse_header(json: &[u8], file_len: u64, name: &str) -> Result<Header> {
             continue;
         }
         let dtype_s = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad(format!("tensor {key} has no dtype")))?;
-        let dtype = FileDType::parse(dtype_s).ok_or_else(|| bad(format!("tensor {key} has dtype {dtype_s}, which ldm-web does not read (F32, F16, BF16, F64, I64, I32 are read)")))?;
+        let dtype = FileDType::parse(dtype_s).ok_or_else(|| bad(format!("tensor {key} has dtype {dtype_s}, which ldm-web does not read (F32, F16, BF16, F64, I64, I32, I8, U8 are read)")))?;
         let shape: Vec<usize> = v
             .get("shape")
             .and_then(|s| s.as_array())
