@@ -341,12 +341,13 @@ mod tests {
 
     #[test]
     fn round_trips_within_each_dtypes_precision() {
-        // 3 rows of 77: not a multiple of the block, so every row ends in a padded block.
+        // 3 rows of 77: not a multiple of the block, so every row ends in a padded block. q4_0
+        // maps the extreme of one sign to -8 d, so the other sign's extreme can be off by d.
         let shape = [3, 7, 11];
         let x = data(231, 0);
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let range = 2.0 * amax;
-        for (dt, tol) in [(DType::F32, 0.0), (DType::F16, 2e-3), (DType::Q8_0, 0.5 * amax / 127.0 * 1.01), (DType::Q4_0, 0.5 * 2.0 * amax / 15.0 * 1.2), (DType::Q4_1, 0.5 * range / 15.0 * 1.01)] {
+        for (dt, tol) in [(DType::F32, 0.0), (DType::F16, 2e-3), (DType::Q8_0, 0.5 * amax / 127.0 * 1.01), (DType::Q4_0, amax / 8.0 * 1.01), (DType::Q4_1, 0.5 * range / 15.0 * 1.01)] {
             let bytes = dt.encode(&shape, &x);
             assert_eq!(bytes.len() as u64, dt.bytes_for(&shape), "{}", dt.name());
             let back = dt.decode(&shape, &bytes);

@@ -11,7 +11,7 @@ mod weights;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use weights::{quantisable, WeightFile, Weights, W};
+pub use weights::{quantisable, WeightFile, WeightLog, WeightRecord, Weights, W};
 
 use crate::error::{Error, Result};
 
@@ -38,6 +38,10 @@ impl StaticSource {
     /// Files of the model called `name` (for messages).
     pub const fn new(name: &'static str, files: &'static [(&'static str, &'static [u8])]) -> Self {
         Self { name, files }
+    }
+    /// Paths of every file.
+    pub fn paths(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.files.iter().map(|(p, _)| *p)
     }
     fn file(&self, path: &str) -> Option<&'static [u8]> {
         self.files.iter().find(|(p, _)| *p == path).map(|(_, b)| *b)

@@ -190,7 +190,7 @@ impl<'s> Weights<'s> {
 
     /// A view that prefixes every name with `prefix.`.
     pub fn at<'w>(&'w self, gpu: &'w Gpu, dtype: DType, prefix: &str) -> W<'w, 's> {
-        W { weights: self, gpu, dtype, quant: None, prefix: prefix.to_string() }
+        W { weights: self, gpu, dtype, quant: None, log: None, prefix: prefix.to_string() }
     }
 }
 
@@ -198,6 +198,31 @@ impl<'s> Weights<'s> {
 /// per row (biases, norms and tiny projections stay float).
 pub fn quantisable(shape: &[usize]) -> bool {
     shape.len() >= 2 && shape[0] > 0 && shape.iter().product::<usize>() / shape[0] >= 32
+}
+
+/// One tensor a model read while loading: the component folder it came from, its name and
+/// shape, and the bytes the model used, in `dtype` (quantised, or the activation dtype).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightRecord {
+    pub folder: &'static str,
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub bytes: Vec<u8>,
+    /// The file stored it as f16 (so f16 loses nothing).
+    pub source_f16: bool,
+}
+
+/// What models read while loading, in order of first use (how `ldm convert` writes them).
+#[derive(Clone, Debug, Default)]
+pub struct WeightLog(std::rc::Rc<std::cell::RefCell<Vec<WeightRecord>>>);
+
+impl WeightLog {
+    /// The records so far, each tensor once (at its first use).
+    pub fn records(&self) -> Vec<WeightRecord> {
+        let mut seen = std::collections::HashSet::new();
+        self.0.borrow().iter().filter(|r| seen.insert((r.folder, r.name.clone()))).cloned().collect()
+    }
 }
 
 /// A prefixed view of [`Weights`] that uploads in one dtype (like a VarBuilder).
@@ -208,6 +233,7 @@ pub struct W<'w, 's> {
     pub dtype: DType,
     /// Quantised type for Linear and Conv2d weights read by [`W::weight`] (`None`: `dtype`).
     pub quant: Option<DType>,
+    log: Option<(WeightLog, &'static str)>,
     prefix: String,
 }
 
@@ -229,11 +255,28 @@ impl<'w, 's> W<'w, 's> {
     }
     /// Tensor `name` with the expected shape.
     pub async fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.weights.tensor(self.gpu, &self.name(name), shape, self.dtype).await
+        if self.log.is_none() {
+            return self.weights.tensor(self.gpu, &self.name(name), shape, self.dtype).await;
+        }
+        let (stored, bytes) = self.weights.tensor_bytes(&self.name(name), shape, self.dtype).await?;
+        let data = stored.decode(shape, &bytes);
+        self.record(name, shape, self.dtype, &self.dtype.encode(shape, &data));
+        self.gpu.upload(shape, self.dtype, &data)
     }
     /// The same view with Linear and Conv2d weights quantised to `quant` (a quantised type).
     pub fn with_quant(self, quant: Option<DType>) -> Self {
         Self { quant: quant.filter(|q| q.is_quantised()), ..self }
+    }
+    /// The same view recording every tensor read into `log`, as from component `folder`.
+    pub fn logged(self, log: Option<&WeightLog>, folder: &'static str) -> Self {
+        Self { log: log.map(|l| (l.clone(), folder)), ..self }
+    }
+    fn record(&self, name: &str, shape: &[usize], dtype: DType, bytes: &[u8]) {
+        if let Some((log, folder)) = &self.log {
+            let name = self.name(name);
+            let source_f16 = self.weights.names.get(&name).is_some_and(|s| s.entry.dtype == super::safetensors::FileDType::F16);
+            log.0.borrow_mut().push(WeightRecord { folder, name, shape: shape.to_vec(), dtype, bytes: bytes.to_vec(), source_f16 });
+        }
     }
     /// The dtype [`W::weight`] gives a weight of `shape` that is not stored quantised.
     pub fn weight_dtype(&self, shape: &[usize]) -> DType {
@@ -245,7 +288,9 @@ impl<'w, 's> W<'w, 's> {
     /// A Linear or Conv2d weight `name` as bytes: stored quantised as is, else quantised by this
     /// view's policy, else in the activation dtype.
     pub async fn weight_bytes(&self, name: &str, shape: &[usize]) -> Result<(DType, Vec<u8>)> {
-        self.weights.tensor_bytes(&self.name(name), shape, self.weight_dtype(shape)).await
+        let (dtype, bytes) = self.weights.tensor_bytes(&self.name(name), shape, self.weight_dtype(shape)).await?;
+        self.record(name, shape, dtype, &bytes);
+        Ok((dtype, bytes))
     }
     /// A Linear or Conv2d weight `name` on the GPU (see [`W::weight_bytes`]).
     pub async fn weight(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -258,6 +303,9 @@ impl<'w, 's> W<'w, 's> {
         let (got, data) = self.weights.read_f32(&full).await?;
         if got.iter().product::<usize>() != shape.iter().product::<usize>() {
             return Err(Error::Model(format!("tensor {full} has shape {got:?} but the config implies {shape:?}; does config.json belong to these weights?")));
+        }
+        if self.log.is_some() {
+            self.record(name, &got, DType::F32, &DType::F32.encode(&got, &data));
         }
         Ok(data)
     }
