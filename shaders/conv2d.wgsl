@@ -1,7 +1,8 @@
 // conv2d (NCHW, weights [Cout, Cin, KH, KW]) as an implicit GEMM on the GEMM core:
 // M = Cout, N = batch * Hout * Wout (columns n0 .. n0 + n in one dispatch), K = Cin * KH * KW;
 // the im2col matrix is never stored.
-// Constants: ACT, RESIDUAL (add a tensor shaped like the output, e.g. a ResNet shortcut).
+// Constants: ACT, RESIDUAL (add a tensor shaped like the output, e.g. a ResNet shortcut),
+// QA: the weight is quantised (read through quant.wgsl; `weight` goes unused).
 
 struct ConvParams {
     cout: u32, n: u32, k: u32, cin: u32,
@@ -10,7 +11,8 @@ struct ConvParams {
     pad_y: u32, pad_x: u32, dil_y: u32, dil_x: u32,
     alpha: f32, has_bias: u32,
     // First output column (pixel) of this dispatch: long convolutions are split into several.
-    n0: u32,
+    n0: u32, _p0: u32,
+    q: QuantView,
 }
 
 @group(0) @binding(0) var<uniform> p: ConvParams;
@@ -24,6 +26,7 @@ fn gemm_dims() -> vec3<u32> { return vec3<u32>(p.cout, p.n, p.k); }
 
 fn a_load(batch: u32, m: u32, k: u32) -> f32 {
     if (m >= p.cout || k >= p.k) { return 0.0; }
+    if (QA) { return qweight_at(p.q, m, k); }
     return f32(weight[m * p.k + k]);
 }
 

@@ -1,6 +1,8 @@
 // Batched strided matmul on the GEMM core: C = act(alpha * A.B + bias) + residual.
 // Any strides (so transposes and head-split layouts need no copies); stride 0 broadcasts a batch.
-// Constants: BIAS (0 none, 1 per column n as in Linear, 2 per row m), ACT (activations.wgsl), RESIDUAL.
+// Constants: BIAS (0 none, 1 per column n as in Linear, 2 per row m), ACT (activations.wgsl), RESIDUAL,
+// QA / QB: operand A (rows m) or B (columns n) is a quantised weight matrix read through quant.wgsl
+// (the weight's rows are then A's rows or B's columns, its K values along k; a and b go unused).
 
 struct MatmulParams {
     m: u32, n: u32, k: u32, _p0: u32,
@@ -8,6 +10,7 @@ struct MatmulParams {
     b_base: u32, b_bs: u32, b_rs: u32, b_cs: u32,
     c_base: u32, c_bs: u32, c_rs: u32, bias_base: u32,
     r_base: u32, r_bs: u32, r_rs: u32, alpha: f32,
+    q: QuantView,
 }
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -21,6 +24,7 @@ fn gemm_dims() -> vec3<u32> { return vec3<u32>(p.m, p.n, p.k); }
 
 fn a_load(batch: u32, m: u32, k: u32) -> f32 {
     if (m >= p.m || k >= p.k) { return 0.0; }
+    if (QA) { return qweight_at(p.q, m, k); }
     return f32(a[p.a_base + batch * p.a_bs + m * p.a_rs + k * p.a_cs]);
 }
 
@@ -34,6 +38,8 @@ fn b_row(k: u32) -> vec4<i32> {
 
 fn b_load(col: vec4<i32>, row: vec4<i32>) -> f32 {
     if ((col.w & row.w) == 0) { return 0.0; }
+    // Quantised B: the launcher sets unit strides and no base, so col.x is n and row.x is k.
+    if (QB) { return qweight_at(p.q, u32(col.x), u32(row.x)); }
     return f32(b[col.x + row.x]);
 }
 

@@ -99,6 +99,12 @@ impl Ctx<'_> {
         let t = self.gpu.upload(shape, self.dtype, &d)?;
         Ok((d, t))
     }
+    /// A random weight quantised to `q`: the values the kernels see (decoded) and the tensor.
+    fn quantised(&mut self, shape: &[usize], s: f32, q: DType) -> Result<(Vec<f32>, Tensor)> {
+        let d = self.data(shape.iter().product(), s);
+        let t = self.gpu.upload(shape, q, &d)?;
+        Ok((q.decode(shape, &q.encode(shape, &d)), t))
+    }
     async fn compare(&self, t: &Tensor, reference: &[f32], tol: Tol) -> Result<(f64, f64)> {
         let got = self.gpu.read(t).await?;
         if got.len() != reference.len() {
@@ -114,6 +120,8 @@ impl Ctx<'_> {
 
 type CaseFuture<'a> = Pin<Box<dyn Future<Output = Result<(f64, f64)>> + 'a>>;
 
+const QUANT_TYPES: [DType; 3] = [DType::Q8_0, DType::Q4_0, DType::Q4_1];
+
 const PROFILES: [(KernelProfile, &str); 2] = [(KernelProfile::Tiled, "tiled"), (KernelProfile::Register, "register")];
 
 /// Names of all cases (each runs in f32 and f16).
@@ -122,6 +130,13 @@ pub fn case_names() -> Vec<String> {
     for (_, p) in PROFILES {
         for c in ["matmul/batched_37x53x29", "matmul/linear_bias_silu_k67", "matmul/transposed_a_rowbias_residual", "matmul/multi_tile_130x71x257", "matmul/gelu_tanh_k1", "conv2d/3x3_pad1_bias", "conv2d/3x3_stride2_downsample", "conv2d/1x1_residual", "conv2d/3x3_dilation2_silu_nobias", "conv2d/5x3_rect_pad21", "attention/self_d40", "attention/cross_d64_mixed_layouts", "attention/causal_d64_clip", "attention/d80", "attention/d160", "attention/fused_qkv_d40"] {
             names.push(format!("{c}/{p}"));
+        }
+        // Quantised weights read by the GEMM core: as B (Linear), as A (convolutions, 1x1 ones via
+        // matmul, and tokens back to channels), K never a multiple of the 32-value block.
+        for q in QUANT_TYPES {
+            for c in ["linear_k83_bias_gelu", "conv3x3_k45_residual", "conv1x1_k9", "tokens_to_channels_k70"] {
+                names.push(format!("quant/{}/{c}/{p}", q.name()));
+            }
         }
     }
     names.extend(
@@ -132,8 +147,8 @@ pub fn case_names() -> Vec<String> {
             "layout/upsample_nearest2x", "layout/concat_channels", "layout/concat_last", "layout/permute_0213", "layout/permute_201",
             "embedding/timestep_flip_320", "embedding/timestep_odd_shift1", "embedding/gather",
             "split/matmul_rows", "split/unary_chunks", "split/add_chunks", "split/group_norm_units",
-            "split/conv2d_columns", "split/matmul_work_rows", "split/attention_heads_queries",
-            "errors/binding_too_large", "errors/buffer_too_large", "errors/shape_mismatch",
+            "split/conv2d_columns", "split/matmul_work_rows", "split/attention_heads_queries", "split/quant_matmul_work_rows",
+            "errors/binding_too_large", "errors/buffer_too_large", "errors/shape_mismatch", "errors/quant_strided_view", "errors/quant_wrong_rows",
         ]
         .iter()
         .map(|s| s.to_string()),
@@ -216,6 +231,46 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                 let y = matmul::matmul_spec_with(gpu, &spec, profile)?;
                 let r = matmul::reference(&a, (0, 0, k, 1), &bb, (0, 0, n, 1), m, n, k, 1, 2.0, None, Activation::GeluTanh, None);
                 c.compare(&y, &r, Tol::Reduction).await
+            }
+            b if b.starts_with("quant/") => {
+                let mut parts = b.split('/').skip(1);
+                let q = parts.next().and_then(DType::from_name).unwrap_or(DType::F32);
+                match parts.next().unwrap_or("") {
+                    "linear_k83_bias_gelu" => {
+                        let (rows, k, n) = (15, 83, 37);
+                        let (x, xt) = c.tensor(&[3, 5, k], 1.0)?;
+                        let (w, wt) = c.quantised(&[n, k], 0.3, q)?;
+                        let (bias, biast) = c.tensor(&[n], 1.0)?;
+                        let spec = ops::MatmulSpec { a: MatView::packed(&xt, rows, k), b: MatView::transposed(&wt, k, n).broadcast(), m: rows, n, k, batch: 1, alpha: 1.0, bias: Some((&biast, BiasAxis::Col)), act: Activation::Gelu, residual: None };
+                        let y = matmul::matmul_spec_with(gpu, &spec, profile)?;
+                        let r = matmul::reference(&x, (0, 0, k, 1), &w, (0, 0, 1, k), rows, n, k, 1, 1.0, Some((&bias, BiasAxis::Col)), Activation::Gelu, None);
+                        c.compare(&y, &r, Tol::Reduction).await
+                    }
+                    "conv3x3_k45_residual" | "conv1x1_k9" => {
+                        let three = b.ends_with("conv3x3_k45_residual");
+                        let (xs, ws, spec) = if three { ([2, 5, 9, 7], [6, 5, 3, 3], conv2d::Conv2dSpec::new(1, 1)) } else { ([2, 9, 5, 7], [11, 9, 1, 1], conv2d::Conv2dSpec::default()) };
+                        let (ho, wo) = spec.output_size(xs[2], xs[3], ws[2], ws[3]).expect("valid test shape");
+                        let (x, xt) = c.tensor(&xs, 1.0)?;
+                        let (w, wt) = c.quantised(&ws, 0.3, q)?;
+                        let (bias, biast) = c.tensor(&[ws[0]], 1.0)?;
+                        let (res, rest) = c.tensor(&[xs[0], ws[0], ho, wo], 1.0)?;
+                        let y = conv2d::conv2d_with(gpu, &xt, &wt, Some(&biast), &spec, three.then_some(&rest), profile)?;
+                        let r = conv2d::reference(&x, xs, &w, ws, Some(&bias), &spec, three.then_some(&res[..]));
+                        c.compare(&y, &r, Tol::Reduction).await
+                    }
+                    _ => {
+                        // Linear::forward_to_channels_first: W [out, in] . x[b]^T, x tokens [B, N, in].
+                        let (out, k, n, bt) = (13, 70, 19, 2);
+                        let (w, wt) = c.quantised(&[out, k], 0.3, q)?;
+                        let (x, xt) = c.tensor(&[bt, n, k], 1.0)?;
+                        let (bias, biast) = c.tensor(&[out], 1.0)?;
+                        let xv = MatView { tensor: &xt, base: 0, batch_stride: n * k, row_stride: 1, col_stride: k };
+                        let spec = ops::MatmulSpec { a: MatView::packed(&wt, out, k).broadcast(), b: xv, m: out, n, k, batch: bt, alpha: 1.0, bias: Some((&biast, BiasAxis::Row)), act: Activation::None, residual: None };
+                        let y = matmul::matmul_spec_with(gpu, &spec, profile)?;
+                        let r = matmul::reference(&w, (0, 0, k, 1), &x, (0, n * k, 1, k), out, n, k, bt, 1.0, Some((&bias, BiasAxis::Row)), Activation::None, None);
+                        c.compare(&y, &r, Tol::Reduction).await
+                    }
+                }
             }
             b if b.starts_with("conv2d/") => {
                 // (batch, cin, h, w, cout, kh, kw, spec, bias, residual)
@@ -400,6 +455,17 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                 let r = matmul::reference(&a, (0, 0, k, 1), &bb, (0, 0, n, 1), m, n, k, 1, 1.0, None, Activation::None, None);
                 c.compare(&y, &r, Tol::Reduction).await
             }
+            // Row bands of a quantised A: each dispatch starts at its own weight row.
+            "split/quant_matmul_work_rows" => {
+                let mut c = Ctx { gpu: short_gpu, dtype, rng: Rng::new(name) };
+                let (m, k, n) = (150, 40, 9);
+                let (a, at) = c.quantised(&[m, k], 1.0, DType::Q4_1)?;
+                let (bb, bt) = c.tensor(&[k, n], 1.0)?;
+                let spec = ops::MatmulSpec { a: MatView::packed(&at, m, k), b: MatView::packed(&bt, k, n), m, n, k, batch: 1, alpha: 1.0, bias: None, act: Activation::None, residual: None };
+                let y = ops::matmul_spec(short_gpu, &spec)?;
+                let r = matmul::reference(&a, (0, 0, k, 1), &bb, (0, 0, n, 1), m, n, k, 1, 1.0, None, Activation::None, None);
+                c.compare(&y, &r, Tol::Reduction).await
+            }
             "split/attention_heads_queries" => {
                 let mut c = Ctx { gpu: short_gpu, dtype, rng: Rng::new(name) };
                 let (batch, heads, n, d) = (2, 2, 140, 8);
@@ -445,7 +511,7 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                 c.compare(&y, &norm::group_norm_reference(&x, 2, 8, 4, &g, &bb, 1e-5, true), Tol::Elementwise).await
             }
             // Misuse must come back as the right error, not a panic or a GPU validation failure.
-            "errors/binding_too_large" | "errors/buffer_too_large" | "errors/shape_mismatch" => {
+            "errors/binding_too_large" | "errors/buffer_too_large" | "errors/shape_mismatch" | "errors/quant_strided_view" | "errors/quant_wrong_rows" => {
                 let got = match base {
                     "errors/binding_too_large" => {
                         // A convolution input larger than one binding (1 KiB on split_gpu) cannot be split.
@@ -454,6 +520,15 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                         conv2d::conv2d(split_gpu, &x, &w, None, &conv2d::Conv2dSpec::new(1, 1), None).map(|_| ())
                     }
                     "errors/buffer_too_large" => gpu.empty(&[1 << 20, 1 << 20, 1 << 10], dtype).map(|_| ()),
+                    "errors/quant_strided_view" | "errors/quant_wrong_rows" => {
+                        // A quantised weight is only read whole, along its rows, with its own shape.
+                        let x = gpu.upload(&[4, 64], dtype, &[0.5; 256])?;
+                        let w = gpu.upload(&[8, 64], DType::Q8_0, &[0.1; 512])?;
+                        let b = if base == "errors/quant_strided_view" { MatView::packed(&w, 64, 8) } else { MatView::transposed(&w, 64, 6).broadcast() };
+                        let n = if base == "errors/quant_strided_view" { 8 } else { 6 };
+                        let spec = ops::MatmulSpec { a: MatView::packed(&x, 4, 64), b, m: 4, n, k: 64, batch: 1, alpha: 1.0, bias: None, act: Activation::None, residual: None };
+                        ops::matmul_spec(gpu, &spec).map(|_| ())
+                    }
                     _ => {
                         let a = gpu.upload(&[2, 3], dtype, &[1.0; 6])?;
                         let b = gpu.upload(&[4, 5], dtype, &[1.0; 20])?;
@@ -463,7 +538,8 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                 let expected = match (&got, base) {
                     (Err(crate::Error::BindingTooLarge { .. }), "errors/binding_too_large") => true,
                     (Err(crate::Error::BufferTooLarge { .. }), "errors/buffer_too_large") => true,
-                    (Err(crate::Error::Shape(_)), "errors/shape_mismatch") => true,
+                    (Err(crate::Error::Shape(_)), "errors/shape_mismatch" | "errors/quant_wrong_rows") => true,
+                    (Err(crate::Error::Unsupported(_)), "errors/quant_strided_view") => true,
                     _ => false,
                 };
                 // The device must still be healthy afterwards.

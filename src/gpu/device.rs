@@ -299,12 +299,7 @@ impl Gpu {
     /// An uninitialised tensor from the pool.
     pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         // In u64 with overflow checks: on wasm32 a usize product of a user-given shape can wrap.
-        let info = dtype.info();
-        let bytes = shape
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
-            .and_then(|n| n.div_ceil(info.block_size as u64).checked_mul(info.block_bytes as u64))
-            .map_or(u64::MAX, |b| b.next_multiple_of(4));
+        let bytes = dtype.layout(shape).map_or(u64::MAX, |l| l.bytes.next_multiple_of(4));
         if bytes > self.inner.limits.max_buffer_size {
             return Err(Error::BufferTooLarge { what: format!("a {shape:?} {} tensor", dtype.name()), bytes, limit: self.inner.limits.max_buffer_size });
         }
@@ -318,7 +313,7 @@ impl Gpu {
         if n != data.len() {
             return Err(Error::Shape(format!("{} values given for shape {shape:?}", data.len())));
         }
-        self.upload_bytes(shape, dtype, &dtype.encode(data))
+        self.upload_bytes(shape, dtype, &dtype.encode(shape, data))
     }
 
     /// A tensor from bytes already in `dtype`'s layout (weights straight from a file).
@@ -508,7 +503,7 @@ impl Gpu {
     /// Reads a tensor back as f32 values.
     pub async fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
         let bytes = self.read_bytes(t).await?;
-        Ok(t.dtype().decode(&bytes, t.numel()))
+        Ok(t.dtype().decode(t.shape(), &bytes))
     }
 }
 

@@ -38,7 +38,7 @@ impl Tensor {
     }
     /// Bytes the elements occupy.
     pub fn nbytes(&self) -> u64 {
-        self.dtype.bytes_for(self.numel()) as u64
+        self.dtype.bytes_for(&self.shape)
     }
     /// Size of dimension `d`; negative counts from the end.
     pub fn dim(&self, d: isize) -> usize {

@@ -4,13 +4,14 @@
 //! root, so the same loader runs on a local folder natively and on HTTP range requests in the
 //! browser. Weights are read tensor by tensor; no file is ever copied whole into memory.
 
+pub mod quantised;
 pub mod safetensors;
 mod weights;
 
 use std::future::Future;
 use std::pin::Pin;
 
-pub use weights::{WeightFile, Weights, W};
+pub use weights::{quantisable, WeightFile, WeightLog, WeightRecord, Weights, W};
 
 use crate::error::{Error, Result};
 
@@ -37,6 +38,10 @@ impl StaticSource {
     /// Files of the model called `name` (for messages).
     pub const fn new(name: &'static str, files: &'static [(&'static str, &'static [u8])]) -> Self {
         Self { name, files }
+    }
+    /// Paths of every file.
+    pub fn paths(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.files.iter().map(|(p, _)| *p)
     }
     fn file(&self, path: &str) -> Option<&'static [u8]> {
         self.files.iter().find(|(p, _)| *p == path).map(|(_, b)| *b)

@@ -21,6 +21,8 @@ pub enum FileDType {
     F64,
     I64,
     I32,
+    I8,
+    U8,
 }
 
 impl FileDType {
@@ -32,12 +34,15 @@ impl FileDType {
             "F64" => Self::F64,
             "I64" => Self::I64,
             "I32" => Self::I32,
+            "I8" => Self::I8,
+            "U8" => Self::U8,
             _ => return None,
         })
     }
     /// Bytes per element.
     pub fn size(self) -> u64 {
         match self {
+            Self::I8 | Self::U8 => 1,
             Self::F16 | Self::BF16 => 2,
             Self::F32 | Self::I32 => 4,
             Self::F64 | Self::I64 => 8,
@@ -59,6 +64,8 @@ impl FileDType {
                 Self::F64 => f64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32,
                 Self::I64 => i64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32,
                 Self::I32 => i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32,
+                Self::I8 => c[0] as i8 as f32,
+                Self::U8 => c[0] as f32,
             });
         }
         out
@@ -116,7 +123,7 @@ pub fn parse_header(json: &[u8], file_len: u64, name: &str) -> Result<Header> {
             continue;
         }
         let dtype_s = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad(format!("tensor {key} has no dtype")))?;
-        let dtype = FileDType::parse(dtype_s).ok_or_else(|| bad(format!("tensor {key} has dtype {dtype_s}, which ldm-web does not read (F32, F16, BF16, F64, I64, I32 are read)")))?;
+        let dtype = FileDType::parse(dtype_s).ok_or_else(|| bad(format!("tensor {key} has dtype {dtype_s}, which ldm-web does not read (F32, F16, BF16, F64, I64, I32, I8, U8 are read)")))?;
         let shape: Vec<usize> = v
             .get("shape")
             .and_then(|s| s.as_array())
@@ -148,6 +155,59 @@ pub fn parse_header(json: &[u8], file_len: u64, name: &str) -> Result<Header> {
     Ok(header)
 }
 
+impl FileDType {
+    /// The name safetensors headers use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::BF16 => "BF16",
+            Self::F64 => "F64",
+            Self::I64 => "I64",
+            Self::I32 => "I32",
+            Self::I8 => "I8",
+            Self::U8 => "U8",
+        }
+    }
+}
+
+/// A tensor to write: name, element type, shape and little-endian bytes.
+pub struct OutTensor {
+    pub name: String,
+    pub dtype: FileDType,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// A safetensors file holding `tensors` in the order given (data offsets follow that order, so
+/// a reader fetching the file front to back gets them in that order) and `metadata`.
+pub fn serialize(tensors: &[OutTensor], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata).map_err(|e| Error::Io(e.to_string()))?);
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        let numel: usize = t.shape.iter().product();
+        if (numel as u64) * t.dtype.size() != t.bytes.len() as u64 {
+            return Err(Error::Shape(format!("tensor {}: {} bytes for a {:?} {} tensor", t.name, t.bytes.len(), t.shape, t.dtype.name())));
+        }
+        let end = offset + t.bytes.len() as u64;
+        header.insert(t.name.clone(), serde_json::json!({ "dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, end] }));
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| Error::Io(e.to_string()))?;
+    // The format pads the header with spaces so the data starts 8-byte aligned.
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + offset as usize);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for t in tensors {
+        out.extend_from_slice(&t.bytes);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +222,21 @@ mod tests {
     fn parse(bytes: &[u8]) -> Result<Header> {
         let n = header_len(bytes, bytes.len() as u64, "t")?;
         parse_header(&bytes[8..8 + n as usize], bytes.len() as u64, "t")
+    }
+
+    #[test]
+    fn serialized_files_parse_back_in_order() {
+        let t = |name: &str, dtype, shape: Vec<usize>, n: usize| OutTensor { name: name.into(), dtype, shape, bytes: (0..n).map(|i| i as u8).collect() };
+        let tensors = [t("z.first", FileDType::F16, vec![3], 6), t("a.second", FileDType::U8, vec![2, 5], 10)];
+        let meta = BTreeMap::from([("k".to_string(), "v".to_string())]);
+        let bytes = serialize(&tensors, &meta).unwrap();
+        let h = parse(&bytes).unwrap();
+        assert_eq!(h.metadata["k"], "v");
+        assert!(h.data_start % 8 == 0);
+        assert!(h.tensors["z.first"].start < h.tensors["a.second"].start);
+        let e = &h.tensors["a.second"];
+        assert_eq!(&bytes[e.start as usize..(e.start + e.len) as usize], &tensors[1].bytes[..]);
+        assert!(serialize(&[t("bad", FileDType::F32, vec![2], 7)], &meta).is_err());
     }
 
     #[test]

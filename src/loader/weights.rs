@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use super::quantised::{self, StoredQuant};
 use super::safetensors::{header_len, parse_header, Header, TensorEntry};
 use super::FileSource;
 use crate::error::{Error, Result};
@@ -30,6 +31,8 @@ impl WeightFile {
 #[derive(Clone, Debug)]
 struct Source {
     file: usize,
+    /// The tensor's name in the file (quantised tensors are described under it).
+    file_name: String,
     entry: TensorEntry,
 }
 
@@ -47,7 +50,7 @@ impl<'s> Weights<'s> {
         let mut names = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             for (k, e) in &f.header.tensors {
-                names.insert(k.clone(), Source { file: i, entry: e.clone() });
+                names.insert(k.clone(), Source { file: i, file_name: k.clone(), entry: e.clone() });
             }
         }
         Self { src, files, names }
@@ -89,7 +92,7 @@ impl<'s> Weights<'s> {
                 TensorEntry { dtype: entry.dtype, shape, start: entry.start + r0 as u64 * row_bytes, len: (r1 - r0) as u64 * row_bytes }
             }
         };
-        self.names.insert(name.to_string(), Source { file, entry });
+        self.names.insert(name.to_string(), Source { file, file_name: file_name.to_string(), entry });
         Ok(())
     }
 
@@ -108,17 +111,44 @@ impl<'s> Weights<'s> {
         self.names.keys().map(String::as_str)
     }
 
-    /// Reads `name` as f32 values with its shape.
+    fn source(&self, name: &str) -> Result<&Source> {
+        self.names.get(name).ok_or_else(|| Error::Model(format!("missing tensor {name}; is this the right kind of model?")))
+    }
+
+    /// How `name` is stored if `ldm convert` quantised it (checked against its companions).
+    fn stored_quant(&self, s: &Source) -> Result<Option<StoredQuant>> {
+        let f = &self.files[s.file];
+        quantised::lookup(&f.header, &s.file_name, &self.src.describe(&f.path))
+    }
+
+    async fn read_entry(&self, s: &Source, e: &TensorEntry) -> Result<Vec<u8>> {
+        self.src.read_range(&self.files[s.file].path, e.start, e.len).await
+    }
+
+    /// The bytes of a stored quantised tensor in the engine's layout.
+    async fn read_quantised(&self, s: &Source, q: &StoredQuant, name: &str) -> Result<Vec<u8>> {
+        let values = self.read_entry(s, &q.values).await?;
+        let mut params = Vec::new();
+        for e in &q.params {
+            params.push(self.read_entry(s, e).await?);
+        }
+        let params: Vec<&[u8]> = params.iter().map(Vec::as_slice).collect();
+        q.dtype.join(&q.shape, &values, &params, &format!("quantised tensor {name}"))
+    }
+
+    /// Reads `name` as f32 values with its shape (quantised tensors decoded).
     pub async fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let s = self.names.get(name).ok_or_else(|| Error::Model(format!("missing tensor {name}; is this the right kind of model?")))?;
-        let bytes = self.src.read_range(&self.files[s.file].path, s.entry.start, s.entry.len).await?;
+        let s = self.source(name)?;
+        if let Some(q) = self.stored_quant(s)? {
+            let bytes = self.read_quantised(s, &q, name).await?;
+            return Ok((q.shape.clone(), q.dtype.decode(&q.shape, &bytes)));
+        }
+        let bytes = self.read_entry(s, &s.entry).await?;
         Ok((s.entry.shape.clone(), s.entry.dtype.to_f32(&bytes)))
     }
 
-    /// Reads `name`, checks it has `shape` (trailing 1s ignored, as in 1x1 convolutions stored as
-    /// linears), and uploads it as `dtype`.
-    pub async fn tensor(&self, gpu: &Gpu, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let s = self.names.get(name).ok_or_else(|| Error::Model(format!("missing tensor {name}; is this the right kind of model?")))?;
+    fn check_shape(name: &str, got: &[usize], shape: &[usize]) -> Result<()> {
+        // Trailing 1s are ignored, as in 1x1 convolutions stored as linears.
         let squeeze = |v: &[usize]| {
             let mut v = v.to_vec();
             while v.len() > 1 && v.last() == Some(&1) {
@@ -126,19 +156,72 @@ impl<'s> Weights<'s> {
             }
             v
         };
-        if squeeze(&s.entry.shape) != squeeze(shape) {
-            return Err(Error::Model(format!("tensor {name} has shape {:?} but the config implies {shape:?}; does config.json belong to these weights?", s.entry.shape)));
+        if squeeze(got) != squeeze(shape) {
+            return Err(Error::Model(format!("tensor {name} has shape {got:?} but the config implies {shape:?}; does config.json belong to these weights?")));
         }
-        let bytes = self.src.read_range(&self.files[s.file].path, s.entry.start, s.entry.len).await?;
+        Ok(())
+    }
+
+    /// Reads `name`, checks it has `shape` and returns it as bytes in the layout of a dtype:
+    /// a quantised tensor as stored, anything else converted to `dtype`.
+    pub async fn tensor_bytes(&self, name: &str, shape: &[usize], dtype: DType) -> Result<(DType, Vec<u8>)> {
+        let s = self.source(name)?;
+        if let Some(q) = self.stored_quant(s)? {
+            Self::check_shape(name, &q.shape, shape)?;
+            return Ok((q.dtype, self.read_quantised(s, &q, name).await?));
+        }
+        Self::check_shape(name, &s.entry.shape, shape)?;
+        let bytes = self.read_entry(s, &s.entry).await?;
         if dtype == DType::F16 && s.entry.dtype == super::safetensors::FileDType::F16 {
+            return Ok((dtype, bytes));
+        }
+        Ok((dtype, dtype.encode(shape, &s.entry.dtype.to_f32(&bytes))))
+    }
+
+    /// Reads `name`, checks it has `shape`, and uploads it as float `dtype` (a stored quantised
+    /// tensor is decoded: only Linear and Conv2d weights are read quantised, by [`W::weight`]).
+    pub async fn tensor(&self, gpu: &Gpu, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let (stored, bytes) = self.tensor_bytes(name, shape, dtype).await?;
+        if stored == dtype {
             return gpu.upload_bytes(shape, dtype, &bytes);
         }
-        gpu.upload(shape, dtype, &s.entry.dtype.to_f32(&bytes))
+        gpu.upload(shape, dtype, &stored.decode(shape, &bytes))
     }
 
     /// A view that prefixes every name with `prefix.`.
     pub fn at<'w>(&'w self, gpu: &'w Gpu, dtype: DType, prefix: &str) -> W<'w, 's> {
-        W { weights: self, gpu, dtype, prefix: prefix.to_string() }
+        W { weights: self, gpu, dtype, quant: None, log: None, prefix: prefix.to_string() }
+    }
+}
+
+/// Whether a weight of this shape is worth quantising: a matrix with at least one whole block
+/// per row (biases, norms and tiny projections stay float).
+pub fn quantisable(shape: &[usize]) -> bool {
+    shape.len() >= 2 && shape[0] > 0 && shape.iter().product::<usize>() / shape[0] >= 32
+}
+
+/// One tensor a model read while loading: the component folder it came from, its name and
+/// shape, and the bytes the model used, in `dtype` (quantised, or the activation dtype).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightRecord {
+    pub folder: &'static str,
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub bytes: Vec<u8>,
+    /// The file stored it as f16 (so f16 loses nothing).
+    pub source_f16: bool,
+}
+
+/// What models read while loading, in order of first use (how `ldm convert` writes them).
+#[derive(Clone, Debug, Default)]
+pub struct WeightLog(std::rc::Rc<std::cell::RefCell<Vec<WeightRecord>>>);
+
+impl WeightLog {
+    /// The records so far, each tensor once (at its first use).
+    pub fn records(&self) -> Vec<WeightRecord> {
+        let mut seen = std::collections::HashSet::new();
+        self.0.borrow().iter().filter(|r| seen.insert((r.folder, r.name.clone()))).cloned().collect()
     }
 }
 
@@ -148,6 +231,9 @@ pub struct W<'w, 's> {
     weights: &'w Weights<'s>,
     pub gpu: &'w Gpu,
     pub dtype: DType,
+    /// Quantised type for Linear and Conv2d weights read by [`W::weight`] (`None`: `dtype`).
+    pub quant: Option<DType>,
+    log: Option<(WeightLog, &'static str)>,
     prefix: String,
 }
 
@@ -169,7 +255,47 @@ impl<'w, 's> W<'w, 's> {
     }
     /// Tensor `name` with the expected shape.
     pub async fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.weights.tensor(self.gpu, &self.name(name), shape, self.dtype).await
+        if self.log.is_none() {
+            return self.weights.tensor(self.gpu, &self.name(name), shape, self.dtype).await;
+        }
+        let (stored, bytes) = self.weights.tensor_bytes(&self.name(name), shape, self.dtype).await?;
+        let data = stored.decode(shape, &bytes);
+        self.record(name, shape, self.dtype, &self.dtype.encode(shape, &data));
+        self.gpu.upload(shape, self.dtype, &data)
+    }
+    /// The same view with Linear and Conv2d weights quantised to `quant` (a quantised type).
+    pub fn with_quant(self, quant: Option<DType>) -> Self {
+        Self { quant: quant.filter(|q| q.is_quantised()), ..self }
+    }
+    /// The same view recording every tensor read into `log`, as from component `folder`.
+    pub fn logged(self, log: Option<&WeightLog>, folder: &'static str) -> Self {
+        Self { log: log.map(|l| (l.clone(), folder)), ..self }
+    }
+    fn record(&self, name: &str, shape: &[usize], dtype: DType, bytes: &[u8]) {
+        if let Some((log, folder)) = &self.log {
+            let name = self.name(name);
+            let source_f16 = self.weights.names.get(&name).is_some_and(|s| s.entry.dtype == super::safetensors::FileDType::F16);
+            log.0.borrow_mut().push(WeightRecord { folder, name, shape: shape.to_vec(), dtype, bytes: bytes.to_vec(), source_f16 });
+        }
+    }
+    /// The dtype [`W::weight`] gives a weight of `shape` that is not stored quantised.
+    pub fn weight_dtype(&self, shape: &[usize]) -> DType {
+        match self.quant {
+            Some(q) if quantisable(shape) => q,
+            _ => self.dtype,
+        }
+    }
+    /// A Linear or Conv2d weight `name` as bytes: stored quantised as is, else quantised by this
+    /// view's policy, else in the activation dtype.
+    pub async fn weight_bytes(&self, name: &str, shape: &[usize]) -> Result<(DType, Vec<u8>)> {
+        let (dtype, bytes) = self.weights.tensor_bytes(&self.name(name), shape, self.weight_dtype(shape)).await?;
+        self.record(name, shape, dtype, &bytes);
+        Ok((dtype, bytes))
+    }
+    /// A Linear or Conv2d weight `name` on the GPU (see [`W::weight_bytes`]).
+    pub async fn weight(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (dtype, bytes) = self.weight_bytes(name, shape).await?;
+        self.gpu.upload_bytes(shape, dtype, &bytes)
     }
     /// Tensor `name` as f32 values on the CPU, checked against `shape`.
     pub async fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
@@ -177,6 +303,9 @@ impl<'w, 's> W<'w, 's> {
         let (got, data) = self.weights.read_f32(&full).await?;
         if got.iter().product::<usize>() != shape.iter().product::<usize>() {
             return Err(Error::Model(format!("tensor {full} has shape {got:?} but the config implies {shape:?}; does config.json belong to these weights?")));
+        }
+        if self.log.is_some() {
+            self.record(name, &got, DType::F32, &DType::F32.encode(&got, &data));
         }
         Ok(data)
     }

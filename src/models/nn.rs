@@ -17,7 +17,7 @@ pub struct Linear {
 impl Linear {
     /// Loads `weight` (and `bias` when `bias`) under `w`.
     pub async fn load(w: &W<'_, '_>, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
-        let weight = w.get("weight", &[out_features, in_features]).await?;
+        let weight = w.weight("weight", &[out_features, in_features]).await?;
         let bias = if bias { Some(w.get("bias", &[out_features]).await?) } else { None };
         Ok(Self { weight, bias, in_features, out_features })
     }
@@ -26,16 +26,27 @@ impl Linear {
     pub async fn load_fused(parts: &[W<'_, '_>], in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
         let gpu = parts[0].gpu;
         let dtype = parts[0].dtype;
-        let mut weight = Vec::new();
+        let shape = [out_features, in_features];
+        let mut weights = Vec::new();
         let mut biases = Vec::new();
         for p in parts {
-            weight.extend(p.read_f32("weight", &[out_features, in_features]).await?);
+            weights.push(p.weight_bytes("weight", &shape).await?);
             if bias {
                 biases.extend(p.read_f32("bias", &[out_features]).await?);
             }
         }
+        // Stacked as stored (exact for quantised rows); parts stored in different types are
+        // brought to the first one's.
+        let wdt = weights[0].0;
+        for (d, b) in &mut weights {
+            if *d != wdt {
+                *b = wdt.encode(&shape, &d.decode(&shape, b));
+                *d = wdt;
+            }
+        }
+        let stacked: Vec<(&[usize], &[u8])> = weights.iter().map(|(_, b)| (&shape[..], b.as_slice())).collect();
         let n = out_features * parts.len();
-        let weight = gpu.upload(&[n, in_features], dtype, &weight)?;
+        let weight = gpu.upload_bytes(&[n, in_features], wdt, &wdt.concat_rows(&stacked))?;
         let bias = if bias { Some(gpu.upload(&[n], dtype, &biases)?) } else { None };
         Ok(Self { weight, bias, in_features, out_features: n })
     }
@@ -43,10 +54,10 @@ impl Linear {
     /// Output rows `rows` of a stored `[total_out, in]` linear as a linear of their own, with
     /// `bias_shift` added to the bias (e.g. 1 for a modulation `x * (1 + scale)`).
     pub async fn load_rows(w: &W<'_, '_>, in_features: usize, total_out: usize, rows: std::ops::Range<usize>, bias_shift: f32) -> Result<Self> {
-        let weight = w.read_f32("weight", &[total_out, in_features]).await?;
+        let (wdt, weight) = w.weight_bytes("weight", &[total_out, in_features]).await?;
         let bias = w.read_f32("bias", &[total_out]).await?;
         let out_features = rows.len();
-        let weight = w.gpu.upload(&[out_features, in_features], w.dtype, &weight[rows.start * in_features..rows.end * in_features])?;
+        let weight = w.gpu.upload_bytes(&[out_features, in_features], wdt, &wdt.select_rows(&[total_out, in_features], &weight, rows.clone()))?;
         let bias: Vec<f32> = bias[rows].iter().map(|b| b + bias_shift).collect();
         let bias = Some(w.gpu.upload(&[out_features], w.dtype, &bias)?);
         Ok(Self { weight, bias, in_features, out_features })
@@ -110,7 +121,7 @@ pub struct Conv2d {
 impl Conv2d {
     /// Loads a `k x k` convolution `in -> out`.
     pub async fn load(w: &W<'_, '_>, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
-        let weight = w.get("weight", &[cout, cin, k, k]).await?;
+        let weight = w.weight("weight", &[cout, cin, k, k]).await?;
         let bias = w.get_opt("bias", &[cout]).await?;
         Ok(Self { weight, bias, spec: Conv2dSpec::new(stride, padding), out_channels: cout })
     }

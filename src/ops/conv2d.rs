@@ -1,6 +1,7 @@
 //! 2-D convolution (NCHW) as an implicit GEMM; 1x1 stride-1 convolutions go straight to matmul.
 
 use super::matmul::{gemm_groups, gemm_kernel, gemm_sources, gemm_tile, matmul_spec_with, BiasAxis, MatView, MatmulSpec};
+use super::quant::{check_weight, QuantParams};
 use super::{bytes_of, check_same_dtype, dummy, Activation};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Def, Gpu, KernelProfile, Tensor};
@@ -45,10 +46,12 @@ struct Params {
     kh: u32, kw: u32, stride_y: u32, stride_x: u32,
     pad_y: u32, pad_x: u32, dil_y: u32, dil_x: u32,
     alpha: f32, has_bias: u32,
-    n0: u32,
+    n0: u32, _p0: u32,
+    q: QuantParams,
 }
 
-/// `act(conv2d(x, weight) + bias) + residual`; x `[B, Cin, H, W]`, weight `[Cout, Cin, KH, KW]`.
+/// `act(conv2d(x, weight) + bias) + residual`; x `[B, Cin, H, W]`, weight `[Cout, Cin, KH, KW]`
+/// (float like x, or quantised).
 pub fn conv2d(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: &Conv2dSpec, residual: Option<&Tensor>) -> Result<Tensor> {
     conv2d_with(gpu, x, weight, bias, spec, residual, gpu.profile())
 }
@@ -73,10 +76,15 @@ pub fn conv2d_with(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>
     if residual.is_some_and(|r| r.shape() != [b, cout, ho, wo]) {
         return Err(Error::Shape(format!("conv2d residual must be [{b}, {cout}, {ho}, {wo}]")));
     }
-    let mut ts = vec![x, weight];
+    let quant = weight.dtype().is_quantised();
+    let mut ts = vec![x];
+    ts.extend((!quant).then_some(weight));
     ts.extend(bias);
     ts.extend(residual);
     let dtype = check_same_dtype(&ts, "conv2d")?;
+    if quant {
+        check_weight(weight, cout, cin * kh * kw, "conv2d")?;
+    }
 
     if kh == 1 && kw == 1 && spec.stride == (1, 1) && spec.padding == (0, 0) {
         // Per image: [Cout, Cin] . [Cin, H*W], the input already is the B operand.
@@ -90,7 +98,12 @@ pub fn conv2d_with(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>
     }
 
     let out = gpu.empty(&[b, cout, ho, wo], dtype)?;
-    let mut defs = vec![("ACT", Def::U32(spec.act.code())), ("RESIDUAL", Def::Bool(residual.is_some()))];
+    let mut defs = vec![
+        ("ACT", Def::U32(spec.act.code())),
+        ("RESIDUAL", Def::Bool(residual.is_some())),
+        ("QA", Def::Bool(quant)),
+        ("QTYPE", Def::U32(weight.dtype().info().wgsl_quant)),
+    ];
     // SwiftShader (Chromium's fallback) loses the device on convolutions with 8x8 or larger
     // register tiles, even at 75 MFLOP, while 16x32 matmuls run; in browsers convolutions keep to
     // the 4x4 tile that every browser adapter passed.
@@ -99,19 +112,22 @@ pub fn conv2d_with(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>
     let kernel = gemm_kernel("conv2d", &sources, profile, tile, dtype, &mut defs);
     let spare = dummy(gpu, dtype)?;
     let mut p = Params {
-        n0: 0,
+        n0: 0, _p0: 0,
+        q: if quant { QuantParams::of(weight, 0) } else { QuantParams::default() },
         cout: cout as u32, n: (b * ho * wo) as u32, k: (cin * kh * kw) as u32, cin: cin as u32,
         h: h as u32, w: w as u32, ho: ho as u32, wo: wo as u32,
         kh: kh as u32, kw: kw as u32, stride_y: spec.stride.0 as u32, stride_x: spec.stride.1 as u32,
         pad_y: spec.padding.0 as u32, pad_x: spec.padding.1 as u32, dil_y: spec.dilation.0 as u32, dil_x: spec.dilation.1 as u32,
         alpha: 1.0, has_bias: bias.is_some() as u32,
     };
+    let (float_weight, qweight) = if quant { (&spare, weight) } else { (weight, &spare) };
     let binds = [
-        Bind::whole(weight),
+        Bind::whole(float_weight),
         Bind::whole(x),
         Bind::whole(&out),
         Bind::whole(bias.unwrap_or(&spare)),
         Bind::whole(residual.unwrap_or(&spare)),
+        Bind::whole(qweight),
     ];
     // Bounded work per dispatch (`Gpu::max_dispatch_flops`), in whole column blocks.
     let n_total = b * ho * wo;

@@ -1,5 +1,6 @@
 //! Batched strided matmul with fused bias, activation and residual (on the GEMM core).
 
+use super::quant::{check_weight, QuantParams, QUANT_WGSL};
 use super::{bind_range, bytes_of, check_same_dtype, dummy, Activation, ACTIVATIONS_WGSL};
 use crate::error::{Error, Result};
 use crate::gpu::{Def, Gpu, KernelProfile, Kernel, Tensor};
@@ -48,7 +49,8 @@ pub enum BiasAxis {
     Row = 2,
 }
 
-/// `C[b] = act(alpha * A[b] . B[b] + bias) + residual[b]` for `b < batch`.
+/// `C[b] = act(alpha * A[b] . B[b] + bias) + residual[b]` for `b < batch`. One of A and B may be
+/// a quantised weight matrix: A as `packed(w, m, k)` or B as `transposed(w, k, n)`, broadcast.
 pub struct MatmulSpec<'a> {
     pub a: MatView<'a>,
     pub b: MatView<'a>,
@@ -71,6 +73,7 @@ struct Params {
     b_base: u32, b_bs: u32, b_rs: u32, b_cs: u32,
     c_base: u32, c_bs: u32, c_rs: u32, bias_base: u32,
     r_base: u32, r_bs: u32, r_rs: u32, alpha: f32,
+    q: QuantParams,
 }
 
 /// A GEMM tiling: workgroup WX x WY invocations, each computing TM x TN outputs; BK is the k
@@ -144,12 +147,12 @@ pub(crate) fn small_register_tile(m: usize, n: usize) -> GemmTile {
 
 /// Sources of the GEMM core for a tiling: the core, the caller's loaders and, for software
 /// adapters, the generated register-tiled entry point.
-pub(crate) fn gemm_sources(loaders: &'static str, profile: KernelProfile, tile: GemmTile) -> [&'static str; 4] {
+pub(crate) fn gemm_sources(loaders: &'static str, profile: KernelProfile, tile: GemmTile) -> [&'static str; 5] {
     let generated = match profile {
         KernelProfile::Tiled => "",
         KernelProfile::Register => super::unrolled::cached("gemm", tile.tm, tile.tn, || super::unrolled::gemm_register(tile.tm, tile.tn)),
     };
-    [ACTIVATIONS_WGSL, GEMM_WGSL, loaders, generated]
+    [ACTIVATIONS_WGSL, QUANT_WGSL, GEMM_WGSL, loaders, generated]
 }
 
 /// The GEMM-core kernel for a tiling, with the caller's sources and constants.
@@ -196,14 +199,29 @@ pub fn matmul_register_tile(gpu: &Gpu, s: &MatmulSpec, index: usize) -> Result<T
 }
 
 fn matmul_spec_tile(gpu: &Gpu, s: &MatmulSpec, profile: KernelProfile, tile: GemmTile) -> Result<Tensor> {
-    let mut ts = vec![s.a.tensor, s.b.tensor];
+    let (qa, qb) = (s.a.tensor.dtype().is_quantised(), s.b.tensor.dtype().is_quantised());
+    if qa && qb {
+        return Err(Error::Unsupported("matmul: only one operand may be a quantised weight".into()));
+    }
+    let mut ts = Vec::new();
+    ts.extend((!qa).then_some(s.a.tensor));
+    ts.extend((!qb).then_some(s.b.tensor));
     ts.extend(s.bias.map(|b| b.0));
     ts.extend(s.residual);
     let dtype = check_same_dtype(&ts, "matmul")?;
+    let quant = if qa { Some(s.a.tensor) } else if qb { Some(s.b.tensor) } else { None };
+    if let Some(w) = quant {
+        let v = if qa { &s.a } else { &s.b };
+        let (rows, along_k, across) = if qa { (s.m, v.col_stride, v.row_stride) } else { (s.n, v.row_stride, v.col_stride) };
+        if v.base != 0 || (v.batch_stride != 0 && s.batch > 1) || along_k != 1 || across != s.k {
+            return Err(Error::Unsupported(format!("matmul: a quantised {} operand must be a whole weight matrix read along its rows", if qa { "A" } else { "B" })));
+        }
+        check_weight(w, rows, s.k, "matmul")?;
+    }
     if s.m == 0 || s.n == 0 || s.batch == 0 {
         return gpu.empty(&[s.batch, s.m, s.n], dtype);
     }
-    let fits = |v: &MatView, rows: usize, cols: usize| v.extent(0, s.batch, 0, rows, cols).1 <= v.tensor.numel();
+    let fits = |v: &MatView, rows: usize, cols: usize| v.tensor.dtype().is_quantised() || v.extent(0, s.batch, 0, rows, cols).1 <= v.tensor.numel();
     if s.k > 0 && (!fits(&s.a, s.m, s.k) || !fits(&s.b, s.k, s.n)) {
         return Err(Error::Shape(format!("matmul operands {:?} x {:?} are too small for [{}] x {}x{}x{}", s.a.tensor.shape(), s.b.tensor.shape(), s.batch, s.m, s.k, s.n)));
     }
@@ -223,6 +241,9 @@ fn matmul_spec_tile(gpu: &Gpu, s: &MatmulSpec, profile: KernelProfile, tile: Gem
         ("BIAS", crate::gpu::Def::U32(s.bias.map_or(0, |b| b.1 as u32))),
         ("ACT", crate::gpu::Def::U32(s.act.code())),
         ("RESIDUAL", crate::gpu::Def::Bool(s.residual.is_some())),
+        ("QA", crate::gpu::Def::Bool(qa)),
+        ("QB", crate::gpu::Def::Bool(qb)),
+        ("QTYPE", crate::gpu::Def::U32(quant.map_or(0, |w| w.dtype().info().wgsl_quant))),
     ];
     let sources = gemm_sources(MATMUL_WGSL, profile, tile);
     let kernel = gemm_kernel("matmul", &sources, profile, tile, dtype, &mut defs);
@@ -232,7 +253,7 @@ fn matmul_spec_tile(gpu: &Gpu, s: &MatmulSpec, profile: KernelProfile, tile: Gem
 
     // One dispatch when everything fits one binding each; otherwise per batch, then per row band.
     let big = |b0: usize, b1: usize, r0: usize, r1: usize| {
-        let a = s.a.extent(b0, b1, r0, r1, s.k.max(1));
+        let a = if qa { (0, 0) } else { s.a.extent(b0, b1, r0, r1, s.k.max(1)) };
         let c = c_view.extent(b0, b1, r0, r1, s.n);
         a.1 - a.0 > limit || c.1 - c.0 > limit
     };
@@ -250,8 +271,12 @@ fn matmul_spec_tile(gpu: &Gpu, s: &MatmulSpec, profile: KernelProfile, tile: Gem
     for &(b0, b1) in &batches {
         for r0 in (0..s.m).step_by(rows) {
             let r1 = (r0 + rows).min(s.m);
-            let (ab, a_base) = range(gpu, &s.a, b0, b1, r0, r1, s.k.max(1));
-            let (bb, b_base) = range(gpu, &s.b, b0, b1, 0, s.k.max(1), s.n);
+            // A quantised operand is bound whole at quant.wgsl's binding; its slot gets the spare.
+            let (ab, a_base) = if qa { (crate::gpu::Bind::whole(&spare), 0) } else { range(gpu, &s.a, b0, b1, r0, r1, s.k.max(1)) };
+            let (bb, b_base) = if qb { (crate::gpu::Bind::whole(&spare), 0) } else { range(gpu, &s.b, b0, b1, 0, s.k.max(1), s.n) };
+            let qbind = crate::gpu::Bind::whole(quant.unwrap_or(&spare));
+            let q = quant.map_or(QuantParams::default(), |w| QuantParams::of(w, if qa { r0 } else { 0 }));
+            let (b_bs, b_rs, b_cs) = if qb { (0, 1, 1) } else { (s.b.batch_stride as u32, s.b.row_stride as u32, s.b.col_stride as u32) };
             let (cb, c_base) = range(gpu, &c_view, b0, b1, r0, r1, s.n);
             let bias_bind = s.bias.map_or(crate::gpu::Bind::whole(&spare), |b| crate::gpu::Bind::whole(b.0));
             let (rb, r_base) = match s.residual {
@@ -262,11 +287,11 @@ fn matmul_spec_tile(gpu: &Gpu, s: &MatmulSpec, profile: KernelProfile, tile: Gem
             let p = Params {
                 m: (r1 - r0) as u32, n: s.n as u32, k: s.k as u32, _p0: 0,
                 a_base, a_bs: s.a.batch_stride as u32, a_rs: s.a.row_stride as u32, a_cs: s.a.col_stride as u32,
-                b_base, b_bs: s.b.batch_stride as u32, b_rs: s.b.row_stride as u32, b_cs: s.b.col_stride as u32,
+                b_base, b_bs, b_rs, b_cs,
                 c_base, c_bs: (s.m * s.n) as u32, c_rs: s.n as u32, bias_base: if row_bias { r0 as u32 } else { 0 },
-                r_base, r_bs: (s.m * s.n) as u32, r_rs: s.n as u32, alpha: s.alpha,
+                r_base, r_bs: (s.m * s.n) as u32, r_rs: s.n as u32, alpha: s.alpha, q,
             };
-            gpu.dispatch(&kernel, bytes_of(&p), &[ab, bb, cb, bias_bind, rb], gemm_groups(tile, r1 - r0, s.n, b1 - b0))?;
+            gpu.dispatch(&kernel, bytes_of(&p), &[ab, bb, cb, bias_bind, rb, qbind], gemm_groups(tile, r1 - r0, s.n, b1 - b0))?;
             gpu.add_work(2.0 * ((r1 - r0) * s.n * s.k * (b1 - b0)) as f64);
         }
     }

@@ -7,6 +7,7 @@ pub mod embedding;
 pub mod layout;
 pub mod matmul;
 pub mod norm;
+mod quant;
 mod unrolled;
 
 use crate::error::{Error, Result};

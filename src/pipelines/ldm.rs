@@ -12,7 +12,7 @@
 //! generator; ldm-web draws it from a second generator seeded with the same seed, which is
 //! diffusers after `torch.manual_seed(seed)`.
 
-use super::loading::config;
+use super::loading::{config, ComponentQuant};
 use super::stable_diffusion::{guide, to_hwc01, Images, Latents, Progress, StageTimes, StepProgress, Txt2ImgParams};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
@@ -137,16 +137,16 @@ fn component_class<'a>(index: &'a serde_json::Value, key: &str) -> Option<&'a st
 
 impl LdmModel {
     /// Loads a diffusers folder whose `model_index.json` names one of the LDM pipelines.
-    pub async fn load(gpu: &Gpu, src: &dyn FileSource, name: &str, kind: LdmKind, index: &serde_json::Value, dtype: DType) -> Result<Self> {
+    pub async fn load(gpu: &Gpu, src: &dyn FileSource, name: &str, kind: LdmKind, index: &serde_json::Value, dtype: DType, quant: &ComponentQuant) -> Result<Self> {
         let unet_class = component_class(index, "unet").unwrap_or(if kind == LdmKind::TextToImage { "UNet2DConditionModel" } else { "UNet2DModel" });
         let unet = match unet_class {
             "UNet2DModel" if kind != LdmKind::TextToImage => {
                 let cfg: UNet2DConfig = config(src, "unet/config.json").await?;
-                LdmUNet::Plain(UNet2DModel::load(&weights(src, "unet", "diffusion_pytorch_model").await?.at(gpu, dtype, ""), cfg).await?)
+                LdmUNet::Plain(UNet2DModel::load(&quant.apply(weights(src, "unet", "diffusion_pytorch_model").await?.at(gpu, dtype, ""), "unet"), cfg).await?)
             }
             "UNet2DConditionModel" if kind == LdmKind::TextToImage => {
                 let cfg: UNet2DConditionConfig = config(src, "unet/config.json").await?;
-                LdmUNet::Conditional(UNet2DConditionModel::load(&weights(src, "unet", "diffusion_pytorch_model").await?.at(gpu, dtype, ""), cfg).await?)
+                LdmUNet::Conditional(UNet2DConditionModel::load(&quant.apply(weights(src, "unet", "diffusion_pytorch_model").await?.at(gpu, dtype, ""), "unet"), cfg).await?)
             }
             other => return Err(Error::Model(format!("{} with a {other} is not supported (LDMTextToImagePipeline takes a UNet2DConditionModel, the others a UNet2DModel)", kind.class_name()))),
         };
@@ -155,11 +155,11 @@ impl LdmModel {
                 let cfg: VQModelConfig = config(src, "vqvae/config.json").await?;
                 // force_upcast: the autoencoder is not to run in f16 (diffusers upcasts it).
                 let own = if cfg.force_upcast { DType::F32 } else { dtype };
-                FirstStage::Vq(VQModel::load(&weights(src, "vqvae", "diffusion_pytorch_model").await?.at(gpu, own, ""), cfg).await?, own)
+                FirstStage::Vq(VQModel::load(&quant.apply(weights(src, "vqvae", "diffusion_pytorch_model").await?.at(gpu, own, ""), "vqvae"), cfg).await?, own)
             }
             "AutoencoderKL" => {
                 let cfg: AutoencoderKLConfig = config(src, "vqvae/config.json").await?;
-                FirstStage::Kl(AutoencoderKL::load(&weights(src, "vqvae", "diffusion_pytorch_model").await?.at(gpu, dtype, ""), cfg, false).await?)
+                FirstStage::Kl(AutoencoderKL::load(&quant.apply(weights(src, "vqvae", "diffusion_pytorch_model").await?.at(gpu, dtype, ""), "vqvae"), cfg, false).await?)
             }
             other => return Err(Error::Model(format!("vqvae class {other} is not supported (VQModel and AutoencoderKL are)"))),
         };
@@ -170,7 +170,7 @@ impl LdmModel {
             }
             let tokenizer = load_bert_tokenizer(src, "tokenizer").await?;
             let cfg: LdmBertConfig = config(src, "bert/config.json").await?;
-            let bert = LdmBertModel::load(&weights(src, "bert", "model").await?.at(gpu, dtype, ""), cfg).await?;
+            let bert = LdmBertModel::load(&quant.apply(weights(src, "bert", "model").await?.at(gpu, dtype, ""), "bert"), cfg).await?;
             Some(LdmText { tokenizer, bert })
         } else {
             None

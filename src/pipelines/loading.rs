@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu};
 use super::ldm::{LdmKind, LdmModel};
 use super::single_file;
-use crate::loader::{component_files, read_file, read_json, refuse_pickle, FileSource, WeightFile, Weights};
+use crate::loader::{component_files, read_file, read_json, refuse_pickle, FileSource, WeightFile, WeightLog, Weights, W};
 use crate::models::{AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::tokenizer::{ClipTokenizer, TokenizerConfig};
 
@@ -25,6 +25,33 @@ pub struct LoadOptions {
     /// Leave the VAE's weights for [`StableDiffusionModel::load_vae`], so denoising can start
     /// while they are still downloading (the browser).
     pub defer_vae: bool,
+    /// Quantise Linear and Conv2d weights on the fly, per component (weights a converted model
+    /// stores quantised are used as stored whatever this says).
+    pub quant: ComponentQuant,
+}
+
+/// A quantised type (q8_0, q4_0, q4_1) per model component, `None` for float weights.
+#[derive(Clone, Debug, Default)]
+pub struct ComponentQuant {
+    pub unet: Option<DType>,
+    /// The text encoder (CLIP, or LDMBert).
+    pub text_encoder: Option<DType>,
+    /// The first stage: AutoencoderKL or VQModel.
+    pub vae: Option<DType>,
+    /// Records what each component read (`ldm convert` writes that).
+    pub log: Option<WeightLog>,
+}
+
+impl ComponentQuant {
+    /// `w` set up for the component in `folder` (`unet`, `text_encoder` / `bert`, `vae` / `vqvae`).
+    pub(crate) fn apply<'w, 's>(&self, w: W<'w, 's>, folder: &'static str) -> W<'w, 's> {
+        let quant = match folder {
+            "unet" => self.unet,
+            "text_encoder" | "bert" => self.text_encoder,
+            _ => self.vae,
+        };
+        w.with_quant(quant).logged(self.log.as_ref(), folder)
+    }
 }
 
 /// Any model a diffusers folder holds, chosen by `model_index.json`'s `_class_name`: Stable
@@ -40,7 +67,7 @@ impl DiffusionModel {
         let index: serde_json::Value = config(src, "model_index.json").await?;
         let class = index.get("_class_name").and_then(|c| c.as_str()).unwrap_or("StableDiffusionPipeline");
         match LdmKind::from_class_name(class) {
-            Some(kind) => Ok(Self::Ldm(LdmModel::load(gpu, src, name, kind, &index, opts.dtype.unwrap_or(DType::F32)).await?)),
+            Some(kind) => Ok(Self::Ldm(LdmModel::load(gpu, src, name, kind, &index, opts.dtype.unwrap_or(DType::F32), &opts.quant).await?)),
             None => Ok(Self::StableDiffusion(StableDiffusionModel::load(gpu, src, name, opts).await?)),
         }
     }
@@ -80,6 +107,7 @@ pub struct StableDiffusionModel {
     vae: OnceCell<AutoencoderKL>,
     vae_weights: VaeWeights,
     vae_encoder: bool,
+    vae_quant: ComponentQuant,
     /// `scheduler/scheduler_config.json` as written (with `_class_name`).
     pub scheduler_config: serde_json::Value,
     pub dtype: DType,
@@ -141,18 +169,18 @@ impl StableDiffusionModel {
         let te_cfg: ClipTextConfig = config(src, "text_encoder/config.json").await?;
         let te_files = component_files(src, "text_encoder", "model", opts.prefer_fp16).await?;
         let te_w = Weights::new(src, te_files);
-        let text_encoder = ClipTextModel::load(&te_w.at(gpu, dtype, ""), te_cfg).await?;
+        let text_encoder = ClipTextModel::load(&opts.quant.apply(te_w.at(gpu, dtype, ""), "text_encoder"), te_cfg).await?;
         drop(te_w);
         let unet_cfg: UNet2DConditionConfig = config(src, "unet/config.json").await?;
         let unet_w = Weights::new(src, component_files(src, "unet", "diffusion_pytorch_model", opts.prefer_fp16).await?);
-        let unet = UNet2DConditionModel::load(&unet_w.at(gpu, dtype, ""), unet_cfg).await?;
+        let unet = UNet2DConditionModel::load(&opts.quant.apply(unet_w.at(gpu, dtype, ""), "unet"), unet_cfg).await?;
         drop(unet_w);
         let vae_config: AutoencoderKLConfig = config(src, "vae/config.json").await?;
         vae_config.validate()?;
         let scheduler_config: serde_json::Value = config(src, "scheduler/scheduler_config.json").await?;
         let vae_weights = VaeWeights::Folder { prefer_fp16: opts.prefer_fp16 };
         let hints = ModelHints::load(src).await?;
-        let model = Self { name: name.to_string(), tokenizer, text_encoder, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, scheduler_config, dtype, hints };
+        let model = Self { name: name.to_string(), tokenizer, text_encoder, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints };
         model.finish_load(gpu, src, opts).await
     }
 
@@ -172,7 +200,7 @@ impl StableDiffusionModel {
             VaeWeights::Folder { prefer_fp16 } => Weights::new(src, component_files(src, "vae", "diffusion_pytorch_model", *prefer_fp16).await?),
             VaeWeights::SingleFile(file) => single_file::vae_weights(src, vec![file.clone()], &self.vae_config)?,
         };
-        let vae = AutoencoderKL::load(&weights.at(gpu, self.dtype, ""), self.vae_config.clone(), self.vae_encoder).await?;
+        let vae = AutoencoderKL::load(&self.vae_quant.apply(weights.at(gpu, self.dtype, ""), "vae"), self.vae_config.clone(), self.vae_encoder).await?;
         // A concurrent load may have won; either copy is the same model.
         let _ = self.vae.set(vae);
         Ok(())
@@ -212,13 +240,13 @@ impl StableDiffusionModel {
         };
         let files = vec![wf];
         let te_w = single_file::text_encoder_weights(src, files.clone(), &layout, &te_cfg)?;
-        let text_encoder = ClipTextModel::load(&te_w.at(gpu, dtype, ""), te_cfg).await?;
+        let text_encoder = ClipTextModel::load(&opts.quant.apply(te_w.at(gpu, dtype, ""), "text_encoder"), te_cfg).await?;
         let unet_w = single_file::unet_weights(src, files.clone(), &unet_cfg)?;
-        let unet = UNet2DConditionModel::load(&unet_w.at(gpu, dtype, ""), unet_cfg).await?;
+        let unet = UNet2DConditionModel::load(&opts.quant.apply(unet_w.at(gpu, dtype, ""), "unet"), unet_cfg).await?;
         vae_cfg.validate()?;
         let name = file.rsplit('/').next().unwrap_or(file).to_string();
         let vae_weights = VaeWeights::SingleFile(files[0].clone());
-        let model = Self { name, tokenizer, text_encoder, unet, vae_config: vae_cfg, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, scheduler_config, dtype, hints: ModelHints::default() };
+        let model = Self { name, tokenizer, text_encoder, unet, vae_config: vae_cfg, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints: ModelHints::default() };
         model.finish_load(gpu, src, opts).await
     }
 }

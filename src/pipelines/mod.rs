@@ -8,5 +8,5 @@ pub mod single_file;
 pub mod stable_diffusion;
 
 pub use ldm::{LdmKind, LdmModel, LowResImage};
-pub use loading::{DiffusionModel, LoadOptions, ModelHints, StableDiffusionModel};
+pub use loading::{ComponentQuant, DiffusionModel, LoadOptions, ModelHints, StableDiffusionModel};
 pub use stable_diffusion::{Images, Latents, StageTimes, StepProgress, Txt2ImgParams};

@@ -6,7 +6,8 @@ use ldm_web::loader::StaticSource;
 /// What `--model builtin` and a missing `--model` mean.
 pub const NAME: &str = "builtin";
 
-const FILES: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/builtin_files.rs"));
+/// The built-in model's files as (path, bytes); empty when built without them.
+pub const FILES: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/builtin_files.rs"));
 
 /// The built-in model's files, or `None` when this binary was built without them.
 pub fn source() -> Option<StaticSource> {

@@ -53,6 +53,8 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     batch: usize,
     // clap renders a literal "{n}" in help as a line break; a word joiner (U+2060) keeps it visible.
+    #[command(flatten)]
+    quant: crate::convert::QuantArgs,
     #[arg(long, default_value = "out.png", help = "Output PNG; {\u{2060}n} in the name expands to the image's index in the batch (without it, -0, -1, ... are appended for batches)")]
     out: String,
 }
@@ -151,7 +153,8 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
     pollster::block_on(async {
         let gpu = Gpu::new(GpuOptions { force_f32: true, ..Default::default() }).await?;
         let t_load = now();
-        let model = load_model(&gpu, &a.model, &LoadOptions::default()).await?;
+        let opts = LoadOptions { quant: a.quant.choice()?.component_quant(None), ..Default::default() };
+        let model = load_model(&gpu, &a.model, &opts).await?;
         let load_ms = now() - t_load;
         let kind = match scheduler {
             Some(k) => k,

@@ -1,6 +1,7 @@
 //! The `ldm` command line: the same engine natively.
 
 mod builtin;
+mod convert;
 mod generate;
 mod http;
 mod manifest;
@@ -26,6 +27,8 @@ enum Command {
     },
     /// Describes the GPU adapter ldm would use, as JSON.
     Adapter,
+    /// Writes a model as the web format: quantised (q8 / q4) or f16 weights per component, tensors in first-use order, a manifest.
+    Convert(convert::ConvertArgs),
     /// Generates images (Stable Diffusion 1.x / 2.x, the CompVis LDMs, the built-in emoji model); writes PNGs with their parameters.
     Generate(generate::GenerateArgs),
     /// Writes ldm-manifest.json (file and chunk sha256) into a model folder, for the browser's download checks.
@@ -62,6 +65,7 @@ fn main() -> std::process::ExitCode {
     let out = match cli.command {
         Command::Adapter => pollster::block_on(ldm_web::gpu::Gpu::new(Default::default())).and_then(|g| serde_json::to_string_pretty(g.summary()).map_err(|e| ldm_web::Error::Unsupported(e.to_string()))),
         Command::Generate(args) => generate::run(&args, false),
+        Command::Convert(args) => convert::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Manifest(args) => manifest::run(&args),
         Command::Bench { what: BenchWhat::Generate(args) } => generate::run(&args, true),

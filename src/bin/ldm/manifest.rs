@@ -22,11 +22,19 @@ pub struct ManifestArgs {
     chunk_size: u64,
 }
 
+impl ManifestArgs {
+    /// The default chunk size for `dir`.
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir, chunk_size: 1 << 20 }
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Every file under `dir` except the manifest and hidden files.
+pub fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::Io(format!("cannot list {}: {e}", dir.display())))?;
     for entry in entries {
         let path = entry.map_err(|e| Error::Io(format!("cannot list {}: {e}", dir.display())))?.path();

@@ -1,0 +1,189 @@
+//! `ldm convert`: any model ldm loads, written as the web format: a diffusers-layout folder whose
+//! weights are quantised (q8_0 / q4_0 / q4_1) or f16 per component, tensors in each file in the
+//! order the model first reads them (the order the browser fetches), and `ldm-manifest.json`.
+//!
+//! The model is loaded through the normal loader with a [`WeightLog`], so what is written is
+//! exactly what the loader used: loading the folder gives the image quantising on the fly gives.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use ldm_web::gpu::{DType, Gpu, GpuOptions};
+use ldm_web::loader::quantised::{describe, stored_tensors, QUANT_KEY_PREFIX};
+use ldm_web::loader::safetensors::{serialize, FileDType, OutTensor};
+use ldm_web::loader::{WeightLog, WeightRecord};
+use ldm_web::pipelines::{ComponentQuant, LoadOptions};
+use ldm_web::{Error, Result};
+
+/// Weight types per component (`ldm convert` and `ldm generate`).
+#[derive(Args, Clone, Debug, Default)]
+pub struct QuantArgs {
+    /// Weight type of every component: q8 (q8_0), q4 (q4_0), q4_1 (with a per-block minimum), f16 or f32.
+    #[arg(long)]
+    quant: Option<String>,
+    /// Weight type of the UNet (overrides --quant).
+    #[arg(long)]
+    unet: Option<String>,
+    /// Weight type of the text encoder (overrides --quant).
+    #[arg(long)]
+    text_encoder: Option<String>,
+    /// Weight type of the VAE / VQ autoencoder (overrides --quant).
+    #[arg(long)]
+    vae: Option<String>,
+}
+
+/// A component's weight type as given: `None` keeps what the model has.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Choice {
+    pub unet: Option<DType>,
+    pub text_encoder: Option<DType>,
+    pub vae: Option<DType>,
+}
+
+impl QuantArgs {
+    /// The types given, checked.
+    pub fn choice(&self) -> Result<Choice> {
+        let parse = |flag: &str, v: &Option<String>| -> Result<Option<DType>> {
+            v.as_deref()
+                .map(|s| DType::from_name(s).ok_or_else(|| Error::Input(format!("{flag} {s}: use q8, q4, q4_1, f16 or f32"))))
+                .transpose()
+        };
+        let all = parse("--quant", &self.quant)?;
+        Ok(Choice { unet: parse("--unet", &self.unet)?.or(all), text_encoder: parse("--text-encoder", &self.text_encoder)?.or(all), vae: parse("--vae", &self.vae)?.or(all) })
+    }
+}
+
+impl Choice {
+    /// The quantisation the loader applies (float choices quantise nothing).
+    pub fn component_quant(&self, log: Option<WeightLog>) -> ComponentQuant {
+        let q = |d: Option<DType>| d.filter(|d| d.is_quantised());
+        ComponentQuant { unet: q(self.unet), text_encoder: q(self.text_encoder), vae: q(self.vae), log }
+    }
+    fn for_folder(&self, folder: &str) -> Option<DType> {
+        match folder {
+            "unet" => self.unet,
+            "text_encoder" | "bert" => self.text_encoder,
+            _ => self.vae,
+        }
+    }
+}
+
+/// `ldm convert` flags.
+#[derive(Args, Clone, Debug)]
+pub struct ConvertArgs {
+    /// The model: a diffusers folder (any pipeline ldm runs) or `builtin`.
+    #[arg(long, default_value = crate::builtin::NAME)]
+    model: String,
+    /// The folder to write (must not exist yet, or be empty).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    quant: QuantArgs,
+}
+
+/// Weight files of a component folder, by the stem diffusers gives them.
+fn weight_stem(folder: &str) -> &'static str {
+    if matches!(folder, "text_encoder" | "bert") { "model" } else { "diffusion_pytorch_model" }
+}
+
+fn is_weight_file(path: &str) -> bool {
+    let p = path.to_ascii_lowercase();
+    [".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx"].iter().any(|e| p.ends_with(e))
+}
+
+/// The file tensors of one record: a quantised weight as its values and parameter arrays, a
+/// float one in f16 when `f16`, else f32.
+fn out_tensors(r: &WeightRecord, f16: bool, metadata: &mut BTreeMap<String, String>) -> Result<Vec<OutTensor>> {
+    if r.dtype.is_quantised() {
+        let names = stored_tensors(&r.name, r.dtype, &r.shape).ok_or_else(|| Error::Shape(format!("tensor {} is too large", r.name)))?;
+        let (values, params) = r.dtype.split(&r.shape, &r.bytes);
+        metadata.insert(format!("{QUANT_KEY_PREFIX}{}", r.name), describe(r.dtype, &r.shape));
+        let parts = std::iter::once(values).chain(params);
+        return Ok(names.into_iter().zip(parts).map(|((name, dtype, shape), b)| OutTensor { name, dtype, shape, bytes: b.to_vec() }).collect());
+    }
+    let data = r.dtype.decode(&r.shape, &r.bytes);
+    let (dt, ft) = if f16 { (DType::F16, FileDType::F16) } else { (DType::F32, FileDType::F32) };
+    Ok(vec![OutTensor { name: r.name.clone(), dtype: ft, shape: r.shape.clone(), bytes: dt.encode(&r.shape, &data) }])
+}
+
+/// The other files of the model (configs, tokenizer, scheduler, model card), as (path, bytes).
+fn other_files(model: &str, converted: &[&str]) -> Result<Vec<(String, Vec<u8>)>> {
+    let keep = |p: &str| {
+        let folder = p.split('/').next().unwrap_or("");
+        p != crate::manifest::MANIFEST && !(converted.contains(&folder) && is_weight_file(p))
+    };
+    if model == crate::builtin::NAME && !Path::new(model).exists() {
+        return Ok(crate::builtin::FILES.iter().filter(|(p, _)| keep(p)).map(|(p, b)| (p.to_string(), b.to_vec())).collect());
+    }
+    let root = Path::new(model);
+    if !root.is_dir() {
+        return Err(Error::Input(format!("{model}: ldm convert reads diffusers folders (and `builtin`); single-file checkpoints are not converted yet, load them with ldm generate")));
+    }
+    let mut files = Vec::new();
+    crate::manifest::walk(root, &mut files)?;
+    let mut out = Vec::new();
+    for f in files {
+        let rel = f.strip_prefix(root).map_err(|e| Error::Io(e.to_string()))?.to_string_lossy().replace('\\', "/");
+        if keep(&rel) {
+            out.push((rel, std::fs::read(&f).map_err(|e| Error::Io(format!("cannot read {}: {e}", f.display())))?));
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `ldm convert`; returns a summary (bytes per component).
+pub fn run(a: &ConvertArgs) -> Result<String> {
+    let choice = a.quant.choice()?;
+    if a.out.exists() && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(Error::Input(format!("{} exists and is not empty; give a new folder to --out", a.out.display())));
+    }
+    let log = WeightLog::default();
+    pollster::block_on(async {
+        let gpu = Gpu::new(GpuOptions { force_f32: true, ..Default::default() }).await?;
+        let opts = LoadOptions { vae_encoder: true, quant: choice.component_quant(Some(log.clone())), ..Default::default() };
+        crate::generate::load_model(&gpu, &a.model, &opts).await.map(|_| ())
+    })?;
+    let records = log.records();
+    let mut folders: Vec<&'static str> = Vec::new();
+    for r in &records {
+        if !folders.contains(&r.folder) {
+            folders.push(r.folder);
+        }
+    }
+    let write = |rel: &str, bytes: &[u8]| -> Result<()> {
+        let path = a.out.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::Io(format!("cannot create {}: {e}", parent.display())))?;
+        }
+        std::fs::write(&path, bytes).map_err(|e| Error::Io(format!("cannot write {}: {e}", path.display())))
+    };
+    for (rel, bytes) in other_files(&a.model, &folders)? {
+        write(&rel, &bytes)?;
+    }
+    let mut summary = Vec::new();
+    for folder in &folders {
+        let want = choice.for_folder(folder);
+        let mut metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let mut tensors = Vec::new();
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in records.iter().filter(|r| r.folder == *folder) {
+            // Floats stay as precise as the file had them unless f16 is asked for; f32 asks for f32.
+            let f16 = match want {
+                Some(DType::F16) => true,
+                Some(DType::F32) => false,
+                _ => r.source_f16,
+            };
+            *counts.entry(if r.dtype.is_quantised() { r.dtype.name() } else if f16 { "f16" } else { "f32" }).or_default() += 1;
+            tensors.extend(out_tensors(r, f16, &mut metadata)?);
+        }
+        let bytes = serialize(&tensors, &metadata)?;
+        let rel = format!("{folder}/{}.safetensors", weight_stem(folder));
+        write(&rel, &bytes)?;
+        let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        summary.push(format!("{rel}: {} bytes ({} tensors: {})", bytes.len(), records.iter().filter(|r| r.folder == *folder).count(), counts.join(", ")));
+    }
+    let manifest = crate::manifest::run(&crate::manifest::ManifestArgs::new(a.out.clone()))?;
+    summary.push(manifest);
+    Ok(summary.join("\n"))
+}
