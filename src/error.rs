@@ -13,9 +13,9 @@ pub enum Error {
     DeviceLost(String),
     #[error("GPU validation error (a bug in ldm-web, please report it): {0}")]
     Validation(String),
-    #[error("{what} needs {bytes} bytes in one storage binding, but this adapter allows {limit} (max_storage_buffer_binding_size); use a smaller image size or batch")]
+    #[error("{what} needs {bytes} bytes in one storage binding, but this adapter allows {limit} (max_storage_buffer_binding_size); use a smaller image size or batch, or for a weight a quantised model (ldm convert --quant q8 or q4)")]
     BindingTooLarge { what: String, bytes: u64, limit: u64 },
-    #[error("{what} needs a {bytes}-byte buffer, but this adapter allows {limit} (max_buffer_size); use a smaller image size or batch")]
+    #[error("{what} needs a {bytes}-byte buffer, but this adapter allows {limit} (max_buffer_size); use a smaller image size or batch, or for a weight a quantised model (ldm convert --quant q8 or q4)")]
     BufferTooLarge { what: String, bytes: u64, limit: u64 },
     #[error("shape mismatch: {0}")]
     Shape(String),

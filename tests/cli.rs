@@ -249,8 +249,14 @@ fn bad_input_gives_one_line_errors() {
     cases.push(with(good.clone(), &["--scheduler", "karras-magic"], "euler-a"));
     cases.push(with(good.clone(), &["--clip-skip", "3"], "clip skip"));
     cases.push(with(good.clone(), &["--guidance", "NaN"], "finite"));
+    expect_one_line_errors(&root, &cases);
+}
+
+/// Runs `ldm generate` for each (model, extra flags, expected text) case and checks it fails with
+/// one `ldm: ` line mentioning the text, and no panic.
+fn expect_one_line_errors(root: &Path, cases: &[(String, Vec<String>, &str)]) {
     let mut failures = Vec::new();
-    for (model, extra, expect) in &cases {
+    for (model, extra, expect) in cases {
         let out = root.join("never.png");
         let mut args = vec!["generate", "--model", model.as_str(), "--out", out.to_str().expect("utf-8")];
         for (flag, default) in [("--steps", "1"), ("--width", "64"), ("--height", "64")] {
@@ -401,4 +407,134 @@ fn generate_defaults_to_the_builtin_model() {
         let params = texts.iter().find(|(k, _)| k == "parameters").map(|(_, v)| v.clone()).unwrap_or_default();
         assert!(params.contains(&format!("Steps: {}", c.steps)) && params.contains(&format!("CFG scale: {}", c.guidance)), "{params}");
     }
+}
+
+/// Rewrites a safetensors file's header with `edit` (the data is kept as it is).
+fn edit_header(path: &Path, edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)) {
+    let bytes = std::fs::read(path).expect("read");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).expect("header");
+    edit(&mut header);
+    let mut text = serde_json::to_string(&header).expect("json");
+    // The data must stay 8-byte aligned; pad the header with spaces as safetensors does.
+    while (8 + text.len()) % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).expect("write");
+}
+
+fn data_start(header: &serde_json::Map<String, serde_json::Value>, name: &str) -> u64 {
+    header[name]["data_offsets"][0].as_u64().expect("offset")
+}
+
+/// `ldm convert` writes quantised weights that load to exactly the image quantising on the fly
+/// gives, smaller files, tensors in first-use order and a manifest; q8 stays close to f32.
+#[test]
+fn convert_matches_on_the_fly_quantisation() {
+    let root = tmp("convert");
+    let sd1 = fixtures().join("sd1");
+    let sd1 = sd1.to_str().expect("utf-8");
+    let conv = root.join("q4");
+    let flags = ["--unet", "q4_1", "--text-encoder", "q8", "--vae", "q8"];
+    let (ok, summary, err) = ldm(&[&["convert", "--model", sd1, "--out", conv.to_str().expect("utf-8")][..], &flags].concat());
+    assert!(ok, "convert failed: {err}");
+    println!("{summary}");
+    let gen = |model: &str, extra: &[&str], name: &str| {
+        let out = root.join(name);
+        let (ok, _, err) = ldm(&[&["generate", "--model", model, "--steps", "3", "--prompt", "a red apple", "--out", out.to_str().expect("utf-8")][..], extra].concat());
+        assert!(ok, "{name}: {err}");
+        read_png(&out).0
+    };
+    let converted = gen(conv.to_str().expect("utf-8"), &[], "converted.png");
+    let on_the_fly = gen(sd1, &flags, "on-the-fly.png");
+    assert!(converted == on_the_fly, "the converted model's image differs from quantising on the fly");
+    let f32_img = gen(sd1, &[], "f32.png");
+    let q8 = gen(sd1, &["--quant", "q8"], "q8.png");
+    let psnr = |a: &[u8], b: &[u8]| {
+        let mse = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>() / a.len() as f64;
+        10.0 * (255.0f64 * 255.0 / mse.max(1e-12)).log10()
+    };
+    let (p8, p4) = (psnr(&q8, &f32_img), psnr(&converted, &f32_img));
+    println!("PSNR vs f32: q8 {p8:.1} dB, unet q4_1 + q8 rest {p4:.1} dB");
+    // The fixture's weights are random and tiny (one block per row in places): q8 must stay within
+    // issue 6's bound; q4 is looser (measured over seeds in the README).
+    assert!(p8 >= 40.0, "q8 PSNR {p8:.1} dB < 40");
+    assert!(p4 >= 20.0, "q4 PSNR {p4:.1} dB < 20");
+
+    let unet_file = "unet/diffusion_pytorch_model.safetensors";
+    let size = |p: &Path| std::fs::metadata(p).expect("exists").len();
+    let (before, after) = (size(&fixtures().join("sd1").join(unet_file)), size(&conv.join(unet_file)));
+    assert!(after * 4 < before, "q4 UNet file {after} bytes is not under a quarter of f32's {before}");
+    let bytes = std::fs::read(conv.join(unet_file)).expect("read");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).expect("header");
+    // First use: the time embedding and conv_in are read before the blocks, conv_out last.
+    let order = ["time_embedding.linear_1.weight", "conv_in.weight", "down_blocks.0.resnets.0.conv1.weight", "up_blocks.0.resnets.0.conv1.weight", "conv_out.weight"];
+    for w in order.windows(2) {
+        assert!(data_start(&header, w[0]) < data_start(&header, w[1]), "{} is stored after {}", w[0], w[1]);
+    }
+    let meta = header["__metadata__"].as_object().expect("metadata");
+    assert!(meta.get("ldm-web.quant.conv_in.weight").and_then(|v| v.as_str()).is_some_and(|v| v.starts_with("q4_1:")), "conv_in is not q4_1: {meta:?}");
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(conv.join("ldm-manifest.json")).expect("manifest")).expect("json");
+    assert_eq!(manifest["files"][unet_file]["size"].as_u64(), Some(after), "manifest size of {unet_file}");
+
+    // Quantised tensors whose descriptions and companions do not add up are refused, by name.
+    let variant = |name: &str, edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| -> String {
+        let d = root.join(name);
+        copy_dir(&conv, &d);
+        edit_header(&d.join(unet_file), edit);
+        d.to_string_lossy().into_owned()
+    };
+    fn meta_edit(f: fn(&str) -> String) -> impl Fn(&mut serde_json::Map<String, serde_json::Value>) {
+        move |h| {
+            let key = "ldm-web.quant.conv_in.weight";
+            let m = h.get_mut("__metadata__").and_then(|m| m.as_object_mut()).expect("metadata");
+            let v = f(m[key].as_str().expect("str"));
+            m.insert(key.into(), v.into());
+        }
+    }
+    let none: Vec<String> = Vec::new();
+    let cases = vec![
+        // More rows than stored: the block counts disagree with the values tensor.
+        (variant("block-count", &meta_edit(|v| v.replacen(":16,", ":17,", 1))), none.clone(), "conv_in.weight"),
+        (variant("unknown-type", &meta_edit(|v| v.replacen("q4_1", "q3_k", 1))), none.clone(), "q3_k"),
+        (variant("no-scales", &|h| {
+            h.remove("conv_in.weight.scales");
+        }), none.clone(), "conv_in.weight.scales"),
+        (variant("scale-shape", &|h| {
+            h["conv_in.weight.mins"]["shape"] = serde_json::json!([2, 16]);
+        }), none.clone(), "conv_in.weight.mins"),
+    ];
+    expect_one_line_errors(&root, &cases);
+}
+
+/// `ldm bench unet`: timed steps reuse every buffer (no allocation per step) and read back once;
+/// Stable Diffusion 1.5's architecture plans within issue 6's memory bound in q4.
+#[test]
+fn bench_unet_reuses_buffers_and_plans_sd15_memory() {
+    let sd1 = fixtures().join("sd1");
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (ok, out, err) = ldm(&[&["bench", "unet"][..], args].concat());
+        assert!(ok, "bench unet {args:?} failed: {err}");
+        serde_json::from_str(&out).expect("JSON")
+    };
+    let r = json(&["--model", sd1.to_str().expect("utf-8"), "--latent", "8", "--runs", "2", "--dtype", "f32", "--no-decode", "--unet", "q8"]);
+    println!("fixture: {r}");
+    assert_eq!(r["buffers_created_per_step"].as_f64(), Some(0.0), "steps allocated buffers");
+    assert_eq!(r["readbacks_per_step"].as_f64(), Some(1.0));
+    assert!(r["submissions_per_step"].as_f64().is_some_and(|s| s <= 8.0), "too many submissions per step");
+    assert!(r["unet_step_ms"].as_f64().is_some_and(|t| t > 0.0));
+    // Weights of 2.28 MB of f32 in the fixture file: q8 is a bit over a quarter of the matrices.
+    let q8 = r["unet_weight_bytes"].as_u64().expect("bytes");
+    assert!(q8 > 400_000 && q8 < 1_000_000, "q8 fixture UNet is {q8} bytes");
+
+    let p = json(&["--model", "sd15", "--size", "512", "--unet", "q4", "--vae", "q4", "--runs", "1", "--plan"]);
+    let (unet, peak) = (p["unet_weight_bytes"].as_u64().expect("bytes"), p["peak_gpu_bytes"].as_u64().expect("peak"));
+    println!("sd15 q4 plan: UNet {unet} bytes, peak {peak} bytes");
+    // 859.5 M parameters, almost all in matrices: q4_0 is 18 bytes per 32 weights.
+    assert!((470_000_000..500_000_000).contains(&unet), "SD 1.5 q4 UNet is {unet} bytes");
+    assert!(peak <= 1_500_000_000, "SD 1.5 q4 UNet + VAE decode at 512x512 plans {peak} bytes > 1.5 GB");
 }

@@ -35,6 +35,9 @@ pub struct GpuOptions {
     pub max_storage_binding: Option<u64>,
     /// Override [`Gpu::max_dispatch_flops`] (tests use a tiny value to exercise splitting).
     pub max_dispatch_flops: Option<f64>,
+    /// Memory planning: every tensor is allocated and every binding checked against the limits
+    /// as in a real run, but no kernel runs (results are garbage; `ldm bench unet --plan`).
+    pub plan_only: bool,
 }
 
 /// What the adapter is and can do.
@@ -77,10 +80,12 @@ struct GpuInner {
     /// First error the GPU reported asynchronously; returned by the next fallible call.
     error: Arc<Mutex<Option<Error>>>,
     submissions: std::cell::Cell<u64>,
+    readbacks: std::cell::Cell<u64>,
     f16_kernels: bool,
     /// Running on a browser's WebGPU (rather than a native driver).
     in_browser: bool,
     max_dispatch_flops: Option<f64>,
+    plan_only: bool,
     /// FLOPs recorded since the last submission (see `add_work`).
     pending_flops: std::cell::Cell<f64>,
     /// Small tensors that never change (frequency tables, placeholder bindings), made once.
@@ -204,7 +209,9 @@ impl Gpu {
                 batch: RefCell::new(Batch { encoder: None, params: Vec::new(), uniforms, dispatches: 0 }),
                 error,
                 submissions: Default::default(),
+                readbacks: Default::default(),
                 max_dispatch_flops: opts.max_dispatch_flops,
+                plan_only: opts.plan_only,
                 in_browser: info.backend == wgpu::Backend::BrowserWebGpu,
                 pending_flops: Default::default(),
                 constants: Default::default(),
@@ -264,6 +271,12 @@ impl Gpu {
     pub fn pool_stats(&self) -> PoolStats {
         self.inner.pool.borrow().stats()
     }
+    /// Frees the pool's idle buffers and restarts its peak from what tensors hold now (benchmarks).
+    pub fn reset_pool_peak(&self) {
+        let mut pool = self.inner.pool.borrow_mut();
+        pool.trim();
+        pool.reset_peak();
+    }
     /// Frees the pool's idle buffers.
     pub fn trim_pool(&self) {
         self.inner.pool.borrow_mut().trim();
@@ -271,6 +284,14 @@ impl Gpu {
     /// Number of queue submissions so far (batching makes this far smaller than the dispatch count).
     pub fn submissions(&self) -> u64 {
         self.inner.submissions.get()
+    }
+    /// Whether this device only plans memory (see [`GpuOptions::plan_only`]).
+    pub fn plan_only(&self) -> bool {
+        self.inner.plan_only
+    }
+    /// Number of reads back to the CPU so far (each one waits for the GPU).
+    pub fn readbacks(&self) -> u64 {
+        self.inner.readbacks.get()
     }
 
     /// Returns (and clears) the first error the GPU reported asynchronously; a lost device stays lost.
@@ -376,6 +397,9 @@ impl Gpu {
                 return Err(Error::BindingTooLarge { what: kernel.name(), bytes: b.size, limit });
             }
         }
+        if self.inner.plan_only {
+            return Ok(());
+        }
         let pipeline = self.inner.pipelines.get(&self.inner.device, kernel);
         let align = self.inner.limits.min_uniform_buffer_offset_alignment as usize;
         let mut batch = self.inner.batch.borrow_mut();
@@ -470,6 +494,7 @@ impl Gpu {
     /// Copies a tensor's bytes back to the CPU (flushes pending work first).
     pub async fn read_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
         self.check()?;
+        self.inner.readbacks.set(self.inner.readbacks.get() + 1);
         let size = t.nbytes().next_multiple_of(4);
         let staging = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),

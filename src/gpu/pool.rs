@@ -20,6 +20,8 @@ pub(crate) struct BufferPool {
     idle: u64,
     /// Highest `live + idle` seen.
     peak: u64,
+    /// Buffers created so far (a steady-state step should create none).
+    created: u64,
 }
 
 /// Rounds a request up to one of four size classes per power of two (at most 25% waste).
@@ -39,6 +41,8 @@ pub struct PoolStats {
     pub live_bytes: u64,
     pub idle_bytes: u64,
     pub peak_bytes: u64,
+    /// Buffers the pool has created (not reused).
+    pub buffers_created: u64,
 }
 
 impl BufferPool {
@@ -48,12 +52,15 @@ impl BufferPool {
                 self.idle -= class;
                 b
             }
-            None => device.create_buffer(&wgpu::BufferDescriptor {
+            None => {
+                self.created += 1;
+                device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("tensor"),
                 size: class,
                 usage: TENSOR_USAGE,
                 mapped_at_creation: false,
-            }),
+                })
+            }
         };
         self.live += class;
         self.peak = self.peak.max(self.live + self.idle);
@@ -73,8 +80,13 @@ impl BufferPool {
         self.idle = 0;
     }
 
+    /// Starts peak tracking afresh from what is held now.
+    pub(crate) fn reset_peak(&mut self) {
+        self.peak = self.live + self.idle;
+    }
+
     pub(crate) fn stats(&self) -> PoolStats {
-        PoolStats { live_bytes: self.live, idle_bytes: self.idle, peak_bytes: self.peak }
+        PoolStats { live_bytes: self.live, idle_bytes: self.idle, peak_bytes: self.peak, buffers_created: self.created }
     }
 }
 

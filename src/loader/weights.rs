@@ -42,6 +42,8 @@ pub struct Weights<'s> {
     src: &'s dyn FileSource,
     files: Vec<WeightFile>,
     names: HashMap<String, Source>,
+    /// Seed of [`Weights::random`]: every name exists, with values made up on request.
+    random: Option<u64>,
 }
 
 impl<'s> Weights<'s> {
@@ -53,12 +55,18 @@ impl<'s> Weights<'s> {
                 names.insert(k.clone(), Source { file: i, file_name: k.clone(), entry: e.clone() });
             }
         }
-        Self { src, files, names }
+        Self { src, files, names, random: None }
+    }
+
+    /// A model of made-up weights: every tensor the model asks for exists, with seeded values
+    /// scaled as PyTorch initialises layers (benchmarks of real architectures without a download).
+    pub fn random(src: &'s dyn FileSource, seed: u64) -> Self {
+        Self { src, files: Vec::new(), names: HashMap::new(), random: Some(seed) }
     }
 
     /// An empty set over the same files, filled with [`Weights::alias`] (for renamed layouts).
     pub fn renamed(src: &'s dyn FileSource, files: Vec<WeightFile>) -> Self {
-        Self { src, files, names: HashMap::new() }
+        Self { src, files, names: HashMap::new(), random: None }
     }
 
     /// The files' tensors by their names in the files.
@@ -98,7 +106,7 @@ impl<'s> Weights<'s> {
 
     /// Whether a tensor of that name exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.names.contains_key(name)
+        self.random.is_some() || self.names.contains_key(name)
     }
 
     /// Shape of `name`, if present.
@@ -122,7 +130,11 @@ impl<'s> Weights<'s> {
     }
 
     async fn read_entry(&self, s: &Source, e: &TensorEntry) -> Result<Vec<u8>> {
-        self.src.read_range(&self.files[s.file].path, e.start, e.len).await
+        // A failed or refused read (e.g. bytes whose sha256 disagrees with the manifest) names the tensor.
+        self.src.read_range(&self.files[s.file].path, e.start, e.len).await.map_err(|err| match err {
+            Error::Io(m) => Error::Io(format!("reading tensor {}: {m}", s.file_name)),
+            other => other,
+        })
     }
 
     /// The bytes of a stored quantised tensor in the engine's layout.
@@ -165,6 +177,9 @@ impl<'s> Weights<'s> {
     /// Reads `name`, checks it has `shape` and returns it as bytes in the layout of a dtype:
     /// a quantised tensor as stored, anything else converted to `dtype`.
     pub async fn tensor_bytes(&self, name: &str, shape: &[usize], dtype: DType) -> Result<(DType, Vec<u8>)> {
+        if let Some(seed) = self.random {
+            return Ok((dtype, dtype.encode(shape, &random_values(seed, name, shape))));
+        }
         let s = self.source(name)?;
         if let Some(q) = self.stored_quant(s)? {
             Self::check_shape(name, &q.shape, shape)?;
@@ -192,6 +207,30 @@ impl<'s> Weights<'s> {
     pub fn at<'w>(&'w self, gpu: &'w Gpu, dtype: DType, prefix: &str) -> W<'w, 's> {
         W { weights: self, gpu, dtype, quant: None, log: None, prefix: prefix.to_string() }
     }
+}
+
+/// Seeded values for [`Weights::random`]: matrices uniform in ±1/sqrt(fan-in) (PyTorch's
+/// default for Linear and Conv2d), 1-D weights near 1 (norm scales), other 1-D tensors near 0.
+fn random_values(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let (centre, scale) = match shape {
+        [_] if name.ends_with("weight") => (1.0, 0.1),
+        [_] => (0.0, 0.02),
+        [rows, ..] => (0.0, 1.0 / ((n / (*rows).max(1)).max(1) as f32).sqrt()),
+        [] => (0.0, 0.02),
+    };
+    // splitmix64 over (seed, name, index): cheap, and the same on every platform.
+    let mut state = name.bytes().fold(seed ^ 0x9e37_79b9_7f4a_7c15, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            centre + scale * ((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+        })
+        .collect()
 }
 
 /// Whether a weight of this shape is worth quantising: a matrix with at least one whole block
@@ -222,6 +261,11 @@ impl WeightLog {
     pub fn records(&self) -> Vec<WeightRecord> {
         let mut seen = std::collections::HashSet::new();
         self.0.borrow().iter().filter(|r| seen.insert((r.folder, r.name.clone()))).cloned().collect()
+    }
+    /// Bytes of the distinct tensors read from component `folder`.
+    pub fn bytes(&self, folder: &str) -> u64 {
+        let mut seen = std::collections::HashSet::new();
+        self.0.borrow().iter().filter(|r| r.folder == folder && seen.insert(r.name.clone())).map(|r| r.bytes.len() as u64).sum()
     }
 }
 
@@ -300,7 +344,10 @@ impl<'w, 's> W<'w, 's> {
     /// Tensor `name` as f32 values on the CPU, checked against `shape`.
     pub async fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let full = self.name(name);
-        let (got, data) = self.weights.read_f32(&full).await?;
+        let (got, data) = match self.weights.random {
+            Some(seed) => (shape.to_vec(), random_values(seed, &full, shape)),
+            None => self.weights.read_f32(&full).await?,
+        };
         if got.iter().product::<usize>() != shape.iter().product::<usize>() {
             return Err(Error::Model(format!("tensor {full} has shape {got:?} but the config implies {shape:?}; does config.json belong to these weights?")));
         }

@@ -201,9 +201,15 @@ impl StableDiffusionModel {
         let z: Vec<f32> = latents.data.iter().map(|v| v * inv).collect();
         let [b, _, h, w] = latents.shape;
         let f = self.vae_config.scale_factor();
+        // The denoising loop's buffers sit idle in the pool; free them so the decoder's (larger)
+        // activations do not stack on top of them, and free the decoder's afterwards for the
+        // next denoising loop: peak GPU memory is the larger phase, not the sum.
+        gpu.trim_pool();
         let z = gpu.upload(&latents.shape, self.dtype, &z)?;
         let image = vae.decode(gpu, &z)?;
         let pixels = gpu.read(&image).await?;
+        drop((z, image));
+        gpu.trim_pool();
         Ok(to_hwc01(&pixels, b, h * f, w * f))
     }
 }

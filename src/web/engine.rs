@@ -398,3 +398,72 @@ async fn run_bench(model_url: &str, store: JsValue, single_file: Option<&str>, c
     report["precision"] = dtype.name().into();
     serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()))
 }
+
+/// `bench.html?mode=unet`'s settings (JSON), named as `ldm bench unet`'s flags.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct UNetBenchRequest {
+    latent: usize,
+    batch: usize,
+    unet: Option<String>,
+    vae: Option<String>,
+    precision: Option<String>,
+    runs: u32,
+    decode: bool,
+    output: bool,
+}
+
+impl Default for UNetBenchRequest {
+    fn default() -> Self {
+        let d = crate::bench::unet::UNetBenchOptions::default();
+        Self { latent: d.latent[0], batch: d.batch, unet: None, vae: None, precision: None, runs: d.runs, decode: d.decode, output: d.output }
+    }
+}
+
+/// One UNet step (and VAE decode) benchmark in the browser; `model_url` `None` is Stable
+/// Diffusion 1.5's architecture with random weights; `inputs_url` a folder with `inputs.json`.
+/// Resolves to `ldm bench unet`'s JSON.
+#[wasm_bindgen]
+pub async fn bench_unet(model_url: Option<String>, store: JsValue, inputs_url: Option<String>, inputs_store: JsValue, request_json: String) -> Result<String, JsValue> {
+    CANCEL.set(false);
+    let result = run_bench_unet(model_url, store, inputs_url, inputs_store, &request_json).await;
+    if let Err(e) = &result {
+        if poisons_device(e) {
+            reset_engine();
+        }
+    }
+    result.map_err(|e| to_js(&e))
+}
+
+async fn run_bench_unet(model_url: Option<String>, store: JsValue, inputs_url: Option<String>, inputs_store: JsValue, request_json: &str) -> Result<String> {
+    use crate::bench::unet::{BenchModel, UNetBenchOptions};
+    let req: UNetBenchRequest = serde_json::from_str(request_json).map_err(|e| Error::Input(format!("benchmark settings: {e}")))?;
+    let quant = |what: &str, v: &Option<String>| -> Result<Option<DType>> {
+        match v.as_deref() {
+            None | Some("float") => Ok(None),
+            Some(s) => DType::from_name(s).filter(|d| d.is_quantised()).map(Some).ok_or_else(|| Error::Input(format!("{what} {s}: use q8, q4, q4_1 or float"))),
+        }
+    };
+    // The benchmark measures its own model's memory: drop the page's model first.
+    ENGINE.with_borrow_mut(|e| e.model = None);
+    let gpu = gpu().await?;
+    let opts = UNetBenchOptions {
+        latent: [req.latent, req.latent],
+        batch: req.batch,
+        unet_quant: quant("unet", &req.unet)?,
+        vae_quant: quant("vae", &req.vae)?,
+        dtype: Some(dtype_for(&gpu, req.precision.as_deref())?),
+        runs: req.runs,
+        decode: req.decode,
+        output: req.output,
+        ..Default::default()
+    };
+    let src = model_url.as_ref().map(|u| JsSource::new(store, u.clone()));
+    let model = match (&src, &model_url) {
+        (Some(s), Some(u)) => BenchModel::Folder { src: s, name: u.clone() },
+        _ => BenchModel::Sd15Random,
+    };
+    let inputs = inputs_url.map(|u| JsSource::new(inputs_store, u));
+    let report = crate::bench::unet::run(&gpu, model, &opts, inputs.as_ref().map(|s| s as &dyn crate::loader::FileSource), &now_ms).await?;
+    serde_json::to_string(&report).map_err(|e| Error::Io(e.to_string()))
+}

@@ -400,7 +400,7 @@ async function runBrowser(name, fx, results) {
       const evBefore = await page.evaluate('window.__ldmApp.events.length');
       await page.evaluate(`(() => { const f = document.getElementById('settings'); f.elements.model.value = '/models/sd1-tampered/'; f.requestSubmit(); })()`);
       const err = await waitFor(page, `window.__ldmApp.events.slice(${evBefore}).find((e) => e.type === 'error' || e.type === 'done')`, 'the checksum failure', 300_000);
-      check('tampered chunk refused', err.type === 'error' && /sha256/.test(err.message) && err.message.includes('unet/diffusion_pytorch_model.safetensors'), String(err.message ?? err.type).slice(0, 300));
+      check('tampered chunk refused', err.type === 'error' && /sha256/.test(err.message) && err.message.includes('unet/diffusion_pytorch_model.safetensors') && /reading tensor \S+/.test(err.message), String(err.message ?? err.type).slice(0, 300));
       await page.evaluate(`document.getElementById('settings').elements.model.value = '/models/sd1/'`);
     });
 

@@ -1,5 +1,6 @@
 //! The `ldm` command line: the same engine natively.
 
+mod bench_unet;
 mod builtin;
 mod convert;
 mod generate;
@@ -41,6 +42,8 @@ enum Command {
 enum BenchWhat {
     /// A whole text-to-image run: per-stage times and peak GPU bytes, as JSON.
     Generate(generate::GenerateArgs),
+    /// One UNet step and VAE decode of a model, or of Stable Diffusion 1.5 with random weights: times, weight bytes, peak GPU bytes.
+    Unet(bench_unet::BenchUNetArgs),
     /// Every kernel at Stable Diffusion 1.5 shapes (`--shapes sd`) or small ones (`--shapes small`).
     Kernels {
         #[arg(long, default_value = "small", value_parser = ["small", "sd"])]
@@ -69,6 +72,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve::run(&args),
         Command::Manifest(args) => manifest::run(&args),
         Command::Bench { what: BenchWhat::Generate(args) } => generate::run(&args, true),
+        Command::Bench { what: BenchWhat::Unet(args) } => bench_unet::run(&args),
         Command::Bench { what: BenchWhat::Kernels { shapes, filter, dtype, profile, min_ms } } => {
             let opts = BenchOptions {
                 shapes,

@@ -1,5 +1,7 @@
 //! Kernel benchmarks (`ldm bench kernels`, and `bench.html` in the browser: same code, same JSON).
 
+pub mod unet;
+
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, GpuOptions, KernelProfile, PoolStats, Tensor};
 use crate::ops::{self, conv2d::Conv2dSpec, Activation, AttentionSpec, HeadView};
@@ -53,9 +55,9 @@ impl Default for BenchOptions {
 }
 
 enum Work {
-    Conv { b: usize, cin: usize, cout: usize, hw: usize, k: usize },
+    Conv { b: usize, cin: usize, cout: usize, hw: usize, k: usize, q: Option<DType> },
     Attention { heads: usize, nq: usize, nk: usize, d: usize },
-    Linear { m: usize, k: usize, n: usize },
+    Linear { m: usize, k: usize, n: usize, q: Option<DType> },
     GroupNormSilu { c: usize, hw: usize },
     LayerNorm { rows: usize, cols: usize },
     Geglu { rows: usize, d: usize },
@@ -67,14 +69,24 @@ fn workloads(shapes: &str) -> Result<Vec<(&'static str, Work)>> {
     use Work::*;
     Ok(match shapes {
         "sd" => vec![
-            ("conv2d_3x3", Conv { b: 1, cin: 320, cout: 320, hw: 64, k: 3 }),
-            ("conv2d_3x3", Conv { b: 1, cin: 1280, cout: 1280, hw: 8, k: 3 }),
-            ("conv2d_1x1", Conv { b: 1, cin: 640, cout: 320, hw: 64, k: 1 }),
+            ("conv2d_3x3", Conv { b: 1, cin: 320, cout: 320, hw: 64, k: 3, q: None }),
+            ("conv2d_3x3", Conv { b: 1, cin: 1280, cout: 1280, hw: 8, k: 3, q: None }),
+            ("conv2d_1x1", Conv { b: 1, cin: 640, cout: 320, hw: 64, k: 1, q: None }),
             ("attention_self", Attention { heads: 8, nq: 4096, nk: 4096, d: 40 }),
             ("attention_cross", Attention { heads: 8, nq: 4096, nk: 77, d: 40 }),
             ("attention_self", Attention { heads: 8, nq: 64, nk: 64, d: 160 }),
-            ("linear", Linear { m: 4096, k: 320, n: 1280 }),
-            ("linear", Linear { m: 4096, k: 1280, n: 320 }),
+            ("linear", Linear { m: 4096, k: 320, n: 1280, q: None }),
+            ("linear", Linear { m: 4096, k: 1280, n: 320, q: None }),
+            // Quantised weights dequantised in the kernel: large-M (compute-bound) and the small-M
+            // shapes of cross-attention keys and the time embedding (bound by weight reads).
+            ("conv2d_3x3_q4_0", Conv { b: 1, cin: 1280, cout: 1280, hw: 8, k: 3, q: Some(DType::Q4_0) }),
+            ("conv2d_3x3_q8_0", Conv { b: 1, cin: 1280, cout: 1280, hw: 8, k: 3, q: Some(DType::Q8_0) }),
+            ("linear_q4_0", Linear { m: 4096, k: 320, n: 1280, q: Some(DType::Q4_0) }),
+            ("linear_q8_0", Linear { m: 4096, k: 320, n: 1280, q: Some(DType::Q8_0) }),
+            ("linear", Linear { m: 154, k: 768, n: 1280, q: None }),
+            ("linear_q4_0", Linear { m: 154, k: 768, n: 1280, q: Some(DType::Q4_0) }),
+            ("linear_q4_1", Linear { m: 154, k: 768, n: 1280, q: Some(DType::Q4_1) }),
+            ("linear_q8_0", Linear { m: 154, k: 768, n: 1280, q: Some(DType::Q8_0) }),
             ("group_norm_silu", GroupNormSilu { c: 320, hw: 64 }),
             ("layer_norm", LayerNorm { rows: 4096, cols: 320 }),
             ("geglu", Geglu { rows: 4096, d: 1280 }),
@@ -82,11 +94,16 @@ fn workloads(shapes: &str) -> Result<Vec<(&'static str, Work)>> {
             ("upsample_nearest2x", Upsample { c: 640, hw: 32 }),
         ],
         "small" => vec![
-            ("conv2d_3x3", Conv { b: 1, cin: 64, cout: 64, hw: 32, k: 3 }),
-            ("conv2d_1x1", Conv { b: 1, cin: 128, cout: 64, hw: 32, k: 1 }),
+            ("conv2d_3x3", Conv { b: 1, cin: 64, cout: 64, hw: 32, k: 3, q: None }),
+            ("conv2d_1x1", Conv { b: 1, cin: 128, cout: 64, hw: 32, k: 1, q: None }),
             ("attention_self", Attention { heads: 2, nq: 1024, nk: 1024, d: 40 }),
             ("attention_cross", Attention { heads: 2, nq: 1024, nk: 77, d: 64 }),
-            ("linear", Linear { m: 1024, k: 320, n: 320 }),
+            ("linear", Linear { m: 1024, k: 320, n: 320, q: None }),
+            ("conv2d_3x3_q4_0", Conv { b: 1, cin: 64, cout: 64, hw: 32, k: 3, q: Some(DType::Q4_0) }),
+            ("linear_q4_0", Linear { m: 1024, k: 320, n: 320, q: Some(DType::Q4_0) }),
+            ("linear_q8_0", Linear { m: 1024, k: 320, n: 320, q: Some(DType::Q8_0) }),
+            ("linear", Linear { m: 154, k: 768, n: 320, q: None }),
+            ("linear_q4_0", Linear { m: 154, k: 768, n: 320, q: Some(DType::Q4_0) }),
             ("group_norm_silu", GroupNormSilu { c: 64, hw: 32 }),
             ("layer_norm", LayerNorm { rows: 1024, cols: 320 }),
             ("geglu", Geglu { rows: 1024, d: 640 }),
@@ -118,17 +135,22 @@ pub async fn run(opts: &BenchOptions, now_ms: &dyn Fn() -> f64) -> Result<BenchR
             continue;
         }
         // Inputs, then a closure that records one run.
+        let weight_dtype = match &w {
+            Work::Conv { q, .. } | Work::Linear { q, .. } => *q,
+            _ => None,
+        };
         let (shape, flops, bytes, run): (String, f64, f64, Box<dyn Fn() -> Result<Tensor>>) = match w {
-            Work::Conv { b, cin, cout, hw, k } => {
+            Work::Conv { b, cin, cout, hw, k, q } => {
                 let x = random(&gpu, &[b, cin, hw, hw], dtype, 1)?;
-                let wt = random(&gpu, &[cout, cin, k, k], dtype, 2)?;
+                let wdt = q.unwrap_or(dtype);
+                let wt = random(&gpu, &[cout, cin, k, k], wdt, 2)?;
                 let bias = random(&gpu, &[cout], dtype, 3)?;
                 let g = gpu.clone();
                 let spec = Conv2dSpec::new(1, k / 2);
                 (
                     format!("{b}x{cin}x{hw}x{hw} -> {cout}, {k}x{k}"),
                     2.0 * (b * cout * cin * k * k * hw * hw) as f64,
-                    es * (b * (cin + cout) * hw * hw + cout * cin * k * k) as f64,
+                    es * (b * (cin + cout) * hw * hw) as f64 + wdt.bytes_for(&[cout, cin, k, k]) as f64,
                     Box::new(move || ops::conv2d(&g, &x, &wt, Some(&bias), &spec, None)),
                 )
             }
@@ -151,12 +173,14 @@ pub async fn run(opts: &BenchOptions, now_ms: &dyn Fn() -> f64) -> Result<BenchR
                     }),
                 )
             }
-            Work::Linear { m, k, n } => {
+            Work::Linear { m, k, n, q } => {
                 let x = random(&gpu, &[m, k], dtype, 6)?;
-                let wt = random(&gpu, &[n, k], dtype, 7)?;
+                let wdt = q.unwrap_or(dtype);
+                let wt = random(&gpu, &[n, k], wdt, 7)?;
                 let bias = random(&gpu, &[n], dtype, 8)?;
                 let g = gpu.clone();
-                (format!("{m}x{k}x{n}"), 2.0 * (m * k * n) as f64, es * (m * k + k * n + m * n) as f64, Box::new(move || ops::linear(&g, &x, &wt, Some(&bias), Activation::None)))
+                let bytes = es * (m * k + m * n) as f64 + wdt.bytes_for(&[n, k]) as f64;
+                (format!("{m}x{k}x{n}"), 2.0 * (m * k * n) as f64, bytes, Box::new(move || ops::linear(&g, &x, &wt, Some(&bias), Activation::None)))
             }
             Work::GroupNormSilu { c, hw } => {
                 let x = random(&gpu, &[1, c, hw, hw], dtype, 9)?;
@@ -207,7 +231,7 @@ pub async fn run(opts: &BenchOptions, now_ms: &dyn Fn() -> f64) -> Result<BenchR
         results.push(BenchResult {
             kernel: name.into(),
             shape,
-            dtype: dtype.name().into(),
+            dtype: weight_dtype.map_or_else(|| dtype.name().to_string(), |q| format!("{} (weights {})", dtype.name(), q.name())),
             profile: gpu.profile(),
             flops,
             bytes,

@@ -1,0 +1,90 @@
+//! `ldm bench unet`: one UNet step (and VAE decode) of a model or of Stable Diffusion 1.5's
+//! architecture with random weights; JSON as `bench.html?mode=unet`.
+
+use clap::Args;
+use ldm_web::bench::unet::{BenchModel, UNetBenchOptions};
+use ldm_web::gpu::{DType, Gpu, GpuOptions};
+use ldm_web::loader::DirSource;
+use ldm_web::{Error, Result};
+
+/// `ldm bench unet` flags.
+#[derive(Args, Clone, Debug)]
+pub struct BenchUNetArgs {
+    /// `sd15` (Stable Diffusion 1.5's UNet and VAE with seeded random weights) or a diffusers folder.
+    #[arg(long, default_value = "sd15")]
+    model: String,
+    /// Image size in pixels (the latents are 1/8 of it); `--latent` overrides.
+    #[arg(long, default_value_t = 512)]
+    size: usize,
+    /// Latent side (e.g. 8 for a fast run on a software adapter).
+    #[arg(long)]
+    latent: Option<usize>,
+    /// Latents per step (2 = classifier-free guidance).
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// UNet weights: q8, q4, q4_1 (quantised on load) or float (the activation dtype).
+    #[arg(long)]
+    unet: Option<String>,
+    /// VAE decoder weights, as --unet.
+    #[arg(long)]
+    vae: Option<String>,
+    /// Activation dtype (default: f16 where the adapter has shader-f16, else f32).
+    #[arg(long, value_parser = ["f32", "f16"])]
+    dtype: Option<String>,
+    /// Timed steps after the warm-up step.
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+    /// Skip the VAE decode.
+    #[arg(long)]
+    no_decode: bool,
+    /// A folder with inputs.json (scripts/ort_compare.py's fixed step inputs) instead of made-up inputs.
+    #[arg(long)]
+    inputs: Option<String>,
+    /// Include the last step's output values in the JSON.
+    #[arg(long)]
+    output: bool,
+    /// Plan memory only: allocate every tensor and check every binding as a real run would, run no kernel (peak GPU bytes of a model too slow to run here).
+    #[arg(long)]
+    plan: bool,
+}
+
+fn quant(flag: &str, v: &Option<String>) -> Result<Option<DType>> {
+    match v.as_deref() {
+        None | Some("float") | Some("f16") | Some("f32") => Ok(None),
+        Some(s) => DType::from_name(s).filter(|d| d.is_quantised()).map(Some).ok_or_else(|| Error::Input(format!("{flag} {s}: use q8, q4, q4_1 or float"))),
+    }
+}
+
+/// Runs the benchmark and returns its JSON.
+pub fn run(a: &BenchUNetArgs) -> Result<String> {
+    let latent = a.latent.unwrap_or(a.size / 8);
+    if latent == 0 || a.batch == 0 {
+        return Err(Error::Input("--size (or --latent) and --batch must be positive".into()));
+    }
+    let opts = UNetBenchOptions {
+        latent: [latent, latent],
+        batch: a.batch,
+        unet_quant: quant("--unet", &a.unet)?,
+        vae_quant: quant("--vae", &a.vae)?,
+        dtype: a.dtype.as_deref().map(|d| if d == "f16" { DType::F16 } else { DType::F32 }),
+        runs: a.runs,
+        decode: !a.no_decode,
+        output: a.output,
+        ..Default::default()
+    };
+    let start = std::time::Instant::now();
+    let now = move || start.elapsed().as_secs_f64() * 1e3;
+    let dir;
+    let model = if a.model == "sd15" {
+        BenchModel::Sd15Random
+    } else {
+        dir = DirSource::new(std::path::Path::new(&a.model));
+        BenchModel::Folder { src: &dir, name: a.model.clone() }
+    };
+    let inputs = a.inputs.as_ref().map(|p| DirSource::new(std::path::Path::new(p)));
+    let report = pollster::block_on(async {
+        let gpu = Gpu::new(GpuOptions { plan_only: a.plan, ..Default::default() }).await?;
+        ldm_web::bench::unet::run(&gpu, model, &opts, inputs.as_ref().map(|s| s as &dyn ldm_web::loader::FileSource), &now).await
+    })?;
+    serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()))
+}
