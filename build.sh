@@ -4,7 +4,8 @@
 #   ./build.sh serve [ARGS]  set up, build, and run `ldm serve ARGS` (the app on http://127.0.0.1:8080;
 #                            PORT=..., --models DIR serves model folders at /models/)
 #   ./build.sh test      set up, build, and run every test: unit, native kernels, Chromium, Firefox
-# Other subcommands: setup, build, wasm, bench [small|sd], bench-browser [small|sd].
+# Other subcommands: setup, build, wasm, bench [small|sd], bench-browser [small|sd],
+#                    ort-compare [fixture|sd15-div5] (against ONNX Runtime Web; needs CPU torch).
 # CARGO_TARGET_DIR is honoured (CI keeps it outside the clone to reuse builds).
 set -euo pipefail
 
@@ -146,8 +147,23 @@ case "$cmd" in
     setup; build_wasm
     node "$BROWSER_DIR/run.mjs" --www www --mode bench --which "${2:-small}"
     ;;
+  ort-compare)
+    # One UNet step in ONNX Runtime Web and in ldm-web, same Chromium, same inputs. Needs a Python
+    # with CPU torch, diffusers, onnx and onnxscript (PYTHON=...; see scripts/ort_compare.py).
+    setup; build_wasm
+    py="${PYTHON:-python3}"
+    case "${2:-fixture}" in
+      fixture) dir=target/ort/fixture; model=../tests/fixtures/sd1/; latent=8
+        OMP_NUM_THREADS=1 "$py" scripts/ort_compare.py --model tests/fixtures/sd1 --out "$dir" ;;
+      sd15-div5) dir=target/ort/sd15-div5; model="../$dir/sd15-shaped/"; latent=32
+        OMP_NUM_THREADS=1 "$py" scripts/ort_compare.py --sd15-shaped --width-div 5 --latent 32 32 --out "$dir" ;;
+      *) echo "ort-compare fixture|sd15-div5" >&2; exit 2 ;;
+    esac
+    node "$BROWSER_DIR/ort-compare.mjs" --dir "$dir" --runs "${RUNS:-3}" --timeout 1800 --json "$dir/result.json" \
+      --ours "www/bench.html?mode=unet&model=$model&inputs=../$dir/&output=1&decode=0&runs=${RUNS:-3}&latent=$latent"
+    ;;
   *)
-    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
     [ -n "$cmd" ] && { echo "unknown subcommand: $cmd" >&2; exit 2; }
     ;;
 esac

@@ -114,11 +114,13 @@ fn workloads(shapes: &str) -> Result<Vec<(&'static str, Work)>> {
     })
 }
 
+/// Cheap deterministic values in [-1, 1): benchmarks only need finite, non-constant data.
+pub(crate) fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+    (0..n as u32).map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1u32 << 23) as f32) - 1.0).collect()
+}
+
 fn random(gpu: &Gpu, shape: &[usize], dtype: DType, seed: u32) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    // Cheap deterministic values in [-1, 1); benchmarks only need finite data.
-    let data: Vec<f32> = (0..n as u32).map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1u32 << 23) as f32) - 1.0).collect();
-    gpu.upload(shape, dtype, &data)
+    gpu.upload(shape, dtype, &pseudo_random(shape.iter().product(), seed))
 }
 
 /// Runs the kernel benchmarks; `now_ms` is the platform's clock.

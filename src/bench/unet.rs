@@ -2,6 +2,7 @@
 //! same JSON): a real model, or Stable Diffusion 1.5's architecture with made-up weights, so the
 //! speed and memory of a 1.7 GB model can be measured without downloading it.
 
+use super::pseudo_random;
 use crate::error::{Error, Result};
 use crate::gpu::{AdapterSummary, DType, Gpu, PoolStats};
 use crate::loader::{component_files, read_file, FileSource, StaticSource, WeightLog, Weights};
@@ -113,9 +114,12 @@ pub enum BenchModel<'a> {
     Folder { src: &'a dyn FileSource, name: String },
 }
 
-fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-    // Benchmark inputs need only be finite and not constant.
-    (0..n as u32).map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1u32 << 23) as f32) - 1.0).collect()
+/// A `--unet` / `--vae` weight type as given: q8, q4, q4_1, or float (`None`: the activation dtype).
+pub fn weight_type(flag: &str, v: Option<&str>) -> Result<Option<DType>> {
+    match v {
+        None | Some("float") | Some("f16") | Some("f32") => Ok(None),
+        Some(s) => DType::from_name(s).filter(|d| d.is_quantised()).map(Some).ok_or_else(|| Error::Input(format!("{flag} {s}: use q8, q4, q4_1 or float"))),
+    }
 }
 
 async fn read_f32_file(src: &dyn FileSource, path: &str, n: usize) -> Result<Vec<f32>> {

@@ -436,22 +436,16 @@ pub async fn bench_unet(model_url: Option<String>, store: JsValue, inputs_url: O
 }
 
 async fn run_bench_unet(model_url: Option<String>, store: JsValue, inputs_url: Option<String>, inputs_store: JsValue, request_json: &str) -> Result<String> {
-    use crate::bench::unet::{BenchModel, UNetBenchOptions};
+    use crate::bench::unet::{weight_type, BenchModel, UNetBenchOptions};
     let req: UNetBenchRequest = serde_json::from_str(request_json).map_err(|e| Error::Input(format!("benchmark settings: {e}")))?;
-    let quant = |what: &str, v: &Option<String>| -> Result<Option<DType>> {
-        match v.as_deref() {
-            None | Some("float") => Ok(None),
-            Some(s) => DType::from_name(s).filter(|d| d.is_quantised()).map(Some).ok_or_else(|| Error::Input(format!("{what} {s}: use q8, q4, q4_1 or float"))),
-        }
-    };
     // The benchmark measures its own model's memory: drop the page's model first.
     ENGINE.with_borrow_mut(|e| e.model = None);
     let gpu = gpu().await?;
     let opts = UNetBenchOptions {
         latent: [req.latent, req.latent],
         batch: req.batch,
-        unet_quant: quant("unet", &req.unet)?,
-        vae_quant: quant("vae", &req.vae)?,
+        unet_quant: weight_type("unet", req.unet.as_deref())?,
+        vae_quant: weight_type("vae", req.vae.as_deref())?,
         dtype: Some(dtype_for(&gpu, req.precision.as_deref())?),
         runs: req.runs,
         decode: req.decode,

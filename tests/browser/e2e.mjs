@@ -107,7 +107,10 @@ function prepare(work) {
       '--guidance', '7.5', '--width', '64', '--height', '64', '--out', out], { stdio: ['ignore', 'ignore', 'inherit'] });
     refs[seed] = PNG.sync.read(fs.readFileSync(out));
   }
-  return { models, refs, ldm, builtin };
+  // ldm convert's web format: q4_1 UNet, q8 text encoder and VAE; the page must load it like any model.
+  execFileSync(opts.ldm, ['convert', '--model', path.join(models, 'sd1'), '--out', path.join(models, 'sd1-q4'), '--unet', 'q4_1', '--text-encoder', 'q8', '--vae', 'q8'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const quantised = cli(['--model', path.join(models, 'sd1-q4'), '--prompt', PROMPT, '--seed', '7', '--steps', '3', '--guidance', '7.5', '--width', '64', '--height', '64'], path.join(work, 'cli-sd1-q4.png'));
+  return { models, refs, ldm, builtin, quantised };
 }
 
 // ---- ldm serve, with its request log ---------------------------------------------------------------
@@ -476,9 +479,24 @@ async function runBrowser(name, fx, results) {
         const r = await waitFor(tab, `window.__ldmBenchError ? { error: window.__ldmBenchError } : window.__ldmBenchResults`, 'the benchmark');
         if (r.error) throw new Error(r.error);
         check('bench.html UNet step benchmark', r.unet_step_ms?.each?.length >= 2 && r.peak_gpu_bytes > 0 && r.width === 64, `unet_step_ms ${JSON.stringify(r.unet_step_ms)}, vae ${r.vae_decode_ms?.toFixed(0)} ms, peak ${r.peak_gpu_bytes} B`);
+        await tab.goto(`${app}bench.html?mode=unet&model=/models/sd1/&latent=8&runs=2&decode=0&unet=q8`);
+        const u = await waitFor(tab, `window.__ldmBenchError ? { error: window.__ldmBenchError } : window.__ldmBenchResults`, 'the UNet benchmark');
+        if (u.error) throw new Error(u.error);
+        check('bench.html?mode=unet (ldm bench unet JSON)', u.unet_steps_ms?.length === 2 && u.buffers_created_per_step === 0 && u.readbacks_per_step === 1 && u.unet_weights === 'q8_0' && u.unet_weight_bytes > 0,
+          `${u.unet_step_ms?.toFixed(0)} ms/step, ${u.buffers_created_per_step} buffers and ${u.submissions_per_step} submissions per step, ${u.unet_weight_bytes} q8 UNet bytes, peak ${u.peak_gpu_bytes} B`);
         await tab.close();
       });
     }
+
+    await attempt('quantised', async () => {
+      await page.goto(link7.replace(encodeURIComponent('/models/sd1/'), encodeURIComponent('/models/sd1-q4/')));
+      const png = await nextResult(page, 0);
+      const d = maxDiff(png, fx.quantised);
+      const unetFile = path.join(fx.models, 'sd1-q4', 'unet', 'diffusion_pytorch_model.safetensors');
+      const fetched = serve.log.filter((r) => r.url === '/models/sd1-q4/unet/diffusion_pytorch_model.safetensors' && r.status === 206).reduce((n, r) => n + r.bytes, 0);
+      check('converted q4 model matches CLI', d <= TOL && fetched > 0 && fetched <= fs.statSync(unetFile).size,
+        `max |browser - ldm generate| = ${d}/255 on ldm convert's q4_1 UNet + q8 text encoder and VAE; ${fetched} UNet bytes fetched (file ${fs.statSync(unetFile).size})`);
+    });
 
     await attempt('ldm', async () => {
       for (const [which, run, ref] of [['ldm-text2im', LDM_TEXT2IM, fx.ldm.text2im], ['ldm-uncond', LDM_UNCOND, fx.ldm.uncond]]) {

@@ -2,7 +2,7 @@
 //! architecture with random weights; JSON as `bench.html?mode=unet`.
 
 use clap::Args;
-use ldm_web::bench::unet::{BenchModel, UNetBenchOptions};
+use ldm_web::bench::unet::{weight_type, BenchModel, UNetBenchOptions};
 use ldm_web::gpu::{DType, Gpu, GpuOptions};
 use ldm_web::loader::DirSource;
 use ldm_web::{Error, Result};
@@ -48,13 +48,6 @@ pub struct BenchUNetArgs {
     plan: bool,
 }
 
-fn quant(flag: &str, v: &Option<String>) -> Result<Option<DType>> {
-    match v.as_deref() {
-        None | Some("float") | Some("f16") | Some("f32") => Ok(None),
-        Some(s) => DType::from_name(s).filter(|d| d.is_quantised()).map(Some).ok_or_else(|| Error::Input(format!("{flag} {s}: use q8, q4, q4_1 or float"))),
-    }
-}
-
 /// Runs the benchmark and returns its JSON.
 pub fn run(a: &BenchUNetArgs) -> Result<String> {
     let latent = a.latent.unwrap_or(a.size / 8);
@@ -64,8 +57,8 @@ pub fn run(a: &BenchUNetArgs) -> Result<String> {
     let opts = UNetBenchOptions {
         latent: [latent, latent],
         batch: a.batch,
-        unet_quant: quant("--unet", &a.unet)?,
-        vae_quant: quant("--vae", &a.vae)?,
+        unet_quant: weight_type("--unet", a.unet.as_deref())?,
+        vae_quant: weight_type("--vae", a.vae.as_deref())?,
         dtype: a.dtype.as_deref().map(|d| if d == "f16" { DType::F16 } else { DType::F32 }),
         runs: a.runs,
         decode: !a.no_decode,
