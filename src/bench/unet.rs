@@ -47,7 +47,7 @@ pub struct UNetBenchOptions {
     pub latent: [usize; 2],
     /// Latents per step (2: classifier-free guidance's conditional and unconditional halves).
     pub batch: usize,
-    /// Quantised weight type for the UNet's Linear and Conv2d weights (`None`: float).
+    /// Quantised weight type for the UNet's Linear and Conv2d weights (`None`, or a float type: the activation dtype).
     pub unet_quant: Option<DType>,
     /// The same for the VAE decoder.
     pub vae_quant: Option<DType>,
@@ -136,11 +136,6 @@ pub async fn run(gpu: &Gpu, model: BenchModel<'_>, opts: &UNetBenchOptions, inpu
     let dtype = opts.dtype.unwrap_or_else(|| gpu.activation_dtype());
     if !gpu.supports(dtype) {
         return Err(Error::Unsupported(format!("this adapter cannot run {} kernels", dtype.name())));
-    }
-    for q in [opts.unet_quant, opts.vae_quant].into_iter().flatten() {
-        if !q.is_quantised() {
-            return Err(Error::Input(format!("{} is not a quantised weight type: use q8, q4 or q4_1", q.name())));
-        }
     }
     gpu.reset_pool_peak();
     let log = WeightLog::default();

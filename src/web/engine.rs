@@ -452,10 +452,10 @@ async fn run_bench_unet(model_url: Option<String>, store: JsValue, inputs_url: O
         output: req.output,
         ..Default::default()
     };
-    let src = model_url.as_ref().map(|u| JsSource::new(store, u.clone()));
-    let model = match (&src, &model_url) {
-        (Some(s), Some(u)) => BenchModel::Folder { src: s, name: u.clone() },
-        _ => BenchModel::Sd15Random,
+    let src = model_url.map(|u| (JsSource::new(store, u.clone()), u));
+    let model = match &src {
+        Some((s, u)) => BenchModel::Folder { src: s, name: u.clone() },
+        None => BenchModel::Sd15Random,
     };
     let inputs = inputs_url.map(|u| JsSource::new(inputs_store, u));
     let report = crate::bench::unet::run(&gpu, model, &opts, inputs.as_ref().map(|s| s as &dyn crate::loader::FileSource), &now_ms).await?;
