@@ -511,6 +511,43 @@ fn convert_matches_on_the_fly_quantisation() {
     expect_one_line_errors(&root, &cases);
 }
 
+/// A single-file checkpoint converts like a folder: with `--config` (diffusers'
+/// `from_single_file(config=...)`; the fixtures' 16-channel blocks cannot be inferred) the folder
+/// gives the file's own pixels, f32 and quantised alike. The inferred-config files are checked in
+/// tests/sd_reference.rs.
+#[test]
+fn convert_reads_single_file_checkpoints() {
+    let root = tmp("convert-single");
+    let (file, config) = (fixtures().join("sd2.safetensors"), fixtures().join("sd2"));
+    let (file, config) = (file.to_str().expect("utf-8"), config.to_str().expect("utf-8"));
+    let gen = |model: &str, extra: &[&str], name: &str| {
+        let out = root.join(name);
+        let (ok, _, err) = ldm(&[&["generate", "--model", model, "--steps", "2", "--prompt", "a red apple!", "--width", "64", "--height", "32", "--out", out.to_str().expect("utf-8")][..], extra].concat());
+        assert!(ok, "{name}: {err}");
+        read_png(&out).0
+    };
+    for (name, flags) in [("f16", &["--quant", "f16"][..]), ("q8", &["--quant", "q8", "--unet", "q4_1"][..])] {
+        let out = root.join(name);
+        let (ok, summary, err) = ldm(&[&["convert", "--model", file, "--config", config, "--out", out.to_str().expect("utf-8")][..], flags].concat());
+        assert!(ok, "convert {name}: {err}");
+        println!("{summary}");
+        assert!(out.join("tokenizer/vocab.json").is_file() && out.join("model_index.json").is_file(), "{name}: configs not written");
+        let converted = gen(out.to_str().expect("utf-8"), &[], &format!("{name}-converted.png"));
+        // Stored f16 rounds the f32 weights (compared loosely); quantised ones are the same bytes
+        // whether converted or quantised on the fly.
+        let loaded = [&["--config", config][..], if name == "f16" { &[] } else { flags }].concat();
+        let direct = gen(file, &loaded, &format!("{name}-direct.png"));
+        let max = converted.iter().zip(&direct).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
+        let bound = if name == "f16" { 3 } else { 0 };
+        println!("{name}: converted vs file max {max}/255");
+        assert!(max <= bound, "{name}: the converted folder differs from the file by {max}/255 (allowed {bound})");
+    }
+    let (ok, _, err) = ldm(&["convert", "--model", file, "--config", "/nonexistent", "--out", root.join("bad").to_str().expect("utf-8")]);
+    assert!(!ok && err.contains("--config /nonexistent"), "bad --config: {err}");
+    let (ok, _, err) = ldm(&["generate", "--model", config, "--config", config, "--out", root.join("bad.png").to_str().expect("utf-8")]);
+    assert!(!ok && err.contains("single-file"), "--config with a folder: {err}");
+}
+
 /// `ldm bench unet`: timed steps reuse every buffer (no allocation per step) and read back once;
 /// Stable Diffusion 1.5's architecture plans within issue 6's memory bound in q4.
 #[test]

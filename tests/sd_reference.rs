@@ -145,3 +145,45 @@ fn single_file_checkpoints_match_folders() {
         assert_close(&format!("{model}.safetensors vae decode"), &pollster::block_on(gpu.read(&out)).expect("read"), &r["decoded"].1, 1e-4);
     }
 }
+
+/// The folder `ldm convert` writes for a single file without `--config` reads back as the
+/// inferred configs and the built-in tokenizer: the loader then sees what loading the file saw.
+#[test]
+fn single_file_folder_files_read_back_as_inferred() {
+    use std::io::Read;
+    use ldm_web::loader::WeightFile;
+    use ldm_web::pipelines::single_file;
+    use ldm_web::tokenizer::{ClipTokenizer, TokenizerConfig};
+    let gz = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/clip/bpe_simple_vocab_16e6.txt.gz")).expect("CLIP BPE file");
+    let mut bpe = String::new();
+    flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut bpe).expect("gunzip");
+    let src = DirSource::new(fixtures());
+    for model in ["sd1", "sd2"] {
+        let wf = pollster::block_on(WeightFile::open(&src, &format!("{model}.safetensors"))).expect("header");
+        let layout = single_file::detect(&wf.header).expect("detected");
+        let inferred = single_file::infer_configs(&wf.header, &layout).expect("inferred");
+        let files = single_file::folder_files(&wf.header, &bpe).expect("folder files");
+        let file = |p: &str| files.iter().find(|(f, _)| f == p).map(|(_, b)| b.as_slice()).unwrap_or_else(|| panic!("{model}: no {p}"));
+        let json = |p: &str| -> serde_json::Value { serde_json::from_slice(file(p)).expect("json") };
+        fn again<T: serde::de::DeserializeOwned + serde::Serialize>(v: serde_json::Value) -> serde_json::Value {
+            serde_json::to_value(serde_json::from_value::<T>(v).expect("parses")).expect("value")
+        }
+        fn value<T: serde::Serialize>(v: &T) -> serde_json::Value {
+            serde_json::to_value(v).expect("value")
+        }
+        assert_eq!(again::<ldm_web::models::UNet2DConditionConfig>(json("unet/config.json")), value(&inferred.unet), "{model} unet");
+        assert_eq!(again::<ldm_web::models::AutoencoderKLConfig>(json("vae/config.json")), value(&inferred.vae), "{model} vae");
+        assert_eq!(again::<ldm_web::models::ClipTextConfig>(json("text_encoder/config.json")), value(&inferred.text_encoder), "{model} text encoder");
+        assert_eq!(json("scheduler/scheduler_config.json"), inferred.scheduler, "{model} scheduler");
+        let index = json("model_index.json");
+        assert_eq!((index["_class_name"].as_str(), index["unet"][1].as_str()), (Some("StableDiffusionPipeline"), Some("UNet2DConditionModel")), "{model} model_index.json");
+        let text = |p: &str| std::str::from_utf8(file(p)).expect("utf-8");
+        let config = TokenizerConfig::from_json(text("tokenizer/tokenizer_config.json")).expect("tokenizer config");
+        let read = ClipTokenizer::from_files(text("tokenizer/vocab.json"), text("tokenizer/merges.txt"), config).expect("tokenizer");
+        let built = single_file::builtin_tokenizer(&layout, &bpe).expect("built-in tokenizer");
+        for prompt in ["a red apple!", "an astronaut riding a horse, <|endoftext|> 4k!!"] {
+            assert_eq!(read.encode(prompt), built.encode(prompt), "{model}: {prompt:?}");
+        }
+    }
+}
+

@@ -1,6 +1,6 @@
 //! `AutoencoderKL`: the VAE that maps images to Stable Diffusion's latents and back.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::nn::Conv2d;
 use super::vae::Coder;
@@ -9,7 +9,7 @@ use crate::gpu::{Gpu, Tensor};
 use crate::loader::W;
 
 /// `vae/config.json`; unknown keys ignored, missing ones take diffusers' defaults.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default)]
 pub struct AutoencoderKLConfig {
     pub in_channels: usize,

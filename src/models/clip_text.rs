@@ -1,7 +1,7 @@
 //! CLIP text encoder (transformers' `CLIPTextModel`): token + position embeddings, pre-norm
 //! transformer layers with a causal mask, final layer norm.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::nn::{multi_head_attention, LayerNorm, Linear};
 use crate::error::{Error, Result};
@@ -10,7 +10,7 @@ use crate::loader::W;
 use crate::ops::{self, Activation};
 
 /// `text_encoder/config.json` (CLIPTextConfig); unknown keys are ignored.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default)]
 pub struct ClipTextConfig {
     pub vocab_size: usize,

@@ -4,7 +4,7 @@
 //! sinusoidally and passed through a two-layer MLP into every resnet, and the text embedding `c`
 //! attended to by every transformer.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::resnet::TimeEmbeddingNorm;
 use super::unet_2d_blocks::{BlockAttention, BlockSettings, TimestepMlp, UNetBody, UNetBodyConfig};
@@ -14,7 +14,7 @@ use crate::loader::W;
 use crate::ops::Activation;
 
 /// A config value that is one number for every block or one per block.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum PerBlock {
     One(usize),
@@ -41,7 +41,7 @@ impl PerBlock {
 
 /// `unet/config.json`; keys mirror diffusers, unknown keys are ignored, missing ones take
 /// diffusers' defaults.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default)]
 pub struct UNet2DConditionConfig {
     pub sample_size: Option<usize>,

@@ -9,7 +9,7 @@ use crate::loader::{FileSource, WeightFile, Weights};
 use crate::error::{Error, Result};
 use crate::models::unet_2d_condition::PerBlock;
 use crate::models::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
-use crate::tokenizer::{ClipPad, ClipTokenizer};
+use crate::tokenizer::{clip_bpe_files, ClipPad, ClipTokenizer};
 
 const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";
@@ -154,11 +154,51 @@ fn hf_prefix(h: &Header) -> String {
 /// The tokenizer for a checkpoint that carries none, from CLIP's BPE merges (`bpe_text`), which
 /// SD 1.x and 2.x share; they differ in the padding token.
 pub fn builtin_tokenizer(layout: &Layout, bpe_text: &str) -> Result<ClipTokenizer> {
-    let pad = match layout.text {
-        TextLayout::HfClip => ClipPad::EndOfText,
-        TextLayout::OpenClip => ClipPad::Exclamation,
+    ClipTokenizer::from_clip_bpe(bpe_text, layout.pad())
+}
+
+impl Layout {
+    fn pad(&self) -> ClipPad {
+        match self.text {
+            TextLayout::HfClip => ClipPad::EndOfText,
+            TextLayout::OpenClip => ClipPad::Exclamation,
+        }
+    }
+}
+
+/// The files besides weights of the diffusers folder that loads as this checkpoint does with
+/// inferred configs (`model_index.json`, each component's config, the scheduler's, and the
+/// built-in tokenizer's), as (path, bytes): `ldm convert` writes them next to the weights.
+pub fn folder_files(h: &Header, bpe_text: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let layout = detect(h)?;
+    let c = infer_configs(h, &layout)?;
+    let json = |v: serde_json::Value| serde_json::to_vec_pretty(&v).map_err(|e| Error::Model(format!("writing a config: {e}")));
+    let value = |v: std::result::Result<serde_json::Value, serde_json::Error>| v.map_err(|e| Error::Model(format!("writing a config: {e}")));
+    let with = |mut v: serde_json::Value, keys: serde_json::Value| {
+        if let (Some(o), Some(k)) = (v.as_object_mut(), keys.as_object()) {
+            o.extend(k.clone());
+        }
+        v
     };
-    ClipTokenizer::from_clip_bpe(bpe_text, pad)
+    let scheduler_class = c.scheduler.get("_class_name").and_then(|v| v.as_str()).unwrap_or("PNDMScheduler").to_string();
+    let none = serde_json::json!([null, null]);
+    let mut files = vec![
+        ("model_index.json".to_string(), json(serde_json::json!({
+            "_class_name": "StableDiffusionPipeline",
+            "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"], "safety_checker": none, "feature_extractor": none,
+            "requires_safety_checker": false,
+        }))?),
+        ("scheduler/scheduler_config.json".to_string(), json(c.scheduler.clone())?),
+        ("unet/config.json".to_string(), json(with(value(serde_json::to_value(&c.unet))?, serde_json::json!({"_class_name": "UNet2DConditionModel"})))?),
+        ("vae/config.json".to_string(), json(with(value(serde_json::to_value(&c.vae))?, serde_json::json!({"_class_name": "AutoencoderKL"})))?),
+        ("text_encoder/config.json".to_string(), json(with(value(serde_json::to_value(&c.text_encoder))?, serde_json::json!({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"})))?),
+    ];
+    for (name, text) in clip_bpe_files(bpe_text, layout.pad())? {
+        files.push((format!("tokenizer/{name}"), text.into_bytes()));
+    }
+    Ok(files)
 }
 
 /// The text encoder's tensors under transformers' names.

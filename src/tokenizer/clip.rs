@@ -56,7 +56,7 @@
 
 use std::collections::{BinaryHeap, HashMap};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use unicode_normalization_alignments::UnicodeNormalization;
 use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
 
@@ -64,7 +64,7 @@ use crate::{Error, Result};
 
 /// A token as `tokenizer_config.json` writes it: a plain string, or an `AddedToken` object
 /// (`{"__type": "AddedToken", "content": ..., "normalized": ..., ...}`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum TokenSpec {
     /// A plain string: a special token matched in the raw text.
@@ -90,7 +90,7 @@ impl From<&str> for TokenSpec {
 }
 
 /// An `AddedToken` object (in `tokenizer_config.json` and `tokenizer.json`'s `added_tokens`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct AddedTokenSpec {
     pub content: String,
     #[serde(default)]
@@ -108,7 +108,7 @@ pub struct AddedTokenSpec {
 
 /// The keys of a Hugging Face `tokenizer_config.json` that matter to CLIP. Unknown keys are
 /// ignored; missing ones take `CLIPTokenizer`'s defaults; a token set to `null` is absent.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct TokenizerConfig {
     /// Padded and truncated length (77 for every CLIP text encoder). Must be 2 to 65536; the
@@ -235,6 +235,65 @@ impl ClipPad {
             ..TokenizerConfig::default()
         }
     }
+}
+
+/// OpenAI CLIP's tokens (by id) and merges (by rank) from the text of its BPE file, as
+/// [`ClipTokenizer::from_clip_bpe`] describes.
+fn clip_bpe_vocabulary(bpe_text: &str) -> Result<(Vec<String>, Vec<(String, String)>)> {
+    let bad = |what: String| {
+        Error::Model(format!(
+            "CLIP BPE file: {what}; expected the text of OpenAI CLIP's bpe_simple_vocab_16e6.txt \
+             (gunzipped)"
+        ))
+    };
+    let mut merges = Vec::with_capacity(CLIP_MERGES);
+    for (n, line) in bpe_text.split('\n').enumerate().skip(1).take(CLIP_MERGES) {
+        // Python's `str.split()`, as simple_tokenizer.py splits a merge line.
+        let mut parts = line.split_whitespace();
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
+            _ => return Err(bad(format!("line {} is not two tokens: {line:?}", n + 1))),
+        }
+    }
+    if merges.len() < CLIP_MERGES {
+        return Err(bad(format!("{} merge lines, CLIP uses {CLIP_MERGES}", merges.len())));
+    }
+    // `bytes_to_unicode`'s order is the characters' code point order.
+    let mut alphabet = byte_alphabet();
+    alphabet.sort_unstable();
+    let mut tokens: Vec<String> = Vec::with_capacity(2 * 256 + CLIP_MERGES + 2);
+    tokens.extend(alphabet.iter().map(|c| c.to_string()));
+    tokens.extend(alphabet.iter().map(|c| format!("{c}</w>")));
+    tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
+    tokens.extend([CLIP_START.to_string(), CLIP_END.to_string()]);
+    let distinct: std::collections::HashSet<&String> = tokens.iter().collect();
+    if distinct.len() != tokens.len() {
+        return Err(bad(format!("{} of its {} tokens are repeats", tokens.len() - distinct.len(), tokens.len())));
+    }
+    Ok((tokens, merges))
+}
+
+/// The `tokenizer/` folder of a diffusers model for OpenAI CLIP's vocabulary (`vocab.json`,
+/// `merges.txt`, `tokenizer_config.json`, as (file name, text)), which
+/// [`ClipTokenizer::from_files`] reads back as [`ClipTokenizer::from_clip_bpe`]'s tokenizer:
+/// `ldm convert` writes it for single-file checkpoints.
+pub fn clip_bpe_files(bpe_text: &str, pad: ClipPad) -> Result<Vec<(&'static str, String)>> {
+    let (tokens, merges) = clip_bpe_vocabulary(bpe_text)?;
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        tokens.into_iter().enumerate().map(|(id, t)| (t, id.into())).collect();
+    let mut merges_txt = String::from("#version: 0.2\n");
+    for (a, b) in &merges {
+        merges_txt.push_str(&format!("{a} {b}\n"));
+    }
+    let mut config = serde_json::to_value(pad.tokenizer_config())
+        .map_err(|e| Error::Model(format!("tokenizer_config.json: {e}")))?;
+    config["tokenizer_class"] = "CLIPTokenizer".into();
+    let json = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    Ok(vec![
+        ("vocab.json", json(&serde_json::Value::Object(vocab))),
+        ("merges.txt", merges_txt),
+        ("tokenizer_config.json", json(&config)),
+    ])
 }
 
 const CLIP_START: &str = "<|startoftext|>";
@@ -367,38 +426,9 @@ impl ClipTokenizer {
     /// configuration is [`ClipPad::tokenizer_config`]'s. Takes well under 0.1 s natively
     /// (release build).
     pub fn from_clip_bpe(bpe_text: &str, pad: ClipPad) -> Result<Self> {
-        let bad = |what: String| {
-            Error::Model(format!(
-                "CLIP BPE file: {what}; expected the text of OpenAI CLIP's bpe_simple_vocab_16e6.txt \
-                 (gunzipped)"
-            ))
-        };
-        let mut merges = Vec::with_capacity(CLIP_MERGES);
-        for (n, line) in bpe_text.split('\n').enumerate().skip(1).take(CLIP_MERGES) {
-            // Python's `str.split()`, as simple_tokenizer.py splits a merge line.
-            let mut parts = line.split_whitespace();
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
-                _ => return Err(bad(format!("line {} is not two tokens: {line:?}", n + 1))),
-            }
-        }
-        if merges.len() < CLIP_MERGES {
-            return Err(bad(format!("{} merge lines, CLIP uses {CLIP_MERGES}", merges.len())));
-        }
-        // `bytes_to_unicode`'s order is the characters' code point order.
-        let mut alphabet = byte_alphabet();
-        alphabet.sort_unstable();
-        let mut tokens: Vec<String> = Vec::with_capacity(2 * 256 + CLIP_MERGES + 2);
-        tokens.extend(alphabet.iter().map(|c| c.to_string()));
-        tokens.extend(alphabet.iter().map(|c| format!("{c}</w>")));
-        tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
-        tokens.extend([CLIP_START.to_string(), CLIP_END.to_string()]);
-        let count = tokens.len();
+        let (tokens, merges) = clip_bpe_vocabulary(bpe_text)?;
         let vocab: HashMap<String, u32> =
             tokens.into_iter().enumerate().map(|(id, t)| (t, id as u32)).collect();
-        if vocab.len() != count {
-            return Err(bad(format!("{} of its {count} tokens are repeats", count - vocab.len())));
-        }
         Self::build(vocab, merges, Vec::new(), pad.tokenizer_config())
     }
 
@@ -1140,6 +1170,19 @@ mod tests {
         for t in [&sd1, &sd2] {
             let ids = t.encode(&long);
             assert_eq!((ids.len(), &ids[..76], ids[76]), (77, &full[..76], 49407));
+        }
+
+        // The tokenizer folder `ldm convert` writes reads back as the same tokenizer.
+        for (pad, built) in [(ClipPad::EndOfText, &sd1), (ClipPad::Exclamation, &sd2)] {
+            let files = clip_bpe_files(&text, pad).expect("tokenizer files");
+            let file = |n: &str| files.iter().find(|(f, _)| *f == n).map(|(_, t)| t.as_str()).expect("written");
+            let config = TokenizerConfig::from_json(file("tokenizer_config.json")).expect("config");
+            assert_eq!(config, pad.tokenizer_config(), "{pad:?}");
+            let read = ClipTokenizer::from_files(file("vocab.json"), file("merges.txt"), config).expect("reads back");
+            assert_eq!(info(&read), info(built), "{pad:?}");
+            for prompt in cases.iter().map(|c| c.0).chain([long.as_str()]) {
+                assert_eq!(read.encode(prompt), built.encode(prompt), "{pad:?}: {prompt:?}");
+            }
         }
 
         // Other texts are refused.

@@ -1,4 +1,4 @@
-//! `ldm convert`: any model ldm loads, written as the web format: a diffusers-layout folder whose
+//! `ldm convert`: any model ldm loads (folder or single file), written as the web format: a diffusers-layout folder whose
 //! weights are quantised (q8_0 / q4_0 / q4_1) or f16 per component, tensors in each file in the
 //! order the model first reads them (the order the browser fetches), and `ldm-manifest.json`.
 //!
@@ -12,7 +12,8 @@ use clap::Args;
 use ldm_web::gpu::{DType, Gpu, GpuOptions};
 use ldm_web::loader::quantised::{describe, stored_tensors, QUANT_KEY_PREFIX};
 use ldm_web::loader::safetensors::{serialize, FileDType, OutTensor};
-use ldm_web::loader::{WeightLog, WeightRecord};
+use ldm_web::loader::{WeightFile, WeightLog, WeightRecord};
+use ldm_web::pipelines::single_file;
 use ldm_web::pipelines::{ComponentQuant, LoadOptions};
 use ldm_web::{Error, Result};
 
@@ -72,12 +73,16 @@ impl Choice {
 /// `ldm convert` flags.
 #[derive(Args, Clone, Debug)]
 pub struct ConvertArgs {
-    /// The model: a diffusers folder (any pipeline ldm runs) or `builtin`.
+    /// The model: a diffusers folder (any pipeline ldm runs), a single-file SD 1.x / 2.x
+    /// `.safetensors` checkpoint, or `builtin`.
     #[arg(long, default_value = crate::builtin::NAME)]
     model: String,
     /// The folder to write (must not exist yet, or be empty).
     #[arg(long)]
     out: PathBuf,
+    /// For a single-file checkpoint: a diffusers folder whose configs and tokenizer to use (and write) instead of inferring them.
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     quant: QuantArgs,
 }
@@ -108,7 +113,7 @@ fn out_tensors(r: &WeightRecord, f16: bool, metadata: &mut BTreeMap<String, Stri
 }
 
 /// The other files of the model (configs, tokenizer, scheduler, model card), as (path, bytes).
-fn other_files(model: &str, converted: &[&str]) -> Result<Vec<(String, Vec<u8>)>> {
+fn other_files(model: &str, config: Option<&Path>, converted: &[&str]) -> Result<Vec<(String, Vec<u8>)>> {
     let keep = |p: &str| {
         let folder = p.split('/').next().unwrap_or("");
         p != crate::manifest::MANIFEST && !(converted.contains(&folder) && is_weight_file(p))
@@ -116,9 +121,19 @@ fn other_files(model: &str, converted: &[&str]) -> Result<Vec<(String, Vec<u8>)>
     if model == crate::builtin::NAME && !Path::new(model).exists() {
         return Ok(crate::builtin::FILES.iter().filter(|(p, _)| keep(p)).map(|(p, b)| (p.to_string(), b.to_vec())).collect());
     }
-    let root = Path::new(model);
+    let (src, single) = crate::generate::open_model(model)?;
+    let root = match (single, config) {
+        // The configs of a single file are the given folder's, all its weights left out.
+        (Some(_), Some(dir)) => dir,
+        (Some(file), None) => {
+            let wf = pollster::block_on(WeightFile::open(src.as_ref(), &file))?;
+            return single_file::folder_files(&wf.header, &crate::generate::clip_bpe()?);
+        }
+        (None, _) => Path::new(model),
+    };
+    let keep = |p: &str| keep(p) && !(config.is_some() && is_weight_file(p));
     if !root.is_dir() {
-        return Err(Error::Input(format!("{model}: ldm convert reads diffusers folders (and `builtin`); single-file checkpoints are not converted yet, load them with ldm generate")));
+        return Err(Error::Input(format!("{model}: ldm convert reads local diffusers folders, single .safetensors checkpoints and `builtin`")));
     }
     let mut files = Vec::new();
     crate::manifest::walk(root, &mut files)?;
@@ -142,7 +157,7 @@ pub fn run(a: &ConvertArgs) -> Result<String> {
     pollster::block_on(async {
         let gpu = Gpu::new(GpuOptions { force_f32: true, ..Default::default() }).await?;
         let opts = LoadOptions { vae_encoder: true, quant: choice.component_quant(Some(log.clone())), ..Default::default() };
-        crate::generate::load_model(&gpu, &a.model, &opts).await.map(|_| ())
+        crate::generate::load_model(&gpu, &a.model, a.config.as_deref(), &opts).await.map(|_| ())
     })?;
     let records = log.records();
     let mut folders: Vec<&'static str> = Vec::new();
@@ -158,7 +173,7 @@ pub fn run(a: &ConvertArgs) -> Result<String> {
         }
         std::fs::write(&path, bytes).map_err(|e| Error::Io(format!("cannot write {}: {e}", path.display())))
     };
-    for (rel, bytes) in other_files(&a.model, &folders)? {
+    for (rel, bytes) in other_files(&a.model, a.config.as_deref(), &folders)? {
         write(&rel, &bytes)?;
     }
     let mut summary = Vec::new();

@@ -16,6 +16,9 @@ pub struct GenerateArgs {
     /// A diffusers folder, a single .safetensors checkpoint, or an http(s) URL laid out like a diffusers folder (default: the built-in emoji model).
     #[arg(long, default_value = crate::builtin::NAME)]
     model: String,
+    /// For a single-file checkpoint: a diffusers folder whose configs and tokenizer to use instead of inferring them (as diffusers' from_single_file(config=...)).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// What to draw (truncated to the tokenizer's 77 tokens, as diffusers).
     #[arg(long, default_value = "")]
     prompt: String,
@@ -60,7 +63,7 @@ pub struct GenerateArgs {
 }
 
 /// Opens `model` as a file source and says whether it is a single file (and its name).
-fn open_model(model: &str) -> Result<(Box<dyn FileSource>, Option<String>)> {
+pub(crate) fn open_model(model: &str) -> Result<(Box<dyn FileSource>, Option<String>)> {
     if model.starts_with("http://") || model.starts_with("https://") {
         return Ok((Box::new(crate::http::HttpSource::new(model)?), None));
     }
@@ -78,10 +81,18 @@ fn open_model(model: &str) -> Result<(Box<dyn FileSource>, Option<String>)> {
     Ok((Box::new(DirSource::new(parent)), Some(name)))
 }
 
+/// The folder given to `--config`, checked to be one.
+pub(crate) fn config_source(dir: &Path) -> Result<DirSource> {
+    if !dir.join("model_index.json").is_file() && !dir.join("unet/config.json").is_file() {
+        return Err(Error::Input(format!("--config {}: not a diffusers folder (no model_index.json or unet/config.json)", dir.display())));
+    }
+    Ok(DirSource::new(dir))
+}
+
 /// CLIP's BPE merges (open_clip_torch 3.3.0, MIT; see assets/clip), for single-file checkpoints.
 const CLIP_BPE_GZ: &[u8] = include_bytes!("../../../assets/clip/bpe_simple_vocab_16e6.txt.gz");
 
-fn clip_bpe() -> Result<String> {
+pub(crate) fn clip_bpe() -> Result<String> {
     use std::io::Read;
     let mut text = String::new();
     flate2::read::GzDecoder::new(CLIP_BPE_GZ).read_to_string(&mut text).map_err(|e| Error::Io(format!("built-in CLIP vocabulary: {e}")))?;
@@ -90,7 +101,7 @@ fn clip_bpe() -> Result<String> {
 
 /// Loads a model from a path or URL: a single file is Stable Diffusion, a folder is whatever
 /// pipeline its `model_index.json` names.
-pub async fn load_model(gpu: &Gpu, model: &str, opts: &LoadOptions) -> Result<DiffusionModel> {
+pub async fn load_model(gpu: &Gpu, model: &str, config: Option<&Path>, opts: &LoadOptions) -> Result<DiffusionModel> {
     if model == crate::builtin::NAME && !Path::new(model).exists() {
         let src = crate::builtin::source().ok_or_else(|| Error::Model("this ldm was built without the built-in model (assets/builtin/emoji); pass --model".into()))?;
         return DiffusionModel::load(gpu, &src, "ldm-web emoji", opts).await;
@@ -100,8 +111,11 @@ pub async fn load_model(gpu: &Gpu, model: &str, opts: &LoadOptions) -> Result<Di
     match single {
         Some(file) => {
             let opts = LoadOptions { clip_bpe: Some(clip_bpe()?), ..opts.clone() };
-            Ok(DiffusionModel::StableDiffusion(StableDiffusionModel::load_single_file(gpu, src.as_ref(), &file, None, &opts).await?))
+            let configs = config.map(config_source).transpose()?;
+            let configs = configs.as_ref().map(|c| c as &dyn FileSource);
+            Ok(DiffusionModel::StableDiffusion(StableDiffusionModel::load_single_file(gpu, src.as_ref(), &file, configs, &opts).await?))
         }
+        None if config.is_some() => Err(Error::Input("--config is for single-file checkpoints; a folder has its own configs".into())),
         None => DiffusionModel::load(gpu, src.as_ref(), &name, opts).await,
     }
 }
@@ -154,7 +168,7 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
         let gpu = Gpu::new(GpuOptions { force_f32: true, ..Default::default() }).await?;
         let t_load = now();
         let opts = LoadOptions { quant: a.quant.choice()?.component_quant(None), ..Default::default() };
-        let model = load_model(&gpu, &a.model, &opts).await?;
+        let model = load_model(&gpu, &a.model, a.config.as_deref(), &opts).await?;
         let load_ms = now() - t_load;
         let kind = match scheduler {
             Some(k) => k,
