@@ -1,6 +1,7 @@
 //! Pipelines: models + schedulers + seeds, as diffusers' pipelines.
 
 pub mod ldm;
+pub mod image_input;
 pub mod loading;
 pub mod output;
 pub mod preview;
