@@ -1,6 +1,7 @@
 //! Pipelines: models + schedulers + seeds, as diffusers' pipelines.
 
 pub mod ldm;
+pub mod conditions;
 pub mod image_input;
 pub mod loading;
 pub mod output;
@@ -10,4 +11,5 @@ pub mod stable_diffusion;
 
 pub use ldm::{LdmKind, LdmModel, LowResImage};
 pub use loading::{ComponentQuant, DiffusionModel, LoadOptions, ModelHints, StableDiffusionModel};
+pub use conditions::{DepthMap, ImageConditions, Task};
 pub use stable_diffusion::{Images, Latents, StageTimes, StepProgress, Txt2ImgParams};

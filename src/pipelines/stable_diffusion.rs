@@ -1,6 +1,7 @@
-//! Text-to-image with Stable Diffusion 1.x / 2.x, step for step as diffusers'
-//! `StableDiffusionPipeline.__call__`, so a seed gives diffusers' image.
+//! Stable Diffusion 1.x / 2.x: text-to-image, img2img, inpainting and depth-to-image, step for
+//! step as diffusers' pipelines, so a seed gives diffusers' image.
 
+use super::conditions::{depth_latent, nearest, start_for_strength, ImageConditions, Task};
 use super::loading::StableDiffusionModel;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
@@ -59,6 +60,8 @@ impl Images {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct StageTimes {
     pub text_encoder_ms: f64,
+    /// Encoding init images (img2img, inpainting, depth-to-image).
+    pub vae_encode_ms: f64,
     pub unet_steps_ms: Vec<f64>,
     pub vae_decode_ms: f64,
 }
@@ -138,22 +141,62 @@ impl StableDiffusionModel {
     /// Generates `params.batch` images (the VAE must be loaded); `now_ms` times stages, `progress`
     /// sees every step.
     pub async fn txt2img(&self, gpu: &Gpu, p: &Txt2ImgParams, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Images, StageTimes)> {
+        self.generate(gpu, p, &ImageConditions::default(), now_ms, progress).await
+    }
+
+    /// Generates with image conditions: the task (text-to-image, img2img, inpainting,
+    /// depth-to-image) follows from the UNet and the images given, as [`Task::choose`] says.
+    pub async fn generate(&self, gpu: &Gpu, p: &Txt2ImgParams, cond: &ImageConditions, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Images, StageTimes)> {
         self.vae()?;
-        let (latents, mut times) = self.denoise(gpu, p, now_ms, progress).await?;
+        let (latents, mut times) = self.denoise_with(gpu, p, cond, now_ms, progress).await?;
         let t0 = now_ms();
         let images = self.decode(gpu, &latents).await?;
         times.vae_decode_ms = now_ms() - t0;
         Ok((images, times))
     }
 
-    /// Text encoding and the denoising loop: everything before the VAE.
+    /// Text encoding and the denoising loop of text-to-image.
     pub async fn denoise(&self, gpu: &Gpu, p: &Txt2ImgParams, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Latents, StageTimes)> {
+        self.denoise_with(gpu, p, &ImageConditions::default(), now_ms, progress).await
+    }
+
+    /// The task `cond` makes of a generation with this model, or why it does not fit.
+    pub fn task(&self, p: &Txt2ImgParams, cond: &ImageConditions) -> Result<Task> {
+        let task = Task::choose(self.unet.config.in_channels, self.vae_config.latent_channels, cond)?;
+        let (w, h) = (p.width, p.height);
+        if cond.init.as_ref().is_some_and(|i| i.len() != 3 * w * h) || cond.mask.as_ref().is_some_and(|m| m.len() != w * h) {
+            return Err(Error::Input(format!("the init image and mask must be {w}x{h}, the output size")));
+        }
+        Ok(task)
+    }
+
+    /// Encodes `[3, H, W]` pixels in [-1, 1] to scaled latents `[1, z, h, w]`, drawing the
+    /// latent sample from `gen` (diffusers' `retrieve_latents(vae.encode(image), generator)`).
+    async fn encode_image(&self, gpu: &Gpu, image: &[f32], w: usize, h: usize, gen: &mut TorchGenerator) -> Result<Vec<f32>> {
+        let vae = self.vae()?;
+        let x = gpu.upload(&[1, 3, h, w], self.dtype, image)?;
+        let dist = vae.encode(gpu, &x).await?;
+        let scale = self.vae_config.scaling_factor;
+        Ok(dist.sample(gen).into_iter().map(|v| v * scale).collect())
+    }
+
+    /// Text encoding and the denoising loop: everything before the VAE, step for step as
+    /// diffusers' pipeline for the task (`StableDiffusion{,Img2Img,Inpaint,Depth2Img}Pipeline`),
+    /// drawing from the seed's generator in the same order.
+    pub async fn denoise_with(&self, gpu: &Gpu, p: &Txt2ImgParams, cond: &ImageConditions, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Latents, StageTimes)> {
         self.validate(p)?;
+        let task = self.task(p, cond)?;
         let mut times = StageTimes::default();
         let mut scheduler = self.scheduler(p.scheduler)?;
         scheduler.set_timesteps(p.steps)?;
         if p.eta != 0.0 {
             scheduler.set_eta(p.eta);
+        }
+        let all = scheduler.timesteps().len();
+        let strength = cond.strength.unwrap_or(task.default_strength());
+        let start = if task == Task::TextToImage { 0 } else { start_for_strength(p.steps, strength, scheduler.order()).0 };
+        if start >= all {
+            return Err(Error::Input(format!("strength {strength} of {} steps leaves no step to run; raise the strength or the steps", p.steps)));
         }
         let cfg = p.guidance_scale > 1.0;
         let b = p.batch;
@@ -161,37 +204,88 @@ impl StableDiffusionModel {
         // Text: diffusers applies clip_skip to the prompt only; the negative prompt always uses
         // the last layer.
         let t0 = now_ms();
-        let cond = self.encode_text(gpu, &[p.prompt.as_str()], p.clip_skip)?;
+        let cond_text = self.encode_text(gpu, &[p.prompt.as_str()], p.clip_skip)?;
         let neg = if cfg { Some(self.encode_text(gpu, &[p.negative_prompt.as_deref().unwrap_or("")], 0)?) } else { None };
         // Rows [uncond x b; cond x b], assembled on the GPU (no readback).
-        let rows: Vec<&Tensor> = neg.iter().flat_map(|n| std::iter::repeat_n(n, b)).chain(std::iter::repeat_n(&cond, b)).collect();
+        let rows: Vec<&Tensor> = neg.iter().flat_map(|n| std::iter::repeat_n(n, b)).chain(std::iter::repeat_n(&cond_text, b)).collect();
         let context = ops::concat(gpu, &rows, 0)?;
         let rows = rows.len();
         gpu.sync().await?;
         times.text_encoder_ms = now_ms() - t0;
 
-        // Latents: randn on the torch CPU generator, scaled by the scheduler's initial sigma.
+        // Latents: noise from torch's CPU generator, scaled by the initial sigma, or added to the
+        // init image's latents at the first timestep.
         let f = self.vae_config.scale_factor();
-        let (c, h, w) = (self.unet.config.in_channels, p.height / f, p.width / f);
+        let (z, h, w) = (self.vae_config.latent_channels, p.height / f, p.width / f);
+        let plane = h * w;
         let mut generator = TorchGenerator::new(p.seed);
-        let sigma = scheduler.init_noise_sigma();
-        let mut latents: Vec<f32> = generator.randn(b * c * h * w).into_iter().map(|v| v * sigma).collect();
+        let t0 = now_ms();
+        let needs_image_latents = match task {
+            Task::TextToImage => false,
+            Task::ImageToImage | Task::Depth => true,
+            Task::Inpaint { unet_mask } => !unet_mask || strength < 1.0,
+        };
+        let init = cond.init.as_deref().unwrap_or(&[]);
+        let image_latents = if needs_image_latents { self.encode_image(gpu, init, p.width, p.height, &mut generator).await?.repeat(b) } else { Vec::new() };
+        let noise = generator.randn(b * z * plane);
+        let pure_noise = task == Task::TextToImage || (matches!(task, Task::Inpaint { .. }) && strength == 1.0);
+        let mut latents = if pure_noise {
+            let sigma = scheduler.init_noise_sigma();
+            noise.iter().map(|v| v * sigma).collect()
+        } else {
+            scheduler.add_noise(&image_latents, &noise, start)
+        };
 
-        let steps = scheduler.timesteps().len();
-        for i in 0..steps {
+        // What the UNet takes besides the latents (the same for every row), and the mask of
+        // latent blending.
+        let (mut extra, mut blend_mask) = (Vec::new(), None);
+        match task {
+            Task::Inpaint { unet_mask } => {
+                let mask = cond.mask.as_deref().unwrap_or(&[]);
+                let mask_latent = nearest(mask, p.width, p.height, w, h);
+                let hw = p.width * p.height;
+                let masked: Vec<f32> = init.iter().enumerate().map(|(i, &v)| if mask[i % hw] < 0.5 { v } else { 0.0 }).collect();
+                // diffusers encodes the masked image whatever the UNet, drawing its sample.
+                if unet_mask {
+                    let masked_latents = self.encode_image(gpu, &masked, p.width, p.height, &mut generator).await?;
+                    extra = [mask_latent, masked_latents].concat();
+                } else {
+                    generator.randn(z * plane);
+                    blend_mask = Some(mask_latent);
+                }
+            }
+            Task::Depth => {
+                let depth = cond.depth.as_ref().ok_or_else(|| Error::Input("depth-to-image needs a depth map".into()))?;
+                extra = depth_latent(depth, w, h)?;
+            }
+            Task::TextToImage | Task::ImageToImage => {}
+        }
+        times.vae_encode_ms = now_ms() - t0;
+        let extra_c = extra.len() / plane;
+
+        for i in start..all {
             let t_start = now_ms();
             let t = scheduler.timesteps()[i];
             let scaled = scheduler.scale_model_input(&latents, i);
             let input = if cfg { [scaled.as_slice(), scaled.as_slice()].concat() } else { scaled };
-            let x = gpu.upload(&[rows, c, h, w], self.dtype, &input)?;
+            let input = if extra.is_empty() { input } else { input.chunks(z * plane).flat_map(|row| row.iter().chain(&extra)).copied().collect() };
+            let x = gpu.upload(&[rows, z + extra_c, h, w], self.dtype, &input)?;
             let out = self.unet.forward(gpu, &x, t, &context)?;
             let out = gpu.read(&out).await?;
-            let noise = if cfg { guide(&out, p.guidance_scale, p.guidance_rescale, b) } else { out };
-            latents = scheduler.step(&noise, i, &latents, &mut generator)?;
+            let noise_pred = if cfg { guide(&out, p.guidance_scale, p.guidance_rescale, b) } else { out };
+            latents = scheduler.step(&noise_pred, i, &latents, &mut generator)?;
+            if let Some(mask) = &blend_mask {
+                // Outside the mask, the init image's latents noised to the next timestep.
+                let proper = if i + 1 < all { scheduler.add_noise(&image_latents, &noise, i + 1) } else { image_latents.clone() };
+                for (k, v) in latents.iter_mut().enumerate() {
+                    let m = mask[k % plane];
+                    *v = (1.0 - m) * proper[k] + m * *v;
+                }
+            }
             times.unet_steps_ms.push(now_ms() - t_start);
-            progress(&StepProgress { step: i + 1, steps, latents: &latents, shape: [b, c, h, w] })?;
+            progress(&StepProgress { step: i - start + 1, steps: all - start, latents: &latents, shape: [b, z, h, w] })?;
         }
-        Ok((Latents { data: latents, shape: [b, c, h, w] }, times))
+        Ok((Latents { data: latents, shape: [b, z, h, w] }, times))
     }
 
     /// Decodes latents to images with the VAE (diffusers' `vae.decode(latents / scaling_factor)`).

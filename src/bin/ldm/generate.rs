@@ -6,7 +6,8 @@ use clap::Args;
 use ldm_web::gpu::{Gpu, GpuOptions};
 use ldm_web::loader::{DirSource, FileSource};
 use ldm_web::pipelines::output::{encode_png, parameters_text, GenerateBench};
-use ldm_web::pipelines::{DiffusionModel, LdmKind, LdmModel, LoadOptions, LowResImage, StableDiffusionModel, Txt2ImgParams};
+use ldm_web::pipelines::image_input::{self, Channels, InputImage};
+use ldm_web::pipelines::{DepthMap, DiffusionModel, ImageConditions, LdmKind, LdmModel, LoadOptions, LowResImage, StableDiffusionModel, Txt2ImgParams};
 use ldm_web::schedulers::SchedulerKind;
 use ldm_web::{Error, Result};
 
@@ -49,9 +50,21 @@ pub struct GenerateArgs {
     /// Text encoder layers to skip, counted as diffusers (1 = penultimate layer; A1111's "Clip skip: 2").
     #[arg(long, default_value_t = 0)]
     clip_skip: usize,
-    /// Input image (PNG, JPEG or WebP): the low-resolution image of an LDM super-resolution model.
+    /// Init image (PNG, JPEG or WebP; any size and mode): img2img, with --mask inpainting, with --depth depth-to-image; the low-resolution input of upscalers. The output size defaults to its size, rounded down to what the model takes.
     #[arg(long)]
     init_image: Option<String>,
+    /// How far to move from the init image, 0 to 1 (default 0.8; 1 for inpainting, as diffusers).
+    #[arg(long)]
+    strength: Option<f32>,
+    /// Inpainting mask (white = repaint), any image; resized to the output and binarised as diffusers.
+    #[arg(long)]
+    mask: Option<String>,
+    /// Gaussian blur radius applied to the mask first (diffusers' mask_processor.blur).
+    #[arg(long, default_value_t = 0.0)]
+    mask_blur: f32,
+    /// Depth map for depth-to-image models: any grayscale image, 8- or 16-bit PNG (larger = farther or nearer, min-max normalised as diffusers).
+    #[arg(long)]
+    depth: Option<String>,
     /// Images per run, from one seed as diffusers' num_images_per_prompt.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -167,7 +180,8 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
     pollster::block_on(async {
         let gpu = Gpu::new(GpuOptions { force_f32: true, ..Default::default() }).await?;
         let t_load = now();
-        let opts = LoadOptions { quant: a.quant.choice()?.component_quant(None), ..Default::default() };
+        // The VAE encoder is read only when an image is to be encoded.
+        let opts = LoadOptions { quant: a.quant.choice()?.component_quant(None), vae_encoder: a.init_image.is_some(), ..Default::default() };
         let model = load_model(&gpu, &a.model, a.config.as_deref(), &opts).await?;
         let load_ms = now() - t_load;
         let kind = match scheduler {
@@ -183,20 +197,17 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
         };
         let (p, images, times, warmup_ms) = match &model {
             DiffusionModel::StableDiffusion(m) => {
-                let p = sd_params(a, m, scheduler, bench)?;
-                if a.init_image.is_some() {
-                    return Err(Error::Input("this is a text-to-image model: --init-image is taken by LDM super-resolution models".into()));
-                }
+                let (p, cond) = sd_params(a, m, scheduler, bench)?;
                 // The benchmark reports steady-state speed: a one-step warm-up run first compiles
                 // every pipeline (seconds per generated kernel variant on software Vulkan).
                 let warmup_ms = if bench {
                     let t = now();
-                    m.txt2img(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, &now, &mut |_| Ok(())).await?;
+                    m.generate(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, &ImageConditions { strength: Some(1.0), ..cond.clone() }, &now, &mut |_| Ok(())).await?;
                     now() - t
                 } else {
                     0.0
                 };
-                let (images, times) = m.txt2img(&gpu, &p, &now, &mut progress).await?;
+                let (images, times) = m.generate(&gpu, &p, &cond, &now, &mut progress).await?;
                 (p, images, times, warmup_ms)
             }
             DiffusionModel::Ldm(m) => {
@@ -228,15 +239,58 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
     })
 }
 
-/// Stable Diffusion settings from the flags, checked; warns about prompts cut to the tokenizer's window.
-fn sd_params(a: &GenerateArgs, model: &StableDiffusionModel, scheduler: Option<SchedulerKind>, bench: bool) -> Result<Txt2ImgParams> {
+/// Reads an image file of any common format as the pipelines take it: PNG through the same
+/// decoder as the page, JPEG and WebP through the `image` crate.
+fn read_image(path: &str, what: &str) -> Result<InputImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Input(format!("cannot read the {what} {path}: {e}")))?;
+    let named = |e: Error| Error::Input(format!("the {what} {path}: {e}"));
+    if bytes.starts_with(b"\x89PNG") {
+        return InputImage::from_png(&bytes).map_err(named);
+    }
+    let img = image::load_from_memory(&bytes).map_err(|e| Error::Input(format!("cannot read the {what} {path} (PNG, JPEG or WebP): {e}")))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (channels, data): (Channels, Vec<u16>) = match img {
+        image::DynamicImage::ImageLuma8(i) => (Channels::Gray, i.into_raw().into_iter().map(u16::from).collect()),
+        image::DynamicImage::ImageLumaA8(i) => (Channels::GrayAlpha, i.into_raw().into_iter().map(u16::from).collect()),
+        image::DynamicImage::ImageRgb8(i) => (Channels::Rgb, i.into_raw().into_iter().map(u16::from).collect()),
+        other => (Channels::Rgba, other.to_rgba8().into_raw().into_iter().map(u16::from).collect()),
+    };
+    InputImage::new(w, h, channels, false, data).map_err(named)
+}
+
+/// Stable Diffusion settings and image conditions from the flags, checked; warns about prompts
+/// cut to the tokenizer's window.
+fn sd_params(a: &GenerateArgs, model: &StableDiffusionModel, scheduler: Option<SchedulerKind>, bench: bool) -> Result<(Txt2ImgParams, ImageConditions)> {
     let default_size = model.unet.config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
+    let init = a.init_image.as_deref().map(|p| read_image(p, "init image")).transpose()?;
+    let (mut width, mut height) = (a.width.unwrap_or(default_size), a.height.unwrap_or(default_size));
+    if let Some(img) = &init {
+        // diffusers takes the image's size rounded down to a multiple of 8; our UNet needs a
+        // multiple of its whole downsampling factor, so round to that.
+        let f = model.vae_config.scale_factor() * model.unet.config.downsample_factor();
+        let (dw, dh) = image_input::default_size(img, a.width, a.height, 8);
+        let (rw, rh) = (dw - dw % f, dh - dh % f);
+        if (rw, rh) != (dw, dh) && a.width.is_none() && a.height.is_none() && !bench {
+            eprintln!("ldm: note: the output is {rw}x{rh}: this model takes sides divisible by {f} (the init image is {}x{})", img.width, img.height);
+        }
+        (width, height) = (a.width.unwrap_or(rw), a.height.unwrap_or(rh));
+    }
     let p = Txt2ImgParams {
         prompt: a.prompt.clone(), negative_prompt: a.negative_prompt.clone(), seed: a.seed, steps: a.steps.or(model.hints.steps).unwrap_or(50),
-        guidance_scale: a.guidance.or(model.hints.guidance).unwrap_or(7.5), guidance_rescale: 0.0, width: a.width.unwrap_or(default_size), height: a.height.unwrap_or(default_size),
+        guidance_scale: a.guidance.or(model.hints.guidance).unwrap_or(7.5), guidance_rescale: 0.0, width, height,
         scheduler, eta: a.eta, clip_skip: a.clip_skip, batch: a.batch,
     };
     model.validate(&p)?;
+    if !(a.mask_blur >= 0.0 && a.mask_blur <= 1000.0) {
+        return Err(Error::Input(format!("--mask-blur must be a radius from 0 to 1000, got {}", a.mask_blur)));
+    }
+    let cond = ImageConditions {
+        init: init.as_ref().map(|img| image_input::rgb_tensor(img, width, height, true)),
+        strength: a.strength,
+        mask: a.mask.as_deref().map(|path| read_image(path, "mask").map(|m| image_input::mask_tensor(&m, width, height, a.mask_blur))).transpose()?,
+        depth: a.depth.as_deref().map(|path| read_image(path, "depth map").map(|d| DepthMap { width: d.width, height: d.height, data: d.gray_values() })).transpose()?,
+    };
+    model.task(&p, &cond)?;
     // As diffusers: text past the tokenizer's window is dropped, with a warning.
     for (what, text) in [("prompt", Some(&p.prompt)), ("negative prompt", p.negative_prompt.as_ref())] {
         let Some(text) = text else { continue };
@@ -245,7 +299,7 @@ fn sd_params(a: &GenerateArgs, model: &StableDiffusionModel, scheduler: Option<S
             eprintln!("ldm: warning: the {what} is {} tokens long; only the first {} are used", n - 2, max - 2);
         }
     }
-    Ok(p)
+    Ok((p, cond))
 }
 
 /// Settings of an LDM pipeline from the flags, refusing those the pipeline has no use for.
@@ -254,6 +308,9 @@ fn ldm_params(a: &GenerateArgs, model: &LdmModel, scheduler: Option<SchedulerKin
     let unused = |flag: &str, given: bool| if given { Err(Error::Input(format!("{} does not use {flag}", kind.class_name()))) } else { Ok(()) };
     unused("--negative-prompt", a.negative_prompt.is_some())?;
     unused("--clip-skip", a.clip_skip != 0)?;
+    unused("--strength", a.strength.is_some())?;
+    unused("--mask", a.mask.is_some())?;
+    unused("--depth", a.depth.is_some())?;
     if kind != LdmKind::TextToImage {
         unused("--prompt", !a.prompt.is_empty())?;
         unused("--guidance", a.guidance.is_some())?;

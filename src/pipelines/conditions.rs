@@ -1,0 +1,179 @@
+//! The images that steer a Stable Diffusion generation besides the prompt, and the task they
+//! make of it: img2img (SDEdit), inpainting with a dedicated 9-channel UNet or by latent
+//! blending, depth-to-image (5-channel UNets). Each is diffusers' pipeline of the same name.
+
+use crate::error::{Error, Result};
+
+/// A depth map as the user gave it: any size, any scale (min-max normalised by the pipeline).
+#[derive(Clone, Debug)]
+pub struct DepthMap {
+    pub width: usize,
+    pub height: usize,
+    /// `height * width` values.
+    pub data: Vec<f32>,
+}
+
+/// Images steering a generation, already at the output size (see `image_input`).
+#[derive(Clone, Debug, Default)]
+pub struct ImageConditions {
+    /// img2img, inpainting, depth-to-image: `[3, H, W]` in `[-1, 1]`.
+    pub init: Option<Vec<f32>>,
+    /// Where on the schedule to start, 0 to 1 (`None`: the pipeline's default, 0.8 for img2img
+    /// and depth-to-image, 1 for inpainting, as diffusers).
+    pub strength: Option<f32>,
+    /// Inpainting: `[H, W]` of 0 (keep) and 1 (repaint).
+    pub mask: Option<Vec<f32>>,
+    /// Depth-to-image.
+    pub depth: Option<DepthMap>,
+}
+
+/// What a generation is, from the UNet's input channels and the images given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    TextToImage,
+    ImageToImage,
+    /// `unet_mask`: the UNet takes the mask and masked image (9 channels); else latents are
+    /// blended under the mask after every step.
+    Inpaint { unet_mask: bool },
+    Depth,
+}
+
+impl Task {
+    /// The task for a UNet of `in_channels` (and `latent_channels` latents) given `c`, or why
+    /// the inputs do not fit the model.
+    pub fn choose(in_channels: usize, latent_channels: usize, c: &ImageConditions) -> Result<Self> {
+        let (init, mask, depth) = (c.init.is_some(), c.mask.is_some(), c.depth.is_some());
+        let z = latent_channels;
+        let task = if in_channels == 2 * z + 1 {
+            if !init || !mask {
+                return Err(Error::Input("this is an inpainting model: give an init image and a mask (white = repaint)".into()));
+            }
+            Task::Inpaint { unet_mask: true }
+        } else if in_channels == z + 1 {
+            if !init || !depth {
+                return Err(Error::Input("this is a depth-to-image model: give an init image and a depth map".into()));
+            }
+            Task::Depth
+        } else if in_channels == z {
+            match (init, mask) {
+                (true, true) => Task::Inpaint { unet_mask: false },
+                (true, false) => Task::ImageToImage,
+                (false, true) => return Err(Error::Input("a mask needs an init image to repaint".into())),
+                (false, false) => Task::TextToImage,
+            }
+        } else {
+            return Err(Error::Model(format!("a UNet with {in_channels} input channels is not a Stable Diffusion model ldm-web runs ({z}, {} or {})", z + 1, 2 * z + 1)));
+        };
+        if depth && task != Task::Depth {
+            return Err(Error::Input("a depth map needs a depth-to-image model (a UNet with 5 input channels, like stable-diffusion-2-depth)".into()));
+        }
+        if mask && !matches!(task, Task::Inpaint { .. }) {
+            return Err(Error::Input("this model does not inpaint with a mask".into()));
+        }
+        if let Some(s) = c.strength {
+            if !(0.0..=1.0).contains(&s) || (task == Task::TextToImage) {
+                let why = if task == Task::TextToImage { "strength needs an init image".to_string() } else { format!("strength must be between 0 and 1, got {s}") };
+                return Err(Error::Input(why));
+            }
+        }
+        Ok(task)
+    }
+
+    /// diffusers' default `strength`.
+    pub fn default_strength(self) -> f32 {
+        match self {
+            Task::Inpaint { .. } => 1.0,
+            _ => 0.8,
+        }
+    }
+}
+
+/// diffusers' `get_timesteps`: the index of the first timestep for `strength` of `steps`
+/// (times the scheduler's order), and the steps that remain.
+pub fn start_for_strength(steps: usize, strength: f32, order: usize) -> (usize, usize) {
+    let init = ((steps as f32 * strength) as usize).min(steps);
+    let t_start = steps - init;
+    (t_start * order, steps - t_start)
+}
+
+/// `torch.nn.functional.interpolate(mask, size)` (mode `nearest`) of an `[H, W]` plane.
+pub fn nearest(plane: &[f32], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<f32> {
+    let (sx, sy) = (w as f32 / out_w as f32, h as f32 / out_h as f32);
+    let mut out = Vec::with_capacity(out_w * out_h);
+    for y in 0..out_h {
+        let iy = ((y as f32 * sy) as usize).min(h - 1);
+        for x in 0..out_w {
+            let ix = ((x as f32 * sx) as usize).min(w - 1);
+            out.push(plane[iy * w + ix]);
+        }
+    }
+    out
+}
+
+/// `interpolate(x, size, mode="bicubic", align_corners=False)` of an `[H, W]` plane: torch's
+/// cubic convolution (A = -0.75) with clamped borders, in f32 as torch computes it.
+pub fn bicubic(plane: &[f32], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<f32> {
+    const A: f32 = -0.75;
+    let weights = |t: f32| {
+        let c1 = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+        let c2 = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+        [c2(t + 1.0), c1(t), c1(1.0 - t), c2(2.0 - t)]
+    };
+    let taps = |o: usize, inn: usize, out: usize| {
+        let scale = inn as f32 / out as f32;
+        let real = scale * (o as f32 + 0.5) - 0.5;
+        let i0 = real.floor();
+        let idx: [usize; 4] = std::array::from_fn(|k| (i0 as i64 - 1 + k as i64).clamp(0, inn as i64 - 1) as usize);
+        (idx, weights(real - i0))
+    };
+    let cols: Vec<_> = (0..out_w).map(|x| taps(x, w, out_w)).collect();
+    let mut out = Vec::with_capacity(out_w * out_h);
+    for y in 0..out_h {
+        let (ry, wy) = taps(y, h, out_h);
+        for (rx, wx) in &cols {
+            // Along x for each of the four rows, then along y (torch's order).
+            let row = |r: usize| (0..4).map(|k| plane[r * w + rx[k]] * wx[k]).fold(0.0f32, |a, v| a + v);
+            let rows = ry.map(row);
+            out.push((0..4).map(|k| rows[k] * wy[k]).fold(0.0f32, |a, v| a + v));
+        }
+    }
+    out
+}
+
+/// diffusers' `prepare_depth_map` for a given map: bicubic to the latent size, then min-max
+/// normalised to `[-1, 1]`.
+pub fn depth_latent(d: &DepthMap, out_w: usize, out_h: usize) -> Result<Vec<f32>> {
+    if d.data.len() != d.width * d.height || d.data.is_empty() {
+        return Err(Error::Input(format!("the depth map has {} values for {}x{}", d.data.len(), d.width, d.height)));
+    }
+    let v = bicubic(&d.data, d.width, d.height, out_w, out_h);
+    let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+    if !(hi > lo) {
+        return Err(Error::Input("the depth map is flat (one value everywhere); give an image with near and far parts".into()));
+    }
+    Ok(v.iter().map(|&x| 2.0 * (x - lo) / (hi - lo) - 1.0).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strength_cuts_the_schedule_as_diffusers() {
+        assert_eq!(start_for_strength(50, 0.8, 1), (10, 40));
+        assert_eq!(start_for_strength(5, 0.75, 1), (2, 3));
+        assert_eq!(start_for_strength(4, 0.3, 2), (6, 1));
+        assert_eq!(start_for_strength(5, 1.0, 1), (0, 5));
+    }
+
+    #[test]
+    fn resampling_keeps_constants_and_picks_nearest_as_torch() {
+        let flat = vec![3.5f32; 7 * 5];
+        assert!(bicubic(&flat, 7, 5, 12, 3).iter().all(|&v| (v - 3.5).abs() < 1e-5));
+        let plane: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        assert_eq!(nearest(&plane, 4, 4, 2, 2), vec![0.0, 2.0, 8.0, 10.0]);
+        // Identity size: bicubic reproduces the input.
+        let same = bicubic(&plane, 4, 4, 4, 4);
+        assert!(same.iter().zip(&plane).all(|(a, b)| (a - b).abs() < 1e-5));
+    }
+}

@@ -1,0 +1,102 @@
+//! Image-conditioned pipelines against diffusers' `output_type="np"` images
+//! (tests/fixtures/ref/cond_cases.json, scripts/cond_fixtures.py): img2img with every scheduler,
+//! inpainting with 9-channel UNets and by latent blending, depth-to-image; every pixel within
+//! 2/255, with the images read from the PNG files as a user gives them.
+
+mod common;
+
+use common::{fixtures, gpu, reference};
+use ldm_web::loader::DirSource;
+use ldm_web::pipelines::image_input::{mask_tensor, rgb_tensor, InputImage};
+use ldm_web::pipelines::{DepthMap, ImageConditions, LoadOptions, StableDiffusionModel, Txt2ImgParams};
+use ldm_web::schedulers::SchedulerKind;
+
+/// Largest allowed per-channel difference from diffusers' image in [0, 1].
+const PIXEL_TOL: f32 = 2.0 / 255.0;
+
+#[derive(serde::Deserialize)]
+struct Case {
+    index: usize,
+    kind: String,
+    model: String,
+    scheduler: Option<String>,
+    prompt: String,
+    negative_prompt: Option<String>,
+    seed: u64,
+    steps: usize,
+    guidance: f32,
+    eta: f32,
+    width: usize,
+    height: usize,
+    batch: usize,
+    strength: Option<f32>,
+    image: Option<String>,
+    mask: Option<String>,
+    mask_blur: Option<f32>,
+    depth: Option<String>,
+}
+
+fn image(name: &str) -> InputImage {
+    let path = fixtures().join("images").join(name);
+    InputImage::from_png(&std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).expect("decodes")
+}
+
+/// The conditions of a case, from its files as the CLI and the page read them.
+fn conditions(c: &Case) -> ImageConditions {
+    let (w, h) = (c.width, c.height);
+    ImageConditions {
+        init: c.image.as_deref().map(|f| rgb_tensor(&image(f), w, h, true)),
+        strength: c.strength,
+        mask: c.mask.as_deref().map(|f| mask_tensor(&image(f), w, h, c.mask_blur.unwrap_or(0.0))),
+        depth: c.depth.as_deref().map(|f| {
+            let d = image(f);
+            DepthMap { width: d.width, height: d.height, data: d.gray_values() }
+        }),
+    }
+}
+
+#[test]
+fn image_pipelines_match_diffusers_images() {
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures().join("ref/cond_cases.json")).expect("cond_cases.json")).expect("parses");
+    let cases: Vec<Case> = serde_json::from_value(file["cases"].clone()).expect("cases");
+    let only = std::env::var("LDM_CASE").ok().and_then(|v| v.parse::<usize>().ok());
+    let gpu = gpu();
+    let opts = LoadOptions { vae_encoder: true, ..Default::default() };
+    let mut models: std::collections::HashMap<String, StableDiffusionModel> = Default::default();
+    let (mut failures, mut ran) = (Vec::new(), 0);
+    for c in cases.iter().filter(|c| only.is_none_or(|o| o == c.index)) {
+        if !matches!(c.kind.as_str(), "img2img" | "inpaint" | "depth2img") {
+            continue;
+        }
+        let model = models.entry(c.model.clone()).or_insert_with(|| {
+            pollster::block_on(StableDiffusionModel::load(&gpu, &DirSource::new(fixtures().join(&c.model)), &c.model, &opts)).unwrap_or_else(|e| panic!("loading {}: {e}", c.model))
+        });
+        let p = Txt2ImgParams {
+            prompt: c.prompt.clone(), negative_prompt: c.negative_prompt.clone(), seed: c.seed, steps: c.steps,
+            guidance_scale: c.guidance, guidance_rescale: 0.0, width: c.width, height: c.height,
+            scheduler: c.scheduler.as_deref().map(|s| s.parse::<SchedulerKind>().expect("known scheduler")),
+            eta: c.eta, clip_skip: 0, batch: c.batch,
+        };
+        let (images, _) = match pollster::block_on(model.generate(&gpu, &p, &conditions(c), &|| 0.0, &mut |_| Ok(()))) {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("case {} ({}): {e}", c.index, c.kind));
+                continue;
+            }
+        };
+        let want = &reference(&format!("cond_{}.safetensors", c.index))["image"];
+        assert_eq!(want.0, vec![c.batch, c.height, c.width, 3], "case {} shape", c.index);
+        let (d, _) = common::max_diff(&images.data, &want.1);
+        let mean = images.data.iter().zip(&want.1).map(|(a, b)| (a - b).abs()).sum::<f32>() / want.1.len() as f32;
+        println!(
+            "case {:>2} {:<13} {:<12} {:<20} strength {:<4} batch {}: max |diff| {:.4}/255, mean {:.5}/255",
+            c.index, c.kind, c.model, c.scheduler.as_deref().unwrap_or("(default)"), c.strength.map_or("-".into(), |s| s.to_string()), c.batch, d * 255.0, mean * 255.0
+        );
+        if d > PIXEL_TOL {
+            failures.push(format!("case {} ({} {} {:?}): max pixel difference {:.2}/255", c.index, c.kind, c.model, c.scheduler, d * 255.0));
+        }
+        ran += 1;
+    }
+    assert!(ran > 0 || only.is_some(), "no cases ran");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
