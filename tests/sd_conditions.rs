@@ -1,6 +1,7 @@
 //! Image-conditioned pipelines against diffusers' `output_type="np"` images
 //! (tests/fixtures/ref/cond_cases.json, scripts/cond_fixtures.py): img2img with every scheduler,
-//! inpainting with 9-channel UNets and by latent blending, depth-to-image; every pixel within
+//! inpainting with 9-channel UNets and by latent blending, depth-to-image, ControlNet (single,
+//! multi, guess mode, guidance window); every pixel within
 //! 2/255, with the images read from the PNG files as a user gives them.
 
 mod common;
@@ -8,7 +9,8 @@ mod common;
 use common::{fixtures, gpu, reference};
 use ldm_web::loader::DirSource;
 use ldm_web::pipelines::image_input::{mask_tensor, rgb_tensor, InputImage};
-use ldm_web::pipelines::{DepthMap, ImageConditions, LoadOptions, StableDiffusionModel, Txt2ImgParams};
+use ldm_web::models::{ControlNetConfig, ControlNetModel};
+use ldm_web::pipelines::{load_controlnet, load_controlnet_single_file, Control, DepthMap, ImageConditions, LoadOptions, StableDiffusionModel, Txt2ImgParams};
 use ldm_web::schedulers::SchedulerKind;
 
 /// Largest allowed per-channel difference from diffusers' image in [0, 1].
@@ -34,6 +36,26 @@ struct Case {
     mask: Option<String>,
     mask_blur: Option<f32>,
     depth: Option<String>,
+    controlnets: Vec<ControlSpec>,
+    guess_mode: Option<bool>,
+    control_guidance_start: Option<f32>,
+    control_guidance_end: Option<f32>,
+}
+
+#[derive(serde::Deserialize)]
+struct ControlSpec {
+    folder: String,
+    image: String,
+    scale: f32,
+    controlnet_file: Option<String>,
+}
+
+fn controlnet_config(folder: &str) -> ControlNetConfig {
+    ControlNetConfig::from_json(&std::fs::read_to_string(fixtures().join(folder).join("config.json")).expect("config.json")).expect("config")
+}
+
+fn net_key(s: &ControlSpec) -> String {
+    s.controlnet_file.clone().unwrap_or_else(|| s.folder.clone())
 }
 
 fn image(name: &str) -> InputImage {
@@ -42,9 +64,21 @@ fn image(name: &str) -> InputImage {
 }
 
 /// The conditions of a case, from its files as the CLI and the page read them.
-fn conditions(c: &Case) -> ImageConditions {
+fn conditions<'m>(c: &Case, nets: &'m std::collections::HashMap<String, ControlNetModel>) -> ImageConditions<'m> {
     let (w, h) = (c.width, c.height);
     ImageConditions {
+        controls: c
+            .controlnets
+            .iter()
+            .map(|s| Control {
+                model: &nets[&net_key(s)],
+                image: rgb_tensor(&image(&s.image), w, h, false),
+                scale: s.scale,
+                start: c.control_guidance_start.unwrap_or(0.0),
+                end: c.control_guidance_end.unwrap_or(1.0),
+            })
+            .collect(),
+        guess_mode: c.guess_mode.unwrap_or(false),
         init: c.image.as_deref().map(|f| rgb_tensor(&image(f), w, h, true)),
         strength: c.strength,
         mask: c.mask.as_deref().map(|f| mask_tensor(&image(f), w, h, c.mask_blur.unwrap_or(0.0))),
@@ -63,10 +97,25 @@ fn image_pipelines_match_diffusers_images() {
     let gpu = gpu();
     let opts = LoadOptions { vae_encoder: true, ..Default::default() };
     let mut models: std::collections::HashMap<String, StableDiffusionModel> = Default::default();
+    let mut nets: std::collections::HashMap<String, ControlNetModel> = Default::default();
     let (mut failures, mut ran) = (Vec::new(), 0);
     for c in cases.iter().filter(|c| only.is_none_or(|o| o == c.index)) {
-        if !matches!(c.kind.as_str(), "img2img" | "inpaint" | "depth2img") {
+        if !matches!(c.kind.as_str(), "img2img" | "inpaint" | "depth2img" | "controlnet") {
             continue;
+        }
+        for s in &c.controlnets {
+            if !nets.contains_key(&net_key(s)) {
+                let src = DirSource::new(fixtures());
+                let net = pollster::block_on(async {
+                    match &s.controlnet_file {
+                        // As diffusers' from_single_file(config=folder).
+                        Some(file) => load_controlnet_single_file(&gpu, &src, file, Some(controlnet_config(&s.folder)), &LoadOptions::default()).await,
+                        None => load_controlnet(&gpu, &src, &s.folder, &LoadOptions::default()).await,
+                    }
+                })
+                .unwrap_or_else(|e| panic!("loading {}: {e}", net_key(s)));
+                nets.insert(net_key(s), net);
+            }
         }
         let model = models.entry(c.model.clone()).or_insert_with(|| {
             pollster::block_on(StableDiffusionModel::load(&gpu, &DirSource::new(fixtures().join(&c.model)), &c.model, &opts)).unwrap_or_else(|e| panic!("loading {}: {e}", c.model))
@@ -77,7 +126,7 @@ fn image_pipelines_match_diffusers_images() {
             scheduler: c.scheduler.as_deref().map(|s| s.parse::<SchedulerKind>().expect("known scheduler")),
             eta: c.eta, clip_skip: 0, batch: c.batch,
         };
-        let (images, _) = match pollster::block_on(model.generate(&gpu, &p, &conditions(c), &|| 0.0, &mut |_| Ok(()))) {
+        let (images, _) = match pollster::block_on(model.generate(&gpu, &p, &conditions(c, &nets), &|| 0.0, &mut |_| Ok(()))) {
             Ok(r) => r,
             Err(e) => {
                 failures.push(format!("case {} ({}): {e}", c.index, c.kind));
@@ -99,4 +148,17 @@ fn image_pipelines_match_diffusers_images() {
     }
     assert!(ran > 0 || only.is_some(), "no cases ran");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// An original-layout ControlNet file's architecture is inferred from its shapes as the folder
+/// has it (all but norm groups and heads, which no checkpoint stores).
+#[test]
+fn controlnet_single_file_config_is_inferred() {
+    use ldm_web::loader::WeightFile;
+    let wf = pollster::block_on(WeightFile::open(&DirSource::new(fixtures()), "controlnet-a.safetensors")).expect("header");
+    let got = ldm_web::pipelines::single_file::infer_controlnet_config(&wf.header).expect("inferred");
+    let want = controlnet_config("controlnet-a");
+    assert_eq!(got.conditioning_embedding_out_channels, want.conditioning_embedding_out_channels);
+    let (g, w) = (&got.unet, &want.unet);
+    assert_eq!((&g.block_out_channels, &g.layers_per_block, &g.down_block_types, &g.cross_attention_dim, g.in_channels), (&w.block_out_channels, &w.layers_per_block, &w.down_block_types, &w.cross_attention_dim, w.in_channels));
 }

@@ -2,6 +2,7 @@
 
 pub mod autoencoder_kl;
 pub mod clip_text;
+pub mod controlnet;
 pub mod ldm_bert;
 pub mod nn;
 pub mod resnet;
@@ -15,6 +16,7 @@ pub mod vq_model;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 pub use clip_text::{ClipTextConfig, ClipTextModel};
+pub use controlnet::{ControlNetConfig, ControlNetModel};
 pub use ldm_bert::{LdmBertConfig, LdmBertModel};
 pub use unet_2d::{UNet2DConfig, UNet2DModel};
 pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};

@@ -249,7 +249,7 @@ impl UNet2DModel {
             (Some(_), None) => return Err(Error::Input("this UNet2DModel is class-conditional; it needs class labels".into())),
         };
         let x = if self.config.center_input_sample { ops::scale(gpu, sample, 2.0, -1.0)? } else { sample.clone() };
-        self.body.forward(gpu, &x, &silu_emb, None)
+        self.body.forward(gpu, &x, &silu_emb, None, None)
     }
 
     fn embed_classes(&self, gpu: &Gpu, kind: &ClassEmbedding, labels: &[f32], b: usize, dtype: DType) -> Result<Tensor> {

@@ -240,19 +240,23 @@ pub struct UNetBodyConfig<'a> {
     pub settings: BlockSettings,
 }
 
-/// What both UNets are made of around their embeddings: `conv_in`, the down blocks, the mid
-/// block, the up blocks fed the down blocks' skip states, group norm + SiLU, `conv_out`.
-pub struct UNetBody {
+/// What a ControlNet adds to a UNet: one tensor per skip state (in the order the down blocks
+/// make them) and one to the mid block's output.
+pub struct Residuals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+/// The contracting half of a UNet: `conv_in`, the down blocks, the mid block. A ControlNet is
+/// this half plus its condition embedding and zero convolutions.
+pub struct UNetEncoder {
     conv_in: Conv2d,
     down_blocks: Vec<DownBlock2D>,
     mid_block: Option<MidBlock2D>,
-    up_blocks: Vec<UpBlock2D>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
 }
 
-impl UNetBody {
-    /// Loads the body under `w` with diffusers' channel bookkeeping.
+impl UNetEncoder {
+    /// Loads the half under `w` with diffusers' channel bookkeeping.
     pub async fn load(w: &W<'_, '_>, c: &UNetBodyConfig<'_>) -> Result<Self> {
         let (ch, s) = (c.block_out_channels, &c.settings);
         let n = ch.len();
@@ -268,6 +272,42 @@ impl UNetBody {
             Some((attn, groups, scale)) => Some(MidBlock2D::load(&w.sub("mid_block"), ch[n - 1], attn, groups, scale, s).await?),
             None => None,
         };
+        Ok(Self { conv_in, down_blocks, mid_block })
+    }
+
+    /// The mid block's output and every skip state; `added` is added to `conv_in`'s output (a
+    /// ControlNet's condition embedding).
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, silu_emb: &Tensor, context: Option<&Tensor>, added: Option<&Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut hs = self.conv_in.forward(gpu, x, None)?;
+        if let Some(a) = added {
+            hs = ops::add(gpu, &hs, a)?;
+        }
+        let mut skips = vec![hs.clone()];
+        for block in &self.down_blocks {
+            hs = block.forward(gpu, &hs, silu_emb, context, &mut skips)?;
+        }
+        if let Some(mid) = &self.mid_block {
+            hs = mid.forward(gpu, &hs, silu_emb, context)?;
+        }
+        Ok((hs, skips))
+    }
+}
+
+/// What both UNets are made of around their embeddings: `conv_in`, the down blocks, the mid
+/// block, the up blocks fed the down blocks' skip states, group norm + SiLU, `conv_out`.
+pub struct UNetBody {
+    encoder: UNetEncoder,
+    up_blocks: Vec<UpBlock2D>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNetBody {
+    /// Loads the body under `w` with diffusers' channel bookkeeping.
+    pub async fn load(w: &W<'_, '_>, c: &UNetBodyConfig<'_>) -> Result<Self> {
+        let (ch, s) = (c.block_out_channels, &c.settings);
+        let n = ch.len();
+        let encoder = UNetEncoder::load(w, c).await?;
         let mut up_blocks = Vec::new();
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut out = rev[0];
@@ -278,24 +318,25 @@ impl UNetBody {
             up_blocks.push(UpBlock2D::load(&w.sub(format!("up_blocks.{i}")), cin, prev, out, c.layers_per_block[n - 1 - i] + 1, c.up_attention[i], i + 1 < n, s).await?);
         }
         Ok(Self {
-            conv_in,
-            down_blocks,
-            mid_block,
+            encoder,
             up_blocks,
             conv_norm_out: GroupNorm::load(&w.sub("conv_norm_out"), s.groups, ch[0], s.eps).await?,
             conv_out: Conv2d::load(&w.sub("conv_out"), ch[0], c.out_channels, 3, 1, 1).await?,
         })
     }
 
-    /// The prediction for `x`, given `silu(temb)` and (cross-attention UNets) the text.
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor, silu_emb: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let mut hs = self.conv_in.forward(gpu, x, None)?;
-        let mut skips = vec![hs.clone()];
-        for block in &self.down_blocks {
-            hs = block.forward(gpu, &hs, silu_emb, context, &mut skips)?;
-        }
-        if let Some(mid) = &self.mid_block {
-            hs = mid.forward(gpu, &hs, silu_emb, context)?;
+    /// The prediction for `x`, given `silu(temb)`, (cross-attention UNets) the text, and what
+    /// ControlNets add (diffusers' `down_block_additional_residuals` / `mid_block_additional_residual`).
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, silu_emb: &Tensor, context: Option<&Tensor>, residuals: Option<&Residuals>) -> Result<Tensor> {
+        let (mut hs, mut skips) = self.encoder.forward(gpu, x, silu_emb, context, None)?;
+        if let Some(r) = residuals {
+            if r.down.len() != skips.len() {
+                return Err(Error::Model(format!("the ControlNet gives {} residuals for the UNet's {} skip states; it was made for another UNet", r.down.len(), skips.len())));
+            }
+            for (s, d) in skips.iter_mut().zip(&r.down) {
+                *s = ops::add(gpu, s, d)?;
+            }
+            hs = ops::add(gpu, &hs, &r.mid)?;
         }
         for block in &self.up_blocks {
             hs = block.forward(gpu, &hs, silu_emb, context, &mut skips)?;

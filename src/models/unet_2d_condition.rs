@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::resnet::TimeEmbeddingNorm;
-use super::unet_2d_blocks::{BlockAttention, BlockSettings, TimestepMlp, UNetBody, UNetBodyConfig};
+use super::unet_2d_blocks::{BlockAttention, BlockSettings, Residuals, TimestepMlp, UNetBody, UNetBodyConfig};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::loader::W;
@@ -162,6 +162,34 @@ impl UNet2DConditionConfig {
         self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).get(i)
     }
 
+    /// Width of the timestep embedding.
+    pub fn temb_channels(&self) -> usize {
+        self.block_out_channels[0] * 4
+    }
+
+    /// The blocks this config describes. Block i's settings; up block i mirrors down block
+    /// n - 1 - i (diffusers reverses the per-block lists for the up blocks).
+    pub fn body_config(&self) -> UNetBodyConfig<'_> {
+        let ch = &self.block_out_channels;
+        let n = ch.len();
+        let attention = |r: usize| BlockAttention::Cross { heads: self.heads(r), transformer_layers: self.transformer_layers_per_block.get(r) };
+        let cross = |types: &[String], i: usize, r: usize| types[i].starts_with("CrossAttn").then(|| attention(r));
+        UNetBodyConfig {
+            in_channels: self.in_channels,
+            out_channels: self.out_channels,
+            block_out_channels: ch,
+            layers_per_block: (0..n).map(|i| self.layers_per_block.get(i)).collect(),
+            down_attention: (0..n).map(|i| cross(&self.down_block_types, i, i)).collect(),
+            up_attention: (0..n).map(|i| cross(&self.up_block_types, i, n - 1 - i)).collect(),
+            mid: Some((Some(attention(n - 1)), None, self.mid_block_scale_factor)),
+            downsample_padding: self.downsample_padding,
+            settings: BlockSettings {
+                temb_channels: self.temb_channels(), groups: self.norm_num_groups, eps: self.norm_eps,
+                cross_attention_dim: self.cross_attention_dim.get(0), time_norm: TimeEmbeddingNorm::Default,
+            },
+        }
+    }
+
     /// How much smaller the innermost feature map is than the latent.
     pub fn downsample_factor(&self) -> usize {
         1 << self.block_out_channels.len().saturating_sub(1)
@@ -180,34 +208,19 @@ impl UNet2DConditionModel {
     pub async fn load(w: &W<'_, '_>, config: UNet2DConditionConfig) -> Result<Self> {
         config.validate()?;
         let ch = &config.block_out_channels;
-        let n = ch.len();
-        let temb = ch[0] * 4;
-        // Block i's settings; up block i mirrors down block n - 1 - i (diffusers reverses the
-        // per-block lists for the up blocks).
-        let attention = |r: usize| BlockAttention::Cross { heads: config.heads(r), transformer_layers: config.transformer_layers_per_block.get(r) };
-        let cross = |types: &[String], i: usize, r: usize| types[i].starts_with("CrossAttn").then(|| attention(r));
-        let body = UNetBodyConfig {
-            in_channels: config.in_channels,
-            out_channels: config.out_channels,
-            block_out_channels: ch,
-            layers_per_block: (0..n).map(|i| config.layers_per_block.get(i)).collect(),
-            down_attention: (0..n).map(|i| cross(&config.down_block_types, i, i)).collect(),
-            up_attention: (0..n).map(|i| cross(&config.up_block_types, i, n - 1 - i)).collect(),
-            mid: Some((Some(attention(n - 1)), None, config.mid_block_scale_factor)),
-            downsample_padding: config.downsample_padding,
-            settings: BlockSettings {
-                temb_channels: temb, groups: config.norm_num_groups, eps: config.norm_eps,
-                cross_attention_dim: config.cross_attention_dim.get(0), time_norm: TimeEmbeddingNorm::Default,
-            },
-        };
-        let time_embedding = TimestepMlp::load(&w.sub("time_embedding"), ch[0], temb, config.flip_sin_to_cos, config.freq_shift).await?;
-        let body = UNetBody::load(w, &body).await?;
+        let time_embedding = TimestepMlp::load(&w.sub("time_embedding"), ch[0], config.temb_channels(), config.flip_sin_to_cos, config.freq_shift).await?;
+        let body = UNetBody::load(w, &config.body_config()).await?;
         Ok(Self { config, time_embedding, body })
     }
 
     /// Predicts noise (or v / x0, as trained) for latents `[B, C, H, W]` at `timestep`, given text
     /// embeddings `[B, L, cross_attention_dim]`.
     pub fn forward(&self, gpu: &Gpu, sample: &Tensor, timestep: f32, context: &Tensor) -> Result<Tensor> {
+        self.forward_with(gpu, sample, timestep, context, None)
+    }
+
+    /// [`Self::forward`] with what ControlNets add to the skip states and the mid block.
+    pub fn forward_with(&self, gpu: &Gpu, sample: &Tensor, timestep: f32, context: &Tensor, residuals: Option<&Residuals>) -> Result<Tensor> {
         let &[b, c, h, w] = sample.shape() else { return Err(Error::Shape(format!("unet sample must be [B, C, H, W], got {:?}", sample.shape()))) };
         let f = self.config.downsample_factor();
         if c != self.config.in_channels || h % f != 0 || w % f != 0 || h == 0 || w == 0 {
@@ -218,6 +231,6 @@ impl UNet2DConditionModel {
         }
         // Every resnet applies SiLU to the embedding first: do it once, in linear_2's epilogue.
         let silu_emb = self.time_embedding.forward(gpu, &vec![timestep; b], sample.dtype(), Activation::Silu)?;
-        self.body.forward(gpu, sample, &silu_emb, Some(context))
+        self.body.forward(gpu, sample, &silu_emb, Some(context), residuals)
     }
 }

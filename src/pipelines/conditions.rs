@@ -3,6 +3,7 @@
 //! blending, depth-to-image (5-channel UNets). Each is diffusers' pipeline of the same name.
 
 use crate::error::{Error, Result};
+use crate::models::ControlNetModel;
 
 /// A depth map as the user gave it: any size, any scale (min-max normalised by the pipeline).
 #[derive(Clone, Debug)]
@@ -13,9 +14,23 @@ pub struct DepthMap {
     pub data: Vec<f32>,
 }
 
+/// One ControlNet and its condition image (diffusers' `StableDiffusionControlNetPipeline`
+/// arguments for it).
+#[derive(Clone)]
+pub struct Control<'m> {
+    pub model: &'m ControlNetModel,
+    /// `[3, H, W]` RGB in [0, 1] at the output size.
+    pub image: Vec<f32>,
+    /// `controlnet_conditioning_scale`.
+    pub scale: f32,
+    /// `control_guidance_start` / `control_guidance_end`: the part of the schedule it acts on.
+    pub start: f32,
+    pub end: f32,
+}
+
 /// Images steering a generation, already at the output size (see `image_input`).
-#[derive(Clone, Debug, Default)]
-pub struct ImageConditions {
+#[derive(Clone, Default)]
+pub struct ImageConditions<'m> {
     /// img2img, inpainting, depth-to-image: `[3, H, W]` in `[-1, 1]`.
     pub init: Option<Vec<f32>>,
     /// Where on the schedule to start, 0 to 1 (`None`: the pipeline's default, 0.8 for img2img
@@ -25,6 +40,19 @@ pub struct ImageConditions {
     pub mask: Option<Vec<f32>>,
     /// Depth-to-image.
     pub depth: Option<DepthMap>,
+    /// ControlNets, their residuals summed (diffusers' `MultiControlNetModel`).
+    pub controls: Vec<Control<'m>>,
+    /// Guess mode: the ControlNets see only the conditional half of guidance, their residuals
+    /// weighted from 0.1 (first skip) to 1 (mid block).
+    pub guess_mode: bool,
+}
+
+impl Control<'_> {
+    /// diffusers' `controlnet_keep` for step `i` of `n`: 1 inside `[start, end]`, else 0.
+    pub fn keep(&self, i: usize, n: usize) -> f32 {
+        let (a, b) = (i as f32 / n as f32, (i + 1) as f32 / n as f32);
+        if a < self.start || b > self.end { 0.0 } else { 1.0 }
+    }
 }
 
 /// What a generation is, from the UNet's input channels and the images given.
@@ -69,6 +97,11 @@ impl Task {
         }
         if mask && !matches!(task, Task::Inpaint { .. }) {
             return Err(Error::Input("this model does not inpaint with a mask".into()));
+        }
+        for ctl in &c.controls {
+            if !(0.0..=1.0).contains(&ctl.start) || !(ctl.start..=1.0).contains(&ctl.end) || !ctl.scale.is_finite() {
+                return Err(Error::Input(format!("ControlNet start {} and end {} must satisfy 0 <= start <= end <= 1, and its scale {} be finite", ctl.start, ctl.end, ctl.scale)));
+            }
         }
         if let Some(s) = c.strength {
             if !(0.0..=1.0).contains(&s) || (task == Task::TextToImage) {

@@ -7,7 +7,7 @@ use crate::gpu::{DType, Gpu};
 use super::ldm::{LdmKind, LdmModel};
 use super::single_file;
 use crate::loader::{component_files, read_file, read_json, refuse_pickle, FileSource, WeightFile, WeightLog, Weights, W};
-use crate::models::{AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::{AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, ControlNetConfig, ControlNetModel, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::tokenizer::{ClipTokenizer, TokenizerConfig};
 
 /// What to load besides the text-to-image essentials.
@@ -46,7 +46,8 @@ impl ComponentQuant {
     /// `w` set up for the component in `folder` (`unet`, `text_encoder` / `bert`, `vae` / `vqvae`).
     pub(crate) fn apply<'w, 's>(&self, w: W<'w, 's>, folder: &'static str) -> W<'w, 's> {
         let quant = match folder {
-            "unet" => self.unet,
+            // A ControlNet is half a UNet, quantised as the UNet.
+            "unet" | "controlnet" => self.unet,
             "text_encoder" | "bert" => self.text_encoder,
             _ => self.vae,
         };
@@ -134,6 +135,30 @@ impl ModelHints {
 
 pub(crate) async fn config<T: serde::de::DeserializeOwned>(src: &dyn FileSource, path: &str) -> Result<T> {
     read_json(src, path).await?.ok_or_else(|| Error::Model(format!("{} is missing; is this a diffusers Stable Diffusion folder?", src.describe(path))))
+}
+
+/// Loads a `ControlNetModel` folder (`config.json` + weights) at `dir` of `src`, in the dtype and
+/// with the UNet's quantisation of `opts`.
+pub async fn load_controlnet(gpu: &Gpu, src: &dyn FileSource, dir: &str, opts: &LoadOptions) -> Result<ControlNetModel> {
+    let path = format!("{dir}/config.json");
+    let text = read_file(src, &path).await?.ok_or_else(|| Error::Model(format!("{} is missing; is this a diffusers ControlNet folder?", src.describe(&path))))?;
+    let cfg = ControlNetConfig::from_json(&String::from_utf8_lossy(&text))?;
+    let files = component_files(src, dir, "diffusion_pytorch_model", opts.prefer_fp16).await?;
+    let w = Weights::new(src, files);
+    ControlNetModel::load(&opts.quant.apply(w.at(gpu, opts.dtype.unwrap_or(DType::F32), ""), "controlnet"), cfg).await
+}
+
+/// Loads a single-file ControlNet in the original layout (`control_model.*`); its config is
+/// `config` (diffusers' `from_single_file(config=...)`) or inferred from tensor shapes.
+pub async fn load_controlnet_single_file(gpu: &Gpu, src: &dyn FileSource, file: &str, config: Option<ControlNetConfig>, opts: &LoadOptions) -> Result<ControlNetModel> {
+    refuse_pickle(file)?;
+    let wf = WeightFile::open(src, file).await?;
+    let cfg = match config {
+        Some(c) => c,
+        None => single_file::infer_controlnet_config(&wf.header)?,
+    };
+    let w = single_file::controlnet_weights(src, vec![wf], &cfg)?;
+    ControlNetModel::load(&opts.quant.apply(w.at(gpu, opts.dtype.unwrap_or(DType::F32), ""), "controlnet"), cfg).await
 }
 
 /// Reads the tokenizer from `dir`: vocab.json + merges.txt, or tokenizer.json.

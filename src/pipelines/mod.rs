@@ -10,6 +10,6 @@ pub mod single_file;
 pub mod stable_diffusion;
 
 pub use ldm::{LdmKind, LdmModel, LowResImage};
-pub use loading::{ComponentQuant, DiffusionModel, LoadOptions, ModelHints, StableDiffusionModel};
-pub use conditions::{DepthMap, ImageConditions, Task};
+pub use loading::{load_controlnet, load_controlnet_single_file, ComponentQuant, DiffusionModel, LoadOptions, ModelHints, StableDiffusionModel};
+pub use conditions::{Control, DepthMap, ImageConditions, Task};
 pub use stable_diffusion::{Images, Latents, StageTimes, StepProgress, Txt2ImgParams};

@@ -8,7 +8,7 @@ use crate::loader::safetensors::Header;
 use crate::loader::{FileSource, WeightFile, Weights};
 use crate::error::{Error, Result};
 use crate::models::unet_2d_condition::PerBlock;
-use crate::models::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
+use crate::models::{AutoencoderKLConfig, ClipTextConfig, ControlNetConfig, UNet2DConditionConfig};
 use crate::tokenizer::{clip_bpe_files, ClipPad, ClipTokenizer};
 
 const UNET: &str = "model.diffusion_model.";
@@ -390,4 +390,95 @@ mod tests {
             assert_eq!(vae_name(orig, 4).as_deref(), Some(want), "{orig}");
         }
     }
+}
+
+/// The key prefix of an original-layout ControlNet file (lllyasviel's `control_model.`, or none
+/// as some converted files have), or why the file is not one.
+fn controlnet_prefix(h: &Header) -> Result<&'static str> {
+    for p in ["control_model.", ""] {
+        if h.tensors.contains_key(&format!("{p}input_hint_block.0.weight")) {
+            return Ok(p);
+        }
+    }
+    Err(Error::Model("not a ControlNet checkpoint: expected control_model.input_hint_block.* tensors (original layout), or use a diffusers ControlNet folder".into()))
+}
+
+/// diffusers' name of an original ControlNet tensor (prefix removed); `hint_levels` is the
+/// length of `conditioning_embedding_out_channels`.
+fn controlnet_name(orig: &str, cfg: &UNet2DConditionConfig, hint_levels: usize) -> Option<String> {
+    let parts: Vec<&str> = orig.splitn(3, '.').collect();
+    match parts.as_slice() {
+        // conv, SiLU, then (conv, SiLU, stride-2 conv, SiLU) per level, then the zero conv.
+        ["input_hint_block", k, rest] => {
+            let k: usize = k.parse().ok()?;
+            let last = 2 + 4 * (hint_levels - 1);
+            let name = match k {
+                0 => "conv_in".to_string(),
+                k if k == last => "conv_out".to_string(),
+                k if k % 2 == 0 && k < last => format!("blocks.{}", (k - 2) / 2),
+                _ => return None,
+            };
+            Some(format!("controlnet_cond_embedding.{name}.{rest}"))
+        }
+        ["zero_convs", n, rest] => Some(format!("controlnet_down_blocks.{n}.{}", rest.strip_prefix("0.")?)),
+        ["middle_block_out", "0", rest] => Some(format!("controlnet_mid_block.{rest}")),
+        _ => unet_name(orig, cfg),
+    }
+}
+
+/// The ControlNet's tensors under diffusers' names.
+pub fn controlnet_weights<'s>(src: &'s dyn FileSource, files: Vec<WeightFile>, cfg: &ControlNetConfig) -> Result<Weights<'s>> {
+    let prefix = controlnet_prefix(&files[0].header)?;
+    let keys: Vec<String> = files[0].header.tensors.keys().cloned().collect();
+    let mut w = Weights::renamed(src, files);
+    for k in keys {
+        if let Some(rest) = k.strip_prefix(prefix) {
+            if let Some(name) = controlnet_name(rest, &cfg.unet, cfg.conditioning_embedding_out_channels.len()) {
+                w.alias(&name, &k, None)?;
+            }
+        }
+    }
+    Ok(w)
+}
+
+/// A ControlNet's config inferred from an original-layout file, with what weights do not
+/// record from SD 1.x (8 heads) or SD 2.x (heads of 64 channels) by the text width.
+pub fn infer_controlnet_config(h: &Header) -> Result<ControlNetConfig> {
+    let p = controlnet_prefix(h)?;
+    let n_input = count(h, &format!("{p}input_blocks."));
+    let levels = 1 + (1..n_input).filter(|k| h.tensors.contains_key(&format!("{p}input_blocks.{k}.0.op.weight"))).count();
+    let lpb = (n_input - 1 - (levels - 1)) / levels;
+    if lpb == 0 || 1 + levels * lpb + levels - 1 != n_input {
+        return Err(Error::Model(format!("cannot infer the ControlNet layout from {n_input} input blocks")));
+    }
+    let mut block_out_channels = Vec::new();
+    let mut down = Vec::new();
+    for l in 0..levels {
+        let k = 1 + l * (lpb + 1);
+        block_out_channels.push(shape(h, &format!("{p}input_blocks.{k}.0.out_layers.3.weight"))?[0]);
+        let attn = h.tensors.contains_key(&format!("{p}input_blocks.{k}.1.norm.weight"));
+        down.push(if attn { "CrossAttnDownBlock2D" } else { "DownBlock2D" }.to_string());
+    }
+    let attn_key = h.tensors.keys().find(|k| k.starts_with(p) && k.ends_with("attn2.to_k.weight")).ok_or_else(|| Error::Model("the ControlNet has no cross-attention".into()))?;
+    let context_dim = shape(h, attn_key)?[1];
+    let proj_in = h.tensors.keys().find(|k| k.starts_with(p) && k.ends_with("proj_in.weight")).map(|k| shape(h, k)).transpose()?;
+    let sd2 = context_dim == 1024;
+    let attention_head_dim = if sd2 { PerBlock::Each(block_out_channels.iter().map(|c| (c / 64).max(1)).collect()) } else { PerBlock::One(8) };
+    let hint = (0..).map(|k| format!("{p}input_hint_block.{k}.weight")).take(64).filter(|k| h.tensors.contains_key(k)).collect::<Vec<_>>();
+    // Convs: conv_in, two per level, conv_out: the embedding widths are conv_in's and each
+    // stride-2 conv's output.
+    let mut emb = vec![shape(h, &hint[0])?[0]];
+    for pair in hint[1..hint.len().saturating_sub(1)].chunks(2) {
+        if let [_, down] = pair {
+            emb.push(shape(h, down)?[0]);
+        }
+    }
+    let unet = UNet2DConditionConfig {
+        in_channels: shape(h, &format!("{p}input_blocks.0.0.weight"))?[1],
+        down_block_types: down.clone(), up_block_types: down.iter().rev().map(|d| d.replace("Down", "Up")).collect(),
+        block_out_channels, layers_per_block: PerBlock::One(lpb), cross_attention_dim: PerBlock::One(context_dim), attention_head_dim,
+        use_linear_projection: proj_in.is_some_and(|s| s.len() == 2), upcast_attention: sd2, ..Default::default()
+    };
+    // Checked when the model loads.
+    Ok(ControlNetConfig { unet, conditioning_channels: shape(h, &hint[0])?[1], conditioning_embedding_out_channels: emb, global_pool_conditions: false, controlnet_conditioning_channel_order: "rgb".into() })
 }

@@ -5,6 +5,7 @@ use super::conditions::{depth_latent, nearest, start_for_strength, ImageConditio
 use super::loading::StableDiffusionModel;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
+use crate::models::unet_2d_blocks::Residuals;
 use crate::ops;
 use crate::rng::TorchGenerator;
 use crate::schedulers::{self, Scheduler, SchedulerKind};
@@ -146,7 +147,7 @@ impl StableDiffusionModel {
 
     /// Generates with image conditions: the task (text-to-image, img2img, inpainting,
     /// depth-to-image) follows from the UNet and the images given, as [`Task::choose`] says.
-    pub async fn generate(&self, gpu: &Gpu, p: &Txt2ImgParams, cond: &ImageConditions, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Images, StageTimes)> {
+    pub async fn generate(&self, gpu: &Gpu, p: &Txt2ImgParams, cond: &ImageConditions<'_>, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Images, StageTimes)> {
         self.vae()?;
         let (latents, mut times) = self.denoise_with(gpu, p, cond, now_ms, progress).await?;
         let t0 = now_ms();
@@ -183,7 +184,7 @@ impl StableDiffusionModel {
     /// Text encoding and the denoising loop: everything before the VAE, step for step as
     /// diffusers' pipeline for the task (`StableDiffusion{,Img2Img,Inpaint,Depth2Img}Pipeline`),
     /// drawing from the seed's generator in the same order.
-    pub async fn denoise_with(&self, gpu: &Gpu, p: &Txt2ImgParams, cond: &ImageConditions, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Latents, StageTimes)> {
+    pub async fn denoise_with(&self, gpu: &Gpu, p: &Txt2ImgParams, cond: &ImageConditions<'_>, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Latents, StageTimes)> {
         self.validate(p)?;
         let task = self.task(p, cond)?;
         let mut times = StageTimes::default();
@@ -263,14 +264,21 @@ impl StableDiffusionModel {
         times.vae_encode_ms = now_ms() - t0;
         let extra_c = extra.len() / plane;
 
+        // ControlNets: condition embeddings once; in guess mode with guidance they see only the
+        // conditional rows.
+        let embeddings: Vec<Tensor> = cond.controls.iter().map(|c| c.model.embed_condition(gpu, &c.image, p.width, p.height, self.dtype)).collect::<Result<_>>()?;
+        let guess = cond.guess_mode && cfg;
+        let control_context = if guess { ops::concat(gpu, &vec![&cond_text; b], 0)? } else { context.clone() };
+
         for i in start..all {
             let t_start = now_ms();
             let t = scheduler.timesteps()[i];
             let scaled = scheduler.scale_model_input(&latents, i);
-            let input = if cfg { [scaled.as_slice(), scaled.as_slice()].concat() } else { scaled };
+            let input = if cfg { [scaled.as_slice(), scaled.as_slice()].concat() } else { scaled.clone() };
+            let residuals = self.control_residuals(gpu, cond, &embeddings, i - start, all - start, t, if guess { &scaled } else { &input }, [z, h, w], &control_context, guess)?;
             let input = if extra.is_empty() { input } else { input.chunks(z * plane).flat_map(|row| row.iter().chain(&extra)).copied().collect() };
             let x = gpu.upload(&[rows, z + extra_c, h, w], self.dtype, &input)?;
-            let out = self.unet.forward(gpu, &x, t, &context)?;
+            let out = self.unet.forward_with(gpu, &x, t, &context, residuals.as_ref())?;
             let out = gpu.read(&out).await?;
             let noise_pred = if cfg { guide(&out, p.guidance_scale, p.guidance_rescale, b) } else { out };
             latents = scheduler.step(&noise_pred, i, &latents, &mut generator)?;
@@ -286,6 +294,36 @@ impl StableDiffusionModel {
             progress(&StepProgress { step: i - start + 1, steps: all - start, latents: &latents, shape: [b, z, h, w] })?;
         }
         Ok((Latents { data: latents, shape: [b, z, h, w] }, times))
+    }
+
+    /// The ControlNets' summed residuals at step `k` of `n` for the latent rows `latents`
+    /// (`[rows, z, h, w]`); `None` when no ControlNet acts at this step. In guess mode the rows
+    /// are the conditional half only, and the unconditional half gets zeros.
+    #[allow(clippy::too_many_arguments)]
+    fn control_residuals(&self, gpu: &Gpu, cond: &ImageConditions, embeddings: &[Tensor], k: usize, n: usize, t: f32, latents: &[f32], [z, h, w]: [usize; 3], context: &Tensor, guess: bool) -> Result<Option<Residuals>> {
+        let mut sum: Option<Residuals> = None;
+        for (c, emb) in cond.controls.iter().zip(embeddings) {
+            let scale = c.scale * c.keep(k, n);
+            // A scale of zero adds zeros: diffusers runs the ControlNet anyway, we skip it.
+            if scale == 0.0 {
+                continue;
+            }
+            let x = gpu.upload(&[latents.len() / (z * h * w), z, h, w], self.dtype, latents)?;
+            let r = c.model.forward(gpu, &x, t, context, emb, scale, cond.guess_mode)?;
+            sum = Some(match sum {
+                None => r,
+                Some(s) => Residuals {
+                    down: s.down.iter().zip(&r.down).map(|(a, b)| ops::add(gpu, a, b)).collect::<Result<_>>()?,
+                    mid: ops::add(gpu, &s.mid, &r.mid)?,
+                },
+            });
+        }
+        let Some(r) = sum else { return Ok(None) };
+        if !guess {
+            return Ok(Some(r));
+        }
+        let pad = |x: &Tensor| -> Result<Tensor> { ops::concat(gpu, &[&ops::scale(gpu, x, 0.0, 0.0)?, x], 0) };
+        Ok(Some(Residuals { down: r.down.iter().map(pad).collect::<Result<_>>()?, mid: pad(&r.mid)? }))
     }
 
     /// Decodes latents to images with the VAE (diffusers' `vae.decode(latents / scaling_factor)`).

@@ -7,7 +7,8 @@ use ldm_web::gpu::{Gpu, GpuOptions};
 use ldm_web::loader::{DirSource, FileSource};
 use ldm_web::pipelines::output::{encode_png, parameters_text, GenerateBench};
 use ldm_web::pipelines::image_input::{self, Channels, InputImage};
-use ldm_web::pipelines::{DepthMap, DiffusionModel, ImageConditions, LdmKind, LdmModel, LoadOptions, LowResImage, StableDiffusionModel, Txt2ImgParams};
+use ldm_web::models::ControlNetModel;
+use ldm_web::pipelines::{Control, DepthMap, DiffusionModel, ImageConditions, LdmKind, LdmModel, LoadOptions, LowResImage, StableDiffusionModel, Txt2ImgParams};
 use ldm_web::schedulers::SchedulerKind;
 use ldm_web::{Error, Result};
 
@@ -65,6 +66,18 @@ pub struct GenerateArgs {
     /// Depth map for depth-to-image models: any grayscale image, 8- or 16-bit PNG (larger = farther or nearer, min-max normalised as diffusers).
     #[arg(long)]
     depth: Option<String>,
+    /// A ControlNet folder and its condition image (any image: depth, edges, scribble, segmentation, another modality), with an optional conditioning scale (default 1); repeat for several ControlNets.
+    #[arg(long, value_name = "DIR=IMAGE[:SCALE]")]
+    control: Vec<String>,
+    /// ControlNet guess mode: the ControlNets see only the prompt's half of guidance.
+    #[arg(long)]
+    guess_mode: bool,
+    /// Fraction of the schedule where the ControlNets start acting (control_guidance_start).
+    #[arg(long, default_value_t = 0.0)]
+    control_start: f32,
+    /// Fraction of the schedule where they stop (control_guidance_end).
+    #[arg(long, default_value_t = 1.0)]
+    control_end: f32,
     /// Images per run, from one seed as diffusers' num_images_per_prompt.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -197,7 +210,13 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
         };
         let (p, images, times, warmup_ms) = match &model {
             DiffusionModel::StableDiffusion(m) => {
-                let (p, cond) = sd_params(a, m, scheduler, bench)?;
+                let specs = a.control.iter().map(|c| parse_control(c)).collect::<Result<Vec<_>>>()?;
+                let mut nets = Vec::new();
+                for (dir, _, _) in &specs {
+                    nets.push(load_controlnet_dir(&gpu, dir, &opts).await?);
+                }
+                let controls: Vec<(&ControlNetModel, &str, f32)> = nets.iter().zip(&specs).map(|(n, (_, image, scale))| (n, image.as_str(), *scale)).collect();
+                let (p, cond) = sd_params(a, m, &controls, scheduler, bench)?;
                 // The benchmark reports steady-state speed: a one-step warm-up run first compiles
                 // every pipeline (seconds per generated kernel variant on software Vulkan).
                 let warmup_ms = if bench {
@@ -258,20 +277,56 @@ fn read_image(path: &str, what: &str) -> Result<InputImage> {
     InputImage::new(w, h, channels, false, data).map_err(named)
 }
 
+/// `DIR=IMAGE[:SCALE]` as (ControlNet folder, condition image, scale).
+fn parse_control(spec: &str) -> Result<(String, String, f32)> {
+    let bad = || Error::Input(format!("--control {spec}: expected DIR=IMAGE or DIR=IMAGE:SCALE (a ControlNet folder, its condition image, a conditioning scale)"));
+    let (dir, rest) = spec.split_once('=').ok_or_else(bad)?;
+    // A trailing `:number` is the scale; other colons belong to the path.
+    let (image, scale) = match rest.rsplit_once(':') {
+        Some((img, s)) if s.parse::<f32>().is_ok() => (img, s.parse::<f32>().map_err(|_| bad())?),
+        _ => (rest, 1.0),
+    };
+    if dir.is_empty() || image.is_empty() || !scale.is_finite() {
+        return Err(bad());
+    }
+    Ok((dir.to_string(), image.to_string(), scale))
+}
+
+/// Loads the ControlNet at `dir` (a diffusers folder, or a single original-layout
+/// `.safetensors` file) with the UNet's dtype and quantisation.
+async fn load_controlnet_dir(gpu: &Gpu, dir: &str, opts: &LoadOptions) -> Result<ControlNetModel> {
+    let path = Path::new(dir);
+    let named = |e: Error| match e {
+        Error::Model(m) => Error::Model(format!("ControlNet {dir}: {m}")),
+        other => other,
+    };
+    if path.is_file() {
+        let (src, file) = open_model(dir)?;
+        let file = file.ok_or_else(|| Error::Input(format!("--control {dir}: expected a folder or a .safetensors file")))?;
+        return ldm_web::pipelines::load_controlnet_single_file(gpu, src.as_ref(), &file, None, opts).await.map_err(named);
+    }
+    if !path.join("config.json").is_file() {
+        return Err(Error::Input(format!("--control {dir}: not a diffusers ControlNet folder (no config.json) or .safetensors file")));
+    }
+    ldm_web::pipelines::load_controlnet(gpu, &DirSource::new(path), ".", opts).await.map_err(named)
+}
+
 /// Stable Diffusion settings and image conditions from the flags, checked; warns about prompts
 /// cut to the tokenizer's window.
-fn sd_params(a: &GenerateArgs, model: &StableDiffusionModel, scheduler: Option<SchedulerKind>, bench: bool) -> Result<(Txt2ImgParams, ImageConditions)> {
+fn sd_params<'m>(a: &GenerateArgs, model: &StableDiffusionModel, controls: &[(&'m ControlNetModel, &str, f32)], scheduler: Option<SchedulerKind>, bench: bool) -> Result<(Txt2ImgParams, ImageConditions<'m>)> {
     let default_size = model.unet.config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
     let init = a.init_image.as_deref().map(|p| read_image(p, "init image")).transpose()?;
+    let control_images = controls.iter().map(|(_, path, _)| read_image(path, "condition image")).collect::<Result<Vec<_>>>()?;
     let (mut width, mut height) = (a.width.unwrap_or(default_size), a.height.unwrap_or(default_size));
-    if let Some(img) = &init {
+    // The output size follows the init image, else the first condition image (as diffusers).
+    if let Some(img) = init.as_ref().or(control_images.first()) {
         // diffusers takes the image's size rounded down to a multiple of 8; our UNet needs a
         // multiple of its whole downsampling factor, so round to that.
         let f = model.vae_config.scale_factor() * model.unet.config.downsample_factor();
         let (dw, dh) = image_input::default_size(img, a.width, a.height, 8);
         let (rw, rh) = (dw - dw % f, dh - dh % f);
         if (rw, rh) != (dw, dh) && a.width.is_none() && a.height.is_none() && !bench {
-            eprintln!("ldm: note: the output is {rw}x{rh}: this model takes sides divisible by {f} (the init image is {}x{})", img.width, img.height);
+            eprintln!("ldm: note: the output is {rw}x{rh}: this model takes sides divisible by {f} (the input image is {}x{})", img.width, img.height);
         }
         (width, height) = (a.width.unwrap_or(rw), a.height.unwrap_or(rh));
     }
@@ -289,7 +344,16 @@ fn sd_params(a: &GenerateArgs, model: &StableDiffusionModel, scheduler: Option<S
         strength: a.strength,
         mask: a.mask.as_deref().map(|path| read_image(path, "mask").map(|m| image_input::mask_tensor(&m, width, height, a.mask_blur))).transpose()?,
         depth: a.depth.as_deref().map(|path| read_image(path, "depth map").map(|d| DepthMap { width: d.width, height: d.height, data: d.gray_values() })).transpose()?,
+        controls: controls
+            .iter()
+            .zip(&control_images)
+            .map(|((model, _, scale), img)| Control { model, image: image_input::rgb_tensor(img, width, height, false), scale: *scale, start: a.control_start, end: a.control_end })
+            .collect(),
+        guess_mode: a.guess_mode,
     };
+    if controls.is_empty() && (a.guess_mode || a.control_start != 0.0 || a.control_end != 1.0) {
+        return Err(Error::Input("--guess-mode, --control-start and --control-end need a --control".into()));
+    }
     model.task(&p, &cond)?;
     // As diffusers: text past the tokenizer's window is dropped, with a warning.
     for (what, text) in [("prompt", Some(&p.prompt)), ("negative prompt", p.negative_prompt.as_ref())] {
@@ -311,6 +375,7 @@ fn ldm_params(a: &GenerateArgs, model: &LdmModel, scheduler: Option<SchedulerKin
     unused("--strength", a.strength.is_some())?;
     unused("--mask", a.mask.is_some())?;
     unused("--depth", a.depth.is_some())?;
+    unused("--control", !a.control.is_empty())?;
     if kind != LdmKind::TextToImage {
         unused("--prompt", !a.prompt.is_empty())?;
         unused("--guidance", a.guidance.is_some())?;
