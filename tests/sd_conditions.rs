@@ -40,6 +40,7 @@ struct Case {
     guess_mode: Option<bool>,
     control_guidance_start: Option<f32>,
     control_guidance_end: Option<f32>,
+    noise_level: Option<u32>,
 }
 
 #[derive(serde::Deserialize)]
@@ -79,7 +80,13 @@ fn conditions<'m>(c: &Case, nets: &'m std::collections::HashMap<String, ControlN
             })
             .collect(),
         guess_mode: c.guess_mode.unwrap_or(false),
-        init: c.image.as_deref().map(|f| rgb_tensor(&image(f), w, h, true)),
+        noise_level: c.noise_level,
+        // The upscaler's input is the low-resolution image at its own size.
+        init: c.image.as_deref().map(|f| {
+            let img = image(f);
+            let (iw, ih) = if c.kind == "upscale" { (img.width, img.height) } else { (w, h) };
+            rgb_tensor(&img, iw, ih, true)
+        }),
         strength: c.strength,
         mask: c.mask.as_deref().map(|f| mask_tensor(&image(f), w, h, c.mask_blur.unwrap_or(0.0))),
         depth: c.depth.as_deref().map(|f| {
@@ -100,7 +107,7 @@ fn image_pipelines_match_diffusers_images() {
     let mut nets: std::collections::HashMap<String, ControlNetModel> = Default::default();
     let (mut failures, mut ran) = (Vec::new(), 0);
     for c in cases.iter().filter(|c| only.is_none_or(|o| o == c.index)) {
-        if !matches!(c.kind.as_str(), "img2img" | "inpaint" | "depth2img" | "controlnet") {
+        if !matches!(c.kind.as_str(), "img2img" | "inpaint" | "depth2img" | "controlnet" | "upscale") {
             continue;
         }
         for s in &c.controlnets {

@@ -56,6 +56,7 @@ impl Attention {
 
 /// `BasicTransformerBlock` (pre-norm, no ada-norm).
 struct BasicTransformerBlock {
+    only_cross: bool,
     norm1: LayerNorm,
     attn1: Attention,
     norm2: LayerNorm,
@@ -66,11 +67,13 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    async fn load(w: &W<'_, '_>, dim: usize, heads: usize, head_dim: usize, cross_dim: usize) -> Result<Self> {
+    /// `only_cross`: `attn1` attends to the text too (diffusers' `only_cross_attention`).
+    async fn load(w: &W<'_, '_>, dim: usize, heads: usize, head_dim: usize, cross_dim: usize, only_cross: bool) -> Result<Self> {
         let inner_ff = dim * 4;
         Ok(Self {
+            only_cross,
             norm1: LayerNorm::load(&w.sub("norm1"), dim, 1e-5).await?,
-            attn1: Attention::load(&w.sub("attn1"), dim, heads, head_dim, None).await?,
+            attn1: Attention::load(&w.sub("attn1"), dim, heads, head_dim, only_cross.then_some(cross_dim)).await?,
             norm2: LayerNorm::load(&w.sub("norm2"), dim, 1e-5).await?,
             attn2: Attention::load(&w.sub("attn2"), dim, heads, head_dim, Some(cross_dim)).await?,
             norm3: LayerNorm::load(&w.sub("norm3"), dim, 1e-5).await?,
@@ -81,7 +84,7 @@ impl BasicTransformerBlock {
 
     fn forward(&self, gpu: &Gpu, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let n = self.norm1.forward(gpu, x)?;
-        let x = self.attn1.forward(gpu, &n, None, x)?;
+        let x = self.attn1.forward(gpu, &n, self.only_cross.then_some(context), x)?;
         let n = self.norm2.forward(gpu, &x)?;
         let x = self.attn2.forward(gpu, &n, Some(context), &x)?;
         let n = self.norm3.forward(gpu, &x)?;
@@ -101,16 +104,17 @@ pub struct Transformer2DModel {
 }
 
 impl Transformer2DModel {
-    /// `heads` heads of `channels / heads`, `layers` transformer blocks.
+    /// `heads` heads of `channels / heads`, `layers` transformer blocks; `only_cross`: their
+    /// first attention attends to the text as well (the x4 upscaler's).
     #[allow(clippy::too_many_arguments)]
-    pub async fn load(w: &W<'_, '_>, channels: usize, heads: usize, layers: usize, cross_dim: usize, groups: usize) -> Result<Self> {
+    pub async fn load(w: &W<'_, '_>, channels: usize, heads: usize, layers: usize, cross_dim: usize, groups: usize, only_cross: bool) -> Result<Self> {
         let head_dim = channels / heads.max(1);
         let inner = heads * head_dim;
         let proj_in = Linear::load(&w.sub("proj_in"), channels, inner, true).await?;
         let proj_out = Linear::load(&w.sub("proj_out"), inner, channels, true).await?;
         let mut blocks = Vec::new();
         for i in 0..layers {
-            blocks.push(BasicTransformerBlock::load(&w.sub(format!("transformer_blocks.{i}")), inner, heads, head_dim, cross_dim).await?);
+            blocks.push(BasicTransformerBlock::load(&w.sub(format!("transformer_blocks.{i}")), inner, heads, head_dim, cross_dim, only_cross).await?);
         }
         Ok(Self { norm: GroupNorm::load(&w.sub("norm"), groups, channels, 1e-6).await?, proj_in, proj_out, blocks })
     }

@@ -33,8 +33,9 @@ impl BlockSettings {
 /// The attention after each resnet of a block.
 #[derive(Clone, Copy, Debug)]
 pub enum BlockAttention {
-    /// `Transformer2DModel` attending to the text (`CrossAttn*` blocks).
-    Cross { heads: usize, transformer_layers: usize },
+    /// `Transformer2DModel` attending to the text (`CrossAttn*` blocks); `only_cross`: its
+    /// self-attention is a second cross-attention.
+    Cross { heads: usize, transformer_layers: usize, only_cross: bool },
     /// Self-attention with heads of `head_dim` channels (`Attn*` blocks of `UNet2DModel`).
     SelfAttention { head_dim: usize },
 }
@@ -48,8 +49,8 @@ impl AttentionLayer {
     /// `groups`: the self-attention's input norm (`None`: none); `rescale`: its output divisor.
     async fn load(w: &W<'_, '_>, channels: usize, kind: BlockAttention, s: &BlockSettings, groups: Option<usize>, rescale: f32) -> Result<Self> {
         Ok(match kind {
-            BlockAttention::Cross { heads, transformer_layers } => {
-                AttentionLayer::Cross(Transformer2DModel::load(w, channels, heads, transformer_layers, s.cross_attention_dim, s.groups).await?)
+            BlockAttention::Cross { heads, transformer_layers, only_cross } => {
+                AttentionLayer::Cross(Transformer2DModel::load(w, channels, heads, transformer_layers, s.cross_attention_dim, s.groups, only_cross).await?)
             }
             BlockAttention::SelfAttention { head_dim } => {
                 AttentionLayer::SelfAttention(SpatialSelfAttention::load(w, channels, channels / head_dim.max(1), head_dim, groups, s.eps, rescale).await?)

@@ -11,7 +11,7 @@ use super::unet_2d_blocks::{BlockAttention, BlockSettings, Residuals, TimestepMl
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::loader::W;
-use crate::ops::Activation;
+use crate::ops::{self, Activation};
 
 /// A config value that is one number for every block or one per block.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -68,6 +68,9 @@ pub struct UNet2DConditionConfig {
     pub dual_cross_attention: bool,
     pub use_linear_projection: bool,
     pub class_embed_type: Option<String>,
+    /// Size of the class-label embedding table (`num_class_embeds`: 1000 noise levels for the
+    /// x4 upscaler).
+    pub num_class_embeds: Option<usize>,
     pub addition_embed_type: Option<String>,
     pub upcast_attention: bool,
     pub resnet_time_scale_shift: String,
@@ -89,7 +92,7 @@ impl Default for UNet2DConditionConfig {
             block_out_channels: vec![320, 640, 1280, 1280], layers_per_block: PerBlock::One(2), downsample_padding: 1,
             mid_block_scale_factor: 1.0, act_fn: "silu".into(), norm_num_groups: 32, norm_eps: 1e-5,
             cross_attention_dim: PerBlock::One(1280), transformer_layers_per_block: PerBlock::One(1), attention_head_dim: PerBlock::One(8),
-            num_attention_heads: None, dual_cross_attention: false, use_linear_projection: false, class_embed_type: None,
+            num_attention_heads: None, dual_cross_attention: false, use_linear_projection: false, class_embed_type: None, num_class_embeds: None,
             addition_embed_type: None, upcast_attention: false, resnet_time_scale_shift: "default".into(),
             time_embedding_type: "positional".into(), time_cond_proj_dim: None, conv_in_kernel: 3, conv_out_kernel: 3, encoder_hid_dim: None,
         }
@@ -138,11 +141,20 @@ impl UNet2DConditionConfig {
         if !matches!(self.cross_attention_dim, PerBlock::One(_)) {
             return unsupported("a per-block cross_attention_dim".into());
         }
-        if self.only_cross_attention != serde_json::Value::Bool(false) || self.dual_cross_attention {
-            return unsupported("only_cross_attention / dual_cross_attention".into());
+        let only_cross_ok = match &self.only_cross_attention {
+            serde_json::Value::Bool(_) => true,
+            serde_json::Value::Array(v) => v.len() == n && v.iter().all(|b| b.is_boolean()),
+            _ => false,
+        };
+        if !only_cross_ok {
+            return Err(Error::Model(format!("unet config only_cross_attention must be a bool or {n} bools")));
         }
+        if self.dual_cross_attention {
+            return unsupported("dual_cross_attention".into());
+        }
+        // Class labels are embedded by a table (num_class_embeds, the x4 upscaler's noise level).
         if self.class_embed_type.is_some() || self.addition_embed_type.is_some() || self.encoder_hid_dim.is_some() {
-            return unsupported("class / addition embeddings (SDXL, upscalers)".into());
+            return unsupported("class_embed_type / addition embeddings (SDXL)".into());
         }
         if self.time_cond_proj_dim.is_some() {
             return unsupported("time_cond_proj_dim (LCM-distilled UNets)".into());
@@ -162,6 +174,15 @@ impl UNet2DConditionConfig {
         self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).get(i)
     }
 
+    /// `only_cross_attention` of down block `i` (one bool for all, or one per block).
+    pub fn only_cross_attention(&self, i: usize) -> bool {
+        match &self.only_cross_attention {
+            serde_json::Value::Bool(b) => *b,
+            serde_json::Value::Array(v) => v.get(i).and_then(|b| b.as_bool()).unwrap_or(false),
+            _ => false,
+        }
+    }
+
     /// Width of the timestep embedding.
     pub fn temb_channels(&self) -> usize {
         self.block_out_channels[0] * 4
@@ -172,8 +193,8 @@ impl UNet2DConditionConfig {
     pub fn body_config(&self) -> UNetBodyConfig<'_> {
         let ch = &self.block_out_channels;
         let n = ch.len();
-        let attention = |r: usize| BlockAttention::Cross { heads: self.heads(r), transformer_layers: self.transformer_layers_per_block.get(r) };
-        let cross = |types: &[String], i: usize, r: usize| types[i].starts_with("CrossAttn").then(|| attention(r));
+        let attention = |r: usize, only_cross: bool| BlockAttention::Cross { heads: self.heads(r), transformer_layers: self.transformer_layers_per_block.get(r), only_cross };
+        let cross = |types: &[String], i: usize, r: usize| types[i].starts_with("CrossAttn").then(|| attention(r, self.only_cross_attention(r)));
         UNetBodyConfig {
             in_channels: self.in_channels,
             out_channels: self.out_channels,
@@ -181,7 +202,8 @@ impl UNet2DConditionConfig {
             layers_per_block: (0..n).map(|i| self.layers_per_block.get(i)).collect(),
             down_attention: (0..n).map(|i| cross(&self.down_block_types, i, i)).collect(),
             up_attention: (0..n).map(|i| cross(&self.up_block_types, i, n - 1 - i)).collect(),
-            mid: Some((Some(attention(n - 1)), None, self.mid_block_scale_factor)),
+            // diffusers' UNetMidBlock2DCrossAttn has no only_cross_attention.
+            mid: Some((Some(attention(n - 1, false)), None, self.mid_block_scale_factor)),
             downsample_padding: self.downsample_padding,
             settings: BlockSettings {
                 temb_channels: self.temb_channels(), groups: self.norm_num_groups, eps: self.norm_eps,
@@ -200,6 +222,8 @@ impl UNet2DConditionConfig {
 pub struct UNet2DConditionModel {
     pub config: UNet2DConditionConfig,
     time_embedding: TimestepMlp,
+    /// `[num_class_embeds, temb]`, added to the time embedding.
+    class_embedding: Option<Tensor>,
     body: UNetBody,
 }
 
@@ -210,17 +234,22 @@ impl UNet2DConditionModel {
         let ch = &config.block_out_channels;
         let time_embedding = TimestepMlp::load(&w.sub("time_embedding"), ch[0], config.temb_channels(), config.flip_sin_to_cos, config.freq_shift).await?;
         let body = UNetBody::load(w, &config.body_config()).await?;
-        Ok(Self { config, time_embedding, body })
+        let class_embedding = match config.num_class_embeds {
+            Some(n) => Some(w.get("class_embedding.weight", &[n, config.temb_channels()]).await?),
+            None => None,
+        };
+        Ok(Self { config, time_embedding, class_embedding, body })
     }
 
     /// Predicts noise (or v / x0, as trained) for latents `[B, C, H, W]` at `timestep`, given text
     /// embeddings `[B, L, cross_attention_dim]`.
     pub fn forward(&self, gpu: &Gpu, sample: &Tensor, timestep: f32, context: &Tensor) -> Result<Tensor> {
-        self.forward_with(gpu, sample, timestep, context, None)
+        self.forward_with(gpu, sample, timestep, context, None, None)
     }
 
-    /// [`Self::forward`] with what ControlNets add to the skip states and the mid block.
-    pub fn forward_with(&self, gpu: &Gpu, sample: &Tensor, timestep: f32, context: &Tensor, residuals: Option<&Residuals>) -> Result<Tensor> {
+    /// [`Self::forward`] with what ControlNets add to the skip states and the mid block, and
+    /// the class label of every row (models with `num_class_embeds`).
+    pub fn forward_with(&self, gpu: &Gpu, sample: &Tensor, timestep: f32, context: &Tensor, residuals: Option<&Residuals>, class_label: Option<u32>) -> Result<Tensor> {
         let &[b, c, h, w] = sample.shape() else { return Err(Error::Shape(format!("unet sample must be [B, C, H, W], got {:?}", sample.shape()))) };
         let f = self.config.downsample_factor();
         if c != self.config.in_channels || h % f != 0 || w % f != 0 || h == 0 || w == 0 {
@@ -230,7 +259,16 @@ impl UNet2DConditionModel {
             return Err(Error::Shape(format!("{} text embeddings for {b} latents", context.dim(0))));
         }
         // Every resnet applies SiLU to the embedding first: do it once, in linear_2's epilogue.
-        let silu_emb = self.time_embedding.forward(gpu, &vec![timestep; b], sample.dtype(), Activation::Silu)?;
+        let silu_emb = match (&self.class_embedding, class_label) {
+            (None, None) => self.time_embedding.forward(gpu, &vec![timestep; b], sample.dtype(), Activation::Silu)?,
+            (Some(table), Some(label)) => {
+                let emb = self.time_embedding.forward(gpu, &vec![timestep; b], sample.dtype(), Activation::None)?;
+                let class = ops::embedding(gpu, &vec![label; b], table)?;
+                ops::activation(gpu, &ops::add(gpu, &emb, &class)?, Activation::Silu)?
+            }
+            (Some(_), None) => return Err(Error::Input("this UNet embeds a class label (the upscaler's noise level); none was given".into())),
+            (None, Some(_)) => return Err(Error::Input("this UNet takes no class label".into())),
+        };
         self.body.forward(gpu, sample, &silu_emb, Some(context), residuals)
     }
 }

@@ -45,6 +45,9 @@ pub struct ImageConditions<'m> {
     /// Guess mode: the ControlNets see only the conditional half of guidance, their residuals
     /// weighted from 0.1 (first skip) to 1 (mid block).
     pub guess_mode: bool,
+    /// x4 upscaling: how much noise is added to the low-resolution image (`init`, at the
+    /// latent size), 0 to the model's `max_noise_level` (`None`: 20, as diffusers).
+    pub noise_level: Option<u32>,
 }
 
 impl Control<'_> {
@@ -64,6 +67,9 @@ pub enum Task {
     /// blended under the mask after every step.
     Inpaint { unet_mask: bool },
     Depth,
+    /// `StableDiffusionUpscalePipeline`: the UNet takes the noised low-resolution image (3
+    /// more channels) and its noise level as class label.
+    Upscale,
 }
 
 impl Task {
@@ -77,6 +83,11 @@ impl Task {
                 return Err(Error::Input("this is an inpainting model: give an init image and a mask (white = repaint)".into()));
             }
             Task::Inpaint { unet_mask: true }
+        } else if in_channels == z + 3 {
+            if !init || mask || depth {
+                return Err(Error::Input("this is an upscaling model: give the low-resolution image as the init image (no mask or depth map)".into()));
+            }
+            Task::Upscale
         } else if in_channels == z + 1 {
             if !init || !depth {
                 return Err(Error::Input("this is a depth-to-image model: give an init image and a depth map".into()));
@@ -90,7 +101,7 @@ impl Task {
                 (false, false) => Task::TextToImage,
             }
         } else {
-            return Err(Error::Model(format!("a UNet with {in_channels} input channels is not a Stable Diffusion model ldm-web runs ({z}, {} or {})", z + 1, 2 * z + 1)));
+            return Err(Error::Model(format!("a UNet with {in_channels} input channels is not a Stable Diffusion model ldm-web runs ({z}, {}, {} or {})", z + 1, z + 3, 2 * z + 1)));
         };
         if depth && task != Task::Depth {
             return Err(Error::Input("a depth map needs a depth-to-image model (a UNet with 5 input channels, like stable-diffusion-2-depth)".into()));
@@ -104,10 +115,15 @@ impl Task {
             }
         }
         if let Some(s) = c.strength {
-            if !(0.0..=1.0).contains(&s) || (task == Task::TextToImage) {
-                let why = if task == Task::TextToImage { "strength needs an init image".to_string() } else { format!("strength must be between 0 and 1, got {s}") };
-                return Err(Error::Input(why));
+            if matches!(task, Task::TextToImage | Task::Upscale) {
+                return Err(Error::Input("strength needs an init image to start from (img2img, inpainting, depth-to-image)".into()));
             }
+            if !(0.0..=1.0).contains(&s) {
+                return Err(Error::Input(format!("strength must be between 0 and 1, got {s}")));
+            }
+        }
+        if c.noise_level.is_some() && task != Task::Upscale {
+            return Err(Error::Input("a noise level is for upscaling models (a UNet with 7 input channels, like stable-diffusion-x4-upscaler)".into()));
         }
         Ok(task)
     }

@@ -360,8 +360,13 @@ pub fn default_size(img: &InputImage, width: Option<usize>, height: Option<usize
 /// RGB, resized to `width x height` (Lanczos, skipped at the same size), `[3, H, W]` in
 /// `[-1, 1]` when `normalize` (init images) or `[0, 1]` (ControlNet condition images).
 pub fn rgb_tensor(img: &InputImage, width: usize, height: usize, normalize: bool) -> Vec<f32> {
+    rgb_tensor_resampled(img, width, height, normalize, Resample::Lanczos)
+}
+
+/// [`rgb_tensor`] with another resampling filter (the x4 upscaler's processor uses bicubic).
+pub fn rgb_tensor_resampled(img: &InputImage, width: usize, height: usize, normalize: bool, filter: Resample) -> Vec<f32> {
     let rgb = img.rgb8();
-    let rgb = if (img.width, img.height) == (width, height) { rgb } else { resize_u8(&rgb, img.width, img.height, 3, width, height, Resample::Lanczos) };
+    let rgb = if (img.width, img.height) == (width, height) { rgb } else { resize_u8(&rgb, img.width, img.height, 3, width, height, filter) };
     let mut out = vec![0f32; 3 * width * height];
     for (i, px) in rgb.chunks_exact(3).enumerate() {
         for c in 0..3 {

@@ -114,6 +114,29 @@ pub struct StableDiffusionModel {
     pub dtype: DType,
     /// The folder's `ldm-web.json`, when it has one.
     pub hints: ModelHints,
+    /// `StableDiffusionUpscalePipeline` folders: how the low-resolution image is noised.
+    pub upscaler: Option<UpscalerNoise>,
+}
+
+/// The x4 upscaler's noise augmentation of its low-resolution input: the `low_res_scheduler`'s
+/// `alphas_cumprod`, and the largest noise level the pipeline accepts (`max_noise_level`).
+#[derive(Clone, Debug)]
+pub struct UpscalerNoise {
+    pub alphas_cumprod: Vec<f32>,
+    pub max_noise_level: u32,
+}
+
+impl UpscalerNoise {
+    /// Reads what `model_index.json` names (`None` for other pipelines).
+    async fn load(src: &dyn FileSource, index: &serde_json::Value) -> Result<Option<Self>> {
+        if index.get("low_res_scheduler").is_none() {
+            return Ok(None);
+        }
+        let cfg: serde_json::Value = config(src, "low_res_scheduler/scheduler_config.json").await?;
+        let sched = crate::schedulers::build_default(&cfg)?;
+        let max_noise_level = index.get("max_noise_level").and_then(|v| v.as_u64()).unwrap_or(350) as u32;
+        Ok(Some(Self { alphas_cumprod: sched.alphas_cumprod().to_vec(), max_noise_level }))
+    }
 }
 
 /// What a model folder may say about its own use (`ldm-web.json`, written for the built-in
@@ -190,6 +213,7 @@ impl StableDiffusionModel {
             }
         }
         let dtype = opts.dtype.unwrap_or(DType::F32);
+        let upscaler = UpscalerNoise::load(src, &index).await?;
         let tokenizer = load_tokenizer(src, "tokenizer").await?;
         let te_cfg: ClipTextConfig = config(src, "text_encoder/config.json").await?;
         let te_files = component_files(src, "text_encoder", "model", opts.prefer_fp16).await?;
@@ -205,7 +229,7 @@ impl StableDiffusionModel {
         let scheduler_config: serde_json::Value = config(src, "scheduler/scheduler_config.json").await?;
         let vae_weights = VaeWeights::Folder { prefer_fp16: opts.prefer_fp16 };
         let hints = ModelHints::load(src).await?;
-        let model = Self { name: name.to_string(), tokenizer, text_encoder, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints };
+        let model = Self { name: name.to_string(), tokenizer, text_encoder, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints, upscaler };
         model.finish_load(gpu, src, opts).await
     }
 
@@ -271,7 +295,7 @@ impl StableDiffusionModel {
         vae_cfg.validate()?;
         let name = file.rsplit('/').next().unwrap_or(file).to_string();
         let vae_weights = VaeWeights::SingleFile(files[0].clone());
-        let model = Self { name, tokenizer, text_encoder, unet, vae_config: vae_cfg, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints: ModelHints::default() };
+        let model = Self { name, tokenizer, text_encoder, unet, vae_config: vae_cfg, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints: ModelHints::default(), upscaler: None };
         model.finish_load(gpu, src, opts).await
     }
 }

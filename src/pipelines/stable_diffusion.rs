@@ -10,6 +10,9 @@ use crate::ops;
 use crate::rng::TorchGenerator;
 use crate::schedulers::{self, Scheduler, SchedulerKind};
 
+/// diffusers' default `noise_level` of the x4 upscaler.
+pub const DEFAULT_NOISE_LEVEL: u32 = 20;
+
 /// Generation settings (diffusers' `__call__` arguments).
 #[derive(Clone, Debug)]
 pub struct Txt2ImgParams {
@@ -165,7 +168,17 @@ impl StableDiffusionModel {
     pub fn task(&self, p: &Txt2ImgParams, cond: &ImageConditions) -> Result<Task> {
         let task = Task::choose(self.unet.config.in_channels, self.vae_config.latent_channels, cond)?;
         let (w, h) = (p.width, p.height);
-        if cond.init.as_ref().is_some_and(|i| i.len() != 3 * w * h) || cond.mask.as_ref().is_some_and(|m| m.len() != w * h) {
+        if task == Task::Upscale {
+            let f = self.vae_config.scale_factor();
+            if cond.init.as_ref().is_some_and(|i| i.len() != 3 * (w / f) * (h / f)) {
+                return Err(Error::Input(format!("the low-resolution image must be {}x{} for a {w}x{h} output", w / f, h / f)));
+            }
+            let noise = self.upscaler.as_ref().ok_or_else(|| Error::Model("this upscaling model has no low_res_scheduler in model_index.json".into()))?;
+            let level = cond.noise_level.unwrap_or(DEFAULT_NOISE_LEVEL);
+            if level > noise.max_noise_level || level as usize >= noise.alphas_cumprod.len() {
+                return Err(Error::Input(format!("noise level {level} is above this model's max_noise_level {}", noise.max_noise_level)));
+            }
+        } else if cond.init.as_ref().is_some_and(|i| i.len() != 3 * w * h) || cond.mask.as_ref().is_some_and(|m| m.len() != w * h) {
             return Err(Error::Input(format!("the init image and mask must be {w}x{h}, the output size")));
         }
         Ok(task)
@@ -195,7 +208,7 @@ impl StableDiffusionModel {
         }
         let all = scheduler.timesteps().len();
         let strength = cond.strength.unwrap_or(task.default_strength());
-        let start = if task == Task::TextToImage { 0 } else { start_for_strength(p.steps, strength, scheduler.order()).0 };
+        let start = if matches!(task, Task::TextToImage | Task::Upscale) { 0 } else { start_for_strength(p.steps, strength, scheduler.order()).0 };
         if start >= all {
             return Err(Error::Input(format!("strength {strength} of {} steps leaves no step to run; raise the strength or the steps", p.steps)));
         }
@@ -222,14 +235,25 @@ impl StableDiffusionModel {
         let mut generator = TorchGenerator::new(p.seed);
         let t0 = now_ms();
         let needs_image_latents = match task {
-            Task::TextToImage => false,
+            Task::TextToImage | Task::Upscale => false,
             Task::ImageToImage | Task::Depth => true,
             Task::Inpaint { unet_mask } => !unet_mask || strength < 1.0,
         };
         let init = cond.init.as_deref().unwrap_or(&[]);
+        // The upscaler's low-resolution input, noised at its noise level by the low-res
+        // scheduler (diffusers draws this noise first).
+        let noised_low_res = match (task, &self.upscaler) {
+            (Task::Upscale, Some(u)) => {
+                let acp = u.alphas_cumprod[cond.noise_level.unwrap_or(DEFAULT_NOISE_LEVEL) as usize];
+                let (a, s) = (acp.sqrt(), (1.0 - acp).sqrt());
+                let noise = generator.randn(init.len());
+                init.iter().zip(noise).map(|(&x, n)| a * x + s * n).collect()
+            }
+            _ => Vec::new(),
+        };
         let image_latents = if needs_image_latents { self.encode_image(gpu, init, p.width, p.height, &mut generator).await?.repeat(b) } else { Vec::new() };
         let noise = generator.randn(b * z * plane);
-        let pure_noise = task == Task::TextToImage || (matches!(task, Task::Inpaint { .. }) && strength == 1.0);
+        let pure_noise = matches!(task, Task::TextToImage | Task::Upscale) || (matches!(task, Task::Inpaint { .. }) && strength == 1.0);
         let mut latents = if pure_noise {
             let sigma = scheduler.init_noise_sigma();
             noise.iter().map(|v| v * sigma).collect()
@@ -259,8 +283,10 @@ impl StableDiffusionModel {
                 let depth = cond.depth.as_ref().ok_or_else(|| Error::Input("depth-to-image needs a depth map".into()))?;
                 extra = depth_latent(depth, w, h)?;
             }
+            Task::Upscale => extra = noised_low_res,
             Task::TextToImage | Task::ImageToImage => {}
         }
+        let class_label = (task == Task::Upscale).then(|| cond.noise_level.unwrap_or(DEFAULT_NOISE_LEVEL));
         times.vae_encode_ms = now_ms() - t0;
         let extra_c = extra.len() / plane;
 
@@ -278,7 +304,7 @@ impl StableDiffusionModel {
             let residuals = self.control_residuals(gpu, cond, &embeddings, i - start, all - start, t, if guess { &scaled } else { &input }, [z, h, w], &control_context, guess)?;
             let input = if extra.is_empty() { input } else { input.chunks(z * plane).flat_map(|row| row.iter().chain(&extra)).copied().collect() };
             let x = gpu.upload(&[rows, z + extra_c, h, w], self.dtype, &input)?;
-            let out = self.unet.forward_with(gpu, &x, t, &context, residuals.as_ref())?;
+            let out = self.unet.forward_with(gpu, &x, t, &context, residuals.as_ref(), class_label)?;
             let out = gpu.read(&out).await?;
             let noise_pred = if cfg { guide(&out, p.guidance_scale, p.guidance_rescale, b) } else { out };
             latents = scheduler.step(&noise_pred, i, &latents, &mut generator)?;

@@ -6,7 +6,7 @@ use clap::Args;
 use ldm_web::gpu::{Gpu, GpuOptions};
 use ldm_web::loader::{DirSource, FileSource};
 use ldm_web::pipelines::output::{encode_png, parameters_text, GenerateBench};
-use ldm_web::pipelines::image_input::{self, Channels, InputImage};
+use ldm_web::pipelines::image_input::{self, Channels, InputImage, Resample};
 use ldm_web::models::ControlNetModel;
 use ldm_web::pipelines::{Control, DepthMap, DiffusionModel, ImageConditions, LdmKind, LdmModel, LoadOptions, LowResImage, StableDiffusionModel, Txt2ImgParams};
 use ldm_web::schedulers::SchedulerKind;
@@ -69,6 +69,9 @@ pub struct GenerateArgs {
     /// A ControlNet folder and its condition image (any image: depth, edges, scribble, segmentation, another modality), with an optional conditioning scale (default 1); repeat for several ControlNets.
     #[arg(long, value_name = "DIR=IMAGE[:SCALE]")]
     control: Vec<String>,
+    /// Upscalers: noise added to the low-resolution input, 0 to the model's max_noise_level (default 20; more lets the model invent more detail).
+    #[arg(long)]
+    noise_level: Option<u32>,
     /// ControlNet guess mode: the ControlNets see only the prompt's half of guidance.
     #[arg(long)]
     guess_mode: bool,
@@ -318,11 +321,29 @@ fn sd_params<'m>(a: &GenerateArgs, model: &StableDiffusionModel, controls: &[(&'
     let init = a.init_image.as_deref().map(|p| read_image(p, "init image")).transpose()?;
     let control_images = controls.iter().map(|(_, path, _)| read_image(path, "condition image")).collect::<Result<Vec<_>>>()?;
     let (mut width, mut height) = (a.width.unwrap_or(default_size), a.height.unwrap_or(default_size));
+    let vae_f = model.vae_config.scale_factor();
+    let f = vae_f * model.unet.config.downsample_factor();
+    let upscaler = model.upscaler.is_some();
+    // The x4 upscaler's output is its input's size times the VAE's factor: the low-resolution
+    // image is taken at a size the UNet divides evenly (bicubic, as its image processor).
+    let low_res = match (&init, upscaler) {
+        (Some(img), true) => {
+            if a.width.is_some() || a.height.is_some() {
+                return Err(Error::Input(format!("an upscaler's output is its input's size times {vae_f}; leave out --width/--height")));
+            }
+            let (lw, lh) = (img.width - img.width % (f / vae_f), img.height - img.height % (f / vae_f));
+            if lw == 0 || lh == 0 {
+                return Err(Error::Input(format!("the low-resolution image is {}x{}; this upscaler needs at least {} pixels per side", img.width, img.height, f / vae_f)));
+            }
+            (width, height) = (lw * vae_f, lh * vae_f);
+            Some(image_input::rgb_tensor_resampled(img, lw, lh, true, Resample::Bicubic))
+        }
+        _ => None,
+    };
     // The output size follows the init image, else the first condition image (as diffusers).
-    if let Some(img) = init.as_ref().or(control_images.first()) {
+    if let (Some(img), None) = (init.as_ref().or(control_images.first()), &low_res) {
         // diffusers takes the image's size rounded down to a multiple of 8; our UNet needs a
         // multiple of its whole downsampling factor, so round to that.
-        let f = model.vae_config.scale_factor() * model.unet.config.downsample_factor();
         let (dw, dh) = image_input::default_size(img, a.width, a.height, 8);
         let (rw, rh) = (dw - dw % f, dh - dh % f);
         if (rw, rh) != (dw, dh) && a.width.is_none() && a.height.is_none() && !bench {
@@ -330,9 +351,11 @@ fn sd_params<'m>(a: &GenerateArgs, model: &StableDiffusionModel, controls: &[(&'
         }
         (width, height) = (a.width.unwrap_or(rw), a.height.unwrap_or(rh));
     }
+    // diffusers' defaults: 75 steps and guidance 9 for the upscaler, 50 and 7.5 otherwise.
+    let (steps, guidance) = if upscaler { (75, 9.0) } else { (50, 7.5) };
     let p = Txt2ImgParams {
-        prompt: a.prompt.clone(), negative_prompt: a.negative_prompt.clone(), seed: a.seed, steps: a.steps.or(model.hints.steps).unwrap_or(50),
-        guidance_scale: a.guidance.or(model.hints.guidance).unwrap_or(7.5), guidance_rescale: 0.0, width, height,
+        prompt: a.prompt.clone(), negative_prompt: a.negative_prompt.clone(), seed: a.seed, steps: a.steps.or(model.hints.steps).unwrap_or(steps),
+        guidance_scale: a.guidance.or(model.hints.guidance).unwrap_or(guidance), guidance_rescale: 0.0, width, height,
         scheduler, eta: a.eta, clip_skip: a.clip_skip, batch: a.batch,
     };
     model.validate(&p)?;
@@ -340,7 +363,7 @@ fn sd_params<'m>(a: &GenerateArgs, model: &StableDiffusionModel, controls: &[(&'
         return Err(Error::Input(format!("--mask-blur must be a radius from 0 to 1000, got {}", a.mask_blur)));
     }
     let cond = ImageConditions {
-        init: init.as_ref().map(|img| image_input::rgb_tensor(img, width, height, true)),
+        init: low_res.or_else(|| init.as_ref().map(|img| image_input::rgb_tensor(img, width, height, true))),
         strength: a.strength,
         mask: a.mask.as_deref().map(|path| read_image(path, "mask").map(|m| image_input::mask_tensor(&m, width, height, a.mask_blur))).transpose()?,
         depth: a.depth.as_deref().map(|path| read_image(path, "depth map").map(|d| DepthMap { width: d.width, height: d.height, data: d.gray_values() })).transpose()?,
@@ -350,6 +373,7 @@ fn sd_params<'m>(a: &GenerateArgs, model: &StableDiffusionModel, controls: &[(&'
             .map(|((model, _, scale), img)| Control { model, image: image_input::rgb_tensor(img, width, height, false), scale: *scale, start: a.control_start, end: a.control_end })
             .collect(),
         guess_mode: a.guess_mode,
+        noise_level: a.noise_level,
     };
     if controls.is_empty() && (a.guess_mode || a.control_start != 0.0 || a.control_end != 1.0) {
         return Err(Error::Input("--guess-mode, --control-start and --control-end need a --control".into()));
@@ -376,6 +400,7 @@ fn ldm_params(a: &GenerateArgs, model: &LdmModel, scheduler: Option<SchedulerKin
     unused("--mask", a.mask.is_some())?;
     unused("--depth", a.depth.is_some())?;
     unused("--control", !a.control.is_empty())?;
+    unused("--noise-level", a.noise_level.is_some())?;
     if kind != LdmKind::TextToImage {
         unused("--prompt", !a.prompt.is_empty())?;
         unused("--guidance", a.guidance.is_some())?;
