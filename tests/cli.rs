@@ -71,6 +71,89 @@ fn generate_writes_diffusers_pixels_and_parameters() {
     assert_eq!(params, "a photo of an astronaut riding a horse on mars\nSteps: 5, Sampler: PLMS, CFG scale: 7.5, Seed: 0, Size: 64x64, Model: sd1");
 }
 
+/// The image flags end to end: files read from disk as users give them (a resized init image,
+/// a blurred mask, an 8-bit depth map smaller than the output, two ControlNets, guess mode, an
+/// upscaler batch), each image within 2/255 of diffusers (tests/fixtures/ref/cond_cases.json).
+#[test]
+fn generate_takes_init_images_masks_depth_maps_and_controlnets() {
+    let dir = tmp("conditions");
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures().join("ref/cond_cases.json")).expect("cases")).expect("json");
+    let images = fixtures().join("images");
+    let img = |name: &serde_json::Value| images.join(name.as_str().expect("file name")).to_string_lossy().into_owned();
+    let mut failures = Vec::new();
+    for index in [0, 16, 19, 22, 25, 28, 31] {
+        let c = &file["cases"][index];
+        let num = |k: &str| c[k].to_string();
+        let out = dir.join(format!("case{index}-{{n}}.png"));
+        let mut args: Vec<String> = ["generate", "--model", &fixtures().join(c["model"].as_str().expect("model")).to_string_lossy(), "--out", &out.to_string_lossy()].map(String::from).to_vec();
+        args.extend(["--prompt".into(), c["prompt"].as_str().expect("prompt").into(), "--seed".into(), num("seed"), "--steps".into(), num("steps"), "--guidance".into(), num("guidance"), "--batch".into(), num("batch")]);
+        if c["kind"] != "upscale" {
+            args.extend(["--width".into(), num("width"), "--height".into(), num("height")]);
+        }
+        let flags = [("scheduler", "--scheduler"), ("negative_prompt", "--negative-prompt"), ("strength", "--strength"), ("noise_level", "--noise-level"), ("mask_blur", "--mask-blur"), ("control_guidance_start", "--control-start"), ("control_guidance_end", "--control-end")];
+        for (key, flag) in flags {
+            if !c[key].is_null() {
+                args.extend([flag.into(), c[key].as_str().map(String::from).unwrap_or_else(|| num(key))]);
+            }
+        }
+        for (key, flag) in [("image", "--init-image"), ("mask", "--mask"), ("depth", "--depth")] {
+            if !c[key].is_null() {
+                args.extend([flag.into(), img(&c[key])]);
+            }
+        }
+        for n in c["controlnets"].as_array().expect("list") {
+            args.extend(["--control".into(), format!("{}={}:{}", fixtures().join(n["folder"].as_str().expect("folder")).display(), img(&n["image"]), n["scale"])]);
+        }
+        if c["guess_mode"] == true {
+            args.push("--guess-mode".into());
+        }
+        let (ok, _, stderr) = ldm(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        if !ok {
+            failures.push(format!("case {index} ({}): {stderr}", c["kind"]));
+            continue;
+        }
+        let want = &reference(&format!("cond_{index}.safetensors"))["image"];
+        let per = want.1.len() / want.0[0];
+        for b in 0..want.0[0] {
+            let (px, w, h, _) = read_png(&dir.join(format!("case{index}-{b}.png")));
+            assert_eq!((w as usize, h as usize), (want.0[2], want.0[1]), "case {index} size");
+            let worst = px.iter().zip(&want.1[b * per..]).map(|(&p, &r)| (p as f32 - (r * 255.0).round()).abs()).fold(0.0, f32::max);
+            println!("ldm generate case {index:>2} {:<10} image {b}: max {worst}/255 vs diffusers", c["kind"].as_str().unwrap_or(""));
+            if worst > 2.0 {
+                failures.push(format!("case {index} image {b}: {worst}/255"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // What cannot be used is refused with one line saying what to do.
+    let sd1 = fixtures().join("sd1").to_string_lossy().into_owned();
+    let text = dir.join("not-an-image.png");
+    std::fs::write(&text, "hello").expect("write");
+    let (init, mask, depth, control) = (img(&"init.png".into()), img(&"mask.png".into()), img(&"depth16.png".into()), img(&"control.png".into()));
+    let f = |m: &str| fixtures().join(m).to_string_lossy().into_owned();
+    let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let cases = vec![
+        (sd1.clone(), v(&["--init-image", &text.to_string_lossy()]), "cannot read the init image"),
+        (sd1.clone(), v(&["--init-image", "/nonexistent.png"]), "cannot read the init image"),
+        (sd1.clone(), v(&["--mask", &mask]), "a mask needs an init image"),
+        (sd1.clone(), v(&["--init-image", &init, "--strength", "1.5"]), "strength must be between 0 and 1"),
+        (sd1.clone(), v(&["--strength", "0.5"]), "strength needs an init image"),
+        (sd1.clone(), v(&["--init-image", &init, "--depth", &depth]), "depth-to-image model"),
+        (f("sd1-inpaint"), v(&["--init-image", &init]), "give an init image and a mask"),
+        (f("sd2-depth"), v(&["--init-image", &init]), "give an init image and a depth map"),
+        (sd1.clone(), v(&["--control", &control]), "expected DIR=IMAGE"),
+        (sd1.clone(), v(&["--control", &format!("{}={control}", f("sd1"))]), "not a diffusers ControlNet folder"),
+        (sd1.clone(), v(&["--control", &format!("{}=/nonexistent.png", f("controlnet-a"))]), "cannot read the condition image"),
+        (f("sd-x4-upscaler"), v(&["--init-image", &img(&"lowres.png".into()), "--noise-level", "400", "--width", "96", "--height", "64"]), "max_noise_level 350"),
+        (f("sd-x4-upscaler"), v(&["--init-image", &img(&"lowres.png".into())]), "makes 96x64 from a 24x16 image"),
+        (f("sd-x4-upscaler"), v(&[]), "upscaling model"),
+        (sd1.clone(), v(&["--init-image", &init, "--mask", &mask, "--mask-blur=-1"]), "--mask-blur"),
+        (sd1, v(&["--noise-level", "10"]), "upscaling models"),
+    ];
+    expect_one_line_errors(&dir, &cases);
+}
+
 /// `--batch` with `{n}`, a negative prompt, a non-default scheduler and a unicode prompt (iTXt).
 #[test]
 fn generate_batch_names_and_unicode_parameters() {

@@ -89,6 +89,24 @@ fn text_encoder_matches_diffusers() {
     }
 }
 
+/// Tiled decoding (diffusers' `enable_tiling`): sd1's VAE has 32-pixel tiles, so 10x14 latents
+/// make a 4x5 grid of blended tiles, edge tiles smaller; batch 2. 1e-4 relative, as decode.
+#[test]
+fn vae_tiled_decode_matches_diffusers() {
+    let gpu = gpu();
+    let r = reference("vae_tiled.safetensors");
+    let src = DirSource::new(fixtures().join("sd1"));
+    let vae = pollster::block_on(async {
+        let w = Weights::new(&src, component_files(&src, "vae", "diffusion_pytorch_model", false).await?);
+        AutoencoderKL::load(&w.at(&gpu, DType::F32, ""), config("sd1", "vae/config.json"), false).await
+    })
+    .expect("vae loads");
+    let (zs, z) = &r["latents"];
+    let shape: [usize; 4] = zs.as_slice().try_into().expect("4-d latents");
+    let tiled = pollster::block_on(vae.decode_tiled(&gpu, z, shape, DType::F32)).expect("tiled decode");
+    assert_close("sd1 vae tiled decode", &tiled, &r["tiled"].1, 1e-4);
+}
+
 /// Single-file checkpoints: architecture inferred from shapes matches the diffusers folder (all
 /// but head counts, which no checkpoint stores), and the renamed weights (OpenCLIP's fused q/k/v
 /// split by rows for SD2) reproduce the folder model's outputs: 1e-4 relative.

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::nn::Conv2d;
 use super::vae::Coder;
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Tensor};
+use crate::gpu::{DType, Gpu, Tensor};
 use crate::loader::W;
 
 /// `vae/config.json`; unknown keys ignored, missing ones take diffusers' defaults.
@@ -104,6 +104,100 @@ impl AutoencoderKL {
             None => z.clone(),
         };
         self.decoder.forward(gpu, &z, true)
+    }
+
+    /// Bytes of the decoder's largest activation for latents `[b, _, h, w]` (its full-resolution
+    /// blocks), to decide whether the decode must be tiled.
+    pub fn decode_peak_bytes(&self, b: usize, h: usize, w: usize, dtype: DType) -> u64 {
+        let f = self.config.scale_factor();
+        let c = self.config.block_out_channels.iter().take(2).copied().max().unwrap_or(0);
+        dtype.bytes_for(&[b, c, h * f, w * f])
+    }
+
+    /// diffusers' `tiled_decode` (`enable_tiling`): latents `[b, c, h, w]` (already divided by
+    /// `scaling_factor`) decoded in tiles of `sample_size / f` latents every 3/4 of a tile, each
+    /// blended into its upper and left neighbours over a quarter tile of pixels, so the
+    /// decoder's activations are those of one tile whatever the image size.
+    pub async fn decode_tiled(&self, gpu: &Gpu, z: &[f32], [b, c, h, w]: [usize; 4], dtype: DType) -> Result<Vec<f32>> {
+        let f = self.config.scale_factor();
+        let tile_sample = self.config.sample_size;
+        let tile_latent = tile_sample / f;
+        if tile_latent == 0 {
+            return Err(Error::Model(format!("vae sample_size {tile_sample} is smaller than its scale factor {f}; it cannot be tiled")));
+        }
+        let overlap = ((tile_latent as f64 * 0.75) as usize).max(1);
+        let blend = (tile_sample as f64 * 0.25) as usize;
+        let row_limit = tile_sample - blend;
+        // Tiles `[b, 3, th, tw]` by grid position.
+        let mut rows: Vec<Vec<(Vec<f32>, usize, usize)>> = Vec::new();
+        for i in (0..h).step_by(overlap) {
+            let mut row = Vec::new();
+            for j in (0..w).step_by(overlap) {
+                let (th, tw) = (tile_latent.min(h - i), tile_latent.min(w - j));
+                let mut tile = Vec::with_capacity(b * c * th * tw);
+                for bc in 0..b * c {
+                    for y in i..i + th {
+                        let at = (bc * h + y) * w + j;
+                        tile.extend_from_slice(&z[at..at + tw]);
+                    }
+                }
+                let t = gpu.upload(&[b, c, th, tw], dtype, &tile)?;
+                let decoded = self.decode(gpu, &t)?;
+                row.push((gpu.read(&decoded).await?, th * f, tw * f));
+            }
+            rows.push(row);
+        }
+        // Blend in place, in diffusers' order: each tile takes its (already blended) upper
+        // neighbour's last rows, then its left neighbour's last columns.
+        let (out_h, out_w) = (h * f, w * f);
+        let mut out = vec![0f32; b * 3 * out_h * out_w];
+        for i in 0..rows.len() {
+            for j in 0..rows[i].len() {
+                let (mut tile, th, tw) = std::mem::take(&mut rows[i][j]);
+                if i > 0 {
+                    let (above, ah, aw) = &rows[i - 1][j];
+                    let e = blend.min(*ah).min(th);
+                    for p in 0..b * 3 {
+                        for y in 0..e {
+                            let (wa, wb) = ((1.0 - y as f64 / e as f64) as f32, (y as f64 / e as f64) as f32);
+                            for x in 0..tw {
+                                let a = above[(p * ah + ah - e + y) * aw + x];
+                                let v = &mut tile[(p * th + y) * tw + x];
+                                *v = a * wa + *v * wb;
+                            }
+                        }
+                    }
+                }
+                if j > 0 {
+                    let (left, lh, lw) = &rows[i][j - 1];
+                    let e = blend.min(*lw).min(tw);
+                    for p in 0..b * 3 {
+                        for y in 0..th.min(*lh) {
+                            for x in 0..e {
+                                let (wa, wb) = ((1.0 - x as f64 / e as f64) as f32, (x as f64 / e as f64) as f32);
+                                let a = left[(p * lh + y) * lw + lw - e + x];
+                                let v = &mut tile[(p * th + y) * tw + x];
+                                *v = a * wa + *v * wb;
+                            }
+                        }
+                    }
+                }
+                // Each tile contributes its first `row_limit` rows and columns.
+                let (y0, x0) = (i * overlap * f, j * overlap * f);
+                for p in 0..b * 3 {
+                    for y in 0..th.min(row_limit) {
+                        for x in 0..tw.min(row_limit) {
+                            let (oy, ox) = (y0 + y, x0 + x);
+                            if oy < out_h && ox < out_w {
+                                out[(p * out_h + oy) * out_w + ox] = tile[(p * th + y) * tw + x];
+                            }
+                        }
+                    }
+                }
+                rows[i][j] = (tile, th, tw);
+            }
+        }
+        Ok(out)
     }
 
     /// Encodes images in [-1, 1] `[B, 3, H, W]` into the latent distribution.

@@ -161,6 +161,7 @@ impl ControlNetModel {
     /// The residuals for latents `[B, C, h, w]` at `timestep` with text `[B, L, D]` and a
     /// condition embedding from [`Self::embed_condition`] (broadcast over the batch), scaled by
     /// `scale`; in guess mode by `logspace(-1, 0)` over the skip states times `scale`.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(&self, gpu: &Gpu, sample: &Tensor, timestep: f32, context: &Tensor, condition: &Tensor, scale: f32, guess_mode: bool) -> Result<Residuals> {
         let b = sample.dim(0);
         if condition.shape()[2..] != sample.shape()[2..] {

@@ -28,6 +28,9 @@ pub struct LoadOptions {
     /// Quantise Linear and Conv2d weights on the fly, per component (weights a converted model
     /// stores quantised are used as stored whatever this says).
     pub quant: ComponentQuant,
+    /// Always decode latents in tiles (diffusers' `enable_vae_tiling`); without it, only when
+    /// the whole image would exceed the adapter's binding size.
+    pub vae_tiling: bool,
 }
 
 /// A quantised type (q8_0, q4_0, q4_1) per model component, `None` for float weights.
@@ -116,6 +119,8 @@ pub struct StableDiffusionModel {
     pub hints: ModelHints,
     /// `StableDiffusionUpscalePipeline` folders: how the low-resolution image is noised.
     pub upscaler: Option<UpscalerNoise>,
+    /// Always decode in tiles ([`LoadOptions::vae_tiling`]).
+    pub vae_tiling: bool,
 }
 
 /// The x4 upscaler's noise augmentation of its low-resolution input: the `low_res_scheduler`'s
@@ -229,7 +234,7 @@ impl StableDiffusionModel {
         let scheduler_config: serde_json::Value = config(src, "scheduler/scheduler_config.json").await?;
         let vae_weights = VaeWeights::Folder { prefer_fp16: opts.prefer_fp16 };
         let hints = ModelHints::load(src).await?;
-        let model = Self { name: name.to_string(), tokenizer, text_encoder, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints, upscaler };
+        let model = Self { name: name.to_string(), tokenizer, text_encoder, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints, upscaler, vae_tiling: opts.vae_tiling };
         model.finish_load(gpu, src, opts).await
     }
 
@@ -295,7 +300,7 @@ impl StableDiffusionModel {
         vae_cfg.validate()?;
         let name = file.rsplit('/').next().unwrap_or(file).to_string();
         let vae_weights = VaeWeights::SingleFile(files[0].clone());
-        let model = Self { name, tokenizer, text_encoder, unet, vae_config: vae_cfg, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints: ModelHints::default(), upscaler: None };
+        let model = Self { name, tokenizer, text_encoder, unet, vae_config: vae_cfg, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints: ModelHints::default(), upscaler: None, vae_tiling: opts.vae_tiling };
         model.finish_load(gpu, src, opts).await
     }
 }

@@ -363,10 +363,15 @@ impl StableDiffusionModel {
         // activations do not stack on top of them, and free the decoder's afterwards for the
         // next denoising loop: peak GPU memory is the larger phase, not the sum.
         gpu.trim_pool();
-        let z = gpu.upload(&latents.shape, self.dtype, &z)?;
-        let image = vae.decode(gpu, &z)?;
-        let pixels = gpu.read(&image).await?;
-        drop((z, image));
+        // Tiles when asked, or when the whole image's activations would not fit a binding.
+        let too_large = vae.decode_peak_bytes(b, h, w, self.dtype) > gpu.summary().max_storage_buffer_binding_size;
+        let pixels = if self.vae_tiling || too_large {
+            vae.decode_tiled(gpu, &z, latents.shape, self.dtype).await?
+        } else {
+            let z = gpu.upload(&latents.shape, self.dtype, &z)?;
+            let image = vae.decode(gpu, &z)?;
+            gpu.read(&image).await?
+        };
         gpu.trim_pool();
         Ok(to_hwc01(&pixels, b, h * f, w * f))
     }

@@ -69,6 +69,9 @@ pub struct GenerateArgs {
     /// A ControlNet folder and its condition image (any image: depth, edges, scribble, segmentation, another modality), with an optional conditioning scale (default 1); repeat for several ControlNets.
     #[arg(long, value_name = "DIR=IMAGE[:SCALE]")]
     control: Vec<String>,
+    /// Decode the image in overlapping tiles (diffusers' enable_vae_tiling): less GPU memory for large images; done anyway when the whole image would not fit the adapter's binding size.
+    #[arg(long)]
+    vae_tiling: bool,
     /// Upscalers: noise added to the low-resolution input, 0 to the model's max_noise_level (default 20; more lets the model invent more detail).
     #[arg(long)]
     noise_level: Option<u32>,
@@ -197,7 +200,7 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
         let gpu = Gpu::new(GpuOptions { force_f32: true, ..Default::default() }).await?;
         let t_load = now();
         // The VAE encoder is read only when an image is to be encoded.
-        let opts = LoadOptions { quant: a.quant.choice()?.component_quant(None), vae_encoder: a.init_image.is_some(), ..Default::default() };
+        let opts = LoadOptions { quant: a.quant.choice()?.component_quant(None), vae_encoder: a.init_image.is_some(), vae_tiling: a.vae_tiling, ..Default::default() };
         let model = load_model(&gpu, &a.model, a.config.as_deref(), &opts).await?;
         let load_ms = now() - t_load;
         let kind = match scheduler {
@@ -328,14 +331,14 @@ fn sd_params<'m>(a: &GenerateArgs, model: &StableDiffusionModel, controls: &[(&'
     // image is taken at a size the UNet divides evenly (bicubic, as its image processor).
     let low_res = match (&init, upscaler) {
         (Some(img), true) => {
-            if a.width.is_some() || a.height.is_some() {
-                return Err(Error::Input(format!("an upscaler's output is its input's size times {vae_f}; leave out --width/--height")));
-            }
             let (lw, lh) = (img.width - img.width % (f / vae_f), img.height - img.height % (f / vae_f));
             if lw == 0 || lh == 0 {
                 return Err(Error::Input(format!("the low-resolution image is {}x{}; this upscaler needs at least {} pixels per side", img.width, img.height, f / vae_f)));
             }
             (width, height) = (lw * vae_f, lh * vae_f);
+            if a.width.is_some_and(|v| v != width) || a.height.is_some_and(|v| v != height) {
+                return Err(Error::Input(format!("this upscaler makes {width}x{height} from a {}x{} image (its size times {vae_f}); leave out --width/--height", img.width, img.height)));
+            }
             Some(image_input::rgb_tensor_resampled(img, lw, lh, true, Resample::Bicubic))
         }
         _ => None,
