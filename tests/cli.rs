@@ -148,7 +148,7 @@ fn generate_takes_init_images_masks_depth_maps_and_controlnets() {
         (f("sd-x4-upscaler"), v(&["--init-image", &img(&"lowres.png".into()), "--noise-level", "400", "--width", "96", "--height", "64"]), "max_noise_level 350"),
         (f("sd-x4-upscaler"), v(&["--init-image", &img(&"lowres.png".into())]), "makes 96x64 from a 24x16 image"),
         (f("sd-x4-upscaler"), v(&[]), "upscaling model"),
-        (sd1.clone(), v(&["--init-image", &init, "--mask", &mask, "--mask-blur=-1"]), "--mask-blur"),
+        (sd1.clone(), v(&["--init-image", &init, "--mask", &mask, "--mask-blur=-1"]), "mask blur must be a radius"),
         (sd1, v(&["--noise-level", "10"]), "upscaling models"),
     ];
     expect_one_line_errors(&dir, &cases);

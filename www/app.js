@@ -175,7 +175,14 @@ async function generate() {
   }
   history.replaceState(null, '', shareUrl(p));
   $('share-link').value = location.href;
-  const extras = [$('init-file').files.length && 'init image', maskPainted && 'mask', $('cond-file').files.length && 'condition image'].filter(Boolean);
+  let images;
+  try {
+    images = await pageImages();
+  } catch (e) {
+    setStatus(e.message, true);
+    return;
+  }
+  const conditioning = pipelineSettings();
   app.busy = true;
   $('generate').disabled = true;
   $('cancel').disabled = false;
@@ -186,8 +193,9 @@ async function generate() {
   setStatus('Starting…');
   note('start', { params: p });
   navigator.storage?.persist?.().catch(() => {});
-  const params = { ...p, preview_every: 2 };
+  const params = { ...p, ...conditioning, preview_every: 2 };
   delete params.model;
+  note('inputs', { images: Object.keys(images ?? {}), conditioning });
   try {
     const { blob, info } = await app.engine.generate(p.model, params, (ev) => {
       if (ev.type === 'download') {
@@ -210,12 +218,12 @@ async function generate() {
         note('status', { message: ev.message });
         setStatus(ev.message);
       }
-    });
+    }, images);
     const entry = { params: p, info, blob, created: Date.now() };
     app.results.push(entry);
     note('done', { info });
     showResult(blob, p, info);
-    setStatus(`Done in ${(info.total_ms / 1000).toFixed(1)} s.` + (extras.length ? ` This is a text-to-image model: the ${extras.join(' and ')} were not used.` : ''));
+    setStatus(`Done in ${(info.total_ms / 1000).toFixed(1)} s.`);
     try {
       await galleryAdd(entry);
     } catch (e) {
@@ -273,6 +281,67 @@ async function refreshModels() {
 
 // ---- mask painter and condition inputs -------------------------------------------------------------
 
+// A file's bytes as PNG: PNG files as they are (16-bit depth maps keep their precision), other
+// formats decoded by the browser and re-encoded losslessly.
+async function pngBytes(file) {
+  if (file.type === 'image/png') return new Uint8Array(await file.arrayBuffer());
+  let bmp;
+  try {
+    bmp = await createImageBitmap(file);
+  } catch {
+    throw new Error(`${file.name} is not an image this browser can read (PNG, JPEG, WebP).`);
+  }
+  const c = new OffscreenCanvas(bmp.width, bmp.height);
+  c.getContext('2d').drawImage(bmp, 0, 0);
+  return new Uint8Array(await (await c.convertToBlob({ type: 'image/png' })).arrayBuffer());
+}
+
+// The painted mask as a PNG: white where painted (its coverage as gray on antialiased edges),
+// black elsewhere, at the init image's size.
+async function maskPng() {
+  const canvas = $('mask-canvas');
+  const out = new OffscreenCanvas(canvas.width, canvas.height);
+  const ctx = out.getContext('2d');
+  ctx.fillStyle = '#000';
+  ctx.fillRect(0, 0, out.width, out.height);
+  ctx.drawImage(canvas, 0, 0);
+  return new Uint8Array(await (await out.convertToBlob({ type: 'image/png' })).arrayBuffer());
+}
+window.__ldmMaskPng = maskPng;
+
+// The images the chosen pipeline uses; `undefined` when none.
+async function pageImages() {
+  const pipeline = $('pipeline').value;
+  if (pipeline === 'txt2img') return undefined;
+  const init = $('init-file').files[0];
+  const cond = $('cond-file').files[0];
+  const url = $('controlnet-url').value.trim();
+  const images = {};
+  if (init) images.init = await pngBytes(init);
+  if (init && maskPainted && (pipeline === 'auto' || pipeline === 'inpaint')) images.mask = await maskPng();
+  const toControl = url && (pipeline === 'auto' || pipeline === 'controlnet');
+  if (cond && toControl) images.controls = [{ url, image: await pngBytes(cond), scale: Number($('controlnet-scale').value || 1) }];
+  else if (cond && (pipeline === 'auto' || pipeline === 'depth')) images.depth = await pngBytes(cond);
+  const need = { img2img: init, inpaint: init && maskPainted, depth: init && cond, controlnet: cond && url, upscale: init }[pipeline];
+  if (pipeline !== 'auto' && !need) {
+    throw new Error({ img2img: 'Image-to-image needs an init image.', inpaint: 'Inpainting needs an init image and a painted or uploaded mask.', depth: 'Depth-to-image needs an init image and a depth map.', controlnet: 'ControlNet needs its URL and a condition image.', upscale: 'Upscaling needs the low-resolution image as the init image.' }[pipeline]);
+  }
+  return Object.keys(images).length ? images : undefined;
+}
+
+// Strength, mask blur, noise level and guess mode, for the pipelines that use them.
+function pipelineSettings() {
+  const num = (id) => ($(id).value.trim() === '' ? undefined : Number($(id).value));
+  const out = {};
+  const pipeline = $('pipeline').value;
+  if (pipeline === 'txt2img') return out;
+  if ($('init-file').files.length && pipeline !== 'upscale' && num('strength') !== undefined) out.strength = num('strength');
+  if (maskPainted && num('mask-blur')) out.mask_blur = num('mask-blur');
+  if (num('noise-level') !== undefined && (pipeline === 'auto' || pipeline === 'upscale')) out.noise_level = num('noise-level');
+  if ($('guess-mode').checked && $('controlnet-url').value.trim()) out.guess_mode = true;
+  return out;
+}
+
 let maskPainted = false;
 function setupMask() {
   const canvas = $('mask-canvas');
@@ -294,6 +363,7 @@ function setupMask() {
     ctx.lineTo(...b);
     ctx.stroke();
     maskPainted = true;
+    app.maskPainted = true;
   };
   canvas.addEventListener('pointerdown', (e) => { drawing = true; last = pos(e); stroke(last, last); canvas.setPointerCapture(e.pointerId); });
   canvas.addEventListener('pointermove', (e) => { if (drawing) { const p = pos(e); stroke(last, p); last = p; } });

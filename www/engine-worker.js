@@ -3,8 +3,10 @@
 // always through ldm-client.js or worker-job.js.
 //
 // Messages in (one job runs at a time; `cancel` and the `simulate-*` commands act immediately):
-//   {id, cmd: 'generate', model, params}      params: prompt, negative_prompt, seed, steps, guidance,
-//                                             width, height, scheduler, precision, preview_every
+//   {id, cmd: 'generate', model, params, images?}  params: prompt, negative_prompt, seed, steps, guidance,
+//                                             width, height, scheduler, precision, preview_every, strength,
+//                                             mask_blur, noise_level, guess_mode, control_start, control_end;
+//                                             images: {init?, mask?, depth?: PNG bytes, controls?: [{url, image, scale}]}
 //   {id, cmd: 'bench-generate', model, params}
 //   {id, cmd: 'adapter'} | {id, cmd: 'models'} | {id, cmd: 'delete-model', url}
 //   {id, cmd: 'bench-unet', model: 'sd15' | URL, inputs: URL?, options}  (ldm bench unet)
@@ -118,13 +120,33 @@ async function prefetchFirst(store, files) {
   }
 }
 
+// The images of a generation for the engine; each ControlNet gets its own weight store (cached
+// like a model, fetched only when a generation uses it).
+async function engineImages(id, images) {
+  if (!images) return undefined;
+  const post = (event) => postEvent(id, event);
+  const controls = [];
+  for (const c of images.controls ?? []) {
+    const base = c.url.endsWith('/') ? c.url : `${c.url}/`;
+    const store = new WeightStore(base, {
+      signal: current.abort.signal,
+      onBytes: (fetched, total) => post({ type: 'download', fetched, total }),
+      log: (line) => post({ type: 'status', message: line }),
+    });
+    await recordModel(base, {});
+    controls.push({ url: base, store, image: c.image, scale: c.scale ?? 1 });
+  }
+  return { init: images.init, mask: images.mask, depth: images.depth, controls };
+}
+
 async function generate(id, msg) {
   const post = (event) => postEvent(id, event);
   const request = JSON.stringify(msg.params ?? {});
   for (let attempt = 0; ; attempt++) {
     try {
       return await withModel(id, msg, async (loc, store, bpe) => {
-        const out = await ldm.generate(loc.base, store, loc.file ?? undefined, bpe, request, (ev) => {
+        const images = await engineImages(id, msg.images);
+        const out = await ldm.generate(loc.base, store, loc.file ?? undefined, bpe, request, images, (ev) => {
           if (ev.type === 'prefetch') prefetchFirst(store, ev.files);
           else post(ev);
         });

@@ -92,9 +92,11 @@ export class LdmEngine {
   // Generates one image: resolves to {blob (PNG with its parameters chunk), info}. onEvent sees
   // {type: 'download', fetched, total}, {type: 'stage', stage}, {type: 'step', step, steps, ms},
   // {type: 'preview', step, width, height, rgba}, {type: 'status', message}.
-  async generate(model, params, onEvent) {
+  // images (optional): {init, mask, depth: PNG bytes (Uint8Array), controls: [{url, image, scale}]}.
+  async generate(model, params, onEvent, images) {
     await this.ready;
-    const m = await this.request({ cmd: 'generate', model: new URL(model, document.baseURI).href, params }, onEvent);
+    if (images?.controls) images = { ...images, controls: images.controls.map((c) => ({ ...c, url: new URL(c.url, document.baseURI).href })) };
+    const m = await this.request({ cmd: 'generate', model: new URL(model, document.baseURI).href, params, images }, onEvent);
     return { blob: new Blob([m.png], { type: 'image/png' }), info: m.info };
   }
 

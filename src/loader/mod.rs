@@ -136,11 +136,18 @@ pub fn refuse_pickle(path: &str) -> Result<()> {
     Ok(())
 }
 
+/// `dir/name`, or `name` for the source's root (`dir` empty).
+pub fn join_path(dir: &str, name: &str) -> String {
+    if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") }
+}
+
 /// The safetensors files holding component `dir`'s weights named `base` (`diffusion_pytorch_model`
-/// or `model`): single, fp16 variant or sharded with an index.
+/// or `model`): single, fp16 variant or sharded with an index; `dir` empty: the source's root.
+
 pub async fn component_files(src: &dyn FileSource, dir: &str, base: &str, prefer_fp16: bool) -> Result<Vec<WeightFile>> {
-    let single = [format!("{dir}/{base}.safetensors"), format!("{dir}/{base}.fp16.safetensors")];
-    let index = [format!("{dir}/{base}.safetensors.index.json"), format!("{dir}/{base}.safetensors.index.fp16.json")];
+    let at = |name: String| join_path(dir, &name);
+    let single = [at(format!("{base}.safetensors")), at(format!("{base}.fp16.safetensors"))];
+    let index = [at(format!("{base}.safetensors.index.json")), at(format!("{base}.safetensors.index.fp16.json"))];
     let order: [usize; 2] = if prefer_fp16 { [1, 0] } else { [0, 1] };
     for i in order {
         if src.size(&single[i]).await?.is_some() {
@@ -157,12 +164,12 @@ pub async fn component_files(src: &dyn FileSource, dir: &str, base: &str, prefer
                     return Err(Error::Model(format!("{} names a shard outside the model folder: {s}", src.describe(&index[i]))));
                 }
                 refuse_pickle(s)?;
-                files.push(WeightFile::open(src, &format!("{dir}/{s}")).await?);
+                files.push(WeightFile::open(src, &at(s.to_string())).await?);
             }
             return Ok(files);
         }
     }
-    for pickle in [format!("{dir}/{base}.bin"), format!("{dir}/{base}.ckpt"), format!("{dir}/pytorch_model.bin")] {
+    for pickle in [at(format!("{base}.bin")), at(format!("{base}.ckpt")), at("pytorch_model.bin".into())] {
         if src.size(&pickle).await?.is_some() {
             refuse_pickle(&pickle)?;
         }

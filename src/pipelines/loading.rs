@@ -165,10 +165,10 @@ pub(crate) async fn config<T: serde::de::DeserializeOwned>(src: &dyn FileSource,
     read_json(src, path).await?.ok_or_else(|| Error::Model(format!("{} is missing; is this a diffusers Stable Diffusion folder?", src.describe(path))))
 }
 
-/// Loads a `ControlNetModel` folder (`config.json` + weights) at `dir` of `src`, in the dtype and
-/// with the UNet's quantisation of `opts`.
+/// Loads a `ControlNetModel` folder (`config.json` + weights) at `dir` of `src` (empty: its
+/// root), in the dtype and with the UNet's quantisation of `opts`.
 pub async fn load_controlnet(gpu: &Gpu, src: &dyn FileSource, dir: &str, opts: &LoadOptions) -> Result<ControlNetModel> {
-    let path = format!("{dir}/config.json");
+    let path = crate::loader::join_path(dir, "config.json");
     let text = read_file(src, &path).await?.ok_or_else(|| Error::Model(format!("{} is missing; is this a diffusers ControlNet folder?", src.describe(&path))))?;
     let cfg = ControlNetConfig::from_json(&String::from_utf8_lossy(&text))?;
     let files = component_files(src, dir, "diffusion_pytorch_model", opts.prefer_fp16).await?;

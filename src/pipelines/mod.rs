@@ -12,4 +12,4 @@ pub mod stable_diffusion;
 pub use ldm::{LdmKind, LdmModel, LowResImage};
 pub use loading::{load_controlnet, load_controlnet_single_file, ComponentQuant, DiffusionModel, LoadOptions, ModelHints, StableDiffusionModel};
 pub use conditions::{Control, DepthMap, ImageConditions, Task};
-pub use stable_diffusion::{Images, Latents, StageTimes, StepProgress, Txt2ImgParams};
+pub use stable_diffusion::{PreparedImages, UserImages, Images, Latents, StageTimes, StepProgress, Txt2ImgParams};

@@ -1,7 +1,9 @@
 //! Stable Diffusion 1.x / 2.x: text-to-image, img2img, inpainting and depth-to-image, step for
 //! step as diffusers' pipelines, so a seed gives diffusers' image.
 
-use super::conditions::{depth_latent, nearest, start_for_strength, ImageConditions, Task};
+use super::conditions::{depth_latent, nearest, start_for_strength, Control, DepthMap, ImageConditions, Task};
+use super::image_input::{self, InputImage, Resample};
+use crate::models::ControlNetModel;
 use super::loading::StableDiffusionModel;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
@@ -91,6 +93,38 @@ pub struct Latents {
     pub shape: [usize; 4],
 }
 
+/// Images as the user gave them (any size and mode) and the settings that go with them, before
+/// [`StableDiffusionModel::prepare_images`] sizes them.
+pub struct UserImages<'m> {
+    pub init: Option<InputImage>,
+    pub mask: Option<InputImage>,
+    /// Gaussian blur radius for the mask (diffusers' `mask_processor.blur`).
+    pub mask_blur: f32,
+    pub depth: Option<InputImage>,
+    /// ControlNets with their condition images and scales.
+    pub controls: Vec<(&'m ControlNetModel, InputImage, f32)>,
+    pub strength: Option<f32>,
+    pub guess_mode: bool,
+    pub control_start: f32,
+    pub control_end: f32,
+    pub noise_level: Option<u32>,
+}
+
+impl Default for UserImages<'_> {
+    fn default() -> Self {
+        Self { init: None, mask: None, mask_blur: 0.0, depth: None, controls: Vec::new(), strength: None, guess_mode: false, control_start: 0.0, control_end: 1.0, noise_level: None }
+    }
+}
+
+/// What [`StableDiffusionModel::prepare_images`] makes of the user's images.
+pub struct PreparedImages<'m> {
+    pub width: usize,
+    pub height: usize,
+    pub conditions: ImageConditions<'m>,
+    /// Said to the user when the size differs from the one diffusers would pick.
+    pub note: Option<String>,
+}
+
 impl StableDiffusionModel {
     /// The scheduler `kind` (default: the model's own, exactly as configured), built from the
     /// model's scheduler config after the fix-ups `StableDiffusionPipeline.__init__` applies
@@ -162,6 +196,74 @@ impl StableDiffusionModel {
     /// Text encoding and the denoising loop of text-to-image.
     pub async fn denoise(&self, gpu: &Gpu, p: &Txt2ImgParams, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Latents, StageTimes)> {
         self.denoise_with(gpu, p, &ImageConditions::default(), now_ms, progress).await
+    }
+
+    /// The output size and image conditions for `images`, sized and normalised as diffusers'
+    /// image processors do: the output follows `width` / `height` when given, else the init
+    /// image (or the first condition image) rounded down to what the UNet takes, else the
+    /// model's sample size. An upscaler's output is its input's size times the VAE's factor.
+    pub fn prepare_images<'m>(&self, images: UserImages<'m>, width: Option<usize>, height: Option<usize>) -> Result<PreparedImages<'m>> {
+        let vae_f = self.vae_config.scale_factor();
+        let f = vae_f * self.unet.config.downsample_factor();
+        let default_size = self.unet.config.sample_size.unwrap_or(64) * vae_f;
+        let (mut w, mut h) = (width.unwrap_or(default_size), height.unwrap_or(default_size));
+        let mut note = None;
+        if !(0.0..=1000.0).contains(&images.mask_blur) {
+            return Err(Error::Input(format!("the mask blur must be a radius from 0 to 1000, got {}", images.mask_blur)));
+        }
+        // The upscaler takes its input at a size the UNet divides evenly (bicubic, as its
+        // image processor).
+        let low_res = match (&images.init, &self.upscaler) {
+            (Some(img), Some(_)) => {
+                let step = f / vae_f;
+                let (lw, lh) = (img.width - img.width % step, img.height - img.height % step);
+                if lw == 0 || lh == 0 {
+                    return Err(Error::Input(format!("the low-resolution image is {}x{}; this upscaler needs at least {step} pixels per side", img.width, img.height)));
+                }
+                (w, h) = (lw * vae_f, lh * vae_f);
+                if width.is_some_and(|v| v != w) || height.is_some_and(|v| v != h) {
+                    return Err(Error::Input(format!("this upscaler makes {w}x{h} from a {}x{} image (its size times {vae_f}); leave the width and height unset", img.width, img.height)));
+                }
+                Some(image_input::rgb_tensor_resampled(img, lw, lh, true, Resample::Bicubic))
+            }
+            _ => None,
+        };
+        if let (Some(img), None) = (images.init.as_ref().or(images.controls.first().map(|c| &c.1)), &low_res) {
+            // diffusers takes the image's size rounded down to a multiple of 8; our UNet needs
+            // a multiple of its whole downsampling factor.
+            let (dw, dh) = image_input::default_size(img, width, height, 8);
+            let (rw, rh) = (dw - dw % f, dh - dh % f);
+            if rw == 0 || rh == 0 {
+                return Err(Error::Input(format!("the input image is {}x{}; this model needs at least {f} pixels per side (or give a width and height)", img.width, img.height)));
+            }
+            if (rw, rh) != (dw, dh) && width.is_none() && height.is_none() {
+                note = Some(format!("the output is {rw}x{rh}: this model takes sides divisible by {f} (the input image is {}x{})", img.width, img.height));
+            }
+            (w, h) = (width.unwrap_or(rw), height.unwrap_or(rh));
+        }
+        if images.controls.is_empty() && (images.guess_mode || images.control_start != 0.0 || images.control_end != 1.0) {
+            return Err(Error::Input("guess mode and the ControlNet start and end need a ControlNet".into()));
+        }
+        let conditions = ImageConditions {
+            init: low_res.or_else(|| images.init.as_ref().map(|img| image_input::rgb_tensor(img, w, h, true))),
+            strength: images.strength,
+            mask: images.mask.as_ref().map(|m| image_input::mask_tensor(m, w, h, images.mask_blur)),
+            depth: images.depth.as_ref().map(|d| DepthMap { width: d.width, height: d.height, data: d.gray_values() }),
+            controls: images
+                .controls
+                .iter()
+                .map(|(model, img, scale)| Control { model, image: image_input::rgb_tensor(img, w, h, false), scale: *scale, start: images.control_start, end: images.control_end })
+                .collect(),
+            guess_mode: images.guess_mode,
+            noise_level: images.noise_level,
+        };
+        Ok(PreparedImages { width: w, height: h, conditions, note })
+    }
+
+    /// diffusers' default steps and guidance for this pipeline: 75 and 9 for the x4 upscaler,
+    /// else `steps` and 7.5.
+    pub fn default_steps_guidance(&self, steps: usize) -> (usize, f32) {
+        if self.upscaler.is_some() { (75, 9.0) } else { (steps, 7.5) }
     }
 
     /// The task `cond` makes of a generation with this model, or why it does not fit.

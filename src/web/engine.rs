@@ -13,7 +13,9 @@ use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, GpuOptions};
 use crate::pipelines::output::{encode_png, parameters_text, GenerateBench};
 use crate::pipelines::preview::LatentPreview;
-use crate::pipelines::{DiffusionModel, LdmKind, LdmModel, LoadOptions, StableDiffusionModel, StepProgress, Txt2ImgParams};
+use crate::models::ControlNetModel;
+use crate::pipelines::image_input::InputImage;
+use crate::pipelines::{DiffusionModel, ImageConditions, LdmKind, LdmModel, LoadOptions, StableDiffusionModel, StepProgress, Txt2ImgParams, UserImages};
 use crate::schedulers::{self, SchedulerKind};
 
 struct Loaded {
@@ -26,6 +28,8 @@ struct Loaded {
 struct Engine {
     gpu: Option<Gpu>,
     model: Option<Rc<Loaded>>,
+    /// The ControlNets of the last generation that used any, by URL and dtype.
+    controlnets: Vec<(String, Rc<ControlNetModel>)>,
 }
 
 thread_local! {
@@ -62,6 +66,75 @@ struct GenerateRequest {
     /// A preview every this many steps (0: none).
     #[serde(default = "default_preview_every")]
     preview_every: usize,
+    /// img2img / inpainting / depth-to-image: where on the schedule to start (default: the
+    /// pipeline's).
+    #[serde(default)]
+    strength: Option<f32>,
+    #[serde(default)]
+    mask_blur: f32,
+    /// Upscalers.
+    #[serde(default)]
+    noise_level: Option<u32>,
+    #[serde(default)]
+    guess_mode: bool,
+    #[serde(default)]
+    control_start: Option<f32>,
+    #[serde(default)]
+    control_end: Option<f32>,
+}
+
+/// The images the page sends with a generation: `{init?, mask?, depth?, controls?: [{url,
+/// store, image, scale}]}`, each image the bytes of a PNG file.
+struct PageImages {
+    init: Option<InputImage>,
+    mask: Option<InputImage>,
+    depth: Option<InputImage>,
+    controls: Vec<(String, JsValue, InputImage, f32)>,
+}
+
+fn field(obj: &JsValue, key: &str) -> Option<JsValue> {
+    js_sys::Reflect::get(obj, &JsValue::from_str(key)).ok().filter(|v| !v.is_undefined() && !v.is_null())
+}
+
+fn png_field(obj: &JsValue, key: &str, what: &str) -> Result<Option<InputImage>> {
+    let Some(v) = field(obj, key) else { return Ok(None) };
+    let bytes = v.dyn_into::<js_sys::Uint8Array>().map_err(|_| Error::Input(format!("the {what} must be the bytes of a PNG file")))?;
+    InputImage::from_png(&bytes.to_vec()).map(Some).map_err(|e| Error::Input(format!("the {what}: {e}")))
+}
+
+impl PageImages {
+    fn read(inputs: &JsValue) -> Result<Self> {
+        if inputs.is_undefined() || inputs.is_null() {
+            return Ok(Self { init: None, mask: None, depth: None, controls: Vec::new() });
+        }
+        let mut controls = Vec::new();
+        if let Some(list) = field(inputs, "controls") {
+            for (i, c) in js_sys::Array::from(&list).iter().enumerate() {
+                let url = field(&c, "url").and_then(|u| u.as_string()).ok_or_else(|| Error::Input(format!("ControlNet {}: no URL", i + 1)))?;
+                let store = field(&c, "store").ok_or_else(|| Error::Input(format!("ControlNet {url}: no weight store")))?;
+                let image = png_field(&c, "image", "condition image")?.ok_or_else(|| Error::Input(format!("ControlNet {url} needs a condition image")))?;
+                let scale = field(&c, "scale").and_then(|s| s.as_f64()).unwrap_or(1.0) as f32;
+                controls.push((url, store, image, scale));
+            }
+        }
+        Ok(Self { init: png_field(inputs, "init", "init image")?, mask: png_field(inputs, "mask", "mask")?, depth: png_field(inputs, "depth", "depth map")?, controls })
+    }
+}
+
+/// The ControlNet at `url` in `dtype`, loaded through `store` unless the last generation used it.
+async fn controlnet(gpu: &Gpu, url: &str, store: &JsValue, dtype: DType) -> Result<Rc<ControlNetModel>> {
+    let key = format!("{url}#{}", dtype.name());
+    if let Some(m) = ENGINE.with_borrow(|e| e.controlnets.iter().find(|(k, _)| *k == key).map(|(_, m)| m.clone())) {
+        return Ok(m);
+    }
+    let src = JsSource::new(store.clone(), url.to_string());
+    let opts = LoadOptions { prefer_fp16: dtype == DType::F16, dtype: Some(dtype), ..Default::default() };
+    let net = Rc::new(crate::pipelines::load_controlnet(gpu, &src, "", &opts).await.map_err(|e| match e {
+        Error::Model(m) => Error::Model(format!("ControlNet {url}: {m}")),
+        other => other,
+    })?);
+    ENGINE.with_borrow_mut(|e| e.controlnets.push((key, net.clone())));
+    Ok(net)
 }
 
 fn default_preview_every() -> usize {
@@ -173,14 +246,18 @@ fn dtype_for(gpu: &Gpu, precision: Option<&str>) -> Result<DType> {
 
 /// The loaded model at `model_url` in `dtype`, loading it (without its VAE) when needed. Only one model is kept,
 /// so a new one frees the previous one's GPU memory first.
-async fn model(gpu: &Gpu, src: &JsSource, model_url: &str, single_file: Option<&str>, clip_bpe: Option<String>, dtype: DType) -> Result<Rc<Loaded>> {
-    let key = format!("{model_url}#{}", dtype.name());
-    if let Some(m) = ENGINE.with_borrow(|e| e.model.clone()).filter(|m| m.key == key) {
+/// `vae_encoder`: the VAE encoder is needed (an init image); a model loaded without it is
+/// loaded again with it, so text-to-image never fetches the encoder.
+async fn model(gpu: &Gpu, src: &JsSource, model_url: &str, single_file: Option<&str>, clip_bpe: Option<String>, dtype: DType, vae_encoder: bool) -> Result<Rc<Loaded>> {
+    let key = |enc: bool| format!("{model_url}#{}{}", dtype.name(), if enc { "+encoder" } else { "" });
+    let wanted = [key(true), key(vae_encoder)];
+    if let Some(m) = ENGINE.with_borrow(|e| e.model.clone()).filter(|m| wanted.contains(&m.key)) {
         return Ok(m);
     }
     ENGINE.with_borrow_mut(|e| e.model = None);
     gpu.trim_pool();
-    let opts = LoadOptions { defer_vae: true, prefer_fp16: dtype == DType::F16, dtype: Some(dtype), clip_bpe, ..Default::default() };
+    let key = key(vae_encoder);
+    let opts = LoadOptions { defer_vae: true, prefer_fp16: dtype == DType::F16, dtype: Some(dtype), clip_bpe, vae_encoder, ..Default::default() };
     let name = model_url.trim_end_matches('/').rsplit('/').next().unwrap_or("model").to_string();
     let model = match single_file {
         Some(file) => DiffusionModel::StableDiffusion(StableDiffusionModel::load_single_file(gpu, src, file, None, &opts).await?),
@@ -221,23 +298,27 @@ fn ldm_params(m: &LdmModel, req: GenerateRequest) -> Result<(Txt2ImgParams, Sche
     Ok((p, kind))
 }
 
-/// The pipeline's settings for `req`, with the model's defaults filled in, validated.
-fn params(m: &StableDiffusionModel, req: GenerateRequest) -> Result<(Txt2ImgParams, SchedulerKind)> {
+/// The pipeline's settings and image conditions for `req`, with the model's defaults filled in,
+/// validated (the same sizing as `ldm generate`).
+fn params<'m>(m: &StableDiffusionModel, req: GenerateRequest, images: UserImages<'m>) -> Result<(Txt2ImgParams, SchedulerKind, ImageConditions<'m>)> {
     let kind = scheduler_kind(&req, &m.scheduler_config)?;
-    let default_size = m.unet.config.sample_size.unwrap_or(64) * m.vae_config.scale_factor();
+    let images = UserImages { strength: req.strength, mask_blur: req.mask_blur, noise_level: req.noise_level, guess_mode: req.guess_mode, control_start: req.control_start.unwrap_or(0.0), control_end: req.control_end.unwrap_or(1.0), ..images };
+    let prepared = m.prepare_images(images, req.width, req.height)?;
+    let (steps, guidance) = m.default_steps_guidance(25);
     let p = Txt2ImgParams {
         prompt: req.prompt,
         negative_prompt: req.negative_prompt.filter(|n| !n.is_empty()),
         seed: req.seed,
-        steps: req.steps.or(m.hints.steps).unwrap_or(25),
-        guidance_scale: req.guidance.or(m.hints.guidance).unwrap_or(7.5),
-        width: req.width.unwrap_or(default_size),
-        height: req.height.unwrap_or(default_size),
+        steps: req.steps.or(m.hints.steps).unwrap_or(steps),
+        guidance_scale: req.guidance.or(m.hints.guidance).unwrap_or(guidance),
+        width: prepared.width,
+        height: prepared.height,
         scheduler: Some(kind),
         ..Default::default()
     };
     m.validate(&p)?;
-    Ok((p, kind))
+    m.task(&p, &prepared.conditions)?;
+    Ok((p, kind, prepared.conditions))
 }
 
 fn event(on_event: &js_sys::Function, kind: &str, fields: &[(&str, JsValue)]) {
@@ -255,9 +336,9 @@ fn event(on_event: &js_sys::Function, kind: &str, fields: &[(&str, JsValue)]) {
 /// single files. `on_event` receives `{type: 'stage', stage}`, `{type: 'step', step, steps, ms}`
 /// and `{type: 'preview', step, width, height, rgba}`. Resolves to `{png, info}` (info: JSON).
 #[wasm_bindgen]
-pub async fn generate(model_url: String, store: JsValue, single_file: Option<String>, clip_bpe: Option<String>, request_json: String, on_event: js_sys::Function) -> Result<JsValue, JsValue> {
+pub async fn generate(model_url: String, store: JsValue, single_file: Option<String>, clip_bpe: Option<String>, request_json: String, images: JsValue, on_event: js_sys::Function) -> Result<JsValue, JsValue> {
     CANCEL.set(false);
-    let result = run_generate(&model_url, store, single_file.as_deref(), clip_bpe, &request_json, &on_event).await;
+    let result = run_generate(&model_url, store, single_file.as_deref(), clip_bpe, &request_json, &images, &on_event).await;
     if let Err(e) = &result {
         if poisons_device(e) {
             reset_engine();
@@ -266,14 +347,21 @@ pub async fn generate(model_url: String, store: JsValue, single_file: Option<Str
     result.map_err(|e| to_js(&e))
 }
 
-async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>, clip_bpe: Option<String>, request_json: &str, on_event: &js_sys::Function) -> Result<JsValue> {
+async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>, clip_bpe: Option<String>, request_json: &str, images: &JsValue, on_event: &js_sys::Function) -> Result<JsValue> {
     let t_start = now_ms();
     let req: GenerateRequest = serde_json::from_str(request_json).map_err(|e| Error::Input(format!("generation settings: {e}")))?;
+    let page_images = PageImages::read(images)?;
     let src = JsSource::new(store, model_url.to_string());
     let gpu = gpu().await?;
     let dtype = dtype_for(&gpu, req.precision.as_deref())?;
     event(on_event, "stage", &[("stage", "load".into())]);
-    let loaded = model(&gpu, &src, model_url, single_file, clip_bpe, dtype).await?;
+    let loaded = model(&gpu, &src, model_url, single_file, clip_bpe, dtype, page_images.init.is_some()).await?;
+    // ControlNets are fetched only when a generation uses them.
+    let mut nets = Vec::new();
+    for (url, store, _, _) in &page_images.controls {
+        nets.push(controlnet(&gpu, url, store, dtype).await?);
+    }
+    ENGINE.with_borrow_mut(|e| e.controlnets.retain(|(k, _)| page_images.controls.iter().any(|(u, ..)| k.starts_with(&format!("{u}#")))));
     let load_ms = now_ms() - t_start;
     let every = req.preview_every;
     let preview = loaded.preview.borrow().clone();
@@ -305,9 +393,21 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
     };
     let (p, kind, images, times) = match &loaded.model {
         DiffusionModel::StableDiffusion(m) => {
-            let (p, kind) = params(m, req)?;
+            let user = UserImages {
+                controls: nets.iter().zip(page_images.controls).map(|(n, (_, _, image, scale))| (n.as_ref(), image, scale)).collect(),
+                init: page_images.init,
+                mask: page_images.mask,
+                depth: page_images.depth,
+                ..Default::default()
+            };
+            let (p, kind, cond) = params(m, req, user)?;
+            // The encoder is part of the VAE: an init image needs it before denoising starts.
+            if cond.init.is_some() && !m.vae_loaded() {
+                event(on_event, "stage", &[("stage", "vae".into())]);
+                m.load_vae(&gpu, &src).await?;
+            }
             event(on_event, "stage", &[("stage", "denoise".into())]);
-            let (latents, mut times) = m.denoise(&gpu, &p, &now_ms, &mut progress).await?;
+            let (latents, mut times) = m.denoise_with(&gpu, &p, &cond, &now_ms, &mut progress).await?;
             if !m.vae_loaded() {
                 event(on_event, "stage", &[("stage", "vae".into())]);
                 m.load_vae(&gpu, &src).await?;
@@ -320,6 +420,9 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
             (p, kind, images, times)
         }
         DiffusionModel::Ldm(m) => {
+            if page_images.init.is_some() || page_images.mask.is_some() || page_images.depth.is_some() || !page_images.controls.is_empty() {
+                return Err(Error::Input(format!("{} takes no init image, mask, depth map or ControlNet", m.kind.class_name())));
+            }
             let (p, kind) = ldm_params(m, req)?;
             event(on_event, "stage", &[("stage", "denoise".into())]);
             let (images, times) = m.generate(&gpu, &p, None, &now_ms, &mut progress).await?;
@@ -371,13 +474,13 @@ async fn run_bench(model_url: &str, store: JsValue, single_file: Option<&str>, c
     let gpu = gpu().await?;
     let dtype = dtype_for(&gpu, req.precision.as_deref())?;
     let t = now_ms();
-    let loaded = model(&gpu, &src, model_url, single_file, clip_bpe, dtype).await?;
+    let loaded = model(&gpu, &src, model_url, single_file, clip_bpe, dtype, false).await?;
     let cancel = &mut |_: &StepProgress| if CANCEL.get() { Err(Error::Cancelled) } else { Ok(()) };
     let (p, kind, load_ms, warmup_ms, times) = match &loaded.model {
         DiffusionModel::StableDiffusion(m) => {
             m.load_vae(&gpu, &src).await?;
             let load_ms = now_ms() - t;
-            let (p, kind) = params(m, req)?;
+            let (p, kind, _) = params(m, req, UserImages::default())?;
             let t = now_ms();
             m.txt2img(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, &now_ms, &mut |_| Ok(())).await?;
             let warmup_ms = now_ms() - t;

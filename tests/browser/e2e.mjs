@@ -48,7 +48,7 @@ const LDM_TEXT2IM = { query: { prompt: 'A painting of a squirrel eating a burger
 const LDM_UNCOND = { query: { prompt: '', seed: '1', steps: '4' }, cli: ['--seed', '1', '--steps', '4'] };
 
 function parseArgs(argv) {
-  const o = { ldm: 'target/release/ldm', www: 'www', fixtures: 'tests/fixtures', browsers: ['chromium', 'firefox'], artifacts: null, timeoutMin: 30 };
+  const o = { ldm: 'target/release/ldm', www: 'www', fixtures: 'tests/fixtures', browsers: ['chromium', 'firefox'], artifacts: null, timeoutMin: 30, only: null };
   for (let i = 0; i < argv.length; i++) {
     const [k, inline] = argv[i].split(/=(.*)/s);
     const v = () => inline ?? argv[++i];
@@ -59,6 +59,8 @@ function parseArgs(argv) {
       case '--browsers': o.browsers = v().split(',').filter(Boolean); break;
       case '--artifacts': o.artifacts = v(); break;
       case '--timeout-min': o.timeoutMin = Number(v()); break;
+      // Runs only these scenarios (comma-separated attempt names), for debugging one of them.
+      case '--only': o.only = v().split(',').filter(Boolean); break;
       default: console.error(`unknown argument ${k}`); process.exit(2);
     }
   }
@@ -87,6 +89,8 @@ function prepare(work) {
   const m = JSON.parse(fs.readFileSync(mf, 'utf8'));
   m.files['unet/diffusion_pytorch_model.safetensors'].chunks[1] = '0'.repeat(64);
   fs.writeFileSync(mf, JSON.stringify(m));
+  copyDir(path.join(opts.fixtures, 'sd1-inpaint'), path.join(models, 'sd1-inpaint'));
+  copyDir(path.join(opts.fixtures, 'controlnet-a'), path.join(models, 'controlnet-a'));
   copyDir(path.join(opts.fixtures, 'ldm', 'text2im'), path.join(models, 'ldm-text2im'));
   copyDir(path.join(opts.fixtures, 'ldm', 'uncond'), path.join(models, 'ldm-uncond'));
   const cli = (args, out) => {
@@ -263,6 +267,7 @@ async function runBrowser(name, fx, results) {
     console.log(`${tag} ${ok ? 'pass' : 'FAIL'} ${test}: ${detail}`);
   };
   const attempt = async (test, fn) => {
+    if (opts.only && !opts.only.includes(test)) return;
     try {
       await fn();
     } catch (e) {
@@ -496,6 +501,61 @@ async function runBrowser(name, fx, results) {
       const fetched = serve.log.filter((r) => r.url === '/models/sd1-q4/unet/diffusion_pytorch_model.safetensors' && r.status === 206).reduce((n, r) => n + r.bytes, 0);
       check('converted q4 model matches CLI', d <= TOL && fetched > 0 && fetched <= fs.statSync(unetFile).size,
         `max |browser - ldm generate| = ${d}/255 on ldm convert's q4_1 UNet + q8 text encoder and VAE; ${fetched} UNet bytes fetched (file ${fs.statSync(unetFile).size})`);
+    });
+
+    // A mask painted with the mouse and an uploaded condition image drive generations that
+    // match ldm generate given the same files (the page's mask exported as it sent it).
+    if (name === 'chromium') await attempt('conditions', async () => {
+      const work = path.dirname(fx.models);
+      const images = path.join(opts.fixtures, 'images');
+      const settle = async (model) => {
+        await page.goto(`${app}?model=${encodeURIComponent(model)}`);
+        await waitFor(page, `window.__ldmApp.events.some((e) => e.type === 'ready')`, 'the engine');
+        await page.evaluate(`document.getElementById('conditioning').open = true`);
+        await page.fill('[name=prompt]', PROMPT);
+        await page.fill('[name=seed]', '3');
+        await page.fill('[name=steps]', '3');
+        return page.evaluate('window.__ldmApp.results.length');
+      };
+      const common = ['--prompt', PROMPT, '--seed', '3', '--steps', '3', '--guidance', '7.5'];
+
+      let before = await settle('/models/sd1-inpaint/');
+      await page.setInputFiles('#init-file', path.join(images, 'init.png'));
+      await waitFor(page, `document.getElementById('mask-canvas').width === 96`, 'the init image on the mask canvas');
+      // The canvas is below the form: mouse events need it inside the viewport.
+      await page.locator('#mask-canvas').scrollIntoViewIfNeeded();
+      const box = await page.locator('#mask-canvas').boundingBox();
+      await page.mouse.move(box.x + box.width * 0.25, box.y + box.height * 0.35);
+      await page.mouse.down();
+      await page.mouse.move(box.x + box.width * 0.7, box.y + box.height * 0.65, { steps: 10 });
+      await page.mouse.up();
+      await waitFor(page, 'window.__ldmApp.maskPainted', 'the painted mask', 10_000);
+      await page.click('#generate');
+      let png = await nextResult(page, before);
+      const maskB64 = await page.evaluate(`(async () => { const b = await window.__ldmMaskPng(); let s = ''; for (const x of b) s += String.fromCharCode(x); return btoa(s); })()`);
+      const maskFile = path.join(work, 'page-mask.png');
+      fs.writeFileSync(maskFile, Buffer.from(maskB64, 'base64'));
+      const mask = PNG.sync.read(fs.readFileSync(maskFile));
+      let painted = 0;
+      for (let i = 0; i < mask.data.length; i += 4) painted += mask.data[i] >= 128 ? 1 : 0;
+      const cliOut = (args, out) => {
+        execFileSync(opts.ldm, ['generate', ...args, ...common, '--out', path.join(work, out)], { stdio: ['ignore', 'ignore', 'inherit'] });
+        return PNG.sync.read(fs.readFileSync(path.join(work, out)));
+      };
+      let ref = cliOut(['--model', path.join(fx.models, 'sd1-inpaint'), '--init-image', path.join(images, 'init.png'), '--mask', maskFile], 'cli-inpaint.png');
+      let d = maxDiff(png, ref);
+      check('painted mask inpaints as the CLI', d <= TOL && painted > 0 && painted < mask.width * mask.height,
+        `${mask.width}x${mask.height} mask, ${painted} pixels painted with the mouse; 9-channel inpainting UNet: max |browser - ldm generate| = ${d}/255`);
+
+      before = await settle('/models/sd1/');
+      await page.fill('#controlnet-url', '/models/controlnet-a/');
+      await page.setInputFiles('#cond-file', path.join(images, 'control.png'));
+      await page.click('#generate');
+      png = await nextResult(page, before);
+      ref = cliOut(['--model', path.join(fx.models, 'sd1'), '--control', `${path.join(fx.models, 'controlnet-a')}=${path.join(images, 'control.png')}`], 'cli-controlnet.png');
+      d = maxDiff(png, ref);
+      const fetched = serve.log.filter((r) => r.url.startsWith('/models/controlnet-a/') && r.status === 206).length;
+      check('uploaded condition image drives the ControlNet as in the CLI', d <= TOL && fetched > 0, `control.png through /models/controlnet-a/ (${fetched} range requests): max |browser - ldm generate --control| = ${d}/255`);
     });
 
     await attempt('ldm', async () => {

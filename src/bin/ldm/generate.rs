@@ -6,9 +6,9 @@ use clap::Args;
 use ldm_web::gpu::{Gpu, GpuOptions};
 use ldm_web::loader::{DirSource, FileSource};
 use ldm_web::pipelines::output::{encode_png, parameters_text, GenerateBench};
-use ldm_web::pipelines::image_input::{self, Channels, InputImage, Resample};
+use ldm_web::pipelines::image_input::{Channels, InputImage};
 use ldm_web::models::ControlNetModel;
-use ldm_web::pipelines::{Control, DepthMap, DiffusionModel, ImageConditions, LdmKind, LdmModel, LoadOptions, LowResImage, StableDiffusionModel, Txt2ImgParams};
+use ldm_web::pipelines::{DiffusionModel, ImageConditions, UserImages, LdmKind, LdmModel, LoadOptions, LowResImage, StableDiffusionModel, Txt2ImgParams};
 use ldm_web::schedulers::SchedulerKind;
 use ldm_web::{Error, Result};
 
@@ -314,73 +314,36 @@ async fn load_controlnet_dir(gpu: &Gpu, dir: &str, opts: &LoadOptions) -> Result
     if !path.join("config.json").is_file() {
         return Err(Error::Input(format!("--control {dir}: not a diffusers ControlNet folder (no config.json) or .safetensors file")));
     }
-    ldm_web::pipelines::load_controlnet(gpu, &DirSource::new(path), ".", opts).await.map_err(named)
+    ldm_web::pipelines::load_controlnet(gpu, &DirSource::new(path), "", opts).await.map_err(named)
 }
 
 /// Stable Diffusion settings and image conditions from the flags, checked; warns about prompts
 /// cut to the tokenizer's window.
 fn sd_params<'m>(a: &GenerateArgs, model: &StableDiffusionModel, controls: &[(&'m ControlNetModel, &str, f32)], scheduler: Option<SchedulerKind>, bench: bool) -> Result<(Txt2ImgParams, ImageConditions<'m>)> {
-    let default_size = model.unet.config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
-    let init = a.init_image.as_deref().map(|p| read_image(p, "init image")).transpose()?;
-    let control_images = controls.iter().map(|(_, path, _)| read_image(path, "condition image")).collect::<Result<Vec<_>>>()?;
-    let (mut width, mut height) = (a.width.unwrap_or(default_size), a.height.unwrap_or(default_size));
-    let vae_f = model.vae_config.scale_factor();
-    let f = vae_f * model.unet.config.downsample_factor();
-    let upscaler = model.upscaler.is_some();
-    // The x4 upscaler's output is its input's size times the VAE's factor: the low-resolution
-    // image is taken at a size the UNet divides evenly (bicubic, as its image processor).
-    let low_res = match (&init, upscaler) {
-        (Some(img), true) => {
-            let (lw, lh) = (img.width - img.width % (f / vae_f), img.height - img.height % (f / vae_f));
-            if lw == 0 || lh == 0 {
-                return Err(Error::Input(format!("the low-resolution image is {}x{}; this upscaler needs at least {} pixels per side", img.width, img.height, f / vae_f)));
-            }
-            (width, height) = (lw * vae_f, lh * vae_f);
-            if a.width.is_some_and(|v| v != width) || a.height.is_some_and(|v| v != height) {
-                return Err(Error::Input(format!("this upscaler makes {width}x{height} from a {}x{} image (its size times {vae_f}); leave out --width/--height", img.width, img.height)));
-            }
-            Some(image_input::rgb_tensor_resampled(img, lw, lh, true, Resample::Bicubic))
-        }
-        _ => None,
+    let images = UserImages {
+        init: a.init_image.as_deref().map(|p| read_image(p, "init image")).transpose()?,
+        mask: a.mask.as_deref().map(|p| read_image(p, "mask")).transpose()?,
+        mask_blur: a.mask_blur,
+        depth: a.depth.as_deref().map(|p| read_image(p, "depth map")).transpose()?,
+        controls: controls.iter().map(|(m, path, scale)| read_image(path, "condition image").map(|img| (*m, img, *scale))).collect::<Result<_>>()?,
+        strength: a.strength,
+        guess_mode: a.guess_mode,
+        control_start: a.control_start,
+        control_end: a.control_end,
+        noise_level: a.noise_level,
     };
-    // The output size follows the init image, else the first condition image (as diffusers).
-    if let (Some(img), None) = (init.as_ref().or(control_images.first()), &low_res) {
-        // diffusers takes the image's size rounded down to a multiple of 8; our UNet needs a
-        // multiple of its whole downsampling factor, so round to that.
-        let (dw, dh) = image_input::default_size(img, a.width, a.height, 8);
-        let (rw, rh) = (dw - dw % f, dh - dh % f);
-        if (rw, rh) != (dw, dh) && a.width.is_none() && a.height.is_none() && !bench {
-            eprintln!("ldm: note: the output is {rw}x{rh}: this model takes sides divisible by {f} (the input image is {}x{})", img.width, img.height);
-        }
-        (width, height) = (a.width.unwrap_or(rw), a.height.unwrap_or(rh));
+    let prepared = model.prepare_images(images, a.width, a.height)?;
+    if let Some(note) = prepared.note.as_ref().filter(|_| !bench) {
+        eprintln!("ldm: note: {note}");
     }
-    // diffusers' defaults: 75 steps and guidance 9 for the upscaler, 50 and 7.5 otherwise.
-    let (steps, guidance) = if upscaler { (75, 9.0) } else { (50, 7.5) };
+    let (steps, guidance) = model.default_steps_guidance(50);
     let p = Txt2ImgParams {
         prompt: a.prompt.clone(), negative_prompt: a.negative_prompt.clone(), seed: a.seed, steps: a.steps.or(model.hints.steps).unwrap_or(steps),
-        guidance_scale: a.guidance.or(model.hints.guidance).unwrap_or(guidance), guidance_rescale: 0.0, width, height,
+        guidance_scale: a.guidance.or(model.hints.guidance).unwrap_or(guidance), guidance_rescale: 0.0, width: prepared.width, height: prepared.height,
         scheduler, eta: a.eta, clip_skip: a.clip_skip, batch: a.batch,
     };
     model.validate(&p)?;
-    if !(a.mask_blur >= 0.0 && a.mask_blur <= 1000.0) {
-        return Err(Error::Input(format!("--mask-blur must be a radius from 0 to 1000, got {}", a.mask_blur)));
-    }
-    let cond = ImageConditions {
-        init: low_res.or_else(|| init.as_ref().map(|img| image_input::rgb_tensor(img, width, height, true))),
-        strength: a.strength,
-        mask: a.mask.as_deref().map(|path| read_image(path, "mask").map(|m| image_input::mask_tensor(&m, width, height, a.mask_blur))).transpose()?,
-        depth: a.depth.as_deref().map(|path| read_image(path, "depth map").map(|d| DepthMap { width: d.width, height: d.height, data: d.gray_values() })).transpose()?,
-        controls: controls
-            .iter()
-            .zip(&control_images)
-            .map(|((model, _, scale), img)| Control { model, image: image_input::rgb_tensor(img, width, height, false), scale: *scale, start: a.control_start, end: a.control_end })
-            .collect(),
-        guess_mode: a.guess_mode,
-        noise_level: a.noise_level,
-    };
-    if controls.is_empty() && (a.guess_mode || a.control_start != 0.0 || a.control_end != 1.0) {
-        return Err(Error::Input("--guess-mode, --control-start and --control-end need a --control".into()));
-    }
+    let cond = prepared.conditions;
     model.task(&p, &cond)?;
     // As diffusers: text past the tokenizer's window is dropped, with a warning.
     for (what, text) in [("prompt", Some(&p.prompt)), ("negative prompt", p.negative_prompt.as_ref())] {
