@@ -334,27 +334,6 @@ def build_upscaler(p2):
 # --------------------------------------------------------------------------------------------
 
 
-def make_sched(name, base):
-    cfg = base.config
-    return {
-        None: lambda: base.__class__.from_config(cfg),
-        "ddim": lambda: DDIMScheduler.from_config(cfg, clip_sample=False),
-        "pndm": lambda: PNDMScheduler.from_config(cfg),
-        "ddpm": lambda: DDPMScheduler.from_config(cfg, clip_sample=False),
-        "euler": lambda: EulerDiscreteScheduler.from_config(cfg),
-        "euler-a": lambda: EulerAncestralDiscreteScheduler.from_config(cfg),
-        "heun": lambda: HeunDiscreteScheduler.from_config(cfg),
-        "dpmpp-2m": lambda: DPMSolverMultistepScheduler.from_config(cfg),
-        "dpmpp-2m-karras": lambda: DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True),
-        "dpmpp-2m-sde-karras": lambda: DPMSolverMultistepScheduler.from_config(
-            cfg, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True
-        ),
-        "unipc": lambda: UniPCMultistepScheduler.from_config(cfg),
-        "lcm": lambda: LCMScheduler.from_config(cfg),
-        "lms": lambda: LMSDiscreteScheduler.from_config(cfg),
-    }[name]()
-
-
 def sched_config(s):
     return mf.json_safe({k: v for k, v in sorted(dict(s.config).items()) if k != "_use_default_values"})
 
@@ -698,7 +677,7 @@ def main():
             kw["image"] = low
             kw["noise_level"] = c["noise_level"]
 
-        sched = make_sched(c["scheduler"], base.scheduler)
+        sched = mf.make_sched(c["scheduler"], base.scheduler)
         comps["scheduler"] = sched
         cls = PIPE_CLASS[kind]
         params = set(inspect.signature(cls.__init__).parameters)

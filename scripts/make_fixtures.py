@@ -250,6 +250,30 @@ def make_scheduler(sd2):
     return PNDMScheduler(**SCHED_COMMON, skip_prk_steps=True, prediction_type="epsilon")
 
 
+def make_sched(name, base):
+    """The scheduler a test case names (`ldm generate --scheduler` names; None: `base`'s own class),
+    from `base`'s config, with the options the names imply."""
+    cfg = base.config
+    return {
+        None: lambda: base.__class__.from_config(cfg),
+        # SD1's PNDM config has no clip_sample; the pipeline would force it to False (with a warning)
+        "ddim": lambda: DDIMScheduler.from_config(cfg, clip_sample=False),
+        "pndm": lambda: PNDMScheduler.from_config(cfg),
+        "ddpm": lambda: DDPMScheduler.from_config(cfg, clip_sample=False),
+        "euler": lambda: EulerDiscreteScheduler.from_config(cfg),
+        "euler-a": lambda: EulerAncestralDiscreteScheduler.from_config(cfg),
+        "heun": lambda: HeunDiscreteScheduler.from_config(cfg),
+        "dpmpp-2m": lambda: DPMSolverMultistepScheduler.from_config(cfg),
+        "dpmpp-2m-karras": lambda: DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True),
+        "dpmpp-2m-sde-karras": lambda: DPMSolverMultistepScheduler.from_config(
+            cfg, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True
+        ),
+        "unipc": lambda: UniPCMultistepScheduler.from_config(cfg),
+        "lcm": lambda: LCMScheduler.from_config(cfg),
+        "lms": lambda: LMSDiscreteScheduler.from_config(cfg),
+    }[name]()
+
+
 @torch.no_grad()
 def reinit(model, seed, emb_std=0.5):
     """Overwrite every parameter with seeded noise that keeps activations O(1):
@@ -851,26 +875,8 @@ def main():
     entries = []
     for idx, c in enumerate(cases):
         base = all_pipes[c["model"]]
-        cfg = base.scheduler.config
         s = c["scheduler"]
-        sched = {
-            None: lambda: base.scheduler.__class__.from_config(cfg),
-            # SD1's PNDM config has no clip_sample; the pipeline would force it to False (with a warning)
-            "ddim": lambda: DDIMScheduler.from_config(cfg, clip_sample=False),
-            "pndm": lambda: PNDMScheduler.from_config(cfg),
-            "ddpm": lambda: DDPMScheduler.from_config(cfg, clip_sample=False),
-            "euler": lambda: EulerDiscreteScheduler.from_config(cfg),
-            "euler-a": lambda: EulerAncestralDiscreteScheduler.from_config(cfg),
-            "heun": lambda: HeunDiscreteScheduler.from_config(cfg),
-            "dpmpp-2m": lambda: DPMSolverMultistepScheduler.from_config(cfg),
-            "dpmpp-2m-karras": lambda: DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True),
-            "dpmpp-2m-sde-karras": lambda: DPMSolverMultistepScheduler.from_config(
-                cfg, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True
-            ),
-            "unipc": lambda: UniPCMultistepScheduler.from_config(cfg),
-            "lcm": lambda: LCMScheduler.from_config(cfg),
-            "lms": lambda: LMSDiscreteScheduler.from_config(cfg),
-        }[s]()
+        sched = make_sched(s, base.scheduler)
         pipe = StableDiffusionPipeline(**{**base.components, "scheduler": sched})
         pipe.set_progress_bar_config(disable=True)
         e = {

@@ -67,6 +67,38 @@ fn count(h: &Header, prefix: &str) -> usize {
     ids.len()
 }
 
+/// What the contracting path of an original-layout UNet (or ControlNet) under `prefix` says
+/// about its architecture.
+struct DownPath {
+    block_out_channels: Vec<usize>,
+    down_block_types: Vec<String>,
+    context_dim: usize,
+    use_linear_projection: bool,
+    /// SD 2.x: 1024-wide text (or an OpenCLIP text encoder).
+    sd2: bool,
+    attention_head_dim: PerBlock,
+}
+
+impl DownPath {
+    fn infer(h: &Header, prefix: &str, levels: usize, lpb: usize, open_clip: bool) -> Result<Self> {
+        let mut block_out_channels = Vec::new();
+        let mut down_block_types = Vec::new();
+        for l in 0..levels {
+            let k = 1 + l * (lpb + 1);
+            block_out_channels.push(shape(h, &format!("{prefix}input_blocks.{k}.0.out_layers.3.weight"))?[0]);
+            let attn = h.tensors.contains_key(&format!("{prefix}input_blocks.{k}.1.norm.weight"));
+            down_block_types.push(if attn { "CrossAttnDownBlock2D" } else { "DownBlock2D" }.to_string());
+        }
+        let attn_key = h.tensors.keys().find(|k| k.starts_with(prefix) && k.ends_with("attn2.to_k.weight")).ok_or_else(|| Error::Model("the UNet has no cross-attention".into()))?;
+        let context_dim = shape(h, attn_key)?[1];
+        let proj_in = h.tensors.keys().find(|k| k.starts_with(prefix) && k.ends_with("proj_in.weight")).map(|k| shape(h, k)).transpose()?;
+        let sd2 = context_dim == 1024 || open_clip;
+        // Head counts are not in the weights: SD 1.x uses 8 heads, SD 2.x heads of 64 channels.
+        let attention_head_dim = if sd2 { PerBlock::Each(block_out_channels.iter().map(|c| (c / 64).max(1)).collect()) } else { PerBlock::One(8) };
+        Ok(Self { block_out_channels, down_block_types, context_dim, use_linear_projection: proj_in.is_some_and(|s| s.len() == 2), sd2, attention_head_dim })
+    }
+}
+
 /// Infers configs the way diffusers' single-file loader picks them: architecture from shapes,
 /// the rest from the official SD 1.5 (context 768) or SD 2.1-v (context 1024) configs.
 pub fn infer_configs(h: &Header, layout: &Layout) -> Result<InferredConfigs> {
@@ -76,22 +108,8 @@ pub fn infer_configs(h: &Header, layout: &Layout) -> Result<InferredConfigs> {
     let n_out = count(h, &format!("{UNET}output_blocks."));
     let levels_lpb = (1..=4).flat_map(|l| (1..=4).map(move |p| (l, p))).find(|&(l, p)| 1 + l * p + (l - 1) == n_input && l * (p + 1) == n_out);
     let (levels, lpb) = levels_lpb.ok_or_else(|| Error::Model(format!("cannot infer the UNet layout from {n_input} input and {n_out} output blocks")))?;
-    let mut block_out_channels = Vec::new();
-    let mut down = Vec::new();
-    for l in 0..levels {
-        let k = 1 + l * (lpb + 1);
-        block_out_channels.push(shape(h, &format!("{UNET}input_blocks.{k}.0.out_layers.3.weight"))?[0]);
-        let attn = h.tensors.contains_key(&format!("{UNET}input_blocks.{k}.1.norm.weight"));
-        down.push(if attn { "CrossAttnDownBlock2D" } else { "DownBlock2D" }.to_string());
-    }
+    let DownPath { block_out_channels, down_block_types: down, context_dim, use_linear_projection, sd2, attention_head_dim } = DownPath::infer(h, UNET, levels, lpb, layout.text == TextLayout::OpenClip)?;
     let up: Vec<String> = down.iter().rev().map(|d| d.replace("Down", "Up")).collect();
-    let attn_key = h.tensors.keys().find(|k| k.starts_with(UNET) && k.ends_with("attn2.to_k.weight")).ok_or_else(|| Error::Model("the UNet has no cross-attention".into()))?;
-    let context_dim = shape(h, attn_key)?[1];
-    let proj_in = h.tensors.keys().find(|k| k.starts_with(UNET) && k.ends_with("proj_in.weight")).map(|k| shape(h, k)).transpose()?;
-    let use_linear_projection = proj_in.is_some_and(|s| s.len() == 2);
-    let sd2 = context_dim == 1024 || layout.text == TextLayout::OpenClip;
-    // Head counts are not in the weights: SD 1.x uses 8 heads, SD 2.x heads of 64 channels.
-    let attention_head_dim = if sd2 { PerBlock::Each(block_out_channels.iter().map(|c| (c / 64).max(1)).collect()) } else { PerBlock::One(8) };
     let unet = UNet2DConditionConfig {
         sample_size: Some(if sd2 { 96 } else { 64 }), in_channels, out_channels: shape(h, &format!("{UNET}out.2.weight"))?[0],
         down_block_types: down, up_block_types: up, block_out_channels, layers_per_block: PerBlock::One(lpb),
@@ -358,40 +376,6 @@ pub fn vae_weights<'s>(src: &'s dyn FileSource, files: Vec<WeightFile>, cfg: &Au
     Ok(w)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renames_original_unet_and_vae_keys() {
-        let cfg = UNet2DConditionConfig::default();
-        for (orig, want) in [
-            ("time_embed.0.weight", "time_embedding.linear_1.weight"),
-            ("input_blocks.0.0.bias", "conv_in.bias"),
-            ("input_blocks.1.0.in_layers.2.weight", "down_blocks.0.resnets.0.conv1.weight"),
-            ("input_blocks.2.1.transformer_blocks.0.attn1.to_q.weight", "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q.weight"),
-            ("input_blocks.3.0.op.weight", "down_blocks.0.downsamplers.0.conv.weight"),
-            ("input_blocks.4.0.skip_connection.bias", "down_blocks.1.resnets.0.conv_shortcut.bias"),
-            ("middle_block.2.emb_layers.1.weight", "mid_block.resnets.1.time_emb_proj.weight"),
-            ("output_blocks.2.1.conv.weight", "up_blocks.0.upsamplers.0.conv.weight"),
-            ("output_blocks.5.2.conv.bias", "up_blocks.1.upsamplers.0.conv.bias"),
-            ("output_blocks.5.1.proj_out.weight", "up_blocks.1.attentions.2.proj_out.weight"),
-            ("out.2.weight", "conv_out.weight"),
-        ] {
-            assert_eq!(unet_name(orig, &cfg).as_deref(), Some(want), "{orig}");
-        }
-        for (orig, want) in [
-            ("encoder.down.1.block.0.nin_shortcut.weight", "encoder.down_blocks.1.resnets.0.conv_shortcut.weight"),
-            ("decoder.up.3.block.2.conv1.bias", "decoder.up_blocks.0.resnets.2.conv1.bias"),
-            ("decoder.up.1.upsample.conv.weight", "decoder.up_blocks.2.upsamplers.0.conv.weight"),
-            ("decoder.mid.attn_1.proj_out.weight", "decoder.mid_block.attentions.0.to_out.0.weight"),
-            ("encoder.norm_out.bias", "encoder.conv_norm_out.bias"),
-        ] {
-            assert_eq!(vae_name(orig, 4).as_deref(), Some(want), "{orig}");
-        }
-    }
-}
-
 /// The key prefix of an original-layout ControlNet file (lllyasviel's `control_model.`, or none
 /// as some converted files have), or why the file is not one.
 fn controlnet_prefix(h: &Header) -> Result<&'static str> {
@@ -451,19 +435,7 @@ pub fn infer_controlnet_config(h: &Header) -> Result<ControlNetConfig> {
     if lpb == 0 || 1 + levels * lpb + levels - 1 != n_input {
         return Err(Error::Model(format!("cannot infer the ControlNet layout from {n_input} input blocks")));
     }
-    let mut block_out_channels = Vec::new();
-    let mut down = Vec::new();
-    for l in 0..levels {
-        let k = 1 + l * (lpb + 1);
-        block_out_channels.push(shape(h, &format!("{p}input_blocks.{k}.0.out_layers.3.weight"))?[0]);
-        let attn = h.tensors.contains_key(&format!("{p}input_blocks.{k}.1.norm.weight"));
-        down.push(if attn { "CrossAttnDownBlock2D" } else { "DownBlock2D" }.to_string());
-    }
-    let attn_key = h.tensors.keys().find(|k| k.starts_with(p) && k.ends_with("attn2.to_k.weight")).ok_or_else(|| Error::Model("the ControlNet has no cross-attention".into()))?;
-    let context_dim = shape(h, attn_key)?[1];
-    let proj_in = h.tensors.keys().find(|k| k.starts_with(p) && k.ends_with("proj_in.weight")).map(|k| shape(h, k)).transpose()?;
-    let sd2 = context_dim == 1024;
-    let attention_head_dim = if sd2 { PerBlock::Each(block_out_channels.iter().map(|c| (c / 64).max(1)).collect()) } else { PerBlock::One(8) };
+    let path = DownPath::infer(h, p, levels, lpb, false)?;
     let hint = (0..).map(|k| format!("{p}input_hint_block.{k}.weight")).take(64).filter(|k| h.tensors.contains_key(k)).collect::<Vec<_>>();
     // Convs: conv_in, two per level, conv_out: the embedding widths are conv_in's and each
     // stride-2 conv's output.
@@ -475,10 +447,45 @@ pub fn infer_controlnet_config(h: &Header) -> Result<ControlNetConfig> {
     }
     let unet = UNet2DConditionConfig {
         in_channels: shape(h, &format!("{p}input_blocks.0.0.weight"))?[1],
-        down_block_types: down.clone(), up_block_types: down.iter().rev().map(|d| d.replace("Down", "Up")).collect(),
-        block_out_channels, layers_per_block: PerBlock::One(lpb), cross_attention_dim: PerBlock::One(context_dim), attention_head_dim,
-        use_linear_projection: proj_in.is_some_and(|s| s.len() == 2), upcast_attention: sd2, ..Default::default()
+        up_block_types: path.down_block_types.iter().rev().map(|d| d.replace("Down", "Up")).collect(),
+        down_block_types: path.down_block_types, block_out_channels: path.block_out_channels, layers_per_block: PerBlock::One(lpb),
+        cross_attention_dim: PerBlock::One(path.context_dim), attention_head_dim: path.attention_head_dim,
+        use_linear_projection: path.use_linear_projection, upcast_attention: path.sd2, ..Default::default()
     };
     // Checked when the model loads.
     Ok(ControlNetConfig { unet, conditioning_channels: shape(h, &hint[0])?[1], conditioning_embedding_out_channels: emb, global_pool_conditions: false, controlnet_conditioning_channel_order: "rgb".into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renames_original_unet_and_vae_keys() {
+        let cfg = UNet2DConditionConfig::default();
+        for (orig, want) in [
+            ("time_embed.0.weight", "time_embedding.linear_1.weight"),
+            ("input_blocks.0.0.bias", "conv_in.bias"),
+            ("input_blocks.1.0.in_layers.2.weight", "down_blocks.0.resnets.0.conv1.weight"),
+            ("input_blocks.2.1.transformer_blocks.0.attn1.to_q.weight", "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q.weight"),
+            ("input_blocks.3.0.op.weight", "down_blocks.0.downsamplers.0.conv.weight"),
+            ("input_blocks.4.0.skip_connection.bias", "down_blocks.1.resnets.0.conv_shortcut.bias"),
+            ("middle_block.2.emb_layers.1.weight", "mid_block.resnets.1.time_emb_proj.weight"),
+            ("output_blocks.2.1.conv.weight", "up_blocks.0.upsamplers.0.conv.weight"),
+            ("output_blocks.5.2.conv.bias", "up_blocks.1.upsamplers.0.conv.bias"),
+            ("output_blocks.5.1.proj_out.weight", "up_blocks.1.attentions.2.proj_out.weight"),
+            ("out.2.weight", "conv_out.weight"),
+        ] {
+            assert_eq!(unet_name(orig, &cfg).as_deref(), Some(want), "{orig}");
+        }
+        for (orig, want) in [
+            ("encoder.down.1.block.0.nin_shortcut.weight", "encoder.down_blocks.1.resnets.0.conv_shortcut.weight"),
+            ("decoder.up.3.block.2.conv1.bias", "decoder.up_blocks.0.resnets.2.conv1.bias"),
+            ("decoder.up.1.upsample.conv.weight", "decoder.up_blocks.2.upsamplers.0.conv.weight"),
+            ("decoder.mid.attn_1.proj_out.weight", "decoder.mid_block.attentions.0.to_out.0.weight"),
+            ("encoder.norm_out.bias", "encoder.conv_norm_out.bias"),
+        ] {
+            assert_eq!(vae_name(orig, 4).as_deref(), Some(want), "{orig}");
+        }
+    }
 }

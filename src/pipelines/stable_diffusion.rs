@@ -430,14 +430,19 @@ impl StableDiffusionModel {
     #[allow(clippy::too_many_arguments)]
     fn control_residuals(&self, gpu: &Gpu, cond: &ImageConditions, embeddings: &[Tensor], k: usize, n: usize, t: f32, latents: &[f32], [z, h, w]: [usize; 3], context: &Tensor, guess: bool) -> Result<Option<Residuals>> {
         let mut sum: Option<Residuals> = None;
+        let mut x = None;
         for (c, emb) in cond.controls.iter().zip(embeddings) {
             let scale = c.scale * c.keep(k, n);
             // A scale of zero adds zeros: diffusers runs the ControlNet anyway, we skip it.
             if scale == 0.0 {
                 continue;
             }
-            let x = gpu.upload(&[latents.len() / (z * h * w), z, h, w], self.dtype, latents)?;
-            let r = c.model.forward(gpu, &x, t, context, emb, scale, cond.guess_mode)?;
+            // One upload per step, shared by every ControlNet.
+            let x = match &x {
+                Some(x) => x,
+                None => x.insert(gpu.upload(&[latents.len() / (z * h * w), z, h, w], self.dtype, latents)?),
+            };
+            let r = c.model.forward(gpu, x, t, context, emb, scale, cond.guess_mode)?;
             sum = Some(match sum {
                 None => r,
                 Some(s) => Residuals {
