@@ -14,7 +14,7 @@ fn sigmoid_f32(x: f32) -> f32 {
     return 1.0 / (1.0 + exp(-x));
 }
 
-// Activation codes: 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh), 4 quick GELU.
+// Activation codes: 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh), 4 quick GELU, 5 ReLU, 6 tanh.
 fn activate(x: f32, act: u32) -> f32 {
     switch act {
         case 1u: { return x * sigmoid_f32(x); }
@@ -25,6 +25,9 @@ fn activate(x: f32, act: u32) -> f32 {
             return 0.5 * x * (1.0 + tanh(u));
         }
         case 4u: { return x * sigmoid_f32(1.702 * x); }
+        case 5u: { return max(x, 0.0); }
+        // Clamped as above: tanh(15) is 1 in f32 already.
+        case 6u: { return tanh(clamp(x, -15.0, 15.0)); }
         default: { return x; }
     }
 }

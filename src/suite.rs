@@ -128,7 +128,7 @@ const PROFILES: [(KernelProfile, &str); 2] = [(KernelProfile::Tiled, "tiled"), (
 pub fn case_names() -> Vec<String> {
     let mut names = Vec::new();
     for (_, p) in PROFILES {
-        for c in ["matmul/batched_37x53x29", "matmul/linear_bias_silu_k67", "matmul/transposed_a_rowbias_residual", "matmul/multi_tile_130x71x257", "matmul/gelu_tanh_k1", "conv2d/3x3_pad1_bias", "conv2d/3x3_stride2_downsample", "conv2d/1x1_residual", "conv2d/3x3_dilation2_silu_nobias", "conv2d/5x3_rect_pad21", "attention/self_d40", "attention/cross_d64_mixed_layouts", "attention/causal_d64_clip", "attention/d80", "attention/d160", "attention/fused_qkv_d40"] {
+        for c in ["matmul/batched_37x53x29", "matmul/linear_bias_silu_k67", "matmul/transposed_a_rowbias_residual", "matmul/multi_tile_130x71x257", "matmul/gelu_tanh_k1", "conv2d/3x3_pad1_bias", "conv2d/3x3_stride2_downsample", "conv2d/1x1_residual", "conv2d/3x3_dilation2_silu_nobias", "conv2d/5x3_rect_pad21", "attention/self_d40", "attention/cross_d64_mixed_layouts", "attention/causal_d64_clip", "attention/d80", "attention/d160", "attention/fused_qkv_d40", "attention/fused_qkv_d6", "attention/causal_d3"] {
             names.push(format!("{c}/{p}"));
         }
         // Quantised weights read by the GEMM core: as B (Linear), as A (convolutions, 1x1 ones via
@@ -142,7 +142,7 @@ pub fn case_names() -> Vec<String> {
     names.extend(
         [
             "group_norm/silu", "group_norm/plain_eps1e-6", "layer_norm/affine_77", "layer_norm/plain_300", "softmax/rows9_cols333",
-            "elementwise/silu", "elementwise/gelu", "elementwise/gelu_tanh", "elementwise/quick_gelu", "elementwise/scale",
+            "elementwise/silu", "elementwise/gelu", "elementwise/gelu_tanh", "elementwise/quick_gelu", "elementwise/scale", "elementwise/relu", "elementwise/tanh_third",
             "elementwise/add_broadcast", "elementwise/mul_broadcast_last", "elementwise/add_same_shape", "elementwise/add_rank5", "elementwise/geglu",
             "layout/upsample_nearest2x", "layout/concat_channels", "layout/concat_last", "layout/permute_0213", "layout/permute_201",
             "embedding/timestep_flip_320", "embedding/timestep_odd_shift1", "embedding/gather",
@@ -297,11 +297,14 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                     "attention/causal_d64_clip" => (1, 2, 77, 77, 64, true),
                     "attention/d80" => (1, 2, 33, 19, 80, false),
                     "attention/d160" => (1, 1, 21, 45, 160, false),
+                    // Head dims that are not a multiple of 4 (the scalar kernel).
+                    "attention/fused_qkv_d6" => (2, 3, 23, 23, 6, false),
+                    "attention/causal_d3" => (1, 2, 19, 19, 3, true),
                     _ => (2, 2, 29, 29, 40, false),
                 };
                 let scale = 1.0 / (d as f32).sqrt();
                 let hd = heads * d;
-                if b == "attention/fused_qkv_d40" {
+                if b.starts_with("attention/fused_qkv") {
                     // One [B, N, 3*H*D] projection output; q, k, v are views at offsets 0, HD, 2HD.
                     let (qkv, t) = c.tensor(&[batch, nq, 3 * hd], 1.0)?;
                     let view = |i: usize| HeadView { tensor: &t, base: i * hd, batch_stride: nq * 3 * hd, head_stride: d, row_stride: 3 * hd };
@@ -352,16 +355,22 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                 let y = norm::softmax(gpu, &xt, 0.7)?;
                 c.compare(&y, &norm::softmax_reference(&x, 333, 0.7), Tol::Reduction).await
             }
-            "elementwise/silu" | "elementwise/gelu" | "elementwise/gelu_tanh" | "elementwise/quick_gelu" | "elementwise/scale" => {
+            "elementwise/silu" | "elementwise/gelu" | "elementwise/gelu_tanh" | "elementwise/quick_gelu" | "elementwise/scale" | "elementwise/relu" | "elementwise/tanh_third" => {
                 let (x, xt) = c.tensor(&[7, 11, 13], 3.0)?;
                 let (act, alpha, beta) = match base {
                     "elementwise/silu" => (Activation::Silu, 1.0, 0.0),
                     "elementwise/gelu" => (Activation::Gelu, 1.0, 0.0),
                     "elementwise/gelu_tanh" => (Activation::GeluTanh, 1.0, 0.0),
                     "elementwise/quick_gelu" => (Activation::QuickGelu, 1.0, 0.0),
+                    "elementwise/relu" => (Activation::Relu, 1.0, 0.0),
+                    "elementwise/tanh_third" => (Activation::Tanh, 1.0 / 3.0, 0.25),
                     _ => (Activation::None, 0.18215, -0.5),
                 };
-                let y = if act == Activation::None { ops::scale(gpu, &xt, alpha, beta)? } else { ops::activation(gpu, &xt, act)? };
+                let y = match act {
+                    Activation::None => ops::scale(gpu, &xt, alpha, beta)?,
+                    Activation::Tanh => elementwise::activation_affine(gpu, &xt, act, alpha, beta)?,
+                    _ => ops::activation(gpu, &xt, act)?,
+                };
                 let r: Vec<f32> = x.iter().map(|&v| act.apply(alpha as f64 * v as f64 + beta as f64) as f32).collect();
                 c.compare(&y, &r, Tol::Elementwise).await
             }

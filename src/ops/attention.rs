@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Bind, Def, Gpu, KernelProfile, Kernel, Tensor};
 
 const ATTENTION_WGSL: &str = include_str!("../../shaders/attention.wgsl");
+const ATTENTION_SCALAR_WGSL: &str = include_str!("../../shaders/attention_scalar.wgsl");
 /// Invocations per workgroup: tiled kernels share a K/V tile among 64 queries; register kernels
 /// use small workgroups so that even one dispatch's slice of a head spreads over the CPU threads.
 const WGQ_TILED: u32 = 64;
@@ -71,10 +72,9 @@ pub fn attention_with(gpu: &Gpu, s: &AttentionSpec, profile: KernelProfile) -> R
     let dtype = check_same_dtype(&[s.q.tensor, s.k.tensor, s.v.tensor], "attention")?;
     let d = s.head_dim;
     let views = [&s.q, &s.k, &s.v];
-    // vec4 loads: every offset and stride must be a multiple of 4 elements.
-    if !d.is_multiple_of(4) || views.iter().any(|v| [v.base, v.batch_stride, v.head_stride, v.row_stride].iter().any(|x| x % 4 != 0)) {
-        return Err(Error::Unsupported(format!("attention needs head_dim and strides divisible by 4 (head_dim {d})")));
-    }
+    // The fast kernels load vec4s: every offset and stride must be a multiple of 4 elements;
+    // anything else (head dims like 6 or 72 / 4 = 18 are fine, 6 is not) takes the scalar kernel.
+    let aligned = d.is_multiple_of(4) && views.iter().all(|v| [v.base, v.batch_stride, v.head_stride, v.row_stride].iter().all(|x| x % 4 == 0));
     if s.batch == 0 || s.heads == 0 || s.nq == 0 {
         return gpu.empty(&[s.batch, s.nq, s.heads * d], dtype);
     }
@@ -85,7 +85,8 @@ pub fn attention_with(gpu: &Gpu, s: &AttentionSpec, profile: KernelProfile) -> R
     }
     let out = gpu.empty(&[s.batch, s.nq, s.heads * d], dtype)?;
     let o = HeadView::bnhd(&out, s.nq, s.heads, d);
-    let quad = |v: &HeadView| [v.base as u32 / 4, v.batch_stride as u32 / 4, v.head_stride as u32 / 4, v.row_stride as u32 / 4];
+    let unit = if aligned { 4 } else { 1 };
+    let quad = |v: &HeadView| [v.base as u32 / unit, v.batch_stride as u32 / unit, v.head_stride as u32 / unit, v.row_stride as u32 / unit];
     let mut p = Params {
         q_off: 0,
         bh_off: 0,
@@ -100,7 +101,9 @@ pub fn attention_with(gpu: &Gpu, s: &AttentionSpec, profile: KernelProfile) -> R
         bkv /= 2;
     }
     let d4 = d as u32 / 4;
+    let scalar_defs = [("D", Def::U32(d as u32)), ("WGQ", Def::U32(WGQ_REGISTER))];
     let (entry, wgq, qb, generated) = match profile {
+        _ if !aligned => ("attention_scalar", WGQ_REGISTER, 1, ""),
         KernelProfile::Tiled => ("attention_tiled", WGQ_TILED, 1, ""),
         KernelProfile::Register => {
             // More query rows per invocation share each K/V load (measured on llvmpipe at SD shapes:
@@ -112,7 +115,11 @@ pub fn attention_with(gpu: &Gpu, s: &AttentionSpec, profile: KernelProfile) -> R
         }
     };
     let defs = [("D4", Def::U32(d4)), ("WGQ", Def::U32(wgq)), ("BKV", Def::U32(bkv as u32)), ("QB", Def::U32(qb))];
-    let kernel = Kernel { family: "attention", sources: &[ATTENTION_WGSL, generated], entry, dtype, defs: &defs };
+    let kernel = if aligned {
+        Kernel { family: "attention", sources: &[ATTENTION_WGSL, generated], entry, dtype, defs: &defs }
+    } else {
+        Kernel { family: "attention", sources: &[ATTENTION_SCALAR_WGSL], entry, dtype, defs: &scalar_defs }
+    };
     // Split into dispatches of bounded work (see `gpu::max_dispatch_flops`): whole heads first,
     // then query blocks.
     let per_query = 4.0 * (s.nk * d) as f64;

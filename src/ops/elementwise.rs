@@ -42,6 +42,11 @@ pub fn activation(gpu: &Gpu, x: &Tensor, act: Activation) -> Result<Tensor> {
     unary(gpu, x, act, 1.0, 0.0)
 }
 
+/// `act(alpha * x + beta)` elementwise.
+pub fn activation_affine(gpu: &Gpu, x: &Tensor, act: Activation, alpha: f32, beta: f32) -> Result<Tensor> {
+    unary(gpu, x, act, alpha, beta)
+}
+
 /// `alpha * x + beta`.
 pub fn scale(gpu: &Gpu, x: &Tensor, alpha: f32, beta: f32) -> Result<Tensor> {
     unary(gpu, x, Activation::None, alpha, beta)

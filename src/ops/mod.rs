@@ -33,6 +33,10 @@ pub enum Activation {
     GeluTanh = 3,
     /// CLIP's x * sigmoid(1.702 x).
     QuickGelu = 4,
+    /// max(x, 0) (the tiny autoencoder's).
+    Relu = 5,
+    /// tanh(x) (with a scale around it: the tiny autoencoder's soft clamp `3 tanh(x / 3)`).
+    Tanh = 6,
 }
 
 impl Activation {
@@ -45,6 +49,8 @@ impl Activation {
             Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
             Activation::GeluTanh => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()),
             Activation::QuickGelu => x * sigmoid(1.702 * x),
+            Activation::Relu => x.max(0.0),
+            Activation::Tanh => x.tanh(),
         }
     }
     pub(crate) fn code(self) -> u32 {
