@@ -677,14 +677,16 @@ def main():
             kw["image"] = low
             kw["noise_level"] = c["noise_level"]
 
-        sched = mf.make_sched(c["scheduler"], base.scheduler)
-        comps["scheduler"] = sched
         cls = PIPE_CLASS[kind]
         params = set(inspect.signature(cls.__init__).parameters)
         comps = {k: v for k, v in comps.items() if k in params}
         if "requires_safety_checker" in params:
             comps["requires_safety_checker"] = False
+        # As a user switches schedulers: the pipeline as loaded (its __init__ fixes up the model's
+        # own scheduler), then pipe.scheduler = X.from_config(pipe.scheduler.config).
         pipe = cls(**comps)
+        sched = mf.make_sched(c["scheduler"], pipe.scheduler)
+        pipe.scheduler = sched
         pipe.set_progress_bar_config(disable=True)
         e["scheduler"] = c["scheduler"]
         e["scheduler_class"] = type(sched).__name__
@@ -697,7 +699,8 @@ def main():
         img = torch.from_numpy(out.images).float()
         e["scheduler_timesteps"] = [float(t) for t in sched.timesteps]
         # the latents run: a fresh pipeline with a fresh scheduler of the same config
-        pipe_l = cls(**{**comps, "scheduler": sched.__class__.from_config(sched.config)})
+        pipe_l = cls(**comps)
+        pipe_l.scheduler = sched.__class__.from_config(sched.config)
         pipe_l.set_progress_bar_config(disable=True)
         out_l, draws_l, ts_l = run_traced(pipe_l, {**kw, "generator": mf.gen(e["seed"]), "output_type": "latent"})
         lat = out_l.images
@@ -730,7 +733,7 @@ def main():
         if kind == "upscale":
             check_sensitive(pipe_l, kw, e, img, "image", kw["image"].transpose(Image.FLIP_LEFT_RIGHT))
         if kind == "controlnet":
-            check_controlnet(idx, c, e, comps, kw, img, p1, cns)
+            check_controlnet(idx, c, e, {**comps, "scheduler": sched}, kw, img, p1, cns)
         mf.save_tensors(REF / f"cond_{idx}.safetensors", tensors)
         entries.append(e)
 
@@ -824,7 +827,12 @@ def check_inpaint_seed(pipe, kw, e, img, mc):
 def check_controlnet(idx, c, e, comps, kw, img, p1, cns):
     g = lambda: mf.gen(e["seed"])  # noqa: E731
     sch = lambda: comps["scheduler"].__class__.from_config(comps["scheduler"].config)  # noqa: E731
-    plain = StableDiffusionPipeline(**{**p1.components, "scheduler": sch()})
+    # Built with the case's scheduler and then switched to it again, as the case's pipeline was
+    # (the constructor's fix-ups must not touch it).
+    def with_sched(pipe):
+        pipe.scheduler = sch()
+        return pipe
+    plain = with_sched(StableDiffusionPipeline(**p1.components))
     plain.set_progress_bar_config(disable=True)
     pkw = {k: v for k, v in kw.items() if k not in ("image", "controlnet_conditioning_scale", "guess_mode",
                                                     "control_guidance_start", "control_guidance_end")}
@@ -834,7 +842,7 @@ def check_controlnet(idx, c, e, comps, kw, img, p1, cns):
     print(f"    vs no ControlNet: max |diff| {d:.3f}")
     assert d > 0.02
     if len(c["controlnets"]) > 1:
-        single = StableDiffusionControlNetPipeline(**{**comps, "controlnet": comps["controlnet"][0], "scheduler": sch()})
+        single = with_sched(StableDiffusionControlNetPipeline(**{**comps, "controlnet": comps["controlnet"][0]}))
         single.set_progress_bar_config(disable=True)
         with torch.no_grad():
             s = single(**{**kw, "image": kw["image"][0], "controlnet_conditioning_scale": kw["controlnet_conditioning_scale"][0]},
@@ -843,7 +851,7 @@ def check_controlnet(idx, c, e, comps, kw, img, p1, cns):
         print(f"    multi vs single: max |diff| {d:.3f}")
         assert d > 0.02
     if c.get("controlnet_file"):
-        folder = StableDiffusionControlNetPipeline(**{**comps, "controlnet": cns["controlnet-a"], "scheduler": sch()})
+        folder = with_sched(StableDiffusionControlNetPipeline(**{**comps, "controlnet": cns["controlnet-a"]}))
         folder.set_progress_bar_config(disable=True)
         with torch.no_grad():
             f = folder(**kw, generator=g(), output_type="np").images

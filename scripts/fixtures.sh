@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate the test fixtures (tiny random-weight SD1/SD2 models, image-conditioned models (inpainting,
-# depth, ControlNet, x4 upscaler) and CompVis LDM models, diffusers reference outputs, scheduler
-# trajectories, diffusers' images of the built-in model).
+# depth, ControlNet, x4 upscaler), CompVis LDM models, the SDXL / turbo / LCM / TAESD family with LoRA and
+# textual-inversion files, diffusers reference outputs, scheduler trajectories, diffusers' images of the
+# built-in model).
 # Idempotent: creates the Python venv only if it lacks diffusers; re-running reproduces
 # byte-identical files. Venv location: $LDM_VENV (default /work/venv).
 set -euo pipefail
@@ -13,6 +14,8 @@ if ! "$VENV/bin/python" -c "import diffusers, transformers, torch" >/dev/null 2>
 fi
 # diffusers' LMS scheduler integrates its coefficients with scipy.
 "$VENV/bin/python" -c "import scipy" >/dev/null 2>&1 || "$VENV/bin/pip" install --no-cache-dir --disable-pip-version-check scipy
+# diffusers' LoRA loading needs the PEFT backend (family_fixtures.py); see install-cpu-torch.sh
+"$VENV/bin/python" -c "import peft" >/dev/null 2>&1 || "$VENV/bin/pip" install --no-cache-dir --disable-pip-version-check --no-deps peft==0.21.2
 cd "$ROOT"
 # one thread: CPU kernels reduce in a fixed order, so outputs are bit-reproducible
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
@@ -20,5 +23,8 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
 "$VENV/bin/python" scripts/cond_fixtures.py
 "$VENV/bin/python" scripts/scheduler_fixtures.py
 "$VENV/bin/python" scripts/ldm_fixtures.py
+# SDXL (base, refiner, inpainting, turbo), SD-Turbo, LCM, SDXL ControlNet, TAESD, LoRA / textual-inversion
+# files, .ckpt and malformed inputs, A1111 prompt weighting (reads sd1/, sd2/, ldm/uncond/, images/)
+"$VENV/bin/python" scripts/family_fixtures.py
 # diffusers' images of the committed built-in model (assets/builtin/emoji)
 "$VENV/bin/python" scripts/builtin/reference.py

@@ -252,14 +252,16 @@ def make_scheduler(sd2):
 
 def make_sched(name, base):
     """The scheduler a test case names (`ldm generate --scheduler` names; None: `base`'s own class),
-    from `base`'s config, with the options the names imply."""
+    built as a user switches schedulers, `Class.from_config(pipe.scheduler.config)`, with only the
+    options the names imply: `base` is the scheduler of a pipeline already constructed (so
+    carrying the fix-ups its __init__ applied). Keys the config lacks take the new class's
+    defaults (a DDIM from SD1's PNDM config, which has no clip_sample, clips its x0)."""
     cfg = base.config
     return {
         None: lambda: base.__class__.from_config(cfg),
-        # SD1's PNDM config has no clip_sample; the pipeline would force it to False (with a warning)
-        "ddim": lambda: DDIMScheduler.from_config(cfg, clip_sample=False),
+        "ddim": lambda: DDIMScheduler.from_config(cfg),
         "pndm": lambda: PNDMScheduler.from_config(cfg),
-        "ddpm": lambda: DDPMScheduler.from_config(cfg, clip_sample=False),
+        "ddpm": lambda: DDPMScheduler.from_config(cfg),
         "euler": lambda: EulerDiscreteScheduler.from_config(cfg),
         "euler-a": lambda: EulerAncestralDiscreteScheduler.from_config(cfg),
         "heun": lambda: HeunDiscreteScheduler.from_config(cfg),
@@ -849,6 +851,16 @@ def main():
     save_tensors(REF / "randn.safetensors", rnd)
 
     # ---- pipelines
+    all_pipes = dict(pipes)
+    all_pipes["sd1.safetensors"] = ps1
+    all_pipes["sd2.safetensors"] = ps2
+    run_pipeline_cases(all_pipes, p1, None)
+    print("done")
+
+
+def run_pipeline_cases(all_pipes, p1, only):
+    """Runs the whole-pipeline cases (all, or the indices in `only`, replacing their entries in
+    ref/pipelines.json) and writes their images."""
     print("pipelines")
     astro = "a photo of an astronaut riding a horse on mars"
     cases = [
@@ -869,15 +881,17 @@ def main():
         dict(model="sd2", scheduler="lms", seed=14, steps=5, width=96, height=64, negative_prompt="blurry, low quality"),
         dict(model="sd2.safetensors", scheduler="euler", seed=15, steps=5, width=64, height=64),
     ]
-    all_pipes = dict(pipes)
-    all_pipes["sd1.safetensors"] = ps1
-    all_pipes["sd2.safetensors"] = ps2
-    entries = []
+    entries = json.loads((REF / "pipelines.json").read_text()) if only is not None else []
     for idx, c in enumerate(cases):
+        if only is not None and idx not in only:
+            continue
         base = all_pipes[c["model"]]
         s = c["scheduler"]
-        sched = make_sched(s, base.scheduler)
-        pipe = StableDiffusionPipeline(**{**base.components, "scheduler": sched})
+        # As a user switches: the pipeline as loaded, then pipe.scheduler = X.from_config(pipe.scheduler.config).
+        pipe = StableDiffusionPipeline(**base.components)
+        sched = make_sched(s, pipe.scheduler)
+        pipe.scheduler = sched
+        shim_clip_skip(pipe)
         pipe.set_progress_bar_config(disable=True)
         e = {
             "index": idx,
@@ -919,7 +933,10 @@ def main():
         e["timesteps"] = [float(t) for t in sched.timesteps]
         stats(f"case {idx} {c['model']} {s} image", img)
         save_tensors(REF / f"pipeline_{idx}.safetensors", {"image": img})
-        entries.append(e)
+        if only is None:
+            entries.append(e)
+        else:
+            entries[idx] = e
         if c["model"] == "sd1.safetensors":
             # same run from the folder pipeline must agree exactly
             pf = StableDiffusionPipeline(**{**p1.components, "scheduler": sched.__class__.from_config(sched.config)})
@@ -931,8 +948,23 @@ def main():
                 ).images
             assert torch.equal(torch.from_numpy(img2).float(), img), "single-file vs folder pipeline differ"
     (REF / "pipelines.json").write_text(json.dumps(entries, indent=1, allow_nan=False) + "\n")
-    print("done")
+
+
+def rerun_pipelines(only):
+    """`--pipelines 9,10`: reruns those pipeline cases from the committed folders and single files
+    (the rest of the fixtures are left as they are)."""
+    f1, f2 = FIX / "sd1", FIX / "sd2"
+    p1 = shim_clip_skip(StableDiffusionPipeline.from_pretrained(str(f1), dtype=torch.float32))
+    p2 = shim_clip_skip(StableDiffusionPipeline.from_pretrained(str(f2), variant=None, dtype=torch.float32))
+    single = lambda f, folder: shim_clip_skip(StableDiffusionPipeline.from_single_file(
+        str(f), config=str(folder), local_files_only=True, safety_checker=None, requires_safety_checker=False))
+    all_pipes = {"sd1": p1, "sd2": p2, "sd1.safetensors": single(FIX / "sd1.safetensors", f1), "sd2.safetensors": single(FIX / "sd2.safetensors", f2)}
+    for p in all_pipes.values():
+        p.set_progress_bar_config(disable=True)
+    run_pipeline_cases(all_pipes, p1, only)
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--pipelines":
+        sys.exit(rerun_pipelines({int(i) for i in sys.argv[2].split(",")}))
     sys.exit(main())
