@@ -144,7 +144,7 @@ pub fn case_names() -> Vec<String> {
             "group_norm/silu", "group_norm/plain_eps1e-6", "layer_norm/affine_77", "layer_norm/plain_300", "softmax/rows9_cols333",
             "elementwise/silu", "elementwise/gelu", "elementwise/gelu_tanh", "elementwise/quick_gelu", "elementwise/scale", "elementwise/relu", "elementwise/tanh_third",
             "elementwise/add_broadcast", "elementwise/mul_broadcast_last", "elementwise/add_same_shape", "elementwise/add_rank5", "elementwise/geglu",
-            "layout/upsample_nearest2x", "layout/concat_channels", "layout/concat_last", "layout/permute_0213", "layout/permute_201",
+            "layout/upsample_nearest2x", "layout/upsample_to_3x5", "layout/slice_rows", "layout/concat_channels", "layout/concat_last", "layout/permute_0213", "layout/permute_201",
             "embedding/timestep_flip_320", "embedding/timestep_odd_shift1", "embedding/gather",
             "split/matmul_rows", "split/unary_chunks", "split/add_chunks", "split/group_norm_units",
             "split/conv2d_columns", "split/matmul_work_rows", "split/attention_heads_queries", "split/quant_matmul_work_rows",
@@ -373,6 +373,18 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                 };
                 let r: Vec<f32> = x.iter().map(|&v| act.apply(alpha as f64 * v as f64 + beta as f64) as f32).collect();
                 c.compare(&y, &r, Tol::Elementwise).await
+            }
+            "layout/upsample_to_3x5" => {
+                // 2x3 planes to 3x5 (a UNet level of odd size: diffusers' upsample_size).
+                let (x, xt) = c.tensor(&[2, 3, 2, 3], 1.0)?;
+                let y = layout::upsample_nearest(gpu, &xt, 3, 5)?;
+                c.compare(&y, &layout::resize_reference(&x, 6, 2, 3, 3, 5), Tol::Elementwise).await
+            }
+            "layout/slice_rows" => {
+                // Rows 3..7 of a [9, 5, 7] batch.
+                let (x, xt) = c.tensor(&[9, 5, 7], 1.0)?;
+                let y = ops::slice(gpu, &xt, 3 * 35, &[4, 5, 7])?;
+                c.compare(&y, &x[3 * 35..7 * 35], Tol::Elementwise).await
             }
             "elementwise/add_broadcast" | "elementwise/mul_broadcast_last" | "elementwise/add_same_shape" | "elementwise/add_rank5" => {
                 let (sa, sb): (&[usize], &[usize]) = match base {

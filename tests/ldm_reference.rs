@@ -128,8 +128,11 @@ fn ldm_pipelines_match_diffusers_images() {
                 Err(e) => panic!("{}: {e}", c.model),
             }
         });
+        // Cases without a size run at the model's own (its sample size).
+        let (dw, dh) = model.default_size();
+        let (width, height) = if c.width > 0 { (c.width, c.height) } else { (dw, dh) };
         let p = Txt2ImgParams {
-            prompt: c.prompt.clone(), seed: c.seed, steps: c.steps, guidance_scale: c.guidance, width: c.width, height: c.height,
+            prompt: c.prompt.clone(), seed: c.seed, steps: c.steps, guidance_scale: c.guidance, width, height,
             scheduler: Some(c.scheduler.parse::<SchedulerKind>().expect("scheduler")), eta: c.eta, batch: c.batch, ..Default::default()
         };
         let img = c.image.as_deref().map(low_res);

@@ -81,6 +81,7 @@ fn conditions<'m>(c: &Case, nets: &'m std::collections::HashMap<String, ControlN
             .collect(),
         guess_mode: c.guess_mode.unwrap_or(false),
         noise_level: c.noise_level,
+        init_latents: None,
         // The upscaler's input is the low-resolution image at its own size.
         init: c.image.as_deref().map(|f| {
             let img = image(f);
@@ -132,6 +133,7 @@ fn image_pipelines_match_diffusers_images() {
             guidance_scale: c.guidance, guidance_rescale: 0.0, width: c.width, height: c.height,
             scheduler: c.scheduler.as_deref().map(|s| s.parse::<SchedulerKind>().expect("known scheduler")),
             eta: c.eta, clip_skip: 0, batch: c.batch,
+            ..Default::default()
         };
         let (images, _) = match pollster::block_on(model.generate(&gpu, &p, &conditions(c, &nets), &|| 0.0, &mut |_| Ok(()))) {
             Ok(r) => r,

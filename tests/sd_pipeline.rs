@@ -58,6 +58,7 @@ fn pipelines_match_diffusers_images() {
             guidance_scale: c.guidance, guidance_rescale: c.guidance_rescale, width: c.width, height: c.height,
             scheduler: c.scheduler.as_deref().map(|s| s.parse::<SchedulerKind>().expect("known scheduler")),
             eta: c.eta, clip_skip: c.clip_skip.unwrap_or(0), batch: c.batch,
+            ..Default::default()
         };
         let now = || 0.0;
         let (images, _) = pollster::block_on(model.txt2img(&gpu, &p, &now, &mut |_| Ok(()))).unwrap_or_else(|e| panic!("case {}: {e}", c.index));
@@ -99,6 +100,7 @@ fn f16_pipeline_stays_close_to_diffusers() {
             guidance_scale: c.guidance, guidance_rescale: c.guidance_rescale, width: c.width, height: c.height,
             scheduler: c.scheduler.as_deref().map(|s| s.parse::<SchedulerKind>().expect("known scheduler")),
             eta: c.eta, clip_skip: c.clip_skip.unwrap_or(0), batch: c.batch,
+            ..Default::default()
         };
         let (images, _) = pollster::block_on(model.txt2img(&gpu, &p, &|| 0.0, &mut |_| Ok(()))).expect("generates");
         let want = &reference(&format!("pipeline_{index}.safetensors"))["image"].1;

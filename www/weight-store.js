@@ -100,11 +100,21 @@ export class WeightStore {
     await this.init();
     const meta = await this.meta(path, this.chunkSize);
     if (meta.missing) return null;
-    if (path.endsWith('.safetensors') && !this.weightFiles.has(path)) {
-      this.weightFiles.add(path);
-      this.weightBytes += meta.size;
-    }
+    this.countWeightFile(path, meta.size);
     return meta.size;
+  }
+
+  // The download counter counts weight files only (configs and tokenizers are small and are
+  // not in the total either), each byte once.
+  isWeightFile(path) {
+    return /\.(safetensors|ckpt|pt|pth|bin)$/i.test(path);
+  }
+
+  countWeightFile(path, size) {
+    if (this.isWeightFile(path) && !this.weightFiles.has(path)) {
+      this.weightFiles.add(path);
+      this.weightBytes += size;
+    }
   }
 
   async read(path, start, length) {
@@ -332,6 +342,7 @@ export class WeightStore {
             if (cr[3] === '*') throw new FatalError(`${url}: the server does not say how large the file is`);
             size = Number(cr[3]);
             end = Math.min(end, size);
+            this.countWeightFile(path, size);
           }
         } else {
           // The server ignored the range and sends the whole file: skip to where we are.
@@ -341,6 +352,7 @@ export class WeightStore {
             if (len === null) throw new FatalError(`${url}: the server sends neither ranges nor a Content-Length`);
             size = Number(len);
             end = Math.min(end, size);
+            this.countWeightFile(path, size);
           }
         }
         if (end <= pos) {
@@ -367,15 +379,19 @@ export class WeightStore {
               const n = Math.min(v.byteLength, bufStart + buf.byteLength - pos, end - pos);
               buf.set(v.subarray(0, n), pos - bufStart);
               pos += n;
-              this.fetched += n;
-              this.onBytes(this.fetched, this.weightBytes);
+              if (this.isWeightFile(path)) {
+                this.fetched += n;
+                this.onBytes(this.fetched, this.weightBytes);
+              }
               v = v.subarray(n);
               if (pos === bufStart + buf.byteLength) {
                 try {
                   await this.storeChunk(path, url, i, cs, buf, size);
                 } catch (e) {
                   if (!e.checksum || ++checksumFailures > 1) throw new FatalError(e.message);
-                  // Fetch that chunk again once: a proxy may have mangled it.
+                  // Fetch that chunk again once: a proxy may have mangled it. Its bytes are
+                  // counted again as they arrive.
+                  if (this.isWeightFile(path)) this.fetched -= pos - bufStart;
                   pos = bufStart;
                   buf = null;
                   throw e;

@@ -4,6 +4,8 @@
 //! root, so the same loader runs on a local folder natively and on HTTP range requests in the
 //! browser. Weights are read tensor by tensor; no file is ever copied whole into memory.
 
+pub mod lora;
+pub mod pickle;
 pub mod quantised;
 pub mod safetensors;
 mod weights;
@@ -125,15 +127,11 @@ mod tests {
     }
 }
 
-/// Refuses pickle-based checkpoints: loading them means running code from the file.
-pub fn refuse_pickle(path: &str) -> Result<()> {
+/// Whether `path` names a weight file ldm-web reads: safetensors, or a PyTorch checkpoint
+/// (`.ckpt`, `.pt`, `.pth`, `.bin`, read by the restricted unpickler, which runs nothing).
+pub fn is_weight_file(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
-    if [".ckpt", ".pt", ".pth", ".bin", ".pkl"].iter().any(|e| lower.ends_with(e)) {
-        return Err(Error::Model(format!(
-            "{path} is a pickle checkpoint, which can run code when loaded; ldm-web only reads .safetensors. Convert it once with a trusted tool (e.g. diffusers' convert scripts, or `safetensors.torch.save_file(torch.load(f, weights_only=True)[\"state_dict\"], out)`)"
-        )));
-    }
-    Ok(())
+    [".safetensors", ".ckpt", ".pt", ".pth", ".bin"].iter().any(|e| lower.ends_with(e))
 }
 
 /// `dir/name`, or `name` for the source's root (`dir` empty).
@@ -163,18 +161,23 @@ pub async fn component_files(src: &dyn FileSource, dir: &str, base: &str, prefer
                 if s.contains("..") || s.starts_with('/') {
                     return Err(Error::Model(format!("{} names a shard outside the model folder: {s}", src.describe(&index[i]))));
                 }
-                refuse_pickle(s)?;
-                files.push(WeightFile::open(src, &at(s.to_string())).await?);
+                if !is_weight_file(s) {
+                    return Err(Error::Model(format!("{} names a shard {s} that is not a weight file", src.describe(&index[i]))));
+                }
+                files.push(WeightFile::open_any(src, &at(s.to_string())).await?);
             }
             return Ok(files);
         }
     }
-    for pickle in [at(format!("{base}.bin")), at(format!("{base}.ckpt")), at("pytorch_model.bin".into())] {
-        if src.size(&pickle).await?.is_some() {
-            refuse_pickle(&pickle)?;
+    // PyTorch checkpoints (older folders), read without running them.
+    let bins = [at(format!("{base}.bin")), at(format!("{base}.fp16.bin")), at("pytorch_model.bin".into()), at(format!("{base}.ckpt"))];
+    let order: [usize; 4] = if prefer_fp16 { [1, 0, 2, 3] } else { [0, 1, 2, 3] };
+    for i in order {
+        if src.size(&bins[i]).await?.is_some() {
+            return Ok(vec![WeightFile::open_any(src, &bins[i]).await?]);
         }
     }
-    Err(Error::Model(format!("no weights found in {} (expected {base}.safetensors, {base}.fp16.safetensors or a sharded {base}.safetensors.index.json)", src.describe(dir))))
+    Err(Error::Model(format!("no weights found in {} (expected {base}.safetensors, {base}.fp16.safetensors, a sharded {base}.safetensors.index.json, or {base}.bin)", src.describe(dir))))
 }
 
 /// A model on the local file system: a folder, or the folder of a single file.

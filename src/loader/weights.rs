@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use super::quantised::{self, StoredQuant};
 use super::safetensors::{header_len, parse_header, Header, TensorEntry};
+use super::lora::{AdapterSet, AdapterTarget, LowRankFactors};
 use super::FileSource;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
@@ -16,7 +17,28 @@ pub struct WeightFile {
 }
 
 impl WeightFile {
-    /// Reads and validates the header of `path` (two small range reads).
+    /// Opens a safetensors file, or a PyTorch checkpoint (`torch.save`'s zip format: `.ckpt`,
+    /// `.pt`, `.bin`) through the restricted unpickler, which runs nothing from the file; the
+    /// format is told by the file's first bytes, not its name.
+    pub async fn open_any(src: &dyn FileSource, path: &str) -> Result<Self> {
+        let size = src.size(path).await?.ok_or_else(|| Error::Model(format!("{} does not exist", src.describe(path))))?;
+        let prefix = src.read_range(path, 0, 8.min(size)).await?;
+        if super::pickle::is_zip(&prefix) {
+            let header = super::pickle::torch_zip_header(src, path, size).await?;
+            return Ok(Self { path: path.to_string(), header });
+        }
+        if super::pickle::is_legacy_pickle(&prefix) {
+            return Err(Error::Model(format!("{} is a PyTorch checkpoint in the legacy format (before PyTorch 1.6), which can only be read by running it; re-save it once with a trusted PyTorch (torch.save(torch.load(f, weights_only=True), out)) or convert it to safetensors", src.describe(path))));
+        }
+        let lower = path.to_ascii_lowercase();
+        let pickle_name = [".ckpt", ".pt", ".pth", ".bin"].iter().any(|e| lower.ends_with(e));
+        Self::open(src, path).await.map_err(|e| match e {
+            Error::Model(_) if pickle_name => Error::Model(format!("{} is neither a PyTorch checkpoint (a zip archive from torch.save) nor a safetensors file; is it damaged or another format?", src.describe(path))),
+            other => other,
+        })
+    }
+
+    /// Reads and validates the header of the safetensors file `path` (two small range reads).
     pub async fn open(src: &dyn FileSource, path: &str) -> Result<Self> {
         let size = src.size(path).await?.ok_or_else(|| Error::Model(format!("{} does not exist", src.describe(path))))?;
         let prefix = src.read_range(path, 0, 8.min(size)).await?;
@@ -205,7 +227,7 @@ impl<'s> Weights<'s> {
 
     /// A view that prefixes every name with `prefix.`.
     pub fn at<'w>(&'w self, gpu: &'w Gpu, dtype: DType, prefix: &str) -> W<'w, 's> {
-        W { weights: self, gpu, dtype, quant: None, log: None, prefix: prefix.to_string() }
+        W { weights: self, gpu, dtype, quant: None, log: None, adapters: None, prefix: prefix.to_string() }
     }
 }
 
@@ -278,6 +300,8 @@ pub struct W<'w, 's> {
     /// Quantised type for Linear and Conv2d weights read by [`W::weight`] (`None`: `dtype`).
     pub quant: Option<DType>,
     log: Option<(WeightLog, &'static str)>,
+    /// LoRA adapters for the component this view reads.
+    adapters: Option<(std::rc::Rc<AdapterSet>, AdapterTarget)>,
     prefix: String,
 }
 
@@ -311,6 +335,20 @@ impl<'w, 's> W<'w, 's> {
     pub fn with_quant(self, quant: Option<DType>) -> Self {
         Self { quant: quant.filter(|q| q.is_quantised()), ..self }
     }
+    /// The same view with the LoRA adapters of component `folder` (`unet`, `text_encoder`,
+    /// `text_encoder_2`; others get none).
+    pub fn with_adapters(self, adapters: Option<&std::rc::Rc<AdapterSet>>, folder: &str) -> Self {
+        let adapters = adapters.filter(|a| !a.is_empty()).and_then(|a| AdapterTarget::from_folder(folder).map(|t| (a.clone(), t)));
+        Self { adapters, ..self }
+    }
+    /// The low-rank factors the adapters add to this view's layer (weight `shape`), unless
+    /// they are merged into its weight or none targets it.
+    pub async fn low_rank(&self, shape: &[usize]) -> Result<Option<LowRankFactors>> {
+        match &self.adapters {
+            Some((a, t)) if !a.merge => a.factors(*t, &self.prefix, shape).await,
+            _ => Ok(None),
+        }
+    }
     /// The same view recording every tensor read into `log`, as from component `folder`.
     pub fn logged(self, log: Option<&WeightLog>, folder: &'static str) -> Self {
         Self { log: log.map(|l| (l.clone(), folder)), ..self }
@@ -333,6 +371,25 @@ impl<'w, 's> W<'w, 's> {
     /// view's policy, else in the activation dtype.
     pub async fn weight_bytes(&self, name: &str, shape: &[usize]) -> Result<(DType, Vec<u8>)> {
         let (dtype, bytes) = self.weights.tensor_bytes(&self.name(name), shape, self.weight_dtype(shape)).await?;
+        // Merged adapters: W + up . down, only into float weights (merging into quantised
+        // weights would lose the adapter to rounding).
+        let merged = match &self.adapters {
+            Some((a, t)) if a.merge && name == "weight" => a.factors(*t, &self.prefix, shape).await?,
+            _ => None,
+        };
+        let (dtype, bytes) = match merged {
+            None => (dtype, bytes),
+            Some(_) if dtype.is_quantised() => {
+                return Err(Error::Input(format!("cannot merge a LoRA into the quantised weight {} ({}); run it beside the weights instead (without --lora-merge) or use a float model", self.name(name), dtype.name())));
+            }
+            Some(f) => {
+                let mut w = dtype.decode(shape, &bytes);
+                for (x, d) in w.iter_mut().zip(f.delta()) {
+                    *x += d;
+                }
+                (dtype, dtype.encode(shape, &w))
+            }
+        };
         self.record(name, shape, dtype, &bytes);
         Ok((dtype, bytes))
     }

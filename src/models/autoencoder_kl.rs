@@ -27,6 +27,12 @@ pub struct AutoencoderKLConfig {
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
+    /// The VAE overflows in f16: SDXL pipelines decode (and encode) with it in f32.
+    pub force_upcast: bool,
+    /// Per-channel latent statistics some SDXL-derived VAEs carry: latents are
+    /// `(z - mean) * scaling_factor / std` instead of `z * scaling_factor`.
+    pub latents_mean: Option<Vec<f32>>,
+    pub latents_std: Option<Vec<f32>>,
 }
 
 impl Default for AutoencoderKLConfig {
@@ -35,6 +41,7 @@ impl Default for AutoencoderKLConfig {
             in_channels: 3, out_channels: 3, down_block_types: vec!["DownEncoderBlock2D".into()], up_block_types: vec!["UpDecoderBlock2D".into()],
             block_out_channels: vec![64], layers_per_block: 1, act_fn: "silu".into(), latent_channels: 4, norm_num_groups: 32,
             sample_size: 32, scaling_factor: 0.18215, shift_factor: None, use_quant_conv: true, use_post_quant_conv: true, mid_block_add_attention: true,
+            force_upcast: true, latents_mean: None, latents_std: None,
         }
     }
 }
@@ -42,7 +49,26 @@ impl Default for AutoencoderKLConfig {
 impl AutoencoderKLConfig {
     /// Refuses configs the decoder cannot run.
     pub fn validate(&self) -> Result<()> {
+        for (k, v) in [("latents_mean", &self.latents_mean), ("latents_std", &self.latents_std)] {
+            if v.as_ref().is_some_and(|v| v.len() != self.latent_channels) {
+                return Err(crate::Error::Model(format!("vae config: {k} needs {} values, one per latent channel", self.latent_channels)));
+            }
+        }
         super::vae::validate_coder("vae", &self.block_out_channels, &self.down_block_types, &self.up_block_types, &self.act_fn, self.norm_num_groups, self.layers_per_block)
+    }
+    /// Scaled latents (what the UNet sees) from VAE latents, per element of channel `c`.
+    pub fn scale_latent(&self, z: f32, c: usize) -> f32 {
+        match (&self.latents_mean, &self.latents_std) {
+            (Some(m), Some(s)) => (z - m[c]) * self.scaling_factor / s[c],
+            _ => z * self.scaling_factor,
+        }
+    }
+    /// The inverse of [`Self::scale_latent`]: what the decoder takes.
+    pub fn unscale_latent(&self, z: f32, c: usize) -> f32 {
+        match (&self.latents_mean, &self.latents_std) {
+            (Some(m), Some(s)) => z * s[c] / self.scaling_factor + m[c],
+            _ => z / self.scaling_factor,
+        }
     }
     /// Image pixels per latent pixel along each side.
     pub fn scale_factor(&self) -> usize {

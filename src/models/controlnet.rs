@@ -8,8 +8,8 @@
 use serde::Deserialize;
 
 use super::nn::Conv2d;
-use super::unet_2d_blocks::{Residuals, TimestepMlp, UNetEncoder};
-use super::unet_2d_condition::UNet2DConditionConfig;
+use super::unet_2d_blocks::{Residuals, UNetEncoder};
+use super::unet_2d_condition::{StepConditions, UNet2DConditionConfig, UNetEmbeddings};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::loader::W;
@@ -109,7 +109,7 @@ impl ConditioningEmbedding {
 /// `ControlNetModel`.
 pub struct ControlNetModel {
     pub config: ControlNetConfig,
-    time_embedding: TimestepMlp,
+    embeddings: UNetEmbeddings,
     cond_embedding: ConditioningEmbedding,
     encoder: UNetEncoder,
     down_zero_convs: Vec<Conv2d>,
@@ -122,7 +122,7 @@ impl ControlNetModel {
         config.validate()?;
         let u = &config.unet;
         let ch = &u.block_out_channels;
-        let time_embedding = TimestepMlp::load(&w.sub("time_embedding"), ch[0], u.temb_channels(), u.flip_sin_to_cos, u.freq_shift).await?;
+        let embeddings = UNetEmbeddings::load(w, u).await?;
         let cond_embedding = ConditioningEmbedding::load(&w.sub("controlnet_cond_embedding"), config.conditioning_channels, &config.conditioning_embedding_out_channels, ch[0]).await?;
         let encoder = UNetEncoder::load(w, &u.body_config()).await?;
         // One zero conv per skip state: conv_in's, each resnet's, each downsampler's.
@@ -139,7 +139,7 @@ impl ControlNetModel {
         }
         let last = ch[ch.len() - 1];
         let mid_zero_conv = Conv2d::load(&w.sub("controlnet_mid_block"), last, last, 1, 1, 0).await?;
-        Ok(Self { config, time_embedding, cond_embedding, encoder, down_zero_convs, mid_zero_conv })
+        Ok(Self { config, embeddings, cond_embedding, encoder, down_zero_convs, mid_zero_conv })
     }
 
     /// The condition image's embedding, `[1, C, H / f, W / f]`, for an RGB image `[3, H, W]` in
@@ -160,14 +160,15 @@ impl ControlNetModel {
 
     /// The residuals for latents `[B, C, h, w]` at `timestep` with text `[B, L, D]` and a
     /// condition embedding from [`Self::embed_condition`] (broadcast over the batch), scaled by
-    /// `scale`; in guess mode by `logspace(-1, 0)` over the skip states times `scale`.
+    /// `scale`; in guess mode by `logspace(-1, 0)` over the skip states times `scale`. `c`: the
+    /// step's added conditions (SDXL ControlNets embed them as the UNet does).
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(&self, gpu: &Gpu, sample: &Tensor, timestep: f32, context: &Tensor, condition: &Tensor, scale: f32, guess_mode: bool) -> Result<Residuals> {
+    pub fn forward(&self, gpu: &Gpu, sample: &Tensor, timestep: f32, context: &Tensor, condition: &Tensor, scale: f32, guess_mode: bool, c: &StepConditions) -> Result<Residuals> {
         let b = sample.dim(0);
         if condition.shape()[2..] != sample.shape()[2..] {
             return Err(Error::Input(format!("the condition image embeds to {:?}, the latents are {:?}: the ControlNet's condition scale does not match the VAE's", &condition.shape()[2..], &sample.shape()[2..])));
         }
-        let silu_emb = self.time_embedding.forward(gpu, &vec![timestep; b], sample.dtype(), Activation::Silu)?;
+        let silu_emb = self.embeddings.forward(gpu, b, timestep, sample.dtype(), c)?;
         let (hs, skips) = self.encoder.forward(gpu, sample, &silu_emb, Some(context), Some(condition))?;
         let n = skips.len();
         // diffusers' guess mode: torch.logspace(-1, 0, n + 1), in f32.

@@ -2,24 +2,140 @@
 //! weights and run with the ops, so model files read like diffusers' modules.
 
 use crate::error::Result;
-use crate::gpu::{Gpu, Tensor};
+use crate::gpu::{DType, Gpu, Tensor};
+use crate::loader::lora::LowRankFactors;
 use crate::loader::W;
 use crate::ops::{self, Activation, BiasAxis, Conv2dSpec, MatView, MatmulSpec};
 
-/// `nn.Linear`: weight `[out, in]`, optional bias `[out]`.
+/// A LoRA branch beside a layer's weight: `y += up (down x)` (Hu et al. 2021), run as two thin
+/// matmuls (or a convolution and a 1x1 one for conv LoRA) whose result enters the layer's own
+/// kernel as its residual. The layer's weight is untouched, so it may stay quantised. Several
+/// adapters are stacked along the rank, their scales folded into `up`.
+pub struct LowRank {
+    /// `[rank, in]`, or `[rank, cin, kh, kw]` for a convolution (the layer's stride and padding).
+    pub down: Tensor,
+    /// `[out, rank]` (`[out, rank, 1, 1]` beside a convolution).
+    pub up: Tensor,
+    pub rank: usize,
+}
+
+impl LowRank {
+    /// The factors the view's adapters have for a layer with weight `shape` (`None`: none, or
+    /// merged into the weight).
+    pub async fn load(w: &W<'_, '_>, shape: &[usize]) -> Result<Option<Self>> {
+        match w.low_rank(shape).await? {
+            Some(f) => Self::upload(w.gpu, w.dtype, &f).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn upload(gpu: &Gpu, dtype: DType, f: &LowRankFactors) -> Result<Self> {
+        let out = f.up.len() / f.rank.max(1);
+        let up_shape: Vec<usize> = if f.down_shape.len() == 4 { vec![out, f.rank, 1, 1] } else { vec![out, f.rank] };
+        Ok(Self { down: gpu.upload(&f.down_shape, dtype, &f.down)?, up: gpu.upload(&up_shape, dtype, &f.up)?, rank: f.rank })
+    }
+
+    /// Several layers' factors as one for their fused layer (q, k and v stacked by output rows):
+    /// downs stacked by rank, ups placed block-diagonally.
+    fn fuse(parts: &[(usize, Option<LowRankFactors>)], in_features: usize) -> Option<LowRankFactors> {
+        let rank: usize = parts.iter().filter_map(|(_, f)| f.as_ref().map(|f| f.rank)).sum();
+        if rank == 0 {
+            return None;
+        }
+        let out: usize = parts.iter().map(|(o, _)| o).sum();
+        let (mut down, mut up) = (Vec::with_capacity(rank * in_features), vec![0f32; out * rank]);
+        let (mut row0, mut r0) = (0, 0);
+        for (o, f) in parts {
+            if let Some(f) = f {
+                down.extend_from_slice(&f.down);
+                for i in 0..*o {
+                    up[(row0 + i) * rank + r0..(row0 + i) * rank + r0 + f.rank].copy_from_slice(&f.up[i * f.rank..(i + 1) * f.rank]);
+                }
+                r0 += f.rank;
+            }
+            row0 += o;
+        }
+        Some(LowRankFactors { rank, down, down_shape: vec![rank, in_features], up })
+    }
+
+    /// The factors for output rows `rows` of a layer.
+    fn rows(f: &LowRankFactors, rows: std::ops::Range<usize>) -> LowRankFactors {
+        LowRankFactors { up: f.up[rows.start * f.rank..rows.end * f.rank].to_vec(), ..f.clone() }
+    }
+
+    /// `up (down x) (+ residual)` for the layer spec `main` reads x with (x W^T or W x^T form):
+    /// the same x view against `down`, then `up` on the result, laid out like the layer's output.
+    fn branch(&self, gpu: &Gpu, main: &MatmulSpec, weight_is_b: bool, residual: Option<&Tensor>) -> Result<Tensor> {
+        let r = self.rank;
+        if weight_is_b {
+            // y [batch, m, n] = x [batch, m, k] . W^T: u = x . down^T [batch, m, r], then u . up^T.
+            let s1 = MatmulSpec { b: MatView::transposed(&self.down, main.k, r).broadcast(), n: r, bias: None, act: Activation::None, residual: None, alpha: 1.0, ..*main };
+            let u = ops::matmul_spec(gpu, &s1)?;
+            let s2 = MatmulSpec { a: MatView::packed(&u, main.m, r), b: MatView::transposed(&self.up, r, main.n).broadcast(), k: r, bias: None, act: Activation::None, residual, alpha: 1.0, ..*main };
+            ops::matmul_spec(gpu, &s2)
+        } else {
+            // y [batch, m, n] = W [m, k] . x: u = down . x [batch, r, n], then up . u.
+            let s1 = MatmulSpec { a: MatView::packed(&self.down, r, main.k).broadcast(), m: r, bias: None, act: Activation::None, residual: None, alpha: 1.0, ..*main };
+            let u = ops::matmul_spec(gpu, &s1)?;
+            let s2 = MatmulSpec { a: MatView::packed(&self.up, main.m, r).broadcast(), b: MatView::packed(&u, r, main.n), k: r, bias: None, act: Activation::None, residual, alpha: 1.0, ..*main };
+            ops::matmul_spec(gpu, &s2)
+        }
+    }
+}
+
+/// Runs a layer's matmul with its LoRA branch (if any) folded in as the residual; the
+/// activation, which the kernel applies before its residual, then runs on its own.
+fn matmul_with_lora(gpu: &Gpu, spec: &MatmulSpec, lora: Option<&LowRank>, weight_is_b: bool) -> Result<Tensor> {
+    let Some(l) = lora else { return ops::matmul_spec(gpu, spec) };
+    if spec.act == Activation::None {
+        let extra = l.branch(gpu, spec, weight_is_b, spec.residual)?;
+        return ops::matmul_spec(gpu, &MatmulSpec { residual: Some(&extra), ..*spec });
+    }
+    // act(x W^T + b + delta) (+ residual): the kernel adds its residual after the activation.
+    let delta = l.branch(gpu, spec, weight_is_b, None)?;
+    let y = ops::matmul_spec(gpu, &MatmulSpec { residual: Some(&delta), act: Activation::None, ..*spec })?;
+    let y = ops::activation(gpu, &y, spec.act)?;
+    match spec.residual {
+        Some(r) => ops::add(gpu, &y, r),
+        None => Ok(y),
+    }
+}
+
+/// `nn.Linear`: weight `[out, in]`, optional bias `[out]`, optional LoRA branch.
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub in_features: usize,
     pub out_features: usize,
+    pub lora: Option<LowRank>,
 }
 
 impl Linear {
-    /// Loads `weight` (and `bias` when `bias`) under `w`.
+    /// Loads `weight` (and `bias` when `bias`) under `w`, with the view's LoRA adapters.
     pub async fn load(w: &W<'_, '_>, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
         let weight = w.weight("weight", &[out_features, in_features]).await?;
         let bias = if bias { Some(w.get("bias", &[out_features]).await?) } else { None };
-        Ok(Self { weight, bias, in_features, out_features })
+        let lora = LowRank::load(w, &[out_features, in_features]).await?;
+        Ok(Self { weight, bias, in_features, out_features, lora })
+    }
+
+    /// The matmul of this layer on tokens `x` `[rows, in]` (x W^T + b).
+    fn spec<'a>(&'a self, x: &'a Tensor, act: Activation, residual: Option<&'a Tensor>) -> MatmulSpec<'a> {
+        let rows = x.numel() / self.in_features;
+        MatmulSpec {
+            a: MatView::packed(x, rows, self.in_features),
+            b: MatView::transposed(&self.weight, self.in_features, self.out_features).broadcast(),
+            m: rows, n: self.out_features, k: self.in_features, batch: 1, alpha: 1.0,
+            bias: self.bias.as_ref().map(|b| (b, BiasAxis::Col)), act, residual,
+        }
+    }
+
+    fn out_shape(&self, x: &Tensor) -> Vec<usize> {
+        let mut shape = x.shape().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = self.out_features;
+        }
+        shape
     }
 
     /// Several linears with the same input fused into one (q, k, v): weights stacked by rows.
@@ -48,7 +164,12 @@ impl Linear {
         let n = out_features * parts.len();
         let weight = gpu.upload_bytes(&[n, in_features], wdt, &wdt.concat_rows(&stacked))?;
         let bias = if bias { Some(gpu.upload(&[n], dtype, &biases)?) } else { None };
-        Ok(Self { weight, bias, in_features, out_features: n })
+        let mut factors = Vec::new();
+        for p in parts {
+            factors.push((out_features, p.low_rank(&shape).await?));
+        }
+        let lora = LowRank::fuse(&factors, in_features).map(|f| LowRank::upload(gpu, dtype, &f)).transpose()?;
+        Ok(Self { weight, bias, in_features, out_features: n, lora })
     }
 
     /// Output rows `rows` of a stored `[total_out, in]` linear as a linear of their own, with
@@ -58,30 +179,26 @@ impl Linear {
         let bias = w.read_f32("bias", &[total_out]).await?;
         let out_features = rows.len();
         let weight = w.gpu.upload_bytes(&[out_features, in_features], wdt, &wdt.select_rows(&[total_out, in_features], &weight, rows.clone()))?;
-        let bias: Vec<f32> = bias[rows].iter().map(|b| b + bias_shift).collect();
+        let bias: Vec<f32> = bias[rows.clone()].iter().map(|b| b + bias_shift).collect();
         let bias = Some(w.gpu.upload(&[out_features], w.dtype, &bias)?);
-        Ok(Self { weight, bias, in_features, out_features })
+        let lora = w.low_rank(&[total_out, in_features]).await?.map(|f| LowRank::upload(w.gpu, w.dtype, &LowRank::rows(&f, rows))).transpose()?;
+        Ok(Self { weight, bias, in_features, out_features, lora })
     }
 
     /// `act(x W^T + b)` for x `[.., in]`.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, act: Activation) -> Result<Tensor> {
-        ops::linear(gpu, x, &self.weight, self.bias.as_ref(), act)
+        if self.lora.is_none() {
+            return ops::linear(gpu, x, &self.weight, self.bias.as_ref(), act);
+        }
+        if x.dim(-1) != self.in_features {
+            return Err(crate::Error::Shape(format!("linear input {:?} does not end in {}", x.shape(), self.in_features)));
+        }
+        matmul_with_lora(gpu, &self.spec(x, act, None), self.lora.as_ref(), true)?.reshape(&self.out_shape(x))
     }
 
     /// `x W^T + b + residual` (the residual laid out like the output).
     pub fn forward_residual(&self, gpu: &Gpu, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let rows = x.numel() / self.in_features;
-        let spec = MatmulSpec {
-            a: MatView::packed(x, rows, self.in_features),
-            b: MatView::transposed(&self.weight, self.in_features, self.out_features).broadcast(),
-            m: rows, n: self.out_features, k: self.in_features, batch: 1, alpha: 1.0,
-            bias: self.bias.as_ref().map(|b| (b, BiasAxis::Col)), act: Activation::None, residual: Some(residual),
-        };
-        let mut shape = x.shape().to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = self.out_features;
-        }
-        ops::matmul_spec(gpu, &spec)?.reshape(&shape)
+        matmul_with_lora(gpu, &self.spec(x, Activation::None, Some(residual)), self.lora.as_ref(), true)?.reshape(&self.out_shape(x))
     }
 
     /// Applied to a channels-first map `[B, C, N]`, giving tokens `[B, N, out]` (no permute copy).
@@ -93,7 +210,7 @@ impl Linear {
             m: n, n: self.out_features, k: c, batch: b, alpha: 1.0,
             bias: self.bias.as_ref().map(|b| (b, BiasAxis::Col)), act: Activation::None, residual: None,
         };
-        ops::matmul_spec(gpu, &spec)?.reshape(&[b, n, self.out_features])
+        matmul_with_lora(gpu, &spec, self.lora.as_ref(), true)?.reshape(&[b, n, self.out_features])
     }
 
     /// Applied to tokens `[B, N, in]`, giving a channels-first map `[B, out, N]` (+ residual in
@@ -106,29 +223,51 @@ impl Linear {
             m: self.out_features, n, k: self.in_features, batch: b, alpha: 1.0,
             bias: self.bias.as_ref().map(|b| (b, BiasAxis::Row)), act: Activation::None, residual,
         };
-        ops::matmul_spec(gpu, &spec)?.reshape(&[b, self.out_features, n])
+        matmul_with_lora(gpu, &spec, self.lora.as_ref(), false)?.reshape(&[b, self.out_features, n])
     }
 }
 
-/// `nn.Conv2d` with square kernel, stride and padding.
+/// `nn.Conv2d` with square kernel, stride and padding, optional LoRA branch (conv LoRA /
+/// LoCon: a convolution with the layer's kernel to the rank, then a 1x1 one).
 pub struct Conv2d {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub spec: Conv2dSpec,
     pub out_channels: usize,
+    pub lora: Option<LowRank>,
 }
 
 impl Conv2d {
     /// Loads a `k x k` convolution `in -> out`.
     pub async fn load(w: &W<'_, '_>, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
-        let weight = w.weight("weight", &[cout, cin, k, k]).await?;
+        let shape = [cout, cin, k, k];
+        let weight = w.weight("weight", &shape).await?;
         let bias = w.get_opt("bias", &[cout]).await?;
-        Ok(Self { weight, bias, spec: Conv2dSpec::new(stride, padding), out_channels: cout })
+        let lora = match w.low_rank(&shape).await? {
+            // A linear-style LoRA on a 1x1 convolution is a 1x1 conv LoRA.
+            Some(f) if f.down_shape.len() == 2 => Some(LowRankFactors { down_shape: vec![f.rank, cin, 1, 1], ..f }),
+            other => other,
+        };
+        let lora = lora.map(|f| LowRank::upload(w.gpu, w.dtype, &f)).transpose()?;
+        Ok(Self { weight, bias, spec: Conv2dSpec::new(stride, padding), out_channels: cout, lora })
     }
 
-    /// `conv(x) + b (+ residual)`.
+    /// `act(conv(x) + b) (+ residual)`.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        ops::conv2d(gpu, x, &self.weight, self.bias.as_ref(), &self.spec, residual)
+        let Some(l) = &self.lora else { return ops::conv2d(gpu, x, &self.weight, self.bias.as_ref(), &self.spec, residual) };
+        let u = ops::conv2d(gpu, x, &l.down, None, &Conv2dSpec { act: Activation::None, ..self.spec }, None)?;
+        let act = self.spec.act;
+        let plain = Conv2dSpec { act: Activation::None, ..self.spec };
+        let delta = ops::conv2d(gpu, &u, &l.up, None, &Conv2dSpec::default(), if act == Activation::None { residual } else { None })?;
+        let y = ops::conv2d(gpu, x, &self.weight, self.bias.as_ref(), &plain, Some(&delta))?;
+        if act == Activation::None {
+            return Ok(y);
+        }
+        let y = ops::activation(gpu, &y, act)?;
+        match residual {
+            Some(r) => ops::add(gpu, &y, r),
+            None => Ok(y),
+        }
     }
 }
 

@@ -174,4 +174,12 @@ impl Upsample2D {
         let x = ops::upsample_nearest2x(gpu, x)?;
         self.conv.forward(gpu, &x, None)
     }
+
+    /// Upsamples to `size` (height, width) when given (diffusers' `upsample_size`, for levels
+    /// that did not halve evenly), else doubles.
+    pub fn forward_to(&self, gpu: &Gpu, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let Some((h, w)) = size else { return self.forward(gpu, x) };
+        let x = ops::layout::upsample_nearest(gpu, x, h, w)?;
+        self.conv.forward(gpu, &x, None)
+    }
 }

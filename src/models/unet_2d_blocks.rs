@@ -173,7 +173,7 @@ impl UpBlock2D {
         for (i, r) in self.resnets.iter().enumerate() {
             let skip = skips.pop().ok_or_else(|| Error::Shape("UNet ran out of skip connections".into()))?;
             if skip.shape()[2..] != h.shape()[2..] {
-                return Err(Error::Input(format!("latent size {:?} does not divide evenly through the UNet's downsampling; use a width and height divisible by a larger power of two", h.shape())));
+                return Err(Error::Shape(format!("UNet skip state {:?} does not match {:?}", skip.shape(), h.shape())));
             }
             h = ops::concat(gpu, &[&h, &skip], 1)?;
             h = r.forward(gpu, &h, Some(temb))?;
@@ -182,7 +182,9 @@ impl UpBlock2D {
             }
         }
         if let Some(u) = &self.upsampler {
-            h = u.forward(gpu, &h)?;
+            // To the next skip state's size: a level of odd size (diffusers' upsample_size).
+            let size = skips.last().map(|s| (s.dim(2), s.dim(3)));
+            h = u.forward_to(gpu, &h, size)?;
         }
         Ok(h)
     }
@@ -199,9 +201,12 @@ pub fn block_kind(name: &str) -> Option<(bool, bool)> {
 }
 
 /// diffusers' `Timesteps` + `TimestepEmbedding`: the sinusoidal embedding of a value per batch
-/// item (a timestep, or a class label embedded like one), then `linear_2(silu(linear_1(.)))`.
+/// item (a timestep, or a class label embedded like one), then `linear_2(silu(linear_1(.)))`;
+/// with `cond_proj` (LCM's guidance embedding, `time_cond_proj_dim`) a projected condition is
+/// added to the sinusoid first.
 pub struct TimestepMlp {
     sinusoid: TimestepEmbedding,
+    cond_proj: Option<Linear>,
     linear_1: Linear,
     linear_2: Linear,
 }
@@ -209,8 +214,18 @@ pub struct TimestepMlp {
 impl TimestepMlp {
     /// Loads `linear_1` / `linear_2` under `w`: `dim` sinusoid channels to `temb`.
     pub async fn load(w: &W<'_, '_>, dim: usize, temb: usize, flip_sin_to_cos: bool, freq_shift: f32) -> Result<Self> {
+        Self::load_with_condition(w, dim, temb, flip_sin_to_cos, freq_shift, None).await
+    }
+
+    /// As [`Self::load`], with `cond_proj` from `cond_dim` channels when given.
+    pub async fn load_with_condition(w: &W<'_, '_>, dim: usize, temb: usize, flip_sin_to_cos: bool, freq_shift: f32, cond_dim: Option<usize>) -> Result<Self> {
+        let cond_proj = match cond_dim {
+            Some(c) => Some(Linear::load(&w.sub("cond_proj"), c, dim, false).await?),
+            None => None,
+        };
         Ok(Self {
             sinusoid: TimestepEmbedding { dim, flip_sin_to_cos, downscale_freq_shift: freq_shift, scale: 1.0, max_period: 10000.0 },
+            cond_proj,
             linear_1: Linear::load(&w.sub("linear_1"), dim, temb, true).await?,
             linear_2: Linear::load(&w.sub("linear_2"), temb, temb, true).await?,
         })
@@ -218,9 +233,25 @@ impl TimestepMlp {
 
     /// `[B, temb]` for one value per batch item; `act` runs in `linear_2`'s epilogue.
     pub fn forward(&self, gpu: &Gpu, values: &[f32], dtype: DType, act: Activation) -> Result<Tensor> {
+        self.forward_with(gpu, values, dtype, act, None)
+    }
+
+    /// As [`Self::forward`], adding `cond_proj(condition)` (`[B, cond_dim]`) to the sinusoid.
+    pub fn forward_with(&self, gpu: &Gpu, values: &[f32], dtype: DType, act: Activation, condition: Option<&Tensor>) -> Result<Tensor> {
         let v = gpu.upload(&[values.len()], DType::F32, values)?;
-        let e = self.linear_1.forward(gpu, &ops::timestep_embedding(gpu, &v, &self.sinusoid, dtype)?, Activation::Silu)?;
+        let mut s = ops::timestep_embedding(gpu, &v, &self.sinusoid, dtype)?;
+        match (&self.cond_proj, condition) {
+            (Some(p), Some(c)) => s = p.forward_residual(gpu, c, &s)?,
+            (Some(_), None) => return Err(Error::Input("this UNet embeds a guidance scale (an LCM-distilled UNet, time_cond_proj_dim); none was given".into())),
+            (None, _) => {}
+        }
+        let e = self.linear_1.forward(gpu, &s, Activation::Silu)?;
         self.linear_2.forward(gpu, &e, act)
+    }
+
+    /// The sinusoid width.
+    pub fn dim(&self) -> usize {
+        self.sinusoid.dim
     }
 }
 

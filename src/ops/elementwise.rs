@@ -37,6 +37,28 @@ fn unary(gpu: &Gpu, x: &Tensor, act: Activation, alpha: f32, beta: f32) -> Resul
     Ok(out)
 }
 
+/// Elements `[start, start + len)` of `x` as a tensor of `shape` (rows of a batch: the
+/// elementwise copy kernel over a sub-range).
+pub fn slice(gpu: &Gpu, x: &Tensor, start: usize, shape: &[usize]) -> Result<Tensor> {
+    let dtype = check_same_dtype(&[x], "slice")?;
+    let len: usize = shape.iter().product();
+    if start.checked_add(len).is_none_or(|e| e > x.numel()) {
+        return Err(Error::Shape(format!("slice {start}..{} of a tensor of {} elements", start.saturating_add(len), x.numel())));
+    }
+    let out = gpu.empty(shape, dtype)?;
+    let defs = [("ACT", Def::U32(Activation::None.code()))];
+    let kernel = Kernel { family: "elementwise", sources: &[ACTIVATIONS_WGSL, ELEMENTWISE_WGSL], entry: "unary", dtype, defs: &defs };
+    let chunk = max_binding_elems(gpu, dtype).max(1);
+    for s in (0..len).step_by(chunk) {
+        let e = (s + chunk).min(len);
+        let (xb, x_base) = bind_range(gpu, x, start + s, start + e);
+        let (yb, y_base) = bind_range(gpu, &out, s, e);
+        let p = UnaryParams { n: (e - s) as u32, x_base, y_base, _pad: 0, alpha: 1.0, beta: 0.0 };
+        gpu.dispatch(&kernel, bytes_of(&p), &[xb, yb], elementwise_grid(gpu, e - s))?;
+    }
+    Ok(out)
+}
+
 /// An activation applied elementwise.
 pub fn activation(gpu: &Gpu, x: &Tensor, act: Activation) -> Result<Tensor> {
     unary(gpu, x, act, 1.0, 0.0)

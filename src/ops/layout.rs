@@ -18,19 +18,62 @@ struct UpsampleParams {
     planes: u32,
     h: u32,
     w: u32,
+    oh: u32,
+    ow: u32,
+    sh: f32,
+    sw: f32,
+    _pad: u32,
 }
 
-/// Nearest-neighbour 2x upsampling of `[B, C, H, W]`.
+/// Nearest-neighbour 2x upsampling of `[B, C, H, W]` (`interpolate(scale_factor=2)`).
 pub fn upsample_nearest2x(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+    let &[_, _, h, w] = x.shape() else {
+        return Err(Error::Shape(format!("upsample needs [B, C, H, W], got {:?}", x.shape())));
+    };
+    resize(gpu, x, 2 * h, 2 * w, 0.5, 0.5)
+}
+
+/// Nearest-neighbour resizing of `[B, C, H, W]` to `out_h x out_w` (`interpolate(size=...)`,
+/// what diffusers' UNets do when a size does not halve evenly).
+pub fn upsample_nearest(gpu: &Gpu, x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let &[_, _, h, w] = x.shape() else {
+        return Err(Error::Shape(format!("upsample needs [B, C, H, W], got {:?}", x.shape())));
+    };
+    if (out_h, out_w) == (2 * h, 2 * w) {
+        return upsample_nearest2x(gpu, x);
+    }
+    resize(gpu, x, out_h, out_w, h as f32 / out_h.max(1) as f32, w as f32 / out_w.max(1) as f32)
+}
+
+fn resize(gpu: &Gpu, x: &Tensor, oh: usize, ow: usize, sh: f32, sw: f32) -> Result<Tensor> {
     let dtype = check_same_dtype(&[x], "upsample")?;
     let &[b, c, h, w] = x.shape() else {
         return Err(Error::Shape(format!("upsample needs [B, C, H, W], got {:?}", x.shape())));
     };
-    let out = gpu.empty(&[b, c, 2 * h, 2 * w], dtype)?;
+    if h == 0 || w == 0 || oh == 0 || ow == 0 {
+        return Err(Error::Shape(format!("cannot resize {:?} to {oh}x{ow}", x.shape())));
+    }
+    let out = gpu.empty(&[b, c, oh, ow], dtype)?;
     let kernel = Kernel { family: "upsample", sources: &[UPSAMPLE_WGSL], entry: "main", dtype, defs: &[] };
-    let p = UpsampleParams { planes: (b * c) as u32, h: h as u32, w: w as u32 };
+    let p = UpsampleParams { planes: (b * c) as u32, h: h as u32, w: w as u32, oh: oh as u32, ow: ow as u32, sh, sw, _pad: 0 };
     gpu.dispatch(&kernel, bytes_of(&p), &[Bind::whole(x), Bind::whole(&out)], elementwise_grid(gpu, out.numel()))?;
     Ok(out)
+}
+
+/// CPU reference of [`upsample_nearest`] (torch's nearest index rule, f32 scales).
+pub fn resize_reference(x: &[f32], planes: usize, h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
+    let (sh, sw) = (h as f32 / oh as f32, w as f32 / ow as f32);
+    let mut out = Vec::with_capacity(planes * oh * ow);
+    for p in 0..planes {
+        for oy in 0..oh {
+            let sy = ((oy as f32 * sh).floor() as usize).min(h - 1);
+            for ox in 0..ow {
+                let sx = ((ox as f32 * sw).floor() as usize).min(w - 1);
+                out.push(x[p * h * w + sy * w + sx]);
+            }
+        }
+    }
+    out
 }
 
 #[repr(C)]

@@ -15,7 +15,7 @@ use crate::gpu::{grid, Bind, DType, Gpu, Tensor};
 
 pub use attention::{attention, AttentionSpec, HeadView};
 pub use conv2d::{conv2d, Conv2dSpec};
-pub use elementwise::{activation, add, geglu, mul, scale};
+pub use elementwise::{activation, add, geglu, mul, scale, slice};
 pub use embedding::{embedding, timestep_embedding};
 pub use layout::{concat, permute, upsample_nearest2x};
 pub use matmul::{linear, matmul, matmul_spec, BiasAxis, MatView, MatmulSpec};

@@ -48,6 +48,9 @@ pub struct ImageConditions<'m> {
     /// x4 upscaling: how much noise is added to the low-resolution image (`init`, at the
     /// latent size), 0 to the model's `max_noise_level` (`None`: 20, as diffusers).
     pub noise_level: Option<u32>,
+    /// SDXL img2img from latents instead of an image (`[B or 1, z, h, w]`, scaled as the UNet
+    /// sees them): the base model's result handed to the refiner.
+    pub init_latents: Option<Vec<f32>>,
 }
 
 impl Control<'_> {
@@ -76,7 +79,7 @@ impl Task {
     /// The task for a UNet of `in_channels` (and `latent_channels` latents) given `c`, or why
     /// the inputs do not fit the model.
     pub fn choose(in_channels: usize, latent_channels: usize, c: &ImageConditions) -> Result<Self> {
-        let (init, mask, depth) = (c.init.is_some(), c.mask.is_some(), c.depth.is_some());
+        let (init, mask, depth) = (c.init.is_some() || c.init_latents.is_some(), c.mask.is_some(), c.depth.is_some());
         let z = latent_channels;
         let task = if in_channels == 2 * z + 1 {
             if !init || !mask {

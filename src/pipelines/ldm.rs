@@ -226,6 +226,17 @@ impl LdmModel {
                     return Err(Error::Model(format!("a super-resolution UNet takes latents and the image in equal halves; this one has {} input channels", u.config.in_channels)));
                 }
             }
+            // The paper samples its convolutional LDMs beyond their training size: any size the
+            // first stage and the UNet divide.
+            (LdmKind::Unconditional, LdmUNet::Plain(u)) => {
+                let f = self.first_stage.scale_factor() * u.config.downsample_factor();
+                if p.width == 0 || p.height == 0 || p.width % f != 0 || p.height % f != 0 {
+                    return Err(Error::Input(format!("this model needs width and height divisible by {f}, got {}x{}", p.width, p.height)));
+                }
+                if p.width.max(p.height) > 4096 {
+                    return Err(Error::Input(format!("{}x{} is larger than the 4096-pixel limit", p.width, p.height)));
+                }
+            }
             (LdmKind::TextToImage, LdmUNet::Conditional(u)) => {
                 let f = 8 * u.config.downsample_factor();
                 if p.width == 0 || p.height == 0 || p.width % f != 0 || p.height % f != 0 {
@@ -272,7 +283,10 @@ impl LdmModel {
     }
 
     async fn denoise_unconditional(&self, gpu: &Gpu, unet: &UNet2DModel, p: &Txt2ImgParams, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Latents, StageTimes)> {
-        let (h, w) = unet.config.sample_size.as_ref().map_or((64, 64), |s| s.height_width());
+        // diffusers' LDMPipeline draws latents of the UNet's sample_size; other sizes are
+        // that pipeline with the sample size changed (`unet.register_to_config(sample_size=...)`).
+        let f = self.first_stage.scale_factor();
+        let (h, w) = (p.height / f, p.width / f);
         let shape = [p.batch, unet.config.in_channels, h, w];
         let mut scheduler = self.scheduler_for(p)?;
         let mut gen = TorchGenerator::new(p.seed);

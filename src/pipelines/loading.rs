@@ -1,12 +1,15 @@
 //! Assembling a Stable Diffusion model from a diffusers folder or a single-file checkpoint.
 
 use std::cell::OnceCell;
+use std::rc::Rc;
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu};
 use super::ldm::{LdmKind, LdmModel};
 use super::single_file;
-use crate::loader::{component_files, read_file, read_json, refuse_pickle, FileSource, WeightFile, WeightLog, Weights, W};
+use crate::loader::lora::{AdapterSet, AdapterTarget};
+use super::prompt::{TextEncoder, TextEncoders};
+use crate::loader::{component_files, read_file, read_json, FileSource, WeightFile, WeightLog, Weights, W};
 use crate::models::{AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, ControlNetConfig, ControlNetModel, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::tokenizer::{ClipTokenizer, TokenizerConfig};
 
@@ -31,6 +34,29 @@ pub struct LoadOptions {
     /// Always decode latents in tiles (diffusers' `enable_vae_tiling`); without it, only when
     /// the whole image would exceed the adapter's binding size.
     pub vae_tiling: bool,
+    /// LoRA adapters for the UNet and text encoders (run beside their weights, or merged).
+    pub adapters: Option<Rc<AdapterSet>>,
+    /// A VAE to use instead of the model's (an `AutoencoderKL` folder: `config.json` and its
+    /// weights, e.g. SDXL's fp16-fix VAE).
+    pub vae: Option<VaeSource>,
+}
+
+/// A separate VAE folder (see [`LoadOptions::vae`]).
+#[derive(Clone)]
+pub struct VaeSource(pub Rc<dyn FileSource>);
+
+impl std::fmt::Debug for VaeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VaeSource({})", self.0.describe(""))
+    }
+}
+
+impl LoadOptions {
+    /// `w` set up for the model component in `folder`: its quantisation, the weight log and
+    /// the LoRA adapters that target it.
+    pub(crate) fn component<'w, 's>(&self, w: W<'w, 's>, folder: &'static str) -> W<'w, 's> {
+        self.quant.apply(w, folder).with_adapters(self.adapters.as_ref(), folder)
+    }
 }
 
 /// A quantised type (q8_0, q4_0, q4_1) per model component, `None` for float weights.
@@ -98,14 +124,63 @@ impl DiffusionModel {
 enum VaeWeights {
     Folder { prefer_fp16: bool },
     SingleFile(WeightFile),
+    /// A separate `AutoencoderKL` folder (its root).
+    Separate { src: Rc<dyn FileSource>, prefer_fp16: bool },
 }
 
-/// The components of a Stable Diffusion 1.x / 2.x text-to-image model.
+/// Which diffusers pipeline family a model belongs to, with the settings its `model_index.json`
+/// gives that family.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Family {
+    /// `StableDiffusionPipeline` and its image-conditioned siblings (SD 1.x / 2.x, SD-Turbo).
+    StableDiffusion,
+    /// `LatentConsistencyModelPipeline`: never classifier-free guidance, 4 steps, guidance 8.5.
+    LatentConsistency,
+    /// `StableDiffusionXL*Pipeline` (base, refiner, Turbo).
+    Xl {
+        /// Zeros for the negative embeddings when no negative prompt is given.
+        force_zeros_for_empty_prompt: bool,
+        /// The refiner: the aesthetic score replaces the target size among the size conditions.
+        requires_aesthetics_score: bool,
+    },
+}
+
+impl Family {
+    /// The family `model_index.json` names, or why it is not one ldm-web runs.
+    pub fn from_index(index: &serde_json::Value) -> Result<Self> {
+        let class = index.get("_class_name").and_then(|c| c.as_str()).unwrap_or("StableDiffusionPipeline");
+        let flag = |k: &str, default: bool| index.get(k).and_then(|v| v.as_bool()).unwrap_or(default);
+        let xl = class.starts_with("StableDiffusionXL") || component_present(index, "text_encoder_2");
+        if xl {
+            // diffusers' defaults: the img2img and inpaint classes default requires_aesthetics_score off too.
+            return Ok(Self::Xl { force_zeros_for_empty_prompt: flag("force_zeros_for_empty_prompt", true), requires_aesthetics_score: flag("requires_aesthetics_score", false) });
+        }
+        if class == "LatentConsistencyModelPipeline" {
+            return Ok(Self::LatentConsistency);
+        }
+        if class.contains("Flux") || class.contains("StableDiffusion3") || class.contains("Kandinsky") || class.contains("PixArt") || class.contains("Cascade") {
+            return Err(Error::Model(format!("{class} models are not supported; ldm-web runs Stable Diffusion 1.x / 2.x, SDXL (base, refiner, Turbo), LCM and the CompVis LDMs")));
+        }
+        Ok(Self::StableDiffusion)
+    }
+
+    /// Whether this is an SDXL model.
+    pub fn is_xl(self) -> bool {
+        matches!(self, Self::Xl { .. })
+    }
+}
+
+/// Whether `model_index.json` lists component `name` with a class (not `[null, null]`).
+fn component_present(index: &serde_json::Value, name: &str) -> bool {
+    index.get(name).and_then(|v| v.as_array()).is_some_and(|a| a.iter().any(|x| !x.is_null()))
+}
+
+/// The components of a Stable Diffusion (1.x / 2.x, SDXL, LCM) model.
 pub struct StableDiffusionModel {
     /// Shown in PNG metadata (the folder or file name).
     pub name: String,
-    pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
+    pub family: Family,
+    pub text: TextEncoders,
     pub unet: UNet2DConditionModel,
     pub vae_config: AutoencoderKLConfig,
     vae: OnceCell<AutoencoderKL>,
@@ -121,6 +196,10 @@ pub struct StableDiffusionModel {
     pub upscaler: Option<UpscalerNoise>,
     /// Always decode in tiles ([`LoadOptions::vae_tiling`]).
     pub vae_tiling: bool,
+    /// The dtype the VAE runs in: f32 for SDXL's `force_upcast` VAEs when the rest runs f16.
+    pub vae_dtype: DType,
+    /// The LoRA adapters applied (for PNG metadata).
+    pub adapters: Vec<(String, f32)>,
 }
 
 /// The x4 upscaler's noise augmentation of its low-resolution input: the `low_res_scheduler`'s
@@ -179,8 +258,7 @@ pub async fn load_controlnet(gpu: &Gpu, src: &dyn FileSource, dir: &str, opts: &
 /// Loads a single-file ControlNet in the original layout (`control_model.*`); its config is
 /// `config` (diffusers' `from_single_file(config=...)`) or inferred from tensor shapes.
 pub async fn load_controlnet_single_file(gpu: &Gpu, src: &dyn FileSource, file: &str, config: Option<ControlNetConfig>, opts: &LoadOptions) -> Result<ControlNetModel> {
-    refuse_pickle(file)?;
-    let wf = WeightFile::open(src, file).await?;
+    let wf = WeightFile::open_any(src, file).await?;
     let cfg = match config {
         Some(c) => c,
         None => single_file::infer_controlnet_config(&wf.header)?,
@@ -208,34 +286,87 @@ pub async fn load_tokenizer(src: &dyn FileSource, dir: &str) -> Result<ClipToken
     Err(Error::Model(format!("no tokenizer in {} (expected vocab.json + merges.txt or tokenizer.json)", src.describe(dir))))
 }
 
+/// Loads a text encoder folder and its tokenizer folder.
+async fn load_text_encoder(gpu: &Gpu, src: &dyn FileSource, opts: &LoadOptions, folder: &'static str, tokenizer: &str) -> Result<TextEncoder> {
+    let dtype = opts.dtype.unwrap_or(DType::F32);
+    let tokenizer = load_tokenizer(src, tokenizer).await?;
+    let cfg: ClipTextConfig = config(src, &format!("{folder}/config.json")).await?;
+    let w = Weights::new(src, component_files(src, folder, "model", opts.prefer_fp16).await?);
+    let model = ClipTextModel::load(&opts.component(w.at(gpu, dtype, ""), folder), cfg).await?;
+    Ok(TextEncoder::new(tokenizer, model))
+}
+
+/// The components LoRA adapters may target in a model with these text encoders.
+fn adapter_targets(text: &TextEncoders) -> Vec<AdapterTarget> {
+    let mut t = vec![AdapterTarget::Unet];
+    match text {
+        TextEncoders::Single(_) => t.push(AdapterTarget::TextEncoder),
+        TextEncoders::Xl { first, .. } => {
+            if first.is_some() {
+                t.push(AdapterTarget::TextEncoder);
+            }
+            t.push(AdapterTarget::TextEncoder2);
+        }
+    }
+    t
+}
+
+/// Renames SGM-named adapter modules for this UNet (SDXL kohya LoRAs) before it loads.
+fn prepare_adapters(opts: &LoadOptions, unet: &UNet2DConditionConfig) -> Result<()> {
+    if let Some(a) = &opts.adapters {
+        let types = unet.up_block_types.clone();
+        a.resolve_unet_names(unet.layers_per_block.get(0), &|b| types.get(b).is_some_and(|t| t.starts_with("CrossAttn")))?;
+    }
+    Ok(())
+}
+
 impl StableDiffusionModel {
-    /// Loads a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+    /// Loads a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/` (and
+    /// SDXL's `text_encoder_2/`), `tokenizer/` (`tokenizer_2/`), `scheduler/`).
     pub async fn load(gpu: &Gpu, src: &dyn FileSource, name: &str, opts: &LoadOptions) -> Result<Self> {
         let index: serde_json::Value = config(src, "model_index.json").await?;
-        if let Some(class) = index.get("_class_name").and_then(|c| c.as_str()) {
-            if class.contains("XL") || class.contains("Flux") || class.contains("StableDiffusion3") {
-                return Err(Error::Model(format!("{class} models are not supported yet; ldm-web runs Stable Diffusion 1.x / 2.x")));
-            }
-        }
+        let family = Family::from_index(&index)?;
         let dtype = opts.dtype.unwrap_or(DType::F32);
         let upscaler = UpscalerNoise::load(src, &index).await?;
-        let tokenizer = load_tokenizer(src, "tokenizer").await?;
-        let te_cfg: ClipTextConfig = config(src, "text_encoder/config.json").await?;
-        let te_files = component_files(src, "text_encoder", "model", opts.prefer_fp16).await?;
-        let te_w = Weights::new(src, te_files);
-        let text_encoder = ClipTextModel::load(&opts.quant.apply(te_w.at(gpu, dtype, ""), "text_encoder"), te_cfg).await?;
-        drop(te_w);
+        let text = if family.is_xl() {
+            let first = if component_present(&index, "text_encoder") { Some(load_text_encoder(gpu, src, opts, "text_encoder", "tokenizer").await?) } else { None };
+            let second = load_text_encoder(gpu, src, opts, "text_encoder_2", "tokenizer_2").await?;
+            if !second.model.has_projection() {
+                return Err(Error::Model("SDXL's text_encoder_2 must be a CLIPTextModelWithProjection (its text_projection.weight is missing)".into()));
+            }
+            TextEncoders::Xl { first, second }
+        } else {
+            TextEncoders::Single(load_text_encoder(gpu, src, opts, "text_encoder", "tokenizer").await?)
+        };
         let unet_cfg: UNet2DConditionConfig = config(src, "unet/config.json").await?;
+        prepare_adapters(opts, &unet_cfg)?;
         let unet_w = Weights::new(src, component_files(src, "unet", "diffusion_pytorch_model", opts.prefer_fp16).await?);
-        let unet = UNet2DConditionModel::load(&opts.quant.apply(unet_w.at(gpu, dtype, ""), "unet"), unet_cfg).await?;
+        let unet = UNet2DConditionModel::load(&opts.component(unet_w.at(gpu, dtype, ""), "unet"), unet_cfg).await?;
         drop(unet_w);
-        let vae_config: AutoencoderKLConfig = config(src, "vae/config.json").await?;
+        let (vae_config, vae_weights): (AutoencoderKLConfig, VaeWeights) = match &opts.vae {
+            Some(v) => (config(v.0.as_ref(), "config.json").await?, VaeWeights::Separate { src: v.0.clone(), prefer_fp16: opts.prefer_fp16 }),
+            None => (config(src, "vae/config.json").await?, VaeWeights::Folder { prefer_fp16: opts.prefer_fp16 }),
+        };
         vae_config.validate()?;
         let scheduler_config: serde_json::Value = config(src, "scheduler/scheduler_config.json").await?;
-        let vae_weights = VaeWeights::Folder { prefer_fp16: opts.prefer_fp16 };
         let hints = ModelHints::load(src).await?;
-        let model = Self { name: name.to_string(), tokenizer, text_encoder, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints, upscaler, vae_tiling: opts.vae_tiling };
-        model.finish_load(gpu, src, opts).await
+        Self::assemble(name.to_string(), family, text, unet, vae_config, vae_weights, scheduler_config, hints, upscaler, opts)?.finish_load(gpu, src, opts).await
+    }
+
+    /// The model from its loaded parts, checking the adapters found their layers.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(name: String, family: Family, text: TextEncoders, unet: UNet2DConditionModel, vae_config: AutoencoderKLConfig, vae_weights: VaeWeights, scheduler_config: serde_json::Value, hints: ModelHints, upscaler: Option<UpscalerNoise>, opts: &LoadOptions) -> Result<Self> {
+        let dtype = opts.dtype.unwrap_or(DType::F32);
+        if let Some(a) = &opts.adapters {
+            a.check_all_used(&adapter_targets(&text))?;
+        }
+        if family.is_xl() && unet.config.addition_embed_type.as_deref() != Some("text_time") {
+            return Err(Error::Model("an SDXL pipeline needs a UNet with addition_embed_type \"text_time\"".into()));
+        }
+        // diffusers' SDXL pipelines decode a force_upcast VAE in f32.
+        let vae_dtype = if family.is_xl() && vae_config.force_upcast { DType::F32 } else { dtype };
+        let adapters = opts.adapters.as_ref().map(|a| a.describe()).unwrap_or_default();
+        Ok(Self { name, family, text, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints, upscaler, vae_tiling: opts.vae_tiling, vae_dtype, adapters })
     }
 
     async fn finish_load(self, gpu: &Gpu, src: &dyn FileSource, opts: &LoadOptions) -> Result<Self> {
@@ -253,8 +384,9 @@ impl StableDiffusionModel {
         let weights = match &self.vae_weights {
             VaeWeights::Folder { prefer_fp16 } => Weights::new(src, component_files(src, "vae", "diffusion_pytorch_model", *prefer_fp16).await?),
             VaeWeights::SingleFile(file) => single_file::vae_weights(src, vec![file.clone()], &self.vae_config)?,
+            VaeWeights::Separate { src: own, prefer_fp16 } => Weights::new(own.as_ref(), component_files(own.as_ref(), "", "diffusion_pytorch_model", *prefer_fp16).await?),
         };
-        let vae = AutoencoderKL::load(&self.vae_quant.apply(weights.at(gpu, self.dtype, ""), "vae"), self.vae_config.clone(), self.vae_encoder).await?;
+        let vae = AutoencoderKL::load(&self.vae_quant.apply(weights.at(gpu, self.vae_dtype, ""), "vae"), self.vae_config.clone(), self.vae_encoder).await?;
         // A concurrent load may have won; either copy is the same model.
         let _ = self.vae.set(vae);
         Ok(())
@@ -273,9 +405,8 @@ impl StableDiffusionModel {
     /// Loads a single-file checkpoint in the original layout. Configs come from `configs` (like
     /// diffusers' `from_single_file(config=...)`) or are inferred from tensor shapes.
     pub async fn load_single_file(gpu: &Gpu, src: &dyn FileSource, file: &str, configs: Option<&dyn FileSource>, opts: &LoadOptions) -> Result<Self> {
-        refuse_pickle(file)?;
         let dtype = opts.dtype.unwrap_or(DType::F32);
-        let wf = WeightFile::open(src, file).await?;
+        let wf = WeightFile::open_any(src, file).await?;
         let layout = single_file::detect(&wf.header)?;
         let (te_cfg, unet_cfg, vae_cfg, scheduler_config, tokenizer) = match configs {
             Some(c) => (
@@ -294,13 +425,17 @@ impl StableDiffusionModel {
         };
         let files = vec![wf];
         let te_w = single_file::text_encoder_weights(src, files.clone(), &layout, &te_cfg)?;
-        let text_encoder = ClipTextModel::load(&opts.quant.apply(te_w.at(gpu, dtype, ""), "text_encoder"), te_cfg).await?;
+        let text_encoder = ClipTextModel::load(&opts.component(te_w.at(gpu, dtype, ""), "text_encoder"), te_cfg).await?;
+        let text = TextEncoders::Single(TextEncoder::new(tokenizer, text_encoder));
+        prepare_adapters(opts, &unet_cfg)?;
         let unet_w = single_file::unet_weights(src, files.clone(), &unet_cfg)?;
-        let unet = UNet2DConditionModel::load(&opts.quant.apply(unet_w.at(gpu, dtype, ""), "unet"), unet_cfg).await?;
+        let unet = UNet2DConditionModel::load(&opts.component(unet_w.at(gpu, dtype, ""), "unet"), unet_cfg).await?;
         vae_cfg.validate()?;
         let name = file.rsplit('/').next().unwrap_or(file).to_string();
-        let vae_weights = VaeWeights::SingleFile(files[0].clone());
-        let model = Self { name, tokenizer, text_encoder, unet, vae_config: vae_cfg, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints: ModelHints::default(), upscaler: None, vae_tiling: opts.vae_tiling };
-        model.finish_load(gpu, src, opts).await
+        let (vae_cfg, vae_weights) = match &opts.vae {
+            Some(v) => (config(v.0.as_ref(), "config.json").await?, VaeWeights::Separate { src: v.0.clone(), prefer_fp16: opts.prefer_fp16 }),
+            None => (vae_cfg, VaeWeights::SingleFile(files[0].clone())),
+        };
+        Self::assemble(name, Family::StableDiffusion, text, unet, vae_cfg, vae_weights, scheduler_config, ModelHints::default(), None, opts)?.finish_load(gpu, src, opts).await
     }
 }

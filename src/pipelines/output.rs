@@ -25,7 +25,18 @@ pub fn sampler_name(kind: SchedulerKind) -> &'static str {
 
 /// The `parameters` text of image `index` of a batch.
 pub fn parameters_text(p: &Txt2ImgParams, kind: SchedulerKind, model: &str, index: usize) -> String {
+    parameters_text_with(p, kind, model, index, &[], None)
+}
+
+/// [`parameters_text`] with the LoRAs applied (A1111's `<lora:NAME:SCALE>` prompt tags) and an
+/// SDXL refiner with its switch point.
+pub fn parameters_text_with(p: &Txt2ImgParams, kind: SchedulerKind, model: &str, index: usize, loras: &[(String, f32)], refiner: Option<(&str, f32)>) -> String {
     let mut s = p.prompt.clone();
+    for (name, scale) in loras {
+        let stem = name.rsplit('/').next().unwrap_or(name);
+        let stem = stem.rsplit_once('.').map_or(stem, |(a, _)| a);
+        s.push_str(&format!(" <lora:{stem}:{scale}>"));
+    }
     if let Some(n) = &p.negative_prompt {
         s.push_str(&format!("\nNegative prompt: {n}"));
     }
@@ -41,6 +52,13 @@ pub fn parameters_text(p: &Txt2ImgParams, kind: SchedulerKind, model: &str, inde
     }
     if p.batch > 1 {
         s.push_str(&format!(", Batch size: {}, Batch pos: {index}", p.batch));
+    }
+    if let Some((name, at)) = refiner {
+        s.push_str(&format!(", Refiner: {name}, Refiner switch at: {at}"));
+    }
+    if p.prompt_weighting == super::prompt::PromptWeighting::None {
+        // A1111 parses (x:1.2) in prompts; say that these were read as plain text.
+        s.push_str(", Emphasis: None");
     }
     s
 }

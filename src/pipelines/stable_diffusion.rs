@@ -1,13 +1,16 @@
-//! Stable Diffusion 1.x / 2.x: text-to-image, img2img, inpainting and depth-to-image, step for
-//! step as diffusers' pipelines, so a seed gives diffusers' image.
+//! Stable Diffusion 1.x / 2.x, SDXL (base, refiner, Turbo) and LCM: text-to-image, img2img,
+//! inpainting, depth-to-image, ControlNet and upscaling, step for step as diffusers' pipelines,
+//! so a seed gives diffusers' image.
 
 use super::conditions::{depth_latent, nearest, start_for_strength, Control, DepthMap, ImageConditions, Task};
 use super::image_input::{self, InputImage, Resample};
 use crate::models::ControlNetModel;
-use super::loading::StableDiffusionModel;
+use super::loading::{Family, StableDiffusionModel};
+use super::prompt::{PromptText, PromptWeighting};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::models::unet_2d_blocks::Residuals;
+use crate::models::unet_2d_condition::{AddedConditions, StepConditions};
 use crate::ops;
 use crate::rng::TorchGenerator;
 use crate::schedulers::{self, Scheduler, SchedulerKind};
@@ -34,13 +37,53 @@ pub struct Txt2ImgParams {
     /// Layers skipped at the end of the text encoder, counted as diffusers (1 = penultimate).
     pub clip_skip: usize,
     pub batch: usize,
+    /// SDXL: the second text encoder's prompts (default: the prompt and negative prompt).
+    pub prompt_2: Option<String>,
+    pub negative_prompt_2: Option<String>,
+    /// How prompts are read (diffusers' plain text, or AUTOMATIC1111's weights and chunks).
+    pub prompt_weighting: PromptWeighting,
+    /// SDXL's size conditions and the refiner's aesthetic scores.
+    pub xl: XlConditions,
+    /// SDXL: end denoising at this fraction of the schedule (the base's part of a hand-over to
+    /// the refiner; the result is latents, [`StableDiffusionModel::denoise_with`]).
+    pub denoising_end: Option<f32>,
+    /// SDXL img2img: start at this fraction of the schedule from the init latents, adding no
+    /// noise (the refiner's part of a hand-over); replaces the strength.
+    pub denoising_start: Option<f32>,
 }
 
 impl Default for Txt2ImgParams {
     fn default() -> Self {
         Self {
             prompt: String::new(), negative_prompt: None, seed: 0, steps: 50, guidance_scale: 7.5, guidance_rescale: 0.0,
-            width: 512, height: 512, scheduler: None, eta: 0.0, clip_skip: 0, batch: 1,
+            width: 512, height: 512, scheduler: None, eta: 0.0, clip_skip: 0, batch: 1, prompt_2: None, negative_prompt_2: None,
+            prompt_weighting: PromptWeighting::None, xl: XlConditions::default(), denoising_end: None, denoising_start: None,
+        }
+    }
+}
+
+/// SDXL's micro-conditions (diffusers' `original_size`, `crops_coords_top_left`, `target_size`
+/// and their negative counterparts, `(height, width)` pairs), and the refiner's aesthetic scores.
+#[derive(Clone, Debug, PartialEq)]
+pub struct XlConditions {
+    /// Default: the output size.
+    pub original_size: Option<(usize, usize)>,
+    pub crops_coords_top_left: (usize, usize),
+    /// Default: the output size.
+    pub target_size: Option<(usize, usize)>,
+    pub negative_original_size: Option<(usize, usize)>,
+    pub negative_crops_coords_top_left: (usize, usize),
+    pub negative_target_size: Option<(usize, usize)>,
+    /// The refiner's (`requires_aesthetics_score`): 6 and 2.5 by default.
+    pub aesthetic_score: f32,
+    pub negative_aesthetic_score: f32,
+}
+
+impl Default for XlConditions {
+    fn default() -> Self {
+        Self {
+            original_size: None, crops_coords_top_left: (0, 0), target_size: None, negative_original_size: None,
+            negative_crops_coords_top_left: (0, 0), negative_target_size: None, aesthetic_score: 6.0, negative_aesthetic_score: 2.5,
         }
     }
 }
@@ -126,37 +169,24 @@ pub struct PreparedImages<'m> {
 }
 
 impl StableDiffusionModel {
-    /// The scheduler `kind` (default: the model's own, exactly as configured), built from the
-    /// model's scheduler config after the fix-ups `StableDiffusionPipeline.__init__` applies
-    /// (`steps_offset` 1, `clip_sample` off).
-    pub fn scheduler(&self, kind: Option<SchedulerKind>) -> Result<Box<dyn Scheduler>> {
-        let mut cfg = self.scheduler_config.clone();
-        if let Some(obj) = cfg.as_object_mut() {
-            if obj.get("steps_offset").and_then(|v| v.as_i64()).is_some_and(|v| v != 1) {
-                obj.insert("steps_offset".into(), 1.into());
-            }
-            obj.insert("clip_sample".into(), false.into());
-        }
+    /// The scheduler `kind` for `task` (default: the model's own), built from the model's
+    /// scheduler config as `Kind.from_config(pipe.scheduler.config)` after the fix-ups the
+    /// task's diffusers pipeline class applies in `__init__` to the scheduler the model ships
+    /// (see [`scheduler_fixups`]); keys the config lacks take the chosen class's defaults.
+    pub fn scheduler(&self, kind: Option<SchedulerKind>, task: Task, controls: bool) -> Result<Box<dyn Scheduler>> {
+        let cfg = scheduler_fixups(&self.scheduler_config, task, controls);
         match kind {
             Some(k) => schedulers::build(k, &cfg),
             None => schedulers::build_default(&cfg),
         }
     }
 
-    /// Text embeddings `[n, 77, D]` for `prompts`, with `clip_skip`.
-    pub fn encode_text(&self, gpu: &Gpu, prompts: &[&str], clip_skip: usize) -> Result<Tensor> {
-        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| self.tokenizer.encode(p)).collect();
-        self.text_encoder.forward(gpu, &ids, clip_skip)
-    }
-
     /// Checks sizes and counts before any work starts.
     pub fn validate(&self, p: &Txt2ImgParams) -> Result<()> {
-        let f = self.vae_config.scale_factor() * self.unet.config.downsample_factor();
-        if p.width == 0 || p.height == 0 || !p.width.is_multiple_of(8) || !p.height.is_multiple_of(8) {
-            return Err(Error::Input(format!("width and height must be positive multiples of 8, got {}x{}", p.width, p.height)));
-        }
-        if !p.width.is_multiple_of(f) || !p.height.is_multiple_of(f) {
-            return Err(Error::Input(format!("this model needs width and height divisible by {f}, got {}x{}", p.width, p.height)));
+        // As diffusers: multiples of the VAE's factor; the UNet resizes levels that do not halve.
+        let f = self.vae_config.scale_factor();
+        if p.width == 0 || p.height == 0 || !p.width.is_multiple_of(f) || !p.height.is_multiple_of(f) {
+            return Err(Error::Input(format!("width and height must be positive multiples of {f}, got {}x{}", p.width, p.height)));
         }
         if p.width.max(p.height) > 4096 {
             return Err(Error::Input(format!("{}x{} is larger than the 4096-pixel limit", p.width, p.height)));
@@ -170,8 +200,22 @@ impl StableDiffusionModel {
         if !p.guidance_scale.is_finite() || !p.guidance_rescale.is_finite() || !p.eta.is_finite() {
             return Err(Error::Input("guidance, guidance rescale and eta must be finite numbers".into()));
         }
-        if p.clip_skip >= self.text_encoder.config.num_hidden_layers {
-            return Err(Error::Input(format!("clip skip must be less than {}, got {}", self.text_encoder.config.num_hidden_layers, p.clip_skip)));
+        let layers = self.text.min_layers() - usize::from(self.family.is_xl());
+        if p.clip_skip >= layers {
+            return Err(Error::Input(format!("clip skip must be less than {layers}, got {}", p.clip_skip)));
+        }
+        for (what, v) in [("denoising_start", p.denoising_start), ("denoising_end", p.denoising_end)] {
+            if let Some(v) = v {
+                if !self.family.is_xl() {
+                    return Err(Error::Input(format!("{what} is for SDXL models (the base-to-refiner hand-over)")));
+                }
+                if !(v > 0.0 && v < 1.0) {
+                    return Err(Error::Input(format!("{what} must be between 0 and 1 (exclusive), got {v}")));
+                }
+            }
+        }
+        if !self.family.is_xl() && (p.prompt_2.is_some() || p.negative_prompt_2.is_some() || p.xl != XlConditions::default()) {
+            return Err(Error::Input("prompt 2, size conditions and aesthetic scores are for SDXL models".into()));
         }
         Ok(())
     }
@@ -229,15 +273,13 @@ impl StableDiffusionModel {
             _ => None,
         };
         if let (Some(img), None) = (images.init.as_ref().or(images.controls.first().map(|c| &c.1)), &low_res) {
-            // diffusers takes the image's size rounded down to a multiple of 8; our UNet needs
-            // a multiple of its whole downsampling factor.
-            let (dw, dh) = image_input::default_size(img, width, height, 8);
-            let (rw, rh) = (dw - dw % f, dh - dh % f);
+            // diffusers takes the image's size rounded down to a multiple of the VAE's factor.
+            let (rw, rh) = image_input::default_size(img, width, height, vae_f);
             if rw == 0 || rh == 0 {
-                return Err(Error::Input(format!("the input image is {}x{}; this model needs at least {f} pixels per side (or give a width and height)", img.width, img.height)));
+                return Err(Error::Input(format!("the input image is {}x{}; this model needs at least {vae_f} pixels per side (or give a width and height)", img.width, img.height)));
             }
-            if (rw, rh) != (dw, dh) && width.is_none() && height.is_none() {
-                note = Some(format!("the output is {rw}x{rh}: this model takes sides divisible by {f} (the input image is {}x{})", img.width, img.height));
+            if (rw, rh) != (img.width, img.height) && width.is_none() && height.is_none() {
+                note = Some(format!("the output is {rw}x{rh}: the input image ({}x{}) is cut to multiples of {vae_f}", img.width, img.height));
             }
             (w, h) = (width.unwrap_or(rw), height.unwrap_or(rh));
         }
@@ -256,6 +298,7 @@ impl StableDiffusionModel {
                 .collect(),
             guess_mode: images.guess_mode,
             noise_level: images.noise_level,
+            init_latents: None,
         };
         Ok(PreparedImages { width: w, height: h, conditions, note })
     }
@@ -263,7 +306,12 @@ impl StableDiffusionModel {
     /// diffusers' default steps and guidance for this pipeline: 75 and 9 for the x4 upscaler,
     /// else `steps` and 7.5.
     pub fn default_steps_guidance(&self, steps: usize) -> (usize, f32) {
-        if self.upscaler.is_some() { (75, 9.0) } else { (steps, 7.5) }
+        match self.family {
+            _ if self.upscaler.is_some() => (75, 9.0),
+            Family::LatentConsistency => (4, 8.5),
+            Family::Xl { .. } => (steps, 5.0),
+            Family::StableDiffusion => (steps, 7.5),
+        }
     }
 
     /// The task `cond` makes of a generation with this model, or why it does not fit.
@@ -290,42 +338,190 @@ impl StableDiffusionModel {
     /// latent sample from `gen` (diffusers' `retrieve_latents(vae.encode(image), generator)`).
     async fn encode_image(&self, gpu: &Gpu, image: &[f32], w: usize, h: usize, gen: &mut TorchGenerator) -> Result<Vec<f32>> {
         let vae = self.vae()?;
-        let x = gpu.upload(&[1, 3, h, w], self.dtype, image)?;
+        let x = gpu.upload(&[1, 3, h, w], self.vae_dtype, image)?;
         let dist = vae.encode(gpu, &x).await?;
-        let scale = self.vae_config.scaling_factor;
-        Ok(dist.sample(gen).into_iter().map(|v| v * scale).collect())
+        let plane = dist.mean.len() / self.vae_config.latent_channels.max(1);
+        Ok(dist.sample(gen).into_iter().enumerate().map(|(i, v)| self.vae_config.scale_latent(v, i / plane.max(1))).collect())
+    }
+
+    /// diffusers' default strength for `task`: 0.8 (img2img, depth), 1 (inpainting); SDXL's
+    /// img2img 0.3, its inpainting 0.9999.
+    pub fn default_strength(&self, task: Task) -> f32 {
+        match (self.family, task) {
+            (Family::Xl { .. }, Task::ImageToImage) => 0.3,
+            (Family::Xl { .. }, Task::Inpaint { .. }) => 0.9999,
+            _ => task.default_strength(),
+        }
+    }
+
+    /// Whether the pipeline runs classifier-free guidance: a scale above 1, and neither an LCM
+    /// pipeline nor a UNet that embeds the guidance scale itself.
+    pub fn guides(&self, p: &Txt2ImgParams) -> bool {
+        p.guidance_scale > 1.0 && self.unet.config.time_cond_proj_dim.is_none() && self.family != Family::LatentConsistency
+    }
+
+    /// SDXL's size conditions of the prompt and the negative prompt for a `w x h` output
+    /// (diffusers' `_get_add_time_ids`): `original_size + crops + target_size`, or for the
+    /// refiner `original_size + crops + (aesthetic_score,)`. The text-to-image pipeline gives the
+    /// negative row its own crops; img2img and inpainting, quirkily, the positive crops.
+    fn time_ids(&self, p: &Txt2ImgParams, task: Task) -> Result<(Vec<f32>, Vec<f32>)> {
+        let Family::Xl { requires_aesthetics_score, .. } = self.family else { return Ok((Vec::new(), Vec::new())) };
+        let x = &p.xl;
+        let out = (p.height, p.width);
+        let original = x.original_size.unwrap_or(out);
+        let target = x.target_size.unwrap_or(out);
+        let pair = |(a, b): (usize, usize)| [a as f32, b as f32];
+        let text = matches!(task, Task::TextToImage);
+        if requires_aesthetics_score {
+            if text {
+                return Err(Error::Input("this SDXL refiner (requires_aesthetics_score) refines images: give an init image, or use it after a base model (ldm generate --refiner)".into()));
+            }
+            let neg_original = x.negative_original_size.unwrap_or(original);
+            let pos = [pair(original), pair(x.crops_coords_top_left), [x.aesthetic_score, 0.0]].concat()[..5].to_vec();
+            let neg = [pair(neg_original), pair(x.negative_crops_coords_top_left), [x.negative_aesthetic_score, 0.0]].concat()[..5].to_vec();
+            return Ok((pos, neg));
+        }
+        let pos = [pair(original), pair(x.crops_coords_top_left), pair(target)].concat();
+        let neg = if text {
+            // StableDiffusionXLPipeline: its own negatives only when both sizes are given.
+            match (x.negative_original_size, x.negative_target_size) {
+                (Some(o), Some(t)) => [pair(o), pair(x.negative_crops_coords_top_left), pair(t)].concat(),
+                _ => pos.clone(),
+            }
+        } else {
+            [pair(x.negative_original_size.unwrap_or(original)), pair(x.crops_coords_top_left), pair(x.negative_target_size.unwrap_or(target))].concat()
+        };
+        Ok((pos, neg))
+    }
+
+    /// The scheduler window `[start, end)` of indices into its timesteps: from the strength (or
+    /// SDXL's `denoising_start`) to the end (or SDXL's `denoising_end`), as diffusers'
+    /// `get_timesteps` and its `denoising_end` filter.
+    fn window(&self, p: &Txt2ImgParams, task: Task, strength: f32, scheduler: &dyn Scheduler) -> (usize, usize) {
+        let ts = scheduler.timesteps();
+        let all = ts.len();
+        let train = scheduler.alphas_cumprod().len() as f32;
+        let cutoff = |f: f32| (train - f * train).round();
+        let start = match (task, p.denoising_start) {
+            (Task::TextToImage | Task::Upscale, _) => 0,
+            (_, Some(ds)) => {
+                let c = cutoff(ds);
+                let mut n = ts.iter().filter(|&&t| t < c).count();
+                if scheduler.order() == 2 && n % 2 == 0 {
+                    n += 1;
+                }
+                all - n.min(all)
+            }
+            _ => start_for_strength(p.steps, strength, scheduler.order()).0,
+        };
+        let end = match p.denoising_end {
+            Some(de) if start < all => {
+                let c = cutoff(de);
+                start + ts[start..].iter().filter(|&&t| t >= c).count()
+            }
+            _ => all,
+        };
+        (start, end)
     }
 
     /// Text encoding and the denoising loop: everything before the VAE, step for step as
-    /// diffusers' pipeline for the task (`StableDiffusion{,Img2Img,Inpaint,Depth2Img}Pipeline`),
-    /// drawing from the seed's generator in the same order.
+    /// diffusers' pipeline for the task (`StableDiffusion{,Img2Img,Inpaint,Depth2Img}Pipeline`,
+    /// their SDXL counterparts, `LatentConsistencyModelPipeline`), drawing from the seed's
+    /// generator in the same order.
     pub async fn denoise_with(&self, gpu: &Gpu, p: &Txt2ImgParams, cond: &ImageConditions<'_>, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Latents, StageTimes)> {
         self.validate(p)?;
         let task = self.task(p, cond)?;
+        let xl = self.family.is_xl();
+        if xl && !cond.controls.is_empty() && task != Task::TextToImage {
+            return Err(Error::Unsupported("SDXL ControlNets run with text-to-image only so far (no init image or mask)".into()));
+        }
+        if p.denoising_start.is_some() && !matches!(task, Task::ImageToImage | Task::Inpaint { .. }) {
+            return Err(Error::Input("denoising_start continues from an init image or the base model's latents (img2img or inpainting)".into()));
+        }
         let mut times = StageTimes::default();
-        let mut scheduler = self.scheduler(p.scheduler)?;
+        let mut scheduler = self.scheduler(p.scheduler, task, !cond.controls.is_empty())?;
         scheduler.set_timesteps(p.steps)?;
         if p.eta != 0.0 {
             scheduler.set_eta(p.eta);
         }
-        let all = scheduler.timesteps().len();
-        let strength = cond.strength.unwrap_or(task.default_strength());
-        let start = if matches!(task, Task::TextToImage | Task::Upscale) { 0 } else { start_for_strength(p.steps, strength, scheduler.order()).0 };
+        let strength = cond.strength.unwrap_or(self.default_strength(task));
+        let (start, all) = self.window(p, task, strength, scheduler.as_ref());
         if start >= all {
             return Err(Error::Input(format!("strength {strength} of {} steps leaves no step to run; raise the strength or the steps", p.steps)));
         }
-        let cfg = p.guidance_scale > 1.0;
+        let cfg = self.guides(p);
         let b = p.batch;
 
-        // Text: diffusers applies clip_skip to the prompt only; the negative prompt always uses
-        // the last layer.
+        // Text: [uncond x b; cond x b] rows, as one context, or two when A1111 weighting made
+        // the prompts different lengths (then the UNet runs on each half, as A1111 does).
         let t0 = now_ms();
-        let cond_text = self.encode_text(gpu, &[p.prompt.as_str()], p.clip_skip)?;
-        let neg = if cfg { Some(self.encode_text(gpu, &[p.negative_prompt.as_deref().unwrap_or("")], 0)?) } else { None };
-        // Rows [uncond x b; cond x b], assembled on the GPU (no readback).
-        let rows: Vec<&Tensor> = neg.iter().flat_map(|n| std::iter::repeat_n(n, b)).chain(std::iter::repeat_n(&cond_text, b)).collect();
-        let context = ops::concat(gpu, &rows, 0)?;
-        let rows = rows.len();
+        let text = PromptText { prompt: &p.prompt, prompt_2: p.prompt_2.as_deref(), clip_skip: p.clip_skip };
+        let cond_e = self.text.encode(gpu, &text, p.prompt_weighting, false).await?;
+        let neg_e = if !cfg {
+            None
+        } else if matches!(self.family, Family::Xl { force_zeros_for_empty_prompt: true, .. }) && p.negative_prompt.is_none() {
+            // force_zeros_for_empty_prompt: zeros, not the embedding of "".
+            let zero = |t: &Tensor| ops::scale(gpu, t, 0.0, 0.0);
+            Some(super::prompt::PromptEmbeds { context: zero(&cond_e.context)?, pooled: cond_e.pooled.as_ref().map(zero).transpose()? })
+        } else {
+            let neg = p.negative_prompt.as_deref().unwrap_or("");
+            let neg_text = PromptText { prompt: neg, prompt_2: Some(p.negative_prompt_2.as_deref().unwrap_or(neg)), clip_skip: p.clip_skip };
+            Some(self.text.encode(gpu, &neg_text, p.prompt_weighting, true).await?)
+        };
+        let repeat = |t: &Tensor, n: usize| -> Result<Tensor> { if n == 1 { Ok(t.clone()) } else { ops::concat(gpu, &vec![t; n], 0) } };
+        let contexts: Vec<Tensor> = match &neg_e {
+            Some(n) if n.context.shape() == cond_e.context.shape() => {
+                let rows: Vec<&Tensor> = std::iter::repeat_n(&n.context, b).chain(std::iter::repeat_n(&cond_e.context, b)).collect();
+                vec![ops::concat(gpu, &rows, 0)?]
+            }
+            Some(n) => vec![repeat(&n.context, b)?, repeat(&cond_e.context, b)?],
+            None => vec![repeat(&cond_e.context, b)?],
+        };
+        let rows = if cfg { 2 * b } else { b };
+        // SDXL's added conditions per UNet row.
+        let added = if xl {
+            let (pos_ids, neg_ids) = self.time_ids(p, task)?;
+            let pooled = cond_e.pooled.as_ref().ok_or_else(|| Error::Model("SDXL's second text encoder gave no pooled embedding".into()))?;
+            let mut text_rows: Vec<&Tensor> = Vec::new();
+            let mut ids: Vec<f32> = Vec::new();
+            match &neg_e {
+                Some(n) => {
+                    let np = n.pooled.as_ref().unwrap_or(pooled);
+                    text_rows.extend(std::iter::repeat_n(np, b).chain(std::iter::repeat_n(pooled, b)));
+                    if task == Task::TextToImage {
+                        // StableDiffusionXLPipeline: cat([neg, pos]).repeat(batch): interleaved.
+                        for _ in 0..b {
+                            ids.extend(&neg_ids);
+                            ids.extend(&pos_ids);
+                        }
+                    } else {
+                        for _ in 0..b {
+                            ids.extend(&neg_ids);
+                        }
+                        for _ in 0..b {
+                            ids.extend(&pos_ids);
+                        }
+                    }
+                }
+                None => {
+                    text_rows.extend(std::iter::repeat_n(pooled, b));
+                    for _ in 0..b {
+                        ids.extend(&pos_ids);
+                    }
+                }
+            }
+            Some(AddedConditions { text_embeds: ops::concat(gpu, &text_rows, 0)?, time_ids: ids })
+        } else {
+            None
+        };
+        // LCM: the guidance scale embedded (w = scale - 1), one row per image (no guidance batch).
+        let timestep_cond = match self.unet.config.time_cond_proj_dim {
+            Some(dim) => {
+                let row = guidance_scale_embedding(p.guidance_scale - 1.0, dim);
+                Some(gpu.upload(&[rows, dim], self.dtype, &row.repeat(rows))?)
+            }
+            None => None,
+        };
         gpu.sync().await?;
         times.text_encoder_ms = now_ms() - t0;
 
@@ -339,7 +535,7 @@ impl StableDiffusionModel {
         let needs_image_latents = match task {
             Task::TextToImage | Task::Upscale => false,
             Task::ImageToImage | Task::Depth => true,
-            Task::Inpaint { unet_mask } => !unet_mask || strength < 1.0,
+            Task::Inpaint { unet_mask } => !unet_mask || strength < 1.0 || p.denoising_start.is_some(),
         };
         let init = cond.init.as_deref().unwrap_or(&[]);
         // The upscaler's low-resolution input, noised at its noise level by the low-res
@@ -353,12 +549,25 @@ impl StableDiffusionModel {
             }
             _ => Vec::new(),
         };
-        let image_latents = if needs_image_latents { self.encode_image(gpu, init, p.width, p.height, &mut generator).await?.repeat(b) } else { Vec::new() };
-        let noise = generator.randn(b * z * plane);
-        let pure_noise = matches!(task, Task::TextToImage | Task::Upscale) || (matches!(task, Task::Inpaint { .. }) && strength == 1.0);
+        // Latents given (the base model's, handed to the refiner) are used as they are.
+        let image_latents = match (&cond.init_latents, needs_image_latents) {
+            (Some(l), _) => {
+                if l.len() != b * z * plane && l.len() != z * plane {
+                    return Err(Error::Input(format!("the init latents have {} values for {b} x {z} x {h} x {w}", l.len())));
+                }
+                if l.len() == z * plane { l.repeat(b) } else { l.clone() }
+            }
+            (None, true) => self.encode_image(gpu, init, p.width, p.height, &mut generator).await?.repeat(b),
+            (None, false) => Vec::new(),
+        };
+        let img2img_handover = task == Task::ImageToImage && p.denoising_start.is_some();
+        let noise = if img2img_handover { Vec::new() } else { generator.randn(b * z * plane) };
+        let pure_noise = matches!(task, Task::TextToImage | Task::Upscale) || (matches!(task, Task::Inpaint { .. }) && strength == 1.0 && p.denoising_start.is_none());
         let mut latents = if pure_noise {
             let sigma = scheduler.init_noise_sigma();
             noise.iter().map(|v| v * sigma).collect()
+        } else if p.denoising_start.is_some() {
+            image_latents.clone()
         } else {
             scheduler.add_noise(&image_latents, &noise, start)
         };
@@ -396,18 +605,34 @@ impl StableDiffusionModel {
         // conditional rows.
         let embeddings: Vec<Tensor> = cond.controls.iter().map(|c| c.model.embed_condition(gpu, &c.image, p.width, p.height, self.dtype)).collect::<Result<_>>()?;
         let guess = cond.guess_mode && cfg;
-        let control_context = if guess { ops::concat(gpu, &vec![&cond_text; b], 0)? } else { context.clone() };
+        let control_context = if guess { repeat(&cond_e.context, b)? } else if contexts.len() == 1 { contexts[0].clone() } else { ops::concat(gpu, &[&contexts[0], &contexts[1]], 0)? };
+        // diffusers gives a guess-mode SDXL ControlNet the second half of the added conditions.
+        let control_added = match (&added, guess) {
+            (Some(a), true) => {
+                let half = a.text_embeds.dim(0) / 2;
+                let k = a.time_ids.len() / a.text_embeds.dim(0);
+                let text = ops::slice(gpu, &a.text_embeds, half * a.text_embeds.dim(1), &[half, a.text_embeds.dim(1)])?;
+                Some(AddedConditions { text_embeds: text, time_ids: a.time_ids[half * k..].to_vec() })
+            }
+            _ => None,
+        };
 
         for i in start..all {
             let t_start = now_ms();
             let t = scheduler.timesteps()[i];
             let scaled = scheduler.scale_model_input(&latents, i);
             let input = if cfg { [scaled.as_slice(), scaled.as_slice()].concat() } else { scaled.clone() };
-            let residuals = self.control_residuals(gpu, cond, &embeddings, i - start, all - start, t, if guess { &scaled } else { &input }, [z, h, w], &control_context, guess)?;
+            let step_cond = StepConditions { class_label, added: added.as_ref(), timestep_cond: timestep_cond.as_ref(), residuals: None };
+            let control_cond = StepConditions { added: control_added.as_ref().or(added.as_ref()), ..step_cond };
+            let residuals = self.control_residuals(gpu, cond, &embeddings, i - start, all - start, t, if guess { &scaled } else { &input }, [z, h, w], &control_context, guess, &control_cond)?;
             let input = if extra.is_empty() { input } else { input.chunks(z * plane).flat_map(|row| row.iter().chain(&extra)).copied().collect() };
             let x = gpu.upload(&[rows, z + extra_c, h, w], self.dtype, &input)?;
-            let out = self.unet.forward_with(gpu, &x, t, &context, residuals.as_ref(), class_label)?;
-            let out = gpu.read(&out).await?;
+            let step = StepConditions { residuals: residuals.as_ref(), ..step_cond };
+            let out = if contexts.len() == 1 {
+                gpu.read(&self.unet.forward_with(gpu, &x, t, &contexts[0], &step)?).await?
+            } else {
+                self.unet_halves(gpu, &x, t, &contexts, &step).await?
+            };
             let noise_pred = if cfg { guide(&out, p.guidance_scale, p.guidance_rescale, b) } else { out };
             latents = scheduler.step(&noise_pred, i, &latents, &mut generator)?;
             if let Some(mask) = &blend_mask {
@@ -424,11 +649,45 @@ impl StableDiffusionModel {
         Ok((Latents { data: latents, shape: [b, z, h, w] }, times))
     }
 
+    /// The UNet on the unconditional and the conditional half of the rows separately, each
+    /// with its own context (prompts of different lengths), outputs read back in row order.
+    async fn unet_halves(&self, gpu: &Gpu, x: &Tensor, t: f32, contexts: &[Tensor], step: &StepConditions<'_>) -> Result<Vec<f32>> {
+        let rows = x.dim(0);
+        let half = rows / 2;
+
+        // Rows `k * half ..` of a tensor batched like the UNet input.
+        let half_rows = |t: &Tensor, k: usize| -> Result<Tensor> {
+            let n = t.numel() / t.dim(0);
+            let mut shape = t.shape().to_vec();
+            shape[0] = half;
+            ops::slice(gpu, t, k * half * n, &shape)
+        };
+        let mut out = Vec::new();
+        for (k, ctx) in contexts.iter().enumerate() {
+            let part = half_rows(x, k)?;
+            let added = match step.added {
+                Some(a) => {
+                    let k_ids = a.time_ids.len() / rows;
+                    Some(AddedConditions { text_embeds: half_rows(&a.text_embeds, k)?, time_ids: a.time_ids[k * half * k_ids..(k + 1) * half * k_ids].to_vec() })
+                }
+                None => None,
+            };
+            let residuals = match step.residuals {
+                Some(r) => Some(Residuals { down: r.down.iter().map(|d| half_rows(d, k)).collect::<Result<_>>()?, mid: half_rows(&r.mid, k)? }),
+                None => None,
+            };
+            let tc = step.timestep_cond.map(|c| half_rows(c, k)).transpose()?;
+            let s = StepConditions { residuals: residuals.as_ref(), class_label: step.class_label, added: added.as_ref(), timestep_cond: tc.as_ref() };
+            out.extend(gpu.read(&self.unet.forward_with(gpu, &part, t, ctx, &s)?).await?);
+        }
+        Ok(out)
+    }
+
     /// The ControlNets' summed residuals at step `k` of `n` for the latent rows `latents`
     /// (`[rows, z, h, w]`); `None` when no ControlNet acts at this step. In guess mode the rows
     /// are the conditional half only, and the unconditional half gets zeros.
     #[allow(clippy::too_many_arguments)]
-    fn control_residuals(&self, gpu: &Gpu, cond: &ImageConditions, embeddings: &[Tensor], k: usize, n: usize, t: f32, latents: &[f32], [z, h, w]: [usize; 3], context: &Tensor, guess: bool) -> Result<Option<Residuals>> {
+    fn control_residuals(&self, gpu: &Gpu, cond: &ImageConditions, embeddings: &[Tensor], k: usize, n: usize, t: f32, latents: &[f32], [z, h, w]: [usize; 3], context: &Tensor, guess: bool, step: &StepConditions) -> Result<Option<Residuals>> {
         let mut sum: Option<Residuals> = None;
         let mut x = None;
         for (c, emb) in cond.controls.iter().zip(embeddings) {
@@ -442,7 +701,7 @@ impl StableDiffusionModel {
                 Some(x) => x,
                 None => x.insert(gpu.upload(&[latents.len() / (z * h * w), z, h, w], self.dtype, latents)?),
             };
-            let r = c.model.forward(gpu, x, t, context, emb, scale, cond.guess_mode)?;
+            let r = c.model.forward(gpu, x, t, context, emb, scale, cond.guess_mode, step)?;
             sum = Some(match sum {
                 None => r,
                 Some(s) => Residuals {
@@ -462,26 +721,64 @@ impl StableDiffusionModel {
     /// Decodes latents to images with the VAE (diffusers' `vae.decode(latents / scaling_factor)`).
     pub async fn decode(&self, gpu: &Gpu, latents: &Latents) -> Result<Images> {
         let vae = self.vae()?;
-        let inv = 1.0 / self.vae_config.scaling_factor;
-        let z: Vec<f32> = latents.data.iter().map(|v| v * inv).collect();
-        let [b, _, h, w] = latents.shape;
+        let [b, c, h, w] = latents.shape;
+        let z: Vec<f32> = latents.data.iter().enumerate().map(|(i, &v)| self.vae_config.unscale_latent(v, (i / (h * w)) % c.max(1))).collect();
         let f = self.vae_config.scale_factor();
         // The denoising loop's buffers sit idle in the pool; free them so the decoder's (larger)
         // activations do not stack on top of them, and free the decoder's afterwards for the
         // next denoising loop: peak GPU memory is the larger phase, not the sum.
         gpu.trim_pool();
         // Tiles when asked, or when the whole image's activations would not fit a binding.
-        let too_large = vae.decode_peak_bytes(b, h, w, self.dtype) > gpu.summary().max_storage_buffer_binding_size;
+        let too_large = vae.decode_peak_bytes(b, h, w, self.vae_dtype) > gpu.summary().max_storage_buffer_binding_size;
         let pixels = if self.vae_tiling || too_large {
-            vae.decode_tiled(gpu, &z, latents.shape, self.dtype).await?
+            vae.decode_tiled(gpu, &z, latents.shape, self.vae_dtype).await?
         } else {
-            let z = gpu.upload(&latents.shape, self.dtype, &z)?;
+            let z = gpu.upload(&latents.shape, self.vae_dtype, &z)?;
             let image = vae.decode(gpu, &z)?;
             gpu.read(&image).await?
         };
         gpu.trim_pool();
         Ok(to_hwc01(&pixels, b, h * f, w * f))
     }
+}
+
+/// The scheduler config as diffusers' pipeline for `task` leaves it after `__init__`:
+/// `StableDiffusionPipeline` and `StableDiffusionImg2ImgPipeline` set `steps_offset` to 1 and
+/// turn off a `clip_sample` the config turns on; `StableDiffusionInpaintPipeline` sets
+/// `steps_offset` 1 and turns on a `skip_prk_steps` the config turns off; the depth, upscale and
+/// ControlNet pipelines change nothing. Keys missing from the config stay missing (a DDIM built
+/// from a PNDM config without `clip_sample` clips, as in diffusers).
+pub fn scheduler_fixups(config: &serde_json::Value, task: Task, controls: bool) -> serde_json::Value {
+    let mut cfg = config.clone();
+    let Some(obj) = cfg.as_object_mut() else { return cfg };
+    let (offset, clip, prk) = match task {
+        _ if controls => (false, false, false),
+        Task::TextToImage | Task::ImageToImage => (true, true, false),
+        Task::Inpaint { .. } => (true, false, true),
+        Task::Depth | Task::Upscale => (false, false, false),
+    };
+    if offset && obj.get("steps_offset").and_then(|v| v.as_i64()).is_some_and(|v| v != 1) {
+        obj.insert("steps_offset".into(), 1.into());
+    }
+    if clip && obj.get("clip_sample") == Some(&serde_json::Value::Bool(true)) {
+        obj.insert("clip_sample".into(), false.into());
+    }
+    if prk && obj.get("skip_prk_steps") == Some(&serde_json::Value::Bool(false)) {
+        obj.insert("skip_prk_steps".into(), true.into());
+    }
+    cfg
+}
+
+/// diffusers' `get_guidance_scale_embedding(w)` (LCM, Luo et al. 2023): sines then cosines of
+/// `1000 w` times `dim / 2` frequencies from 1 down to 1/10000, in f32 as torch computes them.
+pub fn guidance_scale_embedding(w: f32, dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let step = 10000f32.ln() / (half as f32 - 1.0);
+    let w = w * 1000.0;
+    let args: Vec<f32> = (0..half).map(|i| w * (i as f32 * -step).exp()).collect();
+    let mut out: Vec<f32> = args.iter().map(|a| a.sin()).chain(args.iter().map(|a| a.cos())).collect();
+    out.resize(dim, 0.0);
+    out
 }
 
 /// Classifier-free guidance on `[uncond; cond]` predictions, then diffusers' `rescale_noise_cfg`

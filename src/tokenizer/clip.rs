@@ -661,6 +661,49 @@ impl ClipTokenizer {
         self.vocab.len()
     }
 
+    /// `len(tokenizer)` in transformers: the vocabulary and the added tokens beyond it.
+    pub fn len_with_added(&self) -> usize {
+        let top = self.raw_added.iter().chain(&self.normalized_added).map(|t| t.id as usize + 1).max().unwrap_or(0);
+        top.max(self.vocab.len())
+    }
+
+    /// The id of `token` (a vocabulary entry such as `",</w>"`, or an added token).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.vocab.get(token).copied().or_else(|| self.raw_added.iter().find(|t| t.content == token).map(|t| t.id)).or_else(|| {
+            let n = normalize(token);
+            self.normalized_added.iter().find(|t| t.content == n).map(|t| t.id)
+        })
+    }
+
+    /// Adds `tokens` as transformers' `tokenizer.add_tokens` does (plain added tokens, matched
+    /// in the normalised text, ids after every existing one); returns their ids. Tokens that
+    /// exist already keep their ids.
+    pub fn add_tokens(&mut self, tokens: &[String]) -> Result<Vec<u32>> {
+        let mut ids = Vec::with_capacity(tokens.len());
+        for t in tokens {
+            if t.trim().is_empty() {
+                return Err(Error::Input(format!("the token {t:?} is empty")));
+            }
+            if let Some(id) = self.token_id(t) {
+                ids.push(id);
+                continue;
+            }
+            let id = self.len_with_added() as u32;
+            let content = normalize(t);
+            self.normalized_added.push(AddedToken { content, id, single_word: false, lstrip: false, rstrip: false, normalized: true });
+            // Longer tokens first, so one that contains another is matched whole.
+            self.normalized_added.sort_by_key(|t| std::cmp::Reverse(t.content.len()));
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// The prompt's token ids without start and end tokens, untruncated (what transformers'
+    /// `tokenizer(text, add_special_tokens=False)` gives).
+    pub fn tokens(&self, text: &str) -> Vec<u32> {
+        self.tokenize(text)
+    }
+
     /// The prompt's token ids, without the start and end tokens.
     fn tokenize(&self, prompt: &str) -> Vec<u32> {
         let mut ids = Vec::new();

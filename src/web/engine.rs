@@ -289,8 +289,8 @@ fn ldm_params(m: &LdmModel, req: GenerateRequest) -> Result<(Txt2ImgParams, Sche
         seed: req.seed,
         steps: req.steps.unwrap_or(m.kind.default_steps()),
         guidance_scale: if text { req.guidance.unwrap_or(1.0) } else { 1.0 },
-        width: if text { req.width.unwrap_or(w) } else { w },
-        height: if text { req.height.unwrap_or(h) } else { h },
+        width: req.width.unwrap_or(w),
+        height: req.height.unwrap_or(h),
         scheduler: Some(kind),
         ..Default::default()
     };

@@ -29,7 +29,7 @@ pub struct QuantArgs {
     /// Weight type of the text encoder (overrides --quant).
     #[arg(long)]
     text_encoder: Option<String>,
-    /// Weight type of the VAE / VQ autoencoder (overrides --quant).
+    /// Weight type of the VAE / VQ autoencoder (overrides --quant); `ldm generate` also takes a VAE folder here instead (e.g. SDXL's fp16-fix VAE).
     #[arg(long)]
     vae: Option<String>,
 }
@@ -51,7 +51,14 @@ impl QuantArgs {
                 .transpose()
         };
         let all = parse("--quant", &self.quant)?;
-        Ok(Choice { unet: parse("--unet", &self.unet)?.or(all), text_encoder: parse("--text-encoder", &self.text_encoder)?.or(all), vae: parse("--vae", &self.vae)?.or(all) })
+        let vae = self.vae.clone().filter(|_| self.vae_folder().is_none());
+        Ok(Choice { unet: parse("--unet", &self.unet)?.or(all), text_encoder: parse("--text-encoder", &self.text_encoder)?.or(all), vae: parse("--vae", &vae)?.or(all) })
+    }
+
+    /// `--vae` naming a folder (an AutoencoderKL to use instead of the model's) rather than a
+    /// weight type.
+    pub fn vae_folder(&self) -> Option<&str> {
+        self.vae.as_deref().filter(|v| DType::from_name(v).is_none())
     }
 }
 
@@ -149,6 +156,9 @@ fn other_files(model: &str, config: Option<&Path>, converted: &[&str]) -> Result
 
 /// Runs `ldm convert`; returns a summary (bytes per component).
 pub fn run(a: &ConvertArgs) -> Result<String> {
+    if let Some(v) = a.quant.vae_folder() {
+        return Err(Error::Input(format!("--vae {v}: ldm convert takes a weight type here (q8, q4, q4_1, f16, f32), not a VAE folder")));
+    }
     let choice = a.quant.choice()?;
     if a.out.exists() && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(Error::Input(format!("{} exists and is not empty; give a new folder to --out", a.out.display())));

@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use ldm_web::gpu::{Gpu, GpuOptions};
 use ldm_web::loader::{DirSource, FileSource};
-use ldm_web::pipelines::output::{encode_png, parameters_text, GenerateBench};
+use ldm_web::pipelines::output::{encode_png, parameters_text_with, GenerateBench};
 use ldm_web::pipelines::image_input::{Channels, InputImage};
 use ldm_web::models::ControlNetModel;
-use ldm_web::pipelines::{DiffusionModel, ImageConditions, UserImages, LdmKind, LdmModel, LoadOptions, LowResImage, StableDiffusionModel, Txt2ImgParams};
+use ldm_web::pipelines::{DiffusionModel, ImageConditions, UserImages, LdmKind, LdmModel, LoadOptions, LowResImage, PromptWeighting, StableDiffusionModel, Txt2ImgParams, VaeSource, XlConditions};
+use ldm_web::loader::lora::AdapterSet;
 use ldm_web::schedulers::SchedulerKind;
 use ldm_web::{Error, Result};
 
@@ -87,6 +88,55 @@ pub struct GenerateArgs {
     /// Images per run, from one seed as diffusers' num_images_per_prompt.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// A LoRA adapter (kohya / A1111 or diffusers / PEFT .safetensors, or a .pt/.ckpt read safely) with its multiplier (default 1); repeat for several. Run beside the weights (which may stay quantised).
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    lora: Vec<String>,
+    /// Add the LoRAs into the weights at load instead (float weights only; faster per step).
+    #[arg(long)]
+    lora_merge: bool,
+    /// A textual-inversion embedding (diffusers learned_embeds, A1111 .safetensors or .pt, SDXL clip_l/clip_g pairs) and the token it is used by (default: its own, or the file name); repeat for several.
+    #[arg(long, value_name = "FILE[:TOKEN]")]
+    embedding: Vec<String>,
+    /// How prompts are read: none (diffusers: plain text, 77 tokens) or a1111 ((word:1.3), (word), [word], \( escapes, BREAK, prompts of any length).
+    #[arg(long, default_value = "none")]
+    prompt_weighting: String,
+    /// SDXL: the prompt of the second text encoder (default: --prompt).
+    #[arg(long)]
+    prompt_2: Option<String>,
+    /// SDXL: the negative prompt of the second text encoder (default: --negative-prompt).
+    #[arg(long)]
+    negative_prompt_2: Option<String>,
+    /// SDXL size condition WIDTHxHEIGHT (default: the output size).
+    #[arg(long, value_name = "WxH")]
+    original_size: Option<String>,
+    /// SDXL size condition WIDTHxHEIGHT (default: the output size).
+    #[arg(long, value_name = "WxH")]
+    target_size: Option<String>,
+    /// SDXL crop condition TOP,LEFT (default 0,0).
+    #[arg(long, value_name = "TOP,LEFT")]
+    crops_coords_top_left: Option<String>,
+    /// SDXL negative size conditions (default: the positive ones).
+    #[arg(long, value_name = "WxH")]
+    negative_original_size: Option<String>,
+    #[arg(long, value_name = "WxH")]
+    negative_target_size: Option<String>,
+    #[arg(long, value_name = "TOP,LEFT")]
+    negative_crops_coords_top_left: Option<String>,
+    /// SDXL refiner: the aesthetic score it is conditioned on (default 6).
+    #[arg(long)]
+    aesthetic_score: Option<f32>,
+    /// SDXL refiner: the negative aesthetic score (default 2.5).
+    #[arg(long)]
+    negative_aesthetic_score: Option<f32>,
+    /// An SDXL refiner folder: the model (the base) denoises to --denoising-end, the refiner does the rest from its latents.
+    #[arg(long)]
+    refiner: Option<String>,
+    /// SDXL: the fraction of the schedule the base runs before handing over (with --refiner; default 0.8), or where a base run stops.
+    #[arg(long)]
+    denoising_end: Option<f32>,
+    /// SDXL img2img: start at this fraction of the schedule without adding noise (replaces --strength).
+    #[arg(long)]
+    denoising_start: Option<f32>,
     // clap renders a literal "{n}" in help as a line break; a word joiner (U+2060) keeps it visible.
     #[command(flatten)]
     quant: crate::convert::QuantArgs,
@@ -104,9 +154,8 @@ pub(crate) fn open_model(model: &str) -> Result<(Box<dyn FileSource>, Option<Str
     if meta.is_dir() {
         return Ok((Box::new(DirSource::new(path)), None));
     }
-    ldm_web::loader::refuse_pickle(model)?;
-    if !model.to_ascii_lowercase().ends_with(".safetensors") {
-        return Err(Error::Model(format!("{model} is neither a diffusers folder nor a .safetensors checkpoint")));
+    if !ldm_web::loader::is_weight_file(model) {
+        return Err(Error::Model(format!("{model} is neither a diffusers folder nor a checkpoint (.safetensors, or .ckpt / .pt read without running code)")));
     }
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
@@ -200,8 +249,19 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
         let gpu = Gpu::new(GpuOptions { force_f32: true, ..Default::default() }).await?;
         let t_load = now();
         // The VAE encoder is read only when an image is to be encoded.
-        let opts = LoadOptions { quant: a.quant.choice()?.component_quant(None), vae_encoder: a.init_image.is_some(), vae_tiling: a.vae_tiling, ..Default::default() };
-        let model = load_model(&gpu, &a.model, a.config.as_deref(), &opts).await?;
+        let adapters = load_adapters(&a.lora, a.lora_merge).await?;
+        let vae = a.quant.vae_folder().map(|v| vae_source(v)).transpose()?;
+        let opts = LoadOptions { quant: a.quant.choice()?.component_quant(None), vae_encoder: a.init_image.is_some(), vae_tiling: a.vae_tiling, adapters, vae, ..Default::default() };
+        let mut model = load_model(&gpu, &a.model, a.config.as_deref(), &opts).await?;
+        if !a.embedding.is_empty() {
+            let DiffusionModel::StableDiffusion(m) = &mut model else { return Err(Error::Input("--embedding is for Stable Diffusion models (SD 1.x / 2.x, SDXL)".into())) };
+            for spec in &a.embedding {
+                add_embedding(&gpu, m, spec).await?;
+            }
+        }
+        if (!a.lora.is_empty() || a.refiner.is_some()) && !matches!(model, DiffusionModel::StableDiffusion(_)) {
+            return Err(Error::Input("--lora and --refiner are for Stable Diffusion models (SD 1.x / 2.x, SDXL)".into()));
+        }
         let load_ms = now() - t_load;
         let kind = match scheduler {
             Some(k) => k,
@@ -214,6 +274,7 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
             bar.set_position(s.step as u64);
             Ok(())
         };
+        let mut refiner_info = None;
         let (p, images, times, warmup_ms) = match &model {
             DiffusionModel::StableDiffusion(m) => {
                 let specs = a.control.iter().map(|c| parse_control(c)).collect::<Result<Vec<_>>>()?;
@@ -222,18 +283,44 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
                     nets.push(load_controlnet_dir(&gpu, dir, &opts).await?);
                 }
                 let controls: Vec<(&ControlNetModel, &str, f32)> = nets.iter().zip(&specs).map(|(n, (_, image, scale))| (n, image.as_str(), *scale)).collect();
-                let (p, cond) = sd_params(a, m, &controls, scheduler, bench)?;
+                let (mut p, cond) = sd_params(a, m, &controls, scheduler, bench)?;
                 // The benchmark reports steady-state speed: a one-step warm-up run first compiles
                 // every pipeline (seconds per generated kernel variant on software Vulkan).
                 let warmup_ms = if bench {
                     let t = now();
-                    m.generate(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, &ImageConditions { strength: Some(1.0), ..cond.clone() }, &now, &mut |_| Ok(())).await?;
+                    m.generate(&gpu, &Txt2ImgParams { steps: 1, denoising_end: None, ..p.clone() }, &ImageConditions { strength: Some(1.0), ..cond.clone() }, &now, &mut |_| Ok(())).await?;
                     now() - t
                 } else {
                     0.0
                 };
-                let (images, times) = m.generate(&gpu, &p, &cond, &now, &mut progress).await?;
-                (p, images, times, warmup_ms)
+                match &a.refiner {
+                    None => {
+                        let (images, times) = m.generate(&gpu, &p, &cond, &now, &mut progress).await?;
+                        (p, images, times, warmup_ms)
+                    }
+                    Some(dir) => {
+                        // The hand-over: the base denoises to denoising_end, the refiner goes on
+                        // from its latents (diffusers' denoising_end / denoising_start).
+                        let at = a.denoising_end.unwrap_or(0.8);
+                        p.denoising_end = Some(at);
+                        let (latents, mut times) = m.denoise_with(&gpu, &p, &cond, &now, &mut progress).await?;
+                        let refiner_opts = LoadOptions { adapters: None, vae_encoder: false, ..opts.clone() };
+                        let DiffusionModel::StableDiffusion(r) = load_model(&gpu, dir, None, &refiner_opts).await? else {
+                            return Err(Error::Input(format!("--refiner {dir}: not an SDXL refiner folder")));
+                        };
+                        if !r.family.is_xl() {
+                            return Err(Error::Input(format!("--refiner {dir}: an SDXL refiner is needed, this is {:?}", r.family)));
+                        }
+                        let rp = Txt2ImgParams { denoising_end: None, denoising_start: Some(at), scheduler, ..p.clone() };
+                        let rcond = ImageConditions { init_latents: Some(latents.data), ..Default::default() };
+                        r.load_vae(&gpu, &ldm_web::loader::DirSource::new(dir)).await?;
+                        let (images, rtimes) = r.generate(&gpu, &rp, &rcond, &now, &mut progress).await?;
+                        times.unet_steps_ms.extend(rtimes.unet_steps_ms);
+                        times.vae_decode_ms = rtimes.vae_decode_ms;
+                        refiner_info = Some((r.name.clone(), at));
+                        (rp, images, times, warmup_ms)
+                    }
+                }
             }
             DiffusionModel::Ldm(m) => {
                 let (p, low_res) = ldm_params(a, m, scheduler)?;
@@ -257,7 +344,12 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
         let mut written = Vec::new();
         for i in 0..images.batch {
             let path = out_path(&a.out, i, images.batch);
-            write_png(&path, images.width, images.height, &images.rgb8(i), &parameters_text(&p, kind, model.name(), i))?;
+            let loras = match &model {
+                DiffusionModel::StableDiffusion(m) => m.adapters.clone(),
+                DiffusionModel::Ldm(_) => Vec::new(),
+            };
+            let refiner = refiner_info.as_ref().map(|(n, at)| (n.as_str(), *at));
+            write_png(&path, images.width, images.height, &images.rgb8(i), &parameters_text_with(&p, kind, model.name(), i, &loras, refiner))?;
             written.push(path);
         }
         Ok(format!("wrote {}", written.join(", ")))
@@ -281,6 +373,77 @@ fn read_image(path: &str, what: &str) -> Result<InputImage> {
         other => (Channels::Rgba, other.to_rgba8().into_raw().into_iter().map(u16::from).collect()),
     };
     InputImage::new(w, h, channels, false, data).map_err(named)
+}
+
+/// `A<sep>B` as two numbers.
+fn parse_pair(s: &str, sep: char) -> Option<(usize, usize)> {
+    let (a, b) = s.split_once(sep)?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+}
+
+/// `NAME[:VALUE]`: a trailing `:VALUE` that `parse` accepts is split off (other colons belong to
+/// the path).
+fn split_suffix<T>(spec: &str, parse: impl Fn(&str) -> Option<T>) -> (&str, Option<T>) {
+    match spec.rsplit_once(':') {
+        Some((head, tail)) if !head.is_empty() => match parse(tail) {
+            Some(v) => (head, Some(v)),
+            None => (spec, None),
+        },
+        _ => (spec, None),
+    }
+}
+
+/// A file given on the command line (path or http(s) URL) as a source and the file's name in it.
+fn file_source(path: &str, what: &str) -> Result<(Box<dyn FileSource>, String)> {
+    if path.starts_with("http://") || path.starts_with("https://") {
+        let (base, file) = path.rsplit_once('/').ok_or_else(|| Error::Input(format!("{what} {path}: not a file URL")))?;
+        return Ok((Box::new(crate::http::HttpSource::new(&format!("{base}/"))?), file.to_string()));
+    }
+    let p = Path::new(path);
+    if !p.is_file() {
+        return Err(Error::Input(format!("{what} {path}: no such file")));
+    }
+    let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    Ok((Box::new(DirSource::new(parent)), name))
+}
+
+/// The `--lora FILE[:SCALE]` adapters (`None` when there are none).
+async fn load_adapters(specs: &[String], merge: bool) -> Result<Option<std::rc::Rc<AdapterSet>>> {
+    if specs.is_empty() {
+        return Ok(None);
+    }
+    let mut set = AdapterSet::new();
+    set.merge = merge;
+    for spec in specs {
+        let (path, scale) = split_suffix(spec, |s| s.parse::<f32>().ok().filter(|v| v.is_finite()));
+        let (src, file) = file_source(path, "--lora")?;
+        set.add(src, &file, path, scale.unwrap_or(1.0)).await?;
+    }
+    Ok(Some(std::rc::Rc::new(set)))
+}
+
+/// `--embedding FILE[:TOKEN]` added to the model's text encoders.
+async fn add_embedding(gpu: &Gpu, m: &mut StableDiffusionModel, spec: &str) -> Result<()> {
+    // A token is one word without path separators or dots.
+    let (path, token) = split_suffix(spec, |s| (!s.is_empty() && !s.contains(['/', '\\', '.'])).then(|| s.to_string()));
+    let (src, file) = file_source(path, "--embedding")?;
+    let e = ldm_web::pipelines::prompt::Embedding::read(src.as_ref(), &file).await?;
+    let stem = file.rsplit_once('.').map_or(file.as_str(), |(a, _)| a).to_string();
+    let token = token.or(e.token.clone()).unwrap_or(stem);
+    m.text.add_embedding(gpu, &e, &token).map_err(|err| match err {
+        Error::Model(msg) => Error::Model(format!("--embedding {path}: {msg}")),
+        other => other,
+    })
+}
+
+/// `--vae DIR`: an AutoencoderKL folder.
+fn vae_source(dir: &str) -> Result<VaeSource> {
+    let p = Path::new(dir);
+    if !p.join("config.json").is_file() {
+        return Err(Error::Input(format!("--vae {dir}: expected a weight type (q8, q4, q4_1, f16, f32) or an AutoencoderKL folder with config.json")));
+    }
+    Ok(VaeSource(std::rc::Rc::new(DirSource::new(p))))
 }
 
 /// `DIR=IMAGE[:SCALE]` as (ControlNet folder, condition image, scale).
@@ -337,20 +500,45 @@ fn sd_params<'m>(a: &GenerateArgs, model: &StableDiffusionModel, controls: &[(&'
         eprintln!("ldm: note: {note}");
     }
     let (steps, guidance) = model.default_steps_guidance(50);
+    let size = |flag: &str, v: &Option<String>| -> Result<Option<(usize, usize)>> {
+        v.as_deref().map(|s| parse_pair(s, 'x').map(|(w, h)| (h, w)).ok_or_else(|| Error::Input(format!("{flag} {s}: expected WIDTHxHEIGHT, e.g. 1024x1024")))).transpose()
+    };
+    let crops = |flag: &str, v: &Option<String>| -> Result<(usize, usize)> {
+        v.as_deref().map(|s| parse_pair(s, ',').ok_or_else(|| Error::Input(format!("{flag} {s}: expected TOP,LEFT, e.g. 0,0")))).transpose().map(|c| c.unwrap_or((0, 0)))
+    };
+    let defaults = XlConditions::default();
+    let xl = XlConditions {
+        original_size: size("--original-size", &a.original_size)?,
+        target_size: size("--target-size", &a.target_size)?,
+        crops_coords_top_left: crops("--crops-coords-top-left", &a.crops_coords_top_left)?,
+        negative_original_size: size("--negative-original-size", &a.negative_original_size)?,
+        negative_target_size: size("--negative-target-size", &a.negative_target_size)?,
+        negative_crops_coords_top_left: crops("--negative-crops-coords-top-left", &a.negative_crops_coords_top_left)?,
+        aesthetic_score: a.aesthetic_score.unwrap_or(defaults.aesthetic_score),
+        negative_aesthetic_score: a.negative_aesthetic_score.unwrap_or(defaults.negative_aesthetic_score),
+    };
+    if a.refiner.is_some() && !model.family.is_xl() {
+        return Err(Error::Input("--refiner needs an SDXL base model (--model)".into()));
+    }
+    if a.refiner.is_some() && a.denoising_start.is_some() {
+        return Err(Error::Input("--refiner hands over at --denoising-end; --denoising-start is for running a refiner on an init image".into()));
+    }
     let p = Txt2ImgParams {
         prompt: a.prompt.clone(), negative_prompt: a.negative_prompt.clone(), seed: a.seed, steps: a.steps.or(model.hints.steps).unwrap_or(steps),
         guidance_scale: a.guidance.or(model.hints.guidance).unwrap_or(guidance), guidance_rescale: 0.0, width: prepared.width, height: prepared.height,
-        scheduler, eta: a.eta, clip_skip: a.clip_skip, batch: a.batch,
+        scheduler, eta: a.eta, clip_skip: a.clip_skip, batch: a.batch, prompt_2: a.prompt_2.clone(), negative_prompt_2: a.negative_prompt_2.clone(),
+        prompt_weighting: a.prompt_weighting.parse()?, xl, denoising_end: a.denoising_end.filter(|_| a.refiner.is_none()), denoising_start: a.denoising_start,
     };
     model.validate(&p)?;
     let cond = prepared.conditions;
     model.task(&p, &cond)?;
     // As diffusers: text past the tokenizer's window is dropped, with a warning.
     for (what, text) in [("prompt", Some(&p.prompt)), ("negative prompt", p.negative_prompt.as_ref())] {
-        let Some(text) = text else { continue };
-        let (n, max) = (model.tokenizer.encode_unpadded(text).len(), model.tokenizer.max_length());
+        let Some(text) = text.filter(|_| p.prompt_weighting == PromptWeighting::None) else { continue };
+        let tk = model.text.tokenizer();
+        let (n, max) = (tk.encode_unpadded(text).len(), tk.max_length());
         if n > max && !bench {
-            eprintln!("ldm: warning: the {what} is {} tokens long; only the first {} are used", n - 2, max - 2);
+            eprintln!("ldm: warning: the {what} is {} tokens long; only the first {} are used (--prompt-weighting a1111 reads longer prompts in chunks)", n - 2, max - 2);
         }
     }
     Ok((p, cond))
@@ -370,7 +558,9 @@ fn ldm_params(a: &GenerateArgs, model: &LdmModel, scheduler: Option<SchedulerKin
     if kind != LdmKind::TextToImage {
         unused("--prompt", !a.prompt.is_empty())?;
         unused("--guidance", a.guidance.is_some())?;
-        unused("--width / --height (its size is the model's sample size, or the input image's)", a.width.is_some() || a.height.is_some())?;
+    }
+    if kind == LdmKind::SuperResolution {
+        unused("--width / --height (its output size is its input image's times the first stage's factor)", a.width.is_some() || a.height.is_some())?;
     }
     let low_res = match (&a.init_image, kind) {
         (Some(path), LdmKind::SuperResolution) => Some(read_low_res(path)?),
@@ -386,6 +576,7 @@ fn ldm_params(a: &GenerateArgs, model: &LdmModel, scheduler: Option<SchedulerKin
     let p = Txt2ImgParams {
         prompt: a.prompt.clone(), negative_prompt: None, seed: a.seed, steps: a.steps.unwrap_or(kind.default_steps()),
         guidance_scale: a.guidance.unwrap_or(1.0), guidance_rescale: 0.0, width, height, scheduler, eta: a.eta, clip_skip: 0, batch: a.batch,
+        ..Default::default()
     };
     Ok((p, low_res))
 }
