@@ -16,7 +16,7 @@ use ldm_web::loader::DirSource;
 use ldm_web::models::ControlNetModel;
 use ldm_web::pipelines::image_input::{mask_tensor, rgb_tensor, InputImage};
 use ldm_web::pipelines::prompt::Embedding;
-use ldm_web::pipelines::{Control, DiffusionModel, ImageConditions, LoadOptions, PromptWeighting, StableDiffusionModel, Txt2ImgParams, XlConditions};
+use ldm_web::pipelines::{Control, DiffusionModel, VaeSource, ImageConditions, LoadOptions, PromptWeighting, StableDiffusionModel, Txt2ImgParams, XlConditions};
 use ldm_web::schedulers::SchedulerKind;
 
 /// Largest allowed per-channel difference from diffusers' image in [0, 1].
@@ -129,6 +129,11 @@ fn load_sd(gpu: &Gpu, c: &Case, model: &str, with_adapters: bool) -> StableDiffu
         }
         if c.q4_weights.is_some() {
             opts.quant.unet = Some(DType::Q4_0);
+        }
+        // pipe.vae = AutoencoderTiny: the tiny autoencoder decodes.
+        if c.components.get("vae").is_some_and(|v| v.starts_with("taesd")) {
+            opts.tiny_vae = Some(VaeSource(Rc::new(DirSource::new(fixtures().join("taesd")))));
+            opts.tiny_decode = true;
         }
         let mut m = if model.ends_with(".safetensors") || model.ends_with(".ckpt") {
             let stem = model.rsplit_once('.').map(|(s, _)| s).unwrap_or(model);
@@ -246,4 +251,20 @@ fn families_match_diffusers_images() {
     }
     assert!(ran > 0, "no cases ran");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `AutoencoderTiny` alone: decode of seeded latents and encode of an image, as diffusers.
+#[test]
+fn tiny_autoencoder_matches_diffusers() {
+    let gpu = gpu();
+    let r = reference("family_taesd.safetensors");
+    let tiny = pollster::block_on(ldm_web::pipelines::load_tiny_vae(&gpu, &DirSource::new(fixtures().join("taesd")), DType::F32, true)).expect("loads");
+    let (shape, lat) = &r["latents"];
+    let z = gpu.upload(shape, DType::F32, lat).expect("upload");
+    let decoded = pollster::block_on(gpu.read(&tiny.decode(&gpu, &z).expect("decode"))).expect("read");
+    common::assert_close("taesd decode", &decoded, &r["decoded"].1, 1e-4);
+    let (shape, img) = &r["image"];
+    let x = gpu.upload(shape, DType::F32, img).expect("upload");
+    let encoded = pollster::block_on(gpu.read(&tiny.encode(&gpu, &x).expect("encode"))).expect("read");
+    common::assert_close("taesd encode", &encoded, &r["encoded"].1, 1e-4);
 }

@@ -56,6 +56,8 @@ struct Source {
     /// The tensor's name in the file (quantised tensors are described under it).
     file_name: String,
     entry: TensorEntry,
+    /// A 2-D tensor stored transposed (OpenCLIP's `text_projection`, used as `x @ P`).
+    transposed: bool,
 }
 
 /// Tensors by (diffusers) name, possibly renamed from another layout or sliced out of a fused
@@ -74,7 +76,7 @@ impl<'s> Weights<'s> {
         let mut names = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             for (k, e) in &f.header.tensors {
-                names.insert(k.clone(), Source { file: i, file_name: k.clone(), entry: e.clone() });
+                names.insert(k.clone(), Source { file: i, file_name: k.clone(), entry: e.clone(), transposed: false });
             }
         }
         Self { src, files, names, random: None }
@@ -122,8 +124,39 @@ impl<'s> Weights<'s> {
                 TensorEntry { dtype: entry.dtype, shape, start: entry.start + r0 as u64 * row_bytes, len: (r1 - r0) as u64 * row_bytes }
             }
         };
-        self.names.insert(name.to_string(), Source { file, file_name: file_name.to_string(), entry });
+        self.names.insert(name.to_string(), Source { file, file_name: file_name.to_string(), entry, transposed: false });
         Ok(())
+    }
+
+    /// Makes `name` read the 2-D file tensor `file_name` transposed.
+    pub fn alias_transposed(&mut self, name: &str, file_name: &str) -> Result<()> {
+        self.alias(name, file_name, None)?;
+        if let Some(s) = self.names.get_mut(name) {
+            if s.entry.shape.len() != 2 {
+                return Err(Error::Model(format!("tensor {file_name} of shape {:?} is not a matrix", s.entry.shape)));
+            }
+            s.transposed = true;
+            s.entry.shape.reverse();
+        }
+        Ok(())
+    }
+
+    /// The values of a source, transposed back to the shape it is read as when it is stored
+    /// transposed.
+    async fn read_values(&self, s: &Source) -> Result<Vec<f32>> {
+        let v = s.entry.dtype.to_f32(&self.read_entry(s, &s.entry).await?);
+        if !s.transposed {
+            return Ok(v);
+        }
+        // Stored [c, r], read as [r, c].
+        let (r, c) = (s.entry.shape[0], s.entry.shape[1]);
+        let mut out = vec![0f32; v.len()];
+        for i in 0..r {
+            for j in 0..c {
+                out[i * c + j] = v[j * r + i];
+            }
+        }
+        Ok(out)
     }
 
     /// Whether a tensor of that name exists.
@@ -177,8 +210,7 @@ impl<'s> Weights<'s> {
             let bytes = self.read_quantised(s, &q, name).await?;
             return Ok((q.shape.clone(), q.dtype.decode(&q.shape, &bytes)));
         }
-        let bytes = self.read_entry(s, &s.entry).await?;
-        Ok((s.entry.shape.clone(), s.entry.dtype.to_f32(&bytes)))
+        Ok((s.entry.shape.clone(), self.read_values(s).await?))
     }
 
     fn check_shape(name: &str, got: &[usize], shape: &[usize]) -> Result<()> {
@@ -208,11 +240,10 @@ impl<'s> Weights<'s> {
             return Ok((q.dtype, self.read_quantised(s, &q, name).await?));
         }
         Self::check_shape(name, &s.entry.shape, shape)?;
-        let bytes = self.read_entry(s, &s.entry).await?;
-        if dtype == DType::F16 && s.entry.dtype == super::safetensors::FileDType::F16 {
-            return Ok((dtype, bytes));
+        if dtype == DType::F16 && s.entry.dtype == super::safetensors::FileDType::F16 && !s.transposed {
+            return Ok((dtype, self.read_entry(s, &s.entry).await?));
         }
-        Ok((dtype, dtype.encode(shape, &s.entry.dtype.to_f32(&bytes))))
+        Ok((dtype, dtype.encode(shape, &self.read_values(s).await?)))
     }
 
     /// Reads `name`, checks it has `shape`, and uploads it as float `dtype` (a stored quantised

@@ -1,6 +1,7 @@
 //! Models, one file per diffusers / transformers module, built from their config.json.
 
 pub mod autoencoder_kl;
+pub mod autoencoder_tiny;
 pub mod clip_text;
 pub mod controlnet;
 pub mod ldm_bert;
@@ -15,6 +16,7 @@ mod vae;
 pub mod vq_model;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+pub use autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 pub use clip_text::{ClipTextConfig, ClipTextModel};
 pub use controlnet::{ControlNetConfig, ControlNetModel};
 pub use ldm_bert::{LdmBertConfig, LdmBertModel};

@@ -10,7 +10,7 @@ use super::single_file;
 use crate::loader::lora::{AdapterSet, AdapterTarget};
 use super::prompt::{TextEncoder, TextEncoders};
 use crate::loader::{component_files, read_file, read_json, FileSource, WeightFile, WeightLog, Weights, W};
-use crate::models::{AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, ControlNetConfig, ControlNetModel, UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::{AutoencoderKL, AutoencoderKLConfig, AutoencoderTiny, AutoencoderTinyConfig, ClipTextConfig, ClipTextModel, ControlNetConfig, ControlNetModel, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::tokenizer::{ClipTokenizer, TokenizerConfig};
 
 /// What to load besides the text-to-image essentials.
@@ -39,6 +39,11 @@ pub struct LoadOptions {
     /// A VAE to use instead of the model's (an `AutoencoderKL` folder: `config.json` and its
     /// weights, e.g. SDXL's fp16-fix VAE).
     pub vae: Option<VaeSource>,
+    /// A tiny autoencoder (`AutoencoderTiny`, TAESD / TAESDXL folder) for previews after each
+    /// step, and for the final image when [`LoadOptions::tiny_decode`].
+    pub tiny_vae: Option<VaeSource>,
+    /// Decode the final image with the tiny autoencoder (fast, approximate).
+    pub tiny_decode: bool,
 }
 
 /// A separate VAE folder (see [`LoadOptions::vae`]).
@@ -77,7 +82,7 @@ impl ComponentQuant {
         let quant = match folder {
             // A ControlNet is half a UNet, quantised as the UNet.
             "unet" | "controlnet" => self.unet,
-            "text_encoder" | "bert" => self.text_encoder,
+            "text_encoder" | "text_encoder_2" | "bert" => self.text_encoder,
             _ => self.vae,
         };
         w.with_quant(quant).logged(self.log.as_ref(), folder)
@@ -200,6 +205,19 @@ pub struct StableDiffusionModel {
     pub vae_dtype: DType,
     /// The LoRA adapters applied (for PNG metadata).
     pub adapters: Vec<(String, f32)>,
+    /// The tiny autoencoder for previews (and the final decode when `tiny_decode`).
+    pub tiny_vae: Option<AutoencoderTiny>,
+    pub tiny_decode: bool,
+}
+
+/// Loads an `AutoencoderTiny` folder (`config.json` + weights); with `encoder` its encoder too.
+pub async fn load_tiny_vae(gpu: &Gpu, src: &dyn FileSource, dtype: DType, encoder: bool) -> Result<AutoencoderTiny> {
+    let cfg: AutoencoderTinyConfig = config(src, "config.json").await?;
+    let w = Weights::new(src, component_files(src, "", "diffusion_pytorch_model", dtype == DType::F16).await?);
+    AutoencoderTiny::load(&w.at(gpu, dtype, ""), cfg, encoder).await.map_err(|e| match e {
+        Error::Model(m) => Error::Model(format!("tiny autoencoder {}: {m}", src.describe(""))),
+        other => other,
+    })
 }
 
 /// The x4 upscaler's noise augmentation of its low-resolution input: the `low_res_scheduler`'s
@@ -366,11 +384,22 @@ impl StableDiffusionModel {
         // diffusers' SDXL pipelines decode a force_upcast VAE in f32.
         let vae_dtype = if family.is_xl() && vae_config.force_upcast { DType::F32 } else { dtype };
         let adapters = opts.adapters.as_ref().map(|a| a.describe()).unwrap_or_default();
-        Ok(Self { name, family, text, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints, upscaler, vae_tiling: opts.vae_tiling, vae_dtype, adapters })
+        Ok(Self { name, family, text, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints, upscaler, vae_tiling: opts.vae_tiling, vae_dtype, adapters, tiny_vae: None, tiny_decode: false })
     }
 
-    async fn finish_load(self, gpu: &Gpu, src: &dyn FileSource, opts: &LoadOptions) -> Result<Self> {
-        if !opts.defer_vae {
+    async fn finish_load(mut self, gpu: &Gpu, src: &dyn FileSource, opts: &LoadOptions) -> Result<Self> {
+        if let Some(t) = &opts.tiny_vae {
+            let tiny = load_tiny_vae(gpu, t.0.as_ref(), self.dtype, false).await?;
+            if tiny.config.latent_channels != self.vae_config.latent_channels || tiny.config.scale_factor() != self.vae_config.scale_factor() {
+                return Err(Error::Model(format!("the tiny autoencoder has {} latent channels and factor {}, this model's VAE {} and {}: use the TAESD of this model family (TAESD for SD 1.x / 2.x, TAESDXL for SDXL)", tiny.config.latent_channels, tiny.config.scale_factor(), self.vae_config.latent_channels, self.vae_config.scale_factor())));
+            }
+            self.tiny_vae = Some(tiny);
+        }
+        if opts.tiny_decode && self.tiny_vae.is_none() {
+            return Err(Error::Input("decoding with the tiny autoencoder needs one (--tiny-vae DIR)".into()));
+        }
+        self.tiny_decode = opts.tiny_decode;
+        if !opts.defer_vae && !self.tiny_decode {
             self.load_vae(gpu, src).await?;
         }
         Ok(self)
@@ -402,12 +431,62 @@ impl StableDiffusionModel {
         self.vae.get().is_some()
     }
 
+    /// An SDXL base or refiner checkpoint in Stability's SGM layout (`conditioner.embedders.*`).
+    #[allow(clippy::too_many_arguments)]
+    async fn load_single_file_xl(gpu: &Gpu, src: &dyn FileSource, file: &str, wf: WeightFile, layout: single_file::Layout, configs: Option<&dyn FileSource>, opts: &LoadOptions) -> Result<Self> {
+        let dtype = opts.dtype.unwrap_or(DType::F32);
+        let refiner = layout.text == single_file::TextLayout::XlRefiner;
+        type Texts = (Option<(ClipTextConfig, ClipTokenizer)>, (ClipTextConfig, ClipTokenizer));
+        let (family, texts, unet_cfg, vae_cfg, scheduler_config): (Family, Texts, UNet2DConditionConfig, AutoencoderKLConfig, serde_json::Value) = match configs {
+            Some(c) => {
+                let index: serde_json::Value = config(c, "model_index.json").await?;
+                let first = if refiner { None } else { Some((config::<ClipTextConfig>(c, "text_encoder/config.json").await?, load_tokenizer(c, "tokenizer").await?)) };
+                let second = (config::<ClipTextConfig>(c, "text_encoder_2/config.json").await?, load_tokenizer(c, "tokenizer_2").await?);
+                (Family::from_index(&index)?, (first, second), config(c, "unet/config.json").await?, config(c, "vae/config.json").await?, config(c, "scheduler/scheduler_config.json").await?)
+            }
+            None => {
+                let x = single_file::infer_xl_configs(&wf.header, &layout)?;
+                let bpe = opts.clip_bpe.as_deref().ok_or_else(|| Error::Model("single-file checkpoints carry no tokenizer and no CLIP vocabulary was given; use a diffusers folder or pass CLIP's BPE file (assets/clip)".into()))?;
+                let first = match x.text_encoder {
+                    Some(cfg) => Some((cfg, ClipTokenizer::from_clip_bpe(bpe, crate::tokenizer::ClipPad::EndOfText)?)),
+                    None => None,
+                };
+                let second = (x.text_encoder_2, ClipTokenizer::from_clip_bpe(bpe, crate::tokenizer::ClipPad::Exclamation)?);
+                let family = Family::Xl { force_zeros_for_empty_prompt: !x.refiner, requires_aesthetics_score: x.refiner };
+                (family, (first, second), x.unet, x.vae, x.scheduler)
+            }
+        };
+        let files = vec![wf];
+        let mut first = None;
+        if let Some((cfg, tokenizer)) = texts.0 {
+            let w = single_file::xl_text_weights(src, files.clone(), &layout, false, &cfg)?;
+            first = Some(TextEncoder::new(tokenizer, ClipTextModel::load(&opts.component(w.at(gpu, dtype, ""), "text_encoder"), cfg).await?));
+        }
+        let (cfg2, tok2) = texts.1;
+        let w2 = single_file::xl_text_weights(src, files.clone(), &layout, true, &cfg2)?;
+        let second = TextEncoder::new(tok2, ClipTextModel::load(&opts.component(w2.at(gpu, dtype, ""), "text_encoder_2"), cfg2).await?);
+        let text = TextEncoders::Xl { first, second };
+        prepare_adapters(opts, &unet_cfg)?;
+        let unet_w = single_file::unet_weights(src, files.clone(), &unet_cfg)?;
+        let unet = UNet2DConditionModel::load(&opts.component(unet_w.at(gpu, dtype, ""), "unet"), unet_cfg).await?;
+        vae_cfg.validate()?;
+        let name = file.rsplit('/').next().unwrap_or(file).to_string();
+        let (vae_cfg, vae_weights) = match &opts.vae {
+            Some(v) => (config(v.0.as_ref(), "config.json").await?, VaeWeights::Separate { src: v.0.clone(), prefer_fp16: opts.prefer_fp16 }),
+            None => (vae_cfg, VaeWeights::SingleFile(files[0].clone())),
+        };
+        Self::assemble(name, family, text, unet, vae_cfg, vae_weights, scheduler_config, ModelHints::default(), None, opts)?.finish_load(gpu, src, opts).await
+    }
+
     /// Loads a single-file checkpoint in the original layout. Configs come from `configs` (like
     /// diffusers' `from_single_file(config=...)`) or are inferred from tensor shapes.
     pub async fn load_single_file(gpu: &Gpu, src: &dyn FileSource, file: &str, configs: Option<&dyn FileSource>, opts: &LoadOptions) -> Result<Self> {
         let dtype = opts.dtype.unwrap_or(DType::F32);
         let wf = WeightFile::open_any(src, file).await?;
         let layout = single_file::detect(&wf.header)?;
+        if matches!(layout.text, single_file::TextLayout::Xl | single_file::TextLayout::XlRefiner) {
+            return Self::load_single_file_xl(gpu, src, file, wf, layout, configs, opts).await;
+        }
         let (te_cfg, unet_cfg, vae_cfg, scheduler_config, tokenizer) = match configs {
             Some(c) => (
                 config::<ClipTextConfig>(c, "text_encoder/config.json").await?,

@@ -11,7 +11,7 @@ pub mod single_file;
 pub mod stable_diffusion;
 
 pub use ldm::{LdmKind, LdmModel, LowResImage};
-pub use loading::{load_controlnet, load_controlnet_single_file, ComponentQuant, DiffusionModel, Family, LoadOptions, ModelHints, StableDiffusionModel, VaeSource};
+pub use loading::{load_tiny_vae, load_controlnet, load_controlnet_single_file, ComponentQuant, DiffusionModel, Family, LoadOptions, ModelHints, StableDiffusionModel, VaeSource};
 pub use prompt::{PromptWeighting, TextEncoder, TextEncoders};
 pub use conditions::{Control, DepthMap, ImageConditions, Task};
 pub use stable_diffusion::{PreparedImages, UserImages, Images, Latents, StageTimes, StepProgress, Txt2ImgParams, XlConditions};

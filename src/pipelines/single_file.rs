@@ -15,6 +15,10 @@ const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";
 const CLIP_HF: &str = "cond_stage_model.transformer.";
 const CLIP_OPEN: &str = "cond_stage_model.model.";
+/// SDXL (Stability's SGM layout): the base's CLIP ViT-L and OpenCLIP bigG, the refiner's bigG.
+const XL_CLIP_L: &str = "conditioner.embedders.0.transformer.";
+const XL_BIGG: &str = "conditioner.embedders.1.model.";
+const XL_REFINER_BIGG: &str = "conditioner.embedders.0.model.";
 
 /// Which text encoder layout a checkpoint has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +27,10 @@ pub enum TextLayout {
     HfClip,
     /// SD 2.x: OpenCLIP (fused in_proj, resblocks).
     OpenClip,
+    /// SDXL base: CLIP ViT-L in transformers' layout and OpenCLIP bigG with its projection.
+    Xl,
+    /// SDXL refiner: OpenCLIP bigG alone.
+    XlRefiner,
 }
 
 /// What [`detect`] found.
@@ -43,7 +51,16 @@ pub struct InferredConfigs {
 pub fn detect(h: &Header) -> Result<Layout> {
     let has = |p: &str| h.tensors.keys().any(|k| k.starts_with(p));
     if has("conditioner.embedders") {
-        return Err(Error::Model("this is an SDXL checkpoint; ldm-web runs Stable Diffusion 1.x / 2.x for now".into()));
+        if !has(UNET) || !has(VAE) {
+            return Err(Error::Model("an SDXL checkpoint needs model.diffusion_model.* and first_stage_model.* tensors".into()));
+        }
+        return if has(XL_REFINER_BIGG) {
+            Ok(Layout { text: TextLayout::XlRefiner })
+        } else if has(XL_CLIP_L) && has(XL_BIGG) {
+            Ok(Layout { text: TextLayout::Xl })
+        } else {
+            Err(Error::Model("an SDXL checkpoint whose text encoders are neither conditioner.embedders.0.transformer + .1.model (base) nor .0.model (refiner)".into()))
+        };
     }
     if !has(UNET) || !has(VAE) {
         return Err(Error::Model("not a Stable Diffusion checkpoint: expected model.diffusion_model.* and first_stage_model.* tensors (a UNet-only or LoRA file cannot be used on its own)".into()));
@@ -102,32 +119,11 @@ impl DownPath {
 /// Infers configs the way diffusers' single-file loader picks them: architecture from shapes,
 /// the rest from the official SD 1.5 (context 768) or SD 2.1-v (context 1024) configs.
 pub fn infer_configs(h: &Header, layout: &Layout) -> Result<InferredConfigs> {
-    let in_channels = shape(h, &format!("{UNET}input_blocks.0.0.weight"))?[1];
-    let n_input = count(h, &format!("{UNET}input_blocks."));
-    // input_blocks: conv_in, then per level `lpb` resnets and (all but the last level) a downsampler.
-    let n_out = count(h, &format!("{UNET}output_blocks."));
-    let levels_lpb = (1..=4).flat_map(|l| (1..=4).map(move |p| (l, p))).find(|&(l, p)| 1 + l * p + (l - 1) == n_input && l * (p + 1) == n_out);
-    let (levels, lpb) = levels_lpb.ok_or_else(|| Error::Model(format!("cannot infer the UNet layout from {n_input} input and {n_out} output blocks")))?;
-    let DownPath { block_out_channels, down_block_types: down, context_dim, use_linear_projection, sd2, attention_head_dim } = DownPath::infer(h, UNET, levels, lpb, layout.text == TextLayout::OpenClip)?;
-    let up: Vec<String> = down.iter().rev().map(|d| d.replace("Down", "Up")).collect();
-    let unet = UNet2DConditionConfig {
-        sample_size: Some(if sd2 { 96 } else { 64 }), in_channels, out_channels: shape(h, &format!("{UNET}out.2.weight"))?[0],
-        down_block_types: down, up_block_types: up, block_out_channels, layers_per_block: PerBlock::One(lpb),
-        cross_attention_dim: PerBlock::One(context_dim), attention_head_dim, use_linear_projection,
-        upcast_attention: sd2, ..Default::default()
-    };
-    // VAE.
-    let v_levels = count(h, &format!("{VAE}encoder.down."));
-    let mut vae_ch = Vec::new();
-    for l in 0..v_levels {
-        vae_ch.push(shape(h, &format!("{VAE}encoder.down.{l}.block.0.conv1.weight"))?[0]);
+    if matches!(layout.text, TextLayout::Xl | TextLayout::XlRefiner) {
+        return Err(Error::Model("this is an SDXL checkpoint (see infer_xl_configs)".into()));
     }
-    let vae = AutoencoderKLConfig {
-        down_block_types: vec!["DownEncoderBlock2D".into(); v_levels], up_block_types: vec!["UpDecoderBlock2D".into(); v_levels],
-        block_out_channels: vae_ch, layers_per_block: count(h, &format!("{VAE}encoder.down.0.block.")),
-        latent_channels: shape(h, &format!("{VAE}post_quant_conv.weight"))?[0], sample_size: if sd2 { 768 } else { 512 },
-        ..Default::default()
-    };
+    let (unet, sd2) = infer_unet(h, layout.text == TextLayout::OpenClip)?;
+    let vae = infer_vae(h, if sd2 { 768 } else { 512 })?;
     // Text encoder.
     let text_encoder = match layout.text {
         TextLayout::HfClip => {
@@ -151,6 +147,7 @@ pub fn infer_configs(h: &Header, layout: &Layout) -> Result<InferredConfigs> {
                 ..Default::default()
             }
         }
+        TextLayout::Xl | TextLayout::XlRefiner => return Err(Error::Model("this is an SDXL checkpoint (see infer_xl_configs)".into())),
     };
     let scheduler = serde_json::json!({
         "_class_name": if sd2 { "DDIMScheduler" } else { "PNDMScheduler" },
@@ -159,6 +156,162 @@ pub fn infer_configs(h: &Header, layout: &Layout) -> Result<InferredConfigs> {
         "prediction_type": if sd2 { "v_prediction" } else { "epsilon" },
     });
     Ok(InferredConfigs { text_encoder, unet, vae, scheduler })
+}
+
+/// The UNet's config from an original-layout checkpoint's shapes (and whether it is SD 2.x-like:
+/// heads of 64 channels); `heads_of_64` for OpenCLIP-conditioned models.
+fn infer_unet(h: &Header, heads_of_64: bool) -> Result<(UNet2DConditionConfig, bool)> {
+    let in_channels = shape(h, &format!("{UNET}input_blocks.0.0.weight"))?[1];
+    let n_input = count(h, &format!("{UNET}input_blocks."));
+    // input_blocks: conv_in, then per level `lpb` resnets and (all but the last level) a downsampler.
+    let n_out = count(h, &format!("{UNET}output_blocks."));
+    let levels_lpb = (1..=4).flat_map(|l| (1..=4).map(move |p| (l, p))).find(|&(l, p)| 1 + l * p + (l - 1) == n_input && l * (p + 1) == n_out);
+    let (levels, lpb) = levels_lpb.ok_or_else(|| Error::Model(format!("cannot infer the UNet layout from {n_input} input and {n_out} output blocks")))?;
+    let DownPath { block_out_channels, down_block_types: down, context_dim, use_linear_projection, sd2, attention_head_dim } = DownPath::infer(h, UNET, levels, lpb, heads_of_64)?;
+    let up: Vec<String> = down.iter().rev().map(|d| d.replace("Down", "Up")).collect();
+    let unet = UNet2DConditionConfig {
+        sample_size: Some(if sd2 { 96 } else { 64 }), in_channels, out_channels: shape(h, &format!("{UNET}out.2.weight"))?[0],
+        down_block_types: down, up_block_types: up, block_out_channels, layers_per_block: PerBlock::One(lpb),
+        cross_attention_dim: PerBlock::One(context_dim), attention_head_dim, use_linear_projection,
+        upcast_attention: sd2, ..Default::default()
+    };
+    Ok((unet, sd2))
+}
+
+/// The VAE's config from an original-layout checkpoint's shapes.
+fn infer_vae(h: &Header, sample_size: usize) -> Result<AutoencoderKLConfig> {
+    let v_levels = count(h, &format!("{VAE}encoder.down."));
+    let mut vae_ch = Vec::new();
+    for l in 0..v_levels {
+        vae_ch.push(shape(h, &format!("{VAE}encoder.down.{l}.block.0.conv1.weight"))?[0]);
+    }
+    Ok(AutoencoderKLConfig {
+        down_block_types: vec!["DownEncoderBlock2D".into(); v_levels], up_block_types: vec!["UpDecoderBlock2D".into(); v_levels],
+        block_out_channels: vae_ch, layers_per_block: count(h, &format!("{VAE}encoder.down.0.block.")),
+        latent_channels: shape(h, &format!("{VAE}post_quant_conv.weight"))?[0], sample_size,
+        ..Default::default()
+    })
+}
+
+/// Configs inferred from an SDXL checkpoint (base or refiner).
+pub struct InferredXl {
+    /// CLIP ViT-L (the base only).
+    pub text_encoder: Option<ClipTextConfig>,
+    /// OpenCLIP bigG with projection.
+    pub text_encoder_2: ClipTextConfig,
+    pub unet: UNet2DConditionConfig,
+    pub vae: AutoencoderKLConfig,
+    pub scheduler: serde_json::Value,
+    pub refiner: bool,
+}
+
+/// The bigG prefix of an SDXL layout.
+fn bigg_prefix(layout: &Layout) -> &'static str {
+    if layout.text == TextLayout::XlRefiner { XL_REFINER_BIGG } else { XL_BIGG }
+}
+
+/// An OpenCLIP text tower's config; `all_layers`: SDXL conditions on its penultimate layer
+/// through transformers' hidden states, SD 2.x through a converted model one layer shorter.
+fn open_clip_config(h: &Header, p: &str, all_layers: bool, hidden_act: &str) -> Result<ClipTextConfig> {
+    let tok = shape(h, &format!("{p}token_embedding.weight"))?;
+    let layers = count(h, &format!("{p}transformer.resblocks."));
+    let projection_dim = h.tensors.get(&format!("{p}text_projection")).map_or(tok[1], |e| e.shape.get(1).copied().unwrap_or(tok[1]));
+    Ok(ClipTextConfig {
+        vocab_size: tok[0], hidden_size: tok[1], intermediate_size: shape(h, &format!("{p}transformer.resblocks.0.mlp.c_fc.weight"))?[0],
+        num_hidden_layers: if all_layers { layers } else { layers.saturating_sub(1).max(1) }, num_attention_heads: (tok[1] / 64).max(1),
+        max_position_embeddings: shape(h, &format!("{p}positional_embedding"))?[0], hidden_act: hidden_act.into(), projection_dim,
+        // SDXL's configs carry the legacy value: the pooled state sits at the largest token id.
+        eos_token_id: Some(2),
+        ..Default::default()
+    })
+}
+
+/// Infers an SDXL base or refiner's configs as diffusers' single-file loader does: shapes, and
+/// the official base / refiner configs for the rest (heads of 64 channels, Euler, 0.13025).
+pub fn infer_xl_configs(h: &Header, layout: &Layout) -> Result<InferredXl> {
+    let refiner = layout.text == TextLayout::XlRefiner;
+    let (mut unet, _) = infer_unet(h, true)?;
+    let bigg = bigg_prefix(layout);
+    let text_encoder_2 = open_clip_config(h, bigg, true, "gelu")?;
+    // label_emb: [temb, projection + k * dim], k = 6 size conditions (5 for the refiner).
+    let label = shape(h, &format!("{UNET}label_emb.0.0.weight"))?;
+    let k = if refiner { 5 } else { 6 };
+    let proj = text_encoder_2.projection_dim;
+    if label.len() != 2 || label[1] <= proj || (label[1] - proj) % k != 0 {
+        return Err(Error::Model(format!("the SDXL UNet's label_emb takes {} values, which is not {proj} plus {k} size conditions", label.get(1).copied().unwrap_or(0))));
+    }
+    unet.addition_embed_type = Some("text_time".into());
+    unet.addition_time_embed_dim = Some((label[1] - proj) / k);
+    unet.projection_class_embeddings_input_dim = Some(label[1]);
+    unet.upcast_attention = false;
+    unet.sample_size = Some(128);
+    // Transformer depth per level: SDXL's 1, 2, 10 (the refiner's 4 everywhere).
+    let lpb = unet.layers_per_block.get(0);
+    let depths: Vec<usize> = (0..unet.block_out_channels.len())
+        .map(|l| count(h, &format!("{UNET}input_blocks.{}.1.transformer_blocks.", 1 + l * (lpb + 1))).max(1))
+        .collect();
+    unet.transformer_layers_per_block = PerBlock::Each(depths);
+    let text_encoder = if refiner {
+        None
+    } else {
+        let p = format!("{XL_CLIP_L}text_model.");
+        let tok = shape(h, &format!("{p}embeddings.token_embedding.weight"))?;
+        Some(ClipTextConfig {
+            vocab_size: tok[0], hidden_size: tok[1], intermediate_size: shape(h, &format!("{p}encoder.layers.0.mlp.fc1.weight"))?[0],
+            num_hidden_layers: count(h, &format!("{p}encoder.layers.")), num_attention_heads: (tok[1] / 64).max(1),
+            max_position_embeddings: shape(h, &format!("{p}embeddings.position_embedding.weight"))?[0], hidden_act: "quick_gelu".into(),
+            ..Default::default()
+        })
+    };
+    let vae = AutoencoderKLConfig { scaling_factor: 0.13025, force_upcast: true, ..infer_vae(h, 1024)? };
+    let scheduler = serde_json::json!({
+        "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000, "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
+        "use_karras_sigmas": false, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": false,
+        "skip_prk_steps": true, "clip_sample": false,
+    });
+    Ok(InferredXl { text_encoder, text_encoder_2, unet, vae, scheduler, refiner })
+}
+
+/// An SDXL checkpoint's text encoders under transformers' names: CLIP ViT-L (`second` false)
+/// or OpenCLIP bigG with its projection (`second` true).
+pub fn xl_text_weights<'s>(src: &'s dyn FileSource, files: Vec<WeightFile>, layout: &Layout, second: bool, cfg: &ClipTextConfig) -> Result<Weights<'s>> {
+    if !second {
+        let h = files[0].header.clone();
+        let mut w = Weights::renamed(src, files);
+        for k in h.tensors.keys() {
+            if let Some(rest) = k.strip_prefix(XL_CLIP_L) {
+                w.alias(rest, k, None)?;
+            }
+        }
+        return Ok(w);
+    }
+    let mut w = Weights::renamed(src, files);
+    open_clip_aliases(&mut w, bigg_prefix(layout), cfg)?;
+    w.alias_transposed("text_projection.weight", &format!("{}text_projection", bigg_prefix(layout)))?;
+    Ok(w)
+}
+
+/// OpenCLIP's text tower under transformers' `text_model.` names (q, k, v split from `in_proj`).
+fn open_clip_aliases(w: &mut Weights, o: &str, cfg: &ClipTextConfig) -> Result<()> {
+    let d = cfg.hidden_size;
+    w.alias("text_model.embeddings.token_embedding.weight", &format!("{o}token_embedding.weight"), None)?;
+    w.alias("text_model.embeddings.position_embedding.weight", &format!("{o}positional_embedding"), None)?;
+    w.alias("text_model.final_layer_norm.weight", &format!("{o}ln_final.weight"), None)?;
+    w.alias("text_model.final_layer_norm.bias", &format!("{o}ln_final.bias"), None)?;
+    for i in 0..cfg.num_hidden_layers {
+        let (src_p, dst) = (format!("{o}transformer.resblocks.{i}."), format!("text_model.encoder.layers.{i}."));
+        for (from, to) in [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")] {
+            for s in ["weight", "bias"] {
+                w.alias(&format!("{dst}{to}.{s}"), &format!("{src_p}{from}.{s}"), None)?;
+            }
+        }
+        for (j, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+            w.alias(&format!("{dst}self_attn.{name}.weight"), &format!("{src_p}attn.in_proj_weight"), Some((j * d, (j + 1) * d)))?;
+            w.alias(&format!("{dst}self_attn.{name}.bias"), &format!("{src_p}attn.in_proj_bias"), Some((j * d, (j + 1) * d)))?;
+        }
+    }
+    Ok(())
 }
 
 fn hf_prefix(h: &Header) -> String {
@@ -178,8 +331,8 @@ pub fn builtin_tokenizer(layout: &Layout, bpe_text: &str) -> Result<ClipTokenize
 impl Layout {
     fn pad(&self) -> ClipPad {
         match self.text {
-            TextLayout::HfClip => ClipPad::EndOfText,
-            TextLayout::OpenClip => ClipPad::Exclamation,
+            TextLayout::HfClip | TextLayout::Xl => ClipPad::EndOfText,
+            TextLayout::OpenClip | TextLayout::XlRefiner => ClipPad::Exclamation,
         }
     }
 }
@@ -232,26 +385,8 @@ pub fn text_encoder_weights<'s>(src: &'s dyn FileSource, files: Vec<WeightFile>,
                 }
             }
         }
-        TextLayout::OpenClip => {
-            let d = cfg.hidden_size;
-            let o = CLIP_OPEN;
-            w.alias("text_model.embeddings.token_embedding.weight", &format!("{o}token_embedding.weight"), None)?;
-            w.alias("text_model.embeddings.position_embedding.weight", &format!("{o}positional_embedding"), None)?;
-            w.alias("text_model.final_layer_norm.weight", &format!("{o}ln_final.weight"), None)?;
-            w.alias("text_model.final_layer_norm.bias", &format!("{o}ln_final.bias"), None)?;
-            for i in 0..cfg.num_hidden_layers {
-                let (src_p, dst) = (format!("{o}transformer.resblocks.{i}."), format!("text_model.encoder.layers.{i}."));
-                for (from, to) in [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")] {
-                    for s in ["weight", "bias"] {
-                        w.alias(&format!("{dst}{to}.{s}"), &format!("{src_p}{from}.{s}"), None)?;
-                    }
-                }
-                for (j, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
-                    w.alias(&format!("{dst}self_attn.{name}.weight"), &format!("{src_p}attn.in_proj_weight"), Some((j * d, (j + 1) * d)))?;
-                    w.alias(&format!("{dst}self_attn.{name}.bias"), &format!("{src_p}attn.in_proj_bias"), Some((j * d, (j + 1) * d)))?;
-                }
-            }
-        }
+        TextLayout::OpenClip => open_clip_aliases(&mut w, CLIP_OPEN, cfg)?,
+        TextLayout::Xl | TextLayout::XlRefiner => return Err(Error::Model("an SDXL checkpoint's text encoders load with xl_text_weights".into())),
     }
     Ok(w)
 }
@@ -276,6 +411,9 @@ fn unet_name(orig: &str, cfg: &UNet2DConditionConfig) -> Option<String> {
     match parts.as_slice() {
         ["time_embed", "0", rest @ ..] => Some(format!("time_embedding.linear_1.{}", rest.join("."))),
         ["time_embed", "2", rest @ ..] => Some(format!("time_embedding.linear_2.{}", rest.join("."))),
+        // SDXL's added-condition MLP.
+        ["label_emb", "0", "0", rest] => Some(format!("add_embedding.linear_1.{rest}")),
+        ["label_emb", "0", "2", rest] => Some(format!("add_embedding.linear_2.{rest}")),
         ["input_blocks", "0", "0", rest] => Some(format!("conv_in.{rest}")),
         ["out", "0", rest @ ..] => Some(format!("conv_norm_out.{}", rest.join("."))),
         ["out", "2", rest @ ..] => Some(format!("conv_out.{}", rest.join("."))),

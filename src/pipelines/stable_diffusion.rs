@@ -229,7 +229,9 @@ impl StableDiffusionModel {
     /// Generates with image conditions: the task (text-to-image, img2img, inpainting,
     /// depth-to-image) follows from the UNet and the images given, as [`Task::choose`] says.
     pub async fn generate(&self, gpu: &Gpu, p: &Txt2ImgParams, cond: &ImageConditions<'_>, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Images, StageTimes)> {
-        self.vae()?;
+        if !self.tiny_decode || cond.init.is_some() {
+            self.vae()?;
+        }
         let (latents, mut times) = self.denoise_with(gpu, p, cond, now_ms, progress).await?;
         let t0 = now_ms();
         let images = self.decode(gpu, &latents).await?;
@@ -718,8 +720,24 @@ impl StableDiffusionModel {
         Ok(Some(Residuals { down: r.down.iter().map(pad).collect::<Result<_>>()?, mid: pad(&r.mid)? }))
     }
 
-    /// Decodes latents to images with the VAE (diffusers' `vae.decode(latents / scaling_factor)`).
+    /// Images from latents with the tiny autoencoder (diffusers with `pipe.vae =
+    /// AutoencoderTiny`: `decode(latents / its scaling_factor)`): previews, or a fast decode.
+    pub async fn decode_tiny(&self, gpu: &Gpu, latents: &Latents) -> Result<Images> {
+        let tiny = self.tiny_vae.as_ref().ok_or_else(|| Error::Input("this model has no tiny autoencoder (--tiny-vae)".into()))?;
+        let [b, _, h, w] = latents.shape;
+        let inv = 1.0 / tiny.config.scaling_factor;
+        let z = gpu.upload(&latents.shape, self.dtype, &latents.data.iter().map(|v| v * inv).collect::<Vec<f32>>())?;
+        let image = tiny.decode(gpu, &z)?;
+        let f = tiny.config.scale_factor();
+        Ok(to_hwc01(&gpu.read(&image).await?, b, h * f, w * f))
+    }
+
+    /// Decodes latents to images with the VAE (diffusers' `vae.decode(latents / scaling_factor)`),
+    /// or the tiny autoencoder when the model was loaded to decode with it.
     pub async fn decode(&self, gpu: &Gpu, latents: &Latents) -> Result<Images> {
+        if self.tiny_decode {
+            return self.decode_tiny(gpu, latents).await;
+        }
         let vae = self.vae()?;
         let [b, c, h, w] = latents.shape;
         let z: Vec<f32> = latents.data.iter().enumerate().map(|(i, &v)| self.vae_config.unscale_latent(v, (i / (h * w)) % c.max(1))).collect();

@@ -71,7 +71,7 @@ impl Choice {
     fn for_folder(&self, folder: &str) -> Option<DType> {
         match folder {
             "unet" => self.unet,
-            "text_encoder" | "bert" => self.text_encoder,
+            "text_encoder" | "text_encoder_2" | "bert" => self.text_encoder,
             _ => self.vae,
         }
     }
@@ -96,7 +96,7 @@ pub struct ConvertArgs {
 
 /// Weight files of a component folder, by the stem diffusers gives them.
 fn weight_stem(folder: &str) -> &'static str {
-    if matches!(folder, "text_encoder" | "bert") { "model" } else { "diffusion_pytorch_model" }
+    if matches!(folder, "text_encoder" | "text_encoder_2" | "bert") { "model" } else { "diffusion_pytorch_model" }
 }
 
 fn is_weight_file(path: &str) -> bool {

@@ -137,6 +137,12 @@ pub struct GenerateArgs {
     /// SDXL img2img: start at this fraction of the schedule without adding noise (replaces --strength).
     #[arg(long)]
     denoising_start: Option<f32>,
+    /// A tiny autoencoder folder (AutoencoderTiny: TAESD for SD 1.x / 2.x, TAESDXL for SDXL), for --vae-decoder tiny.
+    #[arg(long)]
+    tiny_vae: Option<String>,
+    /// Which decoder makes the final image: full (the model's VAE) or tiny (--tiny-vae: much faster, approximate).
+    #[arg(long, default_value = "full", value_parser = ["full", "tiny"])]
+    vae_decoder: String,
     // clap renders a literal "{n}" in help as a line break; a word joiner (U+2060) keeps it visible.
     #[command(flatten)]
     quant: crate::convert::QuantArgs,
@@ -251,7 +257,8 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
         // The VAE encoder is read only when an image is to be encoded.
         let adapters = load_adapters(&a.lora, a.lora_merge).await?;
         let vae = a.quant.vae_folder().map(|v| vae_source(v)).transpose()?;
-        let opts = LoadOptions { quant: a.quant.choice()?.component_quant(None), vae_encoder: a.init_image.is_some(), vae_tiling: a.vae_tiling, adapters, vae, ..Default::default() };
+        let tiny_vae = a.tiny_vae.as_deref().map(|d| folder_source(d, "--tiny-vae")).transpose()?;
+        let opts = LoadOptions { quant: a.quant.choice()?.component_quant(None), vae_encoder: a.init_image.is_some(), vae_tiling: a.vae_tiling, adapters, vae, tiny_vae, tiny_decode: a.vae_decoder == "tiny", ..Default::default() };
         let mut model = load_model(&gpu, &a.model, a.config.as_deref(), &opts).await?;
         if !a.embedding.is_empty() {
             let DiffusionModel::StableDiffusion(m) = &mut model else { return Err(Error::Input("--embedding is for Stable Diffusion models (SD 1.x / 2.x, SDXL)".into())) };
@@ -439,9 +446,20 @@ async fn add_embedding(gpu: &Gpu, m: &mut StableDiffusionModel, spec: &str) -> R
 
 /// `--vae DIR`: an AutoencoderKL folder.
 fn vae_source(dir: &str) -> Result<VaeSource> {
+    if !Path::new(dir).join("config.json").is_file() {
+        return Err(Error::Input(format!("--vae {dir}: expected a weight type (q8, q4, q4_1, f16, f32) or an AutoencoderKL folder with config.json")));
+    }
+    folder_source(dir, "--vae")
+}
+
+/// A component folder (path or http(s) URL) given by `flag`.
+fn folder_source(dir: &str, flag: &str) -> Result<VaeSource> {
+    if dir.starts_with("http://") || dir.starts_with("https://") {
+        return Ok(VaeSource(std::rc::Rc::new(crate::http::HttpSource::new(dir)?)));
+    }
     let p = Path::new(dir);
     if !p.join("config.json").is_file() {
-        return Err(Error::Input(format!("--vae {dir}: expected a weight type (q8, q4, q4_1, f16, f32) or an AutoencoderKL folder with config.json")));
+        return Err(Error::Input(format!("{flag} {dir}: not a model folder (no config.json)")));
     }
     Ok(VaeSource(std::rc::Rc::new(DirSource::new(p))))
 }
