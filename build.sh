@@ -92,8 +92,8 @@ run_tests() {
 
   log "Stable Diffusion and the CompVis LDMs against diffusers: schedulers, models, pipelines, CLI (native)"
   local sd sp sf
-  if sd=$(cargo test --release --test schedulers --test sd_reference --test ldm_reference --test builtin --test sd_pipeline --test sd_conditions --test cli --test serve -- --nocapture 2>&1); then :; else failed=1; fi
-  echo "$sd" | grep -E '^(case |test |sd[12]|vqmodel|uncond_|superres_|text2im_|ldm generate|bert |builtin|built-in|.*: max abs diff|test result)' | tail -n 200
+  if sd=$(cargo test --release --test schedulers --test sd_reference --test ldm_reference --test builtin --test sd_pipeline --test sd_conditions --test families --test cli --test serve -- --nocapture 2>&1); then :; else failed=1; fi
+  echo "$sd" | grep -E '^(case |test |sd[12]|sdxl|vqmodel|uncond_|superres_|text2im_|ldm generate|bert |builtin|built-in|taesd|lora|LoRA|bad/|odd |merge|.*: max abs diff|test result)' | tail -n 300
   sp=$(echo "$sd" | sed -n 's/^test result: .* \([0-9]\+\) passed; \([0-9]\+\) failed.*/\1/p' | awk '{s += $1} END {print s + 0}')
   sf=$(echo "$sd" | sed -n 's/^test result: .* \([0-9]\+\) passed; \([0-9]\+\) failed.*/\2/p' | awk '{s += $1} END {print s + 0}')
   if echo "$sd" | grep -q '^error'; then sf=$((sf + 1)); echo "$sd" | grep -A 10 '^error' | head -40; fi

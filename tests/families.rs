@@ -268,3 +268,208 @@ fn tiny_autoencoder_matches_diffusers() {
     let encoded = pollster::block_on(gpu.read(&tiny.encode(&gpu, &x).expect("encode"))).expect("read");
     common::assert_close("taesd encode", &encoded, &r["encoded"].1, 1e-4);
 }
+
+fn family_json() -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(fixtures().join("ref/family_cases.json")).expect("family_cases.json")).expect("parses")
+}
+
+/// A1111 prompt weighting: the parsed (text, weight) runs, the 77-token chunks and their
+/// multipliers, and the emphasised embeddings (sd1, and SDXL's two encoders with the pooled
+/// output of the first chunk) as the fixture's reimplementation of A1111 gives them.
+#[test]
+fn a1111_prompt_weighting_matches_its_reference() {
+    use ldm_web::pipelines::prompt::{a1111, PromptText};
+    let file = family_json();
+    let gpu = gpu();
+    let r = reference("family_prompt_weighting.safetensors");
+    let no_case = Case { index: 0, kind: "sd".into(), model: String::new(), components: HashMap::new(), scheduler: None, prompt: None, prompt_2: None, negative_prompt: None, negative_prompt_2: None, seed: 0, steps: 1, guidance: None, width: 64, height: 64, batch: 1, eta: 0.0, image: None, mask: None, controlnet: None, loras: vec![], embeddings: vec![], q4_weights: None, a1111: None, args: None, stages: None };
+    for (family, model) in [("sd1", "sd1"), ("sdxl", "sdxl")] {
+        let m = load_sd(&gpu, &no_case, model, false);
+        for e in file["prompt_weighting"][family].as_array().expect("list") {
+            let prompt = e["prompt"].as_str().expect("prompt");
+            let key = e["key"].as_str().expect("key");
+            // Per encoder: what A1111's parser and chunker make of the prompt.
+            let expected: Vec<&serde_json::Value> = match e.get("encoders") {
+                Some(list) => list.as_array().expect("encoders").iter().collect(),
+                None => vec![e],
+            };
+            for (enc, want) in m.text.encoders().iter().zip(expected) {
+                let parsed: Vec<(String, f64)> = serde_json::from_value(want["parsed"].clone()).expect("parsed");
+                let got = a1111::parse(prompt);
+                assert!(got.len() == parsed.len() && got.iter().zip(&parsed).all(|(a, b)| a.0 == b.0 && (a.1 - b.1).abs() < 1e-12), "{key}: parsed {got:?}, want {parsed:?}");
+                if let Some(chunks) = want["chunks"].as_array().filter(|c| c.first().is_some_and(|x| x.is_object())) {
+                    let got = a1111::chunks(enc, prompt);
+                    assert_eq!(got.len(), chunks.len(), "{key}: chunk count");
+                    for (g, w) in got.iter().zip(chunks) {
+                        let tokens: Vec<u32> = serde_json::from_value(w["tokens"].clone()).expect("tokens");
+                        let mults: Vec<f32> = serde_json::from_value(w["multipliers"].clone()).expect("multipliers");
+                        assert_eq!(g.tokens, tokens, "{key}: tokens");
+                        assert!(g.multipliers.iter().zip(&mults).all(|(a, b)| (a - b).abs() < 1e-6), "{key}: multipliers");
+                    }
+                }
+            }
+            let text = PromptText { prompt, prompt_2: None, clip_skip: 0 };
+            let emb = pollster::block_on(m.text.encode(&gpu, &text, PromptWeighting::A1111, false)).unwrap_or_else(|err| panic!("{key}: {err}"));
+            let got = pollster::block_on(gpu.read(&emb.context)).expect("read");
+            common::assert_close(&format!("{key} embeddings {:?}", emb.context.shape()), &got, &r[key].1, 1e-4);
+            if let Some(pk) = e.get("pooled_key").and_then(|k| k.as_str()) {
+                let pooled = pollster::block_on(gpu.read(emb.pooled.as_ref().expect("pooled"))).expect("read");
+                common::assert_close(&format!("{pk}"), &pooled, &r[pk].1, 1e-4);
+            }
+        }
+    }
+    // Hand-derived: nesting multiplies, brackets divide, escapes are text, unbalanced brackets
+    // still weigh what follows them.
+    let close = |a: &[(String, f64)], b: &[(&str, f64)]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.0 == y.0 && (x.1 - y.1).abs() < 1e-12);
+    assert!(close(&a1111::parse("((a)) [b] (c:0.5)"), &[("a", 1.21), (" ", 1.0), ("b", 1.0 / 1.1), (" ", 1.0), ("c", 0.5)]));
+    assert!(close(&a1111::parse("\\(x\\) \\\\ y"), &[("(x) \\ y", 1.0)]));
+    assert!(close(&a1111::parse("(open [close"), &[("open ", 1.1), ("close", 1.0)]));
+    assert!(close(&a1111::parse("a BREAK b BREAKfast"), &[("a", 1.0), ("BREAK", -1.0), ("b BREAKfast", 1.0)]));
+    assert!(close(&a1111::parse(""), &[("", 1.0)]));
+}
+
+/// ldm-web's q4_0 round trip of three UNet weights equals the one the fixture script replicates
+/// (so the q4 + LoRA case compares with diffusers on the same weights).
+#[test]
+fn q4_round_trip_matches_the_fixtures_replica() {
+    let r = reference("family_q4_check.safetensors");
+    let src = DirSource::new(fixtures().join("sd1/unet"));
+    let w = pollster::block_on(async {
+        let f = ldm_web::loader::WeightFile::open(&src, "diffusion_pytorch_model.safetensors").await.expect("opens");
+        let w = ldm_web::loader::Weights::new(&src, vec![f]);
+        let mut out = HashMap::new();
+        for k in r.keys() {
+            out.insert(k.clone(), w.read_f32(k).await.expect("reads"));
+        }
+        out
+    });
+    for (k, (shape, want)) in &r {
+        let (_, v) = &w[k];
+        let q = DType::Q4_0;
+        let got = q.decode(shape, &q.encode(shape, v));
+        assert_eq!(&got, want, "{k}: q4_0 round trip differs from the fixture's");
+    }
+}
+
+/// PyTorch checkpoints read through the restricted unpickler: the same tensors as the
+/// safetensors copies, and every malformed or malicious file refused with its reason.
+#[test]
+fn pytorch_checkpoints_read_safely() {
+    use ldm_web::loader::{WeightFile, Weights};
+    let src = DirSource::new(fixtures());
+    pollster::block_on(async {
+        for (ckpt, safe, prefix) in [("sd1.ckpt", "sd1.safetensors", ""), ("lora/sd1-kohya.pt", "lora/sd1-kohya.safetensors", "")] {
+            let a = WeightFile::open_any(&src, ckpt).await.unwrap_or_else(|e| panic!("{ckpt}: {e}"));
+            let b = WeightFile::open_any(&src, safe).await.expect("safetensors");
+            let keys: Vec<String> = b.header.tensors.keys().cloned().collect();
+            assert_eq!(a.header.tensors.len(), keys.len(), "{ckpt}: tensor count");
+            let (wa, wb) = (Weights::new(&src, vec![a]), Weights::new(&src, vec![b]));
+            for k in &keys {
+                let (x, y) = (wa.read_f32(&format!("{prefix}{k}")).await.unwrap_or_else(|e| panic!("{ckpt} {k}: {e}")), wb.read_f32(k).await.expect("reads"));
+                assert_eq!(x, y, "{ckpt}: {k}");
+            }
+            println!("{ckpt}: {} tensors identical to {safe}", keys.len());
+        }
+        // A1111's .pt embedding: the same vectors as its .safetensors twin, token from `name`.
+        let a = Embedding::read(&src, "embeddings/a1111-style.pt").await.expect("reads");
+        let b = Embedding::read(&src, "embeddings/a1111-style.safetensors").await.expect("reads");
+        assert_eq!(a.token.as_deref(), Some("a1111-style"));
+        assert_eq!(a.parts[0].2, b.parts[0].2);
+        for (bad, why) in [("bad/os_system.ckpt", "system, which a plain tensor checkpoint does not need"), ("bad/truncated.ckpt", "truncated"), ("bad/legacy.pt", "legacy format")] {
+            let e = WeightFile::open_any(&src, bad).await.err().unwrap_or_else(|| panic!("{bad} must be refused")).to_string();
+            println!("{bad}: {e}");
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    });
+}
+
+/// LoRAs that do not fit the model are refused naming what does not fit; merged into f32
+/// weights, a LoRA gives the image it gives run beside them.
+#[test]
+fn lora_refusals_and_merging() {
+    let gpu = gpu();
+    let dir = std::env::temp_dir().join(format!("ldm-lora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    // A LoRA whose conv_in down projection has the wrong input width.
+    let bad_shape = ldm_web::loader::safetensors::serialize(
+        &[
+            ldm_web::loader::safetensors::OutTensor { name: "lora_unet_conv_in.lora_down.weight".into(), dtype: ldm_web::loader::safetensors::FileDType::F32, shape: vec![2, 5, 3, 3], bytes: vec![0; 2 * 5 * 9 * 4] },
+            ldm_web::loader::safetensors::OutTensor { name: "lora_unet_conv_in.lora_up.weight".into(), dtype: ldm_web::loader::safetensors::FileDType::F32, shape: vec![16, 2, 1, 1], bytes: vec![0; 16 * 2 * 4] },
+        ],
+        &Default::default(),
+    )
+    .expect("serialises");
+    std::fs::write(dir.join("bad-shape.safetensors"), bad_shape).expect("w");
+    let loha = ldm_web::loader::safetensors::serialize(
+        &[ldm_web::loader::safetensors::OutTensor { name: "lora_unet_conv_in.hada_w1_a".into(), dtype: ldm_web::loader::safetensors::FileDType::F32, shape: vec![1], bytes: vec![0; 4] }],
+        &Default::default(),
+    )
+    .expect("serialises");
+    std::fs::write(dir.join("loha.safetensors"), loha).expect("w");
+    let try_load = |model: &str, lora: (&std::path::Path, &str)| -> String {
+        pollster::block_on(async {
+            let mut set = AdapterSet::new();
+            if let Err(e) = set.add(Box::new(DirSource::new(lora.0)), lora.1, lora.1, 1.0).await {
+                return e.to_string();
+            }
+            let opts = LoadOptions { adapters: Some(Rc::new(set)), ..Default::default() };
+            match StableDiffusionModel::load(&gpu, &DirSource::new(fixtures().join(model)), model, &opts).await {
+                Ok(_) => "loaded".to_string(),
+                Err(e) => e.to_string(),
+            }
+        })
+    };
+    for (model, lora, file, want) in [
+        ("sd1", fixtures(), "lora/sdxl-kohya.safetensors", "is it made for another model family"),
+        ("sdxl", fixtures(), "lora/sd1-kohya.safetensors", "is it made for another model family"),
+        ("sd1", dir.clone(), "bad-shape.safetensors", "down projection of shape [2, 5, 3, 3]"),
+        ("sd1", dir.clone(), "loha.safetensors", "LoHa"),
+        ("sd1", fixtures(), "embeddings/cat-toy.safetensors", "no LoRA modules"),
+    ] {
+        let e = try_load(model, (&lora, file));
+        println!("{model} + {file}: {e}");
+        assert!(e.contains(want), "{model} + {file}: {e}");
+    }
+    // An embedding of the wrong width.
+    let emb = ldm_web::loader::safetensors::serialize(
+        &[ldm_web::loader::safetensors::OutTensor { name: "<odd>".into(), dtype: ldm_web::loader::safetensors::FileDType::F32, shape: vec![1, 17], bytes: vec![0; 17 * 4] }],
+        &Default::default(),
+    )
+    .expect("serialises");
+    std::fs::write(dir.join("odd.safetensors"), emb).expect("w");
+    let no_case = Case { index: 0, kind: "sd".into(), model: String::new(), components: HashMap::new(), scheduler: None, prompt: None, prompt_2: None, negative_prompt: None, negative_prompt_2: None, seed: 0, steps: 1, guidance: None, width: 64, height: 64, batch: 1, eta: 0.0, image: None, mask: None, controlnet: None, loras: vec![], embeddings: vec![], q4_weights: None, a1111: None, args: None, stages: None };
+    let mut m = load_sd(&gpu, &no_case, "sd1", false);
+    let e = pollster::block_on(Embedding::read(&DirSource::new(&dir), "odd.safetensors")).expect("reads");
+    let err = m.text.add_embedding(&gpu, &e, "<odd>").expect_err("wrong width").to_string();
+    println!("odd embedding: {err}");
+    assert!(err.contains("[17]") && err.contains("768"), "{err}");
+
+    // Merged into the f32 weights: the image of case 14 (the LoRA run beside the weights).
+    let file = family_json();
+    let cases: Vec<Case> = serde_json::from_value(file["cases"].clone()).expect("cases");
+    let c = &cases[14];
+    let merged = pollster::block_on(async {
+        let mut set = AdapterSet::new();
+        set.merge = true;
+        set.add(Box::new(DirSource::new(fixtures())), &c.loras[0].file, "kohya", c.loras[0].scale).await.expect("adds");
+        let opts = LoadOptions { adapters: Some(Rc::new(set)), ..Default::default() };
+        let m = StableDiffusionModel::load(&gpu, &DirSource::new(fixtures().join("sd1")), "sd1", &opts).await.expect("loads");
+        m.txt2img(&gpu, &params(c), &|| 0.0, &mut |_| Ok(())).await.expect("generates").0.data
+    });
+    let want = &reference("family_14.safetensors")["image"].1;
+    let (d, _) = common::max_diff(&merged, want);
+    println!("LoRA merged into f32 weights: max |diff| {:.4}/255 from diffusers' unfused LoRA", d * 255.0);
+    assert!(d <= PIXEL_TOL, "merged LoRA: {:.2}/255", d * 255.0);
+    // Merging into quantised weights is refused.
+    let e = pollster::block_on(async {
+        let mut set = AdapterSet::new();
+        set.merge = true;
+        set.add(Box::new(DirSource::new(fixtures())), &c.loras[0].file, "kohya", 1.0).await.expect("adds");
+        let mut opts = LoadOptions { adapters: Some(Rc::new(set)), ..Default::default() };
+        opts.quant.unet = Some(DType::Q4_0);
+        StableDiffusionModel::load(&gpu, &DirSource::new(fixtures().join("sd1")), "sd1", &opts).await.err().map(|e| e.to_string())
+    });
+    println!("merge into q4: {e:?}");
+    assert!(e.is_some_and(|e| e.contains("quantised")));
+    let _ = std::fs::remove_dir_all(&dir);
+}

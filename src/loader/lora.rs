@@ -359,7 +359,11 @@ impl AdapterSet {
                     continue;
                 }
                 self.index.replace(None);
-                m.key = sgm_to_diffusers(&m.key, layers_per_block, up_has_attention).ok_or_else(|| Error::Model(format!("LoRA {}: {} names no layer of an SDXL UNet with {layers_per_block} resnets per block; is it made for another model?", f.name, m.original)))?;
+                // A name this UNet's layout has no place for stays as it is: it matches no
+                // layer, and check_all_used reports it.
+                if let Some(k) = sgm_to_diffusers(&m.key, layers_per_block, up_has_attention) {
+                    m.key = k;
+                }
             }
         }
         Ok(())
