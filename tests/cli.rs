@@ -68,7 +68,8 @@ fn generate_writes_diffusers_pixels_and_parameters() {
     println!("CLI image vs diffusers: max {worst}/255");
     assert!(worst <= 2.0, "pixels differ by {worst}/255");
     let params = texts.iter().find(|(k, _)| k == "parameters").map(|(_, v)| v.clone()).expect("parameters chunk");
-    assert_eq!(params, "a photo of an astronaut riding a horse on mars\nSteps: 5, Sampler: PLMS, CFG scale: 7.5, Seed: 0, Size: 64x64, Model: sd1");
+    // "Emphasis: None": A1111 reading these parameters treats (x:1.2) as plain text, as we did.
+    assert_eq!(params, "a photo of an astronaut riding a horse on mars\nSteps: 5, Sampler: PLMS, CFG scale: 7.5, Seed: 0, Size: 64x64, Model: sd1, Emphasis: None");
 }
 
 /// The image flags end to end: files read from disk as users give them (a resized init image,
@@ -171,7 +172,7 @@ fn generate_batch_names_and_unicode_parameters() {
         assert_eq!((w, h), (64, 32));
         let params = &texts.iter().find(|(k, _)| k == "parameters").expect("parameters").1;
         assert!(params.starts_with("東京 🚀 at night\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 18446744073709551615, Size: 64x32, Model: sd2"), "{params}");
-        assert!(params.ends_with(&format!("Clip skip: 2, Batch size: 2, Batch pos: {i}")), "{params}");
+        assert!(params.contains(&format!("Clip skip: 2, Batch size: 2, Batch pos: {i}")), "{params}");
     }
 }
 
@@ -662,4 +663,91 @@ fn bench_unet_reuses_buffers_and_plans_sd15_memory() {
     // 859.5 M parameters, almost all in matrices: q4_0 is 18 bytes per 32 weights.
     assert!((470_000_000..500_000_000).contains(&unet), "SD 1.5 q4 UNet is {unet} bytes");
     assert!(peak <= 1_500_000_000, "SD 1.5 q4 UNet + VAE decode at 512x512 plans {peak} bytes > 1.5 GB");
+}
+
+/// The model-family flags end to end (tests/fixtures/ref/family_cases.json): SDXL, the refiner
+/// hand-over, LoRA, textual inversion, A1111 prompt weighting, the tiny autoencoder and a
+/// `.ckpt` single file, each within 1/255 of diffusers' 8-bit image; and one-line errors for
+/// bad uses of them.
+#[test]
+fn generate_takes_loras_embeddings_refiners_and_weighted_prompts() {
+    let dir = tmp("families");
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures().join("ref/family_cases.json")).expect("cases")).expect("json");
+    let fx = |p: &str| fixtures().join(p).to_string_lossy().into_owned();
+    let case = |i: usize| &file["cases"][i];
+    let base = |i: usize, model: &str| -> Vec<String> {
+        let c = case(i);
+        let mut a: Vec<String> = vec!["generate".into(), "--model".into(), fx(model), "--seed".into(), c["seed"].to_string(), "--steps".into(), c["steps"].to_string(), "--width".into(), c["width"].to_string(), "--height".into(), c["height"].to_string()];
+        if let Some(g) = c["guidance"].as_f64() {
+            a.extend(["--guidance".into(), g.to_string()]);
+        }
+        a
+    };
+    let text = |c: &serde_json::Value, key: &str, flag: &str| -> Vec<String> { c[key].as_str().map(|v| vec![flag.to_string(), v.to_string()]).unwrap_or_default() };
+    let runs: Vec<(&str, usize, Vec<String>)> = vec![
+        ("sdxl", 0, [base(0, "sdxl"), text(case(0), "prompt", "--prompt"), text(case(0), "negative_prompt", "--negative-prompt")].concat()),
+        ("refiner hand-over", 2, [base(2, "sdxl"), text(case(2), "prompt", "--prompt"), vec!["--refiner".into(), fx("sdxl-refiner"), "--denoising-end".into(), "0.8".into()]].concat()),
+        ("two LoRAs", 16, [base(16, "sd1"), text(case(16), "prompt", "--prompt"), vec!["--scheduler".into(), "dpmpp-2m".into(), "--lora".into(), format!("{}:0.7", fx("lora/sd1-kohya.safetensors")), "--lora".into(), format!("{}:-0.4", fx("lora/sd1-peft.safetensors"))]].concat()),
+        ("embeddings", 20, [base(20, "sd1"), text(case(20), "prompt", "--prompt"), text(case(20), "negative_prompt", "--negative-prompt"), vec!["--embedding".into(), fx("embeddings/cat-toy.safetensors"), "--embedding".into(), format!("{}:a1111-style", fx("embeddings/a1111-style.pt"))]].concat()),
+        ("A1111 weighting", 27, [base(27, "sd1"), vec!["--prompt".into(), "(red:1.3) apple, [blue] sky".into(), "--negative-prompt".into(), "blurry".into(), "--prompt-weighting".into(), "a1111".into()]].concat()),
+        ("tiny VAE", 22, [base(22, "sd1"), text(case(22), "prompt", "--prompt"), vec!["--tiny-vae".into(), fx("taesd"), "--vae-decoder".into(), "tiny".into()]].concat()),
+        ("SDXL single file", 26, [base(26, "sdxl.safetensors"), text(case(26), "prompt", "--prompt"), text(case(26), "negative_prompt", "--negative-prompt"), vec!["--config".into(), fx("sdxl")]].concat()),
+    ];
+    let mut failures = Vec::new();
+    for (what, index, mut args) in runs {
+        let out = dir.join(format!("case{index}.png"));
+        args.extend(["--out".into(), out.to_string_lossy().into_owned()]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, stderr) = ldm(&refs);
+        assert!(ok, "{what}: ldm failed: {stderr}");
+        let (px, _, _, texts) = read_png(&out);
+        let want = &reference(&format!("family_{index}.safetensors"))["image"].1;
+        let worst = px.iter().zip(want).map(|(&p, &r)| (p as f32 - (r * 255.0).round()).abs()).fold(0.0, f32::max);
+        let params = texts.iter().find(|(k, _)| k == "parameters").map(|(_, v)| v.clone()).unwrap_or_default();
+        println!("ldm generate {what} (family case {index}): max {worst}/255 vs diffusers; parameters: {}", params.replace('\n', " | "));
+        if worst > 1.0 {
+            failures.push(format!("{what}: {worst}/255"));
+        }
+        if what == "two LoRAs" {
+            assert!(params.contains("<lora:sd1-kohya:0.7> <lora:sd1-peft:-0.4>"), "{params}");
+        }
+        if what == "refiner hand-over" {
+            assert!(params.contains("Refiner: sdxl-refiner, Refiner switch at: 0.8"), "{params}");
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("; "));
+    // The .ckpt copy of the SD1 single file gives its image (pipeline case 8).
+    let c8 = &serde_json::from_slice::<serde_json::Value>(&std::fs::read(fixtures().join("ref/pipelines.json")).expect("json")).expect("json")[8];
+    let out = dir.join("ckpt.png");
+    let (ok, _, stderr) = ldm(&["generate", "--model", &fx("sd1.ckpt"), "--config", &fx("sd1"), "--prompt", c8["prompt"].as_str().expect("prompt"), "--seed", "8", "--steps", "5", "--scheduler", "dpmpp-2m-karras", "--width", "64", "--height", "64", "--out", &out.to_string_lossy()]);
+    assert!(ok, "sd1.ckpt: {stderr}");
+    let (px, ..) = read_png(&out);
+    let want = &reference("pipeline_8.safetensors")["image"].1;
+    let worst = px.iter().zip(want).map(|(&p, &r)| (p as f32 - (r * 255.0).round()).abs()).fold(0.0, f32::max);
+    println!("ldm generate --model sd1.ckpt: max {worst}/255 vs diffusers (pipeline case 8)");
+    assert!(worst <= 1.0);
+
+    let (sd1, sdxl, vae, refiner, xl_lora, lora, cat) = (fx("sd1"), fx("sdxl"), fx("sd1/vae"), fx("sdxl-refiner"), fx("lora/sdxl-kohya.safetensors"), fx("lora/sd1-kohya.safetensors"), fx("embeddings/cat-toy.safetensors"));
+    let bad: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--model", &sd1, "--lora", "/nonexistent/x.safetensors"], "no such file"),
+        (vec!["--model", &sd1, "--embedding", "/nonexistent/x.pt"], "no such file"),
+        (vec!["--model", &sd1, "--prompt-weighting", "comfy"], "none or a1111"),
+        (vec!["--model", &sdxl, "--original-size", "1024"], "WIDTHxHEIGHT"),
+        (vec!["--model", &sdxl, "--crops-coords-top-left", "a,b"], "TOP,LEFT"),
+        (vec!["--model", &sdxl, "--denoising-end", "1.5"], "between 0 and 1"),
+        (vec!["--model", &sd1, "--prompt-2", "x"], "for SDXL models"),
+        (vec!["--model", &sd1, "--vae-decoder", "tiny"], "--tiny-vae"),
+        (vec!["--model", &sd1, "--tiny-vae", &vae], "AutoencoderTiny"),
+        (vec!["--model", &refiner], "refines images"),
+        (vec!["--model", &sd1, "--lora", &xl_lora], "another model family"),
+        (vec!["--model", &sd1, "--lora", &lora, "--lora-merge", "--unet", "q4"], "cannot merge a LoRA into the quantised"),
+        (vec!["--model", &sd1, "--embedding", &cat, "--embedding", &cat], "already in the tokenizer"),
+    ];
+    for (extra, expect) in bad {
+        let mut args = vec!["generate", "--steps", "1", "--prompt", "x", "--out", "/nonexistent/never.png"];
+        args.extend(extra.iter().copied());
+        let (ok, _, stderr) = ldm(&args);
+        println!("{extra:?}: {}", stderr.trim());
+        assert!(!ok && stderr.trim().lines().count() == 1 && stderr.starts_with("ldm: ") && stderr.contains(expect), "{extra:?}: {stderr:?}, expected {expect:?}");
+    }
 }
