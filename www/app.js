@@ -6,7 +6,10 @@ import { LdmEngine, webgpuHelp, previewImage } from './ldm-client.js';
 
 const $ = (id) => document.getElementById(id);
 const form = $('settings');
-const PARAMS = ['model', 'prompt', 'negative_prompt', 'seed', 'steps', 'guidance', 'width', 'height', 'scheduler'];
+const PARAMS = ['model', 'prompt', 'negative_prompt', 'seed', 'steps', 'guidance', 'width', 'height', 'scheduler',
+  'prompt_2', 'negative_prompt_2', 'prompt_weighting', 'vae', 'tiny_vae', 'vae_decoder', 'lora_merge'];
+// Settings that choose what is loaded with the model rather than how it generates.
+const MODEL_EXTRAS = ['vae', 'tiny_vae', 'vae_decoder', 'lora_merge', 'loras', 'embeddings'];
 // The emoji model that ships with the app (copied to www/builtin/ by build.sh), used when no
 // other model is chosen.
 const BUILTIN = new URL('builtin/emoji/', location.href).href;
@@ -24,6 +27,36 @@ function setStatus(text, error = false) {
 
 // ---- settings <-> URL ------------------------------------------------------------------------------
 
+// LoRA and embedding rows: [{url, scale}] and [{url, token}].
+function addLora(l = {}) {
+  const row = $('lora-row').content.firstElementChild.cloneNode(true);
+  const scale = row.querySelector('.lora-scale');
+  const text = row.querySelector('.lora-scale-text');
+  row.querySelector('.lora-url').value = l.url ?? '';
+  scale.value = String(l.scale ?? 1);
+  const show = () => { text.textContent = Number(scale.value).toFixed(2); };
+  scale.addEventListener('input', show);
+  show();
+  row.querySelector('.remove').addEventListener('click', () => row.remove());
+  $('lora-list').append(row);
+  return row;
+}
+
+function addEmbedding(e = {}) {
+  const row = $('embedding-row').content.firstElementChild.cloneNode(true);
+  row.querySelector('.embedding-url').value = e.url ?? '';
+  row.querySelector('.embedding-token').value = e.token ?? '';
+  row.querySelector('.remove').addEventListener('click', () => row.remove());
+  $('embedding-list').append(row);
+  return row;
+}
+
+function readRows() {
+  const loras = [...$('lora-list').children].map((r) => ({ url: r.querySelector('.lora-url').value.trim(), scale: Number(r.querySelector('.lora-scale').value) })).filter((l) => l.url);
+  const embeddings = [...$('embedding-list').children].map((r) => ({ url: r.querySelector('.embedding-url').value.trim(), token: r.querySelector('.embedding-token').value.trim() })).filter((e) => e.url);
+  return { loras, embeddings };
+}
+
 function readForm() {
   const fd = new FormData(form);
   const p = {};
@@ -32,16 +65,40 @@ function readForm() {
     if (v !== '') p[k] = NUMERIC.has(k) ? Number(v) : v;
   }
   p.precision = String(fd.get('precision') ?? 'auto');
+  const { loras, embeddings } = readRows();
+  if (loras.length) p.loras = loras;
+  if (embeddings.length) p.embeddings = embeddings;
   return p;
 }
 
 function fillForm(p) {
-  for (const k of [...PARAMS, 'precision']) if (p[k] !== undefined && form.elements[k]) form.elements[k].value = p[k];
+  for (const k of [...PARAMS, 'precision']) {
+    const el = form.elements[k];
+    if (!el) continue;
+    if (el.type === 'checkbox') el.checked = p[k] !== undefined && p[k] !== '' && p[k] !== '0' && p[k] !== 'none';
+    else if (p[k] !== undefined) el.value = p[k];
+  }
+  $('lora-list').replaceChildren();
+  $('embedding-list').replaceChildren();
+  (p.loras ?? []).forEach(addLora);
+  (p.embeddings ?? []).forEach(addEmbedding);
+  if (MODEL_EXTRAS.some((k) => p[k] !== undefined) || p.prompt_2 || p.negative_prompt_2 || p.prompt_weighting) $('extras').open = true;
+}
+
+// A LoRA as `URL:SCALE` and an embedding as `URL:TOKEN` in links, as ldm generate's --lora and
+// --embedding take them; a URL's own colons (https:, a port) are never followed by a number or a
+// word alone.
+function splitSuffix(s, accept) {
+  const i = s.lastIndexOf(':');
+  if (i > 0 && accept(s.slice(i + 1))) return [s.slice(0, i), s.slice(i + 1)];
+  return [s, undefined];
 }
 
 function shareUrl(p) {
   const u = new URL(location.pathname, location.href);
   for (const k of PARAMS) if (p[k] !== undefined && p[k] !== '') u.searchParams.set(k, String(p[k]));
+  for (const l of p.loras ?? []) u.searchParams.append('lora', `${l.url}:${l.scale}`);
+  for (const e of p.embeddings ?? []) u.searchParams.append('embedding', e.token ? `${e.url}:${e.token}` : e.url);
   return u.href;
 }
 
@@ -49,7 +106,32 @@ function fromUrl() {
   const q = new URLSearchParams(location.search);
   const p = {};
   for (const k of PARAMS) if (q.has(k)) p[k] = q.get(k);
+  const loras = q.getAll('lora').map((v) => {
+    const [url, scale] = splitSuffix(v, (x) => x !== '' && Number.isFinite(Number(x)));
+    return { url, scale: scale === undefined ? 1 : Number(scale) };
+  });
+  const embeddings = q.getAll('embedding').map((v) => {
+    const [url, token] = splitSuffix(v, (x) => /^[^/\\.\s]+$/.test(x));
+    return { url, token: token ?? '' };
+  });
+  if (loras.length) p.loras = loras;
+  if (embeddings.length) p.embeddings = embeddings;
   return p;
+}
+
+// What is loaded with the model, for the engine (URLs, scales, tokens).
+function modelExtras(p) {
+  const out = {};
+  if (p.loras) out.loras = p.loras;
+  if (p.lora_merge) out.lora_merge = true;
+  if (p.embeddings) out.embeddings = p.embeddings;
+  if (p.vae) out.vae = p.vae;
+  if (p.tiny_vae) out.tiny_vae = p.tiny_vae;
+  if (p.vae_decoder === 'tiny') {
+    if (!p.tiny_vae) throw new Error('The tiny decoder needs the tiny autoencoder\'s URL (a TAESD folder).');
+    out.tiny_decode = true;
+  }
+  return out;
 }
 
 // ---- gallery (IndexedDB) ---------------------------------------------------------------------------
@@ -178,6 +260,8 @@ async function generate() {
   let images;
   try {
     images = await pageImages();
+    const extras = modelExtras(p);
+    if (Object.keys(extras).length) images = { ...(images ?? {}), ...extras };
   } catch (e) {
     setStatus(e.message, true);
     return;
@@ -194,15 +278,15 @@ async function generate() {
   note('start', { params: p });
   navigator.storage?.persist?.().catch(() => {});
   const params = { ...p, ...conditioning, preview_every: 2 };
-  delete params.model;
-  note('inputs', { images: Object.keys(images ?? {}), conditioning });
+  for (const k of ['model', ...MODEL_EXTRAS]) delete params[k];
+  note('inputs', { images: Object.keys(images ?? {}), conditioning, loras: p.loras ?? [], embeddings: p.embeddings ?? [] });
   try {
     const { blob, info } = await app.engine.generate(p.model, params, (ev) => {
       if (ev.type === 'download') {
         $('download-bar').max = Math.max(ev.total, ev.fetched, 1);
         $('download-bar').value = ev.fetched;
         $('download-text').textContent = `${mb(ev.fetched)} / ${mb(ev.total)} MB`;
-        note('download', { fetched: ev.fetched });
+        note('download', { fetched: ev.fetched, total: ev.total });
       } else if (ev.type === 'stage') {
         note('stage', { stage: ev.stage, worker_t: ev.t });
         setStatus({ load: 'Loading the model…', denoise: 'Denoising…', vae: 'Fetching the VAE…', decode: 'Decoding…' }[ev.stage] ?? ev.stage);
@@ -212,7 +296,7 @@ async function generate() {
         $('step-bar').value = ev.step;
         $('step-text').textContent = `${ev.step} / ${ev.steps} (${(ev.ms / 1000).toFixed(2)} s)`;
       } else if (ev.type === 'preview') {
-        note('preview', { step: ev.step });
+        note('preview', { step: ev.step, decoder: ev.decoder ?? 'latent', width: ev.width, height: ev.height });
         drawPreview(ev);
       } else if (ev.type === 'status') {
         note('status', { message: ev.message });
@@ -257,13 +341,22 @@ async function refreshModels() {
   }
   app.models = models;
   list.replaceChildren();
-  $('cached-models').replaceChildren(...models.map((m) => Object.assign(document.createElement('option'), { value: m.url })));
+  $('cached-models').replaceChildren(...models.filter((m) => !m.kind).map((m) => Object.assign(document.createElement('option'), { value: m.url })));
   if (models.length === 0) list.append(Object.assign(document.createElement('li'), { textContent: 'None yet: a model is stored here the first time it is used.' }));
   for (const m of models) {
     const li = document.createElement('li');
-    li.textContent = `${m.url} — ${mb(m.bytes)} MB in ${m.files} files `;
+    const kind = { lora: 'LoRA', embedding: 'embedding', vae: 'VAE', 'tiny-vae': 'tiny autoencoder', controlnet: 'ControlNet' }[m.kind];
+    li.textContent = `${kind ? `${kind}: ` : ''}${m.url} — ${mb(m.bytes)} MB in ${m.files} files `;
     const use = Object.assign(document.createElement('button'), { type: 'button', textContent: 'use' });
-    use.addEventListener('click', () => { form.elements.model.value = m.url; });
+    use.addEventListener('click', () => {
+      $('extras').open = m.kind && m.kind !== 'controlnet';
+      if (m.kind === 'lora') addLora({ url: m.url });
+      else if (m.kind === 'embedding') addEmbedding({ url: m.url });
+      else if (m.kind === 'vae') form.elements.vae.value = m.url;
+      else if (m.kind === 'tiny-vae') form.elements.tiny_vae.value = m.url;
+      else if (m.kind === 'controlnet') $('controlnet-url').value = m.url;
+      else form.elements.model.value = m.url;
+    });
     const del = Object.assign(document.createElement('button'), { type: 'button', textContent: 'delete' });
     del.addEventListener('click', async () => {
       await app.engine.deleteModel(m.url);
@@ -478,6 +571,8 @@ async function main() {
   fillForm(fromLink);
   if (!form.elements.model.value) form.elements.model.value = BUILTIN;
   $('use-builtin').addEventListener('click', () => { form.elements.model.value = BUILTIN; });
+  $('add-lora').addEventListener('click', () => addLora().querySelector('.lora-url').focus());
+  $('add-embedding').addEventListener('click', () => addEmbedding().querySelector('.embedding-url').focus());
   const hints = await builtinHints();
   app.hints = hints;
   showExamples(hints, fromLink);

@@ -6,7 +6,10 @@
 //   {id, cmd: 'generate', model, params, images?}  params: prompt, negative_prompt, seed, steps, guidance,
 //                                             width, height, scheduler, precision, preview_every, strength,
 //                                             mask_blur, noise_level, guess_mode, control_start, control_end;
-//                                             images: {init?, mask?, depth?: PNG bytes, controls?: [{url, image, scale}]}
+//                                             prompt_2, negative_prompt_2 (SDXL), prompt_weighting ('none' | 'a1111');
+//                                             images: {init?, mask?, depth?: PNG bytes, controls?: [{url, image, scale}],
+//                                             loras?: [{url, scale}], lora_merge?, embeddings?: [{url, token?}],
+//                                             vae?: folder URL, tiny_vae?: folder URL, tiny_decode?}
 //   {id, cmd: 'bench-generate', model, params}
 //   {id, cmd: 'adapter'} | {id, cmd: 'models'} | {id, cmd: 'delete-model', url}
 //   {id, cmd: 'bench-unet', model: 'sd15' | URL, inputs: URL?, options}  (ldm bench unet)
@@ -69,11 +72,12 @@ const ready = initEngine().then(
   },
 );
 
-// A model URL: a diffusers folder (ending in '/') or one .safetensors file.
+// A model URL: a diffusers folder (ending in '/') or one checkpoint file (.safetensors, or a
+// PyTorch .ckpt / .pt read by the engine's restricted unpickler).
 function modelLocation(model) {
-  if (!model) throw Object.assign(new Error('no model given: enter the URL of a diffusers folder or a .safetensors file'), { kind: 'input' });
+  if (!model) throw Object.assign(new Error('no model given: enter the URL of a diffusers folder or a .safetensors / .ckpt file'), { kind: 'input' });
   const url = new URL(model, self.location.href);
-  if (/\.safetensors$/i.test(url.pathname)) {
+  if (/\.(safetensors|ckpt|pt|pth)$/i.test(url.pathname)) {
     const base = new URL('./', url).href;
     return { url: url.href, base, file: decodeURIComponent(url.pathname.slice(new URL(base).pathname.length)) };
   }
@@ -98,16 +102,12 @@ function postEvent(id, event) {
 
 async function withModel(id, msg, run) {
   const loc = modelLocation(msg.model);
-  const post = (event) => postEvent(id, event);
-  const store = new WeightStore(loc.base, {
-    signal: current.abort.signal,
-    onBytes: (fetched, total) => post({ type: 'download', fetched, total }),
-    log: (line) => post({ type: 'status', message: line }),
-  });
+  const counter = jobCounter(id);
+  const store = storeFor(id, loc.base, counter);
   // Recorded before anything downloads, so a partial download is listed (and can be deleted) too.
   await recordModel(loc.url, { file: loc.file });
   const bpe = loc.file ? await clipBpe(current.abort.signal) : undefined;
-  return run(loc, store, bpe);
+  return run(loc, store, bpe, counter);
 }
 
 // Downloads the first of `files` that exists, in the background.
@@ -120,23 +120,67 @@ async function prefetchFirst(store, files) {
   }
 }
 
-// The images of a generation for the engine; each ControlNet gets its own weight store (cached
-// like a model, fetched only when a generation uses it).
-async function engineImages(id, images) {
+// One download counter for a job's stores (model, ControlNets, LoRAs, embeddings, VAEs), so the
+// page shows one "fetched / total" that never runs past its total.
+function jobCounter(id) {
+  const stores = new Map();
+  return (store, fetched, total) => {
+    stores.set(store, [fetched, total]);
+    let f = 0;
+    let t = 0;
+    for (const [a, b] of stores.values()) {
+      f += a;
+      t += b;
+    }
+    postEvent(id, { type: 'download', fetched: f, total: Math.max(t, f) });
+  };
+}
+
+function storeFor(id, base, counter) {
+  const store = new WeightStore(base, {
+    signal: current.abort.signal,
+    onBytes: (fetched, total) => counter(store, fetched, total),
+    log: (line) => postEvent(id, { type: 'status', message: line }),
+  });
+  return store;
+}
+
+// A file given by URL (a LoRA, an embedding): its folder's weight store and its name there.
+async function fileEntry(id, url, counter, what) {
+  const u = new URL(url, self.location.href);
+  const name = decodeURIComponent(u.pathname.split('/').pop() ?? '');
+  if (!name) throw Object.assign(new Error(`the ${what} URL ${url} names a folder, not a file (.safetensors, .pt, .ckpt or .bin)`), { kind: 'input' });
+  const base = new URL('./', u).href;
+  await recordModel(u.href, { file: name, kind: what });
+  return { url: u.href, store: storeFor(id, base, counter), file: name };
+}
+
+// A folder given by URL (a ControlNet, a VAE): its weight store.
+async function folderEntry(id, url, counter, what) {
+  const href = new URL(url, self.location.href).href;
+  const base = href.endsWith('/') ? href : `${href}/`;
+  await recordModel(base, { kind: what });
+  return { url: base, store: storeFor(id, base, counter), file: '' };
+}
+
+// What a generation brings besides the model for the engine: images, ControlNets, LoRAs,
+// embeddings and VAEs, each file with its own weight store (cached like a model, fetched only
+// when a generation uses it).
+async function engineImages(id, images, counter) {
   if (!images) return undefined;
-  const post = (event) => postEvent(id, event);
   const controls = [];
   for (const c of images.controls ?? []) {
-    const base = c.url.endsWith('/') ? c.url : `${c.url}/`;
-    const store = new WeightStore(base, {
-      signal: current.abort.signal,
-      onBytes: (fetched, total) => post({ type: 'download', fetched, total }),
-      log: (line) => post({ type: 'status', message: line }),
-    });
-    await recordModel(base, {});
-    controls.push({ url: base, store, image: c.image, scale: c.scale ?? 1 });
+    const f = await folderEntry(id, c.url, counter, 'controlnet');
+    controls.push({ url: f.url, store: f.store, image: c.image, scale: c.scale ?? 1 });
   }
-  return { init: images.init, mask: images.mask, depth: images.depth, controls };
+  const loras = [];
+  for (const l of images.loras ?? []) loras.push({ ...(await fileEntry(id, l.url, counter, 'lora')), scale: l.scale ?? 1 });
+  const embeddings = [];
+  for (const e of images.embeddings ?? []) embeddings.push({ ...(await fileEntry(id, e.url, counter, 'embedding')), token: e.token ?? '' });
+  const out = { init: images.init, mask: images.mask, depth: images.depth, controls, loras, embeddings, lora_merge: !!images.lora_merge };
+  if (images.vae) out.vae = await folderEntry(id, images.vae, counter, 'vae');
+  if (images.tiny_vae) out.tiny_vae = { ...(await folderEntry(id, images.tiny_vae, counter, 'tiny-vae')), decode: !!images.tiny_decode };
+  return out;
 }
 
 async function generate(id, msg) {
@@ -144,8 +188,8 @@ async function generate(id, msg) {
   const request = JSON.stringify(msg.params ?? {});
   for (let attempt = 0; ; attempt++) {
     try {
-      return await withModel(id, msg, async (loc, store, bpe) => {
-        const images = await engineImages(id, msg.images);
+      return await withModel(id, msg, async (loc, store, bpe, counter) => {
+        const images = await engineImages(id, msg.images, counter);
         const out = await ldm.generate(loc.base, store, loc.file ?? undefined, bpe, request, images, (ev) => {
           if (ev.type === 'prefetch') prefetchFirst(store, ev.files);
           else post(ev);

@@ -91,11 +91,18 @@ export class LdmEngine {
 
   // Generates one image: resolves to {blob (PNG with its parameters chunk), info}. onEvent sees
   // {type: 'download', fetched, total}, {type: 'stage', stage}, {type: 'step', step, steps, ms},
-  // {type: 'preview', step, width, height, rgba}, {type: 'status', message}.
-  // images (optional): {init, mask, depth: PNG bytes (Uint8Array), controls: [{url, image, scale}]}.
+  // {type: 'preview', step, width, height, rgba, decoder?: 'tiny'}, {type: 'status', message}.
+  // images (optional): {init, mask, depth: PNG bytes (Uint8Array), controls: [{url, image, scale}],
+  // loras: [{url, scale}], lora_merge, embeddings: [{url, token}], vae: URL, tiny_vae: URL,
+  // tiny_decode}: URLs relative to the page.
   async generate(model, params, onEvent, images) {
     await this.ready;
-    if (images?.controls) images = { ...images, controls: images.controls.map((c) => ({ ...c, url: new URL(c.url, document.baseURI).href })) };
+    if (images) {
+      const abs = (u) => new URL(u, document.baseURI).href;
+      images = { ...images };
+      for (const k of ['controls', 'loras', 'embeddings']) if (images[k]) images[k] = images[k].map((c) => ({ ...c, url: abs(c.url) }));
+      for (const k of ['vae', 'tiny_vae']) if (images[k]) images[k] = abs(images[k]);
+    }
     const m = await this.request({ cmd: 'generate', model: new URL(model, document.baseURI).href, params, images }, onEvent);
     return { blob: new Blob([m.png], { type: 'image/png' }), info: m.info };
   }

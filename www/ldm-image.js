@@ -2,14 +2,16 @@
 //   <script type="module" src="https://HOST/ldm-image.js"></script>
 //   <ldm-image model="https://HOST/models/sd1/" prompt="a red apple" seed="1" steps="20"></ldm-image>
 // Attributes: model (default: the built-in emoji model), prompt, negative-prompt, seed, steps, guidance,
-// width, height, scheduler.
+// width, height, scheduler, prompt-weighting ("a1111"), lora ("URL:SCALE URL2:SCALE", space-separated,
+// the scale 1 when left out), embedding ("URL[:TOKEN] ..."), vae (a VAE folder), tiny-vae (a TAESD
+// folder: real-colour previews).
 // It generates when connected and again when an attribute changes, shows its own progress and
 // result, and dispatches ldm-progress ({step, steps}), ldm-done ({blob}: the PNG with its
 // parameters chunk) and ldm-error ({message}). All widgets on a page share one engine worker.
 
 import { LdmEngine, webgpuHelp, previewImage } from './ldm-client.js';
 
-const ATTRS = ['model', 'prompt', 'negative-prompt', 'seed', 'steps', 'guidance', 'width', 'height', 'scheduler'];
+const ATTRS = ['model', 'prompt', 'negative-prompt', 'seed', 'steps', 'guidance', 'width', 'height', 'scheduler', 'prompt-weighting', 'lora', 'embedding', 'vae', 'tiny-vae'];
 let engine = null;
 let chain = Promise.resolve(); // widgets take turns on the one GPU device
 
@@ -82,7 +84,31 @@ class LdmImage extends HTMLElement {
     }
     const s = this.getAttribute('scheduler');
     if (s) p.scheduler = s;
+    const w = this.getAttribute('prompt-weighting');
+    if (w) p.prompt_weighting = w;
     return p;
+  }
+
+  // LoRAs, embeddings and VAEs from the attributes, as the engine takes them (undefined: none).
+  extras() {
+    const words = (name) => (this.getAttribute(name) ?? '').split(/\s+/).filter(Boolean);
+    const suffix = (v, accept) => {
+      const i = v.lastIndexOf(':');
+      return i > 0 && accept(v.slice(i + 1)) ? [v.slice(0, i), v.slice(i + 1)] : [v, undefined];
+    };
+    const out = {};
+    const loras = words('lora').map((v) => {
+      const [url, scale] = suffix(v, (x) => x !== '' && Number.isFinite(Number(x)));
+      return { url, scale: scale === undefined ? 1 : Number(scale) };
+    });
+    const embeddings = words('embedding').map((v) => {
+      const [url, token] = suffix(v, (x) => /^[^/\\.]+$/.test(x));
+      return { url, token: token ?? '' };
+    });
+    if (loras.length) out.loras = loras;
+    if (embeddings.length) out.embeddings = embeddings;
+    for (const [attr, key] of [['vae', 'vae'], ['tiny-vae', 'tiny_vae']]) if (this.getAttribute(attr)) out[key] = this.getAttribute(attr);
+    return Object.keys(out).length ? out : undefined;
   }
 
   status(text, error = false) {
@@ -94,8 +120,10 @@ class LdmImage extends HTMLElement {
     const run = ++this.run;
     const current = () => run === this.run && this.isConnected;
     let params;
+    let extras;
     try {
       params = this.params();
+      extras = this.extras();
       const help = webgpuHelp();
       if (help) throw new Error(help);
     } catch (e) {
@@ -134,7 +162,7 @@ class LdmImage extends HTMLElement {
           } else if (ev.type === 'stage' && ev.stage === 'decode') {
             this.status('decoding…');
           }
-        });
+        }, extras);
         if (!current()) return;
         if (this.img.src) URL.revokeObjectURL(this.img.src);
         this.img.src = URL.createObjectURL(blob);

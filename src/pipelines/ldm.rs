@@ -370,7 +370,7 @@ impl LdmModel {
             };
             latents = scheduler.step(&prediction, i, &latents, &mut step_noise)?;
             times.unet_steps_ms.push(now_ms() - t_start);
-            progress(&StepProgress { step: i + 1, steps, latents: &latents, shape: l.shape })?;
+            progress(&StepProgress { step: i + 1, steps, latents: &latents, shape: l.shape, preview: None })?;
         }
         Ok((Latents { data: latents, shape: l.shape }, times))
     }

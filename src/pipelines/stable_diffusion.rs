@@ -50,6 +50,8 @@ pub struct Txt2ImgParams {
     /// SDXL img2img: start at this fraction of the schedule from the init latents, adding no
     /// noise (the refiner's part of a hand-over); replaces the strength.
     pub denoising_start: Option<f32>,
+    /// Decode a preview with the tiny autoencoder every this many steps (0: none; needs one).
+    pub tiny_preview_every: usize,
 }
 
 impl Default for Txt2ImgParams {
@@ -58,6 +60,7 @@ impl Default for Txt2ImgParams {
             prompt: String::new(), negative_prompt: None, seed: 0, steps: 50, guidance_scale: 7.5, guidance_rescale: 0.0,
             width: 512, height: 512, scheduler: None, eta: 0.0, clip_skip: 0, batch: 1, prompt_2: None, negative_prompt_2: None,
             prompt_weighting: PromptWeighting::None, xl: XlConditions::default(), denoising_end: None, denoising_start: None,
+            tiny_preview_every: 0,
         }
     }
 }
@@ -123,6 +126,8 @@ pub struct StepProgress<'a> {
     /// The current latents `[batch, channels, height, width]`, for previews.
     pub latents: &'a [f32],
     pub shape: [usize; 4],
+    /// The tiny autoencoder's image of them, at the steps [`Txt2ImgParams::tiny_preview_every`] asks.
+    pub preview: Option<&'a Images>,
 }
 
 /// Called after every denoising step; an error (e.g. [`Error::Cancelled`]) stops the run.
@@ -646,7 +651,13 @@ impl StableDiffusionModel {
                 }
             }
             times.unet_steps_ms.push(now_ms() - t_start);
-            progress(&StepProgress { step: i - start + 1, steps: all - start, latents: &latents, shape: [b, z, h, w] })?;
+            let (step, steps) = (i - start + 1, all - start);
+            let every = p.tiny_preview_every;
+            let preview = match &self.tiny_vae {
+                Some(_) if every > 0 && (step % every == 0 || step == steps) => Some(self.decode_tiny(gpu, &Latents { data: latents.clone(), shape: [b, z, h, w] }).await?),
+                _ => None,
+            };
+            progress(&StepProgress { step, steps, latents: &latents, shape: [b, z, h, w], preview: preview.as_ref() })?;
         }
         Ok((Latents { data: latents, shape: [b, z, h, w] }, times))
     }

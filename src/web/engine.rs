@@ -11,11 +11,13 @@ use wasm_bindgen::prelude::*;
 use super::source::JsSource;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, GpuOptions};
-use crate::pipelines::output::{encode_png, parameters_text, GenerateBench};
+use crate::pipelines::output::{encode_png, parameters_text_with, GenerateBench};
 use crate::pipelines::preview::LatentPreview;
 use crate::models::ControlNetModel;
 use crate::pipelines::image_input::InputImage;
-use crate::pipelines::{DiffusionModel, ImageConditions, LdmKind, LdmModel, LoadOptions, StableDiffusionModel, StepProgress, Txt2ImgParams, UserImages};
+use crate::loader::lora::AdapterSet;
+use crate::pipelines::prompt::Embedding;
+use crate::pipelines::{DiffusionModel, ImageConditions, LdmKind, LdmModel, LoadOptions, StableDiffusionModel, StepProgress, Txt2ImgParams, UserImages, VaeSource};
 use crate::schedulers::{self, SchedulerKind};
 
 struct Loaded {
@@ -81,15 +83,73 @@ struct GenerateRequest {
     control_start: Option<f32>,
     #[serde(default)]
     control_end: Option<f32>,
+    /// SDXL's second encoder's prompts.
+    #[serde(default)]
+    prompt_2: Option<String>,
+    #[serde(default)]
+    negative_prompt_2: Option<String>,
+    /// "none" (diffusers' plain text) or "a1111" (weights, BREAK, long prompts).
+    #[serde(default)]
+    prompt_weighting: Option<String>,
 }
 
-/// The images the page sends with a generation: `{init?, mask?, depth?, controls?: [{url,
-/// store, image, scale}]}`, each image the bytes of a PNG file.
+/// A file the page names by URL, with the weight store that reads its folder.
+struct PageFile {
+    url: String,
+    store: JsValue,
+    /// The file's name in the store's folder (empty for a folder).
+    file: String,
+}
+
+/// What the page sends with a generation besides the settings: `{init?, mask?, depth?: PNG
+/// bytes, controls?: [{url, store, image, scale}], loras?: [{url, store, file, scale}],
+/// lora_merge?, embeddings?: [{url, store, file, token?}], vae?: {url, store}, tiny_vae?: {url,
+/// store}}`.
 struct PageImages {
     init: Option<InputImage>,
     mask: Option<InputImage>,
     depth: Option<InputImage>,
     controls: Vec<(String, JsValue, InputImage, f32)>,
+    loras: Vec<(PageFile, f32)>,
+    lora_merge: bool,
+    embeddings: Vec<(PageFile, Option<String>)>,
+    vae: Option<PageFile>,
+    tiny_vae: Option<PageFile>,
+    /// Decode the final image with the tiny autoencoder too.
+    tiny_decode: bool,
+}
+
+fn page_file(v: &JsValue, what: &str) -> Result<PageFile> {
+    let url = field(v, "url").and_then(|u| u.as_string()).ok_or_else(|| Error::Input(format!("the {what} has no URL")))?;
+    let store = field(v, "store").ok_or_else(|| Error::Input(format!("the {what} {url} has no weight store")))?;
+    let file = field(v, "file").and_then(|f| f.as_string()).unwrap_or_default();
+    Ok(PageFile { url, store, file })
+}
+
+impl PageImages {
+    /// A key for the model's extras: a model loaded with other adapters, embeddings or VAEs is
+    /// another model.
+    fn model_key(&self) -> String {
+        let mut k = String::new();
+        for (f, s) in &self.loras {
+            k.push_str(&format!("|lora:{}:{s}", f.url));
+        }
+        if self.lora_merge {
+            k.push_str("|merge");
+        }
+        for (f, t) in &self.embeddings {
+            k.push_str(&format!("|emb:{}:{}", f.url, t.as_deref().unwrap_or("")));
+        }
+        for (what, f) in [("vae", &self.vae), ("tiny", &self.tiny_vae)] {
+            if let Some(f) = f {
+                k.push_str(&format!("|{what}:{}", f.url));
+            }
+        }
+        if self.tiny_decode {
+            k.push_str("|tiny-decode");
+        }
+        k
+    }
 }
 
 fn field(obj: &JsValue, key: &str) -> Option<JsValue> {
@@ -105,8 +165,27 @@ fn png_field(obj: &JsValue, key: &str, what: &str) -> Result<Option<InputImage>>
 impl PageImages {
     fn read(inputs: &JsValue) -> Result<Self> {
         if inputs.is_undefined() || inputs.is_null() {
-            return Ok(Self { init: None, mask: None, depth: None, controls: Vec::new() });
+            return Ok(Self { init: None, mask: None, depth: None, controls: Vec::new(), loras: Vec::new(), lora_merge: false, embeddings: Vec::new(), vae: None, tiny_vae: None, tiny_decode: false });
         }
+        let list = |key: &str| field(inputs, key).map(|l| js_sys::Array::from(&l).iter().collect::<Vec<_>>()).unwrap_or_default();
+        let mut loras = Vec::new();
+        for l in list("loras") {
+            let f = page_file(&l, "LoRA")?;
+            let scale = field(&l, "scale").and_then(|s| s.as_f64()).unwrap_or(1.0) as f32;
+            if !scale.is_finite() {
+                return Err(Error::Input(format!("LoRA {}: the scale must be a finite number", f.url)));
+            }
+            loras.push((f, scale));
+        }
+        let mut embeddings = Vec::new();
+        for e in list("embeddings") {
+            let token = field(&e, "token").and_then(|t| t.as_string()).filter(|t| !t.trim().is_empty());
+            embeddings.push((page_file(&e, "embedding")?, token));
+        }
+        let vae = field(inputs, "vae").map(|v| page_file(&v, "VAE")).transpose()?;
+        let tiny_vae = field(inputs, "tiny_vae").map(|v| page_file(&v, "tiny autoencoder")).transpose()?;
+        let tiny_decode = field(inputs, "tiny_vae").and_then(|v| field(&v, "decode")).and_then(|d| d.as_bool()).unwrap_or(false);
+        let lora_merge = field(inputs, "lora_merge").and_then(|v| v.as_bool()).unwrap_or(false);
         let mut controls = Vec::new();
         if let Some(list) = field(inputs, "controls") {
             for (i, c) in js_sys::Array::from(&list).iter().enumerate() {
@@ -117,7 +196,7 @@ impl PageImages {
                 controls.push((url, store, image, scale));
             }
         }
-        Ok(Self { init: png_field(inputs, "init", "init image")?, mask: png_field(inputs, "mask", "mask")?, depth: png_field(inputs, "depth", "depth map")?, controls })
+        Ok(Self { init: png_field(inputs, "init", "init image")?, mask: png_field(inputs, "mask", "mask")?, depth: png_field(inputs, "depth", "depth map")?, controls, loras, lora_merge, embeddings, vae, tiny_vae, tiny_decode })
     }
 }
 
@@ -244,12 +323,14 @@ fn dtype_for(gpu: &Gpu, precision: Option<&str>) -> Result<DType> {
     }
 }
 
-/// The loaded model at `model_url` in `dtype`, loading it (without its VAE) when needed. Only one model is kept,
-/// so a new one frees the previous one's GPU memory first.
-/// `vae_encoder`: the VAE encoder is needed (an init image); a model loaded without it is
-/// loaded again with it, so text-to-image never fetches the encoder.
-async fn model(gpu: &Gpu, src: &JsSource, model_url: &str, single_file: Option<&str>, clip_bpe: Option<String>, dtype: DType, vae_encoder: bool) -> Result<Rc<Loaded>> {
-    let key = |enc: bool| format!("{model_url}#{}{}", dtype.name(), if enc { "+encoder" } else { "" });
+/// The loaded model at `model_url` in `dtype` with the page's extras (LoRAs, embeddings, VAEs),
+/// loading it (without its VAE) when needed. Only one model is kept, so a new one frees the
+/// previous one's GPU memory first. `vae_encoder`: the VAE encoder is needed (an init image); a
+/// model loaded without it is loaded again with it, so text-to-image never fetches the encoder.
+#[allow(clippy::too_many_arguments)]
+async fn model(gpu: &Gpu, src: &JsSource, model_url: &str, single_file: Option<&str>, clip_bpe: Option<String>, dtype: DType, vae_encoder: bool, extras: &PageImages) -> Result<Rc<Loaded>> {
+    let extra_key = extras.model_key();
+    let key = |enc: bool| format!("{model_url}#{}{}{extra_key}", dtype.name(), if enc { "+encoder" } else { "" });
     let wanted = [key(true), key(vae_encoder)];
     if let Some(m) = ENGINE.with_borrow(|e| e.model.clone()).filter(|m| wanted.contains(&m.key)) {
         return Ok(m);
@@ -257,12 +338,39 @@ async fn model(gpu: &Gpu, src: &JsSource, model_url: &str, single_file: Option<&
     ENGINE.with_borrow_mut(|e| e.model = None);
     gpu.trim_pool();
     let key = key(vae_encoder);
-    let opts = LoadOptions { defer_vae: true, prefer_fp16: dtype == DType::F16, dtype: Some(dtype), clip_bpe, vae_encoder, ..Default::default() };
+    let adapters = if extras.loras.is_empty() {
+        None
+    } else {
+        let mut set = AdapterSet::new();
+        set.merge = extras.lora_merge;
+        for (f, scale) in &extras.loras {
+            set.add(Box::new(JsSource::new(f.store.clone(), f.url.clone())), &f.file, &f.url, *scale).await?;
+        }
+        Some(Rc::new(set))
+    };
+    let source = |f: &PageFile| VaeSource(Rc::new(JsSource::new(f.store.clone(), f.url.clone())));
+    let opts = LoadOptions {
+        defer_vae: true, prefer_fp16: dtype == DType::F16, dtype: Some(dtype), clip_bpe, vae_encoder, adapters,
+        vae: extras.vae.as_ref().map(source), tiny_vae: extras.tiny_vae.as_ref().map(source), tiny_decode: extras.tiny_decode, ..Default::default()
+    };
     let name = model_url.trim_end_matches('/').rsplit('/').next().unwrap_or("model").to_string();
-    let model = match single_file {
+    let mut model = match single_file {
         Some(file) => DiffusionModel::StableDiffusion(StableDiffusionModel::load_single_file(gpu, src, file, None, &opts).await?),
         None => DiffusionModel::load(gpu, src, &name, &opts).await?,
     };
+    if !extras.embeddings.is_empty() {
+        let DiffusionModel::StableDiffusion(m) = &mut model else { return Err(Error::Input("textual-inversion embeddings are for Stable Diffusion models".into())) };
+        for (f, token) in &extras.embeddings {
+            let esrc = JsSource::new(f.store.clone(), f.url.clone());
+            let e = Embedding::read(&esrc, &f.file).await?;
+            let stem = f.file.rsplit_once('.').map_or(f.file.as_str(), |(a, _)| a).to_string();
+            let token = token.clone().or(e.token.clone()).unwrap_or(stem);
+            m.text.add_embedding(gpu, &e, &token)?;
+        }
+    }
+    if matches!(model, DiffusionModel::Ldm(_)) && (!extras.loras.is_empty() || extras.vae.is_some() || extras.tiny_vae.is_some()) {
+        return Err(Error::Input("LoRAs and other VAEs are for Stable Diffusion models".into()));
+    }
     let loaded = Rc::new(Loaded { key, model, preview: RefCell::default() });
     ENGINE.with_borrow_mut(|e| e.model = Some(loaded.clone()));
     Ok(loaded)
@@ -305,9 +413,15 @@ fn params<'m>(m: &StableDiffusionModel, req: GenerateRequest, images: UserImages
     let images = UserImages { strength: req.strength, mask_blur: req.mask_blur, noise_level: req.noise_level, guess_mode: req.guess_mode, control_start: req.control_start.unwrap_or(0.0), control_end: req.control_end.unwrap_or(1.0), ..images };
     let prepared = m.prepare_images(images, req.width, req.height)?;
     let (steps, guidance) = m.default_steps_guidance(25);
+    let prompt_weighting = req.prompt_weighting.as_deref().unwrap_or("none").parse()?;
     let p = Txt2ImgParams {
         prompt: req.prompt,
         negative_prompt: req.negative_prompt.filter(|n| !n.is_empty()),
+        prompt_2: req.prompt_2.filter(|n| !n.is_empty()),
+        negative_prompt_2: req.negative_prompt_2.filter(|n| !n.is_empty()),
+        prompt_weighting,
+        // The tiny autoencoder is cheap next to a UNet step: its real-colour preview every step.
+        tiny_preview_every: if m.tiny_vae.is_some() && req.preview_every > 0 { 1 } else { 0 },
         seed: req.seed,
         steps: req.steps.or(m.hints.steps).unwrap_or(steps),
         guidance_scale: req.guidance.or(m.hints.guidance).unwrap_or(guidance),
@@ -355,7 +469,7 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
     let gpu = gpu().await?;
     let dtype = dtype_for(&gpu, req.precision.as_deref())?;
     event(on_event, "stage", &[("stage", "load".into())]);
-    let loaded = model(&gpu, &src, model_url, single_file, clip_bpe, dtype, page_images.init.is_some()).await?;
+    let loaded = model(&gpu, &src, model_url, single_file, clip_bpe, dtype, page_images.init.is_some(), &page_images).await?;
     // ControlNets are fetched only when a generation uses them.
     let mut nets = Vec::new();
     for (url, store, _, _) in &page_images.controls {
@@ -369,6 +483,8 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
     // Once denoising runs, the VAE's weights can download alongside it: the worker prefetches
     // the first of these files that exists (a single file holds the VAE with everything else).
     let vae_files: Vec<&str> = match (&loaded.model, single_file) {
+        // A VAE of its own comes from elsewhere.
+        _ if page_images.vae.is_some() => vec![],
         (DiffusionModel::StableDiffusion(m), None) if !m.vae_loaded() && dtype == DType::F16 => vec!["vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors"],
         (DiffusionModel::StableDiffusion(m), None) if !m.vae_loaded() => vec!["vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"],
         _ => vec![],
@@ -381,7 +497,12 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
             event(on_event, "prefetch", &[("files", files.into())]);
         }
         last = t;
-        if every > 0 && (s.step.is_multiple_of(every) || s.step == s.steps) {
+        if let Some(img) = s.preview {
+            // The tiny autoencoder's image: the real colours, at full size.
+            let rgba: Vec<u8> = img.rgb8(0).chunks(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect();
+            let bytes = js_sys::Uint8ClampedArray::from(rgba.as_slice());
+            event(on_event, "preview", &[("step", s.step.into()), ("width", img.width.into()), ("height", img.height.into()), ("rgba", bytes.into()), ("decoder", "tiny".into())]);
+        } else if every > 0 && (s.step.is_multiple_of(every) || s.step == s.steps) {
             let rgba = preview.render(s.latents, s.shape);
             let bytes = js_sys::Uint8ClampedArray::from(rgba.as_slice());
             event(on_event, "preview", &[("step", s.step.into()), ("width", s.shape[3].into()), ("height", s.shape[2].into()), ("rgba", bytes.into())]);
@@ -430,7 +551,11 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
         }
     };
     let name = loaded.model.name().to_string();
-    let parameters = parameters_text(&p, kind, &name, 0);
+    let loras = match &loaded.model {
+        DiffusionModel::StableDiffusion(m) => m.adapters.clone(),
+        DiffusionModel::Ldm(_) => Vec::new(),
+    };
+    let parameters = parameters_text_with(&p, kind, &name, 0, &loras, None);
     let png = encode_png(images.width, images.height, &images.rgb8(0), &parameters)?;
     let info = GenerateInfo {
         model: name,
@@ -474,7 +599,7 @@ async fn run_bench(model_url: &str, store: JsValue, single_file: Option<&str>, c
     let gpu = gpu().await?;
     let dtype = dtype_for(&gpu, req.precision.as_deref())?;
     let t = now_ms();
-    let loaded = model(&gpu, &src, model_url, single_file, clip_bpe, dtype, false).await?;
+    let loaded = model(&gpu, &src, model_url, single_file, clip_bpe, dtype, false, &PageImages::read(&JsValue::UNDEFINED)?).await?;
     let cancel = &mut |_: &StepProgress| if CANCEL.get() { Err(Error::Cancelled) } else { Ok(()) };
     let (p, kind, load_ms, warmup_ms, times) = match &loaded.model {
         DiffusionModel::StableDiffusion(m) => {

@@ -23,7 +23,11 @@
 //   share     the share link, opened in a new tab, reproduces the first image exactly
 //   offline   with the server stopped, the page reloads from the service worker and generates
 //   widget    <ldm-image> embedded in a page of another origin generates the same image, with
-//             ldm-progress and ldm-done events
+//             ldm-progress and ldm-done events; its lora attribute gives diffusers' image
+//   families  against diffusers' own images (ref/family_N): SDXL with an SDXL LoRA from a share
+//             link, two LoRA rows with scale sliders and TAESD previews every step, textual-
+//             inversion embeddings, the A1111 prompt-weighting toggle, TAESD as the final decoder;
+//             the download counter never passes its total
 //   bench     bench.html?mode=generate prints ldm bench generate's JSON (Chromium)
 //   no-webgpu a browser without WebGPU gets a message naming the flag to set
 // A screenshot of the page after its first generation is saved under --artifacts.
@@ -40,6 +44,9 @@ import { CHROMIUM_ARGS, FIREFOX_PREFS, EXECUTABLES } from './browsers.mjs';
 const TOL = 2; // of 255
 // The built-in model in f16 against the CLI's f32 (see tests/builtin.rs): max and mean, of 255.
 const BUILTIN_F16_TOL = { max: 8, mean: 0.5 };
+// The family fixtures against diffusers' f32 images when the browser runs in f16 (Firefox on
+// lavapipe): random tiny weights, 4 steps; f32 runs stay within TOL.
+const FAMILY_F16_TOL = { max: 4, mean: 0.5 };
 const PROMPT = 'a watercolor lighthouse at dawn';
 const SETTINGS = { prompt: PROMPT, steps: 3, guidance: 7.5, width: 64, height: 64 };
 // LDM fixture runs, as page links and as `ldm generate` flags.
@@ -93,6 +100,7 @@ function prepare(work) {
   copyDir(path.join(opts.fixtures, 'controlnet-a'), path.join(models, 'controlnet-a'));
   copyDir(path.join(opts.fixtures, 'ldm', 'text2im'), path.join(models, 'ldm-text2im'));
   copyDir(path.join(opts.fixtures, 'ldm', 'uncond'), path.join(models, 'ldm-uncond'));
+  for (const dir of ['sdxl', 'lora', 'embeddings', 'taesd']) copyDir(path.join(opts.fixtures, dir), path.join(models, dir));
   const cli = (args, out) => {
     execFileSync(opts.ldm, ['generate', ...args, '--out', out], { stdio: ['ignore', 'ignore', 'inherit'] });
     return PNG.sync.read(fs.readFileSync(out));
@@ -244,6 +252,31 @@ function pixelDiff(pngBytes, ref) {
 }
 
 const maxDiff = (pngBytes, ref) => pixelDiff(pngBytes, ref).max;
+
+// diffusers' output_type="np" image of a family case (ref/family_N.safetensors, "image": 1 x H x W
+// x 3 f32 in [0, 1]) as RGBA values in [0, 255], unrounded, for pixelDiff.
+function diffusersImage(index) {
+  const buf = fs.readFileSync(path.join(opts.fixtures, 'ref', `family_${index}.safetensors`));
+  const n = Number(buf.readBigUInt64LE(0));
+  const header = JSON.parse(buf.toString('utf8', 8, 8 + n));
+  const t = header.image;
+  if (!t || t.dtype !== 'F32') throw new Error(`family_${index}.safetensors has no f32 image`);
+  const [, height, width] = t.shape;
+  const data = new Float32Array(width * height * 4);
+  for (let i = 0; i < width * height; i++) {
+    for (let c = 0; c < 3; c++) data[i * 4 + c] = 255 * buf.readFloatLE(8 + n + t.data_offsets[0] + 4 * (i * 3 + c));
+    data[i * 4 + 3] = 255;
+  }
+  return { width, height, data };
+}
+
+function familyCase(index) {
+  const c = JSON.parse(fs.readFileSync(path.join(opts.fixtures, 'ref', 'family_cases.json'), 'utf8')).cases[index];
+  const q = { seed: String(c.seed), steps: String(c.steps), guidance: String(c.guidance), width: String(c.width), height: String(c.height) };
+  const prompt = c.a1111?.prompt ?? c.prompt ?? '';
+  const negative = c.a1111?.negative_prompt ?? c.negative_prompt;
+  return { ...c, query: { prompt, ...(negative ? { negative_prompt: negative } : {}), ...(c.scheduler ? { scheduler: c.scheduler } : {}), ...q } };
+}
 
 function parametersChunk(pngBytes) {
   // tEXt / iTXt chunks named "parameters".
@@ -461,6 +494,14 @@ async function runBrowser(name, fx, results) {
         if (again.startsWith('error')) throw new Error(again);
         const d8 = maxDiff(Buffer.from(again, 'base64'), fx.refs[8]);
         check('widget regenerates when an attribute changes', d8 <= TOL, `seed="8" set: max diff ${d8}/255 vs the CLI's seed 8`);
+        // The lora attribute, with the settings of diffusers' case 15 (a PEFT LoRA at 0.8, Euler a).
+        const c15 = familyCase(15);
+        const attrs = { prompt: c15.query.prompt, seed: c15.query.seed, steps: c15.query.steps, guidance: c15.query.guidance, scheduler: c15.query.scheduler, lora: `${app}models/lora/sd1-peft.safetensors:0.8` };
+        await tab.evaluate(`(() => { const el = document.querySelector('ldm-image'); for (const [k, v] of Object.entries(${JSON.stringify(attrs)})) el.setAttribute(k, v); })()`);
+        const withLora = await waitFor(tab, `window.__embed.all.length >= 3 ? window.__embed.all[2] : (window.__embed.error ? 'error: ' + window.__embed.error : null)`, 'the widget with a LoRA');
+        if (withLora.startsWith('error')) throw new Error(withLora);
+        const dl = pixelDiff(Buffer.from(withLora, 'base64'), diffusersImage(15));
+        check('widget lora attribute matches diffusers', dl.max <= TOL, `lora="…/sd1-peft.safetensors:0.8", Euler a: max |widget - diffusers| = ${dl.max.toFixed(2)}/255 (mean ${dl.mean.toFixed(3)})`);
         if (opts.artifacts) await tab.screenshot({ path: path.join(opts.artifacts, `widget-${name}.png`) });
         await tab.close();
       } finally {
@@ -556,6 +597,81 @@ async function runBrowser(name, fx, results) {
       d = maxDiff(png, ref);
       const fetched = serve.log.filter((r) => r.url.startsWith('/models/controlnet-a/') && r.status === 206).length;
       check('uploaded condition image drives the ControlNet as in the CLI', d <= TOL && fetched > 0, `control.png through /models/controlnet-a/ (${fetched} range requests): max |browser - ldm generate --control| = ${d}/255`);
+    });
+
+    // Model families through the page, each against diffusers' own image (ref/family_N): an SDXL
+    // model with an SDXL LoRA from a share link; two LoRAs added with the LoRA rows and their
+    // scale sliders, with a tiny autoencoder's real-colour previews; textual-inversion embeddings;
+    // A1111 prompt weighting by its toggle; the tiny autoencoder as the final decoder.
+    await attempt('families', async () => {
+      const viaLink = async (index, extra) => {
+        const c = familyCase(index);
+        const q = new URLSearchParams({ model: `/models/${c.model}/`, ...c.query });
+        for (const [k, v] of extra) q.append(k, v);
+        await page.goto(`${app}?${q}`);
+        return { c, png: await nextResult(page, 0) };
+      };
+      const precision = () => page.evaluate('window.__ldmApp.results.at(-1).info.precision');
+      const report = async (what, png, index) => {
+        const { max, mean } = pixelDiff(png, diffusersImage(index));
+        const p = await precision();
+        const [tolMax, tolMean] = p === 'f16' ? [FAMILY_F16_TOL.max, FAMILY_F16_TOL.mean] : [TOL, TOL];
+        return { ok: max <= tolMax && mean <= tolMean, text: `${what}: max |browser - diffusers| = ${max.toFixed(2)}/255 (mean ${mean.toFixed(3)}; ${p}, tolerance ${tolMax}/${tolMean})` };
+      };
+      const downloads = () => page.evaluate(`window.__ldmApp.events.filter((e) => e.type === 'download').map((e) => [e.fetched, e.total])`);
+
+      let { png } = await viaLink(17, [['lora', '/models/lora/sdxl-kohya.safetensors:0.9']]);
+      let r = await report('SDXL base + kohya SDXL LoRA (lora_te1_/lora_te2_/lora_unet_) at 0.9, 4 Euler steps', png, 17);
+      const params = parametersChunk(png) ?? '';
+      check('SDXL with a LoRA from a share link matches diffusers', r.ok && params.includes('<lora:sdxl-kohya:0.9>'), `${r.text}; parameters ${JSON.stringify(params.slice(0, 160))}`);
+      const dl = await downloads();
+      const over = dl.filter(([f, t]) => f > t);
+      const lora = serve.log.filter((x) => x.url === '/models/lora/sdxl-kohya.safetensors' && x.status === 206);
+      check('download counter stays within its total', dl.length > 0 && over.length === 0 && lora.length > 0,
+        `${dl.length} download events for the model and its LoRA (${lora.length} LoRA range requests), last ${JSON.stringify(dl.at(-1))}, ${over.length} over the total`);
+
+      // Two LoRA rows with their sliders and the tiny autoencoder, as a user fills them in.
+      const c16 = familyCase(16);
+      await page.goto(`${app}?${new URLSearchParams({ model: '/models/sd1/', ...c16.query })}`);
+      await nextResult(page, 0);
+      const before = await page.evaluate('window.__ldmApp.results.length');
+      await page.evaluate(`(() => {
+        document.getElementById('extras').open = true;
+        const rows = [['/models/lora/sd1-kohya.safetensors', '0.7'], ['/models/lora/sd1-peft.safetensors', '-0.4']];
+        for (const [url, scale] of rows) {
+          document.getElementById('add-lora').click();
+          const row = document.querySelector('#lora-list .extra-row:last-child');
+          row.querySelector('.lora-url').value = url;
+          const slider = row.querySelector('.lora-scale');
+          slider.value = scale;
+          slider.dispatchEvent(new Event('input', { bubbles: true }));
+        }
+        document.getElementById('settings').elements.tiny_vae.value = '/models/taesd/';
+        document.getElementById('generate').click();
+      })()`);
+      png = await nextResult(page, before);
+      r = await report('SD1 + kohya LoRA at 0.7 + PEFT LoRA at -0.4, DPM++ 2M', png, 16);
+      const shown = await page.evaluate(`[...document.querySelectorAll('#lora-list .lora-scale-text')].map((o) => o.textContent)`);
+      const previews = await page.evaluate(`window.__ldmApp.events.slice(window.__ldmApp.events.findLastIndex((e) => e.type === 'start')).filter((e) => e.type === 'preview')`);
+      const tiny = previews.filter((e) => e.decoder === 'tiny' && e.width === 64 && e.height === 64);
+      check('two LoRA rows with scale sliders match diffusers', r.ok && shown.join() === '0.70,-0.40', `${r.text}; sliders show ${shown.join(', ')}`);
+      check('tiny autoencoder previews every step', tiny.length === Number(c16.query.steps) && previews.length === tiny.length,
+        `${tiny.length} of ${previews.length} previews decoded by TAESD at 64x64 (steps ${c16.query.steps})`);
+      const link = await page.evaluate('location.href');
+      check('LoRA rows go into the share link', /lora=[^&]*sd1-kohya\.safetensors%3A0\.7/.test(link) && /lora=[^&]*sd1-peft\.safetensors%3A-0\.4/.test(link) && /tiny_vae=/.test(link), link.slice(link.indexOf('?'), link.indexOf('?') + 300));
+
+      ({ png } = await viaLink(20, [['embedding', '/models/embeddings/cat-toy.safetensors'], ['embedding', '/models/embeddings/a1111-style.safetensors']]));
+      r = await report('SD1 + <cat-toy> (diffusers learned_embeds) and a1111-style (A1111 emb_params, token from the file name)', png, 20);
+      check('textual-inversion embeddings match diffusers', r.ok, r.text);
+
+      ({ png } = await viaLink(27, [['prompt_weighting', 'a1111']]));
+      r = await report('"(red:1.3) apple, [blue] sky" with A1111 weighting (reference: A1111\'s maths on diffusers\' CLIP)', png, 27);
+      const toggled = await page.evaluate(`document.getElementById('settings').elements.prompt_weighting.checked`);
+      check('A1111 prompt weighting toggle matches its reference', r.ok && toggled, `${r.text}; toggle on: ${toggled}`);
+
+      ({ png } = await viaLink(22, [['tiny_vae', '/models/taesd/'], ['vae_decoder', 'tiny']]));
+      r = await report('SD1 decoded by TAESD (AutoencoderTiny as pipe.vae)', png, 22);
+      check('tiny autoencoder as the final decoder matches diffusers', r.ok, r.text);
     });
 
     await attempt('ldm', async () => {

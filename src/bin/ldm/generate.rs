@@ -546,6 +546,7 @@ fn sd_params<'m>(a: &GenerateArgs, model: &StableDiffusionModel, controls: &[(&'
         guidance_scale: a.guidance.or(model.hints.guidance).unwrap_or(guidance), guidance_rescale: 0.0, width: prepared.width, height: prepared.height,
         scheduler, eta: a.eta, clip_skip: a.clip_skip, batch: a.batch, prompt_2: a.prompt_2.clone(), negative_prompt_2: a.negative_prompt_2.clone(),
         prompt_weighting: a.prompt_weighting.parse()?, xl, denoising_end: a.denoising_end.filter(|_| a.refiner.is_none()), denoising_start: a.denoising_start,
+        ..Default::default()
     };
     model.validate(&p)?;
     let cond = prepared.conditions;
