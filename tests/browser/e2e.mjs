@@ -333,6 +333,9 @@ async function runBrowser(name, fx, results) {
         const [tolMax, tolMean] = info.precision === 'f16' ? [BUILTIN_F16_TOL.max, BUILTIN_F16_TOL.mean] : [TOL, TOL];
         check('first visit draws with the built-in model', firstVisit && d <= tolMax && mean <= tolMean,
           `"${fx.builtin.hints.example_prompts[0]}", ${info.steps} steps, ${info.precision}: max |browser - ldm generate (no --model)| = ${d}/255 (mean ${mean.toFixed(3)}, tolerance ${tolMax}/${tolMean}) in ${(info.total_ms / 1000).toFixed(1)} s (UNet ${(info.unet_steps_ms.reduce((a, b) => a + b, 0) / info.unet_steps_ms.length).toFixed(0)} ms/step, load ${(info.load_ms / 1000).toFixed(1)} s)`);
+        const dl = await page.evaluate(`window.__ldmApp.events.filter((e) => e.type === 'download').map((e) => [e.fetched, e.total])`);
+        check('built-in model download counter ends at its total', dl.length > 0 && dl.every(([f, t]) => f <= t) && dl.at(-1)[0] === dl.at(-1)[1],
+          `${dl.length} download events, last ${(dl.at(-1)?.[0] / 1e6).toFixed(2)} / ${(dl.at(-1)?.[1] / 1e6).toFixed(2)} MB, ${dl.filter(([f, t]) => f > t).length} past the total`);
         const builtinReqs = serve.log.filter((r) => r.url.startsWith('/builtin/emoji/') && r.url.endsWith('.safetensors'));
         check('built-in weights served beside the app', builtinReqs.length > 0 && builtinReqs.every((r) => r.status === 206 || r.status === 404), `${builtinReqs.length} range requests under /builtin/emoji/`);
         const page_ = await page.evaluate(`({ examples: [...document.querySelectorAll('#examples button')].map((b) => b.textContent), about: document.getElementById('about').textContent })`);
