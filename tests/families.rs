@@ -473,3 +473,32 @@ fn lora_refusals_and_merging() {
     assert!(e.is_some_and(|e| e.contains("quantised")));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SDXL at 1024x1024 in f32 needs its feed-forward in token chunks to fit a browser's 128 MiB
+/// bindings: a transformer whose GEGLU input is 128 KiB, on a device that binds 64 KiB at most,
+/// gives the unchunked device's output.
+#[test]
+fn feed_forward_chunks_fit_small_bindings() {
+    use ldm_web::gpu::GpuOptions;
+    use ldm_web::loader::{StaticSource, Weights};
+    use ldm_web::models::transformer_2d::Transformer2DModel;
+    let run = |max_storage_binding: Option<u64>| {
+        pollster::block_on(async {
+            let gpu = Gpu::new(GpuOptions { force_f32: true, max_storage_binding, ..Default::default() }).await?;
+            let empty = StaticSource::new("random", &[]);
+            let w = Weights::random(&empty, 7);
+            // 8 channels, 2 heads, one block, text width 12; 2 x 16 x 16 tokens: GEGLU input 512 x 64 f32.
+            let t = Transformer2DModel::load(&w.at(&gpu, DType::F32, ""), 8, 2, 1, 12, 4, false).await?;
+            let x = gpu.upload(&[2, 8, 16, 16], DType::F32, &(0..4096).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect::<Vec<_>>())?;
+            let ctx = gpu.upload(&[2, 5, 12], DType::F32, &(0..120).map(|i| ((i * 13 % 29) as f32 / 14.0) - 1.0).collect::<Vec<_>>())?;
+            let y = t.forward(&gpu, &x, &ctx)?;
+            gpu.read(&y).await
+        })
+        .expect("transformer runs")
+    };
+    let whole = run(None);
+    let chunked = run(Some(64 << 10));
+    let d = whole.iter().zip(&chunked).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(d <= 1e-6, "chunked feed-forward differs by {d}");
+    assert!(whole.iter().any(|v| v.abs() > 1e-3), "the transformer's output is all zeros");
+}

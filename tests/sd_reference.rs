@@ -103,7 +103,7 @@ fn vae_tiled_decode_matches_diffusers() {
     .expect("vae loads");
     let (zs, z) = &r["latents"];
     let shape: [usize; 4] = zs.as_slice().try_into().expect("4-d latents");
-    let tiled = pollster::block_on(vae.decode_tiled(&gpu, z, shape, DType::F32)).expect("tiled decode");
+    let tiled = pollster::block_on(vae.decode_tiled(&gpu, z, shape, DType::F32, vae.config.sample_size)).expect("tiled decode");
     assert_close("sd1 vae tiled decode", &tiled, &r["tiled"].1, 1e-4);
 }
 

@@ -12,7 +12,7 @@
 //                                             vae?: folder URL, tiny_vae?: folder URL, tiny_decode?}
 //   {id, cmd: 'bench-generate', model, params}
 //   {id, cmd: 'adapter'} | {id, cmd: 'models'} | {id, cmd: 'delete-model', url}
-//   {id, cmd: 'bench-unet', model: 'sd15' | URL, inputs: URL?, options}  (ldm bench unet)
+//   {id, cmd: 'bench-unet', model: 'sd15' | 'sdxl' | URL, inputs: URL?, options}  (ldm bench unet)
 //   {id, cmd: 'test', filter} | {id, cmd: 'bench', which}     (kernel tests and benchmarks)
 //   {cmd: 'cancel'} | {cmd: 'simulate-device-loss'} | {cmd: 'simulate-out-of-memory'}   (the last two test recovery)
 // Messages out:
@@ -223,11 +223,14 @@ async function handle(id, msg) {
     case 'bench-generate':
       return withModel(id, msg, async (loc, store, bpe) => ({ json: await ldm.bench_generate(loc.base, store, loc.file ?? undefined, bpe, JSON.stringify(msg.params ?? {})) }));
     case 'bench-unet': {
-      // model 'sd15': Stable Diffusion 1.5's architecture with random weights (nothing to fetch).
+      // model 'sd15' / 'sdxl': Stable Diffusion 1.5's / SDXL's architecture with random weights (nothing to fetch).
       const inputsBase = msg.inputs ? new URL(msg.inputs, self.location.href).href : undefined;
       const inputs = inputsBase ? new WeightStore(inputsBase, { signal: current.abort.signal }) : undefined;
+      if (!msg.model || msg.model === 'sd15' || msg.model === 'sdxl') {
+        const options = JSON.stringify({ ...(msg.options ?? {}), architecture: msg.model || 'sd15' });
+        return { json: await ldm.bench_unet(undefined, undefined, inputsBase, inputs, options) };
+      }
       const options = JSON.stringify(msg.options ?? {});
-      if (!msg.model || msg.model === 'sd15') return { json: await ldm.bench_unet(undefined, undefined, inputsBase, inputs, options) };
       return withModel(id, msg, async (loc, store) => ({ json: await ldm.bench_unet(loc.base, store, inputsBase, inputs, options) }));
     }
     case 'models':

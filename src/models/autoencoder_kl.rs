@@ -47,6 +47,34 @@ impl Default for AutoencoderKLConfig {
 }
 
 impl AutoencoderKLConfig {
+    /// Bytes of the decoder's largest activation for latents `[b, _, h, w]`, to decide whether the
+    /// decode must be tiled: at each resolution, the wider of its block's channels and those
+    /// upsampled into it from the block below.
+    pub fn decode_peak_bytes(&self, b: usize, h: usize, w: usize, dtype: DType) -> u64 {
+        let ch = &self.block_out_channels;
+        let f = self.scale_factor();
+        (0..ch.len())
+            .map(|i| {
+                let c = ch[i].max(ch.get(i + 1).copied().unwrap_or(0));
+                let (sh, sw) = ((h * f) >> i, (w * f) >> i);
+                dtype.bytes_for(&[b, c, sh.max(1), sw.max(1)])
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The tile size in pixels for [`AutoencoderKL::decode_tiled`] whose activations fit `max_binding`
+    /// bytes: diffusers' `sample_size` where it fits (SD 1.x's 512), else halved until it does
+    /// (SDXL's 1024 at 1024x1024 in a browser's 128 MiB bindings: 256), never below 8 latents.
+    pub fn tile_sample_size(&self, b: usize, dtype: DType, max_binding: u64) -> usize {
+        let f = self.scale_factor();
+        let mut tile = self.sample_size;
+        while tile / f > 8 && self.decode_peak_bytes(b, tile / f, tile / f, dtype) > max_binding {
+            tile /= 2;
+        }
+        tile
+    }
+
     /// Refuses configs the decoder cannot run.
     pub fn validate(&self) -> Result<()> {
         for (k, v) in [("latents_mean", &self.latents_mean), ("latents_std", &self.latents_std)] {
@@ -132,24 +160,16 @@ impl AutoencoderKL {
         self.decoder.forward(gpu, &z, true)
     }
 
-    /// Bytes of the decoder's largest activation for latents `[b, _, h, w]` (its full-resolution
-    /// blocks), to decide whether the decode must be tiled.
-    pub fn decode_peak_bytes(&self, b: usize, h: usize, w: usize, dtype: DType) -> u64 {
+    /// diffusers' `tiled_decode` (`enable_tiling`) with tiles of `tile_sample` pixels (diffusers:
+    /// `sample_size`): latents `[b, c, h, w]` (already divided by `scaling_factor`) decoded in tiles
+    /// of `tile_sample / f` latents every 3/4 of a tile, each blended into its upper and left
+    /// neighbours over a quarter tile of pixels, so the decoder's activations are those of one
+    /// tile whatever the image size.
+    pub async fn decode_tiled(&self, gpu: &Gpu, z: &[f32], [b, c, h, w]: [usize; 4], dtype: DType, tile_sample: usize) -> Result<Vec<f32>> {
         let f = self.config.scale_factor();
-        let c = self.config.block_out_channels.iter().take(2).copied().max().unwrap_or(0);
-        dtype.bytes_for(&[b, c, h * f, w * f])
-    }
-
-    /// diffusers' `tiled_decode` (`enable_tiling`): latents `[b, c, h, w]` (already divided by
-    /// `scaling_factor`) decoded in tiles of `sample_size / f` latents every 3/4 of a tile, each
-    /// blended into its upper and left neighbours over a quarter tile of pixels, so the
-    /// decoder's activations are those of one tile whatever the image size.
-    pub async fn decode_tiled(&self, gpu: &Gpu, z: &[f32], [b, c, h, w]: [usize; 4], dtype: DType) -> Result<Vec<f32>> {
-        let f = self.config.scale_factor();
-        let tile_sample = self.config.sample_size;
         let tile_latent = tile_sample / f;
         if tile_latent == 0 {
-            return Err(Error::Model(format!("vae sample_size {tile_sample} is smaller than its scale factor {f}; it cannot be tiled")));
+            return Err(Error::Model(format!("a VAE tile of {tile_sample} pixels is smaller than the scale factor {f}; it cannot be tiled")));
         }
         let overlap = ((tile_latent as f64 * 0.75) as usize).max(1);
         let blend = (tile_sample as f64 * 0.25) as usize;
@@ -248,5 +268,33 @@ impl AutoencoderKL {
             logvar.extend(all[i * 2 * plane + plane..(i + 1) * 2 * plane].iter().map(|v| v.clamp(-30.0, 20.0)));
         }
         Ok(LatentDist { shape: vec![b, z, hh, ww], mean, logvar })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> AutoencoderKLConfig {
+        serde_json::from_str(json).expect("vae config")
+    }
+
+    /// The decode's largest activation and the tile size that fits a browser's 128 MiB binding.
+    #[test]
+    fn tiles_fit_the_binding_limit() {
+        let sd = config(crate::bench::unet::SD15_VAE_CONFIG);
+        let xl = config(crate::bench::unet::SDXL_VAE_CONFIG);
+        const MIB: u64 = 1 << 20;
+        // 256 channels upsampled to full resolution dominate: 512x512 f32 is 256 MiB.
+        assert_eq!(sd.decode_peak_bytes(1, 64, 64, DType::F32), 256 * MIB);
+        assert_eq!(sd.decode_peak_bytes(1, 64, 64, DType::F16), 128 * MIB);
+        // SDXL in f32 at 1024x1024: 1 GiB whole, diffusers' 1024-pixel tiles are the whole image.
+        assert_eq!(xl.decode_peak_bytes(1, 128, 128, DType::F32), 1024 * MIB);
+        assert_eq!(xl.tile_sample_size(1, DType::F32, 128 * MIB), 256);
+        assert!(xl.decode_peak_bytes(1, 32, 32, DType::F32) <= 128 * MIB);
+        assert_eq!(xl.tile_sample_size(1, DType::F32, 4096 * MIB), 1024);
+        assert_eq!(sd.tile_sample_size(1, DType::F16, 128 * MIB), 512);
+        // Never below 8 latents, however small the limit.
+        assert_eq!(xl.tile_sample_size(1, DType::F32, 1), 64);
     }
 }

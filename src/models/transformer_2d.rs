@@ -88,8 +88,31 @@ impl BasicTransformerBlock {
         let n = self.norm2.forward(gpu, &x)?;
         let x = self.attn2.forward(gpu, &n, Some(context), &x)?;
         let n = self.norm3.forward(gpu, &x)?;
-        let h = ops::geglu(gpu, &self.ff_proj.forward(gpu, &n, Activation::None)?)?;
-        self.ff_out.forward_residual(gpu, &h, &x)
+        self.feed_forward(gpu, &n, &x)
+    }
+
+    /// `x + ff_out(geglu(ff_proj(n)))`, over chunks of tokens when the GEGLU's input would not fit
+    /// one storage binding (SDXL at 1024x1024 in f32 in a browser's 128 MiB), as diffusers'
+    /// `enable_forward_chunking`: every token is independent, so the result is the same.
+    fn feed_forward(&self, gpu: &Gpu, n: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let ff = |n: &Tensor, x: &Tensor| self.ff_out.forward_residual(gpu, &ops::geglu(gpu, &self.ff_proj.forward(gpu, n, Activation::None)?)?, x);
+        let &[b, tokens, dim] = n.shape() else { return ff(n, x) };
+        let rows = b * tokens;
+        let wide = self.ff_proj.out_features;
+        let limit = gpu.summary().max_storage_buffer_binding_size;
+        let bytes = n.dtype().bytes_for(&[rows, wide]);
+        if bytes <= limit {
+            return ff(n, x);
+        }
+        let chunk = ((rows as u64 * limit / bytes) as usize).max(1);
+        let mut parts = Vec::new();
+        for start in (0..rows).step_by(chunk) {
+            let len = chunk.min(rows - start);
+            let nc = ops::slice(gpu, n, start * dim, &[1, len, dim])?;
+            let xc = ops::slice(gpu, x, start * dim, &[1, len, dim])?;
+            parts.push(ff(&nc, &xc)?);
+        }
+        ops::concat(gpu, &parts.iter().collect::<Vec<_>>(), 1)?.reshape(&[b, tokens, dim])
     }
 }
 

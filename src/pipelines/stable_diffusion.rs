@@ -758,9 +758,11 @@ impl StableDiffusionModel {
         // next denoising loop: peak GPU memory is the larger phase, not the sum.
         gpu.trim_pool();
         // Tiles when asked, or when the whole image's activations would not fit a binding.
-        let too_large = vae.decode_peak_bytes(b, h, w, self.vae_dtype) > gpu.summary().max_storage_buffer_binding_size;
+        let limit = gpu.summary().max_storage_buffer_binding_size;
+        let too_large = vae.config.decode_peak_bytes(b, h, w, self.vae_dtype) > limit;
         let pixels = if self.vae_tiling || too_large {
-            vae.decode_tiled(gpu, &z, latents.shape, self.vae_dtype).await?
+            // diffusers' tiles where they fit a binding, smaller ones where they do not.
+            vae.decode_tiled(gpu, &z, latents.shape, self.vae_dtype, vae.config.tile_sample_size(b, self.vae_dtype, limit)).await?
         } else {
             let z = gpu.upload(&latents.shape, self.vae_dtype, &z)?;
             let image = vae.decode(gpu, &z)?;

@@ -631,6 +631,8 @@ async fn run_bench(model_url: &str, store: JsValue, single_file: Option<&str>, c
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct UNetBenchRequest {
+    /// Without a model URL: "sd15" (default) or "sdxl", the architecture with random weights.
+    architecture: Option<String>,
     latent: usize,
     batch: usize,
     unet: Option<String>,
@@ -644,12 +646,12 @@ struct UNetBenchRequest {
 impl Default for UNetBenchRequest {
     fn default() -> Self {
         let d = crate::bench::unet::UNetBenchOptions::default();
-        Self { latent: d.latent[0], batch: d.batch, unet: None, vae: None, precision: None, runs: d.runs, decode: d.decode, output: d.output }
+        Self { architecture: None, latent: d.latent[0], batch: d.batch, unet: None, vae: None, precision: None, runs: d.runs, decode: d.decode, output: d.output }
     }
 }
 
 /// One UNet step (and VAE decode) benchmark in the browser; `model_url` `None` is Stable
-/// Diffusion 1.5's architecture with random weights; `inputs_url` a folder with `inputs.json`.
+/// Diffusion 1.5's (or the request's `architecture`) with random weights; `inputs_url` a folder with `inputs.json`.
 /// Resolves to `ldm bench unet`'s JSON.
 #[wasm_bindgen]
 pub async fn bench_unet(model_url: Option<String>, store: JsValue, inputs_url: Option<String>, inputs_store: JsValue, request_json: String) -> Result<String, JsValue> {
@@ -664,7 +666,7 @@ pub async fn bench_unet(model_url: Option<String>, store: JsValue, inputs_url: O
 }
 
 async fn run_bench_unet(model_url: Option<String>, store: JsValue, inputs_url: Option<String>, inputs_store: JsValue, request_json: &str) -> Result<String> {
-    use crate::bench::unet::{weight_type, BenchModel, UNetBenchOptions};
+    use crate::bench::unet::{weight_type, Architecture, BenchModel, UNetBenchOptions};
     let req: UNetBenchRequest = serde_json::from_str(request_json).map_err(|e| Error::Input(format!("benchmark settings: {e}")))?;
     // The benchmark measures its own model's memory: drop the page's model first.
     ENGINE.with_borrow_mut(|e| e.model = None);
@@ -683,7 +685,10 @@ async fn run_bench_unet(model_url: Option<String>, store: JsValue, inputs_url: O
     let src = model_url.map(|u| (JsSource::new(store, u.clone()), u));
     let model = match &src {
         Some((s, u)) => BenchModel::Folder { src: s, name: u.clone() },
-        None => BenchModel::Sd15Random,
+        None => {
+            let name = req.architecture.as_deref().unwrap_or("sd15");
+            BenchModel::Random(Architecture::from_name(name).ok_or_else(|| Error::Input(format!("architecture {name:?}: use sd15 or sdxl, or give a model URL")))?)
+        }
     };
     let inputs = inputs_url.map(|u| JsSource::new(inputs_store, u));
     let report = crate::bench::unet::run(&gpu, model, &opts, inputs.as_ref().map(|s| s as &dyn crate::loader::FileSource), &now_ms).await?;

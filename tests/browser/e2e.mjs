@@ -52,6 +52,8 @@ const SETTINGS = { prompt: PROMPT, steps: 3, guidance: 7.5, width: 64, height: 6
 // LDM fixture runs, as page links and as `ldm generate` flags.
 const LDM_TEXT2IM = { query: { prompt: 'A painting of a squirrel eating a burger', seed: '6', steps: '4', guidance: '6', width: '96', height: '64' },
   cli: ['--prompt', 'A painting of a squirrel eating a burger', '--seed', '6', '--steps', '4', '--guidance', '6', '--width', '96', '--height', '64'] };
+const SDXL_Q4 = { prompt: 'a photo of an astronaut riding a horse on mars', negative_prompt: 'blurry, low quality', seed: '2000', steps: '4', guidance: '5', width: '64', height: '64' };
+const SDXL_Q4_CLI = Object.entries(SDXL_Q4).flatMap(([k, v]) => [`--${k.replace('_', '-')}`, v]);
 const LDM_UNCOND = { query: { prompt: '', seed: '1', steps: '4' }, cli: ['--seed', '1', '--steps', '4'] };
 
 function parseArgs(argv) {
@@ -122,7 +124,10 @@ function prepare(work) {
   // ldm convert's web format: q4_1 UNet, q8 text encoder and VAE; the page must load it like any model.
   execFileSync(opts.ldm, ['convert', '--model', path.join(models, 'sd1'), '--out', path.join(models, 'sd1-q4'), '--unet', 'q4_1', '--text-encoder', 'q8', '--vae', 'q8'], { stdio: ['ignore', 'ignore', 'inherit'] });
   const quantised = cli(['--model', path.join(models, 'sd1-q4'), '--prompt', PROMPT, '--seed', '7', '--steps', '3', '--guidance', '7.5', '--width', '64', '--height', '64'], path.join(work, 'cli-sd1-q4.png'));
-  return { models, refs, ldm, builtin, quantised };
+  // SDXL converted the same way: a q4_1 UNet and q8 text encoders (both) and VAE.
+  execFileSync(opts.ldm, ['convert', '--model', path.join(models, 'sdxl'), '--out', path.join(models, 'sdxl-q4'), '--unet', 'q4_1', '--text-encoder', 'q8', '--vae', 'q8'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const xlQ4 = cli(['--model', path.join(models, 'sdxl-q4'), ...SDXL_Q4_CLI], path.join(work, 'cli-sdxl-q4.png'));
+  return { models, refs, ldm, builtin, quantised, xlQ4 };
 }
 
 // ---- ldm serve, with its request log ---------------------------------------------------------------
@@ -675,6 +680,17 @@ async function runBrowser(name, fx, results) {
       ({ png } = await viaLink(22, [['tiny_vae', '/models/taesd/'], ['vae_decoder', 'tiny']]));
       r = await report('SD1 decoded by TAESD (AutoencoderTiny as pipe.vae)', png, 22);
       check('tiny autoencoder as the final decoder matches diffusers', r.ok, r.text);
+
+      // ldm convert's q4 SDXL: loads by ranges like any model and draws what ldm generate draws.
+      await page.goto(`${app}?${new URLSearchParams({ model: '/models/sdxl-q4/', ...SDXL_Q4 })}`);
+      png = await nextResult(page, 0);
+      const dq = pixelDiff(png, fx.xlQ4);
+      const p = await precision();
+      const unetFile = path.join(fx.models, 'sdxl-q4', 'unet', 'diffusion_pytorch_model.safetensors');
+      const fetched = serve.log.filter((x) => x.url === '/models/sdxl-q4/unet/diffusion_pytorch_model.safetensors' && x.status === 206).reduce((n, x) => n + x.bytes, 0);
+      const [qMax, qMean] = p === 'f16' ? [FAMILY_F16_TOL.max, FAMILY_F16_TOL.mean] : [TOL, TOL];
+      check('q4 SDXL (ldm convert) matches ldm generate', dq.max <= qMax && dq.mean <= qMean && fetched > 0 && fetched <= fs.statSync(unetFile).size,
+        `max |browser - ldm generate| = ${dq.max}/255 (mean ${dq.mean.toFixed(3)}; ${p}) on a q4_1 UNet + q8 text encoders and VAE; ${fetched} UNet bytes fetched by range (file ${fs.statSync(unetFile).size})`);
     });
 
     await attempt('ldm', async () => {
