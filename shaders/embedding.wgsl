@@ -1,11 +1,17 @@
-// Embedding gather: y[i, :] = table[ids[i], :] (token and position embeddings). Out-of-range ids give zeros.
+// Embedding gather: y[i, :] = table[ids[i], :] (token and position embeddings), for the ids in
+// the bound block of rows; other ids give zeros (zero_others) or are left to another dispatch.
 
 const WG: u32 = 256u;
 
 struct EmbeddingParams {
     n: u32,
     dim: u32,
-    vocab: u32,
+    first: u32,
+    rows: u32,
+    base: u32,
+    zero_others: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: EmbeddingParams;
@@ -18,7 +24,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let i = gid.x + gid.y * nwg.x * WG;
     if (i >= p.n * p.dim) { return; }
     let id = ids[i / p.dim];
-    var v = T(0.0);
-    if (id < p.vocab) { v = table[id * p.dim + i % p.dim]; }
-    y[i] = v;
+    if (id >= p.first && id - p.first < p.rows) {
+        y[i] = table[p.base + (id - p.first) * p.dim + i % p.dim];
+    } else if (p.zero_others == 1u) {
+        y[i] = T(0.0);
+    }
 }

@@ -146,7 +146,7 @@ pub fn case_names() -> Vec<String> {
             "elementwise/add_broadcast", "elementwise/mul_broadcast_last", "elementwise/add_same_shape", "elementwise/add_rank5", "elementwise/geglu",
             "layout/upsample_nearest2x", "layout/upsample_to_3x5", "layout/slice_rows", "layout/concat_channels", "layout/concat_last", "layout/permute_0213", "layout/permute_201",
             "embedding/timestep_flip_320", "embedding/timestep_odd_shift1", "embedding/gather",
-            "split/matmul_rows", "split/unary_chunks", "split/add_chunks", "split/group_norm_units",
+            "split/matmul_rows", "split/embedding_rows", "split/unary_chunks", "split/add_chunks", "split/group_norm_units",
             "split/conv2d_columns", "split/matmul_work_rows", "split/attention_heads_queries", "split/quant_matmul_work_rows",
             "errors/binding_too_large", "errors/buffer_too_large", "errors/shape_mismatch", "errors/quant_strided_view", "errors/quant_wrong_rows",
         ]
@@ -441,8 +441,17 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                 let (table, tt) = c.tensor(&[100, 37], 1.0)?;
                 let ids: Vec<u32> = (0..77).map(|_| c.rng.next_u32() % 100).collect();
                 let y = ops::embedding(gpu, &ids, &tt)?;
-                let r: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * 37..(i as usize + 1) * 37].to_vec()).collect();
-                c.compare(&y, &r, Tol::Elementwise).await
+                c.compare(&y, &embedding::embedding_reference(&ids, &table, 37), Tol::Elementwise).await
+            }
+            // A table of 401 rows of 5 (8 KiB in f32) gathered some 38 rows per binding, ids
+            // repeated and in most blocks, the first and last rows included.
+            "split/embedding_rows" => {
+                let mut c = Ctx { gpu: split_gpu, dtype, rng: Rng::new(name) };
+                let (table, tt) = c.tensor(&[401, 5], 1.0)?;
+                let mut ids: Vec<u32> = (0..44).map(|_| c.rng.next_u32() % 401).collect();
+                ids.extend([0, 400, 400, 0]);
+                let y = ops::embedding(split_gpu, &ids, &tt)?;
+                c.compare(&y, &embedding::embedding_reference(&ids, &table, 5), Tol::Elementwise).await
             }
             // Tensors larger than one storage binding (a device told bindings hold 1 KiB).
             "split/matmul_rows" => {

@@ -238,6 +238,12 @@ pub async fn run(gpu: &Gpu, model: BenchModel<'_>, opts: &UNetBenchOptions, inpu
                     text_encoders.push(ClipTextModel::load(&quant.apply(weights.at(gpu, dtype, ""), folder), cfg).await?);
                 }
                 text_encoder_bytes = Some(log.bytes("text_encoder") + log.bytes("text_encoder_2"));
+                // One prompt and its negative through each, so a plan checks their bindings too.
+                let ids = vec![(0..77u32).map(|i| i * 641 % 49408).collect::<Vec<_>>(); 2];
+                for t in &text_encoders {
+                    let e = t.encode(gpu, &ids, t.num_layers(), true, t.has_projection())?;
+                    gpu.read(&e.hidden).await?;
+                }
             }
             let vae_dtype = vae_dtype_for(&ucfg, &vcfg, dtype);
             let unet = UNet2DConditionModel::load(&quant.apply(weights.at(gpu, dtype, ""), "unet"), ucfg).await?;

@@ -1,6 +1,6 @@
 //! Sinusoidal timestep embeddings and embedding-table gathers.
 
-use super::{bytes_of, check_same_dtype, elementwise_grid};
+use super::{bind_range, bytes_of, check_same_dtype, elementwise_grid, max_binding_elems};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Def, Gpu, Kernel, Tensor};
 
@@ -74,10 +74,19 @@ pub fn timestep_embedding_reference(timesteps: &[f32], cfg: &TimestepEmbedding) 
 struct EmbeddingParams {
     n: u32,
     dim: u32,
-    vocab: u32,
+    /// The bound rows: ids `first..first + rows`, from element `base` of the binding.
+    first: u32,
+    rows: u32,
+    base: u32,
+    /// 1: rows of other ids are written as zeros (one dispatch); 0: left alone (one dispatch per
+    /// part of a table larger than a binding, each writing its own ids' rows).
+    zero_others: u32,
+    _pad: [u32; 2],
 }
 
-/// Rows of `table` `[vocab, dim]` for each id: `[ids.., dim]`.
+/// Rows of `table` `[vocab, dim]` for each id: `[ids.., dim]`. A table larger than one storage
+/// binding (CLIP's 49408 x 768 in f32: 145 MiB) is gathered a binding-sized block of rows at a
+/// time.
 pub fn embedding(gpu: &Gpu, ids: &[u32], table: &Tensor) -> Result<Tensor> {
     let dtype = check_same_dtype(&[table], "embedding")?;
     let &[vocab, dim] = table.shape() else {
@@ -89,7 +98,22 @@ pub fn embedding(gpu: &Gpu, ids: &[u32], table: &Tensor) -> Result<Tensor> {
     let id_t = gpu.upload_u32(&[ids.len().max(1)], &if ids.is_empty() { vec![0] } else { ids.to_vec() })?;
     let out = gpu.empty(&[ids.len(), dim], dtype)?;
     let kernel = Kernel { family: "embedding", sources: &[EMBEDDING_WGSL], entry: "main", dtype, defs: &[] };
-    let p = EmbeddingParams { n: ids.len() as u32, dim: dim as u32, vocab: vocab as u32 };
-    gpu.dispatch(&kernel, bytes_of(&p), &[Bind::whole(&id_t), Bind::whole(table), Bind::whole(&out)], elementwise_grid(gpu, ids.len() * dim))?;
+    let block = (max_binding_elems(gpu, dtype) / dim.max(1)).max(1);
+    let single = block >= vocab;
+    for first in (0..vocab).step_by(if single { vocab.max(1) } else { block }) {
+        let rows = if single { vocab } else { block.min(vocab - first) };
+        // Only the blocks some id falls in.
+        if !single && !ids.iter().any(|&i| (first..first + rows).contains(&(i as usize))) {
+            continue;
+        }
+        let (tb, base) = bind_range(gpu, table, first * dim, (first + rows) * dim);
+        let p = EmbeddingParams { n: ids.len() as u32, dim: dim as u32, first: first as u32, rows: rows as u32, base, zero_others: single as u32, _pad: [0; 2] };
+        gpu.dispatch(&kernel, bytes_of(&p), &[Bind::whole(&id_t), tb, Bind::whole(&out)], elementwise_grid(gpu, ids.len() * dim))?;
+    }
     Ok(out)
+}
+
+/// CPU reference: the rows of `table` (`dim` wide) for each id.
+pub fn embedding_reference(ids: &[u32], table: &[f32], dim: usize) -> Vec<f32> {
+    ids.iter().flat_map(|&i| table[i as usize * dim..(i as usize + 1) * dim].iter().copied()).collect()
 }
