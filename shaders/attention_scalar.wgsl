@@ -3,18 +3,6 @@
 // not a multiple of 4 (and views that are not vec4-aligned), which real models rarely have.
 // Constants: D (head dim), WGQ (invocations per workgroup).
 
-struct AttnParams {
-    nq: u32, nk: u32, heads: u32, causal: u32,
-    q_base: u32, q_bs: u32, q_hs: u32, q_ns: u32,
-    k_base: u32, k_bs: u32, k_hs: u32, k_ns: u32,
-    v_base: u32, v_bs: u32, v_hs: u32, v_ns: u32,
-    o_base: u32, o_bs: u32, o_hs: u32, o_ns: u32,
-    scale_log2e: f32,
-    q_off: u32,
-    bh_off: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: AttnParams;
 @group(0) @binding(1) var<storage, read> q: array<T>;
 @group(0) @binding(2) var<storage, read> k: array<T>;
 @group(0) @binding(3) var<storage, read> v: array<T>;

@@ -76,8 +76,10 @@ fn err(what: &str, why: impl std::fmt::Display) -> Error {
     Error::Model(format!("{what}: {why}"))
 }
 
-/// Most value nodes the memo may copy out (a pickle can GET one large object many times).
-const MAX_COPIED_NODES: usize = 1 << 26;
+/// Most value nodes DUP and the memo may copy (a pickle can GET one large object many times, or
+/// nest a container in itself by DUP, doubling it each time): some 250 MB of values. A state dict
+/// copies about 15 per tensor (SDXL's 2,500 tensors: 40,000).
+const MAX_COPIED_NODES: usize = 1 << 22;
 
 /// A stack or memo slot: a value and how deeply it nests (kept shallow, so dropping a value
 /// never recurses far).
@@ -87,12 +89,16 @@ struct Item {
     depth: usize,
 }
 
-/// Nodes of `v`, counting at most `limit`.
+/// Nodes of `v` (a string or byte string as one per 64 bytes), counting at most `limit`.
 fn nodes(v: &Value, limit: usize) -> usize {
     let mut n = 1;
     let children: Box<dyn Iterator<Item = &Value>> = match v {
         Value::Tuple(x) | Value::List(x) => Box::new(x.iter()),
         Value::Dict(x) => Box::new(x.iter().flat_map(|(k, v)| [k, v])),
+        Value::Str(t) => return 1 + t.len() / 64,
+        Value::Bytes(b) => return 1 + b.len() / 64,
+        Value::Storage { key, .. } => return 1 + key.len() / 64,
+        Value::Tensor { key, shape, .. } => return 1 + (key.len() + 16 * shape.len()) / 64,
         _ => return 1,
     };
     for c in children {
@@ -111,6 +117,14 @@ pub fn unpickle(data: &[u8], what: &str) -> Result<Value> {
     let mut stack: Vec<Item> = Vec::new();
     let mut memo: BTreeMap<u64, Item> = BTreeMap::new();
     let mut copied = 0usize;
+    // Counts a copy of `v` before it is made, refusing one past the limit.
+    let charge = |copied: &mut usize, v: &Value| -> Result<()> {
+        *copied += nodes(v, MAX_COPIED_NODES);
+        if *copied >= MAX_COPIED_NODES {
+            return Err(err(what, "the pickle copies more objects than a checkpoint has; it is not a checkpoint ldm-web can read safely"));
+        }
+        Ok(())
+    };
     let take = |pos: &mut usize, n: usize| -> Result<&[u8]> {
         let end = pos.checked_add(n).filter(|&e| e <= data.len()).ok_or_else(|| err(what, "the pickle ends early (truncated file?)"))?;
         let s = &data[*pos..end];
@@ -229,7 +243,7 @@ pub fn unpickle(data: &[u8], what: &str) -> Result<Value> {
                 if top.v == Value::Mark {
                     return Err(bad("memoising a mark".into()));
                 }
-                copied += nodes(&top.v, MAX_COPIED_NODES);
+                charge(&mut copied, &top.v)?;
                 memo.insert(key, top.clone());
             }
             b'h' | b'j' | b'g' => {
@@ -239,10 +253,7 @@ pub fn unpickle(data: &[u8], what: &str) -> Result<Value> {
                     _ => line(&mut pos)?.trim().parse().map_err(|_| bad("a GET with a bad index".into()))?,
                 };
                 let item = memo.get(&key).ok_or_else(|| bad(format!("memo entry {key} is read before it is written")))?;
-                copied += nodes(&item.v, MAX_COPIED_NODES);
-                if copied >= MAX_COPIED_NODES {
-                    return Err(bad("the pickle copies more objects than a checkpoint has".into()));
-                }
+                charge(&mut copied, &item.v)?;
                 stack.push(item.clone());
             }
             b'0' => {
@@ -252,8 +263,9 @@ pub fn unpickle(data: &[u8], what: &str) -> Result<Value> {
                 pop_mark(&mut stack)?;
             }
             b'2' => {
-                let top = stack.last().cloned().ok_or_else(|| bad("DUP on an empty stack".into()))?;
-                copied += nodes(&top.v, MAX_COPIED_NODES);
+                let top = stack.last().ok_or_else(|| bad("DUP on an empty stack".into()))?;
+                charge(&mut copied, &top.v)?;
+                let top = top.clone();
                 stack.push(top);
             }
             b'J' => stack.push(leaf(Value::Int(i32::from_le_bytes(take(&mut pos, 4)?.try_into().map_err(|_| bad("short int".into()))?) as i64))),
@@ -665,6 +677,25 @@ mod tests {
         // INST and OBJ build arbitrary classes.
         assert!(unpickle(b"(ios\nsystem\n.", "t").is_err());
         assert!(unpickle(b"\x80\x02(o.", "t").is_err());
+    }
+
+    /// A dict set into itself by DUP grows threefold per step (found by `scripts/fuzz.sh unpickle`
+    /// as an out-of-memory): refused before the copy that passes the limit is made.
+    #[test]
+    fn self_nesting_copies_are_bounded() {
+        let mut bomb = b"\x80\x02}".to_vec();
+        for _ in 0..40 {
+            bomb.extend_from_slice(b"22s");
+        }
+        bomb.push(b'.');
+        let e = unpickle(&bomb, "bomb.pkl").expect_err("refused").to_string();
+        assert!(e.contains("copies more objects"), "{e}");
+        // A long string copied many times counts by its length.
+        let mut strings = b"\x80\x02X\x00\x00\x10\x00".to_vec();
+        strings.extend(std::iter::repeat_n(b'a', 1 << 20));
+        strings.extend(std::iter::repeat_n(b'2', 300));
+        strings.push(b'.');
+        assert!(unpickle(&strings, "strings.pkl").expect_err("refused").to_string().contains("copies more objects"));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use super::{bytes_of, check_same_dtype};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Def, Gpu, KernelProfile, Kernel, Tensor};
 
+const ATTENTION_PARAMS_WGSL: &str = include_str!("../../shaders/attention_params.wgsl");
 const ATTENTION_WGSL: &str = include_str!("../../shaders/attention.wgsl");
 const ATTENTION_SCALAR_WGSL: &str = include_str!("../../shaders/attention_scalar.wgsl");
 /// Invocations per workgroup: tiled kernels share a K/V tile among 64 queries; register kernels
@@ -116,9 +117,9 @@ pub fn attention_with(gpu: &Gpu, s: &AttentionSpec, profile: KernelProfile) -> R
     };
     let defs = [("D4", Def::U32(d4)), ("WGQ", Def::U32(wgq)), ("BKV", Def::U32(bkv as u32)), ("QB", Def::U32(qb))];
     let kernel = if aligned {
-        Kernel { family: "attention", sources: &[ATTENTION_WGSL, generated], entry, dtype, defs: &defs }
+        Kernel { family: "attention", sources: &[ATTENTION_PARAMS_WGSL, ATTENTION_WGSL, generated], entry, dtype, defs: &defs }
     } else {
-        Kernel { family: "attention", sources: &[ATTENTION_SCALAR_WGSL], entry, dtype, defs: &scalar_defs }
+        Kernel { family: "attention", sources: &[ATTENTION_PARAMS_WGSL, ATTENTION_SCALAR_WGSL], entry, dtype, defs: &scalar_defs }
     };
     // Split into dispatches of bounded work (see `gpu::max_dispatch_flops`): whole heads first,
     // then query blocks.

@@ -466,14 +466,23 @@ impl StableDiffusionModel {
         let w2 = single_file::xl_text_weights(src, files.clone(), &layout, true, &cfg2)?;
         let second = TextEncoder::new(tok2, ClipTextModel::load(&opts.component(w2.at(gpu, dtype, ""), "text_encoder_2"), cfg2).await?);
         let text = TextEncoders::Xl { first, second };
+        Self::single_file_rest(gpu, src, file, &files[0], family, text, unet_cfg, vae_cfg, scheduler_config, opts).await
+    }
+
+    /// What a single file holds after its text encoders, for SD and SDXL files alike: the UNet
+    /// (with the LoRAs checked against it), the VAE's config and weights (or those of
+    /// `opts.vae`), assembled into the model.
+    #[allow(clippy::too_many_arguments)]
+    async fn single_file_rest(gpu: &Gpu, src: &dyn FileSource, file: &str, wf: &WeightFile, family: Family, text: TextEncoders, unet_cfg: UNet2DConditionConfig, vae_cfg: AutoencoderKLConfig, scheduler_config: serde_json::Value, opts: &LoadOptions) -> Result<Self> {
+        let dtype = opts.dtype.unwrap_or(DType::F32);
         prepare_adapters(opts, &unet_cfg)?;
-        let unet_w = single_file::unet_weights(src, files.clone(), &unet_cfg)?;
+        let unet_w = single_file::unet_weights(src, vec![wf.clone()], &unet_cfg)?;
         let unet = UNet2DConditionModel::load(&opts.component(unet_w.at(gpu, dtype, ""), "unet"), unet_cfg).await?;
         vae_cfg.validate()?;
         let name = file.rsplit('/').next().unwrap_or(file).to_string();
         let (vae_cfg, vae_weights) = match &opts.vae {
             Some(v) => (config(v.0.as_ref(), "config.json").await?, VaeWeights::Separate { src: v.0.clone(), prefer_fp16: opts.prefer_fp16 }),
-            None => (vae_cfg, VaeWeights::SingleFile(files[0].clone())),
+            None => (vae_cfg, VaeWeights::SingleFile(wf.clone())),
         };
         Self::assemble(name, family, text, unet, vae_cfg, vae_weights, scheduler_config, ModelHints::default(), None, opts)?.finish_load(gpu, src, opts).await
     }
@@ -506,15 +515,6 @@ impl StableDiffusionModel {
         let te_w = single_file::text_encoder_weights(src, files.clone(), &layout, &te_cfg)?;
         let text_encoder = ClipTextModel::load(&opts.component(te_w.at(gpu, dtype, ""), "text_encoder"), te_cfg).await?;
         let text = TextEncoders::Single(TextEncoder::new(tokenizer, text_encoder));
-        prepare_adapters(opts, &unet_cfg)?;
-        let unet_w = single_file::unet_weights(src, files.clone(), &unet_cfg)?;
-        let unet = UNet2DConditionModel::load(&opts.component(unet_w.at(gpu, dtype, ""), "unet"), unet_cfg).await?;
-        vae_cfg.validate()?;
-        let name = file.rsplit('/').next().unwrap_or(file).to_string();
-        let (vae_cfg, vae_weights) = match &opts.vae {
-            Some(v) => (config(v.0.as_ref(), "config.json").await?, VaeWeights::Separate { src: v.0.clone(), prefer_fp16: opts.prefer_fp16 }),
-            None => (vae_cfg, VaeWeights::SingleFile(files[0].clone())),
-        };
-        Self::assemble(name, Family::StableDiffusion, text, unet, vae_cfg, vae_weights, scheduler_config, ModelHints::default(), None, opts)?.finish_load(gpu, src, opts).await
+        Self::single_file_rest(gpu, src, file, &files[0], Family::StableDiffusion, text, unet_cfg, vae_cfg, scheduler_config, opts).await
     }
 }
