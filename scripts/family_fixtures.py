@@ -111,7 +111,7 @@ REF_GLOB = "family_*"
 
 # SDXL base UNet: the real one's structure (DownBlock2D first, 3 levels, transformer depth growing with
 # the level, linear projections, text_time added embedding), made tiny. attention_head_dim is really
-# the head COUNT in UNet2DConditionModel (diffusers' naming): 4 heads of 8 at 32 channels, 8 of 8 at 64.
+# the head COUNT in UNet2DConditionModel (diffusers' naming): 4 heads of 4 at 16 channels, 8 of 4 at 32.
 XL_UNET = dict(
     sample_size=8,
     in_channels=4,
