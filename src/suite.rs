@@ -128,7 +128,7 @@ const PROFILES: [(KernelProfile, &str); 2] = [(KernelProfile::Tiled, "tiled"), (
 pub fn case_names() -> Vec<String> {
     let mut names = Vec::new();
     for (_, p) in PROFILES {
-        for c in ["matmul/batched_37x53x29", "matmul/linear_bias_silu_k67", "matmul/transposed_a_rowbias_residual", "matmul/multi_tile_130x71x257", "matmul/gelu_tanh_k1", "conv2d/3x3_pad1_bias", "conv2d/3x3_stride2_downsample", "conv2d/1x1_residual", "conv2d/3x3_dilation2_silu_nobias", "conv2d/5x3_rect_pad21", "attention/self_d40", "attention/cross_d64_mixed_layouts", "attention/causal_d64_clip", "attention/d80", "attention/d160", "attention/fused_qkv_d40", "attention/fused_qkv_d6", "attention/causal_d3"] {
+        for c in ["matmul/batched_37x53x29", "matmul/linear_bias_silu_k67", "matmul/transposed_a_rowbias_residual", "matmul/multi_tile_130x71x257", "matmul/gelu_tanh_k1", "conv2d/3x3_pad1_bias", "conv2d/3x3_stride2_downsample", "conv2d/1x1_residual", "conv2d/3x3_dilation2_silu_nobias", "conv2d/5x3_rect_pad21", "conv2d/7x7_stride2_same", "attention/self_d40", "attention/cross_d64_mixed_layouts", "attention/causal_d64_clip", "attention/d80", "attention/d160", "attention/fused_qkv_d40", "attention/fused_qkv_d6", "attention/causal_d3"] {
             names.push(format!("{c}/{p}"));
         }
         // Quantised weights read by the GEMM core: as B (Linear), as A (convolutions, 1x1 ones via
@@ -144,7 +144,7 @@ pub fn case_names() -> Vec<String> {
             "group_norm/silu", "group_norm/plain_eps1e-6", "layer_norm/affine_77", "layer_norm/plain_300", "softmax/rows9_cols333",
             "elementwise/silu", "elementwise/gelu", "elementwise/gelu_tanh", "elementwise/quick_gelu", "elementwise/scale", "elementwise/relu", "elementwise/tanh_third",
             "elementwise/add_broadcast", "elementwise/mul_broadcast_last", "elementwise/add_same_shape", "elementwise/add_rank5", "elementwise/geglu",
-            "layout/upsample_nearest2x", "layout/upsample_to_3x5", "layout/slice_rows", "layout/concat_channels", "layout/concat_last", "layout/permute_0213", "layout/permute_201",
+            "layout/upsample_nearest2x", "layout/upsample_to_3x5", "layout/bilinear_align_corners_2x", "layout/bilinear_half_pixel_5x7_to_3x4", "pool/max_3x3_s2_same", "layout/slice_rows", "layout/concat_channels", "layout/concat_last", "layout/permute_0213", "layout/permute_201",
             "embedding/timestep_flip_320", "embedding/timestep_odd_shift1", "embedding/gather",
             "split/matmul_rows", "split/embedding_rows", "split/unary_chunks", "split/add_chunks", "split/group_norm_units",
             "split/conv2d_columns", "split/matmul_work_rows", "split/attention_heads_queries", "split/quant_matmul_work_rows",
@@ -279,6 +279,8 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                     "conv2d/3x3_stride2_downsample" => ([1, 6, 10, 7], [5, 6, 3, 3], conv2d::Conv2dSpec::new(2, 1), true, false),
                     "conv2d/1x1_residual" => ([2, 9, 5, 7], [11, 9, 1, 1], conv2d::Conv2dSpec::default(), true, true),
                     "conv2d/3x3_dilation2_silu_nobias" => ([1, 3, 12, 13], [4, 3, 3, 3], conv2d::Conv2dSpec { dilation: (2, 2), padding: (2, 2), act: Activation::Silu, ..Default::default() }, false, false),
+                    // BiT's stem: TF "SAME" padding, two columns before and three after.
+                    "conv2d/7x7_stride2_same" => ([1, 3, 11, 12], [5, 3, 7, 7], conv2d::Conv2dSpec::same(7, 2, 11, 12), false, false),
                     _ => ([2, 4, 8, 9], [3, 4, 5, 3], conv2d::Conv2dSpec { padding: (2, 1), ..Default::default() }, true, true),
                 };
                 let (ho, wo) = spec.output_size(xs[2], xs[3], ws[2], ws[3]).expect("valid test shape");
@@ -379,6 +381,22 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                 let (x, xt) = c.tensor(&[2, 3, 2, 3], 1.0)?;
                 let y = layout::upsample_nearest(gpu, &xt, 3, 5)?;
                 c.compare(&y, &layout::resize_reference(&x, 6, 2, 3, 3, 5), Tol::Elementwise).await
+            }
+            "layout/bilinear_align_corners_2x" | "layout/bilinear_half_pixel_5x7_to_3x4" => {
+                // DPT's fusion upsampling (2x, corners aligned) and its residual resize (any size,
+                // half-pixel), odd sizes both.
+                let corners = base == "layout/bilinear_align_corners_2x";
+                let (x, xt) = c.tensor(&[2, 3, 5, 7], 1.0)?;
+                let (oh, ow, coords) = if corners { (10, 14, ops::Coordinates::AlignCorners) } else { (3, 4, ops::Coordinates::HalfPixel) };
+                let y = ops::interpolate(gpu, &xt, oh, ow, ops::Interpolation::Bilinear, coords)?;
+                c.compare(&y, &layout::interpolate_reference(&x, 6, (5, 7), (oh, ow), ops::Interpolation::Bilinear, coords), Tol::Elementwise).await
+            }
+            "pool/max_3x3_s2_same" => {
+                // BiT's stem pool: 3x3, stride 2, TF "SAME" padding of 0 after a ReLU; an odd side.
+                let (x, xt) = c.tensor(&[2, 3, 9, 8], 1.0)?;
+                let spec = ops::PoolSpec { kernel: 3, stride: 2, pad_top: 1, pad_left: 0, out_h: 5, out_w: 4, pad_value: 0.0 };
+                let y = ops::max_pool2d(gpu, &xt, &spec)?;
+                c.compare(&y, &crate::ops::pool::max_pool2d_reference(&x, 6, 9, 8, &spec), Tol::Elementwise).await
             }
             "layout/slice_rows" => {
                 // Rows 3..7 of a [9, 5, 7] batch.

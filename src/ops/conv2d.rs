@@ -12,14 +12,17 @@ const CONV2D_WGSL: &str = include_str!("../../shaders/conv2d.wgsl");
 #[derive(Clone, Copy, Debug)]
 pub struct Conv2dSpec {
     pub stride: (usize, usize),
+    /// Rows and columns of zeros before the input.
     pub padding: (usize, usize),
+    /// After it, when it differs (TensorFlow's "SAME" padding of even kernels or strides).
+    pub padding_after: Option<(usize, usize)>,
     pub dilation: (usize, usize),
     pub act: Activation,
 }
 
 impl Default for Conv2dSpec {
     fn default() -> Self {
-        Self { stride: (1, 1), padding: (0, 0), dilation: (1, 1), act: Activation::None }
+        Self { stride: (1, 1), padding: (0, 0), padding_after: None, dilation: (1, 1), act: Activation::None }
     }
 }
 
@@ -28,13 +31,25 @@ impl Conv2dSpec {
     pub fn new(stride: usize, padding: usize) -> Self {
         Self { stride: (stride, stride), padding: (padding, padding), ..Default::default() }
     }
+    /// TensorFlow's "SAME" padding for a `k x k` kernel with `stride` on an `h x w` input
+    /// (output `ceil(side / stride)`, the odd padding row and column after), as timm's and
+    /// transformers' dynamic padding computes it.
+    pub fn same(k: usize, stride: usize, h: usize, w: usize) -> Self {
+        let total = |i: usize| ((i.div_ceil(stride) - 1) * stride + k).saturating_sub(i);
+        let (th, tw) = (total(h), total(w));
+        Self { stride: (stride, stride), padding: (th / 2, tw / 2), padding_after: Some((th - th / 2, tw - tw / 2)), ..Default::default() }
+    }
     /// Output height and width for an `h x w` input and a `kh x kw` kernel.
     pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> Option<(usize, usize)> {
-        let span = |i: usize, k: usize, s: usize, p: usize, d: usize| {
+        let after = self.padding_after.unwrap_or(self.padding);
+        let span = |i: usize, k: usize, s: usize, p: usize, q: usize, d: usize| {
             let eff = d * (k - 1) + 1;
-            (i + 2 * p).checked_sub(eff).map(|r| r / s + 1)
+            (i + p + q).checked_sub(eff).map(|r| r / s + 1)
         };
-        Some((span(h, kh, self.stride.0, self.padding.0, self.dilation.0)?, span(w, kw, self.stride.1, self.padding.1, self.dilation.1)?))
+        Some((
+            span(h, kh, self.stride.0, self.padding.0, after.0, self.dilation.0)?,
+            span(w, kw, self.stride.1, self.padding.1, after.1, self.dilation.1)?,
+        ))
     }
 }
 
@@ -86,7 +101,7 @@ pub fn conv2d_with(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>
         check_weight(weight, cout, cin * kh * kw, "conv2d")?;
     }
 
-    if kh == 1 && kw == 1 && spec.stride == (1, 1) && spec.padding == (0, 0) {
+    if kh == 1 && kw == 1 && spec.stride == (1, 1) && spec.padding == (0, 0) && spec.padding_after.unwrap_or((0, 0)) == (0, 0) {
         // Per image: [Cout, Cin] . [Cin, H*W], the input already is the B operand.
         let mm = MatmulSpec {
             a: MatView::packed(weight, cout, cin).broadcast(),

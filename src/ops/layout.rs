@@ -1,9 +1,9 @@
-//! Data movement: nearest 2x upsampling, concatenation, permutation. (Reshape is
+//! Data movement: resizing (torch's interpolate), concatenation, permutation. (Reshape is
 //! [`Tensor::reshape`], which copies nothing.)
 
 use super::{bytes_of, check_same_dtype, elementwise_grid};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Gpu, Kernel, Tensor};
+use crate::gpu::{Bind, Def, Gpu, Kernel, Tensor};
 
 const UPSAMPLE_WGSL: &str = include_str!("../../shaders/upsample.wgsl");
 const CONCAT_WGSL: &str = include_str!("../../shaders/concat.wgsl");
@@ -22,7 +22,45 @@ struct UpsampleParams {
     ow: u32,
     sh: f32,
     sw: f32,
-    _pad: u32,
+    align_corners: u32,
+}
+
+/// `torch.nn.functional.interpolate`'s modes (no antialiasing). The GPU runs `Nearest` and
+/// `Bilinear`; the CPU reference all four (bicubic and area resize small CPU-side tensors:
+/// depth maps, position embeddings, conditions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    Nearest,
+    Bilinear,
+    /// Cubic convolution with A = -0.75 and clamped borders.
+    Bicubic,
+    /// `adaptive_avg_pool2d` to the output size.
+    Area,
+}
+
+/// How output coordinates map to input ones (torch's `area_pixel_compute_source_index`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Coordinates {
+    /// `align_corners=True`: corners to corners, `(in - 1) / (out - 1)` per side.
+    AlignCorners,
+    /// Half-pixel centres with the size ratio `in / out` (`interpolate(size=...)`).
+    HalfPixel,
+    /// Half-pixel centres with `1 / scale_factor` (`interpolate(scale_factor=...)`, which torch
+    /// uses as given, not the ratio of the sizes it rounds to).
+    ScaleFactor(f64, f64),
+}
+
+impl Coordinates {
+    /// The source-per-output scale along a side of `inn -> out`, in f32 as torch computes it.
+    fn scale(self, inn: usize, out: usize, axis: usize) -> f32 {
+        match self {
+            Coordinates::AlignCorners if out > 1 => (inn - 1) as f32 / (out - 1) as f32,
+            Coordinates::AlignCorners => 0.0,
+            Coordinates::HalfPixel => inn as f32 / out as f32,
+            Coordinates::ScaleFactor(sy, sx) => (1.0 / if axis == 0 { sy } else { sx }) as f32,
+        }
+    }
 }
 
 /// Nearest-neighbour 2x upsampling of `[B, C, H, W]` (`interpolate(scale_factor=2)`).
@@ -30,22 +68,17 @@ pub fn upsample_nearest2x(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
     let &[_, _, h, w] = x.shape() else {
         return Err(Error::Shape(format!("upsample needs [B, C, H, W], got {:?}", x.shape())));
     };
-    resize(gpu, x, 2 * h, 2 * w, 0.5, 0.5)
+    interpolate(gpu, x, 2 * h, 2 * w, Interpolation::Nearest, Coordinates::ScaleFactor(2.0, 2.0))
 }
 
 /// Nearest-neighbour resizing of `[B, C, H, W]` to `out_h x out_w` (`interpolate(size=...)`,
 /// what diffusers' UNets do when a size does not halve evenly).
 pub fn upsample_nearest(gpu: &Gpu, x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
-    let &[_, _, h, w] = x.shape() else {
-        return Err(Error::Shape(format!("upsample needs [B, C, H, W], got {:?}", x.shape())));
-    };
-    if (out_h, out_w) == (2 * h, 2 * w) {
-        return upsample_nearest2x(gpu, x);
-    }
-    resize(gpu, x, out_h, out_w, h as f32 / out_h.max(1) as f32, w as f32 / out_w.max(1) as f32)
+    interpolate(gpu, x, out_h, out_w, Interpolation::Nearest, Coordinates::HalfPixel)
 }
 
-fn resize(gpu: &Gpu, x: &Tensor, oh: usize, ow: usize, sh: f32, sw: f32) -> Result<Tensor> {
+/// Resizes `[B, C, H, W]` to `out_h x out_w` with `mode` (nearest or bilinear) and `coords`.
+pub fn interpolate(gpu: &Gpu, x: &Tensor, oh: usize, ow: usize, mode: Interpolation, coords: Coordinates) -> Result<Tensor> {
     let dtype = check_same_dtype(&[x], "upsample")?;
     let &[b, c, h, w] = x.shape() else {
         return Err(Error::Shape(format!("upsample needs [B, C, H, W], got {:?}", x.shape())));
@@ -53,27 +86,70 @@ fn resize(gpu: &Gpu, x: &Tensor, oh: usize, ow: usize, sh: f32, sw: f32) -> Resu
     if h == 0 || w == 0 || oh == 0 || ow == 0 {
         return Err(Error::Shape(format!("cannot resize {:?} to {oh}x{ow}", x.shape())));
     }
+    let code = match mode {
+        Interpolation::Nearest => 0,
+        Interpolation::Bilinear => 1,
+        other => return Err(Error::Unsupported(format!("{other:?} resizing runs on the CPU only"))),
+    };
     let out = gpu.empty(&[b, c, oh, ow], dtype)?;
-    let kernel = Kernel { family: "upsample", sources: &[UPSAMPLE_WGSL], entry: "main", dtype, defs: &[] };
-    let p = UpsampleParams { planes: (b * c) as u32, h: h as u32, w: w as u32, oh: oh as u32, ow: ow as u32, sh, sw, _pad: 0 };
+    let defs = [("MODE", Def::U32(code))];
+    let kernel = Kernel { family: "upsample", sources: &[UPSAMPLE_WGSL], entry: "main", dtype, defs: &defs };
+    let p = UpsampleParams {
+        planes: (b * c) as u32, h: h as u32, w: w as u32, oh: oh as u32, ow: ow as u32,
+        sh: coords.scale(h, oh, 0), sw: coords.scale(w, ow, 1), align_corners: (coords == Coordinates::AlignCorners) as u32,
+    };
     gpu.dispatch(&kernel, bytes_of(&p), &[Bind::whole(x), Bind::whole(&out)], elementwise_grid(gpu, out.numel()))?;
     Ok(out)
 }
 
-/// CPU reference of [`upsample_nearest`] (torch's nearest index rule, f32 scales).
-pub fn resize_reference(x: &[f32], planes: usize, h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
-    let (sh, sw) = (h as f32 / oh as f32, w as f32 / ow as f32);
+/// CPU reference of [`interpolate`] for every mode: `planes` planes of `h x w` to `oh x ow`,
+/// each output a weighted sum along x per source row, then along y (torch's order), in f32.
+pub fn interpolate_reference(x: &[f32], planes: usize, (h, w): (usize, usize), (oh, ow): (usize, usize), mode: Interpolation, coords: Coordinates) -> Vec<f32> {
+    let taps = |o: usize, inn: usize, out: usize, axis: usize| -> Vec<(usize, f32)> {
+        let s = coords.scale(inn, out, axis);
+        let half_pixel = |o: usize| s * (o as f32 + 0.5) - 0.5;
+        match mode {
+            Interpolation::Nearest => vec![(((o as f32 * s).floor() as usize).min(inn - 1), 1.0)],
+            Interpolation::Bilinear => {
+                let real = if coords == Coordinates::AlignCorners { s * o as f32 } else { half_pixel(o).max(0.0) };
+                let i0 = (real as usize).min(inn - 1);
+                let i1 = if i0 < inn - 1 { i0 + 1 } else { i0 };
+                let l1 = real - i0 as f32;
+                vec![(i0, 1.0 - l1), (i1, l1)]
+            }
+            Interpolation::Bicubic => {
+                const A: f32 = -0.75;
+                let c1 = |t: f32| ((A + 2.0) * t - (A + 3.0)) * t * t + 1.0;
+                let c2 = |t: f32| ((A * t - 5.0 * A) * t + 8.0 * A) * t - 4.0 * A;
+                let real = if coords == Coordinates::AlignCorners { s * o as f32 } else { half_pixel(o) };
+                let i0 = real.floor();
+                let t = real - i0;
+                let weights = [c2(t + 1.0), c1(t), c1(1.0 - t), c2(2.0 - t)];
+                (0..4).map(|k| ((i0 as i64 - 1 + k as i64).clamp(0, inn as i64 - 1) as usize, weights[k])).collect()
+            }
+            Interpolation::Area => {
+                let (start, end) = (o * inn / out, ((o + 1) * inn).div_ceil(out));
+                (start..end).map(|i| (i, 1.0 / (end - start) as f32)).collect()
+            }
+        }
+    };
+    let cols: Vec<_> = (0..ow).map(|o| taps(o, w, ow, 1)).collect();
+    let rows: Vec<_> = (0..oh).map(|o| taps(o, h, oh, 0)).collect();
     let mut out = Vec::with_capacity(planes * oh * ow);
-    for p in 0..planes {
-        for oy in 0..oh {
-            let sy = ((oy as f32 * sh).floor() as usize).min(h - 1);
-            for ox in 0..ow {
-                let sx = ((ox as f32 * sw).floor() as usize).min(w - 1);
-                out.push(x[p * h * w + sy * w + sx]);
+    for plane in x.chunks(h * w).take(planes) {
+        for row in &rows {
+            for col in &cols {
+                let along_x = |r: usize| col.iter().fold(0.0f32, |a, &(i, wx)| a + plane[r * w + i] * wx);
+                out.push(row.iter().fold(0.0f32, |a, &(r, wy)| a + along_x(r) * wy));
             }
         }
     }
     out
+}
+
+/// CPU reference of [`upsample_nearest`].
+pub fn resize_reference(x: &[f32], planes: usize, h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
+    interpolate_reference(x, planes, (h, w), (oh, ow), Interpolation::Nearest, Coordinates::HalfPixel)
 }
 
 #[repr(C)]

@@ -7,6 +7,7 @@ pub mod embedding;
 pub mod layout;
 pub mod matmul;
 pub mod norm;
+pub mod pool;
 mod quant;
 mod unrolled;
 
@@ -17,7 +18,8 @@ pub use attention::{attention, AttentionSpec, HeadView};
 pub use conv2d::{conv2d, Conv2dSpec};
 pub use elementwise::{activation, add, geglu, mul, scale, slice};
 pub use embedding::{embedding, timestep_embedding};
-pub use layout::{concat, permute, upsample_nearest2x};
+pub use layout::{concat, interpolate, permute, upsample_nearest2x, Coordinates, Interpolation};
+pub use pool::{max_pool2d, PoolSpec};
 pub use matmul::{linear, matmul, matmul_spec, BiasAxis, MatView, MatmulSpec};
 pub use norm::{group_norm, layer_norm, softmax};
 
