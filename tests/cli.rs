@@ -142,7 +142,7 @@ fn generate_takes_init_images_masks_depth_maps_and_controlnets() {
         (sd1.clone(), v(&["--strength", "0.5"]), "strength needs an init image"),
         (sd1.clone(), v(&["--init-image", &init, "--depth", &depth]), "depth-to-image model"),
         (f("sd1-inpaint"), v(&["--init-image", &init]), "give an init image and a mask"),
-        (f("sd2-depth"), v(&["--init-image", &init]), "give an init image and a depth map"),
+        (f("sd2-depth"), v(&["--init-image", &init]), "give a depth map"),
         (sd1.clone(), v(&["--control", &control]), "expected DIR=IMAGE"),
         (sd1.clone(), v(&["--control", &format!("{}={control}", f("sd1"))]), "not a diffusers ControlNet folder"),
         (sd1.clone(), v(&["--control", &format!("{}=/nonexistent.png", f("controlnet-a"))]), "cannot read the condition image"),
@@ -750,4 +750,81 @@ fn generate_takes_loras_embeddings_refiners_and_weighted_prompts() {
         println!("{extra:?}: {}", stderr.trim());
         assert!(!ok && stderr.trim().lines().count() == 1 && stderr.starts_with("ldm: ") && stderr.contains(expect), "{extra:?}: {stderr:?}, expected {expect:?}");
     }
+}
+
+/// Photo to condition in the CLI: `ldm depth` (the depth-estimation pipeline's image), ControlNet
+/// conditions made by --control-preprocess canny / depth (the same pixels as giving the edge or
+/// depth image made beforehand), depth-to-image estimating its own depth, a
+/// concatenation-conditioned LDM; and their bad inputs.
+#[test]
+fn generate_preprocesses_photos_and_runs_concat_models() {
+    let dir = tmp("photo");
+    let f = |p: &str| fixtures().join(p).to_string_lossy().into_owned();
+    let init = f("images/init.png");
+    let depth8 = dir.join("depth8.png");
+    let (ok, _, stderr) = ldm(&["depth", "--model", &f("depth/depth-anything"), "--image", &init, "--out", &depth8.to_string_lossy(), "--bits", "8"]);
+    assert!(ok, "{stderr}");
+    let img = ldm_web::pipelines::image_input::InputImage::from_png(&std::fs::read(&depth8).expect("depth png")).expect("png");
+    let want = &reference("depth.safetensors")["depth-anything/init.png.depth_image"].1;
+    let off = img.luma8().iter().zip(want).filter(|(&a, &b)| (a as f32 - b).abs() > 1.0).count();
+    assert_eq!((img.width, img.height, off), (96, 64, 0), "ldm depth --bits 8 against transformers' depth image");
+    let depth16 = dir.join("depth16.png");
+    let (ok, _, stderr) = ldm(&["depth", "--model", &f("depth/dpt-hybrid"), "--image", &init, "--out", &depth16.to_string_lossy()]);
+    assert!(ok, "{stderr}");
+    let d16 = ldm_web::pipelines::image_input::InputImage::from_png(&std::fs::read(&depth16).expect("png")).expect("png");
+    assert!(d16.sixteen_bit && d16.data.iter().any(|&v| v == 65535) && d16.data.contains(&0), "a 16-bit map over the whole range");
+
+    // A preprocessed condition gives the pixels of the condition image made beforehand.
+    let f_sd1 = f("sd1");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(format!("{name}.png"));
+        let mut args = vec!["generate", "--model", &f_sd1, "--prompt", "a cat", "--steps", "2", "--seed", "3", "--width", "96", "--height", "64"];
+        let out_s = out.to_string_lossy().into_owned();
+        args.extend(["--out", &out_s]);
+        args.extend(extra);
+        let (ok, _, stderr) = ldm(&args);
+        assert!(ok, "{name}: {stderr}");
+        read_png(&out).0
+    };
+    let net = f("controlnet-a");
+    let canny_given = run("canny-given", &["--control", &format!("{net}={}", f("edges/init_edges.png"))]);
+    let canny_made = run("canny-made", &["--control", &format!("{net}={init}"), "--control-preprocess", "canny"]);
+    assert!(canny_given == canny_made, "--control-preprocess canny differs from OpenCV's edge map given as the image");
+    let depth_given = run("depth-given", &["--control", &format!("{net}={}", depth8.display())]);
+    let depth_made = run("depth-made", &["--control", &format!("{net}={init}"), "--control-preprocess", "depth", "--depth-model", &f("depth/depth-anything")]);
+    assert!(depth_given == depth_made, "--control-preprocess depth differs from ldm depth's image given as the condition");
+
+    // Depth-to-image without --depth; a concatenation-conditioned LDM.
+    for (model, extra, key, reference_file) in [
+        ("sd2-depth-estimator", vec!["--init-image", init.as_str(), "--prompt", "a cat", "--steps", "4", "--strength", "0.8", "--seed", "3"], "depth2img_0", "depth2img.safetensors"),
+        ("concat/rescale", vec!["--init-image", init.as_str(), "--width", "32", "--height", "32", "--steps", "10", "--seed", "3"], "case_0", "concat.safetensors"),
+    ] {
+        let out = dir.join("out.png");
+        let m = f(model);
+        let out_s = out.to_string_lossy().into_owned();
+        let mut args = vec!["generate", "--model", m.as_str(), "--out", out_s.as_str()];
+        args.extend(extra.iter().copied());
+        let (ok, _, stderr) = ldm(&args);
+        assert!(ok, "{model}: {stderr}");
+        let (px, _, _, _) = read_png(&out);
+        let want = &reference(reference_file)[key].1;
+        let worst = px.iter().zip(want).map(|(&p, &r)| (p as f32 - (r * 255.0).round()).abs()).fold(0.0, f32::max);
+        println!("ldm generate {model}: max {worst}/255 against {key}");
+        assert!(worst <= 2.0, "{model}: {worst}/255");
+    }
+
+    let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let control = format!("{net}={init}");
+    let cases = vec![
+        (f_sd1.clone(), v(&["--control", &control, "--control-preprocess", "depth"]), "needs --depth-model"),
+        (f_sd1.clone(), v(&["--control", &control, "--control-preprocess", "canny:100"]), "expected LOW,HIGH"),
+        (f_sd1.clone(), v(&["--control", &control, "--control-preprocess", "sobel"]), "expected none, depth, canny"),
+        (f_sd1.clone(), v(&["--control", &control, "--control-preprocess", "none", "--control-preprocess", "canny", "--control-preprocess", "none"]), "give one per ControlNet"),
+        (f_sd1.clone(), v(&["--control", &control, "--control-preprocess", "depth", "--depth-model", &f("sd1")]), "not a depth estimator folder"),
+        (f("concat/rescale"), v(&[]), "needs its condition image"),
+        (f("concat/rescale"), v(&["--init-image", &init, "--width", "34", "--height", "32"]), "divisible by"),
+    ];
+    expect_one_line_errors(&dir, &cases);
+    let (ok, _, stderr) = ldm(&["depth", "--model", &f("sd1"), "--image", &init]);
+    assert!(!ok && stderr.contains("not a depth estimator folder"), "{stderr}");
 }

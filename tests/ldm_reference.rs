@@ -12,7 +12,8 @@ use ldm_web::gpu::{DType, Gpu};
 use ldm_web::loader::{component_files, read_json, DirSource, Weights};
 use ldm_web::models::{LdmBertConfig, LdmBertModel, UNet2DConfig, UNet2DModel, VQModel, VQModelConfig};
 use ldm_web::pipelines::ldm::load_bert_tokenizer;
-use ldm_web::pipelines::{DiffusionModel, LdmModel, LoadOptions, LowResImage, Txt2ImgParams};
+use ldm_web::pipelines::image_input::InputImage;
+use ldm_web::pipelines::{DiffusionModel, LdmImage, LdmKind, LdmModel, LoadOptions, LowResImage, Txt2ImgParams};
 use ldm_web::schedulers::SchedulerKind;
 
 /// Largest allowed per-channel difference from diffusers' image in [0, 1].
@@ -135,7 +136,7 @@ fn ldm_pipelines_match_diffusers_images() {
             prompt: c.prompt.clone(), seed: c.seed, steps: c.steps, guidance_scale: c.guidance, width, height,
             scheduler: Some(c.scheduler.parse::<SchedulerKind>().expect("scheduler")), eta: c.eta, batch: c.batch, ..Default::default()
         };
-        let img = c.image.as_deref().map(low_res);
+        let img = c.image.as_deref().map(|n| LdmImage::LowRes(low_res(n)));
         let (images, _) = pollster::block_on(model.generate(&gpu, &p, img.as_ref(), &|| 0.0, &mut |_| Ok(()))).unwrap_or_else(|e| panic!("{}: {e}", c.key));
         let (shape, pixels) = &want[&c.key];
         assert_eq!(vec![images.batch, images.height, images.width, 3], *shape, "{} shape", c.key);
@@ -149,6 +150,65 @@ fn ldm_pipelines_match_diffusers_images() {
     }
     assert!(!cases.is_empty(), "no LDM pipeline cases");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn load_ldm(gpu: &Gpu, dir: &std::path::Path, name: &str) -> LdmModel {
+    match pollster::block_on(DiffusionModel::load(gpu, &DirSource::new(dir), name, &LoadOptions::default())) {
+        Ok(DiffusionModel::Ldm(m)) => m,
+        Ok(_) => panic!("{name}: loaded as Stable Diffusion, not an LDM pipeline"),
+        Err(e) => panic!("{name}: {e}"),
+    }
+}
+
+/// Concatenation-conditioned LDMs (scripts/concat_fixtures.py): tiny CompVis-layout checkpoints
+/// converted by scripts/convert_compvis_concat.py, against a PyTorch sampler written from
+/// CompVis' DDIM maths. Condition tensors (PIL resize, torch interpolate, a VQ or KL encoder)
+/// within 1e-4, images within 2/255.
+#[test]
+fn concat_conditioned_ldms_match_the_compvis_sampler() {
+    #[derive(serde::Deserialize)]
+    struct Case {
+        key: String,
+        model: String,
+        image: String,
+        steps: usize,
+        eta: f32,
+        width: usize,
+        height: usize,
+        batch: usize,
+        seed: u64,
+    }
+    let cases: Vec<Case> = serde_json::from_slice(&std::fs::read(fixtures().join("ref/concat_cases.json")).expect("concat_cases.json")).expect("parses");
+    let want = reference("concat.safetensors");
+    let gpu = gpu();
+    let mut models: std::collections::HashMap<String, LdmModel> = Default::default();
+    let mut failures = Vec::new();
+    for c in &cases {
+        let model = models.entry(c.model.clone()).or_insert_with(|| load_ldm(&gpu, &fixtures().join("concat").join(&c.model), &c.model));
+        assert_eq!(model.kind, LdmKind::Concat, "{}", c.model);
+        let img = InputImage::from_png(&std::fs::read(fixtures().join("images").join(&c.image)).expect("image")).expect("png");
+        let concat = model.concat.as_ref().expect("concat entry");
+        let cond = pollster::block_on(concat.prepare(&gpu, &model.first_stage, &img, c.width, c.height, DType::F32)).expect("condition");
+        assert_close(&format!("{} condition ({:?})", c.key, concat.stage), &cond, &want[&format!("{}_condition", c.key)].1, 1e-4);
+        let p = Txt2ImgParams { seed: c.seed, steps: c.steps, width: c.width, height: c.height, eta: c.eta, batch: c.batch, ..Default::default() };
+        let (images, _) = pollster::block_on(model.generate(&gpu, &p, Some(&LdmImage::Condition(img)), &|| 0.0, &mut |_| Ok(()))).unwrap_or_else(|e| panic!("{}: {e}", c.key));
+        let (shape, pixels) = &want[&c.key];
+        assert_eq!(vec![images.batch, images.height, images.width, 3], *shape, "{} shape", c.key);
+        let (d, _) = max_diff(&images.data, pixels);
+        println!("concat {:<7} {:<15} {} steps, eta {}, {}x{} batch {}: max |diff| {:.4}/255", c.key, c.model, c.steps, c.eta, c.width, c.height, c.batch, d * 255.0);
+        if d > PIXEL_TOL {
+            failures.push(format!("{}: max pixel difference {:.2}/255", c.key, d * 255.0));
+        }
+    }
+    assert_eq!(cases.len(), 5);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Without its condition, or at a size the rescaler does not map onto the latent grid.
+    let m = &models["rescale"];
+    let p = Txt2ImgParams { steps: 2, width: 32, height: 32, ..Default::default() };
+    let e = pollster::block_on(m.generate(&gpu, &p, None, &|| 0.0, &mut |_| Ok(()))).err().expect("needs its condition").to_string();
+    assert!(e.contains("condition image"), "{e}");
+    let img = LdmImage::Condition(InputImage::from_png(&std::fs::read(fixtures().join("images/init.png")).expect("image")).expect("png"));
+    assert!(pollster::block_on(m.generate(&gpu, &Txt2ImgParams { width: 34, ..p.clone() }, Some(&img), &|| 0.0, &mut |_| Ok(()))).is_err());
 }
 
 #[test]
@@ -168,7 +228,7 @@ fn ldm_models_refuse_what_they_cannot_run() {
     let p = Txt2ImgParams { steps: 2, ..Default::default() };
     let e = pollster::block_on(m.generate(&gpu, &p, None, &|| 0.0, &mut |_| Ok(()))).err().expect("needs an image").to_string();
     assert!(e.contains("--init-image"), "{e}");
-    let odd = LowResImage { width: 33, height: 32, data: vec![0.0; 3 * 33 * 32] };
+    let odd = LdmImage::LowRes(LowResImage { width: 33, height: 32, data: vec![0.0; 3 * 33 * 32] });
     assert!(pollster::block_on(m.generate(&gpu, &p, Some(&odd), &|| 0.0, &mut |_| Ok(()))).is_err());
 }
 
@@ -180,7 +240,7 @@ fn vq_model_matches_diffusers() {
     let vq = pollster::block_on(async {
         let config: VQModelConfig = read_json(&src, "vqvae/config.json").await?.expect("config");
         let w = Weights::new(&src, component_files(&src, "vqvae", "diffusion_pytorch_model", false).await?);
-        VQModel::load(&w.at(&gpu, DType::F32, ""), config).await
+        VQModel::load(&w.at(&gpu, DType::F32, ""), config, false).await
     })
     .expect("VQModel loads");
     let (zs, z) = &r["latents"];

@@ -171,3 +171,85 @@ fn controlnet_single_file_config_is_inferred() {
     let (g, w) = (&got.unet, &want.unet);
     assert_eq!((&g.block_out_channels, &g.layers_per_block, &g.down_block_types, &g.cross_attention_dim, g.in_channels), (&w.block_out_channels, &w.layers_per_block, &w.down_block_types, &w.cross_attention_dim, w.in_channels));
 }
+
+/// Depth estimators against transformers (scripts/depth_fixtures.py): DPT-Hybrid (BiT, "SAME"
+/// padding, batch norms folded), DPT (position embeddings resized), Depth Anything (DINOv2, layer
+/// scale, bicubic position embeddings, fusion to the next level's size) on RGB, RGBA, gray and
+/// odd-sized photos: `pixel_values` within 1e-5, `predicted_depth` within 1e-4 relative, the
+/// depth-estimation pipeline's 8-bit image within one level (it truncates).
+#[test]
+fn depth_estimators_match_transformers() {
+    use ldm_web::gpu::DType;
+    use ldm_web::pipelines::depth::{depth_to_image, DepthEstimator};
+    #[derive(serde::Deserialize)]
+    struct DepthCase {
+        key: String,
+        model: String,
+        image: String,
+    }
+    let cases: Vec<DepthCase> = serde_json::from_slice(&std::fs::read(fixtures().join("ref/depth_cases.json")).expect("depth_cases.json")).expect("parses");
+    let want = reference("depth.safetensors");
+    let gpu = gpu();
+    let mut models: std::collections::HashMap<String, DepthEstimator> = Default::default();
+    for c in &cases {
+        let est = models.entry(c.model.clone()).or_insert_with(|| {
+            let src = DirSource::new(fixtures().join("depth").join(&c.model));
+            pollster::block_on(DepthEstimator::load(&gpu, &src, "", "", DType::F32)).unwrap_or_else(|e| panic!("{}: {e}", c.model))
+        });
+        let img = if c.image == "gray" { InputImage::from_png(&std::fs::read(fixtures().join("depth/gray.png")).expect("gray.png")).expect("png") } else { image(&c.image) };
+        let (pixels, _, _) = est.processor.preprocess(&img).expect("preprocess");
+        let (d, _) = common::max_diff(&pixels, &want[&format!("{}.pixel_values", c.key)].1);
+        assert!(d <= 1e-5, "{}: pixel_values differ by {d:e}", c.key);
+        let depth = pollster::block_on(est.predict(&gpu, &img)).unwrap_or_else(|e| panic!("{}: {e}", c.key));
+        let (ws, wd) = &want[&format!("{}.predicted_depth", c.key)];
+        assert_eq!(vec![depth.height, depth.width], *ws, "{} depth shape", c.key);
+        common::assert_close(&format!("{} predicted_depth", c.key), &depth.data, wd, 1e-4);
+        let image8 = depth_to_image(&depth, img.width, img.height).expect("depth image");
+        let (_, want8) = &want[&format!("{}.depth_image", c.key)];
+        let off: Vec<f32> = image8.data.iter().zip(want8).map(|(&a, &b)| (a as f32 - b).abs()).collect();
+        let (max, n) = (off.iter().copied().fold(0.0, f32::max), off.iter().filter(|&&v| v > 0.0).count());
+        println!("{}: depth image {}x{}: {n} of {} levels off by at most {max}", c.key, img.width, img.height, off.len());
+        assert!(max <= 1.0 && n * 100 <= off.len(), "{}: depth image off by {max} at {n} pixels", c.key);
+    }
+    assert_eq!(cases.len(), 12);
+}
+
+/// `StableDiffusionDepth2ImgPipeline` without a depth map: the folder's depth_estimator/ and
+/// feature_extractor/ make it (scripts/depth_fixtures.py); images within 2/255.
+#[test]
+fn depth2img_estimates_depth_as_diffusers() {
+    use ldm_web::pipelines::UserImages;
+    #[derive(serde::Deserialize)]
+    struct D2iCase {
+        key: String,
+        image: String,
+        prompt: String,
+        steps: usize,
+        strength: f32,
+        seed: u64,
+    }
+    let cases: Vec<D2iCase> = serde_json::from_slice(&std::fs::read(fixtures().join("ref/depth2img_cases.json")).expect("depth2img_cases.json")).expect("parses");
+    let want = reference("depth2img.safetensors");
+    let gpu = gpu();
+    let src = DirSource::new(fixtures().join("sd2-depth-estimator"));
+    let model = pollster::block_on(StableDiffusionModel::load(&gpu, &src, "sd2-depth-estimator", &LoadOptions { vae_encoder: true, ..Default::default() })).expect("loads");
+    assert!(model.bundled_depth_estimator);
+    for c in &cases {
+        let mut user = UserImages { init: Some(image(&c.image)), strength: Some(c.strength), ..Default::default() };
+        assert!(model.needs_depth_estimate(&user));
+        let init = user.init.clone().expect("init");
+        user.depth_prediction = Some(pollster::block_on(model.estimate_depth(&gpu, &src, &init)).expect("estimates"));
+        let prepared = model.prepare_images(user, None, None).expect("prepares");
+        let p = Txt2ImgParams { prompt: c.prompt.clone(), seed: c.seed, steps: c.steps, guidance_scale: 7.5, width: prepared.width, height: prepared.height, ..Default::default() };
+        let (images, _) = pollster::block_on(model.generate(&gpu, &p, &prepared.conditions, &|| 0.0, &mut |_| Ok(()))).unwrap_or_else(|e| panic!("{}: {e}", c.key));
+        let (shape, pixels) = &want[&c.key];
+        assert_eq!(vec![images.batch, images.height, images.width, 3], *shape, "{} shape", c.key);
+        let (d, _) = common::max_diff(&images.data, pixels);
+        println!("{}: depth-to-image with its own estimator, {}x{}: max |diff| {:.4}/255", c.key, images.width, images.height, d * 255.0);
+        assert!(d <= PIXEL_TOL, "{}: max pixel difference {:.2}/255", c.key, d * 255.0);
+    }
+    // Without an estimator of its own, a depth model asks for a depth map.
+    let plain = pollster::block_on(StableDiffusionModel::load(&gpu, &DirSource::new(fixtures().join("sd2-depth")), "sd2-depth", &LoadOptions { vae_encoder: true, ..Default::default() })).expect("loads");
+    let e = pollster::block_on(plain.estimate_depth(&gpu, &DirSource::new(fixtures().join("sd2-depth")), &image("init.png"))).err().expect("refused").to_string();
+    assert!(e.contains("depth map"), "{e}");
+}

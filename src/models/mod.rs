@@ -2,8 +2,12 @@
 
 pub mod autoencoder_kl;
 pub mod autoencoder_tiny;
+pub mod bit;
 pub mod clip_text;
 pub mod controlnet;
+pub mod depth_anything;
+pub mod dinov2;
+pub mod dpt;
 pub mod ldm_bert;
 pub mod nn;
 pub mod resnet;
@@ -13,12 +17,15 @@ pub mod unet_2d;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 mod vae;
+pub mod vit;
 pub mod vq_model;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 pub use autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 pub use clip_text::{ClipTextConfig, ClipTextModel};
 pub use controlnet::{ControlNetConfig, ControlNetModel};
+pub use depth_anything::{DepthAnythingConfig, DepthAnythingForDepthEstimation};
+pub use dpt::{DPTConfig, DPTForDepthEstimation};
 pub use ldm_bert::{LdmBertConfig, LdmBertModel};
 pub use unet_2d::{UNet2DConfig, UNet2DModel};
 pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};

@@ -185,6 +185,24 @@ impl Linear {
         Ok(Self { weight, bias, in_features, out_features, lora })
     }
 
+    /// A linear whose outputs are multiplied by `scale` (a per-channel layer scale folded in:
+    /// `s (W x + b) = (s W) x + s b`); float weights, no LoRA.
+    pub async fn load_row_scaled(w: &W<'_, '_>, in_features: usize, out_features: usize, scale: &[f32]) -> Result<Self> {
+        let mut weight = w.read_f32("weight", &[out_features, in_features]).await?;
+        let mut bias = w.read_f32("bias", &[out_features]).await?;
+        for (o, &s) in scale.iter().enumerate().take(out_features) {
+            weight[o * in_features..(o + 1) * in_features].iter_mut().for_each(|v| *v *= s);
+            bias[o] *= s;
+        }
+        Ok(Self {
+            weight: w.gpu.upload(&[out_features, in_features], w.dtype, &weight)?,
+            bias: Some(w.gpu.upload(&[out_features], w.dtype, &bias)?),
+            in_features,
+            out_features,
+            lora: None,
+        })
+    }
+
     /// `act(x W^T + b)` for x `[.., in]`.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, act: Activation) -> Result<Tensor> {
         if self.lora.is_none() {
@@ -268,6 +286,66 @@ impl Conv2d {
             Some(r) => ops::add(gpu, &y, r),
             None => Ok(y),
         }
+    }
+}
+
+impl Conv2d {
+    /// A convolution from weights prepared on the CPU (weight-standardised, a batch norm folded
+    /// in): `weight` `[cout, cin, kh, kw]` in `w`'s dtype, no LoRA.
+    pub fn from_f32(w: &W<'_, '_>, shape: [usize; 4], weight: &[f32], bias: Option<&[f32]>, spec: Conv2dSpec) -> Result<Self> {
+        let bias = bias.map(|b| w.gpu.upload(&[shape[0]], w.dtype, b)).transpose()?;
+        Ok(Self { weight: w.gpu.upload(&shape, w.dtype, weight)?, bias, spec, out_channels: shape[0], lora: None })
+    }
+
+    /// Loads a convolution followed by an inference-mode `nn.BatchNorm2d` (under `bn`), the norm
+    /// folded into the weights: `w' = w g / sqrt(var + eps)`, `b' = (b - mean) g / sqrt(var + eps) + beta`.
+    pub async fn load_with_batch_norm(w: &W<'_, '_>, bn: &W<'_, '_>, cin: usize, cout: usize, k: usize, spec: Conv2dSpec, eps: f64) -> Result<Self> {
+        let shape = [cout, cin, k, k];
+        let mut weight = w.read_f32("weight", &shape).await?;
+        let bias = if w.contains("bias") { w.read_f32("bias", &[cout]).await? } else { vec![0.0; cout] };
+        let (g, beta) = (bn.read_f32("weight", &[cout]).await?, bn.read_f32("bias", &[cout]).await?);
+        let (mean, var) = (bn.read_f32("running_mean", &[cout]).await?, bn.read_f32("running_var", &[cout]).await?);
+        let per = cin * k * k;
+        let mut folded = Vec::with_capacity(cout);
+        for o in 0..cout {
+            let s = g[o] as f64 / (var[o] as f64 + eps).sqrt();
+            weight[o * per..(o + 1) * per].iter_mut().for_each(|v| *v = (*v as f64 * s) as f32);
+            folded.push(((bias[o] as f64 - mean[o] as f64) * s + beta[o] as f64) as f32);
+        }
+        Self::from_f32(w, shape, &weight, Some(&folded), spec)
+    }
+}
+
+/// `nn.ConvTranspose2d` whose stride equals its kernel, without padding (DPT's upsampling in
+/// its reassemble stage): each input pixel becomes a `k x k` patch, so it is a 1x1 convolution to
+/// `cout * k * k` channels and a permutation putting the patches in place.
+pub struct PatchConvTranspose2d {
+    conv: Conv2d,
+    cout: usize,
+    k: usize,
+}
+
+impl PatchConvTranspose2d {
+    /// Loads `weight` `[cin, cout, k, k]` and `bias` `[cout]`.
+    pub async fn load(w: &W<'_, '_>, cin: usize, cout: usize, k: usize) -> Result<Self> {
+        let stored = w.read_f32("weight", &[cin, cout, k, k]).await?;
+        let bias = w.read_f32("bias", &[cout]).await?;
+        // Rows (co, ky, kx), columns ci.
+        let mut weight = vec![0f32; cout * k * k * cin];
+        for ci in 0..cin {
+            for r in 0..cout * k * k {
+                weight[r * cin + ci] = stored[ci * cout * k * k + r];
+            }
+        }
+        let bias: Vec<f32> = bias.iter().flat_map(|&b| std::iter::repeat_n(b, k * k)).collect();
+        Ok(Self { conv: Conv2d::from_f32(w, [cout * k * k, cin, 1, 1], &weight, Some(&bias), Conv2dSpec::default())?, cout, k })
+    }
+
+    /// `[B, cin, H, W]` to `[B, cout, H k, W k]`.
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, k) = (x.dim(0), x.dim(2), x.dim(3), self.k);
+        let patches = self.conv.forward(gpu, x, None)?.reshape(&[b, self.cout, k, k, h, w])?;
+        ops::permute(gpu, &patches, &[0, 1, 4, 2, 5, 3])?.reshape(&[b, self.cout, h * k, w * k])
     }
 }
 

@@ -69,26 +69,47 @@ impl VQModelConfig {
     }
 }
 
-/// `VQModel` (decoder side).
+/// `VQModel`: the decoder, and the encoder when loaded with it.
 pub struct VQModel {
     pub config: VQModelConfig,
     /// `[num_vq_embeddings, embed_dim]`, kept on the CPU: quantising is a nearest-neighbour search
     /// over a few thousand short vectors per latent pixel.
     codebook: Vec<f32>,
+    /// The encoder and its `quant_conv`.
+    encoder: Option<(Coder, Conv2d)>,
     post_quant_conv: Conv2d,
     decoder: Coder,
 }
 
 impl VQModel {
-    /// Loads the codebook and the decoder.
-    pub async fn load(w: &W<'_, '_>, config: VQModelConfig) -> Result<Self> {
+    /// Loads the codebook and the decoder, and the encoder when `with_encoder` (the
+    /// unconditional models never encode).
+    pub async fn load(w: &W<'_, '_>, config: VQModelConfig, with_encoder: bool) -> Result<Self> {
         config.validate()?;
         let (d, z) = (config.embed_dim(), config.latent_channels);
         let codebook = w.read_f32("quantize.embedding.weight", &[config.num_vq_embeddings, d]).await?;
         let post_quant_conv = Conv2d::load(&w.sub("post_quant_conv"), d, z, 1, 1, 0).await?;
         let c = &config;
+        let encoder = if with_encoder {
+            let e = Coder::encoder(&w.sub("encoder"), c.in_channels, &c.block_out_channels, c.layers_per_block, c.norm_num_groups, z, c.mid_block_add_attention).await?;
+            Some((e, Conv2d::load(&w.sub("quant_conv"), z, d, 1, 1, 0).await?))
+        } else {
+            None
+        };
         let decoder = Coder::decoder(&w.sub("decoder"), z, c.out_channels, &c.block_out_channels, c.layers_per_block, c.norm_num_groups, c.mid_block_add_attention).await?;
-        Ok(Self { config, codebook, post_quant_conv, decoder })
+        Ok(Self { config, codebook, encoder, post_quant_conv, decoder })
+    }
+
+    /// `VQModel.encode(x).latents`: images in [-1, 1] `[B, in_channels, H, W]` to latents after
+    /// `quant_conv`, not yet quantised (decoding quantises).
+    pub fn encode(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        let (enc, quant_conv) = self.encoder.as_ref().ok_or_else(|| Error::Unsupported("this VQModel was loaded without its encoder".into()))?;
+        let f = self.config.scale_factor();
+        if x.shape().len() != 4 || x.dim(1) != self.config.in_channels || !x.dim(2).is_multiple_of(f) || !x.dim(3).is_multiple_of(f) {
+            return Err(Error::Input(format!("image {:?} must be [B, {}, H, W] with sides divisible by {f}", x.shape(), self.config.in_channels)));
+        }
+        let h = enc.forward(gpu, x, false)?;
+        quant_conv.forward(gpu, &h, None)
     }
 
     /// `VectorQuantizer`: each pixel of `latents` (`[B, D, H, W]`) replaced by its nearest codebook

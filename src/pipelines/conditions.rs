@@ -93,7 +93,7 @@ impl Task {
             Task::Upscale
         } else if in_channels == z + 1 {
             if !init || !depth {
-                return Err(Error::Input("this is a depth-to-image model: give an init image and a depth map".into()));
+                return Err(Error::Input("this is a depth-to-image model: give an init image and a depth map (or a folder with its own depth_estimator/ estimates one)".into()));
             }
             Task::Depth
         } else if in_channels == z {
@@ -148,48 +148,22 @@ pub fn start_for_strength(steps: usize, strength: f32, order: usize) -> (usize, 
     (t_start * order, steps - t_start)
 }
 
-/// `torch.nn.functional.interpolate(mask, size)` (mode `nearest`) of an `[H, W]` plane.
-pub fn nearest(plane: &[f32], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<f32> {
-    let (sx, sy) = (w as f32 / out_w as f32, h as f32 / out_h as f32);
-    let mut out = Vec::with_capacity(out_w * out_h);
-    for y in 0..out_h {
-        let iy = ((y as f32 * sy) as usize).min(h - 1);
-        for x in 0..out_w {
-            let ix = ((x as f32 * sx) as usize).min(w - 1);
-            out.push(plane[iy * w + ix]);
-        }
-    }
-    out
+pub use crate::ops::layout::Interpolation;
+use crate::ops::layout::{interpolate_reference, Coordinates};
+
+/// `interpolate(x, size=(out_h, out_w), mode)` of an `[H, W]` plane (on the CPU).
+pub fn interpolate(plane: &[f32], w: usize, h: usize, out_w: usize, out_h: usize, mode: Interpolation) -> Vec<f32> {
+    interpolate_reference(plane, 1, (h, w), (out_h, out_w), mode, Coordinates::HalfPixel)
 }
 
-/// `interpolate(x, size, mode="bicubic", align_corners=False)` of an `[H, W]` plane: torch's
-/// cubic convolution (A = -0.75) with clamped borders, in f32 as torch computes it.
-pub fn bicubic(plane: &[f32], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<f32> {
-    const A: f32 = -0.75;
-    let weights = |t: f32| {
-        let c1 = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
-        let c2 = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
-        [c2(t + 1.0), c1(t), c1(1.0 - t), c2(2.0 - t)]
-    };
-    let taps = |o: usize, inn: usize, out: usize| {
-        let scale = inn as f32 / out as f32;
-        let real = scale * (o as f32 + 0.5) - 0.5;
-        let i0 = real.floor();
-        let idx: [usize; 4] = std::array::from_fn(|k| (i0 as i64 - 1 + k as i64).clamp(0, inn as i64 - 1) as usize);
-        (idx, weights(real - i0))
-    };
-    let cols: Vec<_> = (0..out_w).map(|x| taps(x, w, out_w)).collect();
-    let mut out = Vec::with_capacity(out_w * out_h);
-    for y in 0..out_h {
-        let (ry, wy) = taps(y, h, out_h);
-        for (rx, wx) in &cols {
-            // Along x for each of the four rows, then along y (torch's order).
-            let row = |r: usize| (0..4).map(|k| plane[r * w + rx[k]] * wx[k]).fold(0.0f32, |a, v| a + v);
-            let rows = ry.map(row);
-            out.push((0..4).map(|k| rows[k] * wy[k]).fold(0.0f32, |a, v| a + v));
-        }
+/// `interpolate(x, scale_factor=scale, mode)` of an `[H, W]` plane: sides `floor(side * scale)`,
+/// source coordinates scaled by `1 / scale`. Returns the plane and its width and height.
+pub fn interpolate_by(plane: &[f32], w: usize, h: usize, scale: f64, mode: Interpolation) -> Result<(Vec<f32>, usize, usize)> {
+    let (out_w, out_h) = ((w as f64 * scale).floor() as usize, (h as f64 * scale).floor() as usize);
+    if !(scale > 0.0 && scale.is_finite()) || out_w == 0 || out_h == 0 || out_w > 1 << 14 || out_h > 1 << 14 {
+        return Err(Error::Input(format!("scaling a {w}x{h} condition by {scale} gives no usable size")));
     }
-    out
+    Ok((interpolate_reference(plane, 1, (h, w), (out_h, out_w), mode, Coordinates::ScaleFactor(scale, scale)), out_w, out_h))
 }
 
 /// diffusers' `prepare_depth_map` for a given map: bicubic to the latent size, then min-max
@@ -198,7 +172,7 @@ pub fn depth_latent(d: &DepthMap, out_w: usize, out_h: usize) -> Result<Vec<f32>
     if d.data.len() != d.width * d.height || d.data.is_empty() {
         return Err(Error::Input(format!("the depth map has {} values for {}x{}", d.data.len(), d.width, d.height)));
     }
-    let v = bicubic(&d.data, d.width, d.height, out_w, out_h);
+    let v = interpolate(&d.data, d.width, d.height, out_w, out_h, Interpolation::Bicubic);
     let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
     if !(hi > lo) {
         return Err(Error::Input("the depth map is flat (one value everywhere); give an image with near and far parts".into()));
@@ -221,11 +195,21 @@ mod tests {
     #[test]
     fn resampling_keeps_constants_and_picks_nearest_as_torch() {
         let flat = vec![3.5f32; 7 * 5];
-        assert!(bicubic(&flat, 7, 5, 12, 3).iter().all(|&v| (v - 3.5).abs() < 1e-5));
+        for mode in [Interpolation::Nearest, Interpolation::Bilinear, Interpolation::Bicubic, Interpolation::Area] {
+            assert!(interpolate(&flat, 7, 5, 12, 3, mode).iter().all(|&v| (v - 3.5).abs() < 1e-5), "{mode:?}");
+        }
         let plane: Vec<f32> = (0..16).map(|v| v as f32).collect();
-        assert_eq!(nearest(&plane, 4, 4, 2, 2), vec![0.0, 2.0, 8.0, 10.0]);
+        assert_eq!(interpolate(&plane, 4, 4, 2, 2, Interpolation::Nearest), vec![0.0, 2.0, 8.0, 10.0]);
+        // Halving: bilinear and area both average each 2x2 block.
+        let avg = vec![2.5, 4.5, 10.5, 12.5];
+        assert_eq!(interpolate(&plane, 4, 4, 2, 2, Interpolation::Bilinear), avg);
+        assert_eq!(interpolate_by(&plane, 4, 4, 0.5, Interpolation::Area).unwrap(), (avg, 2, 2));
         // Identity size: bicubic reproduces the input.
-        let same = bicubic(&plane, 4, 4, 4, 4);
+        let same = interpolate(&plane, 4, 4, 4, 4, Interpolation::Bicubic);
         assert!(same.iter().zip(&plane).all(|(a, b)| (a - b).abs() < 1e-5));
+        // scale_factor on an odd side: floor(5 * 0.5) = 2 outputs sampled at ratio 2, not 2.5.
+        let rows: Vec<f32> = (0..10).map(|v| (v % 5) as f32).collect();
+        assert_eq!(interpolate_by(&rows, 5, 2, 0.5, Interpolation::Bilinear).unwrap(), (vec![0.5, 2.5], 2, 1));
+        assert!(interpolate_by(&rows, 5, 2, 0.1, Interpolation::Bilinear).is_err());
     }
 }

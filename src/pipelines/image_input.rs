@@ -93,9 +93,15 @@ impl InputImage {
         Self::new(w, h, channels, sixteen_bit, data)
     }
 
-    /// 8-bit values: PIL opens 16-bit colour PNGs as 8-bit (the high byte), and so does this.
+    /// 8-bit values as PIL gives them: it opens 16-bit colour (and gray + alpha) PNGs as 8-bit
+    /// by their high byte, but a 16-bit gray PNG as `I;16`, which `convert("RGB")` and
+    /// `convert("L")` clip to 255.
     fn value8(&self, v: u16) -> u8 {
-        if self.sixteen_bit { (v >> 8) as u8 } else { v as u8 }
+        match (self.sixteen_bit, self.channels) {
+            (false, _) => v as u8,
+            (true, Channels::Gray) => v.min(255) as u8,
+            (true, _) => (v >> 8) as u8,
+        }
     }
 
     /// RGB8 pixels as PIL's `convert("RGB")`: gray repeated, alpha dropped (not composited).
@@ -147,7 +153,8 @@ fn check_size(width: usize, height: usize) -> Result<()> {
 }
 
 /// PIL's resampling filters (`Image.Resampling`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Resample {
     Bilinear,
     Bicubic,
@@ -417,7 +424,12 @@ mod tests {
         let gray16 = encode(png::ColorType::Grayscale, png::BitDepth::Sixteen, 2, 1, &[0x12, 0x34, 0xff, 0xfe]);
         let img = InputImage::from_png(&gray16).expect("16-bit gray");
         assert_eq!((img.channels, img.sixteen_bit, img.gray_values()), (Channels::Gray, true, vec![4660.0, 65534.0]));
-        assert_eq!(img.rgb8(), vec![0x12, 0x12, 0x12, 0xff, 0xff, 0xff]);
+        // Pillow 13 opens it as I;16 and clips to 8 bits; 16-bit gray + alpha keeps the high byte.
+        assert_eq!(img.rgb8(), vec![0xff; 6]);
+        let gray16 = encode(png::ColorType::Grayscale, png::BitDepth::Sixteen, 2, 1, &[0x00, 0x64, 0x01, 0x2c]);
+        assert_eq!(InputImage::from_png(&gray16).expect("16-bit gray").luma8(), vec![100, 255]);
+        let la16 = encode(png::ColorType::GrayscaleAlpha, png::BitDepth::Sixteen, 1, 1, &[0x12, 0x34, 0xff, 0xff]);
+        assert_eq!(InputImage::from_png(&la16).expect("16-bit gray + alpha").rgb8(), vec![0x12; 3]);
         let rgba = encode(png::ColorType::Rgba, png::BitDepth::Eight, 1, 1, &[255, 0, 0, 7]);
         let img = InputImage::from_png(&rgba).expect("RGBA");
         assert_eq!((img.rgb8(), img.luma8()), (vec![255, 0, 0], vec![76]));

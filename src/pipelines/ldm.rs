@@ -6,17 +6,25 @@
 //! `set_timesteps`, the text-to-image one never calls `scale_model_input` and makes latents of
 //! `height / 8`, the super-resolution one decodes without a scaling factor.
 //!
+//! And the paper's concatenation conditioning (section 3.3) for any spatially aligned condition:
+//! an `LDMPipeline` folder whose `ldm-web.json` has a `concat` entry (written by
+//! `scripts/convert_compvis_concat.py` from a CompVis `conditioning_key: concat` checkpoint) takes
+//! a condition image, makes it the UNet's extra input channels as the entry says, and samples as
+//! CompVis' DDIM sampler does (the converted scheduler config reproduces its schedule).
+//!
 //! Randomness: the initial latents come from torch's CPU generator seeded with the seed, as the
 //! `generator` argument. These pipelines do not hand that generator to `scheduler.step`, so the
 //! noise DDIM (eta > 0) and the ancestral samplers add each step comes from torch's global
 //! generator; ldm-web draws it from a second generator seeded with the same seed, which is
 //! diffusers after `torch.manual_seed(seed)`.
 
+use super::conditions::{interpolate_by, Interpolation};
+use super::image_input::{resize_u8, InputImage, Resample};
 use super::loading::{config, ComponentQuant};
 use super::stable_diffusion::{guide, to_hwc01, Images, Latents, Progress, StageTimes, StepProgress, Txt2ImgParams};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
-use crate::loader::{component_files, FileSource, Weights};
+use crate::loader::{component_files, read_json, FileSource, Weights};
 use crate::models::{AutoencoderKL, AutoencoderKLConfig, LdmBertConfig, LdmBertModel, UNet2DConditionConfig, UNet2DConditionModel, UNet2DConfig, UNet2DModel, VQModel, VQModelConfig};
 use crate::ops;
 use crate::rng::TorchGenerator;
@@ -45,6 +53,21 @@ impl FirstStage {
             FirstStage::Kl(v) => v.config.scaling_factor,
         }
     }
+    /// Channels of its latents.
+    pub fn latent_channels(&self) -> usize {
+        match self {
+            FirstStage::Vq(v, _) => v.config.embed_dim(),
+            FirstStage::Kl(v) => v.config.latent_channels,
+        }
+    }
+    /// CompVis' `encode_first_stage` as a condition stage: a VQ model's latents before
+    /// quantisation, a KL model's mode. Images `[B, C, H, W]` in [-1, 1], latents unscaled.
+    pub async fn encode(&self, gpu: &Gpu, image: &[f32], shape: [usize; 4], dtype: DType) -> Result<Vec<f32>> {
+        match self {
+            FirstStage::Vq(v, own) => gpu.read(&v.encode(gpu, &gpu.upload(&shape, *own, image)?)?).await,
+            FirstStage::Kl(v) => Ok(v.encode(gpu, &gpu.upload(&shape, dtype, image)?).await?.mode().to_vec()),
+        }
+    }
     /// `vqvae.decode(latents)`: a VQ model snaps latents to its codebook first. Images in [-1, 1].
     pub fn decode(&self, gpu: &Gpu, latents: &[f32], shape: [usize; 4], dtype: DType) -> Result<Tensor> {
         match self {
@@ -63,6 +86,8 @@ pub enum LdmKind {
     SuperResolution,
     /// `LDMTextToImagePipeline`.
     TextToImage,
+    /// An `LDMPipeline` folder with `ldm-web.json`'s `concat`: a condition image concatenated.
+    Concat,
 }
 
 impl LdmKind {
@@ -81,6 +106,7 @@ impl LdmKind {
             Self::Unconditional => "LDMPipeline",
             Self::SuperResolution => "LDMSuperResolutionPipeline",
             Self::TextToImage => "LDMTextToImagePipeline",
+            Self::Concat => "LDMPipeline (concatenation-conditioned)",
         }
     }
     /// diffusers' default `num_inference_steps`.
@@ -116,6 +142,135 @@ pub struct LdmModel {
     /// `scheduler/scheduler_config.json` as written.
     pub scheduler_config: serde_json::Value,
     pub dtype: DType,
+    /// Concatenation-conditioned models: how their condition image is made.
+    pub concat: Option<ConcatCondition>,
+}
+
+/// What an LDM pipeline is given besides its settings.
+pub enum LdmImage {
+    /// The super-resolution model's input.
+    LowRes(LowResImage),
+    /// A concatenation-conditioned model's condition image.
+    Condition(InputImage),
+}
+
+/// How a concatenation-conditioned model's condition image becomes the UNet's extra input
+/// channels: `ldm-web.json`'s `concat` entry. The image is converted to RGB or gray (PIL's
+/// `convert`), resized with PIL's `resample` filter to the output size (for the `identity` stage:
+/// straight to the latent grid), mapped from [0, 1] to `range`, then put through the stage.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+pub struct ConcatCondition {
+    pub stage: ConditionStage,
+    /// 3 (RGB) or 1 (gray).
+    pub channels: usize,
+    #[serde(default = "default_range")]
+    pub range: [f32; 2],
+    #[serde(default = "default_resample")]
+    pub resample: Resample,
+    /// The `rescale` stage's steps.
+    #[serde(default)]
+    pub rescale: Option<SpatialRescale>,
+}
+
+fn default_range() -> [f32; 2] {
+    [-1.0, 1.0]
+}
+
+fn default_resample() -> Resample {
+    Resample::Bicubic
+}
+
+/// CompVis' condition stages (`cond_stage_config`) that keep the condition spatial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConditionStage {
+    /// `torch.nn.Identity`: the image at the latent grid as it is.
+    Identity,
+    /// `SpatialRescaler`: `interpolate(x, scale_factor=multiplier, mode=method)`, `stages` times.
+    Rescale,
+    /// `__is_first_stage__`: encoded by the model's own autoencoder.
+    FirstStage,
+}
+
+/// `ldm.modules.encoders.modules.SpatialRescaler`'s parameters (without its channel remap).
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+pub struct SpatialRescale {
+    pub method: Interpolation,
+    pub multiplier: f64,
+    pub stages: usize,
+}
+
+/// The parts of `ldm-web.json` the LDM pipelines read.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct LdmFolderHints {
+    concat: Option<ConcatCondition>,
+}
+
+impl ConcatCondition {
+    /// Channels the condition adds to the UNet's input.
+    pub fn unet_channels(&self, first_stage: &FirstStage) -> usize {
+        match self.stage {
+            ConditionStage::FirstStage => first_stage.latent_channels(),
+            _ => self.channels,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.channels != 1 && self.channels != 3 {
+            return Err(Error::Model(format!("ldm-web.json: concat.channels is {}; condition images are gray (1) or RGB (3)", self.channels)));
+        }
+        if !(self.range[0].is_finite() && self.range[1].is_finite()) {
+            return Err(Error::Model("ldm-web.json: concat.range must be two finite numbers".into()));
+        }
+        match (&self.rescale, self.stage) {
+            (None, ConditionStage::Rescale) => Err(Error::Model("ldm-web.json: the rescale stage needs concat.rescale {method, multiplier, stages}".into())),
+            (Some(r), ConditionStage::Rescale) if !(r.multiplier > 0.0 && r.multiplier.is_finite()) || r.stages == 0 || r.stages > 8 => {
+                Err(Error::Model(format!("ldm-web.json: concat.rescale needs a positive multiplier and 1 to 8 stages, got {} and {}", r.multiplier, r.stages)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The condition `[C, h, w]` on the latent grid of a `width x height` output.
+    pub async fn prepare(&self, gpu: &Gpu, first_stage: &FirstStage, img: &InputImage, width: usize, height: usize, dtype: DType) -> Result<Vec<f32>> {
+        let f = first_stage.scale_factor();
+        let (lw, lh) = (width / f, height / f);
+        let (tw, th) = if self.stage == ConditionStage::Identity { (lw, lh) } else { (width, height) };
+        let c = self.channels;
+        let values = if c == 3 { img.rgb8() } else { img.luma8() };
+        let values = if (img.width, img.height) == (tw, th) { values } else { resize_u8(&values, img.width, img.height, c, tw, th, self.resample) };
+        let [lo, hi] = self.range;
+        let mut planar = vec![0f32; c * tw * th];
+        for (i, px) in values.chunks_exact(c).enumerate() {
+            for (k, &v) in px.iter().enumerate() {
+                planar[k * tw * th + i] = (v as f32 / 255.0) * (hi - lo) + lo;
+            }
+        }
+        let (out, w, h) = match (self.stage, &self.rescale) {
+            (ConditionStage::Identity, _) => (planar, tw, th),
+            (ConditionStage::FirstStage, _) => (first_stage.encode(gpu, &planar, [1, c, th, tw], dtype).await?, lw, lh),
+            (ConditionStage::Rescale, Some(r)) => {
+                let (mut planes, mut w, mut h) = (planar.chunks(tw * th).map(<[f32]>::to_vec).collect::<Vec<_>>(), tw, th);
+                for _ in 0..r.stages {
+                    let mut next = Vec::with_capacity(c);
+                    let mut size = (w, h);
+                    for p in &planes {
+                        let (q, nw, nh) = interpolate_by(p, w, h, r.multiplier, r.method)?;
+                        next.push(q);
+                        size = (nw, nh);
+                    }
+                    (planes, (w, h)) = (next, size);
+                }
+                (planes.concat(), w, h)
+            }
+            (ConditionStage::Rescale, None) => return Err(Error::Model("ldm-web.json: the rescale stage needs concat.rescale".into())),
+        };
+        if (w, h) != (lw, lh) {
+            return Err(Error::Input(format!("the condition comes out {w}x{h} for a {width}x{height} image, whose latent grid is {lw}x{lh}; choose a size the condition stage maps onto the grid")));
+        }
+        Ok(out)
+    }
 }
 
 /// The low-resolution input of the super-resolution pipeline: `[3, H, W]` in [-1, 1].
@@ -138,6 +293,17 @@ fn component_class<'a>(index: &'a serde_json::Value, key: &str) -> Option<&'a st
 impl LdmModel {
     /// Loads a diffusers folder whose `model_index.json` names one of the LDM pipelines.
     pub async fn load(gpu: &Gpu, src: &dyn FileSource, name: &str, kind: LdmKind, index: &serde_json::Value, dtype: DType, quant: &ComponentQuant) -> Result<Self> {
+        let hints: LdmFolderHints = read_json(src, "ldm-web.json").await?.unwrap_or_default();
+        let concat = match (kind, hints.concat) {
+            (LdmKind::Unconditional, Some(c)) => {
+                c.validate()?;
+                Some(c)
+            }
+            (_, Some(_)) => return Err(Error::Model(format!("ldm-web.json describes a concatenation condition, which {} does not take (it is for LDMPipeline folders)", kind.class_name()))),
+            (_, None) => None,
+        };
+        let kind = if concat.is_some() { LdmKind::Concat } else { kind };
+        let encoder = concat.as_ref().is_some_and(|c| c.stage == ConditionStage::FirstStage);
         let unet_class = component_class(index, "unet").unwrap_or(if kind == LdmKind::TextToImage { "UNet2DConditionModel" } else { "UNet2DModel" });
         let unet = match unet_class {
             "UNet2DModel" if kind != LdmKind::TextToImage => {
@@ -155,11 +321,11 @@ impl LdmModel {
                 let cfg: VQModelConfig = config(src, "vqvae/config.json").await?;
                 // force_upcast: the autoencoder is not to run in f16 (diffusers upcasts it).
                 let own = if cfg.force_upcast { DType::F32 } else { dtype };
-                FirstStage::Vq(VQModel::load(&quant.apply(weights(src, "vqvae", "diffusion_pytorch_model").await?.at(gpu, own, ""), "vqvae"), cfg).await?, own)
+                FirstStage::Vq(VQModel::load(&quant.apply(weights(src, "vqvae", "diffusion_pytorch_model").await?.at(gpu, own, ""), "vqvae"), cfg, encoder).await?, own)
             }
             "AutoencoderKL" => {
                 let cfg: AutoencoderKLConfig = config(src, "vqvae/config.json").await?;
-                FirstStage::Kl(AutoencoderKL::load(&quant.apply(weights(src, "vqvae", "diffusion_pytorch_model").await?.at(gpu, dtype, ""), "vqvae"), cfg, false).await?)
+                FirstStage::Kl(AutoencoderKL::load(&quant.apply(weights(src, "vqvae", "diffusion_pytorch_model").await?.at(gpu, dtype, ""), "vqvae"), cfg, encoder).await?)
             }
             other => return Err(Error::Model(format!("vqvae class {other} is not supported (VQModel and AutoencoderKL are)"))),
         };
@@ -176,7 +342,16 @@ impl LdmModel {
             None
         };
         let scheduler_config = config(src, "scheduler/scheduler_config.json").await?;
-        Ok(Self { name: name.to_string(), kind, unet, first_stage, text, scheduler_config, dtype })
+        if let (Some(c), LdmUNet::Plain(u)) = (&concat, &unet) {
+            let (latent, cond) = (first_stage.latent_channels(), c.unet_channels(&first_stage));
+            if u.config.in_channels != latent + cond || u.config.out_channels != latent {
+                return Err(Error::Model(format!(
+                    "the UNet takes {} channels and predicts {}; the latents have {latent} and the condition adds {cond} (ldm-web.json's concat entry does not fit this model)",
+                    u.config.in_channels, u.config.out_channels
+                )));
+            }
+        }
+        Ok(Self { name: name.to_string(), kind, unet, first_stage, text, scheduler_config, dtype, concat })
     }
 
     /// The scheduler `kind` (default: the model's own), built from the model's config as
@@ -204,8 +379,20 @@ impl LdmModel {
         }
     }
 
+    /// What the output's sides must be multiples of: the first stage's factor times the UNet's.
+    pub fn size_multiple(&self) -> usize {
+        match &self.unet {
+            LdmUNet::Plain(u) => self.first_stage.scale_factor() * u.config.downsample_factor(),
+            LdmUNet::Conditional(u) => 8 * u.config.downsample_factor(),
+        }
+    }
+
     /// Checks settings before any work starts.
-    pub fn validate(&self, p: &Txt2ImgParams, low_res: Option<&LowResImage>) -> Result<()> {
+    pub fn validate(&self, p: &Txt2ImgParams, image: Option<&LdmImage>) -> Result<()> {
+        let low_res = match image {
+            Some(LdmImage::LowRes(l)) => Some(l),
+            _ => None,
+        };
         if p.steps == 0 || p.steps > 1000 {
             return Err(Error::Input(format!("steps must be between 1 and 1000, got {}", p.steps)));
         }
@@ -228,7 +415,7 @@ impl LdmModel {
             }
             // The paper samples its convolutional LDMs beyond their training size: any size the
             // first stage and the UNet divide.
-            (LdmKind::Unconditional, LdmUNet::Plain(u)) => {
+            (LdmKind::Unconditional | LdmKind::Concat, LdmUNet::Plain(u)) => {
                 let f = self.first_stage.scale_factor() * u.config.downsample_factor();
                 if p.width == 0 || p.height == 0 || p.width % f != 0 || p.height % f != 0 {
                     return Err(Error::Input(format!("this model needs width and height divisible by {f}, got {}x{}", p.width, p.height)));
@@ -248,19 +435,26 @@ impl LdmModel {
             }
             _ => {}
         }
-        if low_res.is_some() && self.kind != LdmKind::SuperResolution {
-            return Err(Error::Input(format!("{} takes no input image", self.kind.class_name())));
+        match (self.kind, image) {
+            (LdmKind::SuperResolution, Some(LdmImage::LowRes(_))) | (LdmKind::Concat, Some(LdmImage::Condition(_))) => {}
+            (LdmKind::Concat, _) => return Err(Error::Input("this concatenation-conditioned model needs its condition image (--init-image)".into())),
+            (_, Some(LdmImage::Condition(_))) | (LdmKind::Unconditional | LdmKind::TextToImage, Some(_)) => {
+                return Err(Error::Input(format!("{} takes no input image", self.kind.class_name())));
+            }
+            _ => {}
         }
         Ok(())
     }
 
-    /// Generates `p.batch` images; `low_res` is the super-resolution model's input.
-    pub async fn generate(&self, gpu: &Gpu, p: &Txt2ImgParams, low_res: Option<&LowResImage>, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Images, StageTimes)> {
-        self.validate(p, low_res)?;
-        let (latents, mut times) = match (&self.unet, low_res) {
-            (LdmUNet::Plain(u), None) => self.denoise_unconditional(gpu, u, p, now_ms, progress).await?,
-            (LdmUNet::Plain(u), Some(img)) => self.denoise_super_resolution(gpu, u, p, img, now_ms, progress).await?,
-            (LdmUNet::Conditional(u), _) => self.denoise_text(gpu, u, p, now_ms, progress).await?,
+    /// Generates `p.batch` images from the super-resolution model's input or a concatenation-
+    /// conditioned model's condition image, or from nothing.
+    pub async fn generate(&self, gpu: &Gpu, p: &Txt2ImgParams, image: Option<&LdmImage>, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Images, StageTimes)> {
+        self.validate(p, image)?;
+        let (latents, mut times) = match (&self.unet, image, &self.concat) {
+            (LdmUNet::Plain(u), Some(LdmImage::Condition(img)), Some(c)) => self.denoise_concat(gpu, u, c, p, img, now_ms, progress).await?,
+            (LdmUNet::Plain(u), Some(LdmImage::LowRes(img)), _) => self.denoise_super_resolution(gpu, u, p, img, now_ms, progress).await?,
+            (LdmUNet::Plain(u), _, _) => self.denoise_unconditional(gpu, u, p, now_ms, progress).await?,
+            (LdmUNet::Conditional(u), _, _) => self.denoise_text(gpu, u, p, now_ms, progress).await?,
         };
         let t0 = now_ms();
         // LDMPipeline and LDMTextToImagePipeline divide by the scaling factor; the
@@ -294,8 +488,31 @@ impl LdmModel {
         let sigma = scheduler.init_noise_sigma();
         let latents: Vec<f32> = gen.randn(shape.iter().product()).into_iter().map(|v| v * sigma).collect();
         scheduler.set_timesteps(p.steps)?;
-        let step = Loop { shape, input_shape: shape, scale_input: true, guidance: None };
+        let step = Loop { shape, input_shape: shape, scale_input: true, guidance: None, condition: None };
         self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &|x| x.to_vec(), &|x, t| unet.forward(gpu, x, t, None), now_ms, progress).await
+    }
+
+    /// CompVis' `DDIMSampler.sample` for `conditioning_key: concat`: `apply_model` runs the UNet
+    /// on `cat([x, c])`; samplers that scale their input scale `x` only (as k-diffusion's
+    /// wrappers of these models do), the condition goes in as it is.
+    #[allow(clippy::too_many_arguments)]
+    async fn denoise_concat(&self, gpu: &Gpu, unet: &UNet2DModel, c: &ConcatCondition, p: &Txt2ImgParams, img: &InputImage, now_ms: &dyn Fn() -> f64, progress: Progress<'_>) -> Result<(Latents, StageTimes)> {
+        let t0 = now_ms();
+        let condition = c.prepare(gpu, &self.first_stage, img, p.width, p.height, self.dtype).await?;
+        let encode_ms = now_ms() - t0;
+        let f = self.first_stage.scale_factor();
+        let (cl, cc) = (self.first_stage.latent_channels(), c.unet_channels(&self.first_stage));
+        let shape = [p.batch, cl, p.height / f, p.width / f];
+        let mut scheduler = self.scheduler_for(p)?;
+        let mut gen = TorchGenerator::new(p.seed);
+        let noise = gen.randn(shape.iter().product());
+        scheduler.set_timesteps(p.steps)?;
+        let sigma = scheduler.init_noise_sigma();
+        let latents: Vec<f32> = noise.into_iter().map(|v| v * sigma).collect();
+        let step = Loop { shape, input_shape: [shape[0], cl + cc, shape[2], shape[3]], scale_input: true, guidance: None, condition: Some(&condition) };
+        let (latents, mut times) = self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &|x| x.to_vec(), &|x, t| unet.forward(gpu, x, t, None), now_ms, progress).await?;
+        times.vae_encode_ms = encode_ms;
+        Ok((latents, times))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -314,7 +531,7 @@ impl LdmModel {
         // on the CPU.
         let plane = c * h * w;
         let concat = |x: &[f32]| -> Vec<f32> { x.chunks(plane).flat_map(|l| l.iter().chain(&img.data).copied()).collect() };
-        let step = Loop { shape: [b, c, h, w], input_shape: [b, c + 3, h, w], scale_input: true, guidance: None };
+        let step = Loop { shape: [b, c, h, w], input_shape: [b, c + 3, h, w], scale_input: true, guidance: None, condition: None };
         self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &concat, &|x, t| unet.forward(gpu, x, t, None), now_ms, progress).await
     }
 
@@ -339,7 +556,7 @@ impl LdmModel {
         scheduler.set_timesteps(p.steps)?;
         // LDMTextToImagePipeline calls neither init_noise_sigma nor scale_model_input.
         let rows = if guided { 2 * b } else { b };
-        let step = Loop { shape, input_shape: [rows, shape[1], shape[2], shape[3]], scale_input: false, guidance: guided.then_some(p.guidance_scale) };
+        let step = Loop { shape, input_shape: [rows, shape[1], shape[2], shape[3]], scale_input: false, guidance: guided.then_some(p.guidance_scale), condition: None };
         let duplicate = |x: &[f32]| if guided { [x, x].concat() } else { x.to_vec() };
         let (latents, mut times) = self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &duplicate, &|x, t| unet.forward(gpu, x, t, &context), now_ms, progress).await?;
         times.text_encoder_ms = text_ms;
@@ -350,7 +567,7 @@ impl LdmModel {
     /// scheduler when the pipeline does), the prediction guided when asked, one step taken.
     #[allow(clippy::too_many_arguments)]
     async fn denoise_loop(
-        &self, gpu: &Gpu, scheduler: &mut dyn Scheduler, seed: u64, mut latents: Vec<f32>, l: &Loop,
+        &self, gpu: &Gpu, scheduler: &mut dyn Scheduler, seed: u64, mut latents: Vec<f32>, l: &Loop<'_>,
         make_input: &dyn Fn(&[f32]) -> Vec<f32>, model: &dyn Fn(&Tensor, f32) -> Result<Tensor>, now_ms: &dyn Fn() -> f64, progress: Progress<'_>,
     ) -> Result<(Latents, StageTimes)> {
         let mut times = StageTimes::default();
@@ -362,6 +579,10 @@ impl LdmModel {
             let t = scheduler.timesteps()[i];
             let input = make_input(&latents);
             let input = if l.scale_input { scheduler.scale_model_input(&input, i) } else { input };
+            let input = match l.condition {
+                Some(c) => input.chunks(input.len() / l.shape[0]).flat_map(|x| x.iter().chain(c)).copied().collect(),
+                None => input,
+            };
             let out = model(&gpu.upload(&l.input_shape, self.dtype, &input)?, t)?;
             let out = gpu.read(&out).await?;
             let prediction = match l.guidance {
@@ -377,13 +598,15 @@ impl LdmModel {
 }
 
 /// Shapes and options of one denoising loop.
-struct Loop {
+struct Loop<'c> {
     /// The latents `[B, C, H, W]`.
     shape: [usize; 4],
     /// What the UNet is given.
     input_shape: [usize; 4],
     scale_input: bool,
     guidance: Option<f32>,
+    /// Concatenated to each sample after scaling (`[C, H, W]`).
+    condition: Option<&'c [f32]>,
 }
 
 /// Reads a BERT tokenizer folder: `vocab.txt` (or `tokenizer.json`) and `tokenizer_config.json`.

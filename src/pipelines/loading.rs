@@ -9,6 +9,10 @@ use super::ldm::{LdmKind, LdmModel};
 use super::single_file;
 use crate::loader::lora::{AdapterSet, AdapterTarget};
 use super::prompt::{TextEncoder, TextEncoders};
+use super::conditions::DepthMap;
+use super::depth::DepthEstimator;
+use super::image_input::InputImage;
+use super::stable_diffusion::UserImages;
 use crate::loader::{component_files, read_file, read_json, FileSource, WeightFile, WeightLog, Weights, W};
 use crate::models::{AutoencoderKL, AutoencoderKLConfig, AutoencoderTiny, AutoencoderTinyConfig, ClipTextConfig, ClipTextModel, ControlNetConfig, ControlNetModel, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::tokenizer::{ClipTokenizer, TokenizerConfig};
@@ -208,6 +212,10 @@ pub struct StableDiffusionModel {
     /// The tiny autoencoder for previews (and the final decode when `tiny_decode`).
     pub tiny_vae: Option<AutoencoderTiny>,
     pub tiny_decode: bool,
+    /// Depth-to-image folders with `depth_estimator/` and `feature_extractor/`: estimated
+    /// depth when no depth map is given, loaded on first use.
+    pub bundled_depth_estimator: bool,
+    depth_estimator: OnceCell<DepthEstimator>,
 }
 
 /// Loads an `AutoencoderTiny` folder (`config.json` + weights); with `encoder` its encoder too.
@@ -368,7 +376,29 @@ impl StableDiffusionModel {
         vae_config.validate()?;
         let scheduler_config: serde_json::Value = config(src, "scheduler/scheduler_config.json").await?;
         let hints = ModelHints::load(src).await?;
-        Self::assemble(name.to_string(), family, text, unet, vae_config, vae_weights, scheduler_config, hints, upscaler, opts)?.finish_load(gpu, src, opts).await
+        let mut model = Self::assemble(name.to_string(), family, text, unet, vae_config, vae_weights, scheduler_config, hints, upscaler, opts)?;
+        model.bundled_depth_estimator = component_present(&index, "depth_estimator") && component_present(&index, "feature_extractor");
+        model.finish_load(gpu, src, opts).await
+    }
+
+    /// Whether a run on `images` is depth-to-image without a depth map, so the folder's own
+    /// estimator must make one ([`Self::estimate_depth`]).
+    pub fn needs_depth_estimate(&self, images: &UserImages<'_>) -> bool {
+        self.unet.config.in_channels == self.vae_config.latent_channels + 1 && images.init.is_some() && images.depth.is_none() && images.depth_prediction.is_none()
+    }
+
+    /// diffusers' `prepare_depth_map` without a depth map: the folder's `depth_estimator/`
+    /// (with `feature_extractor/`'s processing) run on the init image, loaded on first use.
+    pub async fn estimate_depth(&self, gpu: &Gpu, src: &dyn FileSource, init: &InputImage) -> Result<DepthMap> {
+        if !self.bundled_depth_estimator {
+            return Err(Error::Input("this depth-to-image model has no depth_estimator/ and feature_extractor/ of its own: give a depth map".into()));
+        }
+        if self.depth_estimator.get().is_none() {
+            let e = DepthEstimator::load(gpu, src, "depth_estimator", "feature_extractor", DType::F32).await?;
+            let _ = self.depth_estimator.set(e);
+        }
+        let e = self.depth_estimator.get().ok_or_else(|| Error::Model("the depth estimator did not load".into()))?;
+        e.predict(gpu, init).await
     }
 
     /// The model from its loaded parts, checking the adapters found their layers.
@@ -384,7 +414,7 @@ impl StableDiffusionModel {
         // diffusers' SDXL pipelines decode a force_upcast VAE in f32.
         let vae_dtype = if family.is_xl() && vae_config.force_upcast { DType::F32 } else { dtype };
         let adapters = opts.adapters.as_ref().map(|a| a.describe()).unwrap_or_default();
-        Ok(Self { name, family, text, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints, upscaler, vae_tiling: opts.vae_tiling, vae_dtype, adapters, tiny_vae: None, tiny_decode: false })
+        Ok(Self { name, family, text, unet, vae_config, vae: OnceCell::new(), vae_weights, vae_encoder: opts.vae_encoder, vae_quant: opts.quant.clone(), scheduler_config, dtype, hints, upscaler, vae_tiling: opts.vae_tiling, vae_dtype, adapters, tiny_vae: None, tiny_decode: false, bundled_depth_estimator: false, depth_estimator: OnceCell::new() })
     }
 
     async fn finish_load(mut self, gpu: &Gpu, src: &dyn FileSource, opts: &LoadOptions) -> Result<Self> {

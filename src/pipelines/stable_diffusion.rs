@@ -2,7 +2,7 @@
 //! inpainting, depth-to-image, ControlNet and upscaling, step for step as diffusers' pipelines,
 //! so a seed gives diffusers' image.
 
-use super::conditions::{depth_latent, nearest, start_for_strength, Control, DepthMap, ImageConditions, Task};
+use super::conditions::{depth_latent, interpolate, start_for_strength, Interpolation, Control, DepthMap, ImageConditions, Task};
 use super::image_input::{self, InputImage, Resample};
 use crate::models::ControlNetModel;
 use super::loading::{Family, StableDiffusionModel};
@@ -149,6 +149,9 @@ pub struct UserImages<'m> {
     /// Gaussian blur radius for the mask (diffusers' `mask_processor.blur`).
     pub mask_blur: f32,
     pub depth: Option<InputImage>,
+    /// A depth estimator's prediction, taken as diffusers takes its own estimator's when no
+    /// depth map is given ([`StableDiffusionModel::estimate_depth`]).
+    pub depth_prediction: Option<DepthMap>,
     /// ControlNets with their condition images and scales.
     pub controls: Vec<(&'m ControlNetModel, InputImage, f32)>,
     pub strength: Option<f32>,
@@ -160,7 +163,7 @@ pub struct UserImages<'m> {
 
 impl Default for UserImages<'_> {
     fn default() -> Self {
-        Self { init: None, mask: None, mask_blur: 0.0, depth: None, controls: Vec::new(), strength: None, guess_mode: false, control_start: 0.0, control_end: 1.0, noise_level: None }
+        Self { init: None, mask: None, mask_blur: 0.0, depth: None, depth_prediction: None, controls: Vec::new(), strength: None, guess_mode: false, control_start: 0.0, control_end: 1.0, noise_level: None }
     }
 }
 
@@ -297,7 +300,7 @@ impl StableDiffusionModel {
             init: low_res.or_else(|| images.init.as_ref().map(|img| image_input::rgb_tensor(img, w, h, true))),
             strength: images.strength,
             mask: images.mask.as_ref().map(|m| image_input::mask_tensor(m, w, h, images.mask_blur)),
-            depth: images.depth.as_ref().map(|d| DepthMap { width: d.width, height: d.height, data: d.gray_values() }),
+            depth: images.depth.as_ref().map(|d| DepthMap { width: d.width, height: d.height, data: d.gray_values() }).or(images.depth_prediction),
             controls: images
                 .controls
                 .iter()
@@ -585,7 +588,7 @@ impl StableDiffusionModel {
         match task {
             Task::Inpaint { unet_mask } => {
                 let mask = cond.mask.as_deref().unwrap_or(&[]);
-                let mask_latent = nearest(mask, p.width, p.height, w, h);
+                let mask_latent = interpolate(mask, p.width, p.height, w, h, Interpolation::Nearest);
                 let hw = p.width * p.height;
                 let masked: Vec<f32> = init.iter().enumerate().map(|(i, &v)| if mask[i % hw] < 0.5 { v } else { 0.0 }).collect();
                 // diffusers encodes the masked image whatever the UNet, drawing its sample.

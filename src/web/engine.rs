@@ -14,10 +14,10 @@ use crate::gpu::{DType, Gpu, GpuOptions};
 use crate::pipelines::output::{encode_png, parameters_text_with, GenerateBench};
 use crate::pipelines::preview::LatentPreview;
 use crate::models::ControlNetModel;
-use crate::pipelines::image_input::InputImage;
+use crate::pipelines::image_input::{default_size, InputImage};
 use crate::loader::lora::AdapterSet;
 use crate::pipelines::prompt::Embedding;
-use crate::pipelines::{DiffusionModel, ImageConditions, LdmKind, LdmModel, LoadOptions, StableDiffusionModel, StepProgress, Txt2ImgParams, UserImages, VaeSource};
+use crate::pipelines::{DiffusionModel, ImageConditions, LdmImage, LdmKind, LdmModel, LoadOptions, StableDiffusionModel, StepProgress, Txt2ImgParams, UserImages, VaeSource};
 use crate::schedulers::{self, SchedulerKind};
 
 struct Loaded {
@@ -385,12 +385,16 @@ fn scheduler_kind(req: &GenerateRequest, config: &serde_json::Value) -> Result<S
 }
 
 /// An LDM pipeline's settings for `req` (diffusers' defaults for what is not given), validated.
-fn ldm_params(m: &LdmModel, req: GenerateRequest) -> Result<(Txt2ImgParams, SchedulerKind)> {
+fn ldm_params(m: &LdmModel, req: GenerateRequest, image: Option<&LdmImage>) -> Result<(Txt2ImgParams, SchedulerKind)> {
     let kind = scheduler_kind(&req, &m.scheduler_config)?;
     if m.kind == LdmKind::SuperResolution {
         return Err(Error::Input("the page cannot give a super-resolution model its input image yet; use ldm generate --init-image".into()));
     }
-    let (w, h) = m.default_size();
+    // As ldm generate: a condition image's size (rounded down to what the model divides) unless given.
+    let (w, h) = match image {
+        Some(LdmImage::Condition(img)) => default_size(img, None, None, m.size_multiple()),
+        _ => m.default_size(),
+    };
     let text = m.kind == LdmKind::TextToImage;
     let p = Txt2ImgParams {
         prompt: if text { req.prompt } else { String::new() },
@@ -402,7 +406,7 @@ fn ldm_params(m: &LdmModel, req: GenerateRequest) -> Result<(Txt2ImgParams, Sche
         scheduler: Some(kind),
         ..Default::default()
     };
-    m.validate(&p, None)?;
+    m.validate(&p, image)?;
     Ok((p, kind))
 }
 
@@ -514,13 +518,18 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
     };
     let (p, kind, images, times) = match &loaded.model {
         DiffusionModel::StableDiffusion(m) => {
-            let user = UserImages {
+            let mut user = UserImages {
                 controls: nets.iter().zip(page_images.controls).map(|(n, (_, _, image, scale))| (n.as_ref(), image, scale)).collect(),
                 init: page_images.init,
                 mask: page_images.mask,
                 depth: page_images.depth,
                 ..Default::default()
             };
+            // Depth-to-image without a depth map: the folder's own estimator (fetched now).
+            if let (true, Some(init)) = (m.needs_depth_estimate(&user), user.init.as_ref()) {
+                event(on_event, "stage", &[("stage", "depth".into())]);
+                user.depth_prediction = Some(m.estimate_depth(&gpu, &src, init).await?);
+            }
             let (p, kind, cond) = params(m, req, user)?;
             // The encoder is part of the VAE: an init image needs it before denoising starts.
             if cond.init.is_some() && !m.vae_loaded() {
@@ -541,12 +550,14 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
             (p, kind, images, times)
         }
         DiffusionModel::Ldm(m) => {
-            if page_images.init.is_some() || page_images.mask.is_some() || page_images.depth.is_some() || !page_images.controls.is_empty() {
-                return Err(Error::Input(format!("{} takes no init image, mask, depth map or ControlNet", m.kind.class_name())));
+            if page_images.mask.is_some() || page_images.depth.is_some() || !page_images.controls.is_empty() {
+                return Err(Error::Input(format!("{} takes no mask, depth map or ControlNet", m.kind.class_name())));
             }
-            let (p, kind) = ldm_params(m, req)?;
+            // A concatenation-conditioned model's condition is the page's init image.
+            let image = page_images.init.map(LdmImage::Condition);
+            let (p, kind) = ldm_params(m, req, image.as_ref())?;
             event(on_event, "stage", &[("stage", "denoise".into())]);
-            let (images, times) = m.generate(&gpu, &p, None, &now_ms, &mut progress).await?;
+            let (images, times) = m.generate(&gpu, &p, image.as_ref(), &now_ms, &mut progress).await?;
             (p, kind, images, times)
         }
     };
@@ -614,7 +625,7 @@ async fn run_bench(model_url: &str, store: JsValue, single_file: Option<&str>, c
         }
         DiffusionModel::Ldm(m) => {
             let load_ms = now_ms() - t;
-            let (p, kind) = ldm_params(m, req)?;
+            let (p, kind) = ldm_params(m, req, None)?;
             let t = now_ms();
             m.generate(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, None, &now_ms, &mut |_| Ok(())).await?;
             let warmup_ms = now_ms() - t;

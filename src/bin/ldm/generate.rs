@@ -3,11 +3,13 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use ldm_web::gpu::{Gpu, GpuOptions};
+use ldm_web::gpu::{DType, Gpu, GpuOptions};
 use ldm_web::loader::{DirSource, FileSource};
 use ldm_web::pipelines::output::{encode_png, parameters_text_with, GenerateBench};
-use ldm_web::pipelines::image_input::{Channels, InputImage};
+use ldm_web::pipelines::image_input::{default_size, Channels, InputImage};
+use ldm_web::pipelines::ldm::LdmImage;
 use ldm_web::models::ControlNetModel;
+use ldm_web::pipelines::canny::{canny_image, parse_canny_thresholds, CannyParams};
 use ldm_web::pipelines::{DiffusionModel, ImageConditions, UserImages, LdmKind, LdmModel, LoadOptions, LowResImage, PromptWeighting, StableDiffusionModel, Txt2ImgParams, VaeSource, XlConditions};
 use ldm_web::loader::lora::AdapterSet;
 use ldm_web::schedulers::SchedulerKind;
@@ -70,6 +72,12 @@ pub struct GenerateArgs {
     /// A ControlNet folder and its condition image (any image: depth, edges, scribble, segmentation, another modality), with an optional conditioning scale (default 1); repeat for several ControlNets.
     #[arg(long, value_name = "DIR=IMAGE[:SCALE]")]
     control: Vec<String>,
+    /// How each --control image becomes its condition, in --control order (one value applies to all): none (used as given), depth (the --depth-model estimator's depth image) or canny[:LOW,HIGH] (OpenCV's cv2.Canny edges of the image; default thresholds 100,200; append ,l2 for L2gradient).
+    #[arg(long, value_name = "none|depth|canny[:LOW,HIGH]")]
+    control_preprocess: Vec<String>,
+    /// A depth estimator folder (Depth Anything V2, DPT: config.json, model.safetensors, preprocessor_config.json) for --control-preprocess depth.
+    #[arg(long, value_name = "DIR")]
+    depth_model: Option<String>,
     /// Decode the image in overlapping tiles (diffusers' enable_vae_tiling): less GPU memory for large images; done anyway when the whole image would not fit the adapter's binding size.
     #[arg(long)]
     vae_tiling: bool,
@@ -290,7 +298,7 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
                     nets.push(load_controlnet_dir(&gpu, dir, &opts).await?);
                 }
                 let controls: Vec<(&ControlNetModel, &str, f32)> = nets.iter().zip(&specs).map(|(n, (_, image, scale))| (n, image.as_str(), *scale)).collect();
-                let (mut p, cond) = sd_params(a, m, &controls, scheduler, bench)?;
+                let (mut p, cond) = sd_params(a, &gpu, m, &controls, scheduler, bench).await?;
                 // The benchmark reports steady-state speed: a one-step warm-up run first compiles
                 // every pipeline (seconds per generated kernel variant on software Vulkan).
                 let warmup_ms = if bench {
@@ -330,16 +338,16 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
                 }
             }
             DiffusionModel::Ldm(m) => {
-                let (p, low_res) = ldm_params(a, m, scheduler)?;
-                m.validate(&p, low_res.as_ref())?;
+                let (p, image) = ldm_params(a, m, scheduler)?;
+                m.validate(&p, image.as_ref())?;
                 let warmup_ms = if bench {
                     let t = now();
-                    m.generate(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, low_res.as_ref(), &now, &mut |_| Ok(())).await?;
+                    m.generate(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, image.as_ref(), &now, &mut |_| Ok(())).await?;
                     now() - t
                 } else {
                     0.0
                 };
-                let (images, times) = m.generate(&gpu, &p, low_res.as_ref(), &now, &mut progress).await?;
+                let (images, times) = m.generate(&gpu, &p, image.as_ref(), &now, &mut progress).await?;
                 (p, images, times, warmup_ms)
             }
         };
@@ -365,7 +373,7 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
 
 /// Reads an image file of any common format as the pipelines take it: PNG through the same
 /// decoder as the page, JPEG and WebP through the `image` crate.
-fn read_image(path: &str, what: &str) -> Result<InputImage> {
+pub fn read_image(path: &str, what: &str) -> Result<InputImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::Input(format!("cannot read the {what} {path}: {e}")))?;
     let named = |e: Error| Error::Input(format!("the {what} {path}: {e}"));
     if bytes.starts_with(b"\x89PNG") {
@@ -479,6 +487,60 @@ fn parse_control(spec: &str) -> Result<(String, String, f32)> {
     Ok((dir.to_string(), image.to_string(), scale))
 }
 
+/// What is done to a condition image before a ControlNet sees it.
+#[derive(Clone, Copy, Debug)]
+enum ControlPreprocess {
+    None,
+    Canny(CannyParams),
+    /// The --depth-model estimator's depth image (transformers' depth-estimation pipeline).
+    Depth,
+}
+
+impl ControlPreprocess {
+    fn parse(spec: &str) -> Result<Self> {
+        match spec.split_once(':') {
+            None if spec == "none" => Ok(Self::None),
+            None if spec == "canny" => Ok(Self::Canny(CannyParams::default())),
+            None if spec == "depth" => Ok(Self::Depth),
+            Some(("canny", t)) => Ok(Self::Canny(parse_canny_thresholds(t).map_err(|e| Error::Input(format!("--control-preprocess {spec}: {e}")))?)),
+            _ => Err(Error::Input(format!("--control-preprocess {spec}: expected none, depth, canny or canny:LOW,HIGH"))),
+        }
+    }
+}
+
+/// The ControlNets' condition images, read and preprocessed as --control-preprocess says.
+async fn control_images<'m>(a: &GenerateArgs, gpu: &Gpu, controls: &[(&'m ControlNetModel, &str, f32)]) -> Result<Vec<(&'m ControlNetModel, InputImage, f32)>> {
+    let preprocess = control_preprocessing(&a.control_preprocess, controls.len())?;
+    let estimator = match (preprocess.iter().any(|p| matches!(p, ControlPreprocess::Depth)), &a.depth_model) {
+        (true, Some(dir)) => Some(crate::depth::load_estimator(gpu, dir, DType::F32).await?),
+        (true, None) => return Err(Error::Input("--control-preprocess depth needs --depth-model DIR (a Depth Anything V2 or DPT folder)".into())),
+        (false, _) => None,
+    };
+    let mut out = Vec::new();
+    for ((model, path, scale), pre) in controls.iter().zip(preprocess) {
+        let img = read_image(path, "condition image")?;
+        let img = match (pre, &estimator) {
+            (ControlPreprocess::None, _) => img,
+            (ControlPreprocess::Canny(p), _) => canny_image(&img, p)?,
+            (ControlPreprocess::Depth, Some(e)) => e.depth_image(gpu, &img).await?,
+            (ControlPreprocess::Depth, None) => return Err(Error::Input("--control-preprocess depth needs --depth-model DIR".into())),
+        };
+        out.push((*model, img, *scale));
+    }
+    Ok(out)
+}
+
+/// One preprocessing per ControlNet: as many as --control, or one for all, or none at all.
+fn control_preprocessing(specs: &[String], controls: usize) -> Result<Vec<ControlPreprocess>> {
+    let parsed = specs.iter().map(|s| ControlPreprocess::parse(s)).collect::<Result<Vec<_>>>()?;
+    match parsed.len() {
+        0 => Ok(vec![ControlPreprocess::None; controls]),
+        1 => Ok(vec![parsed[0]; controls]),
+        n if n == controls => Ok(parsed),
+        n => Err(Error::Input(format!("{n} --control-preprocess values for {controls} --control flags: give one per ControlNet, in the same order, or one for all"))),
+    }
+}
+
 /// Loads the ControlNet at `dir` (a diffusers folder, or a single original-layout
 /// `.safetensors` file) with the UNet's dtype and quantisation.
 async fn load_controlnet_dir(gpu: &Gpu, dir: &str, opts: &LoadOptions) -> Result<ControlNetModel> {
@@ -500,19 +562,25 @@ async fn load_controlnet_dir(gpu: &Gpu, dir: &str, opts: &LoadOptions) -> Result
 
 /// Stable Diffusion settings and image conditions from the flags, checked; warns about prompts
 /// cut to the tokenizer's window.
-fn sd_params<'m>(a: &GenerateArgs, model: &StableDiffusionModel, controls: &[(&'m ControlNetModel, &str, f32)], scheduler: Option<SchedulerKind>, bench: bool) -> Result<(Txt2ImgParams, ImageConditions<'m>)> {
-    let images = UserImages {
+async fn sd_params<'m>(a: &GenerateArgs, gpu: &Gpu, model: &StableDiffusionModel, controls: &[(&'m ControlNetModel, &str, f32)], scheduler: Option<SchedulerKind>, bench: bool) -> Result<(Txt2ImgParams, ImageConditions<'m>)> {
+    let mut images = UserImages {
         init: a.init_image.as_deref().map(|p| read_image(p, "init image")).transpose()?,
         mask: a.mask.as_deref().map(|p| read_image(p, "mask")).transpose()?,
         mask_blur: a.mask_blur,
         depth: a.depth.as_deref().map(|p| read_image(p, "depth map")).transpose()?,
-        controls: controls.iter().map(|(m, path, scale)| read_image(path, "condition image").map(|img| (*m, img, *scale))).collect::<Result<_>>()?,
+        depth_prediction: None,
+        controls: control_images(a, gpu, controls).await?,
         strength: a.strength,
         guess_mode: a.guess_mode,
         control_start: a.control_start,
         control_end: a.control_end,
         noise_level: a.noise_level,
     };
+    // Depth-to-image without --depth: the folder's own estimator, as diffusers.
+    if let (true, Some(init)) = (model.needs_depth_estimate(&images), images.init.as_ref()) {
+        let (src, _) = open_model(&a.model)?;
+        images.depth_prediction = Some(model.estimate_depth(gpu, src.as_ref(), init).await?);
+    }
     let prepared = model.prepare_images(images, a.width, a.height)?;
     if let Some(note) = prepared.note.as_ref().filter(|_| !bench) {
         eprintln!("ldm: note: {note}");
@@ -564,7 +632,7 @@ fn sd_params<'m>(a: &GenerateArgs, model: &StableDiffusionModel, controls: &[(&'
 }
 
 /// Settings of an LDM pipeline from the flags, refusing those the pipeline has no use for.
-fn ldm_params(a: &GenerateArgs, model: &LdmModel, scheduler: Option<SchedulerKind>) -> Result<(Txt2ImgParams, Option<LowResImage>)> {
+fn ldm_params(a: &GenerateArgs, model: &LdmModel, scheduler: Option<SchedulerKind>) -> Result<(Txt2ImgParams, Option<LdmImage>)> {
     let kind = model.kind;
     let unused = |flag: &str, given: bool| if given { Err(Error::Input(format!("{} does not use {flag}", kind.class_name()))) } else { Ok(()) };
     unused("--negative-prompt", a.negative_prompt.is_some())?;
@@ -573,6 +641,8 @@ fn ldm_params(a: &GenerateArgs, model: &LdmModel, scheduler: Option<SchedulerKin
     unused("--mask", a.mask.is_some())?;
     unused("--depth", a.depth.is_some())?;
     unused("--control", !a.control.is_empty())?;
+    unused("--control-preprocess", !a.control_preprocess.is_empty())?;
+    unused("--depth-model", a.depth_model.is_some())?;
     unused("--noise-level", a.noise_level.is_some())?;
     if kind != LdmKind::TextToImage {
         unused("--prompt", !a.prompt.is_empty())?;
@@ -581,15 +651,23 @@ fn ldm_params(a: &GenerateArgs, model: &LdmModel, scheduler: Option<SchedulerKin
     if kind == LdmKind::SuperResolution {
         unused("--width / --height (its output size is its input image's times the first stage's factor)", a.width.is_some() || a.height.is_some())?;
     }
-    let low_res = match (&a.init_image, kind) {
-        (Some(path), LdmKind::SuperResolution) => Some(read_low_res(path)?),
+    let image = match (&a.init_image, kind) {
+        (Some(path), LdmKind::SuperResolution) => Some(LdmImage::LowRes(read_low_res(path)?)),
         (None, LdmKind::SuperResolution) => return Err(Error::Input("this super-resolution model needs its low-resolution input: --init-image FILE".into())),
+        (Some(path), LdmKind::Concat) => Some(LdmImage::Condition(read_image(path, "condition image")?)),
+        (None, LdmKind::Concat) => return Err(Error::Input("this concatenation-conditioned model needs its condition image: --init-image FILE".into())),
         (Some(_), _) => return Err(Error::Input(format!("{} takes no --init-image", kind.class_name()))),
         (None, _) => None,
     };
     let (dw, dh) = model.default_size();
-    let (width, height) = match &low_res {
-        Some(img) => (img.width * model.first_stage.scale_factor(), img.height * model.first_stage.scale_factor()),
+    let (width, height) = match &image {
+        Some(LdmImage::LowRes(img)) => (img.width * model.first_stage.scale_factor(), img.height * model.first_stage.scale_factor()),
+        // The condition image's size (rounded down to what the model divides) unless given, as
+        // diffusers' image-to-image pipelines.
+        Some(LdmImage::Condition(img)) => {
+            let (w, h) = default_size(img, None, None, model.size_multiple());
+            (a.width.unwrap_or(w), a.height.unwrap_or(h))
+        }
         None => (a.width.unwrap_or(dw), a.height.unwrap_or(dh)),
     };
     let p = Txt2ImgParams {
@@ -597,5 +675,5 @@ fn ldm_params(a: &GenerateArgs, model: &LdmModel, scheduler: Option<SchedulerKin
         guidance_scale: a.guidance.unwrap_or(1.0), guidance_rescale: 0.0, width, height, scheduler, eta: a.eta, clip_skip: 0, batch: a.batch,
         ..Default::default()
     };
-    Ok((p, low_res))
+    Ok((p, image))
 }

@@ -3,6 +3,7 @@
 mod bench_unet;
 mod builtin;
 mod convert;
+mod depth;
 mod generate;
 mod http;
 mod manifest;
@@ -30,6 +31,8 @@ enum Command {
     Adapter,
     /// Writes a model as the web format: quantised (q8 / q4) or f16 weights per component, tensors in first-use order, a manifest.
     Convert(convert::ConvertArgs),
+    /// A depth map from a photo (DPT, DPT-Hybrid, Depth Anything): a 16- or 8-bit gray PNG, larger = nearer.
+    Depth(depth::DepthArgs),
     /// Generates images (Stable Diffusion 1.x / 2.x, the CompVis LDMs, the built-in emoji model); writes PNGs with their parameters.
     Generate(generate::GenerateArgs),
     /// Writes ldm-manifest.json (file and chunk sha256) into a model folder, for the browser's download checks.
@@ -44,6 +47,8 @@ enum BenchWhat {
     Generate(generate::GenerateArgs),
     /// One UNet step and VAE decode of a model, or of Stable Diffusion 1.5 with random weights: times, weight bytes, peak GPU bytes.
     Unet(bench_unet::BenchUNetArgs),
+    /// Depth estimation of a photo: load, first and steady-state times, peak GPU bytes.
+    Depth(depth::DepthArgs),
     /// Every kernel at Stable Diffusion 1.5 shapes (`--shapes sd`) or small ones (`--shapes small`).
     Kernels {
         #[arg(long, default_value = "small", value_parser = ["small", "sd"])]
@@ -68,6 +73,8 @@ fn main() -> std::process::ExitCode {
     let out = match cli.command {
         Command::Adapter => pollster::block_on(ldm_web::gpu::Gpu::new(Default::default())).and_then(|g| serde_json::to_string_pretty(g.summary()).map_err(|e| ldm_web::Error::Unsupported(e.to_string()))),
         Command::Generate(args) => generate::run(&args, false),
+        Command::Depth(args) => depth::run(&args, false),
+        Command::Bench { what: BenchWhat::Depth(args) } => depth::run(&args, true),
         Command::Convert(args) => convert::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Manifest(args) => manifest::run(&args),

@@ -1,0 +1,96 @@
+//! `ldm depth`: a depth map from a photo with a DPT or Depth Anything estimator; `ldm bench
+//! depth`: its time.
+
+use std::path::Path;
+
+use clap::Args;
+use ldm_web::gpu::{DType, Gpu, GpuOptions};
+use ldm_web::loader::DirSource;
+use ldm_web::pipelines::depth::DepthEstimator;
+use ldm_web::pipelines::image_input::InputImage;
+use ldm_web::{Error, Result};
+
+/// Arguments of `ldm depth`.
+#[derive(Args, Debug)]
+pub struct DepthArgs {
+    /// A transformers depth-estimation folder (DPT, DPT-Hybrid, Depth Anything V1/V2: config.json, model.safetensors, preprocessor_config.json).
+    #[arg(long)]
+    pub model: String,
+    /// The photo (PNG, JPEG or WebP, any size and mode).
+    #[arg(long)]
+    pub image: String,
+    /// Where to write the depth map: a 16-bit gray PNG at the photo's size, larger = nearer, min-max normalised.
+    #[arg(long, default_value = "depth.png")]
+    pub out: String,
+    /// 8 for the 8-bit image transformers' depth-estimation pipeline gives (what depth ControlNets were trained with), 16 for more levels.
+    #[arg(long, default_value = "16", value_parser = ["8", "16"])]
+    pub bits: String,
+    /// Compute in f16 (default f32).
+    #[arg(long)]
+    pub f16: bool,
+}
+
+/// Loads an estimator folder.
+pub async fn load_estimator(gpu: &Gpu, dir: &str, dtype: DType) -> Result<DepthEstimator> {
+    let path = Path::new(dir);
+    if !path.join("config.json").is_file() {
+        return Err(Error::Input(format!("{dir}: not a depth estimator folder (no config.json)")));
+    }
+    DepthEstimator::load(gpu, &DirSource::new(path), "", "", dtype).await
+}
+
+/// Runs `ldm depth` (or `ldm bench depth`, which prints the times as JSON).
+pub fn run(a: &DepthArgs, bench: bool) -> Result<String> {
+    let img = crate::generate::read_image(&a.image, "image")?;
+    pollster::block_on(async {
+        let gpu = Gpu::new(GpuOptions { force_f32: !a.f16, ..Default::default() }).await?;
+        let dtype = gpu.activation_dtype();
+        let start = std::time::Instant::now();
+        let ms = || start.elapsed().as_secs_f64() * 1e3;
+        let est = load_estimator(&gpu, &a.model, dtype).await?;
+        let load_ms = ms();
+        let first = est.predict(&gpu, &img).await?;
+        let first_ms = ms() - load_ms;
+        if bench {
+            let t = ms();
+            est.predict(&gpu, &img).await?;
+            let (h, w) = est.processor.output_size(img.height, img.width);
+            let report = serde_json::json!({
+                "model": a.model, "adapter": gpu.summary(), "dtype": format!("{dtype:?}"), "image": [img.width, img.height], "model_input": [w, h],
+                "load_ms": load_ms, "first_ms": first_ms, "estimate_ms": ms() - t, "peak_gpu_bytes": gpu.pool_stats().peak_bytes,
+            });
+            return serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()));
+        }
+        let png = if a.bits == "8" {
+            let d = ldm_web::pipelines::depth::depth_to_image(&first, img.width, img.height)?;
+            encode_gray(&d, false)?
+        } else {
+            encode_gray(&depth16(&first, img.width, img.height)?, true)?
+        };
+        std::fs::write(&a.out, png).map_err(|e| Error::Io(format!("cannot write {}: {e}", a.out)))?;
+        Ok(format!("wrote {} ({}x{}, {}-bit)", a.out, img.width, img.height, a.bits))
+    })
+}
+
+/// The prediction bicubically resized to the photo, min-max normalised to 16 bits (rounded).
+fn depth16(d: &ldm_web::pipelines::DepthMap, width: usize, height: usize) -> Result<InputImage> {
+    use ldm_web::ops::layout::{interpolate_reference, Coordinates, Interpolation};
+    let v = interpolate_reference(&d.data, 1, (d.height, d.width), (height, width), Interpolation::Bicubic, Coordinates::HalfPixel);
+    let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+    let range = (hi - lo).max(f32::MIN_POSITIVE);
+    let px = v.iter().map(|&x| (((x - lo) / range) * 65535.0).round() as u16).collect();
+    InputImage::new(width, height, ldm_web::pipelines::image_input::Channels::Gray, true, px)
+}
+
+fn encode_gray(img: &InputImage, sixteen: bool) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, img.width as u32, img.height as u32);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(if sixteen { png::BitDepth::Sixteen } else { png::BitDepth::Eight });
+        let data: Vec<u8> = if sixteen { img.data.iter().flat_map(|v| v.to_be_bytes()).collect() } else { img.data.iter().map(|&v| v as u8).collect() };
+        let bad = |e: png::EncodingError| Error::Io(format!("PNG encoding: {e}"));
+        enc.write_header().map_err(bad)?.write_image_data(&data).map_err(bad)?;
+    }
+    Ok(out)
+}
