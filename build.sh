@@ -20,6 +20,12 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d /tmp/ldm-xdg.XXXXXX)}"
 
 log() { printf '\n==> %s\n' "$*"; }
 
+# Seconds each part of a run took, printed in the test summary.
+TIMES=()
+STARTED=$(date +%s)
+mark() { MARK=$(date +%s); }
+took() { TIMES+=("$1: $(( $(date +%s) - MARK )) s"); }
+
 wasm_bindgen_version() {
   # The CLI must be exactly the version of the wasm-bindgen crate in Cargo.lock.
   awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock
@@ -82,6 +88,7 @@ build_wasm() {
 run_tests() {
   local results=() failed=0
   log "unit tests"
+  mark
   local unit
   if unit=$(cargo test --release --lib --bins 2>&1); then :; else failed=1; fi
   echo "$unit" | tail -n 25
@@ -89,8 +96,10 @@ run_tests() {
   up=$(echo "$unit" | sed -n 's/^test result: .* \([0-9]\+\) passed; \([0-9]\+\) failed.*/\1/p' | awk '{s += $1} END {print s + 0}')
   uf=$(echo "$unit" | sed -n 's/^test result: .* \([0-9]\+\) passed; \([0-9]\+\) failed.*/\2/p' | awk '{s += $1} END {print s + 0}')
   results+=("unit: ${up:-0} passed, ${uf:-1} failed")
+  took "unit tests"
 
   log "Stable Diffusion and the CompVis LDMs against diffusers: schedulers, models, pipelines, CLI (native)"
+  mark
   local sd sp sf
   if sd=$(cargo test --release --test schedulers --test sd_reference --test ldm_reference --test builtin --test sd_pipeline --test sd_conditions --test families --test cli --test serve -- --nocapture 2>&1); then :; else failed=1; fi
   echo "$sd" | grep -E '^(case |test |sd[12]|sdxl|vqmodel|uncond_|superres_|text2im_|ldm generate|bert |builtin|built-in|taesd|lora|LoRA|bad/|odd |merge|.*: max abs diff|test result)' | tail -n 300
@@ -98,22 +107,29 @@ run_tests() {
   sf=$(echo "$sd" | sed -n 's/^test result: .* \([0-9]\+\) passed; \([0-9]\+\) failed.*/\2/p' | awk '{s += $1} END {print s + 0}')
   if echo "$sd" | grep -q '^error'; then sf=$((sf + 1)); echo "$sd" | grep -A 10 '^error' | head -40; fi
   results+=("diffusers reference: ${sp} passed, ${sf} failed")
+  took "diffusers reference (build + run)"
 
   log "kernel tests, native (Vulkan; lavapipe here)"
+  mark
   local logs
   logs=$(mktemp -d /tmp/ldm-test-logs.XXXXXX)
   if cargo test --release --test kernels 2>&1 | tee "$logs/native.log"; then :; else failed=1; fi
   results+=("$(grep '^native (' "$logs/native.log" | tail -1 || echo 'native: did not run')")
+  took "kernels, native"
 
   log "kernel tests, Chromium and Firefox (WebGPU in a Web Worker)"
+  mark
   if node "$BROWSER_DIR/run.mjs" --www www --timeout-min 40 2>&1 | tee "$logs/browser.log"; then :; else failed=1; fi
   results+=("$(grep -E '^(chromium|firefox)( |:)' "$logs/browser.log" || echo 'browsers: did not run')")
+  took "kernels, Chromium + Firefox"
 
   log "the web app end to end: Chromium and Firefox against ldm serve"
+  mark
   mkdir -p "$TARGET_DIR/e2e-artifacts"
   if node "$BROWSER_DIR/e2e.mjs" --ldm "$TARGET_DIR/release/ldm" --www www --fixtures tests/fixtures \
       --artifacts "$TARGET_DIR/e2e-artifacts" 2>&1 | tee "$logs/e2e.log"; then :; else failed=1; fi
   results+=("$(grep -E '^(chromium|firefox) e2e:' "$logs/e2e.log" || echo 'app e2e: 0 passed, 1 failed (did not run)')")
+  took "app e2e, Chromium + Firefox"
 
   log "summary"
   printf '%s\n' "${results[@]}"
@@ -122,6 +138,8 @@ run_tests() {
   tf=$(printf '%s\n' "${results[@]}" | grep -o '[0-9]\+ failed' | awk '{s += $1} END {print s + 0}')
   [ "$failed" -eq 0 ] || [ "$tf" -gt 0 ] || tf=1
   echo "total: $tp passed, $tf failed"
+  printf 'time: %s\n' "${TIMES[@]}"
+  echo "time, all: $(( $(date +%s) - STARTED )) s"
   [ "$failed" -eq 0 ]
 }
 
@@ -130,7 +148,12 @@ case "$cmd" in
   setup) setup ;;
   build) setup; build_native; build_wasm ;;
   wasm) setup; build_wasm ;;
-  test) setup; build_native; build_wasm; run_tests ;;
+  test)
+    mark; setup; took "set-up"
+    mark; build_native; took "native build"
+    mark; build_wasm; took "wasm build"
+    run_tests
+    ;;
   serve)
     setup; build_native; build_wasm
     shift

@@ -1,5 +1,6 @@
 //! Kernel benchmarks (`ldm bench kernels`, and `bench.html` in the browser: same code, same JSON).
 
+pub mod depth;
 pub mod unet;
 
 use crate::error::{Error, Result};

@@ -61,11 +61,12 @@ impl BitConfig {
         if self.hidden_act != "relu" || self.width_factor != 1 {
             return refuse(format!("hidden_act {:?}, width_factor {}", self.hidden_act, self.width_factor));
         }
-        if self.depths.len() != self.hidden_sizes.len() || self.depths.is_empty() || 4 << (self.depths.len() - 1) > self.output_stride {
+        // Stages pair depths with hidden sizes (DPT-Hybrid lists four sizes for three stages).
+        if self.depths.len() > self.hidden_sizes.len() || self.depths.is_empty() || 4 << (self.depths.len() - 1) > self.output_stride {
             return refuse(format!("{} stages for an output stride of {}", self.depths.len(), self.output_stride));
         }
         let groups_fit = |c: usize| self.num_groups > 0 && c.is_multiple_of(self.num_groups);
-        if !groups_fit(self.embedding_size) || self.hidden_sizes.iter().any(|&h| !groups_fit(make_div(h as f64)) || !groups_fit(make_div(make_div(h as f64) as f64 * 0.25))) {
+        if !groups_fit(self.embedding_size) || self.hidden_sizes[..self.depths.len()].iter().any(|&h| !groups_fit(make_div(h as f64)) || !groups_fit(make_div(make_div(h as f64) as f64 * 0.25))) {
             return refuse(format!("{} groups do not divide its channels", self.num_groups));
         }
         Ok(())

@@ -10,8 +10,8 @@ use super::conditions::DepthMap;
 use super::image_input::{resize_u8, InputImage, Resample};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu};
-use crate::loader::{component_files, join_path, read_json, FileSource, Weights};
-use crate::models::{DPTConfig, DPTForDepthEstimation, DepthAnythingConfig, DepthAnythingForDepthEstimation};
+use crate::loader::{component_files, join_path, read_json, FileSource, Weights, W};
+use crate::models::{DPTForDepthEstimation, DepthAnythingForDepthEstimation};
 use crate::ops::layout::{interpolate_reference, Coordinates, Interpolation};
 
 /// `preprocessor_config.json` of a `DPTImageProcessor`; unknown keys are ignored.
@@ -144,24 +144,24 @@ impl DepthEstimator {
         let processor: DptImageProcessorConfig = read_json(src, &proc_path).await?.ok_or_else(|| Error::Model(format!("{} is missing (the depth estimator's image processor)", src.describe(&proc_path))))?;
         processor.validate()?;
         let weights = Weights::new(src, component_files(src, dir, "model", false).await?);
-        let w = weights.at(gpu, dtype, "");
-        let named = |e: Error| match e {
+        Self::from_config(&weights.at(gpu, dtype, ""), &cfg, processor).await.map_err(|e| match e {
             Error::Model(m) => Error::Model(format!("depth estimator {}: {m}", src.describe(dir))),
             other => other,
-        };
-        let bad = |what: &str, e: serde_json::Error| Error::Model(format!("{}: not a {what} config: {e}", src.describe(&cfg_path)));
-        let model = match cfg.get("model_type").and_then(|t| t.as_str()) {
-            Some("dpt") => {
-                let c: DPTConfig = serde_json::from_value(cfg.clone()).map_err(|e| bad("DPT", e))?;
-                DepthModel::Dpt(Box::new(DPTForDepthEstimation::load(&w, c).await.map_err(named)?))
-            }
+        })
+    }
+
+    /// The estimator `config` (a transformers `config.json`) describes, weights from `w`.
+    pub async fn from_config(w: &W<'_, '_>, config: &serde_json::Value, processor: DptImageProcessorConfig) -> Result<Self> {
+        processor.validate()?;
+        let bad = |what: &str, e: serde_json::Error| Error::Model(format!("not a {what} config.json: {e}"));
+        let model = match config.get("model_type").and_then(|t| t.as_str()) {
+            Some("dpt") => DepthModel::Dpt(Box::new(DPTForDepthEstimation::load(w, serde_json::from_value(config.clone()).map_err(|e| bad("DPT", e))?).await?)),
             Some("depth_anything") => {
-                let c: DepthAnythingConfig = serde_json::from_value(cfg.clone()).map_err(|e| bad("Depth Anything", e))?;
-                DepthModel::DepthAnything(Box::new(DepthAnythingForDepthEstimation::load(&w, c).await.map_err(named)?))
+                DepthModel::DepthAnything(Box::new(DepthAnythingForDepthEstimation::load(w, serde_json::from_value(config.clone()).map_err(|e| bad("Depth Anything", e))?).await?))
             }
-            other => return Err(Error::Model(format!("{}: model_type {other:?} is not a supported depth estimator (dpt, depth_anything)", src.describe(&cfg_path)))),
+            other => return Err(Error::Model(format!("model_type {other:?} is not a supported depth estimator (dpt, depth_anything)"))),
         };
-        Ok(Self { model, processor, dtype })
+        Ok(Self { model, processor, dtype: w.dtype })
     }
 
     /// `predicted_depth` for `img`: larger is nearer (relative inverse depth), at the model's

@@ -70,6 +70,7 @@ impl InputImage {
         let mut reader = decoder.read_info().map_err(bad)?;
         let size = reader.output_buffer_size().ok_or_else(|| Error::Input("the PNG image is too large".into()))?;
         let mut buf = vec![0u8; size];
+        let orientation = reader.info().exif_metadata.as_deref().and_then(exif_orientation).unwrap_or(1);
         let info = reader.next_frame(&mut buf).map_err(bad)?;
         let channels = match info.color_type {
             png::ColorType::Grayscale => Channels::Gray,
@@ -90,7 +91,32 @@ impl InputImage {
                 data.extend(line[..row].iter().map(|&v| v as u16));
             }
         }
-        Self::new(w, h, channels, sixteen_bit, data)
+        Ok(Self::new(w, h, channels, sixteen_bit, data)?.apply_exif_orientation(orientation))
+    }
+
+    /// The image turned upright as its EXIF orientation (1 to 8) says, as PIL's
+    /// `ImageOps.exif_transpose` does in diffusers' `load_image`.
+    pub fn apply_exif_orientation(self, orientation: u8) -> Self {
+        let (w, h, n) = (self.width, self.height, self.channels.count());
+        // The source pixel of output (x, y), and the output's size.
+        let (ow, oh, src): (usize, usize, &dyn Fn(usize, usize) -> (usize, usize)) = match orientation {
+            2 => (w, h, &|x, y| (w - 1 - x, y)),
+            3 => (w, h, &|x, y| (w - 1 - x, h - 1 - y)),
+            4 => (w, h, &|x, y| (x, h - 1 - y)),
+            5 => (h, w, &|x, y| (y, x)),
+            6 => (h, w, &|x, y| (y, h - 1 - x)),
+            7 => (h, w, &|x, y| (w - 1 - y, h - 1 - x)),
+            8 => (h, w, &|x, y| (w - 1 - y, x)),
+            _ => return self,
+        };
+        let mut data = Vec::with_capacity(self.data.len());
+        for y in 0..oh {
+            for x in 0..ow {
+                let (sx, sy) = src(x, y);
+                data.extend_from_slice(&self.data[(sy * w + sx) * n..(sy * w + sx + 1) * n]);
+            }
+        }
+        Self { width: ow, height: oh, data, ..self }
     }
 
     /// 8-bit values as PIL gives them: it opens 16-bit colour (and gray + alpha) PNGs as 8-bit
@@ -140,6 +166,24 @@ impl InputImage {
             Channels::Rgb | Channels::Rgba => self.luma8().into_iter().map(|v| v as f32).collect(),
         }
     }
+}
+
+/// The orientation tag (0x0112) of an EXIF block (a TIFF header and its first directory).
+pub fn exif_orientation(exif: &[u8]) -> Option<u8> {
+    let exif = exif.strip_prefix(b"Exif\0\0").unwrap_or(exif);
+    let big = match exif.get(..4)? {
+        b"MM\0*" => true,
+        b"II*\0" => false,
+        _ => return None,
+    };
+    let u16_at = |i: usize| exif.get(i..i + 2).map(|b| if big { u16::from_be_bytes([b[0], b[1]]) } else { u16::from_le_bytes([b[0], b[1]]) });
+    let u32_at = |i: usize| exif.get(i..i + 4).map(|b| if big { u32::from_be_bytes([b[0], b[1], b[2], b[3]]) } else { u32::from_le_bytes([b[0], b[1], b[2], b[3]]) });
+    let ifd = u32_at(4)? as usize;
+    let count = u16_at(ifd)? as usize;
+    (0..count.min(512)).find_map(|i| {
+        let e = ifd + 2 + 12 * i;
+        (u16_at(e)? == 0x0112).then(|| u16_at(e + 8)).flatten().filter(|o| (1..=8).contains(o)).map(|o| o as u8)
+    })
 }
 
 fn check_size(width: usize, height: usize) -> Result<()> {
@@ -434,6 +478,44 @@ mod tests {
         let img = InputImage::from_png(&rgba).expect("RGBA");
         assert_eq!((img.rgb8(), img.luma8()), (vec![255, 0, 0], vec![76]));
         assert!(matches!(InputImage::from_png(b"not a png"), Err(Error::Input(_))));
+    }
+
+    /// PIL's exif_transpose of a 3x2 image for every orientation (values written out by hand
+    /// from PIL's transposes: 2 FLIP_LEFT_RIGHT, 3 ROTATE_180, 4 FLIP_TOP_BOTTOM, 5 TRANSPOSE,
+    /// 6 ROTATE_270, 7 TRANSVERSE, 8 ROTATE_90), and the tag read from both byte orders.
+    #[test]
+    fn exif_orientation_turns_images_upright() {
+        // a b c
+        // d e f
+        let img = InputImage::new(3, 2, Channels::Gray, false, (1..=6).collect()).unwrap();
+        let want: [(usize, Vec<u16>); 8] = [
+            (3, vec![1, 2, 3, 4, 5, 6]),
+            (3, vec![3, 2, 1, 6, 5, 4]),
+            (3, vec![6, 5, 4, 3, 2, 1]),
+            (3, vec![4, 5, 6, 1, 2, 3]),
+            (2, vec![1, 4, 2, 5, 3, 6]),
+            (2, vec![4, 1, 5, 2, 6, 3]),
+            (2, vec![6, 3, 5, 2, 4, 1]),
+            (2, vec![3, 6, 2, 5, 1, 4]),
+        ];
+        for (o, (w, data)) in want.iter().enumerate() {
+            let t = img.clone().apply_exif_orientation(o as u8 + 1);
+            assert_eq!((t.width, &t.data), (*w, data), "orientation {}", o + 1);
+        }
+        let tiff = |big: bool, o: u16| -> Vec<u8> {
+            let (h16, h32): (fn(u16) -> [u8; 2], fn(u32) -> [u8; 4]) = if big { (u16::to_be_bytes, u32::to_be_bytes) } else { (u16::to_le_bytes, u32::to_le_bytes) };
+            let mut v = if big { b"MM\0*".to_vec() } else { b"II*\0".to_vec() };
+            v.extend(h32(8));
+            v.extend(h16(2));
+            v.extend(h16(0x010f).iter().chain(&h16(2)).chain(&h32(1)).chain(&h32(0)));
+            v.extend(h16(0x0112).iter().chain(&h16(3)).chain(&h32(1)).chain(&h16(o)).chain(&[0, 0]));
+            v
+        };
+        assert_eq!(exif_orientation(&tiff(true, 6)), Some(6));
+        assert_eq!(exif_orientation(&tiff(false, 8)), Some(8));
+        assert_eq!(exif_orientation(&tiff(false, 9)), None);
+        assert_eq!(exif_orientation(b"junk"), None);
+        assert_eq!(exif_orientation(&tiff(false, 3)[..20]), None);
     }
 
     /// Every tensor of a safetensors file of U8 tensors, by name: (shape, bytes).

@@ -7,18 +7,19 @@ use clap::Args;
 use ldm_web::gpu::{DType, Gpu, GpuOptions};
 use ldm_web::loader::DirSource;
 use ldm_web::pipelines::depth::DepthEstimator;
-use ldm_web::pipelines::image_input::InputImage;
+use ldm_web::bench::depth::{random_estimator, DEPTH_ARCHITECTURES};
+use ldm_web::pipelines::image_input::{Channels, InputImage};
 use ldm_web::{Error, Result};
 
 /// Arguments of `ldm depth`.
 #[derive(Args, Debug)]
 pub struct DepthArgs {
-    /// A transformers depth-estimation folder (DPT, DPT-Hybrid, Depth Anything V1/V2: config.json, model.safetensors, preprocessor_config.json).
+    /// A transformers depth-estimation folder (DPT, DPT-Hybrid, Depth Anything V1/V2: config.json, model.safetensors, preprocessor_config.json); for `ldm bench depth` also depth-anything-v2-small or dpt-hybrid-midas (the published architectures with random weights).
     #[arg(long)]
     pub model: String,
-    /// The photo (PNG, JPEG or WebP, any size and mode).
+    /// The photo (PNG, JPEG or WebP, any size and mode); `ldm bench depth` defaults to a 512x512 one.
     #[arg(long)]
-    pub image: String,
+    pub image: Option<String>,
     /// Where to write the depth map: a 16-bit gray PNG at the photo's size, larger = nearer, min-max normalised.
     #[arg(long, default_value = "depth.png")]
     pub out: String,
@@ -41,13 +42,18 @@ pub async fn load_estimator(gpu: &Gpu, dir: &str, dtype: DType) -> Result<DepthE
 
 /// Runs `ldm depth` (or `ldm bench depth`, which prints the times as JSON).
 pub fn run(a: &DepthArgs, bench: bool) -> Result<String> {
-    let img = crate::generate::read_image(&a.image, "image")?;
+    let img = match (&a.image, bench) {
+        (Some(path), _) => crate::generate::read_image(path, "image")?,
+        // A smooth synthetic photo: the time depends on the size only.
+        (None, true) => InputImage::new(512, 512, Channels::Rgb, false, (0..512 * 512 * 3).map(|i| ((i * 7 / 3) % 251) as u16).collect())?,
+        (None, false) => return Err(Error::Input("ldm depth needs --image FILE (the photo)".into())),
+    };
     pollster::block_on(async {
         let gpu = Gpu::new(GpuOptions { force_f32: !a.f16, ..Default::default() }).await?;
         let dtype = gpu.activation_dtype();
         let start = std::time::Instant::now();
         let ms = || start.elapsed().as_secs_f64() * 1e3;
-        let est = load_estimator(&gpu, &a.model, dtype).await?;
+        let est = if bench && DEPTH_ARCHITECTURES.contains(&a.model.as_str()) { random_estimator(&gpu, &a.model, dtype).await? } else { load_estimator(&gpu, &a.model, dtype).await? };
         let load_ms = ms();
         let first = est.predict(&gpu, &img).await?;
         let first_ms = ms() - load_ms;
@@ -79,7 +85,7 @@ fn depth16(d: &ldm_web::pipelines::DepthMap, width: usize, height: usize) -> Res
     let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
     let range = (hi - lo).max(f32::MIN_POSITIVE);
     let px = v.iter().map(|&x| (((x - lo) / range) * 65535.0).round() as u16).collect();
-    InputImage::new(width, height, ldm_web::pipelines::image_input::Channels::Gray, true, px)
+    InputImage::new(width, height, Channels::Gray, true, px)
 }
 
 fn encode_gray(img: &InputImage, sixteen: bool) -> Result<Vec<u8>> {

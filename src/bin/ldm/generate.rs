@@ -379,7 +379,12 @@ pub fn read_image(path: &str, what: &str) -> Result<InputImage> {
     if bytes.starts_with(b"\x89PNG") {
         return InputImage::from_png(&bytes).map_err(named);
     }
-    let img = image::load_from_memory(&bytes).map_err(|e| Error::Input(format!("cannot read the {what} {path} (PNG, JPEG or WebP): {e}")))?;
+    // Turned upright by its EXIF orientation, as diffusers' load_image does.
+    let unreadable = |e: image::ImageError| Error::Input(format!("cannot read the {what} {path} (PNG, JPEG or WebP): {e}"));
+    let mut decoder = image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format().map_err(|e| Error::Input(format!("cannot read the {what} {path}: {e}")))?.into_decoder().map_err(unreadable)?;
+    let orientation = image::ImageDecoder::orientation(&mut decoder).unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(unreadable)?;
+    img.apply_orientation(orientation);
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (channels, data): (Channels, Vec<u16>) = match img {
         image::DynamicImage::ImageLuma8(i) => (Channels::Gray, i.into_raw().into_iter().map(u16::from).collect()),
