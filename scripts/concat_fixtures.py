@@ -38,6 +38,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel, VQModel  # noqa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_fixtures import reinit  # noqa: E402
+from convert_compvis_concat import RESNET_PARTS, unet_layout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
@@ -58,57 +59,22 @@ def merge_qkv(q, k, v, heads):
 
 
 def unet_to_compvis(sd, cfg):
+    """The converter's layout table read backwards."""
     out = {}
-    levels, n, head_dim = len(cfg["block_out_channels"]), cfg["layers_per_block"], cfg["attention_head_dim"]
     attn = ["Attn" in t for t in cfg["down_block_types"]]
-
-    def put(new, old, conv1d=False):
+    for old, new, kind, channels in unet_layout(cfg, attn):
         for s in ["weight", "bias"]:
-            t = sd[f"{old}.{s}"]
-            out[f"{new}.{s}"] = t[:, :, None] if conv1d and s == "weight" else t
-
-    def resnet(new, old):
-        for a, b in [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"), ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")]:
-            if f"{old}.{b}.weight" in sd:
-                put(f"{new}.{a}", f"{old}.{b}")
-
-    def attention(new, old, channels):
-        heads = channels // head_dim
-        put(f"{new}.norm", f"{old}.group_norm")
-        for s in ["weight", "bias"]:
-            qkv = merge_qkv(*(sd[f"{old}.{x}.{s}"] for x in ["to_q", "to_k", "to_v"]), heads)
-            out[f"{new}.qkv.{s}"] = qkv[:, :, None] if s == "weight" else qkv
-        put(f"{new}.proj_out", f"{old}.to_out.0", conv1d=True)
-
-    put("time_embed.0", "time_embedding.linear_1")
-    put("time_embed.2", "time_embedding.linear_2")
-    put("input_blocks.0.0", "conv_in")
-    put("out.0", "conv_norm_out")
-    put("out.2", "conv_out")
-    ch = cfg["block_out_channels"]
-    i = 0
-    for level in range(levels):
-        for j in range(n):
-            i += 1
-            resnet(f"input_blocks.{i}.0", f"down_blocks.{level}.resnets.{j}")
-            if attn[level]:
-                attention(f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{j}", ch[level])
-        if level != levels - 1:
-            i += 1
-            put(f"input_blocks.{i}.0.op", f"down_blocks.{level}.downsamplers.0.conv")
-    resnet("middle_block.0", "mid_block.resnets.0")
-    attention("middle_block.1", "mid_block.attentions.0", ch[-1])
-    resnet("middle_block.2", "mid_block.resnets.1")
-    i = 0
-    for up in range(levels):
-        level = levels - 1 - up
-        for j in range(n + 1):
-            resnet(f"output_blocks.{i}.0", f"up_blocks.{up}.resnets.{j}")
-            if attn[level]:
-                attention(f"output_blocks.{i}.1", f"up_blocks.{up}.attentions.{j}", ch[level])
-            if j == n and up != levels - 1:
-                put(f"output_blocks.{i}.{2 if attn[level] else 1}.conv", f"up_blocks.{up}.upsamplers.0.conv")
-            i += 1
+            if kind == "layer":
+                out[f"{old}.{s}"] = sd[f"{new}.{s}"]
+            elif kind == "resnet":
+                out.update({f"{old}.{a}.{s}": sd[f"{new}.{b}.{s}"] for a, b in RESNET_PARTS if f"{new}.{b}.{s}" in sd})
+            else:
+                heads = channels // cfg["attention_head_dim"]
+                out[f"{old}.norm.{s}"] = sd[f"{new}.group_norm.{s}"]
+                proj = sd[f"{new}.to_out.0.{s}"]
+                out[f"{old}.proj_out.{s}"] = proj[:, :, None] if s == "weight" else proj
+                qkv = merge_qkv(*(sd[f"{new}.{x}.{s}"] for x in ["to_q", "to_k", "to_v"]), heads)
+                out[f"{old}.qkv.{s}"] = qkv[:, :, None] if s == "weight" else qkv
     assert sum(t.numel() for t in out.values()) == sum(t.numel() for t in sd.values())
     return out
 

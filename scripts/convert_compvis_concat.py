@@ -100,65 +100,68 @@ def split_qkv(qkv, heads):
     return [w[:, i].reshape(c, *qkv.shape[1:]) for i in range(3)]
 
 
-def convert_unet(sd, cfg, attn_levels):
-    """openaimodel.UNetModel's state dict (without the `model.diffusion_model.` prefix) in UNet2DModel's names."""
-    out = {}
-    used = set()
+RESNET_PARTS = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"), ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")]
 
-    def take(old, new, squeeze=False):
-        t = sd[old]
-        used.add(old)
-        out[new] = t.reshape(t.shape[0], t.shape[1]) if squeeze else t
 
-    def resnet(old, new):
-        for a, b in [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"), ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")]:
-            for suffix in ["weight", "bias"]:
-                if f"{old}.{a}.{suffix}" in sd:
-                    take(f"{old}.{a}.{suffix}", f"{new}.{b}.{suffix}")
-
-    def attention(old, new, channels):
-        heads = channels // cfg["attention_head_dim"]
-        take(f"{old}.norm.weight", f"{new}.group_norm.weight")
-        take(f"{old}.norm.bias", f"{new}.group_norm.bias")
-        for suffix in ["weight", "bias"]:
-            t = sd[f"{old}.qkv.{suffix}"]
-            used.add(f"{old}.qkv.{suffix}")
-            for name, part in zip(["to_q", "to_k", "to_v"], split_qkv(t, heads)):
-                out[f"{new}.{name}.{suffix}"] = part.reshape(channels, channels) if suffix == "weight" else part
-        take(f"{old}.proj_out.weight", f"{new}.to_out.0.weight", squeeze=True)
-        take(f"{old}.proj_out.bias", f"{new}.to_out.0.bias")
-
-    for a, b in [("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"), ("input_blocks.0.0", "conv_in"), ("out.0", "conv_norm_out"), ("out.2", "conv_out")]:
-        take(f"{a}.weight", f"{b}.weight")
-        take(f"{a}.bias", f"{b}.bias")
+def unet_layout(cfg, attn_levels):
+    """Where openaimodel.UNetModel's modules are in UNet2DModel: (CompVis prefix, diffusers prefix,
+    kind, channels), kind "layer" (weight and bias as they are), "resnet" or "attention". The
+    converter reads it forward; scripts/concat_fixtures.py writes the CompVis layout with it."""
+    rows = [("time_embed.0", "time_embedding.linear_1", "layer", 0), ("time_embed.2", "time_embedding.linear_2", "layer", 0),
+            ("input_blocks.0.0", "conv_in", "layer", 0), ("out.0", "conv_norm_out", "layer", 0), ("out.2", "conv_out", "layer", 0)]
     channels = cfg["block_out_channels"]
     levels, n = len(channels), cfg["layers_per_block"]
     i = 0
     for level in range(levels):
         for j in range(n):
             i += 1
-            resnet(f"input_blocks.{i}.0", f"down_blocks.{level}.resnets.{j}")
+            rows.append((f"input_blocks.{i}.0", f"down_blocks.{level}.resnets.{j}", "resnet", 0))
             if attn_levels[level]:
-                attention(f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{j}", channels[level])
+                rows.append((f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{j}", "attention", channels[level]))
         if level != levels - 1:
             i += 1
-            take(f"input_blocks.{i}.0.op.weight", f"down_blocks.{level}.downsamplers.0.conv.weight")
-            take(f"input_blocks.{i}.0.op.bias", f"down_blocks.{level}.downsamplers.0.conv.bias")
-    resnet("middle_block.0", "mid_block.resnets.0")
-    attention("middle_block.1", "mid_block.attentions.0", channels[-1])
-    resnet("middle_block.2", "mid_block.resnets.1")
+            rows.append((f"input_blocks.{i}.0.op", f"down_blocks.{level}.downsamplers.0.conv", "layer", 0))
+    rows += [("middle_block.0", "mid_block.resnets.0", "resnet", 0), ("middle_block.1", "mid_block.attentions.0", "attention", channels[-1]),
+             ("middle_block.2", "mid_block.resnets.1", "resnet", 0)]
     i = 0
     for up in range(levels):
         level = levels - 1 - up
         for j in range(n + 1):
-            resnet(f"output_blocks.{i}.0", f"up_blocks.{up}.resnets.{j}")
+            rows.append((f"output_blocks.{i}.0", f"up_blocks.{up}.resnets.{j}", "resnet", 0))
             if attn_levels[level]:
-                attention(f"output_blocks.{i}.1", f"up_blocks.{up}.attentions.{j}", channels[level])
+                rows.append((f"output_blocks.{i}.1", f"up_blocks.{up}.attentions.{j}", "attention", channels[level]))
             if j == n and up != levels - 1:
-                k = 2 if attn_levels[level] else 1
-                take(f"output_blocks.{i}.{k}.conv.weight", f"up_blocks.{up}.upsamplers.0.conv.weight")
-                take(f"output_blocks.{i}.{k}.conv.bias", f"up_blocks.{up}.upsamplers.0.conv.bias")
+                rows.append((f"output_blocks.{i}.{2 if attn_levels[level] else 1}.conv", f"up_blocks.{up}.upsamplers.0.conv", "layer", 0))
             i += 1
+    return rows
+
+
+def convert_unet(sd, cfg, attn_levels):
+    """openaimodel.UNetModel's state dict (without the `model.diffusion_model.` prefix) in UNet2DModel's names."""
+    out = {}
+    used = set()
+
+    def take(old, new, squeeze=False):
+        if old in sd:
+            t = sd[old]
+            used.add(old)
+            out[new] = t.reshape(t.shape[0], t.shape[1]) if squeeze else t
+
+    for old, new, kind, channels in unet_layout(cfg, attn_levels):
+        for suffix in ["weight", "bias"]:
+            if kind == "layer":
+                take(f"{old}.{suffix}", f"{new}.{suffix}")
+            elif kind == "resnet":
+                for a, b in RESNET_PARTS:
+                    take(f"{old}.{a}.{suffix}", f"{new}.{b}.{suffix}")
+            else:
+                heads = channels // cfg["attention_head_dim"]
+                take(f"{old}.norm.{suffix}", f"{new}.group_norm.{suffix}")
+                take(f"{old}.proj_out.{suffix}", f"{new}.to_out.0.{suffix}", squeeze=suffix == "weight")
+                t = sd[f"{old}.qkv.{suffix}"]
+                used.add(f"{old}.qkv.{suffix}")
+                for name, part in zip(["to_q", "to_k", "to_v"], split_qkv(t, heads)):
+                    out[f"{new}.{name}.{suffix}"] = part.reshape(channels, channels) if suffix == "weight" else part
     left = sorted(set(sd) - used)
     if left:
         raise Refused(f"{len(left)} UNet tensors have no place in UNet2DModel (first: {left[:4]}); is this an openaimodel UNetModel with the config given?")

@@ -16,6 +16,9 @@ References (tests/fixtures/ref/):
   depth_cases.json, depth.safetensors   per case: the processor's pixel_values, predicted_depth, and the
                                          depth-estimation pipeline's depth image (8-bit, at the input's size)
   depth2img_cases.json, depth2img.safetensors   StableDiffusionDepth2ImgPipeline images without a depth map
+  preprocessed_controls.json, .safetensors      StableDiffusionControlNetPipeline images whose condition is
+                                         cv2.Canny's edges or the depth-estimation pipeline's depth of a photo,
+                                         made as diffusers' ControlNet examples make them
 
 Run through scripts/fixtures.sh after cond_fixtures.py (reads tests/fixtures/sd2-depth). One thread:
 re-running reproduces byte-identical files.
@@ -40,7 +43,8 @@ from transformers import (  # noqa: E402
     BitConfig, DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTConfig,
     DPTForDepthEstimation, DPTImageProcessor, pipeline,
 )
-from diffusers import StableDiffusionDepth2ImgPipeline  # noqa: E402
+import cv2  # noqa: E402
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionDepth2ImgPipeline  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_fixtures import reinit  # noqa: E402
@@ -187,6 +191,28 @@ def main():
         print(f"{key}: {image_name} -> {images.shape}, mean {images.mean():.4f}")
     save_file({k: v.float().contiguous() for k, v in d2i.items()}, str(REF / "depth2img.safetensors"), metadata={"format": "pt"})
     (REF / "depth2img_cases.json").write_text(json.dumps(d2i_cases, indent=1) + "\n")
+
+    # ControlNets fed by the preprocessors, the conditions made as diffusers' examples make them.
+    net = ControlNetModel.from_pretrained(str(FIX / "controlnet-a")).eval()
+    cpipe = StableDiffusionControlNetPipeline.from_pretrained(str(FIX / "sd1"), controlnet=net, safety_checker=None, feature_extractor=None)
+    cpipe.set_progress_bar_config(disable=True)
+    da_model, da_proc = models["depth-anything"]
+    estimator = pipeline("depth-estimation", model=da_model, image_processor=DPTImageProcessor.from_pretrained(str(OUT / "depth-anything")), device="cpu")
+    photo = Image.open(IMAGES / "init_big.png").convert("RGB")
+    edges = cv2.Canny(np.array(photo), 100, 200)[:, :, None]
+    depth = np.array(estimator(photo)["depth"])[:, :, None]
+    pc, pc_cases = {}, []
+    for k, (kind, cond) in enumerate([("canny", edges), ("depth", depth)]):
+        cond_img = Image.fromarray(np.concatenate([cond] * 3, axis=2))
+        images = cpipe("a cat", image=cond_img, num_inference_steps=3, guidance_scale=7.5, height=64, width=96,
+                       generator=torch.Generator().manual_seed(5 + k), output_type="np").images
+        key = f"control_{kind}"
+        pc[key] = torch.from_numpy(images)
+        pc_cases.append({"key": key, "preprocess": kind, "photo": "init_big.png", "prompt": "a cat", "steps": 3, "guidance": 7.5,
+                         "width": 96, "height": 64, "seed": 5 + k, "depth_model": "depth-anything"})
+        print(f"{key}: {images.shape}, mean {images.mean():.4f}")
+    save_file({k: v.float().contiguous() for k, v in pc.items()}, str(REF / "preprocessed_controls.safetensors"), metadata={"format": "pt"})
+    (REF / "preprocessed_controls.json").write_text(json.dumps(pc_cases, indent=1) + "\n")
 
 
 if __name__ == "__main__":

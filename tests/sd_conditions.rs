@@ -253,3 +253,50 @@ fn depth2img_estimates_depth_as_diffusers() {
     let e = pollster::block_on(plain.estimate_depth(&gpu, &DirSource::new(fixtures().join("sd2-depth")), &image("init.png"))).err().expect("refused").to_string();
     assert!(e.contains("depth map"), "{e}");
 }
+
+/// ControlNets fed by the preprocessors against diffusers fed by OpenCV's `cv2.Canny` and
+/// transformers' depth-estimation pipeline (scripts/depth_fixtures.py; a 100x70 photo, the
+/// condition resized to 96x64 by the pipeline): within 2/255.
+#[test]
+fn controlnets_fed_by_the_preprocessors_match_diffusers() {
+    use ldm_web::gpu::DType;
+    use ldm_web::pipelines::canny::{canny_image, CannyParams};
+    use ldm_web::pipelines::depth::DepthEstimator;
+    use ldm_web::pipelines::UserImages;
+    #[derive(serde::Deserialize)]
+    struct PcCase {
+        key: String,
+        preprocess: String,
+        photo: String,
+        prompt: String,
+        steps: usize,
+        guidance: f32,
+        width: usize,
+        height: usize,
+        seed: u64,
+        depth_model: String,
+    }
+    let cases: Vec<PcCase> = serde_json::from_slice(&std::fs::read(fixtures().join("ref/preprocessed_controls.json")).expect("cases")).expect("parses");
+    let want = reference("preprocessed_controls.safetensors");
+    let gpu = gpu();
+    let model = pollster::block_on(StableDiffusionModel::load(&gpu, &DirSource::new(fixtures().join("sd1")), "sd1", &LoadOptions::default())).expect("sd1");
+    let net = pollster::block_on(load_controlnet(&gpu, &DirSource::new(fixtures()), "controlnet-a", &LoadOptions::default())).expect("controlnet-a");
+    for c in &cases {
+        let photo = image(&c.photo);
+        let condition = match c.preprocess.as_str() {
+            "canny" => canny_image(&photo, CannyParams::default()).expect("canny"),
+            _ => {
+                let est = pollster::block_on(DepthEstimator::load(&gpu, &DirSource::new(fixtures().join("depth").join(&c.depth_model)), "", "", DType::F32)).expect("estimator");
+                pollster::block_on(est.depth_image(&gpu, &photo)).expect("depth image")
+            }
+        };
+        let user = UserImages { controls: vec![(&net, condition, 1.0)], ..Default::default() };
+        let prepared = model.prepare_images(user, Some(c.width), Some(c.height)).expect("prepares");
+        let p = Txt2ImgParams { prompt: c.prompt.clone(), seed: c.seed, steps: c.steps, guidance_scale: c.guidance, width: c.width, height: c.height, ..Default::default() };
+        let (images, _) = pollster::block_on(model.generate(&gpu, &p, &prepared.conditions, &|| 0.0, &mut |_| Ok(()))).unwrap_or_else(|e| panic!("{}: {e}", c.key));
+        let (d, _) = common::max_diff(&images.data, &want[&c.key].1);
+        println!("{}: a ControlNet fed by --control-preprocess {}: max |diff| {:.4}/255", c.key, c.preprocess, d * 255.0);
+        assert!(d <= PIXEL_TOL, "{}: {:.2}/255", c.key, d * 255.0);
+    }
+    assert_eq!(cases.len(), 2);
+}
