@@ -345,16 +345,17 @@ async function refreshModels() {
   if (models.length === 0) list.append(Object.assign(document.createElement('li'), { textContent: 'None yet: a model is stored here the first time it is used.' }));
   for (const m of models) {
     const li = document.createElement('li');
-    const kind = { lora: 'LoRA', embedding: 'embedding', vae: 'VAE', 'tiny-vae': 'tiny autoencoder', controlnet: 'ControlNet' }[m.kind];
+    const kind = { lora: 'LoRA', embedding: 'embedding', vae: 'VAE', 'tiny-vae': 'tiny autoencoder', controlnet: 'ControlNet', 'depth-estimator': 'depth estimator' }[m.kind];
     li.textContent = `${kind ? `${kind}: ` : ''}${m.url} — ${mb(m.bytes)} MB in ${m.files} files `;
     const use = Object.assign(document.createElement('button'), { type: 'button', textContent: 'use' });
     use.addEventListener('click', () => {
-      $('extras').open = m.kind && m.kind !== 'controlnet';
+      $('extras').open = m.kind && !['controlnet', 'depth-estimator'].includes(m.kind);
       if (m.kind === 'lora') addLora({ url: m.url });
       else if (m.kind === 'embedding') addEmbedding({ url: m.url });
       else if (m.kind === 'vae') form.elements.vae.value = m.url;
       else if (m.kind === 'tiny-vae') form.elements.tiny_vae.value = m.url;
       else if (m.kind === 'controlnet') $('controlnet-url').value = m.url;
+      else if (m.kind === 'depth-estimator') $('depth-estimator-url').value = m.url;
       else form.elements.model.value = m.url;
     });
     const del = Object.assign(document.createElement('button'), { type: 'button', textContent: 'delete' });
@@ -407,7 +408,8 @@ async function pageImages() {
   const pipeline = $('pipeline').value;
   if (pipeline === 'txt2img') return undefined;
   const init = $('init-file').files[0];
-  const cond = $('cond-file').files[0];
+  // A condition made from the photo (canny, depth) stands in for an uploaded one.
+  const cond = madeCondition ?? $('cond-file').files[0];
   const url = $('controlnet-url').value.trim();
   const images = {};
   if (init) images.init = await pngBytes(init);
@@ -433,6 +435,31 @@ function pipelineSettings() {
   if (num('noise-level') !== undefined && (pipeline === 'auto' || pipeline === 'upscale')) out.noise_level = num('noise-level');
   if ($('guess-mode').checked && $('controlnet-url').value.trim()) out.guess_mode = true;
   return out;
+}
+
+// The condition image made from the init photo (a PNG Blob), shown in the preview and used as the
+// depth map or ControlNet image until another is uploaded or made.
+let madeCondition = null;
+async function makeCondition() {
+  const photo = $('init-file').files[0];
+  if (!photo) return setStatus('Choose the photo as the init image first.', true);
+  const kind = $('cond-from').value;
+  const estimator = $('depth-estimator-url').value.trim();
+  if (kind === 'depth' && !estimator) return setStatus('Depth needs the URL of a depth estimator folder (Depth Anything V2, DPT).', true);
+  setStatus(kind === 'depth' ? 'Estimating depth…' : 'Finding edges…');
+  try {
+    const png = await app.engine.preprocess(await pngBytes(photo), kind, { low: Number($('canny-low').value), high: Number($('canny-high').value) }, kind === 'depth' ? estimator : undefined, (ev) => {
+      if (ev.type === 'download') setStatus(`Depth estimator: ${mb(ev.fetched)} / ${mb(ev.total)} MB`);
+    });
+    madeCondition = new Blob([png], { type: 'image/png' });
+    window.__ldmMadeCondition = png;
+    $('cond-preview').src = URL.createObjectURL(madeCondition);
+    $('cond-preview').hidden = false;
+    setStatus(kind === 'depth' ? 'Depth map made from the photo: it is the condition now.' : 'Edges made from the photo: they are the condition now.');
+    refreshModels();
+  } catch (e) {
+    setStatus(`Could not make the condition: ${e.message ?? e}`, true);
+  }
 }
 
 let maskPainted = false;
@@ -509,9 +536,11 @@ function setupMask() {
   $('cond-file').addEventListener('change', async (e) => {
     const f = e.target.files[0];
     if (!f || !(await loadImage(f))) return;
+    madeCondition = null;
     $('cond-preview').src = URL.createObjectURL(f);
     $('cond-preview').hidden = false;
   });
+  $('cond-make').addEventListener('click', makeCondition);
 }
 
 // ---- the built-in model: its settings and example prompts (ldm-web.json) ---------------------------

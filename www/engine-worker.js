@@ -10,6 +10,8 @@
 //                                             images: {init?, mask?, depth?: PNG bytes, controls?: [{url, image, scale}],
 //                                             loras?: [{url, scale}], lora_merge?, embeddings?: [{url, token?}],
 //                                             vae?: folder URL, tiny_vae?: folder URL, tiny_decode?}
+//   {id, cmd: 'preprocess', image: PNG bytes, kind: 'canny' | 'depth', options?: {low, high, l2},
+//    estimator?: folder URL}                (a condition from a photo; resolves to {png})
 //   {id, cmd: 'bench-generate', model, params}
 //   {id, cmd: 'adapter'} | {id, cmd: 'models'} | {id, cmd: 'delete-model', url}
 //   {id, cmd: 'bench-unet', model: 'sd15' | 'sdxl' | URL, inputs: URL?, options}  (ldm bench unet)
@@ -220,6 +222,11 @@ async function handle(id, msg) {
       return { json: await ldm.adapter_info() };
     case 'generate':
       return generate(id, msg);
+    case 'preprocess': {
+      // The depth estimator is fetched, cached and listed like a model.
+      const est = msg.estimator ? await folderEntry(id, msg.estimator, jobCounter(id), 'depth-estimator') : undefined;
+      return { png: await ldm.preprocess_condition(msg.image, msg.kind, JSON.stringify(msg.options ?? {}), est?.url, est?.store) };
+    }
     case 'bench-generate':
       return withModel(id, msg, async (loc, store, bpe) => ({ json: await ldm.bench_generate(loc.base, store, loc.file ?? undefined, bpe, JSON.stringify(msg.params ?? {})) }));
     case 'bench-unet': {

@@ -107,6 +107,14 @@ export class LdmEngine {
     return { blob: new Blob([m.png], { type: 'image/png' }), info: m.info };
   }
 
+  // A condition image from a photo (PNG bytes): kind 'canny' (options {low, high, l2}) or 'depth'
+  // (estimator: the URL of a Depth Anything / DPT folder). Resolves to PNG bytes (Uint8Array).
+  async preprocess(image, kind, options, estimator, onEvent) {
+    await this.ready;
+    const m = await this.request({ cmd: 'preprocess', image, kind, options, estimator: estimator ? new URL(estimator, document.baseURI).href : undefined }, onEvent);
+    return m.png;
+  }
+
   cancel() {
     this.worker.postMessage({ cmd: 'cancel' });
   }

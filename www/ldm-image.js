@@ -4,14 +4,17 @@
 // Attributes: model (default: the built-in emoji model), prompt, negative-prompt, seed, steps, guidance,
 // width, height, scheduler, prompt-weighting ("a1111"), lora ("URL:SCALE URL2:SCALE", space-separated,
 // the scale 1 when left out), embedding ("URL[:TOKEN] ..."), vae (a VAE folder), tiny-vae (a TAESD
-// folder: real-colour previews).
+// folder: real-colour previews), init-image (an image URL: image-to-image), control-image (an image URL)
+// with controlnet (a ControlNet folder URL), control-scale, control-preprocess ("canny[:LOW,HIGH]" or
+// "depth": the condition made from the image) and depth-estimator (a Depth Anything / DPT folder URL).
 // It generates when connected and again when an attribute changes, shows its own progress and
 // result, and dispatches ldm-progress ({step, steps}), ldm-done ({blob}: the PNG with its
 // parameters chunk) and ldm-error ({message}). All widgets on a page share one engine worker.
 
 import { LdmEngine, webgpuHelp, previewImage } from './ldm-client.js';
 
-const ATTRS = ['model', 'prompt', 'negative-prompt', 'seed', 'steps', 'guidance', 'width', 'height', 'scheduler', 'prompt-weighting', 'lora', 'embedding', 'vae', 'tiny-vae'];
+const ATTRS = ['model', 'prompt', 'negative-prompt', 'seed', 'steps', 'guidance', 'width', 'height', 'scheduler', 'prompt-weighting', 'lora', 'embedding', 'vae', 'tiny-vae',
+  'init-image', 'control-image', 'controlnet', 'control-scale', 'control-preprocess', 'depth-estimator'];
 let engine = null;
 let chain = Promise.resolve(); // widgets take turns on the one GPU device
 
@@ -111,6 +114,39 @@ class LdmImage extends HTMLElement {
     return Object.keys(out).length ? out : undefined;
   }
 
+  // The init and ControlNet images from their URLs as PNG bytes; with control-preprocess, the
+  // ControlNet's condition made from its image by the engine (canny edges or a depth map).
+  async images(engine) {
+    const out = {};
+    const png = async (url) => {
+      const r = await fetch(new URL(url, document.baseURI));
+      if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
+      const blob = await r.blob();
+      if (blob.type === 'image/png') return new Uint8Array(await blob.arrayBuffer());
+      const bmp = await createImageBitmap(blob);
+      const c = new OffscreenCanvas(bmp.width, bmp.height);
+      c.getContext('2d').drawImage(bmp, 0, 0);
+      return new Uint8Array(await (await c.convertToBlob({ type: 'image/png' })).arrayBuffer());
+    };
+    if (this.getAttribute('init-image')) out.init = await png(this.getAttribute('init-image'));
+    const controlImage = this.getAttribute('control-image');
+    if (controlImage) {
+      const net = this.getAttribute('controlnet');
+      if (!net) throw new Error('control-image needs a controlnet attribute (the URL of a ControlNet folder)');
+      let image = await png(controlImage);
+      const pre = this.getAttribute('control-preprocess');
+      if (pre) {
+        const [kind, thresholds] = pre.split(':');
+        const [low, high] = (thresholds ?? '100,200').split(',').map(Number);
+        const estimator = this.getAttribute('depth-estimator');
+        if (kind === 'depth' && !estimator) throw new Error('control-preprocess="depth" needs a depth-estimator attribute (a Depth Anything or DPT folder URL)');
+        image = await engine.preprocess(image, kind, { low, high }, kind === 'depth' ? new URL(estimator, document.baseURI).href : undefined);
+      }
+      out.controls = [{ url: new URL(net, document.baseURI).href, image, scale: Number(this.getAttribute('control-scale') ?? 1) }];
+    }
+    return out;
+  }
+
   status(text, error = false) {
     this.msg.textContent = text;
     this.msg.classList.toggle('error', error);
@@ -162,7 +198,7 @@ class LdmImage extends HTMLElement {
           } else if (ev.type === 'stage' && ev.stage === 'decode') {
             this.status('decoding…');
           }
-        }, extras);
+        }, { ...extras, ...(await this.images(engine)) });
         if (!current()) return;
         if (this.img.src) URL.revokeObjectURL(this.img.src);
         this.img.src = URL.createObjectURL(blob);

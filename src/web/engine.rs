@@ -14,6 +14,8 @@ use crate::gpu::{DType, Gpu, GpuOptions};
 use crate::pipelines::output::{encode_png, parameters_text_with, GenerateBench};
 use crate::pipelines::preview::LatentPreview;
 use crate::models::ControlNetModel;
+use crate::pipelines::canny::{canny_image, CannyParams};
+use crate::pipelines::depth::DepthEstimator;
 use crate::pipelines::image_input::{default_size, InputImage};
 use crate::loader::lora::AdapterSet;
 use crate::pipelines::prompt::Embedding;
@@ -36,6 +38,8 @@ struct Engine {
 
 thread_local! {
     static ENGINE: RefCell<Engine> = RefCell::default();
+    /// The depth estimator `preprocess_condition` loaded last, by URL.
+    static ESTIMATOR: RefCell<Option<(String, Rc<DepthEstimator>)>> = RefCell::default();
     static CANCEL: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -282,6 +286,55 @@ async fn gpu() -> Result<Gpu> {
 #[wasm_bindgen]
 pub fn reset_engine() {
     ENGINE.with_borrow_mut(|e| *e = Engine::default());
+    ESTIMATOR.set(None);
+}
+
+/// The page's condition from a photo (a PNG): `kind` "canny" (`options_json` `{low, high, l2}`,
+/// OpenCV's cv2.Canny) or "depth" (the depth-estimation pipeline's image from the estimator folder
+/// at `estimator_url`, fetched through `store` like any model, kept for the next photo). Resolves
+/// to the condition as PNG bytes at the photo's size.
+#[wasm_bindgen]
+pub async fn preprocess_condition(photo_png: Vec<u8>, kind: String, options_json: String, estimator_url: Option<String>, store: JsValue) -> Result<Vec<u8>, JsValue> {
+    run_preprocess(&photo_png, &kind, &options_json, estimator_url, store).await.map_err(|e| to_js(&e))
+}
+
+async fn run_preprocess(photo_png: &[u8], kind: &str, options_json: &str, estimator_url: Option<String>, store: JsValue) -> Result<Vec<u8>> {
+    #[derive(serde::Deserialize)]
+    #[serde(default)]
+    struct CannyOptions {
+        low: f64,
+        high: f64,
+        l2: bool,
+    }
+    impl Default for CannyOptions {
+        fn default() -> Self {
+            let p = CannyParams::default();
+            Self { low: p.low, high: p.high, l2: p.l2_gradient }
+        }
+    }
+    let photo = InputImage::from_png(photo_png)?;
+    let condition = match kind {
+        "canny" => {
+            let o: CannyOptions = serde_json::from_str(options_json).map_err(|e| Error::Input(format!("canny settings: {e}")))?;
+            canny_image(&photo, CannyParams { low: o.low, high: o.high, l2_gradient: o.l2 })?
+        }
+        "depth" => {
+            let url = estimator_url.ok_or_else(|| Error::Input("depth needs the URL of a depth estimator folder (Depth Anything V2, DPT)".into()))?;
+            let cached = ESTIMATOR.with_borrow(|e| e.as_ref().filter(|(u, _)| *u == url).map(|(_, m)| m.clone()));
+            let gpu = gpu().await?;
+            let est = match cached {
+                Some(e) => e,
+                None => {
+                    let e = Rc::new(DepthEstimator::load(&gpu, &JsSource::new(store, url.clone()), "", "", DType::F32).await?);
+                    ESTIMATOR.set(Some((url, e.clone())));
+                    e
+                }
+            };
+            est.depth_image(&gpu, &photo).await?
+        }
+        other => return Err(Error::Input(format!("unknown condition kind {other:?} (canny or depth)"))),
+    };
+    encode_png(condition.width, condition.height, &condition.rgb8(), "")
 }
 
 /// Asks the running generation (or model load) to stop at its next step.

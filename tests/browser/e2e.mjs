@@ -23,11 +23,16 @@
 //   share     the share link, opened in a new tab, reproduces the first image exactly
 //   offline   with the server stopped, the page reloads from the service worker and generates
 //   widget    <ldm-image> embedded in a page of another origin generates the same image, with
-//             ldm-progress and ldm-done events; its lora attribute gives diffusers' image
+//             ldm-progress and ldm-done events; its lora attribute gives diffusers' image; its
+//             control-image with control-preprocess="depth" gives the CLI's
 //   families  against diffusers' own images (ref/family_N): SDXL with an SDXL LoRA from a share
 //             link, two LoRA rows with scale sliders and TAESD previews every step, textual-
 //             inversion embeddings, the A1111 prompt-weighting toggle, TAESD as the final decoder;
 //             the download counter never passes its total
+//   photo     a photo uploaded as the init image becomes canny edges (OpenCV's, exactly) and a depth
+//             map (Depth Anything fetched by Range, as `ldm depth`'s), and the depth map drives a
+//             ControlNet as `ldm generate --control` does; the estimator is in the models panel
+//             (Chromium; Firefox through the widget's control-image)
 //   bench     bench.html?mode=generate prints ldm bench generate's JSON (Chromium)
 //   no-webgpu a browser without WebGPU gets a message naming the flag to set
 // A screenshot of the page after its first generation is saved under --artifacts.
@@ -103,6 +108,12 @@ function prepare(work) {
   copyDir(path.join(opts.fixtures, 'ldm', 'text2im'), path.join(models, 'ldm-text2im'));
   copyDir(path.join(opts.fixtures, 'ldm', 'uncond'), path.join(models, 'ldm-uncond'));
   for (const dir of ['sdxl', 'lora', 'embeddings', 'taesd']) copyDir(path.join(opts.fixtures, dir), path.join(models, dir));
+  copyDir(path.join(opts.fixtures, 'depth', 'depth-anything'), path.join(models, 'depth-anything'));
+  fs.mkdirSync(path.join(models, 'photo'), { recursive: true });
+  fs.copyFileSync(path.join(opts.fixtures, 'images', 'init.png'), path.join(models, 'photo', 'init.png'));
+  // The photo scenario's references: ldm depth's 8-bit map of the photo, and the ControlNet it drives.
+  const depth8 = path.join(work, 'cli-depth8.png');
+  execFileSync(opts.ldm, ['depth', '--model', path.join(models, 'depth-anything'), '--image', path.join(opts.fixtures, 'images', 'init.png'), '--out', depth8, '--bits', '8'], { stdio: ['ignore', 'ignore', 'inherit'] });
   const cli = (args, out) => {
     execFileSync(opts.ldm, ['generate', ...args, '--out', out], { stdio: ['ignore', 'ignore', 'inherit'] });
     return PNG.sync.read(fs.readFileSync(out));
@@ -127,7 +138,12 @@ function prepare(work) {
   // SDXL converted the same way: a q4_1 UNet and q8 text encoders (both) and VAE.
   execFileSync(opts.ldm, ['convert', '--model', path.join(models, 'sdxl'), '--out', path.join(models, 'sdxl-q4'), '--unet', 'q4_1', '--text-encoder', 'q8', '--vae', 'q8'], { stdio: ['ignore', 'ignore', 'inherit'] });
   const xlQ4 = cli(['--model', path.join(models, 'sdxl-q4'), ...SDXL_Q4_CLI], path.join(work, 'cli-sdxl-q4.png'));
-  return { models, refs, ldm, builtin, quantised, xlQ4 };
+  const photo = {
+    depth8: PNG.sync.read(fs.readFileSync(depth8)),
+    edges: PNG.sync.read(fs.readFileSync(path.join(opts.fixtures, 'edges', 'init_edges.png'))),
+    control: cli(['--model', path.join(models, 'sd1'), '--control', `${path.join(models, 'controlnet-a')}=${depth8}`, '--prompt', PROMPT, '--seed', '3', '--steps', '3', '--guidance', '7.5'], path.join(work, 'cli-photo-depth-control.png')),
+  };
+  return { models, refs, ldm, builtin, quantised, xlQ4, photo };
 }
 
 // ---- ldm serve, with its request log ---------------------------------------------------------------
@@ -510,6 +526,17 @@ async function runBrowser(name, fx, results) {
         if (withLora.startsWith('error')) throw new Error(withLora);
         const dl = pixelDiff(Buffer.from(withLora, 'base64'), diffusersImage(15));
         check('widget lora attribute matches diffusers', dl.max <= TOL, `lora="…/sd1-peft.safetensors:0.8", Euler a: max |widget - diffusers| = ${dl.max.toFixed(2)}/255 (mean ${dl.mean.toFixed(3)})`);
+        // control-image with control-preprocess="depth": the widget makes the photo's depth map and
+        // a ControlNet draws from it, as ldm depth + ldm generate --control do.
+        const photoAttrs = { prompt: PROMPT, seed: '3', steps: '3', guidance: '7.5', width: '96', height: '64', controlnet: `${app}models/controlnet-a/`,
+          'control-image': `${app}models/photo/init.png`, 'control-preprocess': 'depth', 'depth-estimator': `${app}models/depth-anything/` };
+        await tab.evaluate(`(() => { const el = document.querySelector('ldm-image'); el.removeAttribute('lora'); el.removeAttribute('scheduler'); for (const [k, v] of Object.entries(${JSON.stringify(photoAttrs)})) el.setAttribute(k, v); })()`);
+        const withControl = await waitFor(tab, `window.__embed.all.length >= 4 ? window.__embed.all[3] : (window.__embed.error ? 'error: ' + window.__embed.error : null)`, 'the widget with a control image');
+        if (withControl.startsWith('error')) throw new Error(withControl);
+        const dc = pixelDiff(Buffer.from(withControl, 'base64'), fx.photo.control);
+        const [cMax, cMean] = name === 'firefox' ? [FAMILY_F16_TOL.max, FAMILY_F16_TOL.mean] : [TOL, TOL];
+        check('widget control-image with control-preprocess="depth" matches the CLI', dc.max <= cMax && dc.mean <= cMean,
+          `depth of …/photo/init.png into controlnet-a: max |widget - ldm generate --control| = ${dc.max}/255 (mean ${dc.mean.toFixed(3)}, tolerance ${cMax}/${cMean})`);
         if (opts.artifacts) await tab.screenshot({ path: path.join(opts.artifacts, `widget-${name}.png`) });
         await tab.close();
       } finally {
@@ -605,6 +632,60 @@ async function runBrowser(name, fx, results) {
       d = maxDiff(png, ref);
       const fetched = serve.log.filter((r) => r.url.startsWith('/models/controlnet-a/') && r.status === 206).length;
       check('uploaded condition image drives the ControlNet as in the CLI', d <= TOL && fetched > 0, `control.png through /models/controlnet-a/ (${fetched} range requests): max |browser - ldm generate --control| = ${d}/255`);
+    });
+
+    // A photo becomes a condition in the page: canny edges, then a depth map that drives a ControlNet.
+    // File uploads are driven with playwright (Chromium); in Firefox the widget's control-image
+    // check above makes the same photo -> depth map -> ControlNet image.
+    if (name === 'chromium') await attempt('photo', async () => {
+      const before0 = await (async () => {
+        await page.goto(`${app}?model=${encodeURIComponent('/models/sd1/')}`);
+        await waitFor(page, `window.__ldmApp.events.some((e) => e.type === 'ready')`, 'the engine');
+        await page.evaluate(`document.getElementById('conditioning').open = true`);
+        return page.evaluate('window.__ldmApp.results.length');
+      })();
+      await page.setInputFiles('#init-file', path.join(opts.fixtures, 'images', 'init.png'));
+      const made = async (kind) => {
+        await page.evaluate(`(() => { window.__ldmMadeCondition = null; document.getElementById('cond-from').value = '${kind}'; document.getElementById('cond-make').click(); })()`);
+        await waitFor(page, 'window.__ldmMadeCondition', `the ${kind} condition`);
+        const b64 = await page.evaluate(`(() => { let s = ''; for (const x of window.__ldmMadeCondition) s += String.fromCharCode(x); return btoa(s); })()`);
+        return PNG.sync.read(Buffer.from(b64, 'base64'));
+      };
+      // Gray conditions come back as RGB: compare the red channel with the reference's gray.
+      const levels = (img, ref) => {
+        let off = 0, worst = 0;
+        for (let i = 0; i < img.width * img.height; i++) {
+          const d = Math.abs(img.data[4 * i] - ref.data[4 * i]);
+          worst = Math.max(worst, d);
+          off += d > 0 ? 1 : 0;
+        }
+        return { off, worst, size: `${img.width}x${img.height}`, same: img.width === ref.width && img.height === ref.height };
+      };
+      const edges = levels(await made('canny'), fx.photo.edges);
+      check('a photo becomes canny edges as OpenCV finds them', edges.same && edges.off === 0, `${edges.size}: ${edges.off} pixels differ from cv2.Canny(init.png, 100, 200)`);
+      await page.evaluate(`document.getElementById('depth-estimator-url').value = '/models/depth-anything/'`);
+      const depth = levels(await made('depth'), fx.photo.depth8);
+      const fetched = serve.log.filter((r) => r.url.startsWith('/models/depth-anything/') && r.status === 206).length;
+      check('a photo becomes a depth map as ldm depth makes it', depth.same && depth.worst <= 1 && fetched > 0,
+        `${depth.size}: ${depth.off} pixels off by at most ${depth.worst} from ldm depth --bits 8; the estimator came in ${fetched} range requests`);
+      // The depth map drives the ControlNet (the photo itself is not used as an init image).
+      await page.evaluate(`(() => {
+        document.getElementById('init-file').value = '';
+        document.getElementById('controlnet-url').value = '/models/controlnet-a/';
+        const f = document.getElementById('settings').elements;
+        f.prompt.value = ${JSON.stringify(PROMPT)};
+        f.seed.value = '3';
+        f.steps.value = '3';
+        document.getElementById('generate').click();
+      })()`);
+      const png = await nextResult(page, before0);
+      const p = await page.evaluate('window.__ldmApp.results.at(-1).info.precision');
+      const { max, mean } = pixelDiff(png, fx.photo.control);
+      const [tolMax, tolMean] = p === 'f16' ? [FAMILY_F16_TOL.max, FAMILY_F16_TOL.mean] : [TOL, TOL];
+      check('the depth map from the photo drives a ControlNet as in the CLI', max <= tolMax && mean <= tolMean,
+        `max |browser - ldm generate --control controlnet-a=depth.png| = ${max}/255 (mean ${mean.toFixed(3)}; ${p}, tolerance ${tolMax}/${tolMean})`);
+      const listed = await page.evaluate(`(async () => { await new Promise((r) => setTimeout(r, 200)); return document.getElementById('model-list').textContent; })()`);
+      check('the depth estimator is listed in the models panel', /depth estimator: .*depth-anything/.test(listed), listed.slice(0, 200));
     });
 
     // Model families through the page, each against diffusers' own image (ref/family_N): an SDXL
