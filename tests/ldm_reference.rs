@@ -122,13 +122,7 @@ fn ldm_pipelines_match_diffusers_images() {
     let mut models: std::collections::HashMap<String, LdmModel> = Default::default();
     let mut failures = Vec::new();
     for c in &cases {
-        let model = models.entry(c.model.clone()).or_insert_with(|| {
-            match pollster::block_on(DiffusionModel::load(&gpu, &DirSource::new(fixtures().join("ldm").join(&c.model)), &c.model, &LoadOptions::default())) {
-                Ok(DiffusionModel::Ldm(m)) => m,
-                Ok(_) => panic!("{}: loaded as Stable Diffusion, not an LDM pipeline", c.model),
-                Err(e) => panic!("{}: {e}", c.model),
-            }
-        });
+        let model = models.entry(c.model.clone()).or_insert_with(|| load_ldm(&gpu, &fixtures().join("ldm").join(&c.model), &c.model));
         // Cases without a size run at the model's own (its sample size).
         let (dw, dh) = model.default_size();
         let (width, height) = if c.width > 0 { (c.width, c.height) } else { (dw, dh) };

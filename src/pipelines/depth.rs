@@ -187,10 +187,21 @@ impl DepthEstimator {
 
 /// The depth-estimation pipeline's post-processing of a prediction, as an 8-bit gray image.
 pub fn depth_to_image(d: &DepthMap, width: usize, height: usize) -> Result<InputImage> {
+    let px = normalised(d, width, height).iter().map(|&n| (n * 255.0) as u16).collect();
+    InputImage::new(width, height, super::image_input::Channels::Gray, false, px)
+}
+
+/// The same map in 16 bits (rounded): what `ldm depth` writes by default.
+pub fn depth_to_image16(d: &DepthMap, width: usize, height: usize) -> Result<InputImage> {
+    let px = normalised(d, width, height).iter().map(|&n| (n * 65535.0).round() as u16).collect();
+    InputImage::new(width, height, super::image_input::Channels::Gray, true, px)
+}
+
+/// The prediction bicubically resized to `width x height` and min-max normalised to [0, 1].
+fn normalised(d: &DepthMap, width: usize, height: usize) -> Vec<f32> {
     let v = interpolate_reference(&d.data, 1, (d.height, d.width), (height, width), Interpolation::Bicubic, Coordinates::HalfPixel);
     let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
     // A flat prediction divides 0 by 0 in transformers (NaN, cast to 0); it is all black here too.
     let range = hi - lo;
-    let px = v.iter().map(|&x| if range > 0.0 { (((x - lo) / range) * 255.0) as u16 } else { 0 }).collect();
-    InputImage::new(width, height, super::image_input::Channels::Gray, false, px)
+    v.iter().map(|&x| if range > 0.0 { (x - lo) / range } else { 0.0 }).collect()
 }

@@ -71,21 +71,11 @@ pub fn run(a: &DepthArgs, bench: bool) -> Result<String> {
             let d = ldm_web::pipelines::depth::depth_to_image(&first, img.width, img.height)?;
             encode_gray(&d, false)?
         } else {
-            encode_gray(&depth16(&first, img.width, img.height)?, true)?
+            encode_gray(&ldm_web::pipelines::depth::depth_to_image16(&first, img.width, img.height)?, true)?
         };
         std::fs::write(&a.out, png).map_err(|e| Error::Io(format!("cannot write {}: {e}", a.out)))?;
         Ok(format!("wrote {} ({}x{}, {}-bit)", a.out, img.width, img.height, a.bits))
     })
-}
-
-/// The prediction bicubically resized to the photo, min-max normalised to 16 bits (rounded).
-fn depth16(d: &ldm_web::pipelines::DepthMap, width: usize, height: usize) -> Result<InputImage> {
-    use ldm_web::ops::layout::{interpolate_reference, Coordinates, Interpolation};
-    let v = interpolate_reference(&d.data, 1, (d.height, d.width), (height, width), Interpolation::Bicubic, Coordinates::HalfPixel);
-    let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
-    let range = (hi - lo).max(f32::MIN_POSITIVE);
-    let px = v.iter().map(|&x| (((x - lo) / range) * 65535.0).round() as u16).collect();
-    InputImage::new(width, height, Channels::Gray, true, px)
 }
 
 fn encode_gray(img: &InputImage, sixteen: bool) -> Result<Vec<u8>> {
