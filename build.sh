@@ -4,7 +4,7 @@
 #   ./build.sh serve [ARGS]  set up, build, and run `ldm serve ARGS` (the app on http://127.0.0.1:8080;
 #                            PORT=..., --models DIR serves model folders at /models/)
 #   ./build.sh test      set up, build, and run every test: unit, native kernels, Chromium, Firefox
-# Other subcommands: setup, build, wasm, bench [small|sd], bench-browser [small|sd],
+# Other subcommands: setup, build, wasm, bench [small|sd], bench-browser [small|sd|depth [ESTIMATOR]],
 #                    ort-compare [fixture|sd15-div5] (against ONNX Runtime Web; needs CPU torch).
 # CARGO_TARGET_DIR is honoured (CI keeps it outside the clone to reuse builds).
 set -euo pipefail
@@ -168,7 +168,11 @@ case "$cmd" in
     ;;
   bench-browser)
     setup; build_wasm
-    node "$BROWSER_DIR/run.mjs" --www www --mode bench --which "${2:-small}"
+    case "${2:-small}" in
+      # Depth estimation of a 512x512 photo (ldm bench depth): ESTIMATOR = depth-anything-v2-small or dpt-hybrid-midas.
+      depth) node "$BROWSER_DIR/run.mjs" --www www --mode bench --timeout-min 60 --query "mode=depth&model=${3:-depth-anything-v2-small}" ;;
+      *) node "$BROWSER_DIR/run.mjs" --www www --mode bench --which "${2:-small}" ;;
+    esac
     ;;
   ort-compare)
     # One UNet step in ONNX Runtime Web and in ldm-web, same Chromium, same inputs. Needs a Python

@@ -279,7 +279,7 @@ async function generate() {
   navigator.storage?.persist?.().catch(() => {});
   const params = { ...p, ...conditioning, preview_every: 2 };
   for (const k of ['model', ...MODEL_EXTRAS]) delete params[k];
-  note('inputs', { images: Object.keys(images ?? {}), conditioning, loras: p.loras ?? [], embeddings: p.embeddings ?? [] });
+  note('inputs', { images: Object.keys(images ?? {}), digests: await imageDigests(images), conditioning, loras: p.loras ?? [], embeddings: p.embeddings ?? [] });
   try {
     const { blob, info } = await app.engine.generate(p.model, params, (ev) => {
       if (ev.type === 'download') {
@@ -403,20 +403,28 @@ async function maskPng() {
 }
 window.__ldmMaskPng = maskPng;
 
+// The sha256 (hex) of each image sent to the engine, so a test can tell which bytes were used.
+async function imageDigests(images) {
+  const hex = async (bytes) => [...new Uint8Array(await crypto.subtle.digest('SHA-256', bytes))].map((b) => b.toString(16).padStart(2, '0')).join('');
+  const out = {};
+  for (const k of ['init', 'mask', 'depth']) if (images?.[k]) out[k] = await hex(images[k]);
+  if (images?.controls) out.controls = await Promise.all(images.controls.map((c) => hex(c.image)));
+  return out;
+}
+
 // The images the chosen pipeline uses; `undefined` when none.
 async function pageImages() {
   const pipeline = $('pipeline').value;
   if (pipeline === 'txt2img') return undefined;
   const init = $('init-file').files[0];
-  // A condition made from the photo (canny, depth) stands in for an uploaded one.
-  const cond = madeCondition ?? $('cond-file').files[0];
+  const cond = await conditionPng();
   const url = $('controlnet-url').value.trim();
   const images = {};
   if (init) images.init = await pngBytes(init);
   if (init && maskPainted && (pipeline === 'auto' || pipeline === 'inpaint')) images.mask = await maskPng();
   const toControl = url && (pipeline === 'auto' || pipeline === 'controlnet');
-  if (cond && toControl) images.controls = [{ url, image: await pngBytes(cond), scale: Number($('controlnet-scale').value || 1) }];
-  else if (cond && (pipeline === 'auto' || pipeline === 'depth')) images.depth = await pngBytes(cond);
+  if (cond && toControl) images.controls = [{ url, image: cond, scale: Number($('controlnet-scale').value || 1) }];
+  else if (cond && (pipeline === 'auto' || pipeline === 'depth')) images.depth = cond;
   const need = { img2img: init, inpaint: init && maskPainted, depth: init && cond, controlnet: cond && url, upscale: init }[pipeline];
   if (pipeline !== 'auto' && !need) {
     throw new Error({ img2img: 'Image-to-image needs an init image.', inpaint: 'Inpainting needs an init image and a painted or uploaded mask.', depth: 'Depth-to-image needs an init image and a depth map.', controlnet: 'ControlNet needs its URL and a condition image.', upscale: 'Upscaling needs the low-resolution image as the init image.' }[pipeline]);
@@ -437,9 +445,46 @@ function pipelineSettings() {
   return out;
 }
 
-// The condition image made from the init photo (a PNG Blob), shown in the preview and used as the
-// depth map or ControlNet image until another is uploaded or made.
-let madeCondition = null;
+// ---- the condition image: made from the photo or uploaded, then edited -----------------------------
+
+// The condition as given (PNG bytes of the made or uploaded image), its pixels (an ImageBitmap) and
+// whether it was painted on. Unedited, the given bytes go to the engine as they are, so a 16-bit
+// depth map keeps its precision; edited, the picture with the edits on top goes as an 8-bit PNG.
+const condition = { png: null, bitmap: null, edited: false };
+
+// Shows `png` (bytes) as the condition to edit, dropping earlier edits.
+async function setCondition(png) {
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(new Blob([png], { type: 'image/png' }), { colorSpaceConversion: 'none', premultiplyAlpha: 'none' });
+  } catch {
+    throw new Error('the condition image is not an image this browser can read (PNG, JPEG, WebP)');
+  }
+  Object.assign(condition, { png, bitmap, edited: false });
+  app.conditionEdited = false;
+  const canvas = $('cond-canvas');
+  canvas.width = bitmap.width;
+  canvas.height = bitmap.height;
+  $('cond-stage').style.aspectRatio = `${bitmap.width} / ${bitmap.height}`;
+  const old = $('cond-preview').src;
+  $('cond-preview').src = URL.createObjectURL(new Blob([png], { type: 'image/png' }));
+  if (old.startsWith('blob:')) URL.revokeObjectURL(old);
+  $('cond-figure').hidden = false;
+  $('cond-download').href = $('cond-preview').src;
+}
+
+// The condition with its edits as PNG bytes; null when there is none.
+async function conditionPng() {
+  if (!condition.png) return null;
+  if (!condition.edited) return condition.png;
+  const out = new OffscreenCanvas(condition.bitmap.width, condition.bitmap.height);
+  const ctx = out.getContext('2d');
+  ctx.drawImage(condition.bitmap, 0, 0);
+  ctx.drawImage($('cond-canvas'), 0, 0);
+  return new Uint8Array(await (await out.convertToBlob({ type: 'image/png' })).arrayBuffer());
+}
+window.__ldmConditionPng = conditionPng;
+
 async function makeCondition() {
   const photo = $('init-file').files[0];
   if (!photo) return setStatus('Choose the photo as the init image first.', true);
@@ -451,15 +496,85 @@ async function makeCondition() {
     const png = await app.engine.preprocess(await pngBytes(photo), kind, { low: Number($('canny-low').value), high: Number($('canny-high').value) }, kind === 'depth' ? estimator : undefined, (ev) => {
       if (ev.type === 'download') setStatus(`Depth estimator: ${mb(ev.fetched)} / ${mb(ev.total)} MB`);
     });
-    madeCondition = new Blob([png], { type: 'image/png' });
+    await setCondition(png);
     window.__ldmMadeCondition = png;
-    $('cond-preview').src = URL.createObjectURL(madeCondition);
-    $('cond-preview').hidden = false;
-    setStatus(kind === 'depth' ? 'Depth map made from the photo: it is the condition now.' : 'Edges made from the photo: they are the condition now.');
+    setStatus(kind === 'depth' ? 'Depth map made from the photo: it is the condition now (paint on it to edit).' : 'Edges made from the photo: they are the condition now (paint on it to edit).');
     refreshModels();
   } catch (e) {
     setStatus(`Could not make the condition: ${e.message ?? e}`, true);
   }
+}
+
+// Painting on the condition: square stamps of whole pixels in one colour (no antialiasing, so an
+// edge map stays black and white and a depth map gets exactly the level picked), restoring the
+// given image under the brush, or picking a colour from what is shown.
+function setupConditionEditor() {
+  const canvas = $('cond-canvas');
+  const ctx = canvas.getContext('2d', { willReadFrequently: true });
+  const mode = () => document.querySelector('input[name=cond-mode]:checked')?.value ?? 'paint';
+  const pos = (e) => {
+    const r = canvas.getBoundingClientRect();
+    return [((e.clientX - r.left) / r.width) * canvas.width, ((e.clientY - r.top) / r.height) * canvas.height];
+  };
+  const stamp = ([x, y]) => {
+    const size = Number($('cond-brush').value);
+    const [left, top] = [Math.round(x - size / 2), Math.round(y - size / 2)];
+    if (mode() === 'restore') ctx.clearRect(left, top, size, size);
+    else ctx.fillRect(left, top, size, size);
+  };
+  const stroke = (a, b) => {
+    ctx.fillStyle = $('cond-color').value;
+    const n = Math.max(1, Math.ceil(Math.max(Math.abs(b[0] - a[0]), Math.abs(b[1] - a[1]))));
+    for (let i = 0; i <= n; i++) stamp([a[0] + ((b[0] - a[0]) * i) / n, a[1] + ((b[1] - a[1]) * i) / n]);
+    condition.edited = true;
+    app.conditionEdited = true;
+  };
+  const pick = ([x, y]) => {
+    const t = new OffscreenCanvas(1, 1).getContext('2d');
+    t.drawImage(condition.bitmap, -Math.floor(x), -Math.floor(y));
+    t.drawImage(canvas, -Math.floor(x), -Math.floor(y));
+    const [r, g, b] = t.getImageData(0, 0, 1, 1).data;
+    $('cond-color').value = `#${[r, g, b].map((v) => v.toString(16).padStart(2, '0')).join('')}`;
+  };
+  let last = null;
+  canvas.addEventListener('pointerdown', (e) => {
+    if (!condition.bitmap) return;
+    if (mode() === 'pick') return pick(pos(e));
+    last = pos(e);
+    stroke(last, last);
+    canvas.setPointerCapture(e.pointerId);
+  });
+  canvas.addEventListener('pointermove', (e) => {
+    if (!last) return;
+    const p = pos(e);
+    stroke(last, p);
+    last = p;
+  });
+  const end = async () => {
+    if (!last) return;
+    last = null;
+    const old = $('cond-download').href;
+    $('cond-download').href = URL.createObjectURL(new Blob([await conditionPng()], { type: 'image/png' }));
+    if (old.startsWith('blob:') && old !== $('cond-preview').src) URL.revokeObjectURL(old);
+  };
+  canvas.addEventListener('pointerup', end);
+  canvas.addEventListener('pointercancel', end);
+  $('cond-reset').addEventListener('click', () => {
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    condition.edited = false;
+    app.conditionEdited = false;
+    $('cond-download').href = $('cond-preview').src;
+  });
+  $('cond-file').addEventListener('change', async (e) => {
+    const f = e.target.files[0];
+    if (!f) return;
+    try {
+      await setCondition(await pngBytes(f));
+    } catch (err) {
+      setStatus(`${f.name}: ${err.message ?? err}`, true);
+    }
+  });
+  $('cond-make').addEventListener('click', makeCondition);
 }
 
 let maskPainted = false;
@@ -533,14 +648,6 @@ function setupMask() {
     $('mask-stage').style.aspectRatio = `${bmp.width} / ${bmp.height}`;
     maskPainted = false;
   });
-  $('cond-file').addEventListener('change', async (e) => {
-    const f = e.target.files[0];
-    if (!f || !(await loadImage(f))) return;
-    madeCondition = null;
-    $('cond-preview').src = URL.createObjectURL(f);
-    $('cond-preview').hidden = false;
-  });
-  $('cond-make').addEventListener('click', makeCondition);
 }
 
 // ---- the built-in model: its settings and example prompts (ldm-web.json) ---------------------------
@@ -595,6 +702,7 @@ async function main() {
   addEventListener('offline', showOnline);
   showOnline();
   setupMask();
+  setupConditionEditor();
   renderGallery();
   const fromLink = fromUrl();
   fillForm(fromLink);

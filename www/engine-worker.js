@@ -15,6 +15,7 @@
 //   {id, cmd: 'bench-generate', model, params}
 //   {id, cmd: 'adapter'} | {id, cmd: 'models'} | {id, cmd: 'delete-model', url}
 //   {id, cmd: 'bench-unet', model: 'sd15' | 'sdxl' | URL, inputs: URL?, options}  (ldm bench unet)
+//   {id, cmd: 'bench-depth', model: architecture name | folder URL, options: {width, height, precision}}  (ldm bench depth)
 //   {id, cmd: 'test', filter} | {id, cmd: 'bench', which}     (kernel tests and benchmarks)
 //   {cmd: 'cancel'} | {cmd: 'simulate-device-loss'} | {cmd: 'simulate-out-of-memory'}   (the last two test recovery)
 // Messages out:
@@ -239,6 +240,12 @@ async function handle(id, msg) {
       }
       const options = JSON.stringify(msg.options ?? {});
       return withModel(id, msg, async (loc, store) => ({ json: await ldm.bench_unet(loc.base, store, inputsBase, inputs, options) }));
+    }
+    case 'bench-depth': {
+      // A published architecture's name (random weights, nothing to fetch) or an estimator folder's URL.
+      if (!/[/:]/.test(msg.model ?? '')) return { json: await ldm.bench_depth(undefined, undefined, JSON.stringify({ ...(msg.options ?? {}), ...(msg.model ? { architecture: msg.model } : {}) })) };
+      const est = await folderEntry(id, msg.model, jobCounter(id), 'depth-estimator');
+      return { json: await ldm.bench_depth(est.url, est.store, JSON.stringify(msg.options ?? {})) };
     }
     case 'models':
       return { json: JSON.stringify(await listCachedModels()) };

@@ -3,10 +3,13 @@
 //! (depth-anything/Depth-Anything-V2-Small-hf, 24.8 M parameters) and DPT-Hybrid
 //! (Intel/dpt-hybrid-midas, the depth-to-image estimator).
 
+use std::future::Future;
+
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu};
 use crate::loader::{StaticSource, Weights};
 use crate::pipelines::depth::{DepthEstimator, DptImageProcessorConfig};
+use crate::pipelines::image_input::{Channels, InputImage};
 
 /// The names [`random_estimator`] knows.
 pub const DEPTH_ARCHITECTURES: [&str; 2] = ["depth-anything-v2-small", "dpt-hybrid-midas"];
@@ -42,4 +45,35 @@ pub async fn random_estimator(gpu: &Gpu, name: &str, dtype: DType) -> Result<Dep
     let empty = StaticSource::new("random", &[]);
     let weights = Weights::random(&empty, 0);
     DepthEstimator::from_config(&weights.at(gpu, dtype, ""), &config, processor).await
+}
+
+/// A smooth synthetic RGB photo of `width` x `height` for the benchmark: an estimator's time
+/// depends on the size only.
+pub fn synthetic_photo(width: usize, height: usize) -> Result<InputImage> {
+    InputImage::new(width, height, Channels::Rgb, false, (0..width * height * 3).map(|i| ((i * 7 / 3) % 251) as u16).collect())
+}
+
+/// `ldm bench depth` and `bench.html?mode=depth`: times `load` (the estimator's weights), a first
+/// estimate (which compiles its kernels) and a second one on `img`; returns the JSON report.
+pub async fn run(
+    gpu: &Gpu,
+    model: &str,
+    load: impl Future<Output = Result<DepthEstimator>>,
+    img: &InputImage,
+    now_ms: &dyn Fn() -> f64,
+) -> Result<serde_json::Value> {
+    let start = now_ms();
+    let est = load.await?;
+    let load_ms = now_ms() - start;
+    let t = now_ms();
+    est.predict(gpu, img).await?;
+    let first_ms = now_ms() - t;
+    let t = now_ms();
+    est.predict(gpu, img).await?;
+    let estimate_ms = now_ms() - t;
+    let (h, w) = est.processor.output_size(img.height, img.width);
+    Ok(serde_json::json!({
+        "model": model, "adapter": gpu.summary(), "dtype": format!("{:?}", est.dtype), "image": [img.width, img.height], "model_input": [w, h],
+        "load_ms": load_ms, "first_ms": first_ms, "estimate_ms": estimate_ms, "peak_gpu_bytes": gpu.pool_stats().peak_bytes,
+    }))
 }

@@ -758,3 +758,52 @@ async fn run_bench_unet(model_url: Option<String>, store: JsValue, inputs_url: O
     let report = crate::bench::unet::run(&gpu, model, &opts, inputs.as_ref().map(|s| s as &dyn crate::loader::FileSource), &now_ms).await?;
     serde_json::to_string(&report).map_err(|e| Error::Io(e.to_string()))
 }
+
+/// `bench.html?mode=depth`'s settings (JSON), as `ldm bench depth`'s.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct DepthBenchRequest {
+    /// Without a model URL: one of `bench::depth::DEPTH_ARCHITECTURES` with random weights.
+    architecture: String,
+    /// The synthetic photo's size.
+    width: usize,
+    height: usize,
+    precision: Option<String>,
+}
+
+impl Default for DepthBenchRequest {
+    fn default() -> Self {
+        Self { architecture: crate::bench::depth::DEPTH_ARCHITECTURES[0].into(), width: 512, height: 512, precision: Some("f32".into()) }
+    }
+}
+
+/// Depth estimation time in the browser (`ldm bench depth`'s JSON): the estimator at `model_url`
+/// (a transformers folder), or the request's published architecture with random weights.
+#[wasm_bindgen]
+pub async fn bench_depth(model_url: Option<String>, store: JsValue, request_json: String) -> Result<String, JsValue> {
+    let result = run_bench_depth(model_url, store, &request_json).await;
+    if let Err(e) = &result {
+        if poisons_device(e) {
+            reset_engine();
+        }
+    }
+    result.map_err(|e| to_js(&e))
+}
+
+async fn run_bench_depth(model_url: Option<String>, store: JsValue, request_json: &str) -> Result<String> {
+    let req: DepthBenchRequest = serde_json::from_str(request_json).map_err(|e| Error::Input(format!("benchmark settings: {e}")))?;
+    // The benchmark measures its own model's memory: drop the page's models first.
+    ENGINE.with_borrow_mut(|e| e.model = None);
+    ESTIMATOR.set(None);
+    let gpu = gpu().await?;
+    let dtype = dtype_for(&gpu, req.precision.as_deref())?;
+    let img = crate::bench::depth::synthetic_photo(req.width, req.height)?;
+    let report = match model_url {
+        Some(url) => {
+            let src = JsSource::new(store, url.clone());
+            crate::bench::depth::run(&gpu, &url, DepthEstimator::load(&gpu, &src, "", "", dtype), &img, &now_ms).await?
+        }
+        None => crate::bench::depth::run(&gpu, &req.architecture, crate::bench::depth::random_estimator(&gpu, &req.architecture, dtype), &img, &now_ms).await?,
+    };
+    serde_json::to_string(&report).map_err(|e| Error::Io(e.to_string()))
+}

@@ -24,15 +24,20 @@
 //   offline   with the server stopped, the page reloads from the service worker and generates
 //   widget    <ldm-image> embedded in a page of another origin generates the same image, with
 //             ldm-progress and ldm-done events; its lora attribute gives diffusers' image; its
-//             control-image with control-preprocess="depth" gives the CLI's
+//             control-image with control-preprocess="depth" gives the CLI's; its init-image feeds
+//             a concatenation-conditioned LDM
 //   families  against diffusers' own images (ref/family_N): SDXL with an SDXL LoRA from a share
 //             link, two LoRA rows with scale sliders and TAESD previews every step, textual-
 //             inversion embeddings, the A1111 prompt-weighting toggle, TAESD as the final decoder;
 //             the download counter never passes its total
 //   photo     a photo uploaded as the init image becomes canny edges (OpenCV's, exactly) and a depth
-//             map (Depth Anything fetched by Range, as `ldm depth`'s), and the depth map drives a
-//             ControlNet as `ldm generate --control` does; the estimator is in the models panel
-//             (Chromium; Firefox through the widget's control-image)
+//             map (Depth Anything fetched by Range, as `ldm depth`'s) shown beside it; the depth map
+//             drives a ControlNet as `ldm generate --control` does; edited with the mouse (a colour
+//             picked from it, strokes painted), it drives the ControlNet as the edited PNG does in
+//             the CLI; the estimator is in the models panel
+//   concat    a concatenation-conditioned LDM draws from the uploaded photo as `ldm generate
+//             --init-image` does (and the widget's init-image, above)
+//   bench depth  bench.html?mode=depth prints ldm bench depth's JSON
 //   bench     bench.html?mode=generate prints ldm bench generate's JSON (Chromium)
 //   no-webgpu a browser without WebGPU gets a message naming the flag to set
 // A screenshot of the page after its first generation is saved under --artifacts.
@@ -41,6 +46,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import http from 'node:http';
+import crypto from 'node:crypto';
 import { spawn, execFileSync } from 'node:child_process';
 import { performance } from 'node:perf_hooks';
 import { PNG } from 'pngjs';
@@ -60,6 +66,8 @@ const LDM_TEXT2IM = { query: { prompt: 'A painting of a squirrel eating a burger
 const SDXL_Q4 = { prompt: 'a photo of an astronaut riding a horse on mars', negative_prompt: 'blurry, low quality', seed: '2000', steps: '4', guidance: '5', width: '64', height: '64' };
 const SDXL_Q4_CLI = Object.entries(SDXL_Q4).flatMap(([k, v]) => [`--${k.replace('_', '-')}`, v]);
 const LDM_UNCOND = { query: { prompt: '', seed: '1', steps: '4' }, cli: ['--seed', '1', '--steps', '4'] };
+// The concatenation-conditioned LDM fixture (tests/fixtures/concat/rescale) with the photo as its condition.
+const CONCAT = { query: { seed: '3', steps: '10', width: '32', height: '32' }, cli: ['--seed', '3', '--steps', '10', '--width', '32', '--height', '32'] };
 
 function parseArgs(argv) {
   const o = { ldm: 'target/release/ldm', www: 'www', fixtures: 'tests/fixtures', browsers: ['chromium', 'firefox'], artifacts: null, timeoutMin: 30, only: null };
@@ -109,6 +117,7 @@ function prepare(work) {
   copyDir(path.join(opts.fixtures, 'ldm', 'uncond'), path.join(models, 'ldm-uncond'));
   for (const dir of ['sdxl', 'lora', 'embeddings', 'taesd']) copyDir(path.join(opts.fixtures, dir), path.join(models, dir));
   copyDir(path.join(opts.fixtures, 'depth', 'depth-anything'), path.join(models, 'depth-anything'));
+  copyDir(path.join(opts.fixtures, 'concat', 'rescale'), path.join(models, 'concat-rescale'));
   fs.mkdirSync(path.join(models, 'photo'), { recursive: true });
   fs.copyFileSync(path.join(opts.fixtures, 'images', 'init.png'), path.join(models, 'photo', 'init.png'));
   // The photo scenario's references: ldm depth's 8-bit map of the photo, and the ControlNet it drives.
@@ -143,7 +152,9 @@ function prepare(work) {
     edges: PNG.sync.read(fs.readFileSync(path.join(opts.fixtures, 'edges', 'init_edges.png'))),
     control: cli(['--model', path.join(models, 'sd1'), '--control', `${path.join(models, 'controlnet-a')}=${depth8}`, '--prompt', PROMPT, '--seed', '3', '--steps', '3', '--guidance', '7.5'], path.join(work, 'cli-photo-depth-control.png')),
   };
-  return { models, refs, ldm, builtin, quantised, xlQ4, photo };
+  // A concatenation-conditioned LDM (ldm-web.json "concat": the photo, rescaled, beside the latents).
+  const concat = cli(['--model', path.join(models, 'concat-rescale'), '--init-image', path.join(opts.fixtures, 'images', 'init.png'), ...CONCAT.cli], path.join(work, 'cli-concat.png'));
+  return { models, refs, ldm, builtin, quantised, xlQ4, photo, concat };
 }
 
 // ---- ldm serve, with its request log ---------------------------------------------------------------
@@ -229,6 +240,28 @@ function watch(page, tag) {
   page.on('pageerror', (e) => console.log(`${tag} page error: ${e?.message ?? e}`));
   page.on('crash', () => console.log(`${tag} PAGE CRASHED`));
   page.on('close', () => console.log(`${tag} page closed`));
+}
+
+// A file chosen in an <input type=file>, by each driver's own upload (playwright, puppeteer).
+async function upload(page, selector, file) {
+  if (typeof page.setInputFiles === 'function') return page.setInputFiles(selector, file);
+  const input = await page.$(selector);
+  if (!input) throw new Error(`no ${selector} on the page`);
+  await input.uploadFile(file);
+}
+
+// A mouse drag over the element `selector` between two points given as fractions of its box.
+async function drag(page, selector, [x0, y0], [x1, y1]) {
+  const box = await page.evaluate(`(() => {
+    const el = document.querySelector(${JSON.stringify(selector)});
+    el.scrollIntoView({ block: 'center' });
+    const r = el.getBoundingClientRect();
+    return { x: r.x, y: r.y, width: r.width, height: r.height };
+  })()`);
+  await page.mouse.move(box.x + box.width * x0, box.y + box.height * y0);
+  await page.mouse.down();
+  await page.mouse.move(box.x + box.width * x1, box.y + box.height * y1, { steps: 12 });
+  await page.mouse.up();
 }
 
 async function waitFor(page, expr, what, timeoutMs = opts.timeoutMin * 60_000) {
@@ -537,6 +570,17 @@ async function runBrowser(name, fx, results) {
         const [cMax, cMean] = name === 'firefox' ? [FAMILY_F16_TOL.max, FAMILY_F16_TOL.mean] : [TOL, TOL];
         check('widget control-image with control-preprocess="depth" matches the CLI', dc.max <= cMax && dc.mean <= cMean,
           `depth of …/photo/init.png into controlnet-a: max |widget - ldm generate --control| = ${dc.max}/255 (mean ${dc.mean.toFixed(3)}, tolerance ${cMax}/${cMean})`);
+        // init-image into a concatenation-conditioned LDM: the photo is its condition.
+        await tab.evaluate(`(() => {
+          const el = document.querySelector('ldm-image');
+          for (const k of ['prompt', 'guidance', 'controlnet', 'control-image', 'control-preprocess', 'depth-estimator']) el.removeAttribute(k);
+          for (const [k, v] of Object.entries(${JSON.stringify({ ...CONCAT.query, model: `${app}models/concat-rescale/`, 'init-image': `${app}models/photo/init.png` })})) el.setAttribute(k, v);
+        })()`);
+        const withConcat = await waitFor(tab, `window.__embed.all.length >= 5 ? window.__embed.all[4] : (window.__embed.error ? 'error: ' + window.__embed.error : null)`, 'the widget with a concat model');
+        if (withConcat.startsWith('error')) throw new Error(withConcat);
+        const dk = pixelDiff(Buffer.from(withConcat, 'base64'), fx.concat);
+        check('widget init-image into a concatenation-conditioned LDM matches the CLI', dk.max <= cMax && dk.mean <= cMean,
+          `concat-rescale with init-image=…/photo/init.png: max |widget - ldm generate --init-image| = ${dk.max}/255 (mean ${dk.mean.toFixed(3)}, tolerance ${cMax}/${cMean})`);
         if (opts.artifacts) await tab.screenshot({ path: path.join(opts.artifacts, `widget-${name}.png`) });
         await tab.close();
       } finally {
@@ -634,20 +678,22 @@ async function runBrowser(name, fx, results) {
       check('uploaded condition image drives the ControlNet as in the CLI', d <= TOL && fetched > 0, `control.png through /models/controlnet-a/ (${fetched} range requests): max |browser - ldm generate --control| = ${d}/255`);
     });
 
-    // A photo becomes a condition in the page: canny edges, then a depth map that drives a ControlNet.
-    // File uploads are driven with playwright (Chromium); in Firefox the widget's control-image
-    // check above makes the same photo -> depth map -> ControlNet image.
-    if (name === 'chromium') await attempt('photo', async () => {
+    // A photo becomes a condition in the page: canny edges, then a depth map that drives a ControlNet;
+    // the depth map edited with the mouse drives it as the edited PNG does in the CLI.
+    await attempt('photo', async () => {
+      const work = path.dirname(fx.models);
       const before0 = await (async () => {
         await page.goto(`${app}?model=${encodeURIComponent('/models/sd1/')}`);
         await waitFor(page, `window.__ldmApp.events.some((e) => e.type === 'ready')`, 'the engine');
         await page.evaluate(`document.getElementById('conditioning').open = true`);
         return page.evaluate('window.__ldmApp.results.length');
       })();
-      await page.setInputFiles('#init-file', path.join(opts.fixtures, 'images', 'init.png'));
+      await upload(page, '#init-file', path.join(opts.fixtures, 'images', 'init.png'));
+      await waitFor(page, `document.getElementById('mask-canvas').width === 96`, 'the uploaded photo', 30_000);
       const made = async (kind) => {
         await page.evaluate(`(() => { window.__ldmMadeCondition = null; document.getElementById('cond-from').value = '${kind}'; document.getElementById('cond-make').click(); })()`);
-        await waitFor(page, 'window.__ldmMadeCondition', `the ${kind} condition`);
+        const status = await waitFor(page, `window.__ldmMadeCondition ? 'made' : (document.getElementById('status').classList.contains('error') && document.getElementById('status').textContent)`, `the ${kind} condition`, 300_000);
+        if (status !== 'made') throw new Error(`making the ${kind} condition: ${status}`);
         const b64 = await page.evaluate(`(() => { let s = ''; for (const x of window.__ldmMadeCondition) s += String.fromCharCode(x); return btoa(s); })()`);
         return PNG.sync.read(Buffer.from(b64, 'base64'));
       };
@@ -666,26 +712,110 @@ async function runBrowser(name, fx, results) {
       await page.evaluate(`document.getElementById('depth-estimator-url').value = '/models/depth-anything/'`);
       const depth = levels(await made('depth'), fx.photo.depth8);
       const fetched = serve.log.filter((r) => r.url.startsWith('/models/depth-anything/') && r.status === 206).length;
-      check('a photo becomes a depth map as ldm depth makes it', depth.same && depth.worst <= 1 && fetched > 0,
-        `${depth.size}: ${depth.off} pixels off by at most ${depth.worst} from ldm depth --bits 8; the estimator came in ${fetched} range requests`);
+      const shown = await page.evaluate(`(() => { const f = document.getElementById('cond-figure'), c = document.getElementById('cond-canvas'); return !f.hidden && c.width + 'x' + c.height; })()`);
+      check('a photo becomes a depth map as ldm depth makes it, shown beside the photo', depth.same && depth.worst <= 1 && fetched > 0 && shown === '96x64',
+        `${depth.size}: ${depth.off} pixels off by at most ${depth.worst} from ldm depth --bits 8; the estimator came in ${fetched} range requests; editor ${shown}`);
       // The depth map drives the ControlNet (the photo itself is not used as an init image).
-      await page.evaluate(`(() => {
-        document.getElementById('init-file').value = '';
-        document.getElementById('controlnet-url').value = '/models/controlnet-a/';
-        const f = document.getElementById('settings').elements;
-        f.prompt.value = ${JSON.stringify(PROMPT)};
-        f.seed.value = '3';
-        f.steps.value = '3';
-        document.getElementById('generate').click();
+      const generateWithControl = async (before) => {
+        await page.evaluate(`(() => {
+          document.getElementById('init-file').value = '';
+          document.getElementById('controlnet-url').value = '/models/controlnet-a/';
+          const f = document.getElementById('settings').elements;
+          f.prompt.value = ${JSON.stringify(PROMPT)};
+          f.seed.value = '3';
+          f.steps.value = '3';
+          document.getElementById('generate').click();
+        })()`);
+        const png = await nextResult(page, before);
+        const p = await page.evaluate('window.__ldmApp.results.at(-1).info.precision');
+        return { png, p, tol: p === 'f16' ? [FAMILY_F16_TOL.max, FAMILY_F16_TOL.mean] : [TOL, TOL] };
+      };
+      let out = await generateWithControl(before0);
+      let d = pixelDiff(out.png, fx.photo.control);
+      check('the depth map from the photo drives a ControlNet as in the CLI', d.max <= out.tol[0] && d.mean <= out.tol[1],
+        `max |browser - ldm generate --control controlnet-a=depth.png| = ${d.max}/255 (mean ${d.mean.toFixed(3)}; ${out.p}, tolerance ${out.tol.join('/')})`);
+
+      // Edit the depth map: pick the colour of its nearest point, paint a stroke with it, then a
+      // black one with a wider brush; the engine gets what the editor exports.
+      await page.evaluate(`(() => { document.querySelector('input[name=cond-mode][value=pick]').checked = true; })()`);
+      const nearest = (() => { let best = 0; for (let i = 0; i < 96 * 64; i++) if (fx.photo.depth8.data[4 * i] > fx.photo.depth8.data[4 * best]) best = i; return best; })();
+      const at = await page.evaluate(`(() => {
+        const c = document.getElementById('cond-canvas'); c.scrollIntoView({ block: 'center' });
+        const r = c.getBoundingClientRect();
+        return [r.x + (${nearest % 96} + 0.5) * r.width / 96, r.y + (${Math.floor(nearest / 96)} + 0.5) * r.height / 64];
       })()`);
-      const png = await nextResult(page, before0);
-      const p = await page.evaluate('window.__ldmApp.results.at(-1).info.precision');
-      const { max, mean } = pixelDiff(png, fx.photo.control);
-      const [tolMax, tolMean] = p === 'f16' ? [FAMILY_F16_TOL.max, FAMILY_F16_TOL.mean] : [TOL, TOL];
-      check('the depth map from the photo drives a ControlNet as in the CLI', max <= tolMax && mean <= tolMean,
-        `max |browser - ldm generate --control controlnet-a=depth.png| = ${max}/255 (mean ${mean.toFixed(3)}; ${p}, tolerance ${tolMax}/${tolMean})`);
+      await page.mouse.click(at[0], at[1]);
+      const picked = await page.evaluate(`document.getElementById('cond-color').value`);
+      const want = fx.photo.depth8.data[4 * nearest].toString(16).padStart(2, '0');
+      await page.evaluate(`(() => { document.querySelector('input[name=cond-mode][value=paint]').checked = true; document.getElementById('cond-brush').value = '4'; })()`);
+      await drag(page, '#cond-canvas', [0.1, 0.8], [0.9, 0.8]);
+      await page.evaluate(`(() => { document.getElementById('cond-color').value = '#000000'; document.getElementById('cond-brush').value = '9'; })()`);
+      await drag(page, '#cond-canvas', [0.3, 0.15], [0.7, 0.5]);
+      await waitFor(page, 'window.__ldmApp.conditionEdited', 'the edited condition', 10_000);
+      if (opts.artifacts) {
+        fs.mkdirSync(opts.artifacts, { recursive: true });
+        await page.screenshot({ path: path.join(opts.artifacts, `photo-${name}.png`), fullPage: true });
+      }
+      const edited = Buffer.from(await page.evaluate(`(async () => { const b = await window.__ldmConditionPng(); let s = ''; for (const x of b) s += String.fromCharCode(x); return btoa(s); })()`), 'base64');
+      const editedFile = path.join(work, `page-edited-depth-${name}.png`);
+      fs.writeFileSync(editedFile, edited);
+      const e = PNG.sync.read(edited);
+      let changed = 0, other = 0;
+      for (let i = 0; i < e.width * e.height; i++) {
+        const v = e.data[4 * i];
+        if (v !== fx.photo.depth8.data[4 * i]) {
+          changed++;
+          if (v !== 0 && v !== Number.parseInt(want, 16)) other++;
+        }
+      }
+      check('the condition is edited by painting on it', picked === `#${want}${want}${want}` && changed > 50 && other === 0 && e.width === 96 && e.height === 64,
+        `picked ${picked} at the nearest point (map value #${want}); ${changed} pixels painted, ${other} of them with neither the picked colour nor black`);
+      const before1 = await page.evaluate('window.__ldmApp.results.length');
+      out = await generateWithControl(before1);
+      const editedRef = PNG.sync.read((() => {
+        const f = path.join(work, `cli-edited-control-${name}.png`);
+        execFileSync(opts.ldm, ['generate', '--model', path.join(fx.models, 'sd1'), '--control', `${path.join(fx.models, 'controlnet-a')}=${editedFile}`, '--prompt', PROMPT, '--seed', '3', '--steps', '3', '--guidance', '7.5', '--out', f], { stdio: ['ignore', 'ignore', 'inherit'] });
+        return fs.readFileSync(f);
+      })());
+      d = pixelDiff(out.png, editedRef);
+      // The tiny random ControlNet hardly reacts to its condition, so the bytes the engine was given
+      // are compared too.
+      const sent = await page.evaluate(`window.__ldmApp.events.filter((e) => e.type === 'inputs').at(-1).digests.controls?.[0]`);
+      const editedSha = crypto.createHash('sha256').update(edited).digest('hex');
+      check('the edited depth map drives the ControlNet as the edited PNG does in the CLI', d.max <= out.tol[0] && d.mean <= out.tol[1] && sent === editedSha,
+        `the engine got the edited PNG (sha256 ${sent?.slice(0, 12)}…, the editor's export ${editedSha.slice(0, 12)}…); max |browser - ldm generate --control controlnet-a=edited.png| = ${d.max}/255 (mean ${d.mean.toFixed(3)}; ${out.p}, tolerance ${out.tol.join('/')})`);
       const listed = await page.evaluate(`(async () => { await new Promise((r) => setTimeout(r, 200)); return document.getElementById('model-list').textContent; })()`);
       check('the depth estimator is listed in the models panel', /depth estimator: .*depth-anything/.test(listed), listed.slice(0, 200));
+    });
+
+    // A concatenation-conditioned LDM with the photo as its condition, chosen as the init image.
+    await attempt('concat', async () => {
+      await page.goto(`${app}?${new URLSearchParams({ model: '/models/concat-rescale/', ...CONCAT.query })}`);
+      await waitFor(page, `window.__ldmApp.events.some((e) => e.type === 'ready')`, 'the engine');
+      await page.evaluate(`document.getElementById('conditioning').open = true`);
+      await upload(page, '#init-file', path.join(opts.fixtures, 'images', 'init.png'));
+      await waitFor(page, `document.getElementById('mask-canvas').width === 96`, 'the uploaded photo', 30_000);
+      await page.evaluate(`document.getElementById('generate').click()`);
+      const png = await nextResult(page, 0);
+      const info = await page.evaluate('window.__ldmApp.results.at(-1).info');
+      const { max, mean } = pixelDiff(png, fx.concat);
+      const [tolMax, tolMean] = info.precision === 'f16' ? [FAMILY_F16_TOL.max, FAMILY_F16_TOL.mean] : [TOL, TOL];
+      check('a concatenation-conditioned LDM draws from the photo as in the CLI', max <= tolMax && mean <= tolMean,
+        `concat/rescale (ldm-web.json "concat": rescale), ${info.width}x${info.height}, ${info.steps} steps, ${info.precision}: max |browser - ldm generate --init-image init.png| = ${max}/255 (mean ${mean.toFixed(3)}, tolerance ${tolMax}/${tolMean})`);
+    });
+
+    // Depth estimation time in the browser (ldm bench depth's JSON) on the fixture estimator.
+    await attempt('bench depth', async () => {
+      const tab = await browser.newPage();
+      try {
+        await tab.goto(`${app}bench.html?mode=depth&model=/models/depth-anything/&width=97&height=61`);
+        const r = await waitFor(tab, `window.__ldmBenchError ? { error: window.__ldmBenchError } : window.__ldmBenchResults`, 'the depth benchmark');
+        if (r.error) throw new Error(r.error);
+        check('bench.html?mode=depth (ldm bench depth JSON)', r.image?.join('x') === '97x61' && r.estimate_ms > 0 && r.first_ms > 0 && r.peak_gpu_bytes > 0 && r.dtype === 'F32',
+          `${r.model}: model input ${r.model_input?.join('x')}, load ${r.load_ms?.toFixed(0)} ms, first ${r.first_ms?.toFixed(0)} ms, then ${r.estimate_ms?.toFixed(0)} ms, peak ${r.peak_gpu_bytes} B`);
+      } finally {
+        await tab.close();
+      }
     });
 
     // Model families through the page, each against diffusers' own image (ref/family_N): an SDXL

@@ -1,7 +1,7 @@
 // Runs ldm-web's WebGPU kernel tests (or benchmarks) in headless browsers.
 //
 //   node tests/browser/run.mjs --www www [--browsers chromium,firefox] [--filter STR]
-//                              [--mode test|bench] [--which small] [--timeout-min 40]
+//                              [--mode test|bench] [--which small] [--query K=V&...] [--timeout-min 40]
 //
 // Serves --www on a free 127.0.0.1 port, opens tests.html?filter=... (or bench.html?which=...) in each
 // browser in turn and waits for window.__ldmTestResults / __ldmTestError (__ldmBench* in bench mode).
@@ -25,14 +25,14 @@ const BROWSERS = {
 function usage(code) {
   const text =
     'usage: node tests/browser/run.mjs --www DIR [--browsers chromium,firefox] [--filter STR]\n' +
-    '                                  [--mode test|bench] [--which small] [--timeout-min 40]\n' +
+    '                                  [--mode test|bench] [--which small] [--query K=V&...] [--timeout-min 40]\n' +
     'env: LDM_CHROMIUM, LDM_FIREFOX override the browser executables';
   (code ? console.error : console.log)(text);
   process.exit(code);
 }
 
 function parseArgs(argv) {
-  const opts = { www: null, browsers: ['chromium', 'firefox'], filter: '', mode: 'test', which: 'small', timeoutMin: 40 };
+  const opts = { www: null, browsers: ['chromium', 'firefox'], filter: '', mode: 'test', which: 'small', query: '', timeoutMin: 40 };
   for (let i = 0; i < argv.length; i++) {
     let a = argv[i];
     let v;
@@ -55,6 +55,8 @@ function parseArgs(argv) {
       case '--filter': opts.filter = val(); break;
       case '--mode': opts.mode = val(); break;
       case '--which': opts.which = val(); break;
+      // More bench.html parameters, e.g. mode=depth&model=depth-anything-v2-small (bench mode).
+      case '--query': opts.query = val(); break;
       case '--timeout-min': opts.timeoutMin = Number(val()); break;
       case '-h': case '--help': usage(0); break;
       default:
@@ -237,7 +239,10 @@ async function runBrowser(name, opts, baseUrl) {
   const isTest = opts.mode === 'test';
   const url = new URL(isTest ? 'tests.html' : 'bench.html', baseUrl);
   if (isTest) url.searchParams.set('filter', opts.filter);
-  else url.searchParams.set('which', opts.which);
+  else {
+    url.searchParams.set('which', opts.which);
+    for (const [k, v] of new URLSearchParams(opts.query)) url.searchParams.set(k, v);
+  }
   const resultVar = isTest ? '__ldmTestResults' : '__ldmBenchResults';
   const errorVar = isTest ? '__ldmTestError' : '__ldmBenchError';
   const expr = `(() => {

@@ -7,8 +7,8 @@ use clap::Args;
 use ldm_web::gpu::{DType, Gpu, GpuOptions};
 use ldm_web::loader::DirSource;
 use ldm_web::pipelines::depth::DepthEstimator;
-use ldm_web::bench::depth::{random_estimator, DEPTH_ARCHITECTURES};
-use ldm_web::pipelines::image_input::{Channels, InputImage};
+use ldm_web::bench::depth::{random_estimator, synthetic_photo, DEPTH_ARCHITECTURES};
+use ldm_web::pipelines::image_input::InputImage;
 use ldm_web::{Error, Result};
 
 /// Arguments of `ldm depth`.
@@ -44,34 +44,26 @@ pub async fn load_estimator(gpu: &Gpu, dir: &str, dtype: DType) -> Result<DepthE
 pub fn run(a: &DepthArgs, bench: bool) -> Result<String> {
     let img = match (&a.image, bench) {
         (Some(path), _) => crate::generate::read_image(path, "image")?,
-        // A smooth synthetic photo: the time depends on the size only.
-        (None, true) => InputImage::new(512, 512, Channels::Rgb, false, (0..512 * 512 * 3).map(|i| ((i * 7 / 3) % 251) as u16).collect())?,
+        (None, true) => synthetic_photo(512, 512)?,
         (None, false) => return Err(Error::Input("ldm depth needs --image FILE (the photo)".into())),
     };
     pollster::block_on(async {
         let gpu = Gpu::new(GpuOptions { force_f32: !a.f16, ..Default::default() }).await?;
         let dtype = gpu.activation_dtype();
-        let start = std::time::Instant::now();
-        let ms = || start.elapsed().as_secs_f64() * 1e3;
-        let est = if bench && DEPTH_ARCHITECTURES.contains(&a.model.as_str()) { random_estimator(&gpu, &a.model, dtype).await? } else { load_estimator(&gpu, &a.model, dtype).await? };
-        let load_ms = ms();
-        let first = est.predict(&gpu, &img).await?;
-        let first_ms = ms() - load_ms;
         if bench {
-            let t = ms();
-            est.predict(&gpu, &img).await?;
-            let (h, w) = est.processor.output_size(img.height, img.width);
-            let report = serde_json::json!({
-                "model": a.model, "adapter": gpu.summary(), "dtype": format!("{dtype:?}"), "image": [img.width, img.height], "model_input": [w, h],
-                "load_ms": load_ms, "first_ms": first_ms, "estimate_ms": ms() - t, "peak_gpu_bytes": gpu.pool_stats().peak_bytes,
-            });
+            let start = std::time::Instant::now();
+            let now_ms = || start.elapsed().as_secs_f64() * 1e3;
+            let load = async {
+                if DEPTH_ARCHITECTURES.contains(&a.model.as_str()) { random_estimator(&gpu, &a.model, dtype).await } else { load_estimator(&gpu, &a.model, dtype).await }
+            };
+            let report = ldm_web::bench::depth::run(&gpu, &a.model, load, &img, &now_ms).await?;
             return serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()));
         }
+        let depth = load_estimator(&gpu, &a.model, dtype).await?.predict(&gpu, &img).await?;
         let png = if a.bits == "8" {
-            let d = ldm_web::pipelines::depth::depth_to_image(&first, img.width, img.height)?;
-            encode_gray(&d, false)?
+            encode_gray(&ldm_web::pipelines::depth::depth_to_image(&depth, img.width, img.height)?, false)?
         } else {
-            encode_gray(&ldm_web::pipelines::depth::depth_to_image16(&first, img.width, img.height)?, true)?
+            encode_gray(&ldm_web::pipelines::depth::depth_to_image16(&depth, img.width, img.height)?, true)?
         };
         std::fs::write(&a.out, png).map_err(|e| Error::Io(format!("cannot write {}: {e}", a.out)))?;
         Ok(format!("wrote {} ({}x{}, {}-bit)", a.out, img.width, img.height, a.bits))
