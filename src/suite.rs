@@ -141,7 +141,8 @@ pub fn case_names() -> Vec<String> {
     }
     names.extend(
         [
-            "group_norm/silu", "group_norm/plain_eps1e-6", "layer_norm/affine_77", "layer_norm/plain_300", "softmax/rows9_cols333",
+            "group_norm/silu", "group_norm/plain_eps1e-6", "layer_norm/affine_77", "layer_norm/plain_300", "softmax/rows9_cols333", "row_std/rows7_cols143",
+            "expr/scheduler_step_1001", "expr/guidance_halves_per_row",
             "elementwise/silu", "elementwise/gelu", "elementwise/gelu_tanh", "elementwise/quick_gelu", "elementwise/scale", "elementwise/relu", "elementwise/tanh_third",
             "elementwise/add_broadcast", "elementwise/mul_broadcast_last", "elementwise/add_same_shape", "elementwise/add_rank5", "elementwise/geglu",
             "layout/upsample_nearest2x", "layout/upsample_to_3x5", "layout/bilinear_align_corners_2x", "layout/bilinear_half_pixel_5x7_to_3x4", "pool/max_3x3_s2_same", "layout/slice_rows", "layout/concat_channels", "layout/concat_last", "layout/permute_0213", "layout/permute_201",
@@ -351,6 +352,46 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                 let (x, xt) = c.tensor(&[3, 300], 0.5)?;
                 let y = norm::layer_norm(gpu, &xt, None, 1e-6)?;
                 c.compare(&y, &norm::layer_norm_reference(&x, 300, None, 1e-6), Tol::Elementwise).await
+            }
+            "row_std/rows7_cols143" => {
+                let (x, xt) = c.tensor(&[7, 143], 2.0)?;
+                let y = norm::row_std(gpu, &xt, 143)?;
+                c.compare(&y, &norm::row_std_reference(&x, 143), Tol::Reduction).await
+            }
+            // A scheduler-like update over four inputs (one unread, so not bound), with clamp,
+            // negation and division; inputs and output in the case's dtype, one input f32.
+            "expr/scheduler_step_1001" => {
+                use ops::{Expr, ExprInput, IndexMap};
+                let n = 1001;
+                let (x, xt) = c.tensor(&[n], 1.0)?;
+                let (e, et) = c.tensor(&[n], 1.0)?;
+                let z: Vec<f32> = c.data(n, 1.0);
+                let zt = gpu.upload(&[n], DType::F32, &z)?;
+                let (x0, e0, _unused, z0) = (Expr::input(0), Expr::input(1), Expr::input(2), Expr::input(3));
+                let pred = ((x0.clone() - 0.3 * e0.clone()) / 1.7).clamp(-1.5, 1.5);
+                let f = 0.9 * pred + -(0.2 * e0) + z0 * 0.05 - x0 / 3.0;
+                let same = IndexMap::same(n);
+                let ins = [ExprInput { tensor: &xt, map: same }, ExprInput { tensor: &et, map: same }, ExprInput { tensor: &xt, map: same }, ExprInput { tensor: &zt, map: same }];
+                let y = ops::expr(gpu, &f, &ins, &[n], dtype)?;
+                let r: Vec<f32> = f.eval(n, &[(&x, same), (&e, same), (&x, same), (&z, same)])?.into_iter().map(|v| c.round(v)).collect();
+                c.compare(&y, &r, Tol::Elementwise).await
+            }
+            // Guidance's reads: two halves of one tensor by offset, a value per row, a mask
+            // repeated over channels.
+            "expr/guidance_halves_per_row" => {
+                use ops::{Expr, ExprInput, IndexMap};
+                let (rows, per, plane) = (3, 5 * 7 * 3, 7 * 3);
+                let half = rows * per;
+                let (out, outt) = c.tensor(&[2 * half], 1.0)?;
+                let (s, st) = c.tensor(&[rows], 1.0)?;
+                let (m, mt) = c.tensor(&[plane], 1.0)?;
+                let (u, t, sr, mk) = (Expr::input(0), Expr::input(1), Expr::input(2), Expr::input(3));
+                let f = (u.clone() + 7.5 * (t - u)) * sr + mk;
+                let maps = [IndexMap::from(0, half), IndexMap::from(half, half), IndexMap::per(per, rows), IndexMap::repeat(plane)];
+                let ins = [ExprInput { tensor: &outt, map: maps[0] }, ExprInput { tensor: &outt, map: maps[1] }, ExprInput { tensor: &st, map: maps[2] }, ExprInput { tensor: &mt, map: maps[3] }];
+                let y = ops::expr(gpu, &f, &ins, &[half], dtype)?;
+                let r: Vec<f32> = f.eval(half, &[(&out, maps[0]), (&out, maps[1]), (&s, maps[2]), (&m, maps[3])])?.into_iter().map(|v| c.round(v)).collect();
+                c.compare(&y, &r, Tol::Elementwise).await
             }
             "softmax/rows9_cols333" => {
                 let (x, xt) = c.tensor(&[9, 333], 3.0)?;

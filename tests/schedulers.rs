@@ -17,8 +17,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use ldm_web::gpu::{Gpu, GpuOptions};
 use ldm_web::rng::TorchGenerator;
-use ldm_web::schedulers::{self, Scheduler, SchedulerKind};
+use ldm_web::schedulers::{self, Latent, LatentMath, Scheduler, SchedulerHost, SchedulerKind};
 use serde_json::Value;
 
 const N: usize = 120;
@@ -134,7 +135,7 @@ struct CaseResult {
     traj: f64,
 }
 
-fn run_case(case: &Value, t: &Tensors) -> Result<CaseResult, String> {
+fn run_case(case: &Value, t: &Tensors, gpu: Option<&Gpu>) -> Result<CaseResult, String> {
     let name = case["name"].as_str().unwrap();
     let mut s = build(case);
     let steps = case["steps"].as_u64().unwrap() as usize;
@@ -166,9 +167,21 @@ fn run_case(case: &Value, t: &Tensors) -> Result<CaseResult, String> {
 
     let base_x = t.get("base_x").unwrap();
     let base_noise = t.get("base_noise").unwrap();
+    // The same arithmetic on the host or as kernels on the device (read back to compare).
+    let m = gpu.map_or(LatentMath::Host, LatentMath::Device);
+    let put = |v: &[f32]| m.put(v.to_vec()).map_err(|e| e.to_string());
+    let values = |l: &Latent| -> Result<Vec<f32>, String> {
+        match (l, gpu) {
+            (Latent::Host(v), _) => Ok(v.to_vec()),
+            (Latent::Device(t), Some(g)) => pollster::block_on(g.read(t)).map_err(|e| e.to_string()),
+            (Latent::Device(_), None) => Err("device latents without a device".into()),
+        }
+    };
+    let fail = |what: &'static str| move |e: ldm_web::Error| format!("{what}: {e}");
+    let (bx, bn) = (put(base_x)?, put(base_noise)?);
     if !ts_ref.is_empty() {
         let mid = case["add_noise_index"].as_u64().unwrap() as usize;
-        r.add_noise = err(&s.add_noise(base_x, base_noise, mid), t.get(&format!("{name}/add_noise")).unwrap());
+        r.add_noise = err(&values(&s.add_noise(m, &bx, &bn, mid).map_err(fail("add_noise"))?)?, t.get(&format!("{name}/add_noise")).unwrap());
     }
 
     let xs = t.get(&format!("{name}/x"));
@@ -177,15 +190,14 @@ fn run_case(case: &Value, t: &Tensors) -> Result<CaseResult, String> {
     // img2img cases start at timesteps[start] from add_noise, like diffusers' set_begin_index
     let start = case["start"].as_u64().unwrap() as usize;
     let ins = s.init_noise_sigma();
-    let mut x: Vec<f32> =
-        if start > 0 { s.add_noise(base_x, base_noise, start) } else { base_x.iter().map(|v| v * ins).collect() };
+    let mut x = if start > 0 { s.add_noise(m, &bx, &bn, start).map_err(fail("add_noise"))? } else { put(&base_x.iter().map(|v| v * ins).collect::<Vec<f32>>())? };
     let mut gen = TorchGenerator::new(3);
     let c08 = 0.8f64 as f32;
     for i in start..ts_ref.len() {
         let k = i - start;
-        let scaled = s.scale_model_input(&x, i);
+        let scaled = values(&s.scale_model_input(m, &x, i).map_err(fail("scale_model_input"))?)?;
         if identity {
-            if scaled != x {
+            if scaled != values(&x)? {
                 return Err(format!("step {i}: scale_model_input is not the identity"));
             }
         } else {
@@ -193,18 +205,18 @@ fn run_case(case: &Value, t: &Tensors) -> Result<CaseResult, String> {
             r.scaled = r.scaled.max(err(&scaled, sr));
         }
         let eps: Vec<f32> = (0..N).map(|j| c08 * scaled[j] + base_noise[(j + 17 * i) % N]).collect();
-        x = s.step(&eps, i, &x, &mut gen).map_err(|e| format!("step {i}: {e}"))?;
+        x = s.step(m, &put(&eps)?, i, &x, &mut gen).map_err(|e| format!("step {i}: {e}"))?;
+        let xv = values(&x)?;
         let xr = &xs.unwrap()[k * N..(k + 1) * N];
         if std::env::var("SCHED_DEBUG").is_ok_and(|v| v == name) {
-            println!("{name} step {i} t={} err {:.2e}", ts_ref[i], err(&x, xr));
+            println!("{name} step {i} t={} err {:.2e}", ts_ref[i], err(&xv, xr));
         }
-        r.traj = r.traj.max(err(&x, xr));
+        r.traj = r.traj.max(err(&xv, xr));
     }
     Ok(r)
 }
 
-#[test]
-fn trajectories_match_diffusers() {
+fn trajectories(gpu: Option<&Gpu>) {
     let (doc, t) = load();
     let cases = doc["cases"].as_array().unwrap();
     let mut failures = Vec::new();
@@ -212,7 +224,7 @@ fn trajectories_match_diffusers() {
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let tol = tolerance(case);
-        match run_case(case, &t) {
+        match run_case(case, &t, gpu) {
             Err(e) => failures.push(format!("{name}: {e}")),
             Ok(r) => {
                 println!(
@@ -250,6 +262,19 @@ fn trajectories_match_diffusers() {
         println!("  {k:34} {a:.2e} {b:.2e}");
     }
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
+
+#[test]
+fn trajectories_match_diffusers() {
+    trajectories(None);
+}
+
+/// The same cases with the latents on the device and every update a generated kernel (what the
+/// pipelines run), on lavapipe here.
+#[test]
+fn trajectories_match_diffusers_on_the_device() {
+    let gpu = pollster::block_on(Gpu::new(GpuOptions::default())).expect("a Vulkan adapter (lavapipe: apt-get install mesa-vulkan-drivers)");
+    trajectories(Some(&gpu));
 }
 
 #[test]
@@ -310,20 +335,20 @@ fn bad_input_is_an_error_not_a_panic() {
     for k in SchedulerKind::ALL {
         let mut s = schedulers::build(k, &cfg).unwrap();
         // stepping before set_timesteps
-        assert!(s.step(&[0.0; 4], 0, &[0.0; 4], &mut gen).is_err(), "{k}");
+        assert!(s.step_host(&[0.0; 4], 0, &[0.0; 4], &mut gen).is_err(), "{k}");
         assert!(matches!(s.set_timesteps(0), Err(Error::Input(_))), "{k}: zero steps");
         assert!(matches!(s.set_timesteps(100_000), Err(Error::Input(_))), "{k}: too many steps");
         s.set_timesteps(4).unwrap();
         let n = s.timesteps().len();
-        assert!(s.step(&[0.0; 4], n + 3, &[0.0; 4], &mut gen).is_err(), "{k}: index out of range");
-        assert!(s.step(&[0.0; 3], 0, &[0.0; 4], &mut gen).is_err(), "{k}: length mismatch");
+        assert!(s.step_host(&[0.0; 4], n + 3, &[0.0; 4], &mut gen).is_err(), "{k}: index out of range");
+        assert!(s.step_host(&[0.0; 3], 0, &[0.0; 4], &mut gen).is_err(), "{k}: length mismatch");
         // out-of-range indices in the infallible methods are clamped, not a panic
-        let _ = s.scale_model_input(&[1.0; 4], n + 3);
-        let _ = s.add_noise(&[1.0; 4], &[1.0; 4], n + 3);
+        let _ = s.scale_model_input_host(&[1.0; 4], n + 3);
+        let _ = s.add_noise_host(&[1.0; 4], &[1.0; 4], n + 3);
         // a sample whose size changes between steps is an error or handled, never a panic
         s.set_timesteps(4).unwrap();
-        s.step(&[0.5; 4], 0, &[0.5; 4], &mut gen).unwrap();
-        let _ = s.step(&[0.5; 3], 1, &[0.5; 3], &mut gen);
+        s.step_host(&[0.5; 4], 0, &[0.5; 4], &mut gen).unwrap();
+        let _ = s.step_host(&[0.5; 3], 1, &[0.5; 3], &mut gen);
     }
     // bad configs
     for bad in [

@@ -168,6 +168,13 @@ pub struct UNetBenchReport {
     pub buffers_created_per_step: f64,
     pub submissions_per_step: f64,
     pub readbacks_per_step: f64,
+    /// The same steps as a generation runs them (the latents on the device; the model input of
+    /// both guidance halves, the UNet, guidance and an Euler step as kernels; nothing read back):
+    /// time per step (the last step waits for the GPU), queue submissions and readbacks per step.
+    pub loop_steps_ms: Vec<f64>,
+    pub loop_step_ms: f64,
+    pub loop_submissions_per_step: f64,
+    pub loop_readbacks_per_step: f64,
     pub pool: PoolStats,
     /// The last step's output (only when asked for).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -188,6 +195,50 @@ pub fn weight_type(flag: &str, v: Option<&str>) -> Result<Option<DType>> {
         None | Some("float") | Some("f16") | Some("f32") => Ok(None),
         Some(s) => DType::from_name(s).filter(|d| d.is_quantised()).map(Some).ok_or_else(|| Error::Input(format!("{flag} {s}: use q8, q4, q4_1 or float"))),
     }
+}
+
+/// `steps` denoising steps as the pipelines run them, from the benchmark's sample: its rows
+/// are the two guidance halves when even (classifier-free guidance at 7.5), else one pass each.
+/// Returns each step's time (the last one includes waiting for the GPU), and the submissions and
+/// readbacks per step.
+#[allow(clippy::too_many_arguments)]
+async fn denoising_loop(gpu: &Gpu, unet: &UNet2DConditionModel, sample: &crate::gpu::Tensor, timestep: f32, ctx: &crate::gpu::Tensor, conditions: &StepConditions<'_>, steps: usize, now_ms: &dyn Fn() -> f64) -> Result<(Vec<f64>, f64, f64)> {
+    use crate::ops::{self, Expr, ExprInput, IndexMap};
+    use crate::schedulers::{self, Latent, LatentMath, SchedulerKind};
+    let shape = sample.shape().to_vec();
+    let rows = shape[0];
+    let cfg = rows % 2 == 0;
+    let b = if cfg { rows / 2 } else { rows };
+    let per_row: usize = shape[1..].iter().product();
+    let n = b * per_row;
+    let mut scheduler = schedulers::build(SchedulerKind::Euler, &serde_json::json!({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}))?;
+    scheduler.set_timesteps(steps)?;
+    let math = LatentMath::Device(gpu);
+    let mut gen = crate::rng::TorchGenerator::new(0);
+    let mut latents = math.put(gen.randn(n).into_iter().map(|v| v * scheduler.init_noise_sigma()).collect())?;
+    gpu.sync().await?;
+    let (subs0, reads0) = (gpu.submissions(), gpu.readbacks());
+    let mut times = Vec::new();
+    for i in 0..steps {
+        let t0 = now_ms();
+        let scaled = math.tensor(&scheduler.scale_model_input(math, &latents, i)?)?;
+        let x = ops::expr(gpu, &Expr::input(0), &[ExprInput { tensor: &scaled, map: IndexMap::repeat(n) }], &shape, sample.dtype())?;
+        // The benchmark's fixed timestep: every step costs the same.
+        let out = unet.forward_with(gpu, &x, timestep, ctx, conditions)?;
+        let noise_pred = if cfg {
+            crate::pipelines::stable_diffusion::guide(gpu, &out, 7.5, 0.0, b)?
+        } else {
+            ops::expr(gpu, &Expr::input(0), &[ExprInput { tensor: &out, map: IndexMap::same(n) }], &[n], crate::gpu::DType::F32)?
+        };
+        latents = scheduler.step(math, &Latent::Device(noise_pred), i, &latents, &mut gen)?;
+        gpu.flush();
+        if i + 1 == steps {
+            gpu.sync().await?;
+        }
+        times.push(now_ms() - t0);
+    }
+    let per = |a: u64, b: u64| (b - a) as f64 / steps as f64;
+    Ok((times, per(subs0, gpu.submissions()), per(reads0, gpu.readbacks())))
 }
 
 async fn read_f32_file(src: &dyn FileSource, path: &str, n: usize) -> Result<Vec<f32>> {
@@ -323,6 +374,7 @@ pub async fn run(gpu: &Gpu, model: BenchModel<'_>, opts: &UNetBenchOptions, inpu
     let pool1 = gpu.pool_stats();
     let per = |a: u64, b: u64| (b - a) as f64 / n;
     let (buffers, subs, reads) = (per(pool0.buffers_created, pool1.buffers_created), per(subs0, gpu.submissions()), per(reads0, gpu.readbacks()));
+    let (loop_steps_ms, loop_subs, loop_reads) = denoising_loop(gpu, &unet, &sample, timestep, &ctx, &conditions, opts.runs.max(1) as usize, now_ms).await?;
 
     // The first decode compiles the decoder's kernels; the second is timed.
     let (mut vae_decode_warmup_ms, mut vae_decode_ms) = (None, None);
@@ -372,6 +424,10 @@ pub async fn run(gpu: &Gpu, model: BenchModel<'_>, opts: &UNetBenchOptions, inpu
         buffers_created_per_step: buffers,
         submissions_per_step: subs,
         readbacks_per_step: reads,
+        loop_step_ms: loop_steps_ms.iter().sum::<f64>() / loop_steps_ms.len().max(1) as f64,
+        loop_steps_ms,
+        loop_submissions_per_step: loop_subs,
+        loop_readbacks_per_step: loop_reads,
         pool: gpu.pool_stats(),
         output: opts.output.then_some(last),
     })

@@ -56,8 +56,14 @@ pub struct AdapterSummary {
     pub profile: KernelProfile,
 }
 
-/// Dispatches recorded before the encoder is submitted.
-const BATCH_DISPATCHES: u32 = 128;
+/// Dispatches recorded before the encoder is submitted. Large enough for a whole denoising step
+/// of SD 1.5 or SDXL, so a step is one submission (the pipelines flush at each step's end, and
+/// software adapters in browsers also at their FLOP budget, see `add_work`); the CPU records the
+/// next step while the GPU runs this one.
+const BATCH_DISPATCHES: u32 = 4096;
+/// Uploads up to this size recorded into the pending encoder (a copy from a staging buffer)
+/// rather than submitting the pending work first.
+const STAGED_UPLOAD_BYTES: usize = 4 << 20;
 /// Bytes of uniform parameters each dispatch may have.
 pub(crate) const MAX_PARAMS: usize = 256;
 
@@ -367,9 +373,13 @@ impl Gpu {
     }
 
     fn write(&self, t: &Tensor, bytes: &[u8]) {
-        // A pooled buffer may still be read by recorded but unsubmitted dispatches; queue writes
-        // land before the pending encoder would, so submit it first.
+        // A pooled buffer may still be read by recorded but unsubmitted dispatches, and queue
+        // writes land before the pending encoder would: small uploads become a copy recorded
+        // after those dispatches; large ones (weights) submit the pending work first.
         if self.inner.batch.borrow().dispatches > 0 {
+            if bytes.len() <= STAGED_UPLOAD_BYTES && !self.inner.plan_only && self.record_upload(t, bytes) {
+                return;
+            }
             self.flush();
         }
         let whole = bytes.len() / 4 * 4;
@@ -379,6 +389,31 @@ impl Gpu {
             tail[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
             self.inner.queue.write_buffer(t.buf.raw(), whole as u64, &tail);
         }
+    }
+
+    /// `bytes` into `t` by a copy recorded in the pending encoder, from a staging buffer; false
+    /// when the staging buffer could not be written.
+    fn record_upload(&self, t: &Tensor, bytes: &[u8]) -> bool {
+        let size = (bytes.len() as u64).next_multiple_of(4);
+        if size == 0 {
+            return true;
+        }
+        let staging = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("upload"),
+            size,
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::MAP_WRITE,
+            mapped_at_creation: true,
+        });
+        match staging.get_mapped_range_mut(..) {
+            Ok(mut view) => view.slice(..bytes.len()).copy_from_slice(bytes),
+            Err(_) => return false,
+        }
+        staging.unmap();
+        let mut batch = self.inner.batch.borrow_mut();
+        let device = &self.inner.device;
+        let enc = batch.encoder.get_or_insert_with(|| device.create_command_encoder(&Default::default()));
+        enc.copy_buffer_to_buffer(&staging, 0, t.buf.raw(), 0, size);
+        true
     }
 
     /// Records one dispatch: `params` go to binding 0 as a uniform block, `binds` to 1, 2, ...
@@ -532,7 +567,8 @@ impl Gpu {
     }
 }
 
-const UNIFORM_BYTES: u64 = BATCH_DISPATCHES as u64 * 512;
+// Every dispatch's parameters take at least the uniform offset alignment (256 bytes on most adapters).
+const UNIFORM_BYTES: u64 = BATCH_DISPATCHES as u64 * 256;
 
 fn new_uniform_buffer(device: &wgpu::Device) -> wgpu::Buffer {
     device.create_buffer(&wgpu::BufferDescriptor {

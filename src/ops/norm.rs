@@ -1,4 +1,5 @@
-//! Normalisations and softmax: group norm (+ fused SiLU), layer norm, softmax over the last dim.
+//! Normalisations and softmax: group norm (+ fused SiLU), layer norm, softmax over the last dim,
+//! and the row standard deviation guidance rescale needs.
 
 use super::{bind_range, bytes_of, check_same_dtype, dummy, max_binding_elems, ACTIVATIONS_WGSL, REDUCE_WG, REDUCE_WGSL};
 use crate::error::{Error, Result};
@@ -7,6 +8,7 @@ use crate::gpu::{grid, Bind, Def, Gpu, Kernel, Tensor};
 const GROUP_NORM_WGSL: &str = include_str!("../../shaders/group_norm.wgsl");
 const LAYER_NORM_WGSL: &str = include_str!("../../shaders/layer_norm.wgsl");
 const SOFTMAX_WGSL: &str = include_str!("../../shaders/softmax.wgsl");
+const ROW_STD_WGSL: &str = include_str!("../../shaders/row_std.wgsl");
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -97,6 +99,42 @@ pub fn softmax(gpu: &Gpu, x: &Tensor, scale: f32) -> Result<Tensor> {
     let grid = grid(rows as u32, gpu.limits().max_compute_workgroups_per_dimension);
     gpu.dispatch(&kernel, bytes_of(&p), &[Bind::whole(x), Bind::whole(&out)], grid)?;
     Ok(out)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RowStdParams {
+    rows: u32,
+    cols: u32,
+}
+
+/// The unbiased standard deviation of each row of `cols` values (torch's `x.std(dim)`), as an f32
+/// tensor `[rows]` (guidance rescale's statistics).
+pub fn row_std(gpu: &Gpu, x: &Tensor, cols: usize) -> Result<Tensor> {
+    let dtype = check_same_dtype(&[x], "row_std")?;
+    if cols == 0 || x.numel() % cols != 0 {
+        return Err(Error::Shape(format!("row_std: {} values are not rows of {cols}", x.numel())));
+    }
+    let rows = x.numel() / cols;
+    let out = gpu.empty(&[rows], crate::gpu::DType::F32)?;
+    let defs = [("RWG", Def::U32(REDUCE_WG))];
+    let kernel = Kernel { family: "row_std", sources: &[REDUCE_WGSL, ROW_STD_WGSL], entry: "main", dtype, defs: &defs };
+    let p = RowStdParams { rows: rows as u32, cols: cols as u32 };
+    let grid = grid(rows as u32, gpu.limits().max_compute_workgroups_per_dimension);
+    gpu.dispatch(&kernel, bytes_of(&p), &[Bind::whole(x), Bind::whole(&out)], grid)?;
+    Ok(out)
+}
+
+/// CPU reference of [`row_std`] (two-pass, f64).
+pub fn row_std_reference(x: &[f32], cols: usize) -> Vec<f32> {
+    x.chunks(cols)
+        .map(|row| {
+            let n = row.len() as f64;
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+            var.sqrt() as f32
+        })
+        .collect()
 }
 
 /// CPU reference of [`group_norm`] (two-pass, f64).

@@ -26,9 +26,9 @@ use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::loader::{component_files, read_json, FileSource, Weights};
 use crate::models::{AutoencoderKL, AutoencoderKLConfig, LdmBertConfig, LdmBertModel, UNet2DConditionConfig, UNet2DConditionModel, UNet2DConfig, UNet2DModel, VQModel, VQModelConfig};
-use crate::ops;
+use crate::ops::{self, Expr, ExprInput, IndexMap};
 use crate::rng::TorchGenerator;
-use crate::schedulers::{self, Scheduler, SchedulerKind};
+use crate::schedulers::{self, Latent, LatentMath, Scheduler, SchedulerKind};
 use crate::tokenizer::{BertTokenizer, BertTokenizerConfig};
 
 /// The paper's first stage: a vector-quantised or a KL-regularised autoencoder (`vqvae/`).
@@ -488,8 +488,8 @@ impl LdmModel {
         let sigma = scheduler.init_noise_sigma();
         let latents: Vec<f32> = gen.randn(shape.iter().product()).into_iter().map(|v| v * sigma).collect();
         scheduler.set_timesteps(p.steps)?;
-        let step = Loop { shape, input_shape: shape, scale_input: true, guidance: None, condition: None };
-        self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &|x| x.to_vec(), &|x, t| unet.forward(gpu, x, t, None), now_ms, progress).await
+        let step = Loop { shape, input_shape: shape, scale_input: true, guidance: None, condition: None, preview_every: p.latent_preview_every, sync: p.sync_steps };
+        self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &|x| Ok(x.clone()), &|x, t| unet.forward(gpu, x, t, None), now_ms, progress).await
     }
 
     /// CompVis' `DDIMSampler.sample` for `conditioning_key: concat`: `apply_model` runs the UNet
@@ -509,8 +509,9 @@ impl LdmModel {
         scheduler.set_timesteps(p.steps)?;
         let sigma = scheduler.init_noise_sigma();
         let latents: Vec<f32> = noise.into_iter().map(|v| v * sigma).collect();
-        let step = Loop { shape, input_shape: [shape[0], cl + cc, shape[2], shape[3]], scale_input: true, guidance: None, condition: Some(&condition) };
-        let (latents, mut times) = self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &|x| x.to_vec(), &|x, t| unet.forward(gpu, x, t, None), now_ms, progress).await?;
+        let condition = gpu.upload(&[shape[0], cc, shape[2], shape[3]], DType::F32, &condition.repeat(shape[0]))?;
+        let step = Loop { shape, input_shape: [shape[0], cl + cc, shape[2], shape[3]], scale_input: true, guidance: None, condition: Some(&condition), preview_every: p.latent_preview_every, sync: p.sync_steps };
+        let (latents, mut times) = self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &|x| Ok(x.clone()), &|x, t| unet.forward(gpu, x, t, None), now_ms, progress).await?;
         times.vae_encode_ms = encode_ms;
         Ok((latents, times))
     }
@@ -527,11 +528,13 @@ impl LdmModel {
         scheduler.set_timesteps(p.steps)?;
         let sigma = scheduler.init_noise_sigma();
         let latents: Vec<f32> = noise.into_iter().map(|v| v * sigma).collect();
-        // The scheduler scales the concatenation [latents, image] as one tensor, so it is built
-        // on the CPU.
-        let plane = c * h * w;
-        let concat = |x: &[f32]| -> Vec<f32> { x.chunks(plane).flat_map(|l| l.iter().chain(&img.data).copied()).collect() };
-        let step = Loop { shape: [b, c, h, w], input_shape: [b, c + 3, h, w], scale_input: true, guidance: None, condition: None };
+        // The scheduler scales the concatenation [latents, image] as one tensor.
+        let image = gpu.upload(&[b, 3, h, w], DType::F32, &img.data.repeat(b))?;
+        let concat = |x: &Latent| -> Result<Latent> {
+            let x = LatentMath::Device(gpu).tensor(x)?.reshape(&[b, c, h, w])?;
+            Ok(Latent::Device(ops::concat(gpu, &[&x, &image], 1)?))
+        };
+        let step = Loop { shape: [b, c, h, w], input_shape: [b, c + 3, h, w], scale_input: true, guidance: None, condition: None, preview_every: p.latent_preview_every, sync: p.sync_steps };
         self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &concat, &|x, t| unet.forward(gpu, x, t, None), now_ms, progress).await
     }
 
@@ -556,44 +559,65 @@ impl LdmModel {
         scheduler.set_timesteps(p.steps)?;
         // LDMTextToImagePipeline calls neither init_noise_sigma nor scale_model_input.
         let rows = if guided { 2 * b } else { b };
-        let step = Loop { shape, input_shape: [rows, shape[1], shape[2], shape[3]], scale_input: false, guidance: guided.then_some(p.guidance_scale), condition: None };
-        let duplicate = |x: &[f32]| if guided { [x, x].concat() } else { x.to_vec() };
+        let step = Loop { shape, input_shape: [rows, shape[1], shape[2], shape[3]], scale_input: false, guidance: guided.then_some(p.guidance_scale), condition: None, preview_every: p.latent_preview_every, sync: p.sync_steps };
+        let duplicate = |x: &Latent| -> Result<Latent> {
+            if !guided {
+                return Ok(x.clone());
+            }
+            let t = LatentMath::Device(gpu).tensor(x)?;
+            Ok(Latent::Device(ops::expr(gpu, &Expr::input(0), &[ExprInput { tensor: &t, map: IndexMap::repeat(t.numel()) }], &[2 * t.numel()], DType::F32)?))
+        };
         let (latents, mut times) = self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &duplicate, &|x, t| unet.forward(gpu, x, t, &context), now_ms, progress).await?;
         times.text_encoder_ms = text_ms;
         Ok((latents, times))
     }
 
     /// The loop all three share: the model input is made from the latents (and scaled by the
-    /// scheduler when the pipeline does), the prediction guided when asked, one step taken.
+    /// scheduler when the pipeline does), the prediction guided when asked, one step taken; the
+    /// latents stay on the device.
     #[allow(clippy::too_many_arguments)]
     async fn denoise_loop(
-        &self, gpu: &Gpu, scheduler: &mut dyn Scheduler, seed: u64, mut latents: Vec<f32>, l: &Loop<'_>,
-        make_input: &dyn Fn(&[f32]) -> Vec<f32>, model: &dyn Fn(&Tensor, f32) -> Result<Tensor>, now_ms: &dyn Fn() -> f64, progress: Progress<'_>,
+        &self, gpu: &Gpu, scheduler: &mut dyn Scheduler, seed: u64, latents: Vec<f32>, l: &Loop<'_>,
+        make_input: &dyn Fn(&Latent) -> Result<Latent>, model: &dyn Fn(&Tensor, f32) -> Result<Tensor>, now_ms: &dyn Fn() -> f64, progress: Progress<'_>,
     ) -> Result<(Latents, StageTimes)> {
         let mut times = StageTimes::default();
         let steps = scheduler.timesteps().len();
+        let math = LatentMath::Device(gpu);
+        let mut latents = math.put(latents)?;
+        let n: usize = l.shape.iter().product();
         // The scheduler's own noise: torch's global generator in diffusers (see the module doc).
         let mut step_noise = TorchGenerator::new(seed);
         for i in 0..steps {
             let t_start = now_ms();
             let t = scheduler.timesteps()[i];
-            let input = make_input(&latents);
-            let input = if l.scale_input { scheduler.scale_model_input(&input, i) } else { input };
+            let input = make_input(&latents)?;
+            let input = if l.scale_input { scheduler.scale_model_input(math, &input, i)? } else { input };
+            let input = math.tensor(&input)?;
             let input = match l.condition {
-                Some(c) => input.chunks(input.len() / l.shape[0]).flat_map(|x| x.iter().chain(c)).copied().collect(),
+                Some(c) => {
+                    let rows = [l.shape[0], input.numel() / (l.shape[0] * l.shape[2] * l.shape[3]), l.shape[2], l.shape[3]];
+                    ops::concat(gpu, &[&input.reshape(&rows)?, c], 1)?
+                }
                 None => input,
             };
-            let out = model(&gpu.upload(&l.input_shape, self.dtype, &input)?, t)?;
-            let out = gpu.read(&out).await?;
+            let x = ops::expr(gpu, &Expr::input(0), &[ExprInput { tensor: &input, map: IndexMap::same(input.numel()) }], &l.input_shape, self.dtype)?;
+            let out = model(&x, t)?;
             let prediction = match l.guidance {
-                Some(g) => guide(&out, g, 0.0, l.shape[0]),
-                None => out,
+                Some(g) => guide(gpu, &out, g, 0.0, l.shape[0])?,
+                None => ops::expr(gpu, &Expr::input(0), &[ExprInput { tensor: &out, map: IndexMap::same(n) }], &[n], DType::F32)?,
             };
-            latents = scheduler.step(&prediction, i, &latents, &mut step_noise)?;
+            latents = scheduler.step(math, &Latent::Device(prediction), i, &latents, &mut step_noise)?;
+            // One submission per step: the GPU runs this step while the next one is recorded.
+            gpu.flush();
+            if l.sync {
+                gpu.sync().await?;
+            }
             times.unet_steps_ms.push(now_ms() - t_start);
-            progress(&StepProgress { step: i + 1, steps, latents: &latents, shape: l.shape, preview: None })?;
+            let host = if l.preview_every > 0 && ((i + 1) % l.preview_every == 0 || i + 1 == steps) { Some(gpu.read(&math.tensor(&latents)?).await?) } else { None };
+            progress(&StepProgress { step: i + 1, steps, latents: host.as_deref(), shape: l.shape, preview: None })?;
         }
-        Ok((Latents { data: latents, shape: l.shape }, times))
+        let data = gpu.read(&math.tensor(&latents)?).await?;
+        Ok((Latents { data, shape: l.shape }, times))
     }
 }
 
@@ -605,8 +629,12 @@ struct Loop<'c> {
     input_shape: [usize; 4],
     scale_input: bool,
     guidance: Option<f32>,
-    /// Concatenated to each sample after scaling (`[C, H, W]`).
-    condition: Option<&'c [f32]>,
+    /// Concatenated to each sample after scaling (f32 `[B, C', H, W]`).
+    condition: Option<&'c Tensor>,
+    /// Latents read back for the progress callback every this many steps (0: never).
+    preview_every: usize,
+    /// Wait for the GPU after every step (see [`Txt2ImgParams::sync_steps`]).
+    sync: bool,
 }
 
 /// Reads a BERT tokenizer folder: `vocab.txt` (or `tokenizer.json`) and `tokenizer_config.json`.

@@ -8,12 +8,12 @@ use crate::models::ControlNetModel;
 use super::loading::{Family, StableDiffusionModel};
 use super::prompt::{PromptText, PromptWeighting};
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Tensor};
+use crate::gpu::{DType, Gpu, Tensor};
 use crate::models::unet_2d_blocks::Residuals;
 use crate::models::unet_2d_condition::{AddedConditions, StepConditions};
-use crate::ops;
+use crate::ops::{self, Expr, ExprInput, IndexMap};
 use crate::rng::TorchGenerator;
-use crate::schedulers::{self, Scheduler, SchedulerKind};
+use crate::schedulers::{self, Inputs, Latent, LatentMath, Scheduler, SchedulerKind};
 
 /// diffusers' default `noise_level` of the x4 upscaler.
 pub const DEFAULT_NOISE_LEVEL: u32 = 20;
@@ -52,6 +52,12 @@ pub struct Txt2ImgParams {
     pub denoising_start: Option<f32>,
     /// Decode a preview with the tiny autoencoder every this many steps (0: none; needs one).
     pub tiny_preview_every: usize,
+    /// Read the latents back for [`StepProgress::latents`] every this many steps (0: never; the
+    /// latents otherwise stay on the device).
+    pub latent_preview_every: usize,
+    /// Wait for the GPU after every step, so that each step's time is its own (benchmarks);
+    /// otherwise the next step is recorded while the GPU runs this one.
+    pub sync_steps: bool,
 }
 
 impl Default for Txt2ImgParams {
@@ -60,7 +66,7 @@ impl Default for Txt2ImgParams {
             prompt: String::new(), negative_prompt: None, seed: 0, steps: 50, guidance_scale: 7.5, guidance_rescale: 0.0,
             width: 512, height: 512, scheduler: None, eta: 0.0, clip_skip: 0, batch: 1, prompt_2: None, negative_prompt_2: None,
             prompt_weighting: PromptWeighting::None, xl: XlConditions::default(), denoising_end: None, denoising_start: None,
-            tiny_preview_every: 0,
+            tiny_preview_every: 0, latent_preview_every: 0, sync_steps: false,
         }
     }
 }
@@ -123,8 +129,9 @@ pub struct StepProgress<'a> {
     /// Steps done (1-based) and in all.
     pub step: usize,
     pub steps: usize,
-    /// The current latents `[batch, channels, height, width]`, for previews.
-    pub latents: &'a [f32],
+    /// The current latents `[batch, channels, height, width]`, at the steps
+    /// [`Txt2ImgParams::latent_preview_every`] asks (and the last).
+    pub latents: Option<&'a [f32]>,
     pub shape: [usize; 4],
     /// The tiny autoencoder's image of them, at the steps [`Txt2ImgParams::tiny_preview_every`] asks.
     pub preview: Option<&'a Images>,
@@ -573,13 +580,23 @@ impl StableDiffusionModel {
         let img2img_handover = task == Task::ImageToImage && p.denoising_start.is_some();
         let noise = if img2img_handover { Vec::new() } else { generator.randn(b * z * plane) };
         let pure_noise = matches!(task, Task::TextToImage | Task::Upscale) || (matches!(task, Task::Inpaint { .. }) && strength == 1.0 && p.denoising_start.is_none());
+        // From here on the latents stay on the device: the scheduler's arithmetic, guidance and
+        // blending run as kernels, and nothing is read back but the previews asked for.
+        let math = LatentMath::Device(gpu);
+        let n_lat = b * z * plane;
+        let noise = (!noise.is_empty()).then(|| math.put(noise)).transpose()?;
+        let image_latents = (!image_latents.is_empty()).then(|| math.put(image_latents)).transpose()?;
+        let missing = || Error::Input("this task needs an init image's latents".into());
         let mut latents = if pure_noise {
             let sigma = scheduler.init_noise_sigma();
-            noise.iter().map(|v| v * sigma).collect()
+            let noise = noise.as_ref().ok_or_else(missing)?;
+            let mut ins = Inputs::new();
+            let n = ins.add(noise);
+            math.eval(&(n * sigma), &ins)?
         } else if p.denoising_start.is_some() {
-            image_latents.clone()
+            image_latents.clone().ok_or_else(missing)?
         } else {
-            scheduler.add_noise(&image_latents, &noise, start)
+            scheduler.add_noise(math, image_latents.as_ref().ok_or_else(missing)?, noise.as_ref().ok_or_else(missing)?, start)?
         };
 
         // What the UNet takes besides the latents (the same for every row), and the mask of
@@ -597,7 +614,7 @@ impl StableDiffusionModel {
                     extra = [mask_latent, masked_latents].concat();
                 } else {
                     generator.randn(z * plane);
-                    blend_mask = Some(mask_latent);
+                    blend_mask = Some(gpu.upload(&[plane], DType::F32, &mask_latent)?);
                 }
             }
             Task::Depth => {
@@ -610,6 +627,8 @@ impl StableDiffusionModel {
         let class_label = (task == Task::Upscale).then(|| cond.noise_level.unwrap_or(DEFAULT_NOISE_LEVEL));
         times.vae_encode_ms = now_ms() - t0;
         let extra_c = extra.len() / plane;
+        // The extra channels of every UNet row, uploaded once.
+        let extra_rows = if extra.is_empty() { None } else { Some(gpu.upload(&[rows, extra_c, h, w], self.dtype, &extra.repeat(rows))?) };
 
         // ControlNets: condition embeddings once; in guess mode with guidance they see only the
         // conditional rows.
@@ -630,44 +649,63 @@ impl StableDiffusionModel {
         for i in start..all {
             let t_start = now_ms();
             let t = scheduler.timesteps()[i];
-            let scaled = scheduler.scale_model_input(&latents, i);
-            let input = if cfg { [scaled.as_slice(), scaled.as_slice()].concat() } else { scaled.clone() };
+            let scaled = math.tensor(&scheduler.scale_model_input(math, &latents, i)?)?;
+            // The model's rows ([uncond; cond] under guidance: the latents twice) in its dtype.
+            let as_rows = |k: usize| ops::expr(gpu, &Expr::input(0), &[ExprInput { tensor: &scaled, map: IndexMap::repeat(n_lat) }], &[k, z, h, w], self.dtype);
+            let input = as_rows(rows)?;
             let step_cond = StepConditions { class_label, added: added.as_ref(), timestep_cond: timestep_cond.as_ref(), residuals: None };
             let control_cond = StepConditions { added: control_added.as_ref().or(added.as_ref()), ..step_cond };
-            let residuals = self.control_residuals(gpu, cond, &embeddings, i - start, all - start, t, if guess { &scaled } else { &input }, [z, h, w], &control_context, guess, &control_cond)?;
-            let input = if extra.is_empty() { input } else { input.chunks(z * plane).flat_map(|row| row.iter().chain(&extra)).copied().collect() };
-            let x = gpu.upload(&[rows, z + extra_c, h, w], self.dtype, &input)?;
-            let step = StepConditions { residuals: residuals.as_ref(), ..step_cond };
-            let out = if contexts.len() == 1 {
-                gpu.read(&self.unet.forward_with(gpu, &x, t, &contexts[0], &step)?).await?
+            let residuals = if cond.controls.is_empty() {
+                None
             } else {
-                self.unet_halves(gpu, &x, t, &contexts, &step).await?
+                let control_input = if guess { as_rows(b)? } else { input.clone() };
+                self.control_residuals(gpu, cond, &embeddings, i - start, all - start, t, &control_input, &control_context, guess, &control_cond)?
             };
-            let noise_pred = if cfg { guide(&out, p.guidance_scale, p.guidance_rescale, b) } else { out };
-            latents = scheduler.step(&noise_pred, i, &latents, &mut generator)?;
-            if let Some(mask) = &blend_mask {
+            let x = match &extra_rows {
+                Some(e) => ops::concat(gpu, &[&input, e], 1)?,
+                None => input,
+            };
+            let step = StepConditions { residuals: residuals.as_ref(), ..step_cond };
+            let out = if contexts.len() == 1 { self.unet.forward_with(gpu, &x, t, &contexts[0], &step)? } else { self.unet_halves(gpu, &x, t, &contexts, &step)? };
+            let noise_pred = if cfg {
+                guide(gpu, &out, p.guidance_scale, p.guidance_rescale, b)?
+            } else {
+                ops::expr(gpu, &Expr::input(0), &[ExprInput { tensor: &out, map: IndexMap::same(n_lat) }], &[n_lat], DType::F32)?
+            };
+            latents = scheduler.step(math, &Latent::Device(noise_pred), i, &latents, &mut generator)?;
+            if let (Some(mask), Some(image_latents)) = (&blend_mask, &image_latents) {
                 // Outside the mask, the init image's latents noised to the next timestep.
-                let proper = if i + 1 < all { scheduler.add_noise(&image_latents, &noise, i + 1) } else { image_latents.clone() };
-                for (k, v) in latents.iter_mut().enumerate() {
-                    let m = mask[k % plane];
-                    *v = (1.0 - m) * proper[k] + m * *v;
-                }
+                let proper = match &noise {
+                    Some(noise) if i + 1 < all => scheduler.add_noise(math, image_latents, noise, i + 1)?,
+                    _ => image_latents.clone(),
+                };
+                let (proper, now) = (math.tensor(&proper)?, math.tensor(&latents)?);
+                let (m, pr, v) = (Expr::input(0), Expr::input(1), Expr::input(2));
+                let ins = [ExprInput { tensor: mask, map: IndexMap::repeat(plane) }, ExprInput { tensor: &proper, map: IndexMap::same(n_lat) }, ExprInput { tensor: &now, map: IndexMap::same(n_lat) }];
+                latents = Latent::Device(ops::expr(gpu, &((1.0 - m.clone()) * pr + m * v), &ins, &[n_lat], DType::F32)?);
+            }
+            // One submission per step: the GPU runs this step while the next one is recorded.
+            gpu.flush();
+            if p.sync_steps {
+                gpu.sync().await?;
             }
             times.unet_steps_ms.push(now_ms() - t_start);
             let (step, steps) = (i - start + 1, all - start);
-            let every = p.tiny_preview_every;
+            let at = |every: usize| every > 0 && (step % every == 0 || step == steps);
             let preview = match &self.tiny_vae {
-                Some(_) if every > 0 && (step % every == 0 || step == steps) => Some(self.decode_tiny(gpu, &Latents { data: latents.clone(), shape: [b, z, h, w] }).await?),
+                Some(_) if at(p.tiny_preview_every) => Some(self.decode_tiny_tensor(gpu, &math.tensor(&latents)?, [b, z, h, w]).await?),
                 _ => None,
             };
-            progress(&StepProgress { step, steps, latents: &latents, shape: [b, z, h, w], preview: preview.as_ref() })?;
+            let host = if at(p.latent_preview_every) { Some(gpu.read(&math.tensor(&latents)?).await?) } else { None };
+            progress(&StepProgress { step, steps, latents: host.as_deref(), shape: [b, z, h, w], preview: preview.as_ref() })?;
         }
-        Ok((Latents { data: latents, shape: [b, z, h, w] }, times))
+        let data = gpu.read(&math.tensor(&latents)?).await?;
+        Ok((Latents { data, shape: [b, z, h, w] }, times))
     }
 
     /// The UNet on the unconditional and the conditional half of the rows separately, each
-    /// with its own context (prompts of different lengths), outputs read back in row order.
-    async fn unet_halves(&self, gpu: &Gpu, x: &Tensor, t: f32, contexts: &[Tensor], step: &StepConditions<'_>) -> Result<Vec<f32>> {
+    /// with its own context (prompts of different lengths), the outputs joined in row order.
+    fn unet_halves(&self, gpu: &Gpu, x: &Tensor, t: f32, contexts: &[Tensor], step: &StepConditions<'_>) -> Result<Tensor> {
         let rows = x.dim(0);
         let half = rows / 2;
 
@@ -694,29 +732,23 @@ impl StableDiffusionModel {
             };
             let tc = step.timestep_cond.map(|c| half_rows(c, k)).transpose()?;
             let s = StepConditions { residuals: residuals.as_ref(), class_label: step.class_label, added: added.as_ref(), timestep_cond: tc.as_ref() };
-            out.extend(gpu.read(&self.unet.forward_with(gpu, &part, t, ctx, &s)?).await?);
+            out.push(self.unet.forward_with(gpu, &part, t, ctx, &s)?);
         }
-        Ok(out)
+        ops::concat(gpu, &out.iter().collect::<Vec<_>>(), 0)
     }
 
-    /// The ControlNets' summed residuals at step `k` of `n` for the latent rows `latents`
-    /// (`[rows, z, h, w]`); `None` when no ControlNet acts at this step. In guess mode the rows
-    /// are the conditional half only, and the unconditional half gets zeros.
+    /// The ControlNets' summed residuals at step `k` of `n` for the UNet input rows `x` (in the
+    /// model's dtype); `None` when no ControlNet acts at this step. In guess mode the rows are
+    /// the conditional half only, and the unconditional half gets zeros.
     #[allow(clippy::too_many_arguments)]
-    fn control_residuals(&self, gpu: &Gpu, cond: &ImageConditions, embeddings: &[Tensor], k: usize, n: usize, t: f32, latents: &[f32], [z, h, w]: [usize; 3], context: &Tensor, guess: bool, step: &StepConditions) -> Result<Option<Residuals>> {
+    fn control_residuals(&self, gpu: &Gpu, cond: &ImageConditions, embeddings: &[Tensor], k: usize, n: usize, t: f32, x: &Tensor, context: &Tensor, guess: bool, step: &StepConditions) -> Result<Option<Residuals>> {
         let mut sum: Option<Residuals> = None;
-        let mut x = None;
         for (c, emb) in cond.controls.iter().zip(embeddings) {
             let scale = c.scale * c.keep(k, n);
             // A scale of zero adds zeros: diffusers runs the ControlNet anyway, we skip it.
             if scale == 0.0 {
                 continue;
             }
-            // One upload per step, shared by every ControlNet.
-            let x = match &x {
-                Some(x) => x,
-                None => x.insert(gpu.upload(&[latents.len() / (z * h * w), z, h, w], self.dtype, latents)?),
-            };
             let r = c.model.forward(gpu, x, t, context, emb, scale, cond.guess_mode, step)?;
             sum = Some(match sum {
                 None => r,
@@ -737,10 +769,16 @@ impl StableDiffusionModel {
     /// Images from latents with the tiny autoencoder (diffusers with `pipe.vae =
     /// AutoencoderTiny`: `decode(latents / its scaling_factor)`): previews, or a fast decode.
     pub async fn decode_tiny(&self, gpu: &Gpu, latents: &Latents) -> Result<Images> {
+        let z = gpu.upload(&[latents.data.len()], DType::F32, &latents.data)?;
+        self.decode_tiny_tensor(gpu, &z, latents.shape).await
+    }
+
+    /// [`Self::decode_tiny`] of latents on the device (f32, `shape` `[batch, channels, h, w]`).
+    pub async fn decode_tiny_tensor(&self, gpu: &Gpu, latents: &Tensor, shape: [usize; 4]) -> Result<Images> {
         let tiny = self.tiny_vae.as_ref().ok_or_else(|| Error::Input("this model has no tiny autoencoder (--tiny-vae)".into()))?;
-        let [b, _, h, w] = latents.shape;
+        let [b, _, h, w] = shape;
         let inv = 1.0 / tiny.config.scaling_factor;
-        let z = gpu.upload(&latents.shape, self.dtype, &latents.data.iter().map(|v| v * inv).collect::<Vec<f32>>())?;
+        let z = ops::expr(gpu, &(Expr::input(0) * inv), &[ExprInput { tensor: latents, map: IndexMap::same(latents.numel()) }], &shape, self.dtype)?;
         let image = tiny.decode(gpu, &z)?;
         let f = tiny.config.scale_factor();
         Ok(to_hwc01(&gpu.read(&image).await?, b, h * f, w * f))
@@ -815,31 +853,31 @@ pub fn guidance_scale_embedding(w: f32, dim: usize) -> Vec<f32> {
     out
 }
 
-/// Classifier-free guidance on `[uncond; cond]` predictions, then diffusers' `rescale_noise_cfg`
-/// (Lin et al. 2023, section 3.4) when `rescale > 0`.
-pub fn guide(out: &[f32], scale: f32, rescale: f32, batch: usize) -> Vec<f32> {
-    let half = out.len() / 2;
-    let (uncond, text) = out.split_at(half);
-    let mut g: Vec<f32> = uncond.iter().zip(text).map(|(&u, &t)| u + scale * (t - u)).collect();
-    if rescale > 0.0 {
-        let per = half / batch.max(1);
-        for (gb, tb) in g.chunks_mut(per).zip(text.chunks(per)) {
-            let (std_text, std_cfg) = (std_unbiased(tb), std_unbiased(gb));
-            let factor = std_text / std_cfg;
-            for v in gb.iter_mut() {
-                let rescaled = *v * factor;
-                *v = rescale * rescaled + (1.0 - rescale) * *v;
-            }
-        }
+/// Classifier-free guidance on the UNet's output `[2b, ...]` (the unconditional rows first):
+/// `uncond + scale * (text - uncond)`, then, when `rescale > 0`, diffusers' `rescale_noise_cfg`
+/// (Lin et al. 2023, section 3.4: the guided rows scaled towards the text rows' standard
+/// deviation); an f32 tensor of `b * ...` values.
+pub fn guide(gpu: &Gpu, out: &Tensor, scale: f32, rescale: f32, batch: usize) -> Result<Tensor> {
+    let half = out.numel() / 2;
+    let (u, t) = (Expr::input(0), Expr::input(1));
+    let halves = [ExprInput { tensor: out, map: IndexMap::from(0, half) }, ExprInput { tensor: out, map: IndexMap::from(half, half) }];
+    let g = ops::expr(gpu, &(u.clone() + scale * (t - u)), &halves, &[half], DType::F32)?;
+    if rescale <= 0.0 {
+        return Ok(g);
     }
-    g
-}
-
-fn std_unbiased(x: &[f32]) -> f32 {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    var.sqrt() as f32
+    let batch = batch.max(1);
+    let per = half / batch;
+    // Standard deviations of every row of the output (the text rows are its second half) and of
+    // the guided rows.
+    let (std_out, std_cfg) = (ops::norm::row_std(gpu, out, per)?, ops::norm::row_std(gpu, &g, per)?);
+    let (v, std_text, std_g) = (Expr::input(0), Expr::input(1), Expr::input(2));
+    let ins = [
+        ExprInput { tensor: &g, map: IndexMap::same(half) },
+        ExprInput { tensor: &std_out, map: IndexMap { offset: batch, div: per, modulo: batch } },
+        ExprInput { tensor: &std_cfg, map: IndexMap::per(per, batch) },
+    ];
+    let rescaled = v.clone() * (std_text / std_g);
+    ops::expr(gpu, &(rescale * rescaled + (1.0 - rescale) * v), &ins, &[half], DType::F32)
 }
 
 /// `[B, 3, H, W]` in [-1, 1] to `[B, H, W, 3]` in [0, 1] (diffusers' postprocess).

@@ -14,6 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::latent::{Inputs, Latent, LatentMath};
+use crate::ops::Expr;
 use crate::{Error, Result};
 
 /// diffusers' `beta_schedule`.
@@ -305,7 +307,7 @@ impl AlphaSchedule {
 
     /// `timesteps[index]` for `step(model_output, index, sample)`, or why that step cannot be
     /// taken.
-    pub fn step_timestep(&self, index: usize, model_output: &[f32], sample: &[f32]) -> Result<i64> {
+    pub fn step_timestep(&self, index: usize, model_output: &Latent, sample: &Latent) -> Result<i64> {
         if self.num_inference_steps == 0 {
             return Err(not_set(self.class));
         }
@@ -331,12 +333,14 @@ impl AlphaSchedule {
     }
 
     /// `add_noise` at `timesteps[index]`: `sqrt(alpha_prod) * original + sqrt(1 - alpha_prod) * noise`.
-    pub fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        let Some(&t) = self.timesteps.get(index).or(self.timesteps.last()) else { return original.to_vec() };
-        let Some(i) = py_index(self.alphas_cumprod.len(), t) else { return original.to_vec() };
+    pub fn add_noise(&self, m: LatentMath, original: &Latent, noise: &Latent, index: usize) -> Result<Latent> {
+        let Some(&t) = self.timesteps.get(index).or(self.timesteps.last()) else { return Ok(original.clone()) };
+        let Some(i) = py_index(self.alphas_cumprod.len(), t) else { return Ok(original.clone()) };
         let a = self.alphas_cumprod[i];
         let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
-        original.iter().zip(noise).map(|(x, n)| sa * x + sb * n).collect()
+        let mut ins = Inputs::new();
+        let (x, n) = (ins.add(original), ins.add(noise));
+        m.eval(&(sa * x + sb * n), &ins)
     }
 }
 
@@ -497,27 +501,33 @@ impl SigmaSchedule {
     }
 
     /// k-diffusion `scale_model_input`: `sample / (sigma ** 2 + 1) ** 0.5`.
-    pub fn scale_model_input(&self, sample: &[f32], index: usize) -> Vec<f32> {
-        let Some(sigma) = self.sigma_at(index) else { return sample.to_vec() };
+    pub fn scale_model_input(&self, m: LatentMath, sample: &Latent, index: usize) -> Result<Latent> {
+        let Some(sigma) = self.sigma_at(index) else { return Ok(sample.clone()) };
         let d = (sigma * sigma + 1.0).sqrt();
-        sample.iter().map(|x| x / d).collect()
+        let mut ins = Inputs::new();
+        let x = ins.add(sample);
+        m.eval(&(x / d), &ins)
     }
 
     /// k-diffusion `add_noise`: `original + noise * sigma`.
-    pub fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        let Some(sigma) = self.noise_sigma(index) else { return original.to_vec() };
-        original.iter().zip(noise).map(|(x, n)| x + n * sigma).collect()
+    pub fn add_noise(&self, m: LatentMath, original: &Latent, noise: &Latent, index: usize) -> Result<Latent> {
+        let Some(sigma) = self.noise_sigma(index) else { return Ok(original.clone()) };
+        let mut ins = Inputs::new();
+        let (x, n) = (ins.add(original), ins.add(noise));
+        m.eval(&(x + n * sigma), &ins)
     }
 
     /// The multistep solvers' `add_noise`: `alpha_t * original + sigma_t * noise`.
-    pub fn add_noise_alpha_sigma(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        let Some(sigma) = self.noise_sigma(index) else { return original.to_vec() };
+    pub fn add_noise_alpha_sigma(&self, m: LatentMath, original: &Latent, noise: &Latent, index: usize) -> Result<Latent> {
+        let Some(sigma) = self.noise_sigma(index) else { return Ok(original.clone()) };
         let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        original.iter().zip(noise).map(|(x, z)| alpha_t * x + sigma_t * z).collect()
+        let mut ins = Inputs::new();
+        let (x, z) = (ins.add(original), ins.add(noise));
+        m.eval(&(alpha_t * x + sigma_t * z), &ins)
     }
 
     /// Why `step(model_output, index, sample)` cannot be taken, if it cannot.
-    pub fn check_step(&self, index: usize, model_output: &[f32], sample: &[f32]) -> Result<()> {
+    pub fn check_step(&self, index: usize, model_output: &Latent, sample: &Latent) -> Result<()> {
         let len = self.timesteps.len();
         if len == 0 {
             return Err(not_set(self.class));
@@ -534,7 +544,7 @@ impl SigmaSchedule {
 /// `lower_order_nums`.
 #[derive(Clone, Debug)]
 pub(crate) struct ModelOutputs {
-    outputs: Vec<Option<Vec<f32>>>,
+    outputs: Vec<Option<Latent>>,
     pub lower_order_nums: usize,
 }
 
@@ -544,9 +554,9 @@ impl ModelOutputs {
     }
 
     /// `model_outputs[-1 - back]`.
-    pub fn get(&self, back: usize) -> Option<&[f32]> {
+    pub fn get(&self, back: usize) -> Option<&Latent> {
         let k = self.outputs.len();
-        self.outputs.get(k.checked_sub(back + 1)?)?.as_deref()
+        self.outputs.get(k.checked_sub(back + 1)?)?.as_ref()
     }
 
     pub fn size_differs(&self, n: usize) -> bool {
@@ -554,7 +564,7 @@ impl ModelOutputs {
     }
 
     /// `model_outputs[:-1] = model_outputs[1:]; model_outputs[-1] = model_output`.
-    pub fn push(&mut self, model_output: Vec<f32>) {
+    pub fn push(&mut self, model_output: Latent) {
         self.outputs.rotate_left(1);
         if let Some(last) = self.outputs.last_mut() {
             *last = Some(model_output);
@@ -576,47 +586,41 @@ fn flow_prediction_unsupported() -> Error {
     Error::Model("prediction_type flow_prediction is not supported".into())
 }
 
-/// `pred_original_sample` of the alpha-based schedulers at `alpha_prod_t`.
-pub(crate) fn alpha_pred_original_sample(
-    prediction_type: PredictionType,
-    alpha_prod_t: f32,
-    sample: &[f32],
-    model_output: &[f32],
-) -> Result<Vec<f32>> {
+/// `pred_original_sample` of the alpha-based schedulers at `alpha_prod_t`, over the sample `x`
+/// and the model output `e`.
+pub(crate) fn alpha_pred_original_sample(prediction_type: PredictionType, alpha_prod_t: f32, x: &Expr, e: &Expr) -> Result<Expr> {
     let (sa, sb) = (alpha_prod_t.sqrt(), (1.0 - alpha_prod_t).sqrt());
-    let n = sample.len();
     Ok(match prediction_type {
-        PredictionType::Epsilon => (0..n).map(|i| (sample[i] - sb * model_output[i]) / sa).collect(),
-        PredictionType::Sample => model_output.to_vec(),
-        PredictionType::VPrediction => (0..n).map(|i| sa * sample[i] - sb * model_output[i]).collect(),
+        PredictionType::Epsilon => (x - &(sb * e.clone())) / sa,
+        PredictionType::Sample => e.clone(),
+        PredictionType::VPrediction => sa * x.clone() - sb * e.clone(),
         PredictionType::FlowPrediction => return Err(flow_prediction_unsupported()),
     })
 }
 
-/// `pred_original_sample` of the k-diffusion schedulers at `sigma`.
-pub(crate) fn sigma_pred_original_sample(
-    prediction_type: PredictionType,
-    sigma: f32,
-    sample: &[f32],
-    model_output: &[f32],
-) -> Result<Vec<f32>> {
-    let n = sample.len();
+/// `pred_original_sample` of the k-diffusion schedulers at `sigma`, over the sample `x` and the
+/// model output `e`.
+pub(crate) fn sigma_pred_original_sample(prediction_type: PredictionType, sigma: f32, x: &Expr, e: &Expr) -> Result<Expr> {
     Ok(match prediction_type {
-        PredictionType::Epsilon => (0..n).map(|i| sample[i] - sigma * model_output[i]).collect(),
+        PredictionType::Epsilon => x - &(sigma * e.clone()),
         PredictionType::VPrediction => {
             let s2 = sigma * sigma + 1.0;
             let c_out = -sigma / s2.sqrt();
-            (0..n).map(|i| model_output[i] * c_out + sample[i] / s2).collect()
+            e.clone() * c_out + x.clone() / s2
         }
-        PredictionType::Sample => model_output.to_vec(),
+        PredictionType::Sample => e.clone(),
         PredictionType::FlowPrediction => return Err(flow_prediction_unsupported()),
     })
 }
 
-/// `pred_original_sample.clamp(-clip_sample_range, clip_sample_range)`.
-pub(crate) fn clip_sample(pred_original_sample: &mut [f32], clip_sample_range: f64) {
+/// `pred_original_sample.clamp(-clip_sample_range, clip_sample_range)` when `clip`.
+pub(crate) fn clip_sample(pred_original_sample: Expr, clip: bool, clip_sample_range: f64) -> Expr {
     let r = clip_sample_range as f32;
-    pred_original_sample.iter_mut().for_each(|v| *v = v.clamp(-r, r));
+    if clip {
+        pred_original_sample.clamp(-r, r)
+    } else {
+        pred_original_sample
+    }
 }
 
 /// `_sigma_to_alpha_sigma_t`: `(alpha_t, sigma_t) = (1 / sqrt(sigma^2 + 1), sigma * alpha_t)`.
@@ -631,43 +635,22 @@ pub(crate) fn lambda(alpha: f32, sigma: f32) -> f32 {
 }
 
 /// The multistep solvers' `convert_model_output` at `sigma`: the data prediction x0 with
-/// `predict_x0`, else the noise prediction epsilon.
-pub(crate) fn convert_model_output(
-    prediction_type: PredictionType,
-    predict_x0: bool,
-    sigma: f32,
-    model_output: &[f32],
-    sample: &[f32],
-) -> Vec<f32> {
+/// `predict_x0`, else the noise prediction epsilon; over the model output `e` and the sample `x`.
+pub(crate) fn convert_model_output(prediction_type: PredictionType, predict_x0: bool, sigma: f32, e: &Expr, x: &Expr) -> Expr {
     let (a, s) = alpha_sigma(sigma);
-    let n = sample.len();
     if predict_x0 {
         match prediction_type {
-            PredictionType::Epsilon => (0..n).map(|i| (sample[i] - s * model_output[i]) / a).collect(),
-            PredictionType::VPrediction => (0..n).map(|i| a * sample[i] - s * model_output[i]).collect(),
-            _ => model_output.to_vec(),
+            PredictionType::Epsilon => (x - &(s * e.clone())) / a,
+            PredictionType::VPrediction => a * x.clone() - s * e.clone(),
+            _ => e.clone(),
         }
     } else {
         match prediction_type {
-            PredictionType::Epsilon => model_output.to_vec(),
-            PredictionType::VPrediction => (0..n).map(|i| a * model_output[i] + s * sample[i]).collect(),
-            _ => (0..n).map(|i| (sample[i] - a * model_output[i]) / s).collect(),
+            PredictionType::Epsilon => e.clone(),
+            PredictionType::VPrediction => a * e.clone() + s * x.clone(),
+            _ => (x - &(a * e.clone())) / s,
         }
     }
-}
-
-/// `c0 * x0 + c1 * x1 + ...`, evaluated left to right like the torch expression.
-pub(crate) fn lincomb(terms: &[(f32, &[f32])]) -> Vec<f32> {
-    let n = terms.first().map_or(0, |t| t.1.len());
-    (0..n)
-        .map(|i| {
-            let mut acc = terms[0].0 * terms[0].1[i];
-            for (c, x) in &terms[1..] {
-                acc += c * x[i];
-            }
-            acc
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------

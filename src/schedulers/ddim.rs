@@ -4,7 +4,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::Scheduler;
+use super::{Inputs, Latent, LatentMath, Scheduler};
 use crate::rng::TorchGenerator;
 use crate::Result;
 
@@ -92,47 +92,38 @@ impl Scheduler for DdimScheduler {
         self.schedule.timesteps_f32()
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        index: usize,
-        sample: &[f32],
-        gen: &mut TorchGenerator,
-    ) -> Result<Vec<f32>> {
+    fn step(&mut self, m: LatentMath, model_output: &Latent, index: usize, sample: &Latent, gen: &mut TorchGenerator) -> Result<Latent> {
         let t = self.schedule.step_timestep(index, model_output, sample)?;
         let prev_t = t - (self.config.num_train_timesteps / self.schedule.num_inference_steps) as i64;
         let a_t = self.schedule.alpha_prod(t)?;
         let a_prev = self.schedule.alpha_prod_prev(prev_t, self.final_alpha_cumprod)?;
         let b_t = 1.0 - a_t;
         let (sa, sb) = (a_t.sqrt(), b_t.sqrt());
-        let n = sample.len();
-        let mut x0 = alpha_pred_original_sample(self.config.prediction_type, a_t, sample, model_output)?;
-        let eps: Vec<f32> = match self.config.prediction_type {
-            PredictionType::Sample => (0..n).map(|i| (sample[i] - sa * x0[i]) / sb).collect(),
-            PredictionType::VPrediction => (0..n).map(|i| sa * model_output[i] + sb * sample[i]).collect(),
-            _ => model_output.to_vec(),
+        let noise = if self.eta > 0.0 { Some(m.put(gen.randn(sample.len()))?) } else { None };
+        let mut ins = Inputs::new();
+        let (x, e) = (ins.add(sample), ins.add(model_output));
+        let x0 = alpha_pred_original_sample(self.config.prediction_type, a_t, &x, &e)?;
+        let eps = match self.config.prediction_type {
+            PredictionType::Sample => (&x - &(sa * x0.clone())) / sb,
+            PredictionType::VPrediction => sa * e.clone() + sb * x.clone(),
+            _ => e.clone(),
         };
-        if self.config.clip_sample {
-            clip_sample(&mut x0, self.config.clip_sample_range);
-        }
+        let x0 = clip_sample(x0, self.config.clip_sample, self.config.clip_sample_range);
         // _get_variance(t, prev_t)
         let b_prev = 1.0 - a_prev;
         let variance = b_prev / b_t * (1.0 - a_t / a_prev);
         let std_dev_t = self.eta * variance.sqrt();
         let dir_coef = (1.0 - a_prev - std_dev_t * std_dev_t).sqrt();
         let sa_prev = a_prev.sqrt();
-        let mut prev: Vec<f32> = (0..n).map(|i| sa_prev * x0[i] + dir_coef * eps[i]).collect();
-        if self.eta > 0.0 {
-            let noise = gen.randn(n);
-            for i in 0..n {
-                prev[i] += std_dev_t * noise[i];
-            }
+        let mut prev = sa_prev * x0 + dir_coef * eps;
+        if let Some(noise) = &noise {
+            prev = prev + std_dev_t * ins.add(noise);
         }
-        Ok(prev)
+        m.eval(&prev, &ins)
     }
 
-    fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        self.schedule.add_noise(original, noise, index)
+    fn add_noise(&self, m: LatentMath, original: &Latent, noise: &Latent, index: usize) -> Result<Latent> {
+        self.schedule.add_noise(m, original, noise, index)
     }
 
     fn alphas_cumprod(&self) -> &[f32] {

@@ -4,7 +4,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::Scheduler;
+use super::{Inputs, Latent, LatentMath, Scheduler};
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
@@ -117,13 +117,7 @@ impl Scheduler for DdpmScheduler {
         self.schedule.timesteps_f32()
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        index: usize,
-        sample: &[f32],
-        gen: &mut TorchGenerator,
-    ) -> Result<Vec<f32>> {
+    fn step(&mut self, m: LatentMath, model_output: &Latent, index: usize, sample: &Latent, gen: &mut TorchGenerator) -> Result<Latent> {
         let t = self.schedule.step_timestep(index, model_output, sample)?;
         let prev_t = self.schedule.timesteps.get(index + 1).copied().unwrap_or(-1);
         let a_t = self.schedule.alpha_prod(t)?;
@@ -132,16 +126,15 @@ impl Scheduler for DdpmScheduler {
         let b_prev = 1.0 - a_prev;
         let cur_alpha = a_t / a_prev;
         let cur_beta = 1.0 - cur_alpha;
-        let n = sample.len();
-        let mut x0 = alpha_pred_original_sample(self.config.prediction_type, a_t, sample, model_output)?;
-        if self.config.clip_sample {
-            clip_sample(&mut x0, self.config.clip_sample_range);
-        }
+        let noise = if t > 0 { Some(m.put(gen.randn(sample.len()))?) } else { None };
+        let mut ins = Inputs::new();
+        let (x, e) = (ins.add(sample), ins.add(model_output));
+        let x0 = alpha_pred_original_sample(self.config.prediction_type, a_t, &x, &e)?;
+        let x0 = clip_sample(x0, self.config.clip_sample, self.config.clip_sample_range);
         let c_x0 = a_prev.sqrt() * cur_beta / b_t;
         let c_cur = cur_alpha.sqrt() * b_prev / b_t;
-        let mut prev: Vec<f32> = (0..n).map(|i| c_x0 * x0[i] + c_cur * sample[i]).collect();
-        if t > 0 {
-            let noise = gen.randn(n);
+        let mut prev = c_x0 * x0 + c_cur * x;
+        if let Some(noise) = &noise {
             // _get_variance(t)
             let var = ((1.0 - a_prev) / (1.0 - a_t) * cur_beta).max(1e-20);
             let scale = match self.config.variance_type {
@@ -149,15 +142,13 @@ impl Scheduler for DdpmScheduler {
                 VarianceType::FixedLarge => cur_beta.sqrt(),
                 _ => var.sqrt(),
             };
-            for i in 0..n {
-                prev[i] += scale * noise[i];
-            }
+            prev = prev + scale * ins.add(noise);
         }
-        Ok(prev)
+        m.eval(&prev, &ins)
     }
 
-    fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        self.schedule.add_noise(original, noise, index)
+    fn add_noise(&self, m: LatentMath, original: &Latent, noise: &Latent, index: usize) -> Result<Latent> {
+        self.schedule.add_noise(m, original, noise, index)
     }
 
     fn alphas_cumprod(&self) -> &[f32] {

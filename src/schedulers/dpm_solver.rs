@@ -5,7 +5,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::Scheduler;
+use super::{Inputs, Latent, LatentMath, Scheduler};
+use crate::ops::Expr;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
@@ -177,31 +178,32 @@ impl DpmSolverMultistepScheduler {
         matches!(self.algorithm, DpmAlgorithm::DpmSolverPp | DpmAlgorithm::SdeDpmSolverPp)
     }
 
-    fn first_order(&self, m0: &[f32], index: usize, sample: &[f32], noise: Option<&[f32]>) -> Vec<f32> {
+    fn first_order(&self, m0: Expr, index: usize, x: Expr, noise: Option<Expr>) -> Expr {
         let sigmas = &self.schedule.sigmas;
         let (at, st) = alpha_sigma(sigmas[index + 1]);
         let (as_, ss) = alpha_sigma(sigmas[index]);
         let h = lambda(at, st) - lambda(as_, ss);
         match (self.algorithm, noise) {
-            (DpmAlgorithm::DpmSolverPp, _) => lincomb(&[(st / ss, sample), (-(at * ((-h).exp() - 1.0)), m0)]),
-            (DpmAlgorithm::DpmSolver, _) => lincomb(&[(at / as_, sample), (-(st * (h.exp() - 1.0)), m0)]),
+            (DpmAlgorithm::DpmSolverPp, _) => Expr::lincomb(vec![(st / ss, x), (-(at * ((-h).exp() - 1.0)), m0)]),
+            (DpmAlgorithm::DpmSolver, _) => Expr::lincomb(vec![(at / as_, x), (-(st * (h.exp() - 1.0)), m0)]),
             (DpmAlgorithm::SdeDpmSolverPp, Some(z)) => {
                 let e2 = (-2.0 * h).exp();
-                lincomb(&[(st / ss * (-h).exp(), sample), (at * (1.0 - e2), m0), (st * (1.0 - e2).sqrt(), z)])
+                Expr::lincomb(vec![(st / ss * (-h).exp(), x), (at * (1.0 - e2), m0), (st * (1.0 - e2).sqrt(), z)])
             }
-            (DpmAlgorithm::SdeDpmSolver, Some(z)) => lincomb(&[
-                (at / as_, sample),
+            (DpmAlgorithm::SdeDpmSolver, Some(z)) => Expr::lincomb(vec![
+                (at / as_, x),
                 (-(2.0 * (st * (h.exp() - 1.0))), m0),
                 (st * ((2.0 * h).exp() - 1.0).sqrt(), z),
             ]),
-            _ => sample.to_vec(),
+            _ => x,
         }
     }
 
-    fn second_order(&self, index: usize, sample: &[f32], noise: Option<&[f32]>) -> Vec<f32> {
+    fn second_order<'a>(&'a self, index: usize, ins: &mut Inputs<'a>, x: Expr, noise: Option<Expr>) -> Expr {
         let (Some(m0), Some(m1)) = (self.model_outputs.get(0), self.model_outputs.get(1)) else {
-            return sample.to_vec();
+            return x;
         };
+        let (m0, m1) = (ins.add(m0), ins.add(m1));
         let sigmas = &self.schedule.sigmas;
         let (at, st) = alpha_sigma(sigmas[index + 1]);
         let (as0, ss0) = alpha_sigma(sigmas[index]);
@@ -211,47 +213,48 @@ impl DpmSolverMultistepScheduler {
         let h0 = ls0 - ls1;
         let r0 = h0 / h;
         let inv_r0 = 1.0 / r0;
-        let d1: Vec<f32> = m0.iter().zip(m1.iter()).map(|(a, b)| inv_r0 * (a - b)).collect();
+        let d1 = inv_r0 * (m0.clone() - m1);
         let d0 = m0;
         let mid = self.solver_type == DpmSolverType::Midpoint;
         match (self.algorithm, noise) {
             (DpmAlgorithm::DpmSolverPp, _) => {
                 let c = at * ((-h).exp() - 1.0);
                 if mid {
-                    lincomb(&[(st / ss0, sample), (-c, d0), (-(0.5 * c), &d1)])
+                    Expr::lincomb(vec![(st / ss0, x), (-c, d0), (-(0.5 * c), d1)])
                 } else {
-                    lincomb(&[(st / ss0, sample), (-c, d0), (at * (((-h).exp() - 1.0) / h + 1.0), &d1)])
+                    Expr::lincomb(vec![(st / ss0, x), (-c, d0), (at * (((-h).exp() - 1.0) / h + 1.0), d1)])
                 }
             }
             (DpmAlgorithm::DpmSolver, _) => {
                 let c = st * (h.exp() - 1.0);
                 if mid {
-                    lincomb(&[(at / as0, sample), (-c, d0), (-(0.5 * c), &d1)])
+                    Expr::lincomb(vec![(at / as0, x), (-c, d0), (-(0.5 * c), d1)])
                 } else {
-                    lincomb(&[(at / as0, sample), (-c, d0), (-(st * ((h.exp() - 1.0) / h - 1.0)), &d1)])
+                    Expr::lincomb(vec![(at / as0, x), (-c, d0), (-(st * ((h.exp() - 1.0) / h - 1.0)), d1)])
                 }
             }
             (DpmAlgorithm::SdeDpmSolverPp, Some(z)) => {
                 let e2 = (-2.0 * h).exp();
                 let c = at * (1.0 - e2);
                 let cd1 = if mid { 0.5 * c } else { at * ((1.0 - e2) / (-2.0 * h) + 1.0) };
-                lincomb(&[(st / ss0 * (-h).exp(), sample), (c, d0), (cd1, &d1), (st * (1.0 - e2).sqrt(), z)])
+                Expr::lincomb(vec![(st / ss0 * (-h).exp(), x), (c, d0), (cd1, d1), (st * (1.0 - e2).sqrt(), z)])
             }
             (DpmAlgorithm::SdeDpmSolver, Some(z)) => {
                 let c = st * (h.exp() - 1.0);
                 let cd1 = if mid { -c } else { -(2.0 * (st * ((h.exp() - 1.0) / h - 1.0))) };
-                lincomb(&[(at / as0, sample), (-(2.0 * c), d0), (cd1, &d1), (st * ((2.0 * h).exp() - 1.0).sqrt(), z)])
+                Expr::lincomb(vec![(at / as0, x), (-(2.0 * c), d0), (cd1, d1), (st * ((2.0 * h).exp() - 1.0).sqrt(), z)])
             }
-            _ => sample.to_vec(),
+            _ => x,
         }
     }
 
-    fn third_order(&self, index: usize, sample: &[f32], noise: Option<&[f32]>) -> Vec<f32> {
+    fn third_order<'a>(&'a self, index: usize, ins: &mut Inputs<'a>, x: Expr, noise: Option<Expr>) -> Expr {
         let (Some(m0), Some(m1), Some(m2)) =
             (self.model_outputs.get(0), self.model_outputs.get(1), self.model_outputs.get(2))
         else {
-            return sample.to_vec();
+            return x;
         };
+        let (m0, m1, m2) = (ins.add(m0), ins.add(m1), ins.add(m2));
         let sigmas = &self.schedule.sigmas;
         let (at, st) = alpha_sigma(sigmas[index + 1]);
         let (as0, ss0) = alpha_sigma(sigmas[index]);
@@ -262,45 +265,44 @@ impl DpmSolverMultistepScheduler {
         let (h0, h1) = (ls0 - ls1, ls1 - ls2);
         let (r0, r1) = (h0 / h, h1 / h);
         let (i0, i1) = (1.0 / r0, 1.0 / r1);
-        let n = sample.len();
-        let d1_0: Vec<f32> = (0..n).map(|i| i0 * (m0[i] - m1[i])).collect();
-        let d1_1: Vec<f32> = (0..n).map(|i| i1 * (m1[i] - m2[i])).collect();
+        let d1_0 = i0 * (m0.clone() - m1.clone());
+        let d1_1 = i1 * (m1 - m2);
         let c1 = r0 / (r0 + r1);
         let c2 = 1.0 / (r0 + r1);
-        let d1: Vec<f32> = (0..n).map(|i| d1_0[i] + c1 * (d1_0[i] - d1_1[i])).collect();
-        let d2: Vec<f32> = (0..n).map(|i| c2 * (d1_0[i] - d1_1[i])).collect();
+        let d1 = d1_0.clone() + c1 * (&d1_0 - &d1_1);
+        let d2 = c2 * (d1_0 - d1_1);
         let d0 = m0;
         match (self.algorithm, noise) {
             (DpmAlgorithm::DpmSolverPp, _) => {
                 let em = (-h).exp() - 1.0;
-                lincomb(&[
-                    (st / ss0, sample),
+                Expr::lincomb(vec![
+                    (st / ss0, x),
                     (-(at * em), d0),
-                    (at * (em / h + 1.0), &d1),
-                    (-(at * ((em + h) / (h * h) - 0.5)), &d2),
+                    (at * (em / h + 1.0), d1),
+                    (-(at * ((em + h) / (h * h) - 0.5)), d2),
                 ])
             }
             (DpmAlgorithm::DpmSolver, _) => {
                 let ep = h.exp() - 1.0;
-                lincomb(&[
-                    (at / as0, sample),
+                Expr::lincomb(vec![
+                    (at / as0, x),
                     (-(st * ep), d0),
-                    (-(st * (ep / h - 1.0)), &d1),
-                    (-(st * ((ep - h) / (h * h) - 0.5)), &d2),
+                    (-(st * (ep / h - 1.0)), d1),
+                    (-(st * ((ep - h) / (h * h) - 0.5)), d2),
                 ])
             }
             (DpmAlgorithm::SdeDpmSolverPp, Some(z)) => {
                 let e2 = (-2.0 * h).exp();
                 let h2 = 2.0 * h;
-                lincomb(&[
-                    (st / ss0 * (-h).exp(), sample),
+                Expr::lincomb(vec![
+                    (st / ss0 * (-h).exp(), x),
                     (at * (1.0 - e2), d0),
-                    (at * ((1.0 - e2) / (-2.0 * h) + 1.0), &d1),
-                    (at * ((1.0 - e2 - 2.0 * h) / (h2 * h2) - 0.5), &d2),
+                    (at * ((1.0 - e2) / (-2.0 * h) + 1.0), d1),
+                    (at * ((1.0 - e2 - 2.0 * h) / (h2 * h2) - 0.5), d2),
                     (st * (1.0 - e2).sqrt(), z),
                 ])
             }
-            _ => sample.to_vec(),
+            _ => x,
         }
     }
 }
@@ -354,13 +356,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         &self.schedule.timesteps
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        index: usize,
-        sample: &[f32],
-        gen: &mut TorchGenerator,
-    ) -> Result<Vec<f32>> {
+    fn step(&mut self, m: LatentMath, model_output: &Latent, index: usize, sample: &Latent, gen: &mut TorchGenerator) -> Result<Latent> {
         self.schedule.check_step(index, model_output, sample)?;
         if self.model_outputs.size_differs(sample.len()) {
             return Err(Error::Shape(format!("{CLASS}: the sample size changed between steps")));
@@ -370,30 +366,37 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let lower_order_final = index == len - 1
             && (c.euler_at_final || (c.lower_order_final && len < 15) || c.final_sigmas_type == FinalSigmasType::Zero);
         let lower_order_second = index + 2 == len && c.lower_order_final && len < 15;
-        let converted =
-            convert_model_output(c.prediction_type, self.is_pp(), self.schedule.sigmas[index], model_output, sample);
+        let converted = {
+            let mut ins = Inputs::new();
+            let (x, e) = (ins.add(sample), ins.add(model_output));
+            m.eval(&convert_model_output(c.prediction_type, self.is_pp(), self.schedule.sigmas[index], &e, &x), &ins)?
+        };
         self.model_outputs.push(converted);
         let noise = match self.algorithm {
-            DpmAlgorithm::SdeDpmSolver | DpmAlgorithm::SdeDpmSolverPp => Some(gen.randn(sample.len())),
+            DpmAlgorithm::SdeDpmSolver | DpmAlgorithm::SdeDpmSolverPp => Some(m.put(gen.randn(sample.len()))?),
             _ => None,
         };
         let order = self.config.solver_order;
         // Higher orders look back at sigmas[index - 1], [index - 2]: only reachable in order.
         let lower_order_nums = self.model_outputs.lower_order_nums;
+        let mut ins = Inputs::new();
+        let x = ins.add(sample);
+        let z = noise.as_ref().map(|n| ins.add(n));
         let prev = if order == 1 || lower_order_nums < 1 || lower_order_final || index < 1 {
-            let m0 = self.model_outputs.get(0).unwrap_or(model_output);
-            self.first_order(m0, index, sample, noise.as_deref())
+            let m0 = ins.add(self.model_outputs.get(0).unwrap_or(model_output));
+            self.first_order(m0, index, x, z)
         } else if order == 2 || lower_order_nums < 2 || lower_order_second || index < 2 {
-            self.second_order(index, sample, noise.as_deref())
+            self.second_order(index, &mut ins, x, z)
         } else {
-            self.third_order(index, sample, noise.as_deref())
+            self.third_order(index, &mut ins, x, z)
         };
+        let prev = m.eval(&prev, &ins)?;
         self.model_outputs.count_step();
         Ok(prev)
     }
 
-    fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        self.schedule.add_noise_alpha_sigma(original, noise, index)
+    fn add_noise(&self, m: LatentMath, original: &Latent, noise: &Latent, index: usize) -> Result<Latent> {
+        self.schedule.add_noise_alpha_sigma(m, original, noise, index)
     }
 
     fn sigmas(&self) -> &[f32] {

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::Scheduler;
+use super::{Inputs, Latent, LatentMath, Scheduler};
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
@@ -125,28 +125,24 @@ impl Scheduler for EulerScheduler {
         self.schedule.init_noise_sigma(self.config.timestep_spacing)
     }
 
-    fn scale_model_input(&self, sample: &[f32], index: usize) -> Vec<f32> {
-        self.schedule.scale_model_input(sample, index)
+    fn scale_model_input(&self, m: LatentMath, sample: &Latent, index: usize) -> Result<Latent> {
+        self.schedule.scale_model_input(m, sample, index)
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        index: usize,
-        sample: &[f32],
-        _gen: &mut TorchGenerator,
-    ) -> Result<Vec<f32>> {
+    fn step(&mut self, m: LatentMath, model_output: &Latent, index: usize, sample: &Latent, _gen: &mut TorchGenerator) -> Result<Latent> {
         self.schedule.check_step(index, model_output, sample)?;
         let sigma = self.schedule.sigmas[index];
         // s_churn = 0: gamma = 0 and sigma_hat = sigma * (0 + 1) = sigma
         let sigma_hat = sigma;
-        let x0 = sigma_pred_original_sample(self.config.prediction_type, sigma, sample, model_output)?;
+        let mut ins = Inputs::new();
+        let (x, e) = (ins.add(sample), ins.add(model_output));
+        let x0 = sigma_pred_original_sample(self.config.prediction_type, sigma, &x, &e)?;
         let dt = self.schedule.sigmas[index + 1] - sigma_hat;
-        Ok((0..sample.len()).map(|i| sample[i] + (sample[i] - x0[i]) / sigma_hat * dt).collect())
+        m.eval(&(x.clone() + (x - x0) / sigma_hat * dt), &ins)
     }
 
-    fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        self.schedule.add_noise(original, noise, index)
+    fn add_noise(&self, m: LatentMath, original: &Latent, noise: &Latent, index: usize) -> Result<Latent> {
+        self.schedule.add_noise(m, original, noise, index)
     }
 
     fn sigmas(&self) -> &[f32] {
@@ -240,20 +236,13 @@ impl Scheduler for EulerAncestralScheduler {
         self.schedule.init_noise_sigma(self.config.timestep_spacing)
     }
 
-    fn scale_model_input(&self, sample: &[f32], index: usize) -> Vec<f32> {
-        self.schedule.scale_model_input(sample, index)
+    fn scale_model_input(&self, m: LatentMath, sample: &Latent, index: usize) -> Result<Latent> {
+        self.schedule.scale_model_input(m, sample, index)
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        index: usize,
-        sample: &[f32],
-        gen: &mut TorchGenerator,
-    ) -> Result<Vec<f32>> {
+    fn step(&mut self, m: LatentMath, model_output: &Latent, index: usize, sample: &Latent, gen: &mut TorchGenerator) -> Result<Latent> {
         self.schedule.check_step(index, model_output, sample)?;
         let sigma = self.schedule.sigmas[index];
-        let x0 = sigma_pred_original_sample(self.config.prediction_type, sigma, sample, model_output)?;
         let sigma_from = sigma;
         let sigma_to = self.schedule.sigmas[index + 1];
         let from2 = sigma_from * sigma_from;
@@ -261,13 +250,15 @@ impl Scheduler for EulerAncestralScheduler {
         let sigma_up = (to2 * (from2 - to2) / from2).sqrt();
         let sigma_down = (to2 - sigma_up * sigma_up).sqrt();
         let dt = sigma_down - sigma;
-        let n = sample.len();
-        let noise = gen.randn(n);
-        Ok((0..n).map(|i| (sample[i] + (sample[i] - x0[i]) / sigma * dt) + noise[i] * sigma_up).collect())
+        let noise = m.put(gen.randn(sample.len()))?;
+        let mut ins = Inputs::new();
+        let (x, e, z) = (ins.add(sample), ins.add(model_output), ins.add(&noise));
+        let x0 = sigma_pred_original_sample(self.config.prediction_type, sigma, &x, &e)?;
+        m.eval(&((x.clone() + (x - x0) / sigma * dt) + z * sigma_up), &ins)
     }
 
-    fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        self.schedule.add_noise(original, noise, index)
+    fn add_noise(&self, m: LatentMath, original: &Latent, noise: &Latent, index: usize) -> Result<Latent> {
+        self.schedule.add_noise(m, original, noise, index)
     }
 
     fn sigmas(&self) -> &[f32] {

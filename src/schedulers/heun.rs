@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::Scheduler;
+use super::{Inputs, Latent, LatentMath, Scheduler};
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
@@ -58,9 +58,9 @@ pub struct HeunScheduler {
     sigma_bounds: (Option<f64>, Option<f64>),
     schedule: SigmaSchedule,
     // state between the two halves of a step
-    prev_derivative: Option<Vec<f32>>,
+    prev_derivative: Option<Latent>,
     dt: Option<f32>,
-    prev_sample: Option<Vec<f32>>,
+    prev_sample: Option<Latent>,
 }
 
 impl HeunScheduler {
@@ -141,59 +141,60 @@ impl Scheduler for HeunScheduler {
         self.schedule.init_noise_sigma(self.config.timestep_spacing)
     }
 
-    fn scale_model_input(&self, sample: &[f32], index: usize) -> Vec<f32> {
-        self.schedule.scale_model_input(sample, index)
+    fn scale_model_input(&self, m: LatentMath, sample: &Latent, index: usize) -> Result<Latent> {
+        self.schedule.scale_model_input(m, sample, index)
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        index: usize,
-        sample: &[f32],
-        _gen: &mut TorchGenerator,
-    ) -> Result<Vec<f32>> {
+    fn step(&mut self, m: LatentMath, model_output: &Latent, index: usize, sample: &Latent, _gen: &mut TorchGenerator) -> Result<Latent> {
         self.schedule.check_step(index, model_output, sample)?;
         let first = self.first_order();
         if !first && index == 0 {
             return Err(bad_index(CLASS, index, self.schedule.timesteps.len()));
         }
-        let s = &self.schedule.sigmas;
-        let (sigma, sigma_next) = if first { (s[index], s[index + 1]) } else { (s[index - 1], s[index]) };
-        let sigma_hat = sigma; // gamma = 0
-        let sigma_input = if first { sigma_hat } else { sigma_next };
-        let n = sample.len();
-        let mut x0 = sigma_pred_original_sample(self.config.prediction_type, sigma_input, sample, model_output)?;
-        if self.config.clip_sample {
-            clip_sample(&mut x0, self.config.clip_sample_range);
-        }
-        if first {
-            let derivative: Vec<f32> = (0..n).map(|i| (sample[i] - x0[i]) / sigma_hat).collect();
-            let dt = sigma_next - sigma_hat;
-            let out = (0..n).map(|i| sample[i] + derivative[i] * dt).collect();
-            self.prev_derivative = Some(derivative);
-            self.dt = Some(dt);
-            self.prev_sample = Some(sample.to_vec());
-            Ok(out)
+        // The second half reads what the first half left.
+        let second = if first {
+            None
         } else {
             let (Some(pd), Some(dt), Some(ps)) = (self.prev_derivative.take(), self.dt.take(), self.prev_sample.take())
             else {
                 return Err(bad_index(CLASS, index, self.schedule.timesteps.len()));
             };
-            if pd.len() != n {
+            if pd.len() != sample.len() {
                 return Err(Error::Shape(format!("{CLASS}: the sample size changed within a step")));
             }
-            Ok((0..n)
-                .map(|i| {
-                    let d = (sample[i] - x0[i]) / sigma_next;
-                    let d = (pd[i] + d) / 2.0;
-                    ps[i] + d * dt
-                })
-                .collect())
+            Some((pd, dt, ps))
+        };
+        let s = &self.schedule.sigmas;
+        let (sigma, sigma_next) = if first { (s[index], s[index + 1]) } else { (s[index - 1], s[index]) };
+        let sigma_hat = sigma; // gamma = 0
+        let sigma_input = if first { sigma_hat } else { sigma_next };
+        let mut ins = Inputs::new();
+        let (x, e) = (ins.add(sample), ins.add(model_output));
+        let x0 = sigma_pred_original_sample(self.config.prediction_type, sigma_input, &x, &e)?;
+        let x0 = clip_sample(x0, self.config.clip_sample, self.config.clip_sample_range);
+        match &second {
+            None => {
+                let derivative = m.eval(&((x - x0) / sigma_hat), &ins)?;
+                let dt = sigma_next - sigma_hat;
+                let mut ins = Inputs::new();
+                let (x, d) = (ins.add(sample), ins.add(&derivative));
+                let out = m.eval(&(x + d * dt), &ins)?;
+                self.prev_derivative = Some(derivative);
+                self.dt = Some(dt);
+                self.prev_sample = Some(sample.clone());
+                Ok(out)
+            }
+            Some((pd, dt, ps)) => {
+                let (pd, ps) = (ins.add(pd), ins.add(ps));
+                let d = (x - x0) / sigma_next;
+                let d = (pd + d) / 2.0;
+                m.eval(&(ps + d * *dt), &ins)
+            }
         }
     }
 
-    fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        self.schedule.add_noise(original, noise, index)
+    fn add_noise(&self, m: LatentMath, original: &Latent, noise: &Latent, index: usize) -> Result<Latent> {
+        self.schedule.add_noise(m, original, noise, index)
     }
 
     fn order(&self) -> usize {

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::Scheduler;
+use super::{Inputs, Latent, LatentMath, Scheduler};
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
@@ -120,13 +120,7 @@ impl Scheduler for LcmScheduler {
         self.schedule.timesteps_f32()
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        index: usize,
-        sample: &[f32],
-        gen: &mut TorchGenerator,
-    ) -> Result<Vec<f32>> {
+    fn step(&mut self, m: LatentMath, model_output: &Latent, index: usize, sample: &Latent, gen: &mut TorchGenerator) -> Result<Latent> {
         let t = self.schedule.step_timestep(index, model_output, sample)?;
         let prev_t = self.schedule.timesteps.get(index + 1).copied().unwrap_or(t);
         let a_t = self.schedule.alpha_prod(t)?;
@@ -137,23 +131,25 @@ impl Scheduler for LcmScheduler {
         let d = scaled * scaled + 0.25;
         let c_skip = 0.25 / d;
         let c_out = scaled / d.sqrt();
-        let n = sample.len();
-        let mut x0 = alpha_pred_original_sample(self.config.prediction_type, a_t, sample, model_output)?;
-        if self.config.clip_sample {
-            clip_sample(&mut x0, self.config.clip_sample_range);
-        }
-        let denoised: Vec<f32> = (0..n).map(|i| c_out * x0[i] + c_skip * sample[i]).collect();
-        if index != self.schedule.timesteps.len() - 1 {
-            let noise = gen.randn(n);
-            let (sap, sbp) = (a_prev.sqrt(), b_prev.sqrt());
-            Ok((0..n).map(|i| sap * denoised[i] + sbp * noise[i]).collect())
-        } else {
-            Ok(denoised)
+        let last = index == self.schedule.timesteps.len() - 1;
+        let noise = if last { None } else { Some(m.put(gen.randn(sample.len()))?) };
+        let mut ins = Inputs::new();
+        let (x, e) = (ins.add(sample), ins.add(model_output));
+        let x0 = alpha_pred_original_sample(self.config.prediction_type, a_t, &x, &e)?;
+        let x0 = clip_sample(x0, self.config.clip_sample, self.config.clip_sample_range);
+        let denoised = c_out * x0 + c_skip * x;
+        match &noise {
+            Some(noise) => {
+                let (sap, sbp) = (a_prev.sqrt(), b_prev.sqrt());
+                let z = ins.add(noise);
+                m.eval(&(sap * denoised + sbp * z), &ins)
+            }
+            None => m.eval(&denoised, &ins),
         }
     }
 
-    fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        self.schedule.add_noise(original, noise, index)
+    fn add_noise(&self, m: LatentMath, original: &Latent, noise: &Latent, index: usize) -> Result<Latent> {
+        self.schedule.add_noise(m, original, noise, index)
     }
 
     fn alphas_cumprod(&self) -> &[f32] {

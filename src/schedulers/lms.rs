@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::Scheduler;
+use super::{Inputs, Latent, LatentMath, Scheduler};
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
@@ -57,7 +57,7 @@ pub struct LmsScheduler {
     config: LmsConfig,
     sigma_bounds: (Option<f64>, Option<f64>),
     schedule: SigmaSchedule,
-    derivatives: Vec<Vec<f32>>,
+    derivatives: Vec<Latent>,
 }
 
 impl LmsScheduler {
@@ -174,46 +174,44 @@ impl Scheduler for LmsScheduler {
         self.schedule.init_noise_sigma(self.config.timestep_spacing)
     }
 
-    fn scale_model_input(&self, sample: &[f32], index: usize) -> Vec<f32> {
-        self.schedule.scale_model_input(sample, index)
+    fn scale_model_input(&self, m: LatentMath, sample: &Latent, index: usize) -> Result<Latent> {
+        self.schedule.scale_model_input(m, sample, index)
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        index: usize,
-        sample: &[f32],
-        _gen: &mut TorchGenerator,
-    ) -> Result<Vec<f32>> {
+    fn step(&mut self, m: LatentMath, model_output: &Latent, index: usize, sample: &Latent, _gen: &mut TorchGenerator) -> Result<Latent> {
         self.schedule.check_step(index, model_output, sample)?;
         if self.derivatives.iter().any(|d| d.len() != sample.len()) {
             return Err(Error::Shape(format!("{CLASS}: the sample size changed between steps")));
         }
         let sigma = self.schedule.sigmas[index];
-        let x0 = sigma_pred_original_sample(self.config.prediction_type, sigma, sample, model_output)?;
-        let n = sample.len();
-        let derivative: Vec<f32> = (0..n).map(|i| (sample[i] - x0[i]) / sigma).collect();
+        let mut ins = Inputs::new();
+        let (x, e) = (ins.add(sample), ins.add(model_output));
+        let x0 = sigma_pred_original_sample(self.config.prediction_type, sigma, &x, &e)?;
+        let derivative = m.eval(&((x - x0) / sigma), &ins)?;
         self.derivatives.push(derivative);
         if self.derivatives.len() > MAX_ORDER {
             self.derivatives.remove(0);
         }
         let order = (index + 1).min(MAX_ORDER);
         let coeffs: Vec<f32> = (0..order).map(|k| self.lms_coefficient(order, index, k) as f32).collect();
-        let mut acc: Option<Vec<f32>> = None;
-        for (c, d) in coeffs.iter().zip(self.derivatives.iter().rev()) {
+        let mut ins = Inputs::new();
+        let x = ins.add(sample);
+        let mut acc: Option<crate::ops::Expr> = None;
+        for (&c, d) in coeffs.iter().zip(self.derivatives.iter().rev()) {
+            let d = ins.add(d);
             acc = Some(match acc {
-                None => d.iter().map(|v| c * v).collect(),
-                Some(a) => a.iter().zip(d).map(|(a, v)| a + c * v).collect(),
+                None => c * d,
+                Some(a) => a + c * d,
             });
         }
-        Ok(match acc {
-            Some(a) => sample.iter().zip(&a).map(|(s, a)| s + a).collect(),
-            None => sample.to_vec(),
-        })
+        match acc {
+            Some(a) => m.eval(&(x + a), &ins),
+            None => Ok(sample.clone()),
+        }
     }
 
-    fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        self.schedule.add_noise(original, noise, index)
+    fn add_noise(&self, m: LatentMath, original: &Latent, noise: &Latent, index: usize) -> Result<Latent> {
+        self.schedule.add_noise(m, original, noise, index)
     }
 
     fn sigmas(&self) -> &[f32] {

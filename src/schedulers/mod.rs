@@ -1,9 +1,11 @@
-//! Diffusion schedulers, on the CPU in f32, numerically matching diffusers 0.42.1.
+//! Diffusion schedulers, numerically matching diffusers 0.42.1.
 //!
-//! Latents are small, so the schedulers run on the CPU while the GPU runs the models. Each
-//! scheduler reproduces the arithmetic of its diffusers class operation by operation (float32
+//! Each scheduler reproduces the arithmetic of its diffusers class operation by operation (float32
 //! tensor maths in `f32`, numpy float64 maths in `f64`, the same casts), so a trajectory matches
-//! diffusers to about 1e-6 relative; see `tests/schedulers.rs` for the measured tolerances.
+//! diffusers to about 1e-6 relative; see `tests/schedulers.rs` for the measured tolerances. The
+//! schedule (timesteps, sigmas, coefficients) is computed on the CPU; the per-element updates are
+//! [`crate::ops::Expr`]essions over [`Latent`]s, evaluated on the CPU ([`LatentMath::Host`]) or as
+//! kernels where the latents stay on the device ([`LatentMath::Device`]).
 //!
 //! ```ignore
 //! let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string("scheduler_config.json")?)?;
@@ -12,9 +14,9 @@
 //! let mut gen = TorchGenerator::new(seed);
 //! let mut x: Vec<f32> = gen.randn(n).iter().map(|v| v * sched.init_noise_sigma()).collect();
 //! for i in 0..sched.timesteps().len() {
-//!     let input = sched.scale_model_input(&x, i);
+//!     let input = sched.scale_model_input_host(&x, i)?;
 //!     let eps = unet(&input, sched.timesteps()[i]);
-//!     x = sched.step(&eps, i, &x, &mut gen)?;
+//!     x = sched.step_host(&eps, i, &x, &mut gen)?;
 //! }
 //! ```
 
@@ -24,6 +26,7 @@ mod ddpm;
 mod dpm_solver;
 mod euler;
 mod heun;
+mod latent;
 mod lcm;
 mod lms;
 mod pndm;
@@ -40,6 +43,7 @@ pub use ddpm::{DdpmConfig, DdpmScheduler, VarianceType};
 pub use dpm_solver::{DpmAlgorithm, DpmSolverConfig, DpmSolverMultistepScheduler, DpmSolverType};
 pub use euler::{EulerAncestralConfig, EulerAncestralScheduler, EulerConfig, EulerScheduler};
 pub use heun::{HeunConfig, HeunScheduler};
+pub use latent::{Inputs, Latent, LatentMath};
 pub use lcm::{LcmConfig, LcmScheduler};
 pub use lms::{LmsConfig, LmsScheduler};
 pub use pndm::{PndmConfig, PndmScheduler};
@@ -56,7 +60,7 @@ use crate::{Error, Result};
 /// [`Scheduler::timesteps`]; multistep schedulers (PNDM, Heun, LMS, DPM-Solver, UniPC) also keep
 /// state between steps, so steps must be taken in order `0, 1, 2, ...` after `set_timesteps`
 /// (which resets that state), exactly as diffusers pipelines do.
-pub trait Scheduler: Send {
+pub trait Scheduler {
     /// diffusers' `set_timesteps(num_inference_steps)`. Resets the multistep state.
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
     /// The timesteps the model is called with, as f32 (diffusers' int or float timesteps).
@@ -69,22 +73,16 @@ pub trait Scheduler: Send {
     /// diffusers' `scale_model_input` for the step at `index` into `timesteps()`. An index past
     /// the end is clamped to the last step. Only the k-diffusion style schedulers scale; the
     /// others return the sample as it is.
-    fn scale_model_input(&self, sample: &[f32], _index: usize) -> Vec<f32> {
-        sample.to_vec()
+    fn scale_model_input(&self, _m: LatentMath, sample: &Latent, _index: usize) -> Result<Latent> {
+        Ok(sample.clone())
     }
     /// diffusers' `step` at `index` into `timesteps()`: returns `prev_sample`. `gen` draws the
     /// noise of the stochastic schedulers (DDPM, DDIM with eta > 0, Euler ancestral, DPM++ SDE,
-    /// LCM), one `randn(sample.len())` per step as diffusers' `randn_tensor` does.
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        index: usize,
-        sample: &[f32],
-        gen: &mut TorchGenerator,
-    ) -> Result<Vec<f32>>;
+    /// LCM), one `randn(sample.len())` per step as diffusers' `randn_tensor` does, on the CPU.
+    fn step(&mut self, m: LatentMath, model_output: &Latent, index: usize, sample: &Latent, gen: &mut TorchGenerator) -> Result<Latent>;
     /// diffusers' `add_noise(original, noise, timesteps[index])` (img2img). An index past the end
     /// is clamped to the last step.
-    fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32>;
+    fn add_noise(&self, m: LatentMath, original: &Latent, noise: &Latent, index: usize) -> Result<Latent>;
     /// diffusers' `scheduler.order` (2 for Heun, 1 otherwise, as `SchedulerMixin.order`): model
     /// calls per "step" for progress bars and img2img's `timesteps[t_start * order..]`.
     fn order(&self) -> usize {
@@ -101,6 +99,25 @@ pub trait Scheduler: Send {
     fn set_eta(&mut self, _eta: f32) {}
     /// The diffusers class this scheduler reproduces, e.g. `"EulerDiscreteScheduler"`.
     fn class_name(&self) -> &'static str;
+}
+
+/// The [`Scheduler`] methods on values in CPU memory ([`LatentMath::Host`]).
+pub trait SchedulerHost {
+    fn scale_model_input_host(&self, sample: &[f32], index: usize) -> Result<Vec<f32>>;
+    fn step_host(&mut self, model_output: &[f32], index: usize, sample: &[f32], gen: &mut TorchGenerator) -> Result<Vec<f32>>;
+    fn add_noise_host(&self, original: &[f32], noise: &[f32], index: usize) -> Result<Vec<f32>>;
+}
+
+impl<S: Scheduler + ?Sized> SchedulerHost for S {
+    fn scale_model_input_host(&self, sample: &[f32], index: usize) -> Result<Vec<f32>> {
+        self.scale_model_input(LatentMath::Host, &Latent::host(sample.to_vec()), index)?.into_host()
+    }
+    fn step_host(&mut self, model_output: &[f32], index: usize, sample: &[f32], gen: &mut TorchGenerator) -> Result<Vec<f32>> {
+        self.step(LatentMath::Host, &Latent::host(model_output.to_vec()), index, &Latent::host(sample.to_vec()), gen)?.into_host()
+    }
+    fn add_noise_host(&self, original: &[f32], noise: &[f32], index: usize) -> Result<Vec<f32>> {
+        self.add_noise(LatentMath::Host, &Latent::host(original.to_vec()), &Latent::host(noise.to_vec()), index)?.into_host()
+    }
 }
 
 /// The scheduler choices offered to users, with their CLI names.

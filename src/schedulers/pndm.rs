@@ -5,7 +5,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::Scheduler;
+use super::{Inputs, Latent, LatentMath, Scheduler};
+use crate::ops::Expr;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
@@ -54,9 +55,9 @@ pub struct PndmScheduler {
     prk_timesteps: Vec<i64>,
     // state
     counter: usize,
-    ets: Vec<Vec<f32>>,
-    cur_model_output: Option<Vec<f32>>,
-    cur_sample: Option<Vec<f32>>,
+    ets: Vec<Latent>,
+    cur_model_output: Option<Latent>,
+    cur_sample: Option<Latent>,
 }
 
 impl PndmScheduler {
@@ -88,56 +89,56 @@ impl PndmScheduler {
         &self.config
     }
 
-    /// `_get_prev_sample`.
-    fn prev_sample(&self, sample: &[f32], t: i64, prev_t: i64, model_output: &[f32]) -> Result<Vec<f32>> {
+    /// `_get_prev_sample` of the sample `x` and the model output `mo`.
+    fn prev_sample(&self, x: Expr, t: i64, prev_t: i64, mo: Expr) -> Result<Expr> {
         let a_t = self.schedule.alpha_prod(t)?;
         let a_prev = self.schedule.alpha_prod_prev(prev_t, self.final_alpha_cumprod)?;
         let b_t = 1.0 - a_t;
         let b_prev = 1.0 - a_prev;
-        let mo: Vec<f32> = if self.config.prediction_type == PredictionType::VPrediction {
+        let mo = if self.config.prediction_type == PredictionType::VPrediction {
             let (sa, sb) = (a_t.sqrt(), b_t.sqrt());
-            model_output.iter().zip(sample).map(|(m, s)| sa * m + sb * s).collect()
+            sa * mo + sb * x.clone()
         } else {
-            model_output.to_vec()
+            mo
         };
         let sample_coeff = (a_prev / a_t).sqrt();
         let denom = a_t * b_prev.sqrt() + (a_t * b_t * a_prev).sqrt();
         let diff = a_prev - a_t;
-        Ok(sample.iter().zip(&mo).map(|(s, m)| sample_coeff * s - diff * m / denom).collect())
+        Ok(sample_coeff * x - diff * mo / denom)
     }
 
-    fn step_prk(&mut self, model_output: &[f32], timestep: i64, sample: &[f32]) -> Result<Vec<f32>> {
+    fn step_prk(&mut self, m: LatentMath, model_output: &Latent, timestep: i64, sample: &Latent) -> Result<Latent> {
         let half = (self.config.num_train_timesteps / self.schedule.num_inference_steps / 2) as i64;
         let diff_to_prev = if self.counter % 2 == 1 { 0 } else { half };
         let prev_t = timestep - diff_to_prev;
         let t = self.prk_timesteps[self.counter / 4 * 4];
-        let mut mo = model_output.to_vec();
+        let mut mo = model_output.clone();
         match self.counter % 4 {
             0 => {
                 let c = (1.0f64 / 6.0) as f32;
-                let acc: Vec<f32> = add_scaled(self.cur_model_output.as_deref(), c, model_output);
-                self.cur_model_output = Some(acc);
-                self.ets.push(model_output.to_vec());
-                self.cur_sample = Some(sample.to_vec());
+                self.cur_model_output = Some(add_scaled(m, self.cur_model_output.as_ref(), c, model_output)?);
+                self.ets.push(model_output.clone());
+                self.cur_sample = Some(sample.clone());
             }
             1 | 2 => {
                 let c = (1.0f64 / 3.0) as f32;
-                let acc = add_scaled(self.cur_model_output.as_deref(), c, model_output);
-                self.cur_model_output = Some(acc);
+                self.cur_model_output = Some(add_scaled(m, self.cur_model_output.as_ref(), c, model_output)?);
             }
             _ => {
                 let c = (1.0f64 / 6.0) as f32;
-                mo = add_scaled(self.cur_model_output.as_deref(), c, model_output);
+                mo = add_scaled(m, self.cur_model_output.as_ref(), c, model_output)?;
                 self.cur_model_output = None;
             }
         }
-        let cur = self.cur_sample.clone().unwrap_or_else(|| sample.to_vec());
-        let out = self.prev_sample(&cur, t, prev_t, &mo)?;
+        let cur = self.cur_sample.clone().unwrap_or_else(|| sample.clone());
+        let mut ins = Inputs::new();
+        let (x, mo) = (ins.add(&cur), ins.add(&mo));
+        let out = m.eval(&self.prev_sample(x, t, prev_t, mo)?, &ins)?;
         self.counter += 1;
         Ok(out)
     }
 
-    fn step_plms(&mut self, model_output: &[f32], timestep: i64, sample: &[f32]) -> Result<Vec<f32>> {
+    fn step_plms(&mut self, m: LatentMath, model_output: &Latent, timestep: i64, sample: &Latent) -> Result<Latent> {
         if !self.config.skip_prk_steps && self.ets.len() < 3 {
             return Err(Error::Input(format!(
                 "{CLASS}: PLMS steps need at least 3 previous PRK model outputs; use more inference steps"
@@ -149,46 +150,54 @@ impl PndmScheduler {
         if self.counter != 1 {
             let keep = self.ets.len().saturating_sub(3);
             self.ets.drain(..keep);
-            self.ets.push(model_output.to_vec());
+            self.ets.push(model_output.clone());
         } else {
             prev_t = timestep;
             t = timestep + ratio;
         }
-        let n = sample.len();
-        let mut cur_sample = sample.to_vec();
-        let e = &self.ets;
-        let k = e.len();
-        let mo: Vec<f32> = if k == 1 && self.counter == 0 {
-            self.cur_sample = Some(sample.to_vec());
-            model_output.to_vec()
+        let mut cur_sample = sample.clone();
+        let k = self.ets.len();
+        if k == 1 && self.counter == 0 {
+            self.cur_sample = Some(sample.clone());
         } else if k == 1 && self.counter == 1 {
             if let Some(cs) = self.cur_sample.take() {
                 cur_sample = cs;
             }
-            let last = &e[k - 1];
-            (0..n).map(|i| (model_output[i] + last[i]) / 2.0).collect()
+        }
+        let e = &self.ets;
+        let mut ins = Inputs::new();
+        let x = ins.add(&cur_sample);
+        let mo = if k == 1 && self.counter == 0 {
+            ins.add(model_output)
+        } else if k == 1 && self.counter == 1 {
+            (ins.add(model_output) + ins.add(&e[k - 1])) / 2.0
         } else if k == 2 {
-            (0..n).map(|i| (3.0 * e[1][i] - e[0][i]) / 2.0).collect()
+            (3.0 * ins.add(&e[1]) - ins.add(&e[0])) / 2.0
         } else if k == 3 {
-            (0..n).map(|i| (23.0 * e[2][i] - 16.0 * e[1][i] + 5.0 * e[0][i]) / 12.0).collect()
+            (23.0 * ins.add(&e[2]) - 16.0 * ins.add(&e[1]) + 5.0 * ins.add(&e[0])) / 12.0
         } else if k >= 4 {
             let c = (1.0f64 / 24.0) as f32;
-            let (e1, e2, e3, e4) = (&e[k - 1], &e[k - 2], &e[k - 3], &e[k - 4]);
-            (0..n).map(|i| c * (55.0 * e1[i] - 59.0 * e2[i] + 37.0 * e3[i] - 9.0 * e4[i])).collect()
+            let (e1, e2, e3, e4) = (ins.add(&e[k - 1]), ins.add(&e[k - 2]), ins.add(&e[k - 3]), ins.add(&e[k - 4]));
+            c * (55.0 * e1 - 59.0 * e2 + 37.0 * e3 - 9.0 * e4)
         } else {
             return Err(Error::Input(format!("{CLASS}: steps taken out of order; call set_timesteps again")));
         };
-        let out = self.prev_sample(&cur_sample, t, prev_t, &mo)?;
+        let out = m.eval(&self.prev_sample(x, t, prev_t, mo)?, &ins)?;
         self.counter += 1;
         Ok(out)
     }
 }
 
-/// `acc + c * x` where `acc` starts as Python's `0`.
-fn add_scaled(acc: Option<&[f32]>, c: f32, x: &[f32]) -> Vec<f32> {
+/// `acc + c * x`, or `c * x` when there is no `acc` yet.
+fn add_scaled(m: LatentMath, acc: Option<&Latent>, c: f32, x: &Latent) -> Result<Latent> {
+    let mut ins = Inputs::new();
+    let xe = ins.add(x);
     match acc {
-        Some(a) if a.len() == x.len() => a.iter().zip(x).map(|(a, v)| a + c * v).collect(),
-        _ => x.iter().map(|v| c * v).collect(),
+        Some(a) if a.len() == x.len() => {
+            let a = ins.add(a);
+            m.eval(&(a + c * xe), &ins)
+        }
+        _ => m.eval(&(c * xe), &ins),
     }
 }
 
@@ -246,27 +255,21 @@ impl Scheduler for PndmScheduler {
         self.schedule.timesteps_f32()
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        index: usize,
-        sample: &[f32],
-        _gen: &mut TorchGenerator,
-    ) -> Result<Vec<f32>> {
+    fn step(&mut self, m: LatentMath, model_output: &Latent, index: usize, sample: &Latent, _gen: &mut TorchGenerator) -> Result<Latent> {
         let t = self.schedule.step_timestep(index, model_output, sample)?;
         let n = sample.len();
         if self.ets.iter().chain(&self.cur_sample).chain(&self.cur_model_output).any(|v| v.len() != n) {
             return Err(Error::Shape(format!("{CLASS}: the sample size changed between steps")));
         }
         if self.counter < self.prk_len && !self.config.skip_prk_steps {
-            self.step_prk(model_output, t, sample)
+            self.step_prk(m, model_output, t, sample)
         } else {
-            self.step_plms(model_output, t, sample)
+            self.step_plms(m, model_output, t, sample)
         }
     }
 
-    fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        self.schedule.add_noise(original, noise, index)
+    fn add_noise(&self, m: LatentMath, original: &Latent, noise: &Latent, index: usize) -> Result<Latent> {
+        self.schedule.add_noise(m, original, noise, index)
     }
 
     fn alphas_cumprod(&self) -> &[f32] {

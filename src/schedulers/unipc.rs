@@ -4,7 +4,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::*;
-use super::Scheduler;
+use super::{Inputs, Latent, LatentMath, Scheduler};
+use crate::ops::Expr;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
@@ -109,7 +110,7 @@ pub struct UniPcScheduler {
     solver_type: UniPcSolverType,
     schedule: SigmaSchedule,
     model_outputs: ModelOutputs,
-    last_sample: Option<Vec<f32>>,
+    last_sample: Option<Latent>,
     this_order: usize,
 }
 
@@ -122,21 +123,21 @@ struct Coeffs {
 
 /// What the predictor and the corrector share: `x_t_ = c_x * x + c_m0 * m0`, and the `rhos`
 /// and `D1s` of the residual scaled by `c_res`.
-struct BhUpdate<'a> {
-    m0: &'a [f32],
+struct BhUpdate {
+    m0: Expr,
     c_x: f32,
     c_m0: f32,
     c_res: f32,
     rhos: Vec<f32>,
-    d1s: Vec<Vec<f32>>,
+    d1s: Vec<Expr>,
 }
 
-impl BhUpdate<'_> {
-    /// `einsum("k,bkc...->bc...", rhos, D1s)` at element `i`, over the `D1s`.
-    fn residual(&self, i: usize) -> f32 {
-        let mut res = self.rhos[0] * self.d1s[0][i];
+impl BhUpdate {
+    /// `einsum("k,bkc...->bc...", rhos, D1s)`, over the `D1s`.
+    fn residual(&self) -> Expr {
+        let mut res = self.rhos[0] * self.d1s[0].clone();
         for (rho, d) in self.rhos.iter().zip(&self.d1s).skip(1) {
-            res += rho * d[i];
+            res = res + *rho * d.clone();
         }
         res
     }
@@ -219,9 +220,9 @@ impl UniPcScheduler {
     /// The part of the predictor (`corrector = false`: from `sigmas[index]` to
     /// `sigmas[index + 1]`) and the corrector (from `sigmas[index - 1]` to `sigmas[index]`) that
     /// they share.
-    fn bh_update(&self, index: usize, order: usize, corrector: bool) -> Result<BhUpdate<'_>> {
+    fn bh_update<'a>(&'a self, ins: &mut Inputs<'a>, index: usize, order: usize, corrector: bool) -> Result<BhUpdate> {
         let out_of_range = || bad_index(CLASS, index, self.schedule.timesteps.len());
-        let m0 = self.model_outputs.get(0).ok_or_else(out_of_range)?;
+        let m0 = ins.add(self.model_outputs.get(0).ok_or_else(out_of_range)?);
         let (t, s0) =
             if corrector { (index, index.checked_sub(1).ok_or_else(out_of_range)?) } else { (index + 1, index) };
         let sigmas = &self.schedule.sigmas;
@@ -230,14 +231,14 @@ impl UniPcScheduler {
         let ls0 = lambda(as0, ss0);
         let h = lambda(at, st) - ls0;
         let mut rks = Vec::with_capacity(order);
-        let mut d1s: Vec<Vec<f32>> = Vec::new();
+        let mut d1s = Vec::new();
         for i in 1..order {
             let si = s0.checked_sub(i).ok_or_else(out_of_range)?;
-            let mi = self.model_outputs.get(i).ok_or_else(out_of_range)?;
+            let mi = ins.add(self.model_outputs.get(i).ok_or_else(out_of_range)?);
             let (a, s) = alpha_sigma(sigmas[si]);
             let rk = (lambda(a, s) - ls0) / h;
             rks.push(rk);
-            d1s.push(mi.iter().zip(m0).map(|(m, z)| (m - z) / rk).collect());
+            d1s.push((mi - m0.clone()) / rk);
         }
         rks.push(1.0);
         let c = self.coeffs(h, &rks, order, corrector)?;
@@ -250,27 +251,27 @@ impl UniPcScheduler {
     }
 
     /// `multistep_uni_p_bh_update`.
-    fn predictor(&self, index: usize, x: &[f32], order: usize) -> Result<Vec<f32>> {
-        let u = self.bh_update(index, order, false)?;
-        let x_t_ = lincomb(&[(u.c_x, x), (u.c_m0, u.m0)]);
+    fn predictor(&self, m: LatentMath, index: usize, x: &Latent, order: usize) -> Result<Latent> {
+        let mut ins = Inputs::new();
+        let xe = ins.add(x);
+        let u = self.bh_update(&mut ins, index, order, false)?;
+        let x_t_ = Expr::lincomb(vec![(u.c_x, xe), (u.c_m0, u.m0.clone())]);
         if u.d1s.is_empty() {
-            return Ok(x_t_);
+            return m.eval(&x_t_, &ins);
         }
-        Ok((0..x.len()).map(|i| x_t_[i] - u.c_res * u.residual(i)).collect())
+        m.eval(&(x_t_ - u.c_res * u.residual()), &ins)
     }
 
     /// `multistep_uni_c_bh_update`.
-    fn corrector(&self, index: usize, model_t: &[f32], last_sample: &[f32], order: usize) -> Result<Vec<f32>> {
-        let u = self.bh_update(index, order, true)?;
-        let x_t_ = lincomb(&[(u.c_x, last_sample), (u.c_m0, u.m0)]);
+    fn corrector(&self, m: LatentMath, index: usize, model_t: &Latent, last_sample: &Latent, order: usize) -> Result<Latent> {
+        let mut ins = Inputs::new();
+        let (mt, last) = (ins.add(model_t), ins.add(last_sample));
+        let u = self.bh_update(&mut ins, index, order, true)?;
+        let x_t_ = Expr::lincomb(vec![(u.c_x, last), (u.c_m0, u.m0.clone())]);
         let rho_t = *u.rhos.last().unwrap_or(&0.5);
-        Ok((0..last_sample.len())
-            .map(|i| {
-                let d1_t = model_t[i] - u.m0[i];
-                let corr = if u.d1s.is_empty() { rho_t * d1_t } else { u.residual(i) + rho_t * d1_t };
-                x_t_[i] - u.c_res * corr
-            })
-            .collect())
+        let d1_t = mt - u.m0.clone();
+        let corr = if u.d1s.is_empty() { rho_t * d1_t } else { u.residual() + rho_t * d1_t };
+        m.eval(&(x_t_ - u.c_res * corr), &ins)
     }
 }
 
@@ -311,13 +312,7 @@ impl Scheduler for UniPcScheduler {
         &self.schedule.timesteps
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        index: usize,
-        sample: &[f32],
-        _gen: &mut TorchGenerator,
-    ) -> Result<Vec<f32>> {
+    fn step(&mut self, m: LatentMath, model_output: &Latent, index: usize, sample: &Latent, _gen: &mut TorchGenerator) -> Result<Latent> {
         self.schedule.check_step(index, model_output, sample)?;
         if self.model_outputs.size_differs(sample.len())
             || self.last_sample.as_ref().is_some_and(|s| s.len() != sample.len())
@@ -327,27 +322,28 @@ impl Scheduler for UniPcScheduler {
         let use_corrector =
             index > 0 && !self.config.disable_corrector.contains(&(index as i64 - 1)) && self.last_sample.is_some();
         let c = &self.config;
-        let converted =
-            convert_model_output(c.prediction_type, c.predict_x0, self.schedule.sigmas[index], model_output, sample);
-        let sample = if use_corrector {
-            let last = self.last_sample.take().unwrap_or_default();
-            self.corrector(index, &converted, &last, self.this_order)?
-        } else {
-            sample.to_vec()
+        let converted = {
+            let mut ins = Inputs::new();
+            let (x, e) = (ins.add(sample), ins.add(model_output));
+            m.eval(&convert_model_output(c.prediction_type, c.predict_x0, self.schedule.sigmas[index], &e, &x), &ins)?
+        };
+        let sample = match (use_corrector, self.last_sample.take()) {
+            (true, Some(last)) => self.corrector(m, index, &converted, &last, self.this_order)?,
+            _ => sample.clone(),
         };
         self.model_outputs.push(converted);
         let order = self.config.solver_order;
         let len = self.schedule.timesteps.len();
         let this_order = if self.config.lower_order_final { order.min(len - index) } else { order };
         self.this_order = this_order.min(self.model_outputs.lower_order_nums + 1);
-        let prev = self.predictor(index, &sample, self.this_order)?;
+        let prev = self.predictor(m, index, &sample, self.this_order)?;
         self.last_sample = Some(sample);
         self.model_outputs.count_step();
         Ok(prev)
     }
 
-    fn add_noise(&self, original: &[f32], noise: &[f32], index: usize) -> Vec<f32> {
-        self.schedule.add_noise_alpha_sigma(original, noise, index)
+    fn add_noise(&self, m: LatentMath, original: &Latent, noise: &Latent, index: usize) -> Result<Latent> {
+        self.schedule.add_noise_alpha_sigma(m, original, noise, index)
     }
 
     fn sigmas(&self) -> &[f32] {

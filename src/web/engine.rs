@@ -457,6 +457,7 @@ fn ldm_params(m: &LdmModel, req: GenerateRequest, image: Option<&LdmImage>) -> R
         width: req.width.unwrap_or(w),
         height: req.height.unwrap_or(h),
         scheduler: Some(kind),
+        latent_preview_every: req.preview_every,
         ..Default::default()
     };
     m.validate(&p, image)?;
@@ -479,6 +480,7 @@ fn params<'m>(m: &StableDiffusionModel, req: GenerateRequest, images: UserImages
         prompt_weighting,
         // The tiny autoencoder is cheap next to a UNet step: its real-colour preview every step.
         tiny_preview_every: if m.tiny_vae.is_some() && req.preview_every > 0 { 1 } else { 0 },
+        latent_preview_every: if m.tiny_vae.is_some() { 0 } else { req.preview_every },
         seed: req.seed,
         steps: req.steps.or(m.hints.steps).unwrap_or(steps),
         guidance_scale: req.guidance.or(m.hints.guidance).unwrap_or(guidance),
@@ -534,7 +536,6 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
     }
     ENGINE.with_borrow_mut(|e| e.controlnets.retain(|(k, _)| page_images.controls.iter().any(|(u, ..)| k.starts_with(&format!("{u}#")))));
     let load_ms = now_ms() - t_start;
-    let every = req.preview_every;
     let preview = loaded.preview.borrow().clone();
     let mut last = now_ms();
     // Once denoising runs, the VAE's weights can download alongside it: the worker prefetches
@@ -559,8 +560,9 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
             let rgba: Vec<u8> = img.rgb8(0).chunks(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect();
             let bytes = js_sys::Uint8ClampedArray::from(rgba.as_slice());
             event(on_event, "preview", &[("step", s.step.into()), ("width", img.width.into()), ("height", img.height.into()), ("rgba", bytes.into()), ("decoder", "tiny".into())]);
-        } else if every > 0 && (s.step.is_multiple_of(every) || s.step == s.steps) {
-            let rgba = preview.render(s.latents, s.shape);
+        } else if let Some(latents) = s.latents {
+            // The pipeline reads the latents back only at the steps preview_every asks.
+            let rgba = preview.render(latents, s.shape);
             let bytes = js_sys::Uint8ClampedArray::from(rgba.as_slice());
             event(on_event, "preview", &[("step", s.step.into()), ("width", s.shape[3].into()), ("height", s.shape[2].into()), ("rgba", bytes.into())]);
         }
@@ -670,6 +672,7 @@ async fn run_bench(model_url: &str, store: JsValue, single_file: Option<&str>, c
             m.load_vae(&gpu, &src).await?;
             let load_ms = now_ms() - t;
             let (p, kind, _) = params(m, req, UserImages::default())?;
+            let p = Txt2ImgParams { sync_steps: true, ..p };
             let t = now_ms();
             m.txt2img(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, &now_ms, &mut |_| Ok(())).await?;
             let warmup_ms = now_ms() - t;
@@ -679,6 +682,7 @@ async fn run_bench(model_url: &str, store: JsValue, single_file: Option<&str>, c
         DiffusionModel::Ldm(m) => {
             let load_ms = now_ms() - t;
             let (p, kind) = ldm_params(m, req, None)?;
+            let p = Txt2ImgParams { sync_steps: true, ..p };
             let t = now_ms();
             m.generate(&gpu, &Txt2ImgParams { steps: 1, ..p.clone() }, None, &now_ms, &mut |_| Ok(())).await?;
             let warmup_ms = now_ms() - t;

@@ -609,6 +609,8 @@ async function runBrowser(name, fx, results) {
         if (u.error) throw new Error(u.error);
         check('bench.html?mode=unet (ldm bench unet JSON)', u.unet_steps_ms?.length === 2 && u.buffers_created_per_step === 0 && u.readbacks_per_step === 1 && u.unet_weights === 'q8_0' && u.unet_weight_bytes > 0,
           `${u.unet_step_ms?.toFixed(0)} ms/step, ${u.buffers_created_per_step} buffers and ${u.submissions_per_step} submissions per step, ${u.unet_weight_bytes} q8 UNet bytes, peak ${u.peak_gpu_bytes} B`);
+        check('the denoising loop reads nothing back', u.loop_steps_ms?.length === 2 && u.loop_readbacks_per_step === 0,
+          `${u.loop_step_ms?.toFixed(0)} ms per loop step (guidance and scheduler as kernels), ${u.loop_submissions_per_step} submissions and ${u.loop_readbacks_per_step} readbacks per step`);
         await tab.close();
       });
     }

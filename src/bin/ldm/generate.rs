@@ -299,6 +299,8 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
                 }
                 let controls: Vec<(&ControlNetModel, &str, f32)> = nets.iter().zip(&specs).map(|(n, (_, image, scale))| (n, image.as_str(), *scale)).collect();
                 let (mut p, cond) = sd_params(a, &gpu, m, &controls, scheduler, bench).await?;
+                // A benchmark times each step by itself (otherwise steps overlap on the GPU).
+                p.sync_steps = bench;
                 // The benchmark reports steady-state speed: a one-step warm-up run first compiles
                 // every pipeline (seconds per generated kernel variant on software Vulkan).
                 let warmup_ms = if bench {
@@ -339,6 +341,7 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
             }
             DiffusionModel::Ldm(m) => {
                 let (p, image) = ldm_params(a, m, scheduler)?;
+                let p = Txt2ImgParams { sync_steps: bench, ..p };
                 m.validate(&p, image.as_ref())?;
                 let warmup_ms = if bench {
                     let t = now();
