@@ -71,7 +71,7 @@ build_wasm() {
   wasm-bindgen --target web --no-typescript --out-dir www/pkg "$raw"
   # Debian's binaryen (108) breaks wasm-bindgen's externref table; use the pinned npm build.
   node "$BROWSER_DIR/node_modules/binaryen/bin/wasm-opt" -Os --enable-reference-types --enable-bulk-memory \
-    --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals --enable-multivalue \
+    --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals --enable-multivalue --enable-simd \
     www/pkg/ldm_web_bg.wasm -o www/pkg/ldm_web_bg.wasm
   # CLIP's BPE merges, fetched by the page only for single-file checkpoints (they carry no tokenizer).
   cp assets/clip/bpe_simple_vocab_16e6.txt.gz www/pkg/clip-bpe.txt.gz
@@ -109,18 +109,22 @@ run_tests() {
   results+=("diffusers reference: ${sp} passed, ${sf} failed")
   took "diffusers reference (build + run)"
 
-  log "kernel tests, native (Vulkan; lavapipe here)"
+  log "kernel tests, native (Vulkan; lavapipe here) and on the CPU backend"
   mark
   local logs
   logs=$(mktemp -d /tmp/ldm-test-logs.XXXXXX)
   if cargo test --release --test kernels 2>&1 | tee "$logs/native.log"; then :; else failed=1; fi
-  results+=("$(grep '^native (' "$logs/native.log" | tail -1 || echo 'native: did not run')")
+  results+=("$(grep '^native (' "$logs/native.log" | tail -1 || echo 'native: 0 passed, 1 failed (did not run)')")
+  results+=("$(grep '^cpu backend (' "$logs/native.log" | tail -1 || echo 'cpu backend: 0 passed, 1 failed (did not run)')")
   took "kernels, native"
 
-  log "kernel tests, Chromium and Firefox (WebGPU in a Web Worker)"
+  log "kernel tests, Chromium and Firefox (WebGPU in a Web Worker, then the CPU backend)"
   mark
   if node "$BROWSER_DIR/run.mjs" --www www --timeout-min 40 2>&1 | tee "$logs/browser.log"; then :; else failed=1; fi
-  results+=("$(grep -E '^(chromium|firefox)( |:)' "$logs/browser.log" || echo 'browsers: did not run')")
+  results+=("$(grep -E '^(chromium|firefox)( |:)' "$logs/browser.log" || echo 'browsers: 0 passed, 1 failed (did not run)')")
+  # The same suite on the engine's CPU backend (wasm), in both browsers.
+  if node "$BROWSER_DIR/run.mjs" --www www --device cpu --timeout-min 20 2>&1 | tee "$logs/browser-cpu.log"; then :; else failed=1; fi
+  results+=("$(grep -E '^(chromium|firefox)( |:)' "$logs/browser-cpu.log" || echo 'browsers, CPU backend: 0 passed, 1 failed (did not run)')")
   took "kernels, Chromium + Firefox"
 
   log "the web app end to end: Chromium and Firefox against ldm serve"

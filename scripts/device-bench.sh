@@ -58,7 +58,7 @@ run() {
       > "$out/ldm-$w.json" || echo "ldm bench unet --unet $w failed (exit $?)"
   done
   echo "== PyTorch"
-  timeout 150 python3 scripts/torch_unet_step.py --latent "$LATENT" --batch 2 --dtype fp16 --runs 10 --json "$out/torch.json" > /dev/null \
+  timeout 150 python3 scripts/torch_unet_step.py --latent "$LATENT" --batch 2 --dtype fp16 --runs 10 --device cuda --json "$out/torch.json" > /dev/null \
     || echo "the PyTorch step failed (exit $?)"
   python3 - "$out" <<'EOF'
 import json, os, sys

@@ -1,11 +1,13 @@
-"""One Stable Diffusion 1.5 UNet step in PyTorch (diffusers' UNet2DConditionModel, eager, SDPA
-attention), timed on whatever device torch has: the reference `scripts/device-bench.sh` compares
-`ldm bench unet` against on the same GPU.
+"""One UNet step in PyTorch (diffusers' UNet2DConditionModel, eager, SDPA attention), timed on
+whatever device torch has: the reference `ldm bench unet` is compared against, on the same GPU
+(`scripts/device-bench.sh`) or the same CPU (the CPU backend).
 
     python scripts/torch_unet_step.py --latent 64 --batch 2 --dtype fp16 --runs 10 --json out.json
+    python scripts/torch_unet_step.py --model assets/builtin/emoji --device cpu --dtype fp32
 
-Random weights in SD 1.5's architecture (the same config as ldm's `--model sd15`); the FLOPs of a
-step are counted with torch's FlopCounterMode, so both sides' TFLOP/s use one count.
+Without --model: random weights in SD 1.5's architecture (the same config as ldm's `--model
+sd15`). The FLOPs of a step are counted with torch's FlopCounterMode, so both sides' TFLOP/s use
+one count.
 """
 
 import argparse
@@ -23,18 +25,26 @@ SD15 = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--latent", type=int, default=64)
+    ap.add_argument("--latent", type=int, default=0, help="latent side (default: the UNet's sample_size)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--model", help="a diffusers folder: its unet/ (default: SD 1.5's architecture, random weights)")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--json")
     a = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     dtype = torch.float16 if a.dtype == "fp16" else torch.float32
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15).to(device=device, dtype=dtype).eval()
-    sample = torch.randn(a.batch, 4, a.latent, a.latent, device=device, dtype=dtype)
-    context = torch.randn(a.batch, 77, 768, device=device, dtype=dtype)
+    if a.model:
+        unet = UNet2DConditionModel.from_pretrained(a.model, subfolder="unet")
+    else:
+        unet = UNet2DConditionModel(**SD15)
+    unet = unet.to(device=device, dtype=dtype).eval()
+    c = unet.config
+    latent = a.latent if a.latent else c.sample_size
+    sample = torch.randn(a.batch, c.in_channels, latent, latent, device=device, dtype=dtype)
+    context = torch.randn(a.batch, 77, c.cross_attention_dim, device=device, dtype=dtype)
     t = torch.tensor(500, device=device)
 
     def step():
@@ -57,8 +67,8 @@ def main():
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     median = times[len(times) // 2]
-    out = {"framework": f"torch {torch.__version__} eager, SDPA", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-           "dtype": a.dtype, "latent": a.latent, "batch": a.batch, "step_ms_median": median, "steps_ms": times,
+    out = {"framework": f"torch {torch.__version__} eager, SDPA", "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+           "model": a.model or "sd15 (random weights)", "dtype": a.dtype, "latent": latent, "batch": a.batch, "step_ms_median": median, "steps_ms": times,
            "flops_per_step": flops, "tflops": flops / (median / 1e3) / 1e12}
     print(json.dumps(out, indent=1))
     if a.json:

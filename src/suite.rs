@@ -647,15 +647,24 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
 
 /// Runs every case whose name contains `filter` (all when empty), calling `log` after each.
 pub async fn run(filter: &str, log: &dyn Fn(&CaseResult)) -> Result<SuiteReport> {
-    let gpu = Gpu::new(GpuOptions::default()).await?;
-    let split_gpu = Gpu::new(GpuOptions { max_storage_binding: Some(1024), ..Default::default() }).await?;
-    let short_gpu = Gpu::new(GpuOptions { max_dispatch_flops: Some(2e3), ..Default::default() }).await?;
+    run_on(filter, false, log).await
+}
+
+/// [`run`] on the WebGPU adapter, or (`cpu`) on the CPU backend: the same cases against the same
+/// references, f16 cases unsupported and the binding-limit case without meaning there.
+pub async fn run_on(filter: &str, cpu: bool, log: &dyn Fn(&CaseResult)) -> Result<SuiteReport> {
+    let gpu = Gpu::new(GpuOptions { cpu, ..Default::default() }).await?;
+    let split_gpu = Gpu::new(GpuOptions { cpu, max_storage_binding: Some(1024), ..Default::default() }).await?;
+    let short_gpu = Gpu::new(GpuOptions { cpu, max_dispatch_flops: Some(2e3), ..Default::default() }).await?;
     let devices = Devices { gpu: &gpu, split_gpu: &split_gpu, short_gpu: &short_gpu };
     let mut results = Vec::new();
     for name in case_names().iter().filter(|n| n.contains(filter)) {
         for dtype in [DType::F32, DType::F16] {
             let r = if !gpu.supports(dtype) {
-                CaseResult { name: name.clone(), dtype: dtype.name().into(), status: "unsupported".into(), max_err: None, tol: None, message: "adapter has no shader-f16".into() }
+                let why = if cpu { "the CPU backend computes in f32" } else { "adapter has no shader-f16" };
+                CaseResult { name: name.clone(), dtype: dtype.name().into(), status: "unsupported".into(), max_err: None, tol: None, message: why.into() }
+            } else if cpu && name == "errors/binding_too_large" {
+                CaseResult { name: name.clone(), dtype: dtype.name().into(), status: "unsupported".into(), max_err: None, tol: None, message: "the CPU backend has no storage bindings".into() }
             } else {
                 match run_case(&devices, name, dtype).await {
                     Ok((err, tol)) => CaseResult {

@@ -73,6 +73,26 @@ fn builtin_model_matches_diffusers() {
     }
 }
 
+/// The same prompts on the CPU backend (what browsers without a usable GPU run).
+#[test]
+fn builtin_model_matches_diffusers_on_the_cpu_backend() {
+    let cases: Vec<Case> = serde_json::from_slice(&std::fs::read(common::fixtures().join("ref/builtin_cases.json")).expect("builtin_cases.json")).expect("parses");
+    let want = reference("builtin.safetensors");
+    let cpu = pollster::block_on(ldm_web::gpu::Gpu::new(ldm_web::gpu::GpuOptions { cpu: true, ..Default::default() })).expect("the CPU backend");
+    let opts = LoadOptions { dtype: Some(DType::F32), ..Default::default() };
+    let model = pollster::block_on(StableDiffusionModel::load(&cpu, &DirSource::new(model_dir()), "emoji", &opts)).expect("the built-in model loads");
+    for c in &cases {
+        let p = Txt2ImgParams {
+            prompt: c.prompt.clone(), negative_prompt: c.negative_prompt.clone(), seed: c.seed, steps: c.steps, guidance_scale: c.guidance,
+            width: 64, height: 64, batch: c.batch, scheduler: c.scheduler.as_deref().map(|s| s.parse::<SchedulerKind>().expect("scheduler")), ..Default::default()
+        };
+        let got = pollster::block_on(model.txt2img(&cpu, &p, &|| 0.0, &mut |_| Ok(()))).unwrap_or_else(|e| panic!("{}: {e}", c.key)).0.data;
+        let (d, _) = max_diff(&got, &want[&c.key].1);
+        println!("builtin on the CPU backend {} {:?}: max |diff| {:.4}/255", c.key, c.prompt, d * 255.0);
+        assert!(d <= 2.0 / 255.0, "{}: {:.2}/255", c.key, d * 255.0);
+    }
+}
+
 #[test]
 fn builtin_tokenizer_matches_transformers() {
     #[derive(serde::Deserialize)]

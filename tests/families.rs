@@ -231,19 +231,30 @@ fn run(gpu: &Gpu, c: &Case, nets: &mut HashMap<String, ControlNetModel>) -> Vec<
 
 #[test]
 fn families_match_diffusers_images() {
+    families_on(&gpu(), "");
+}
+
+/// The same 29 cases on the CPU backend (SDXL, Turbo, LCM, LoRAs beside q4 weights, embeddings,
+/// TAESD, single files, ControlNet): every op the pipelines use, against diffusers.
+#[test]
+fn families_match_diffusers_images_on_the_cpu_backend() {
+    let cpu = pollster::block_on(Gpu::new(ldm_web::gpu::GpuOptions { cpu: true, ..Default::default() })).expect("the CPU backend");
+    families_on(&cpu, "cpu ");
+}
+
+fn families_on(gpu: &Gpu, label: &str) {
     let file: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures().join("ref/family_cases.json")).expect("family_cases.json")).expect("parses");
     let cases: Vec<Case> = serde_json::from_value(file["cases"].clone()).expect("cases");
     let only: Option<Vec<usize>> = std::env::var("LDM_CASE").ok().map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect());
-    let gpu = gpu();
     let mut nets = HashMap::new();
     let (mut failures, mut ran) = (Vec::new(), 0);
     for c in cases.iter().filter(|c| only.as_ref().is_none_or(|o| o.contains(&c.index))) {
-        let got = run(&gpu, c, &mut nets);
+        let got = run(gpu, c, &mut nets);
         let want = &reference(&format!("family_{}.safetensors", c.index))["image"];
         assert_eq!(got.len(), want.1.len(), "case {} shape {:?}", c.index, want.0);
         let (d, _) = common::max_diff(&got, &want.1);
         let mean = got.iter().zip(&want.1).map(|(a, b)| (a - b).abs()).sum::<f32>() / want.1.len() as f32;
-        println!("case {:>2} {:<13} {:<26} {:<10} {}x{} batch {}: max |diff| {:.4}/255, mean {:.5}/255", c.index, c.kind, c.model, c.scheduler.as_deref().unwrap_or("(default)"), c.width, c.height, c.batch, d * 255.0, mean * 255.0);
+        println!("{label}case {:>2} {:<13} {:<26} {:<10} {}x{} batch {}: max |diff| {:.4}/255, mean {:.5}/255", c.index, c.kind, c.model, c.scheduler.as_deref().unwrap_or("(default)"), c.width, c.height, c.batch, d * 255.0, mean * 255.0);
         if d > PIXEL_TOL {
             failures.push(format!("case {} ({} {}): max pixel difference {:.2}/255", c.index, c.kind, c.model, d * 255.0));
         }

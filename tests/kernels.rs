@@ -1,5 +1,6 @@
-//! Native kernel tests: the shared suite (`ldm_web::suite`) on the native adapter (lavapipe here).
-//! A missing adapter is a failure, not a skip. Filter with the first argument or LDM_TEST_FILTER.
+//! Native kernel tests: the shared suite (`ldm_web::suite`) on the native adapter (lavapipe here),
+//! then on the CPU backend. A missing adapter is a failure, not a skip. Filter with the first
+//! argument or LDM_TEST_FILTER.
 
 use std::process::ExitCode;
 
@@ -9,21 +10,24 @@ fn main() -> ExitCode {
         let err = r.max_err.map_or(String::new(), |e| format!("  err={e:.2e} tol={:.0e}", r.tol.unwrap_or(0.0)));
         println!("{:<11} {} {}{err} {}", r.status, r.name, r.dtype, r.message);
     };
-    match pollster::block_on(ldm_web::suite::run(&filter, &log)) {
-        Ok(rep) => {
-            let a = &rep.adapter;
-            println!("adapter: {} ({}, {}, shader-f16 {}, profile {:?})", a.name, a.backend, a.driver, a.shader_f16, a.profile);
-            println!("native ({}): {} passed, {} failed, {} unsupported", a.name, rep.passed, rep.failed, rep.unsupported);
-            println!("{} passed, {} failed", rep.passed, rep.failed);
-            if rep.failed > 0 || rep.passed == 0 {
-                return ExitCode::FAILURE;
+    let mut ok = true;
+    for (label, cpu) in [("native", false), ("cpu backend", true)] {
+        match pollster::block_on(ldm_web::suite::run_on(&filter, cpu, &log)) {
+            Ok(rep) => {
+                let a = &rep.adapter;
+                println!("adapter: {} ({}, {}, shader-f16 {}, profile {:?})", a.name, a.backend, a.driver, a.shader_f16, a.profile);
+                println!("{label} ({}): {} passed, {} failed, {} unsupported", a.name, rep.passed, rep.failed, rep.unsupported);
+                ok &= rep.failed == 0 && rep.passed > 0;
             }
-            ExitCode::SUCCESS
+            Err(e) => {
+                println!("{label} kernel tests could not run: {e}");
+                ok = false;
+            }
         }
-        Err(e) => {
-            println!("native kernel tests could not run: {e}");
-            println!("0 passed, 1 failed");
-            ExitCode::FAILURE
-        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

@@ -722,36 +722,52 @@ async function main() {
     try { await navigator.clipboard.writeText(link); setStatus('Share link copied.'); } catch { setStatus('Share link below: copy it.'); }
   });
 
+  // Where to compute: the Device setting (kept in this browser), or ?device= for this visit.
+  const linkDevice = new URLSearchParams(location.search).get('device');
+  const device = ['auto', 'gpu', 'cpu'].includes(linkDevice) ? linkDevice : (localStorage.getItem('ldm-device') ?? 'auto');
+  $('device').value = device;
   const help = webgpuHelp();
-  if (help) {
-    $('no-webgpu').textContent = help;
-    $('no-webgpu').hidden = false;
-    $('gpu-status').textContent = 'No WebGPU.';
-    $('generate').disabled = true;
-    note('no-webgpu', { message: help });
-    return;
-  }
   app.engine = new LdmEngine();
+  app.engine.device = device;
   app.engine.onStatus = (t) => setStatus(t, true);
   form.addEventListener('submit', (e) => { e.preventDefault(); generate(); });
   $('cancel').addEventListener('click', () => { app.engine.cancel(); setStatus('Cancelling…'); });
-  try {
-    const a = await app.engine.adapter();
-    const b = a.browser ?? {};
-    const name = a.name || [b.vendor, b.architecture, b.description].filter(Boolean).join(' ') || (b.isFallbackAdapter ? 'software adapter' : 'unnamed adapter');
-    $('gpu-status').textContent = `WebGPU: ${name}${a.shader_f16 ? ', shader-f16' : ', f32 only'}`;
-    app.adapter = a;
-  } catch (e) {
-    const msg = /adapter/i.test(e.message)
-      ? `This browser has WebGPU but offers no GPU adapter. ${/Linux/.test(navigator.userAgent) ? 'On Linux, start Chromium/Chrome with --enable-unsafe-webgpu; Firefox needs gfx.webgpu.ignore-blocklist in about:config for software adapters.' : 'Update the browser and its GPU driver, or try another browser.'}`
-      : `The engine could not start: ${e.message}`;
-    $('no-webgpu').textContent = msg;
-    $('no-webgpu').hidden = false;
-    $('gpu-status').textContent = 'No usable GPU.';
-    $('generate').disabled = true;
-    note('no-webgpu', { message: msg });
-    return;
-  }
+  // What this browser offers, and where jobs run; a Device change takes effect at the next job.
+  const showDevice = async () => {
+    const d = app.engine.device;
+    if (help) {
+      $('no-webgpu').textContent = d === 'gpu' ? help : `${help} Until then ldm-web runs on the CPU (slower than a GPU, but it works).`;
+      $('no-webgpu').hidden = false;
+      note('no-webgpu', { message: help });
+    } else {
+      $('no-webgpu').hidden = true;
+    }
+    $('generate').disabled = app.busy || (!!help && d === 'gpu');
+    try {
+      const a = await app.engine.adapter();
+      const b = a.browser ?? {};
+      const name = a.name || [b.vendor, b.architecture, b.description].filter(Boolean).join(' ') || (b.isFallbackAdapter ? 'software adapter' : 'unnamed adapter');
+      $('gpu-status').textContent = a.backend === 'Cpu' ? `${name}${help ? '' : ' (WebGPU adapter not used)'}` : `WebGPU: ${name}${a.shader_f16 ? ', shader-f16' : ', f32 only'}`;
+      app.adapter = a;
+      return true;
+    } catch (e) {
+      const msg = /adapter/i.test(e.message)
+        ? `This browser has WebGPU but offers no GPU adapter. ${/Linux/.test(navigator.userAgent) ? 'On Linux, start Chromium/Chrome with --enable-unsafe-webgpu; Firefox needs gfx.webgpu.ignore-blocklist in about:config for software adapters.' : 'Update the browser and its GPU driver, or try another browser.'} Choose the CPU device to generate anyway.`
+        : `The engine could not start: ${e.message}`;
+      $('no-webgpu').textContent = msg;
+      $('no-webgpu').hidden = false;
+      $('gpu-status').textContent = 'No usable GPU.';
+      $('generate').disabled = true;
+      note('no-webgpu', { message: msg });
+      return false;
+    }
+  };
+  $('device').addEventListener('change', async () => {
+    app.engine.device = $('device').value;
+    localStorage.setItem('ldm-device', $('device').value);
+    await showDevice();
+  });
+  if (!(await showDevice())) return;
   refreshModels();
   note('ready');
   if (fromLink.model && fromLink.prompt !== undefined) {

@@ -17,6 +17,7 @@
 //   {id, cmd: 'bench-unet', model: 'sd15' | 'sdxl' | URL, inputs: URL?, options}  (ldm bench unet)
 //   {id, cmd: 'bench-depth', model: architecture name | folder URL, options: {width, height, precision}}  (ldm bench depth)
 //   {id, cmd: 'test', filter} | {id, cmd: 'bench', which}     (kernel tests and benchmarks)
+//   Every message may carry device: 'auto' (default) | 'gpu' | 'cpu': where it computes (see chooseDevice).
 //   {cmd: 'cancel'} | {cmd: 'simulate-device-loss'} | {cmd: 'simulate-out-of-memory'}   (the last two test recovery)
 // Messages out:
 //   {id: null, cmd: 'ready'} or {id: null, ok: false, error} once, after initialisation
@@ -42,12 +43,7 @@ function errorText(e) {
 }
 
 async function initEngine() {
-  if (typeof navigator === 'undefined' || !navigator.gpu) {
-    throw new Error(
-      'WebGPU is unavailable in this worker (navigator.gpu is undefined); ' +
-        'Chromium needs --enable-unsafe-webgpu on Linux, Firefox needs dom.webgpu.enabled',
-    );
-  }
+  // Without WebGPU the engine still runs, on its CPU backend (see chooseDevice).
   let mod;
   try {
     mod = await import('./pkg/ldm_web.js');
@@ -74,6 +70,28 @@ const ready = initEngine().then(
     return error;
   },
 );
+
+// Where a job computes: 'cpu' (the engine's CPU backend) or 'gpu' (the browser's WebGPU adapter).
+// 'auto' takes the GPU unless there is no WebGPU, no adapter, or only a fallback adapter (a
+// software rasterizer such as SwiftShader or lavapipe, where the CPU backend is many times faster).
+let autoDevice = null;
+async function chooseDevice(pref) {
+  if (pref === 'cpu') return 'cpu';
+  if (pref === 'gpu') {
+    if (!navigator.gpu) throw Object.assign(new Error('this browser has no WebGPU (navigator.gpu is undefined); choose the CPU device or enable WebGPU'), { kind: 'input' });
+    return 'gpu';
+  }
+  if (autoDevice === null) {
+    let adapter = null;
+    try {
+      adapter = navigator.gpu ? await navigator.gpu.requestAdapter({ powerPreference: 'high-performance' }) : null;
+    } catch {
+      adapter = null;
+    }
+    autoDevice = !adapter || adapter.info?.isFallbackAdapter ? 'cpu' : 'gpu';
+  }
+  return autoDevice;
+}
 
 // A model URL: a diffusers folder (ending in '/') or one checkpoint file (.safetensors, or a
 // PyTorch .ckpt / .pt read by the engine's restricted unpickler).
@@ -214,11 +232,13 @@ async function generate(id, msg) {
 async function handle(id, msg) {
   const initError = await ready;
   if (initError !== null) throw new Error(initError);
+  // The kernel suite and benchmarks open their own devices; every other job uses the engine's.
+  if (!['test', 'bench', 'models', 'delete-model'].includes(msg.cmd)) ldm.set_device((await chooseDevice(msg.device ?? 'auto')) === 'cpu');
   switch (msg.cmd) {
     case 'test':
-      return { json: await ldm.run_kernel_tests(msg.filter ?? '') };
+      return { json: await ldm.run_kernel_tests(msg.filter ?? '', msg.device === 'cpu') };
     case 'bench':
-      return { json: await ldm.bench_kernels(msg.which ?? 'small') };
+      return { json: await ldm.bench_kernels(msg.which ?? 'small', msg.device === 'cpu') };
     case 'adapter':
       return { json: await ldm.adapter_info() };
     case 'generate':
@@ -273,7 +293,7 @@ async function runJob(id, msg) {
     const out = await handle(id, msg);
     if (out.json !== undefined) {
       const report = JSON.parse(out.json);
-      if (report && report.adapter) report.adapter.browser = await browserAdapterInfo();
+      if (report && report.adapter && report.adapter.backend !== 'Cpu') report.adapter.browser = await browserAdapterInfo();
       out.json = JSON.stringify(report);
     }
     self.postMessage({ id, ok: true, ...out }, out.png ? [out.png.buffer] : []);

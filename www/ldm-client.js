@@ -12,7 +12,8 @@ function startWorker() {
   return new Worker(shim, { type: 'module' });
 }
 
-// Why WebGPU is missing, in words a user can act on; null when navigator.gpu exists.
+// Why WebGPU is missing, in words a user can act on; null when navigator.gpu exists. (The engine
+// then runs on its CPU backend.)
 export function webgpuHelp() {
   if (typeof navigator !== 'undefined' && navigator.gpu) return null;
   const ua = navigator.userAgent;
@@ -29,6 +30,9 @@ export function webgpuHelp() {
 
 export class LdmEngine {
   constructor() {
+    // Where jobs compute: 'auto' (the GPU unless there is none or only a fallback adapter),
+    // 'gpu' (WebGPU) or 'cpu' (the engine's CPU backend).
+    this.device = 'auto';
     this.nextId = 1;
     this.jobs = new Map();
     this.onStatus = () => {};
@@ -85,7 +89,7 @@ export class LdmEngine {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.jobs.set(id, { resolve, reject, onEvent });
-      this.worker.postMessage({ id, ...message });
+      this.worker.postMessage({ id, device: this.device, ...message });
     });
   }
 

@@ -6,7 +6,9 @@
 // the scale 1 when left out), embedding ("URL[:TOKEN] ..."), vae (a VAE folder), tiny-vae (a TAESD
 // folder: real-colour previews), init-image (an image URL: image-to-image), control-image (an image URL)
 // with controlnet (a ControlNet folder URL), control-scale, control-preprocess ("canny[:LOW,HIGH]" or
-// "depth": the condition made from the image) and depth-estimator (a Depth Anything / DPT folder URL).
+// "depth": the condition made from the image), depth-estimator (a Depth Anything / DPT folder URL)
+// and device ("auto", "gpu" or "cpu": where it computes; auto takes the GPU unless the browser has
+// no WebGPU or only a software fallback adapter).
 // It generates when connected and again when an attribute changes, shows its own progress and
 // result, and dispatches ldm-progress ({step, steps}), ldm-done ({blob}: the PNG with its
 // parameters chunk) and ldm-error ({message}). All widgets on a page share one engine worker.
@@ -14,7 +16,7 @@
 import { LdmEngine, webgpuHelp, previewImage } from './ldm-client.js';
 
 const ATTRS = ['model', 'prompt', 'negative-prompt', 'seed', 'steps', 'guidance', 'width', 'height', 'scheduler', 'prompt-weighting', 'lora', 'embedding', 'vae', 'tiny-vae',
-  'init-image', 'control-image', 'controlnet', 'control-scale', 'control-preprocess', 'depth-estimator'];
+  'init-image', 'control-image', 'controlnet', 'control-scale', 'control-preprocess', 'depth-estimator', 'device'];
 let engine = null;
 let chain = Promise.resolve(); // widgets take turns on the one GPU device
 
@@ -160,8 +162,9 @@ class LdmImage extends HTMLElement {
     try {
       params = this.params();
       extras = this.extras();
+      // Without WebGPU only the CPU can run it (auto chooses it; "gpu" cannot).
       const help = webgpuHelp();
-      if (help) throw new Error(help);
+      if (help && this.getAttribute('device') === 'gpu') throw new Error(help);
     } catch (e) {
       this.fail(e.message);
       return;
@@ -176,6 +179,8 @@ class LdmImage extends HTMLElement {
       engine ??= new LdmEngine();
       if (engine.busyWith && engine.busyWith !== this) engine.cancel();
       engine.busyWith = this;
+      // Widgets take turns on the one engine, each with its own device choice.
+      engine.device = this.getAttribute('device') || 'auto';
       this.status('loading…');
       try {
         // Without a model attribute: the built-in emoji model served beside this script.

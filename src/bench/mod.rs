@@ -47,11 +47,13 @@ pub struct BenchOptions {
     pub profile: Option<KernelProfile>,
     /// Keep repeating a kernel until this much time has passed (at least one run).
     pub min_ms: f64,
+    /// On the CPU backend instead of the WebGPU adapter.
+    pub cpu: bool,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { shapes: "small".into(), filter: String::new(), dtype: None, profile: None, min_ms: 500.0 }
+        Self { shapes: "small".into(), filter: String::new(), dtype: None, profile: None, min_ms: 500.0, cpu: false }
     }
 }
 
@@ -126,7 +128,7 @@ fn random(gpu: &Gpu, shape: &[usize], dtype: DType, seed: u32) -> Result<Tensor>
 
 /// Runs the kernel benchmarks; `now_ms` is the platform's clock.
 pub async fn run(opts: &BenchOptions, now_ms: &dyn Fn() -> f64) -> Result<BenchReport> {
-    let gpu = Gpu::new(GpuOptions { profile: opts.profile, ..Default::default() }).await?;
+    let gpu = Gpu::new(GpuOptions { profile: opts.profile, cpu: opts.cpu, ..Default::default() }).await?;
     let dtype = opts.dtype.unwrap_or_else(|| gpu.activation_dtype());
     if !gpu.supports(dtype) {
         return Err(Error::Unsupported(format!("this adapter cannot run {} kernels", dtype.name())));

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use super::dtype::DType;
 use super::pipeline::{Kernel, PipelineCache};
-use super::pool::{size_class, BufferPool, PoolStats, PooledBuffer};
+use super::pool::{size_class, BufferPool, HostData, PoolStats, PooledBuffer};
 use super::tensor::Tensor;
 use crate::error::{Error, Result};
 
@@ -38,6 +38,9 @@ pub struct GpuOptions {
     /// Memory planning: every tensor is allocated and every binding checked against the limits
     /// as in a real run, but no kernel runs (results are garbage; `ldm bench unet --plan`).
     pub plan_only: bool,
+    /// The CPU backend instead of a WebGPU adapter: the same operations as host code (SIMD
+    /// GEMM, threads where the platform has them), f32 throughout.
+    pub cpu: bool,
 }
 
 /// What the adapter is and can do.
@@ -75,14 +78,20 @@ struct Batch {
     dispatches: u32,
 }
 
-struct GpuInner {
+/// What only a WebGPU device has.
+struct Wgpu {
     device: wgpu::Device,
     queue: wgpu::Queue,
+    pipelines: PipelineCache,
+    batch: RefCell<Batch>,
+}
+
+struct GpuInner {
+    /// `None` on the CPU backend.
+    wgpu: Option<Wgpu>,
     summary: AdapterSummary,
     limits: wgpu::Limits,
-    pipelines: PipelineCache,
     pool: Rc<RefCell<BufferPool>>,
-    batch: RefCell<Batch>,
     /// First error the GPU reported asynchronously; returned by the next fallible call.
     error: Arc<Mutex<Option<Error>>>,
     submissions: std::cell::Cell<u64>,
@@ -126,8 +135,12 @@ fn is_software(info: &wgpu::AdapterInfo) -> bool {
 }
 
 impl Gpu {
-    /// Opens the best adapter: a discrete GPU over an integrated one over a software one.
+    /// Opens the best adapter: a discrete GPU over an integrated one over a software one; or the
+    /// CPU backend when `opts.cpu`.
     pub async fn new(opts: GpuOptions) -> Result<Gpu> {
+        if opts.cpu {
+            return Ok(Self::cpu());
+        }
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
         if cfg!(not(target_arch = "wasm32")) && desc.backends == wgpu::Backends::all() {
             // Compute needs Vulkan/Metal/DX12; the GL backend has no storage-buffer compute worth using.
@@ -208,11 +221,11 @@ impl Gpu {
             profile,
         };
         let uniforms = new_uniform_buffer(&device);
+        let batch = RefCell::new(Batch { encoder: None, params: Vec::new(), uniforms, dispatches: 0 });
         Ok(Gpu {
             inner: Rc::new(GpuInner {
-                pipelines: PipelineCache::default(),
+                wgpu: Some(Wgpu { device, queue, pipelines: PipelineCache::default(), batch }),
                 pool: Rc::default(),
-                batch: RefCell::new(Batch { encoder: None, params: Vec::new(), uniforms, dispatches: 0 }),
                 error,
                 submissions: Default::default(),
                 readbacks: Default::default(),
@@ -222,12 +235,71 @@ impl Gpu {
                 pending_flops: Default::default(),
                 constants: Default::default(),
                 f16_kernels: shader_f16 && !opts.force_f32,
-                device,
-                queue,
                 summary,
                 limits,
             }),
         })
+    }
+
+    /// The CPU backend: no adapter, no limits that split work, f32 tensors in host memory.
+    fn cpu() -> Gpu {
+        let big = 1u64 << 40;
+        let limits = wgpu::Limits {
+            max_storage_buffer_binding_size: big,
+            max_buffer_size: big,
+            min_storage_buffer_offset_alignment: 4,
+            max_compute_workgroups_per_dimension: u32::MAX,
+            ..wgpu::Limits::default()
+        };
+        let summary = AdapterSummary {
+            name: format!("CPU ({} threads, {})", crate::ops::host::threads(), crate::ops::host::simd()),
+            backend: "Cpu".into(),
+            device_type: "Cpu".into(),
+            driver: "ldm-web host kernels".into(),
+            shader_f16: false,
+            subgroups: false,
+            timestamp_query: false,
+            max_storage_buffer_binding_size: big,
+            max_buffer_size: big,
+            max_compute_workgroup_storage_size: 0,
+            profile: KernelProfile::Register,
+        };
+        Gpu {
+            inner: Rc::new(GpuInner {
+                wgpu: None,
+                pool: Rc::default(),
+                error: Arc::default(),
+                submissions: Default::default(),
+                readbacks: Default::default(),
+                max_dispatch_flops: None,
+                plan_only: false,
+                in_browser: cfg!(target_arch = "wasm32"),
+                pending_flops: Default::default(),
+                constants: Default::default(),
+                f16_kernels: false,
+                summary,
+                limits,
+            }),
+        }
+    }
+
+    /// Whether this is the CPU backend (the op launchers run host code instead of kernels).
+    pub fn is_cpu(&self) -> bool {
+        self.inner.wgpu.is_none()
+    }
+
+    /// The WebGPU device. Only called on paths the CPU backend never takes (each public entry
+    /// point checks [`Gpu::is_cpu`] first).
+    fn w(&self) -> &Wgpu {
+        self.inner.wgpu.as_ref().expect("a WebGPU-only path taken on the CPU backend (a bug in ldm-web)")
+    }
+
+    /// A CPU-backend tensor of f32 `values` (what the host kernels return).
+    pub(crate) fn host_tensor(&self, shape: &[usize], values: Vec<f32>) -> Result<Tensor> {
+        if shape.iter().product::<usize>() != values.len() {
+            return Err(Error::Shape(format!("{} values for shape {shape:?}", values.len())));
+        }
+        Ok(Tensor::from_parts(Rc::new(PooledBuffer::host(HostData::F32(values), &self.inner.pool)), shape.to_vec(), DType::F32))
     }
 
     /// The adapter's description, features and limits.
@@ -320,7 +392,9 @@ impl Gpu {
     /// Destroys the device and records it as lost, as a driver reset would (tests recovery).
     pub fn lose_device(&self, why: &str) {
         self.inner.error.lock().unwrap_or_else(|p| p.into_inner()).replace(Error::DeviceLost(why.to_string()));
-        self.inner.device.destroy();
+        if let Some(w) = &self.inner.wgpu {
+            w.device.destroy();
+        }
     }
 
     /// An uninitialised tensor from the pool.
@@ -330,7 +404,14 @@ impl Gpu {
         if bytes > self.inner.limits.max_buffer_size {
             return Err(Error::BufferTooLarge { what: format!("a {shape:?} {} tensor", dtype.name()), bytes, limit: self.inner.limits.max_buffer_size });
         }
-        let buf = self.inner.pool.borrow_mut().take(&self.inner.device, size_class(bytes));
+        if self.is_cpu() {
+            let n: usize = shape.iter().product();
+            if dtype.is_quantised() {
+                return self.host_bytes(shape, dtype, vec![0; bytes as usize]);
+            }
+            return self.host_tensor(shape, vec![0.0; n]);
+        }
+        let buf = self.inner.pool.borrow_mut().take(&self.w().device, size_class(bytes));
         Ok(Tensor::from_parts(Rc::new(PooledBuffer::new(buf, &self.inner.pool)), shape.to_vec(), dtype))
     }
 
@@ -340,11 +421,31 @@ impl Gpu {
         if n != data.len() {
             return Err(Error::Shape(format!("{} values given for shape {shape:?}", data.len())));
         }
+        if self.is_cpu() && !dtype.is_quantised() {
+            // The CPU backend keeps every float tensor in f32.
+            return self.host_tensor(shape, data.to_vec());
+        }
         self.upload_bytes(shape, dtype, &dtype.encode(shape, data))
+    }
+
+    /// A CPU-backend tensor from bytes in `dtype`'s layout: float values become f32, quantised
+    /// ones stay packed (the host GEMM dequantises them).
+    fn host_bytes(&self, shape: &[usize], dtype: DType, bytes: Vec<u8>) -> Result<Tensor> {
+        if dtype.is_quantised() {
+            return Ok(Tensor::from_parts(Rc::new(PooledBuffer::host(HostData::Bytes(bytes), &self.inner.pool)), shape.to_vec(), dtype));
+        }
+        self.host_tensor(shape, dtype.decode(shape, &bytes))
     }
 
     /// A tensor from bytes already in `dtype`'s layout (weights straight from a file).
     pub fn upload_bytes(&self, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Tensor> {
+        if self.is_cpu() {
+            let want = dtype.bytes_for(shape);
+            if bytes.len() as u64 != want {
+                return Err(Error::Shape(format!("{} bytes given for a {shape:?} {} tensor ({want} expected)", bytes.len(), dtype.name())));
+            }
+            return self.host_bytes(shape, dtype, bytes.to_vec());
+        }
         let t = self.empty(shape, dtype)?;
         if bytes.len() as u64 != t.nbytes() {
             return Err(Error::Shape(format!("{} bytes given for a {shape:?} {} tensor ({} expected)", bytes.len(), dtype.name(), t.nbytes())));
@@ -376,18 +477,18 @@ impl Gpu {
         // A pooled buffer may still be read by recorded but unsubmitted dispatches, and queue
         // writes land before the pending encoder would: small uploads become a copy recorded
         // after those dispatches; large ones (weights) submit the pending work first.
-        if self.inner.batch.borrow().dispatches > 0 {
+        if self.w().batch.borrow().dispatches > 0 {
             if bytes.len() <= STAGED_UPLOAD_BYTES && !self.inner.plan_only && self.record_upload(t, bytes) {
                 return;
             }
             self.flush();
         }
         let whole = bytes.len() / 4 * 4;
-        self.inner.queue.write_buffer(t.buf.raw(), 0, &bytes[..whole]);
+        self.w().queue.write_buffer(t.buf.raw(), 0, &bytes[..whole]);
         if whole < bytes.len() {
             let mut tail = [0u8; 4];
             tail[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
-            self.inner.queue.write_buffer(t.buf.raw(), whole as u64, &tail);
+            self.w().queue.write_buffer(t.buf.raw(), whole as u64, &tail);
         }
     }
 
@@ -398,7 +499,7 @@ impl Gpu {
         if size == 0 {
             return true;
         }
-        let staging = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+        let staging = self.w().device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("upload"),
             size,
             usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::MAP_WRITE,
@@ -409,8 +510,8 @@ impl Gpu {
             Err(_) => return false,
         }
         staging.unmap();
-        let mut batch = self.inner.batch.borrow_mut();
-        let device = &self.inner.device;
+        let mut batch = self.w().batch.borrow_mut();
+        let device = &self.w().device;
         let enc = batch.encoder.get_or_insert_with(|| device.create_command_encoder(&Default::default()));
         enc.copy_buffer_to_buffer(&staging, 0, t.buf.raw(), 0, size);
         true
@@ -418,6 +519,9 @@ impl Gpu {
 
     /// Records one dispatch: `params` go to binding 0 as a uniform block, `binds` to 1, 2, ...
     pub(crate) fn dispatch(&self, kernel: &Kernel, params: &[u8], binds: &[Bind], groups: [u32; 3]) -> Result<()> {
+        if self.is_cpu() {
+            return Err(Error::Unsupported(format!("{} has no CPU-backend implementation (a bug in ldm-web)", kernel.name())));
+        }
         if groups.contains(&0) {
             return Ok(());
         }
@@ -435,9 +539,9 @@ impl Gpu {
         if self.inner.plan_only {
             return Ok(());
         }
-        let pipeline = self.inner.pipelines.get(&self.inner.device, kernel);
+        let pipeline = self.w().pipelines.get(&self.w().device, kernel);
         let align = self.inner.limits.min_uniform_buffer_offset_alignment as usize;
-        let mut batch = self.inner.batch.borrow_mut();
+        let mut batch = self.w().batch.borrow_mut();
         let offset = batch.params.len().next_multiple_of(align);
         let size = params.len().next_multiple_of(16).max(16);
         batch.params.resize(offset + size, 0);
@@ -457,12 +561,12 @@ impl Gpu {
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: b.buffer, offset: b.offset, size: wgpu::BufferSize::new(b.size) }),
             });
         }
-        let bind_group = self.inner.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        let bind_group = self.w().device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &pipeline.layout,
             entries: &entries,
         });
-        let device = &self.inner.device;
+        let device = &self.w().device;
         let encoder = batch.encoder.get_or_insert_with(|| device.create_command_encoder(&Default::default()));
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
@@ -492,20 +596,24 @@ impl Gpu {
     /// Submits everything recorded so far.
     pub fn flush(&self) {
         self.inner.pending_flops.set(0.0);
-        let mut batch = self.inner.batch.borrow_mut();
+        let Some(w) = &self.inner.wgpu else { return };
+        let mut batch = w.batch.borrow_mut();
         let Some(encoder) = batch.encoder.take() else { return };
-        self.inner.queue.write_buffer(&batch.uniforms, 0, &batch.params);
+        w.queue.write_buffer(&batch.uniforms, 0, &batch.params);
         batch.params.clear();
         batch.dispatches = 0;
-        self.inner.queue.submit([encoder.finish()]);
+        w.queue.submit([encoder.finish()]);
         self.inner.submissions.set(self.inner.submissions.get() + 1);
     }
 
     /// Waits until the GPU has finished all submitted work.
     pub async fn sync(&self) -> Result<()> {
+        if self.is_cpu() {
+            return self.check();
+        }
         self.flush();
         let (tx, rx) = futures_channel::oneshot::channel();
-        self.inner.queue.on_submitted_work_done(move || {
+        self.w().queue.on_submitted_work_done(move || {
             let _ = tx.send(());
         });
         self.wait_native()?;
@@ -515,7 +623,7 @@ impl Gpu {
 
     #[cfg(not(target_arch = "wasm32"))]
     fn wait_native(&self) -> Result<()> {
-        self.inner
+        self.w()
             .device
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
@@ -530,16 +638,22 @@ impl Gpu {
     pub async fn read_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
         self.check()?;
         self.inner.readbacks.set(self.inner.readbacks.get() + 1);
+        if let Some(d) = t.buf.host_data() {
+            return Ok(match d {
+                HostData::F32(v) => t.dtype().encode(t.shape(), v),
+                HostData::Bytes(b) => b.clone(),
+            });
+        }
         let size = t.nbytes().next_multiple_of(4);
-        let staging = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+        let staging = self.w().device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         {
-            let mut batch = self.inner.batch.borrow_mut();
-            let device = &self.inner.device;
+            let mut batch = self.w().batch.borrow_mut();
+            let device = &self.w().device;
             let enc = batch.encoder.get_or_insert_with(|| device.create_command_encoder(&Default::default()));
             enc.copy_buffer_to_buffer(t.buf.raw(), 0, &staging, 0, size);
             // Counts as a dispatch so that uploads into reused buffers flush it first.
@@ -562,6 +676,11 @@ impl Gpu {
 
     /// Reads a tensor back as f32 values.
     pub async fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
+        if let Some(HostData::F32(v)) = t.buf.host_data() {
+            self.check()?;
+            self.inner.readbacks.set(self.inner.readbacks.get() + 1);
+            return Ok(v.clone());
+        }
         let bytes = self.read_bytes(t).await?;
         Ok(t.dtype().decode(t.shape(), &bytes))
     }

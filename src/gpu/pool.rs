@@ -1,5 +1,6 @@
 //! Pooled GPU buffers: a tensor's buffer goes back to the pool when the last tensor using it drops,
-//! so steady-state work (every diffusion step) allocates nothing.
+//! so steady-state work (every diffusion step) allocates nothing. The CPU backend's tensors hold
+//! host memory instead, counted in the same figures.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -67,6 +68,12 @@ impl BufferPool {
         buf
     }
 
+    /// Counts host memory a CPU-backend tensor took.
+    fn add_host(&mut self, bytes: u64) {
+        self.live += bytes;
+        self.peak = self.peak.max(self.live + self.idle);
+    }
+
     fn give_back(&mut self, buf: wgpu::Buffer) {
         let class = buf.size();
         self.live -= class;
@@ -90,26 +97,70 @@ impl BufferPool {
     }
 }
 
-/// A buffer on loan from the pool; returns itself on drop.
+/// A CPU-backend tensor's values: f32 for float tensors, the dtype's packed bytes for quantised ones.
+#[derive(Debug)]
+pub(crate) enum HostData {
+    F32(Vec<f32>),
+    Bytes(Vec<u8>),
+}
+
+impl HostData {
+    fn bytes(&self) -> u64 {
+        match self {
+            HostData::F32(v) => 4 * v.len() as u64,
+            HostData::Bytes(b) => b.len() as u64,
+        }
+    }
+}
+
+enum Backing {
+    Gpu(Option<wgpu::Buffer>),
+    Host(HostData),
+}
+
+/// A tensor's memory: a buffer on loan from the pool (returned on drop), or host memory on the
+/// CPU backend.
 pub struct PooledBuffer {
-    buffer: Option<wgpu::Buffer>,
+    backing: Backing,
     pool: Weak<RefCell<BufferPool>>,
 }
 
 impl PooledBuffer {
     pub(crate) fn new(buffer: wgpu::Buffer, pool: &Rc<RefCell<BufferPool>>) -> Self {
-        Self { buffer: Some(buffer), pool: Rc::downgrade(pool) }
+        Self { backing: Backing::Gpu(Some(buffer)), pool: Rc::downgrade(pool) }
     }
-    /// The underlying wgpu buffer.
+    /// Host memory, counted in `pool`'s figures while it lives.
+    pub(crate) fn host(data: HostData, pool: &Rc<RefCell<BufferPool>>) -> Self {
+        pool.borrow_mut().add_host(data.bytes());
+        Self { backing: Backing::Host(data), pool: Rc::downgrade(pool) }
+    }
+    /// The underlying wgpu buffer. Only GPU tensors reach the kernels: every launcher hands a
+    /// CPU-backend device's work to its host implementation first.
     pub fn raw(&self) -> &wgpu::Buffer {
-        self.buffer.as_ref().expect("buffer is only taken on drop")
+        match &self.backing {
+            Backing::Gpu(Some(b)) => b,
+            _ => panic!("a CPU-backend tensor was bound to a GPU kernel (a bug in ldm-web)"),
+        }
+    }
+    /// The values of a CPU-backend tensor.
+    pub(crate) fn host_data(&self) -> Option<&HostData> {
+        match &self.backing {
+            Backing::Host(d) => Some(d),
+            Backing::Gpu(_) => None,
+        }
     }
 }
 
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
-        if let (Some(buf), Some(pool)) = (self.buffer.take(), self.pool.upgrade()) {
-            pool.borrow_mut().give_back(buf);
+        let Some(pool) = self.pool.upgrade() else { return };
+        match &mut self.backing {
+            Backing::Gpu(buf) => {
+                if let Some(buf) = buf.take() {
+                    pool.borrow_mut().give_back(buf);
+                }
+            }
+            Backing::Host(d) => pool.borrow_mut().live -= d.bytes(),
         }
     }
 }

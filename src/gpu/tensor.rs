@@ -52,6 +52,20 @@ impl Tensor {
         }
         Ok(Tensor { buf: self.buf.clone(), shape: shape.to_vec(), dtype: self.dtype })
     }
+    /// The values of a CPU-backend float tensor (the host kernels' input).
+    pub(crate) fn host_f32(&self) -> Result<&[f32]> {
+        match self.buf.host_data() {
+            Some(super::pool::HostData::F32(v)) => Ok(v),
+            _ => Err(Error::Unsupported(format!("a {} tensor where the CPU backend needs f32 values", self.dtype.name()))),
+        }
+    }
+    /// The packed bytes of a CPU-backend quantised tensor.
+    pub(crate) fn host_packed(&self) -> Result<&[u8]> {
+        match self.buf.host_data() {
+            Some(super::pool::HostData::Bytes(b)) => Ok(b),
+            _ => Err(Error::Unsupported(format!("a {} tensor where the CPU backend needs packed bytes", self.dtype.name()))),
+        }
+    }
     /// Whether two tensors share one buffer.
     pub fn same_storage(&self, other: &Tensor) -> bool {
         Rc::ptr_eq(&self.buf, &other.buf)

@@ -84,6 +84,9 @@ pub fn attention_with(gpu: &Gpu, s: &AttentionSpec, profile: KernelProfile) -> R
             return Err(Error::Shape(format!("attention operand {:?} is too small for {} x {} heads x {rows} rows x {d}", v.tensor.shape(), s.batch, s.heads)));
         }
     }
+    if gpu.is_cpu() {
+        return super::host::attention(gpu, s);
+    }
     let out = gpu.empty(&[s.batch, s.nq, s.heads * d], dtype)?;
     let o = HeadView::bnhd(&out, s.nq, s.heads, d);
     let unit = if aligned { 4 } else { 1 };

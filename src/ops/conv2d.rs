@@ -112,6 +112,9 @@ pub fn conv2d_with(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>
         return matmul_spec_with(gpu, &mm, profile)?.reshape(&[b, cout, ho, wo]);
     }
 
+    if gpu.is_cpu() {
+        return super::host::conv2d(gpu, x, weight, bias, spec, residual);
+    }
     let out = gpu.empty(&[b, cout, ho, wo], dtype)?;
     let mut defs = vec![
         ("ACT", Def::U32(spec.act.code())),

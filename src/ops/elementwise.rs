@@ -22,6 +22,9 @@ struct UnaryParams {
 /// `act(alpha * x + beta)` elementwise, split into several dispatches when x exceeds one binding.
 fn unary(gpu: &Gpu, x: &Tensor, act: Activation, alpha: f32, beta: f32) -> Result<Tensor> {
     let dtype = check_same_dtype(&[x], "elementwise")?;
+    if gpu.is_cpu() {
+        return super::host::unary(gpu, x, act, alpha, beta);
+    }
     let out = gpu.empty(x.shape(), dtype)?;
     let defs = [("ACT", Def::U32(act.code()))];
     let kernel = Kernel { family: "elementwise", sources: &[ACTIVATIONS_WGSL, ELEMENTWISE_WGSL], entry: "unary", dtype, defs: &defs };
@@ -44,6 +47,9 @@ pub fn slice(gpu: &Gpu, x: &Tensor, start: usize, shape: &[usize]) -> Result<Ten
     let len: usize = shape.iter().product();
     if start.checked_add(len).is_none_or(|e| e > x.numel()) {
         return Err(Error::Shape(format!("slice {start}..{} of a tensor of {} elements", start.saturating_add(len), x.numel())));
+    }
+    if gpu.is_cpu() {
+        return super::host::slice(gpu, x, start, shape);
     }
     let out = gpu.empty(shape, dtype)?;
     let defs = [("ACT", Def::U32(Activation::None.code()))];
@@ -121,6 +127,9 @@ fn broadcast_strides(shape: &[usize], out: &[usize]) -> [u32; 4] {
 fn binary(gpu: &Gpu, a: &Tensor, b: &Tensor, op: u32, act: Activation) -> Result<Tensor> {
     let dtype = check_same_dtype(&[a, b], "add/mul")?;
     let shape = broadcast_shape(a.shape(), b.shape()).ok_or_else(|| Error::Shape(format!("cannot broadcast {:?} with {:?}", a.shape(), b.shape())))?;
+    if gpu.is_cpu() {
+        return super::host::binary(gpu, a, b, &shape, op == 1);
+    }
     // Merge leading dims so any rank fits the kernel's four: everything before the last three
     // must then be the same in a, b and the output.
     let mut dims = shape.clone();
@@ -198,6 +207,9 @@ pub fn geglu(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
     let rows = x.numel() / two_d.max(1);
     let mut shape = x.shape().to_vec();
     *shape.last_mut().expect("non-empty") = d;
+    if gpu.is_cpu() {
+        return super::host::geglu(gpu, x, &shape);
+    }
     let out = gpu.empty(&shape, dtype)?;
     let kernel = Kernel { family: "geglu", sources: &[ACTIVATIONS_WGSL, GEGLU_WGSL], entry: "main", dtype, defs: &[] };
     let p = GegluParams { rows: rows as u32, d: d as u32 };

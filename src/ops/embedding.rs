@@ -40,6 +40,9 @@ pub fn timestep_embedding(gpu: &Gpu, timesteps: &Tensor, cfg: &TimestepEmbedding
     if timesteps.dtype() != DType::F32 {
         return Err(Error::Unsupported("timesteps must be an f32 tensor".into()));
     }
+    if gpu.is_cpu() {
+        return super::host::timestep_embedding(gpu, timesteps, cfg);
+    }
     let n = timesteps.numel();
     let key = format!("timestep-freqs/{}/{}/{}", cfg.dim, cfg.downscale_freq_shift, cfg.max_period);
     // One extra zero keeps the binding non-empty when dim < 2.
@@ -94,6 +97,9 @@ pub fn embedding(gpu: &Gpu, ids: &[u32], table: &Tensor) -> Result<Tensor> {
     };
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
         return Err(Error::Shape(format!("token id {bad} is outside the vocabulary of {vocab}")));
+    }
+    if gpu.is_cpu() {
+        return super::host::embedding(gpu, ids, table, dim);
     }
     let id_t = gpu.upload_u32(&[ids.len().max(1)], &if ids.is_empty() { vec![0] } else { ids.to_vec() })?;
     let out = gpu.empty(&[ids.len(), dim], dtype)?;

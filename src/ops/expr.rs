@@ -281,6 +281,9 @@ pub fn expr(gpu: &Gpu, e: &Expr, inputs: &[ExprInput], shape: &[usize], dtype: D
         super::check_float(x.tensor, "expression")?;
         x.map.check(n, x.tensor.numel(), k)?;
     }
+    if gpu.is_cpu() {
+        return super::host::expr(gpu, e, inputs, shape);
+    }
     let out = gpu.empty(shape, dtype)?;
     super::check_float(&out, "expression")?;
     // Only the inputs the expression reads are bound (a pipeline's layout drops unread bindings).

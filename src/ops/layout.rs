@@ -86,6 +86,10 @@ pub fn interpolate(gpu: &Gpu, x: &Tensor, oh: usize, ow: usize, mode: Interpolat
     if h == 0 || w == 0 || oh == 0 || ow == 0 {
         return Err(Error::Shape(format!("cannot resize {:?} to {oh}x{ow}", x.shape())));
     }
+    if gpu.is_cpu() {
+        // Every mode: the host has the reference's bicubic and area resizing too.
+        return super::host::interpolate(gpu, x, oh, ow, mode, coords);
+    }
     let code = match mode {
         Interpolation::Nearest => 0,
         Interpolation::Bilinear => 1,
@@ -178,6 +182,9 @@ pub fn concat(gpu: &Gpu, xs: &[&Tensor], dim: usize) -> Result<Tensor> {
     }
     let mut shape = first.shape().to_vec();
     shape[dim] = xs.iter().map(|t| t.shape()[dim]).sum();
+    if gpu.is_cpu() {
+        return super::host::concat(gpu, xs, &shape, dim);
+    }
     let out = gpu.empty(&shape, dtype)?;
     let outer: usize = shape[..dim].iter().product();
     let inner: usize = shape[dim + 1..].iter().product();
@@ -216,6 +223,9 @@ pub fn permute(gpu: &Gpu, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
         in_strides[i] = in_strides[i + 1] * x.shape()[i + 1];
     }
     let shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
+    if gpu.is_cpu() {
+        return super::host::permute(gpu, x, perm, &shape);
+    }
     let out = gpu.empty(&shape, dtype)?;
     let mut p = PermuteParams { n: out.numel() as u32, rank: rank as u32, x_base: 0, _pad: 0, dims: [1; 8], strides: [0; 8] };
     for (i, &pi) in perm.iter().enumerate() {

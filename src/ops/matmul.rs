@@ -236,6 +236,9 @@ fn matmul_spec_tile(gpu: &Gpu, s: &MatmulSpec, profile: KernelProfile, tile: Gem
             return Err(Error::Shape(format!("matmul residual {:?} does not match output [{}, {}, {}]", r.shape(), s.batch, s.m, s.n)));
         }
     }
+    if gpu.is_cpu() {
+        return super::host::matmul(gpu, s);
+    }
     let out = gpu.empty(&[s.batch, s.m, s.n], dtype)?;
     let mut defs = vec![
         ("BIAS", crate::gpu::Def::U32(s.bias.map_or(0, |b| b.1 as u32))),

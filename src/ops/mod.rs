@@ -5,6 +5,7 @@ pub mod conv2d;
 pub mod elementwise;
 pub mod embedding;
 pub mod expr;
+pub mod host;
 pub mod layout;
 pub mod matmul;
 pub mod norm;

@@ -33,6 +33,9 @@ pub fn group_norm(gpu: &Gpu, x: &Tensor, groups: usize, gamma: &Tensor, beta: &T
     if groups == 0 || c % groups != 0 || gamma.numel() != c || beta.numel() != c {
         return Err(Error::Shape(format!("group_norm: {c} channels in {groups} groups with gamma/beta of {}/{}", gamma.numel(), beta.numel())));
     }
+    if gpu.is_cpu() {
+        return super::host::group_norm(gpu, x, b, c, groups, gamma, beta, eps, silu);
+    }
     let hw = x.numel() / (b * c).max(1);
     let len = c / groups * hw;
     let out = gpu.empty(x.shape(), dtype)?;
@@ -75,6 +78,9 @@ pub fn layer_norm(gpu: &Gpu, x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps
     if affine.is_some_and(|(g, b)| g.numel() != cols || b.numel() != cols) {
         return Err(Error::Shape(format!("layer_norm gamma/beta must have {cols} values")));
     }
+    if gpu.is_cpu() {
+        return super::host::layer_norm(gpu, x, cols, affine, eps);
+    }
     let rows = x.numel() / cols.max(1);
     let out = gpu.empty(x.shape(), dtype)?;
     let spare = dummy(gpu, dtype)?;
@@ -91,6 +97,9 @@ pub fn layer_norm(gpu: &Gpu, x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps
 pub fn softmax(gpu: &Gpu, x: &Tensor, scale: f32) -> Result<Tensor> {
     let dtype = check_same_dtype(&[x], "softmax")?;
     let cols = *x.shape().last().ok_or_else(|| Error::Shape("softmax of a scalar".into()))?;
+    if gpu.is_cpu() {
+        return super::host::softmax(gpu, x, cols, scale);
+    }
     let rows = x.numel() / cols.max(1);
     let out = gpu.empty(x.shape(), dtype)?;
     let defs = [("RWG", Def::U32(REDUCE_WG))];
@@ -114,6 +123,9 @@ pub fn row_std(gpu: &Gpu, x: &Tensor, cols: usize) -> Result<Tensor> {
     let dtype = check_same_dtype(&[x], "row_std")?;
     if cols == 0 || x.numel() % cols != 0 {
         return Err(Error::Shape(format!("row_std: {} values are not rows of {cols}", x.numel())));
+    }
+    if gpu.is_cpu() {
+        return super::host::row_std(gpu, x, cols);
     }
     let rows = x.numel() / cols;
     let out = gpu.empty(&[rows], crate::gpu::DType::F32)?;

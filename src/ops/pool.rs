@@ -45,6 +45,9 @@ pub fn max_pool2d(gpu: &Gpu, x: &Tensor, spec: &PoolSpec) -> Result<Tensor> {
     if spec.kernel == 0 || spec.stride == 0 || spec.out_h == 0 || spec.out_w == 0 || h == 0 || w == 0 {
         return Err(Error::Shape(format!("max_pool2d of {:?} with {spec:?}", x.shape())));
     }
+    if gpu.is_cpu() {
+        return super::host::max_pool2d(gpu, x, spec);
+    }
     let out = gpu.empty(&[b, c, spec.out_h, spec.out_w], dtype)?;
     let kernel = Kernel { family: "pool", sources: &[POOL_WGSL], entry: "main", dtype, defs: &[] };
     let p = PoolParams {

@@ -41,6 +41,19 @@ thread_local! {
     /// The depth estimator `preprocess_condition` loaded last, by URL.
     static ESTIMATOR: RefCell<Option<(String, Rc<DepthEstimator>)>> = RefCell::default();
     static CANCEL: Cell<bool> = const { Cell::new(false) };
+    /// The CPU backend instead of the browser's WebGPU adapter (see [`set_device`]).
+    static USE_CPU: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Chooses where the next jobs compute: the CPU backend (`cpu`) or the browser's WebGPU
+/// adapter. The worker decides (no WebGPU, or a fallback adapter, means the CPU unless the user
+/// asked for the GPU); a change drops the device and the model on it.
+#[wasm_bindgen]
+pub fn set_device(cpu: bool) {
+    if USE_CPU.get() != cpu {
+        USE_CPU.set(cpu);
+        reset_engine();
+    }
 }
 
 /// The generation settings the page sends (JSON), named as the URL parameters.
@@ -234,6 +247,9 @@ struct GenerateInfo {
     seed: u64,
     scheduler: String,
     precision: &'static str,
+    /// "gpu" (WebGPU) or "cpu" (the CPU backend), and what it is.
+    device: &'static str,
+    device_name: String,
     parameters: String,
     text_encoder_ms: f64,
     unet_steps_ms: Vec<f64>,
@@ -277,7 +293,7 @@ async fn gpu() -> Result<Gpu> {
         g.check()?;
         return Ok(g);
     }
-    let g = Gpu::new(GpuOptions::default()).await?;
+    let g = Gpu::new(GpuOptions { cpu: USE_CPU.get(), ..Default::default() }).await?;
     ENGINE.with_borrow_mut(|e| e.gpu = Some(g.clone()));
     Ok(g)
 }
@@ -371,6 +387,7 @@ fn dtype_for(gpu: &Gpu, precision: Option<&str>) -> Result<DType> {
         "auto" => Ok(if gpu.supports(DType::F16) { DType::F16 } else { DType::F32 }),
         "f32" => Ok(DType::F32),
         "f16" if gpu.supports(DType::F16) => Ok(DType::F16),
+        "f16" if gpu.is_cpu() => Err(Error::Input("the CPU backend computes in f32; choose f32 (or auto)".into())),
         "f16" => Err(Error::Input("this adapter has no shader-f16; choose f32 (or auto)".into())),
         other => Err(Error::Input(format!("precision must be auto, f32 or f16, not {other:?}"))),
     }
@@ -631,6 +648,8 @@ async fn run_generate(model_url: &str, store: JsValue, single_file: Option<&str>
         seed: p.seed,
         scheduler: kind.name().to_string(),
         precision: dtype.name(),
+        device: if gpu.is_cpu() { "cpu" } else { "gpu" },
+        device_name: gpu.summary().name.clone(),
         parameters,
         text_encoder_ms: times.text_encoder_ms,
         unet_steps_ms: times.unet_steps_ms,

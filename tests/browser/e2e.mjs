@@ -7,7 +7,8 @@
 // Per browser, with a fresh profile and a fresh server (started with --inject-fault, so the first
 // UNet download breaks off mid-body):
 //   builtin   a first visit (no link, empty gallery) generates an example prompt with the built-in
-//             emoji model served beside the app, within 2/255 of `ldm generate` with no --model;
+//             emoji model served beside the app, within 2/255 of `ldm generate` with no --model, on
+//             the CPU backend (auto: these browsers' WebGPU is a software fallback);
 //             the example prompts and the About box (sources, licences) are on the page
 //   page      a share link generates in the page; PNG pixels within 2/255 of `ldm generate`'s;
 //             the parameters chunk is there; weights came by Range requests; the first UNet step
@@ -39,7 +40,9 @@
 //             --init-image` does (and the widget's init-image, above)
 //   bench depth  bench.html?mode=depth prints ldm bench depth's JSON
 //   bench     bench.html?mode=generate prints ldm bench generate's JSON (Chromium)
-//   no-webgpu a browser without WebGPU gets a message naming the flag to set
+//   cpu       the share link on the CPU backend (?device=cpu) gives the CLI's pixels
+//   no-webgpu a browser without WebGPU gets a message naming the flag to set, and its first visit
+//             draws on the CPU backend as the CLI does
 // A screenshot of the page after its first generation is saved under --artifacts.
 
 import fs from 'node:fs';
@@ -191,7 +194,7 @@ function startEmbedder(appUrl) {
   const model = new URL('models/sd1/', appUrl).href;
   const html = `<!doctype html><meta charset="utf-8"><title>embed</title>
 <script type="module" src="${new URL('ldm-image.js', appUrl).href}"></script>
-<ldm-image model="${model}" prompt="${PROMPT}" seed="7" steps="3" guidance="7.5" width="64" height="64" style="width:192px"></ldm-image>
+<ldm-image model="${model}" prompt="${PROMPT}" seed="7" steps="3" guidance="7.5" width="64" height="64" device="gpu" style="width:192px"></ldm-image>
 <script>
   window.__embed = { progress: [], done: null, error: null };
   const el = document.querySelector('ldm-image');
@@ -369,6 +372,10 @@ async function runBrowser(name, fx, results) {
   const link7 = `${app}?${query(7)}`;
   let page = await browser.newPage();
   watch(page, tag);
+  // This profile's scenarios test WebGPU (the app's Device setting, kept in the browser); the
+  // first-visit profile below keeps the default (auto: the CPU backend on a fallback adapter).
+  await page.goto(`${app}icon.svg`);
+  await page.evaluate(`localStorage.setItem('ldm-device', 'gpu')`);
   let first = null;
   try {
     await attempt('builtin', async () => {
@@ -386,7 +393,9 @@ async function runBrowser(name, fx, results) {
         // (natively: 4.1/255 at most, 0.1/255 on average, tests/builtin.rs); f32 stays within TOL.
         const [tolMax, tolMean] = info.precision === 'f16' ? [BUILTIN_F16_TOL.max, BUILTIN_F16_TOL.mean] : [TOL, TOL];
         check('first visit draws with the built-in model', firstVisit && d <= tolMax && mean <= tolMean,
-          `"${fx.builtin.hints.example_prompts[0]}", ${info.steps} steps, ${info.precision}: max |browser - ldm generate (no --model)| = ${d}/255 (mean ${mean.toFixed(3)}, tolerance ${tolMax}/${tolMean}) in ${(info.total_ms / 1000).toFixed(1)} s (UNet ${(info.unet_steps_ms.reduce((a, b) => a + b, 0) / info.unet_steps_ms.length).toFixed(0)} ms/step, load ${(info.load_ms / 1000).toFixed(1)} s)`);
+          `"${fx.builtin.hints.example_prompts[0]}", ${info.steps} steps, ${info.precision} on ${info.device_name}: max |browser - ldm generate (no --model)| = ${d}/255 (mean ${mean.toFixed(3)}, tolerance ${tolMax}/${tolMean}) in ${(info.total_ms / 1000).toFixed(1)} s (UNet ${(info.unet_steps_ms.reduce((a, b) => a + b, 0) / info.unet_steps_ms.length).toFixed(0)} ms/step, load ${(info.load_ms / 1000).toFixed(1)} s)`);
+        // This browser's WebGPU is a software fallback here: auto chooses the CPU backend.
+        check('a fallback adapter means the CPU backend', info.device === 'cpu', `device ${info.device} (${info.device_name})`);
         const dl = await page.evaluate(`window.__ldmApp.events.filter((e) => e.type === 'download').map((e) => [e.fetched, e.total])`);
         check('built-in model download counter ends at its total', dl.length > 0 && dl.every(([f, t]) => f <= t) && dl.at(-1)[0] === dl.at(-1)[1],
           `${dl.length} download events, last ${(dl.at(-1)?.[0] / 1e6).toFixed(2)} / ${(dl.at(-1)?.[1] / 1e6).toFixed(2)} MB, ${dl.filter(([f, t]) => f > t).length} past the total`);
@@ -408,7 +417,7 @@ async function runBrowser(name, fx, results) {
         if (r.error) throw new Error(r.error);
         const total = r.text_encoder_ms + r.unet_step_ms.each.reduce((a, b) => a + b, 0) + r.vae_decode_ms;
         check('built-in model benchmark', r.unet_step_ms.each.length === h.steps && total > 0,
-          `${r.precision}: ${(total / 1000).toFixed(2)} s per image after warm-up (text encoder ${r.text_encoder_ms.toFixed(0)} ms, UNet ${r.unet_step_ms.mean.toFixed(0)} ms/step x ${h.steps}, VAE ${r.vae_decode_ms.toFixed(0)} ms), warm-up ${(r.warmup_ms / 1000).toFixed(1)} s, peak ${(r.peak_gpu_bytes / 2 ** 20).toFixed(1)} MiB`);
+          `${r.adapter?.name || 'WebGPU'}, ${r.precision}: ${(total / 1000).toFixed(2)} s per image after warm-up (text encoder ${r.text_encoder_ms.toFixed(0)} ms, UNet ${r.unet_step_ms.mean.toFixed(0)} ms/step x ${h.steps}, VAE ${r.vae_decode_ms.toFixed(0)} ms), warm-up ${(r.warmup_ms / 1000).toFixed(1)} s, peak ${(r.peak_gpu_bytes / 2 ** 20).toFixed(1)} MiB`);
       } finally {
         await fresh.close();
       }
@@ -447,6 +456,17 @@ async function runBrowser(name, fx, results) {
         await page.screenshot({ path: shot, fullPage: true });
         console.log(`${tag} screenshot: ${shot}`);
       }
+    });
+
+    // The same share link on the CPU backend (?device=cpu for this visit): the CLI's pixels.
+    await attempt('cpu', async () => {
+      await page.goto(`${link7}&device=cpu`);
+      const png = await nextResult(page, 0);
+      const info = await page.evaluate('window.__ldmApp.results[0].info');
+      const d = maxDiff(png, fx.refs[7]);
+      check('the CPU backend matches the CLI', info.device === 'cpu' && d <= TOL, `${info.device_name}, ${info.precision}: max |browser - ldm generate| = ${d}/255 in ${(info.total_ms / 1000).toFixed(2)} s (UNet ${(info.unet_steps_ms.reduce((a, b) => a + b, 0) / info.unet_steps_ms.length).toFixed(0)} ms/step)`);
+      await page.goto(link7);
+      await nextResult(page, 0);
     });
 
     await attempt('again', async () => {
@@ -930,6 +950,11 @@ async function runBrowser(name, fx, results) {
       const msg = await waitFor(p, `(() => { const e = document.getElementById('no-webgpu'); return e && !e.hidden && e.textContent; })()`, 'the no-WebGPU message', 60_000);
       const names = name === 'chromium' ? /enable-unsafe-webgpu/ : /dom\.webgpu\.enabled/;
       check('no-WebGPU message', names.test(msg), msg);
+      // Without WebGPU the first visit still draws, on the CPU backend.
+      const png = await nextResult(p, 0);
+      const info = await p.evaluate('window.__ldmApp.results[0].info');
+      const { max, mean } = pixelDiff(png, fx.builtin.png);
+      check('without WebGPU the app draws on the CPU', info.device === 'cpu' && max <= TOL && mean <= TOL, `${info.device_name}: max |browser - ldm generate (no --model)| = ${max}/255 in ${(info.total_ms / 1000).toFixed(2)} s`);
     } finally {
       await b.close();
       await srv.stop();

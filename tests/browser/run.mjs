@@ -2,6 +2,7 @@
 //
 //   node tests/browser/run.mjs --www www [--browsers chromium,firefox] [--filter STR]
 //                              [--mode test|bench] [--which small] [--query K=V&...] [--timeout-min 40]
+//                              [--device gpu|cpu]   (gpu: WebGPU; cpu: the engine's CPU backend)
 //
 // Serves --www on a free 127.0.0.1 port, opens tests.html?filter=... (or bench.html?which=...) in each
 // browser in turn and waits for window.__ldmTestResults / __ldmTestError (__ldmBench* in bench mode).
@@ -32,7 +33,7 @@ function usage(code) {
 }
 
 function parseArgs(argv) {
-  const opts = { www: null, browsers: ['chromium', 'firefox'], filter: '', mode: 'test', which: 'small', query: '', timeoutMin: 40 };
+  const opts = { www: null, browsers: ['chromium', 'firefox'], filter: '', mode: 'test', which: 'small', query: '', device: 'gpu', timeoutMin: 40 };
   for (let i = 0; i < argv.length; i++) {
     let a = argv[i];
     let v;
@@ -57,6 +58,7 @@ function parseArgs(argv) {
       case '--which': opts.which = val(); break;
       // More bench.html parameters, e.g. mode=depth&model=depth-anything-v2-small (bench mode).
       case '--query': opts.query = val(); break;
+      case '--device': opts.device = val(); break;
       case '--timeout-min': opts.timeoutMin = Number(val()); break;
       case '-h': case '--help': usage(0); break;
       default:
@@ -238,6 +240,7 @@ async function runBrowser(name, opts, baseUrl) {
 
   const isTest = opts.mode === 'test';
   const url = new URL(isTest ? 'tests.html' : 'bench.html', baseUrl);
+  url.searchParams.set('device', opts.device);
   if (isTest) url.searchParams.set('filter', opts.filter);
   else {
     url.searchParams.set('which', opts.which);

@@ -3,7 +3,7 @@
 
 use clap::Args;
 use ldm_web::bench::unet::{weight_type, Architecture, BenchModel, UNetBenchOptions};
-use ldm_web::gpu::{DType, Gpu, GpuOptions};
+use ldm_web::gpu::{DType, GpuOptions};
 use ldm_web::loader::DirSource;
 use ldm_web::{Error, Result};
 
@@ -86,7 +86,7 @@ pub fn run(a: &BenchUNetArgs) -> Result<String> {
     };
     let inputs = a.inputs.as_ref().map(|p| DirSource::new(std::path::Path::new(p)));
     let report = pollster::block_on(async {
-        let gpu = Gpu::new(GpuOptions { plan_only: a.plan, max_storage_binding: a.max_binding, ..Default::default() }).await?;
+        let gpu = crate::open_device(GpuOptions { plan_only: a.plan, max_storage_binding: a.max_binding, ..Default::default() }).await?;
         ldm_web::bench::unet::run(&gpu, model, &opts, inputs.as_ref().map(|s| s as &dyn ldm_web::loader::FileSource), &now).await
     })?;
     serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()))

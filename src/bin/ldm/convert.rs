@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use ldm_web::gpu::{DType, Gpu, GpuOptions};
+use ldm_web::gpu::{DType, GpuOptions};
 use ldm_web::loader::quantised::{describe, stored_tensors, QUANT_KEY_PREFIX};
 use ldm_web::loader::safetensors::{serialize, FileDType, OutTensor};
 use ldm_web::loader::{WeightFile, WeightLog, WeightRecord};
@@ -165,7 +165,7 @@ pub fn run(a: &ConvertArgs) -> Result<String> {
     }
     let log = WeightLog::default();
     pollster::block_on(async {
-        let gpu = Gpu::new(GpuOptions { force_f32: true, ..Default::default() }).await?;
+        let gpu = crate::open_device(GpuOptions { force_f32: true, ..Default::default() }).await?;
         let opts = LoadOptions { vae_encoder: true, quant: choice.component_quant(Some(log.clone())), ..Default::default() };
         crate::generate::load_model(&gpu, &a.model, a.config.as_deref(), &opts).await.map(|_| ())
     })?;

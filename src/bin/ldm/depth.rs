@@ -48,7 +48,7 @@ pub fn run(a: &DepthArgs, bench: bool) -> Result<String> {
         (None, false) => return Err(Error::Input("ldm depth needs --image FILE (the photo)".into())),
     };
     pollster::block_on(async {
-        let gpu = Gpu::new(GpuOptions { force_f32: !a.f16, ..Default::default() }).await?;
+        let gpu = crate::open_device(GpuOptions { force_f32: !a.f16, ..Default::default() }).await?;
         let dtype = gpu.activation_dtype();
         if bench {
             let start = std::time::Instant::now();

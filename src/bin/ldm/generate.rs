@@ -260,7 +260,7 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
     let start = std::time::Instant::now();
     let now = move || start.elapsed().as_secs_f64() * 1e3;
     pollster::block_on(async {
-        let gpu = Gpu::new(GpuOptions { force_f32: true, ..Default::default() }).await?;
+        let gpu = crate::open_device(GpuOptions { force_f32: true, ..Default::default() }).await?;
         let t_load = now();
         // The VAE encoder is read only when an image is to be encoded.
         let adapters = load_adapters(&a.lora, a.lora_merge).await?;
@@ -305,7 +305,7 @@ pub fn run(a: &GenerateArgs, bench: bool) -> Result<String> {
                 // every pipeline (seconds per generated kernel variant on software Vulkan).
                 let warmup_ms = if bench {
                     let t = now();
-                    m.generate(&gpu, &Txt2ImgParams { steps: 1, denoising_end: None, ..p.clone() }, &ImageConditions { strength: Some(1.0), ..cond.clone() }, &now, &mut |_| Ok(())).await?;
+                    m.generate(&gpu, &Txt2ImgParams { steps: 1, denoising_end: None, ..p.clone() }, &ImageConditions { strength: cond.strength.map(|_| 1.0), ..cond.clone() }, &now, &mut |_| Ok(())).await?;
                     now() - t
                 } else {
                     0.0

@@ -11,13 +11,31 @@ mod serve;
 
 use clap::{Parser, Subcommand};
 use ldm_web::bench::{BenchOptions, BenchReport};
-use ldm_web::gpu::{DType, KernelProfile};
+use ldm_web::gpu::{DType, Gpu, GpuOptions, KernelProfile};
 
 #[derive(Parser)]
 #[command(name = "ldm", version, about = "Latent diffusion on WebGPU: the ldm-web engine from the command line")]
 struct Cli {
+    /// Where to compute: gpu (a WebGPU adapter: Vulkan, Metal, DX12), cpu (the CPU backend: SIMD matrix products on every core), or auto (the GPU unless there is none or it is a software rasterizer).
+    #[arg(long, global = true, default_value = "gpu", value_parser = ["gpu", "cpu", "auto"])]
+    device: String,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The `--device` flag.
+static DEVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Opens the device `--device` names, with `opts` for a GPU.
+pub async fn open_device(opts: GpuOptions) -> ldm_web::Result<Gpu> {
+    match DEVICE.get().map_or("gpu", String::as_str) {
+        "cpu" => Gpu::new(GpuOptions { cpu: true, ..opts }).await,
+        "auto" => match Gpu::new(opts.clone()).await {
+            Ok(g) if g.summary().device_type != "Cpu" => Ok(g),
+            _ => Gpu::new(GpuOptions { cpu: true, ..opts }).await,
+        },
+        _ => Gpu::new(opts).await,
+    }
 }
 
 #[derive(Subcommand)]
@@ -70,8 +88,9 @@ enum BenchWhat {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let _ = DEVICE.set(cli.device.clone());
     let out = match cli.command {
-        Command::Adapter => pollster::block_on(ldm_web::gpu::Gpu::new(Default::default())).and_then(|g| serde_json::to_string_pretty(g.summary()).map_err(|e| ldm_web::Error::Unsupported(e.to_string()))),
+        Command::Adapter => pollster::block_on(open_device(Default::default())).and_then(|g| serde_json::to_string_pretty(g.summary()).map_err(|e| ldm_web::Error::Unsupported(e.to_string()))),
         Command::Generate(args) => generate::run(&args, false),
         Command::Depth(args) => depth::run(&args, false),
         Command::Bench { what: BenchWhat::Depth(args) } => depth::run(&args, true),
@@ -87,6 +106,7 @@ fn main() -> std::process::ExitCode {
                 dtype: dtype.map(|d| if d == "f16" { DType::F16 } else { DType::F32 }),
                 profile: profile.map(|p| if p == "tiled" { KernelProfile::Tiled } else { KernelProfile::Register }),
                 min_ms,
+                cpu: cli.device == "cpu",
             };
             let start = std::time::Instant::now();
             let now = move || start.elapsed().as_secs_f64() * 1e3;
