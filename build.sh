@@ -46,6 +46,8 @@ setup() {
   fi
   command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup first" >&2; exit 1; }
   rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+  # The threads build rebuilds std (see build_wasm_threads).
+  rustup component list --installed 2>/dev/null | grep -q '^rust-src' || rustup component add rust-src
   local want
   want="$(wasm_bindgen_version)"
   if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$want" ]; then
@@ -83,6 +85,30 @@ build_wasm() {
   size=$(stat -c %s www/pkg/ldm_web_bg.wasm)
   gz=$(gzip -9 -c www/pkg/ldm_web_bg.wasm | wc -c)
   echo "www/pkg/ldm_web_bg.wasm: $size bytes after wasm-opt, $gz bytes gzipped"
+  build_wasm_threads
+}
+
+build_wasm_threads() {
+  # The same engine for cross-origin-isolated pages: shared memory and atomics, so the CPU backend
+  # runs on a pool of Web Workers. Its std must be rebuilt with atomics (rust-src; -Z build-std on
+  # this stable compiler through RUSTC_BOOTSTRAP); a target dir of its own keeps both builds cached.
+  log "wasm build, threads"
+  local tdir="$TARGET_DIR/wasm-threads"
+  # The linker makes the memory shared and imported (so every worker maps the same one) and exports
+  # what wasm-bindgen needs to give each thread its own TLS and stack.
+  local link=""
+  for a in --shared-memory --import-memory --max-memory=4294967296 --export=__wasm_init_tls --export=__tls_size --export=__tls_align --export=__tls_base; do
+    link="$link -C link-arg=$a"
+  done
+  RUSTC_BOOTSTRAP=1 RUSTFLAGS="-C target-feature=+atomics,+bulk-memory,+mutable-globals,+simd128$link" \
+    cargo build --lib --target wasm32-unknown-unknown --profile wasm-release --features threads \
+    -Z build-std=panic_abort,std --target-dir "$tdir"
+  rm -rf www/pkg-mt
+  wasm-bindgen --target web --no-typescript --out-dir www/pkg-mt "$tdir/wasm32-unknown-unknown/wasm-release/ldm_web.wasm"
+  node "$BROWSER_DIR/node_modules/binaryen/bin/wasm-opt" -Os --enable-reference-types --enable-bulk-memory \
+    --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals --enable-multivalue --enable-simd --enable-threads \
+    www/pkg-mt/ldm_web_bg.wasm -o www/pkg-mt/ldm_web_bg.wasm
+  echo "www/pkg-mt/ldm_web_bg.wasm: $(stat -c %s www/pkg-mt/ldm_web_bg.wasm) bytes after wasm-opt"
 }
 
 run_tests() {
@@ -122,9 +148,12 @@ run_tests() {
   mark
   if node "$BROWSER_DIR/run.mjs" --www www --timeout-min 40 2>&1 | tee "$logs/browser.log"; then :; else failed=1; fi
   results+=("$(grep -E '^(chromium|firefox)( |:)' "$logs/browser.log" || echo 'browsers: 0 passed, 1 failed (did not run)')")
-  # The same suite on the engine's CPU backend (wasm), in both browsers.
-  if node "$BROWSER_DIR/run.mjs" --www www --device cpu --timeout-min 20 2>&1 | tee "$logs/browser-cpu.log"; then :; else failed=1; fi
-  results+=("$(grep -E '^(chromium|firefox)( |:)' "$logs/browser-cpu.log" || echo 'browsers, CPU backend: 0 passed, 1 failed (did not run)')")
+  # The same suite on the engine's CPU backend, in both browsers: the threads build with a pool of
+  # two workers and the single-threaded build.
+  for threads in 2 0; do
+    if node "$BROWSER_DIR/run.mjs" --www www --device cpu --threads "$threads" --timeout-min 20 2>&1 | tee "$logs/browser-cpu$threads.log"; then :; else failed=1; fi
+    results+=("$(grep -E '^(chromium|firefox)( |:)' "$logs/browser-cpu$threads.log" | sed "s/^\([a-z]*\) /\1, threads=$threads, /" || echo "browsers, CPU backend threads=$threads: 0 passed, 1 failed (did not run)")")
+  done
   took "kernels, Chromium + Firefox"
 
   log "the web app end to end: Chromium and Firefox against ldm serve"

@@ -747,7 +747,14 @@ async function main() {
       const a = await app.engine.adapter();
       const b = a.browser ?? {};
       const name = a.name || [b.vendor, b.architecture, b.description].filter(Boolean).join(' ') || (b.isFallbackAdapter ? 'software adapter' : 'unnamed adapter');
-      $('gpu-status').textContent = a.backend === 'Cpu' ? `${name}${help ? '' : ' (WebGPU adapter not used)'}` : `WebGPU: ${name}${a.shader_f16 ? ', shader-f16' : ', f32 only'}`;
+      const why = { 'no-adapter': 'no GPU adapter', fallback: 'WebGPU here is a software fallback' }[a.device_reason];
+      $('gpu-status').textContent = a.backend === 'Cpu' ? `${name}${why ? ` (${why})` : ''}` : `WebGPU: ${name}${a.shader_f16 ? ', shader-f16' : ', f32 only'}`;
+      if (a.device_reason === 'no-adapter') {
+        const msg = `This browser has WebGPU but offers no GPU adapter. ${/Linux/.test(navigator.userAgent) ? 'On Linux, start Chromium/Chrome with --enable-unsafe-webgpu; Firefox needs gfx.webgpu.ignore-blocklist in about:config for software adapters.' : 'Update the browser and its GPU driver, or try another browser.'} Until then ldm-web runs on the CPU.`;
+        $('no-webgpu').textContent = msg;
+        $('no-webgpu').hidden = false;
+        note('no-webgpu', { message: msg });
+      }
       app.adapter = a;
       return true;
     } catch (e) {

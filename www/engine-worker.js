@@ -42,18 +42,38 @@ function errorText(e) {
   return String(e);
 }
 
+// The engine module: the threads build where this worker may share memory (a cross-origin-
+// isolated page) and there are cores to spare, else the single-threaded one. The threads build
+// runs the CPU backend on a pool of workers while this one waits for them (spinning: it cannot
+// sleep in wasm code), so it pays only with three or more cores: a pool of one fewer than the cores.
+// `engine-worker.js?threads=0` asks for the single-threaded build, `?threads=N` for a pool of N.
+const THREADS_ASKED = new URL(self.location.href).searchParams.get('threads');
+const CAN_SHARE = self.crossOriginIsolated === true && typeof SharedArrayBuffer === 'function';
+const POOL = !CAN_SHARE || THREADS_ASKED === '0' ? 0
+  : THREADS_ASKED ? Math.max(1, Math.min(Number(THREADS_ASKED) || 1, 16))
+  : (navigator.hardwareConcurrency || 1) > 2 ? Math.min(navigator.hardwareConcurrency - 1, 16) : 0;
+const THREADED = POOL > 0;
+
 async function initEngine() {
   // Without WebGPU the engine still runs, on its CPU backend (see chooseDevice).
+  const pkg = THREADED ? './pkg-mt/ldm_web.js' : './pkg/ldm_web.js';
   let mod;
   try {
-    mod = await import('./pkg/ldm_web.js');
+    mod = await import(pkg);
   } catch (e) {
-    throw new Error(`failed to load ./pkg/ldm_web.js: ${errorText(e)}`);
+    throw new Error(`failed to load ${pkg}: ${errorText(e)}`);
   }
   try {
     await mod.default();
   } catch (e) {
     throw new Error(`wasm init failed: ${errorText(e)}`);
+  }
+  if (THREADED) {
+    try {
+      await mod.initThreadPool(POOL);
+    } catch (e) {
+      throw new Error(`the CPU backend's ${POOL} threads did not start: ${errorText(e)}`);
+    }
   }
   return mod;
 }
@@ -74,12 +94,15 @@ const ready = initEngine().then(
 // Where a job computes: 'cpu' (the engine's CPU backend) or 'gpu' (the browser's WebGPU adapter).
 // 'auto' takes the GPU unless there is no WebGPU, no adapter, or only a fallback adapter (a
 // software rasterizer such as SwiftShader or lavapipe, where the CPU backend is many times faster).
+// Why auto chose what it did: 'no-webgpu', 'no-adapter', 'fallback' (CPU) or 'adapter' (GPU).
 let autoDevice = null;
+let autoReason = null;
+let lastReason = null;
 async function chooseDevice(pref) {
-  if (pref === 'cpu') return 'cpu';
-  if (pref === 'gpu') {
-    if (!navigator.gpu) throw Object.assign(new Error('this browser has no WebGPU (navigator.gpu is undefined); choose the CPU device or enable WebGPU'), { kind: 'input' });
-    return 'gpu';
+  if (pref === 'cpu' || pref === 'gpu') {
+    lastReason = 'chosen';
+    if (pref === 'gpu' && !navigator.gpu) throw Object.assign(new Error('this browser has no WebGPU (navigator.gpu is undefined); choose the CPU device or enable WebGPU'), { kind: 'input' });
+    return pref;
   }
   if (autoDevice === null) {
     let adapter = null;
@@ -88,8 +111,10 @@ async function chooseDevice(pref) {
     } catch {
       adapter = null;
     }
-    autoDevice = !adapter || adapter.info?.isFallbackAdapter ? 'cpu' : 'gpu';
+    autoReason = !navigator.gpu ? 'no-webgpu' : !adapter ? 'no-adapter' : adapter.info?.isFallbackAdapter ? 'fallback' : 'adapter';
+    autoDevice = autoReason === 'adapter' ? 'gpu' : 'cpu';
   }
+  lastReason = autoReason;
   return autoDevice;
 }
 
@@ -240,7 +265,8 @@ async function handle(id, msg) {
     case 'bench':
       return { json: await ldm.bench_kernels(msg.which ?? 'small', msg.device === 'cpu') };
     case 'adapter':
-      return { json: await ldm.adapter_info() };
+      // The device in use, and why auto chose it (the page explains a missing GPU).
+      return { json: JSON.stringify({ ...JSON.parse(await ldm.adapter_info()), device_reason: lastReason }) };
     case 'generate':
       return generate(id, msg);
     case 'preprocess': {

@@ -3,11 +3,11 @@
 // update shows on the next online visit; model weights are not touched here (the engine worker
 // caches them chunk by chunk in the Cache API itself).
 
-const SHELL_CACHE = 'ldm-shell-v2';
+const SHELL_CACHE = 'ldm-shell-v3';
 const SHELL = [
   './', 'index.html', 'app.js', 'app.css', 'ldm-client.js', 'ldm-image.js', 'engine-worker.js', 'weight-store.js',
   'worker-job.js', 'manifest.webmanifest', 'icon.svg', 'embed.html', 'bench.html', 'tests.html',
-  'pkg/ldm_web.js', 'pkg/ldm_web_bg.wasm',
+  'pkg/ldm_web.js', 'pkg/ldm_web_bg.wasm', 'pkg-mt/ldm_web.js', 'pkg-mt/ldm_web_bg.wasm',
   // The built-in model's settings and example prompts (its weights arrive through the engine's
   // chunk cache like any model's).
   'builtin/emoji/ldm-web.json', 'builtin/emoji/README.md', 'builtin/LICENSES/Apache-2.0.txt', 'builtin/LICENSES/CC-BY-4.0.txt',

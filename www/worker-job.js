@@ -34,7 +34,10 @@ export function runWorkerJob({ out, name, tag, message, what, validate = () => n
 
   let worker;
   try {
-    worker = new Worker('./engine-worker.js', { type: 'module' });
+    // ?threads=0 on the page: the engine's single-threaded build; ?threads=N: its threads build
+    // with N workers (the default chooses from the cores).
+    const threads = new URLSearchParams(location.search).get('threads');
+    worker = new Worker(threads ? `./engine-worker.js?threads=${encodeURIComponent(threads)}` : './engine-worker.js', { type: 'module' });
   } catch (e) {
     fail(`could not start worker: ${e}`);
     return;

@@ -7,6 +7,11 @@ mod source;
 
 use crate::bench::BenchOptions;
 
+/// `initThreadPool(n)`: starts the CPU backend's rayon pool of `n` Web Workers (the `threads`
+/// build, for cross-origin-isolated pages).
+#[cfg(feature = "threads")]
+pub use wasm_bindgen_rayon::init_thread_pool;
+
 #[wasm_bindgen(start)]
 fn start() {
     console_error_panic_hook::set_once();

@@ -458,17 +458,6 @@ async function runBrowser(name, fx, results) {
       }
     });
 
-    // The same share link on the CPU backend (?device=cpu for this visit): the CLI's pixels.
-    await attempt('cpu', async () => {
-      await page.goto(`${link7}&device=cpu`);
-      const png = await nextResult(page, 0);
-      const info = await page.evaluate('window.__ldmApp.results[0].info');
-      const d = maxDiff(png, fx.refs[7]);
-      check('the CPU backend matches the CLI', info.device === 'cpu' && d <= TOL, `${info.device_name}, ${info.precision}: max |browser - ldm generate| = ${d}/255 in ${(info.total_ms / 1000).toFixed(2)} s (UNet ${(info.unet_steps_ms.reduce((a, b) => a + b, 0) / info.unet_steps_ms.length).toFixed(0)} ms/step)`);
-      await page.goto(link7);
-      await nextResult(page, 0);
-    });
-
     await attempt('again', async () => {
       const n = serve.log.length;
       await page.evaluate(`(() => { const f = document.getElementById('settings'); f.elements.seed.value = '8'; f.requestSubmit(); })()`);
@@ -537,6 +526,15 @@ async function runBrowser(name, fx, results) {
       const same = first && maxDiff(png, PNG.sync.read(first)) === 0;
       check('share link reproduces the image', same, `identical pixels to the first generation: ${same}`);
       await tab.close();
+    });
+
+    // The same share link on the CPU backend (?device=cpu for this visit): the CLI's pixels.
+    await attempt('cpu', async () => {
+      await page.goto(`${link7}&device=cpu`);
+      const png = await nextResult(page, 0);
+      const info = await page.evaluate('window.__ldmApp.results[0].info');
+      const d = maxDiff(png, fx.refs[7]);
+      check('the CPU backend matches the CLI', info.device === 'cpu' && d <= TOL, `${info.device_name}, ${info.precision}: max |browser - ldm generate| = ${d}/255 in ${(info.total_ms / 1000).toFixed(2)} s (UNet ${(info.unet_steps_ms.reduce((a, b) => a + b, 0) / info.unet_steps_ms.length).toFixed(0)} ms/step)`);
     });
 
     await attempt('offline', async () => {

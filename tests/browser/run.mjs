@@ -3,6 +3,8 @@
 //   node tests/browser/run.mjs --www www [--browsers chromium,firefox] [--filter STR]
 //                              [--mode test|bench] [--which small] [--query K=V&...] [--timeout-min 40]
 //                              [--device gpu|cpu]   (gpu: WebGPU; cpu: the engine's CPU backend)
+//                              [--threads 0|N]      (the single-threaded wasm build, or the threads
+//                                                    build with N workers; default: from the cores)
 //
 // Serves --www on a free 127.0.0.1 port, opens tests.html?filter=... (or bench.html?which=...) in each
 // browser in turn and waits for window.__ldmTestResults / __ldmTestError (__ldmBench* in bench mode).
@@ -33,7 +35,7 @@ function usage(code) {
 }
 
 function parseArgs(argv) {
-  const opts = { www: null, browsers: ['chromium', 'firefox'], filter: '', mode: 'test', which: 'small', query: '', device: 'gpu', timeoutMin: 40 };
+  const opts = { www: null, browsers: ['chromium', 'firefox'], filter: '', mode: 'test', which: 'small', query: '', device: 'gpu', threads: null, timeoutMin: 40 };
   for (let i = 0; i < argv.length; i++) {
     let a = argv[i];
     let v;
@@ -59,6 +61,8 @@ function parseArgs(argv) {
       // More bench.html parameters, e.g. mode=depth&model=depth-anything-v2-small (bench mode).
       case '--query': opts.query = val(); break;
       case '--device': opts.device = val(); break;
+      // 0: the engine's single-threaded wasm build; N: its threads build with N workers.
+      case '--threads': opts.threads = val(); break;
       case '--timeout-min': opts.timeoutMin = Number(val()); break;
       case '-h': case '--help': usage(0); break;
       default:
@@ -241,6 +245,7 @@ async function runBrowser(name, opts, baseUrl) {
   const isTest = opts.mode === 'test';
   const url = new URL(isTest ? 'tests.html' : 'bench.html', baseUrl);
   url.searchParams.set('device', opts.device);
+  if (opts.threads !== null) url.searchParams.set('threads', opts.threads);
   if (isTest) url.searchParams.set('filter', opts.filter);
   else {
     url.searchParams.set('which', opts.which);
