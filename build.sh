@@ -151,7 +151,7 @@ run_tests() {
   # The same suite on the engine's CPU backend, in both browsers: the threads build with a pool of
   # two workers and the single-threaded build.
   for threads in 2 0; do
-    if node "$BROWSER_DIR/run.mjs" --www www --device cpu --threads "$threads" --timeout-min 20 2>&1 | tee "$logs/browser-cpu$threads.log"; then :; else failed=1; fi
+    if node "$BROWSER_DIR/run.mjs" --www www --device cpu --threads "$threads" --timeout-min 8 2>&1 | tee "$logs/browser-cpu$threads.log"; then :; else failed=1; fi
     results+=("$(grep -E '^(chromium|firefox)( |:)' "$logs/browser-cpu$threads.log" | sed "s/^\([a-z]*\) /\1, threads=$threads, /" || echo "browsers, CPU backend threads=$threads: 0 passed, 1 failed (did not run)")")
   done
   took "kernels, Chromium + Firefox"

@@ -156,6 +156,7 @@ pub fn case_names() -> Vec<String> {
     );
     // Every generated register tiling at an odd size (shape-based choice would pick small ones).
     names.extend((0..matmul::REGISTER_TILINGS).map(|i| format!("matmul/register_tiling{i}_37x45x291")));
+    names.extend((0..matmul::TILED_TILINGS).map(|i| format!("matmul/tiled_tiling{i}_37x45x291")));
     names
 }
 
@@ -213,14 +214,16 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                 let r = matmul::reference(&a, (0, 0, k, 1), &bb, (0, 0, n, 1), m, n, k, 1, 1.0, None, Activation::None, None);
                 c.compare(&y, &r, Tol::Reduction).await
             }
-            b if b.starts_with("matmul/register_tiling") => {
-                let index: usize = b["matmul/register_tiling".len()..].split('_').next().and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
+            b if b.starts_with("matmul/register_tiling") || b.starts_with("matmul/tiled_tiling") => {
+                let tiled = b.starts_with("matmul/tiled_tiling");
+                let prefix = if tiled { "matmul/tiled_tiling" } else { "matmul/register_tiling" };
+                let index: usize = b[prefix.len()..].split('_').next().and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
                 let (m, k, n, bt) = (37, 45, 291, 2);
                 let (a, at) = c.tensor(&[bt, m, k], 1.0)?;
                 let (bb, btt) = c.tensor(&[k, n], 1.0)?;
                 let (bias, biast) = c.tensor(&[n], 1.0)?;
                 let spec = ops::MatmulSpec { a: MatView::packed(&at, m, k), b: MatView::packed(&btt, k, n).broadcast(), m, n, k, batch: bt, alpha: 1.0, bias: Some((&biast, BiasAxis::Col)), act: Activation::Silu, residual: None };
-                let y = matmul::matmul_register_tile(gpu, &spec, index)?;
+                let y = if tiled { matmul::matmul_tiled_tile(gpu, &spec, index)? } else { matmul::matmul_register_tile(gpu, &spec, index)? };
                 let r = matmul::reference(&a, (0, m * k, k, 1), &bb, (0, 0, n, 1), m, n, k, bt, 1.0, Some((&bias, BiasAxis::Col)), Activation::Silu, None);
                 c.compare(&y, &r, Tol::Reduction).await
             }

@@ -20,7 +20,8 @@
 //   Every message may carry device: 'auto' (default) | 'gpu' | 'cpu': where it computes (see chooseDevice).
 //   {cmd: 'cancel'} | {cmd: 'simulate-device-loss'} | {cmd: 'simulate-out-of-memory'}   (the last two test recovery)
 // Messages out:
-//   {id: null, cmd: 'ready'} or {id: null, ok: false, error} once, after initialisation
+//   {id: null, cmd: 'ready'} or {id: null, ok: false, error, restart} once, after initialisation
+//                                             (restart: a fresh worker may well start; see initEngine)
 //   {id, event: {type: 'stage' | 'step' | 'preview' | 'download' | 'status', ...}} while a job runs
 //   {id, ok: true, json?, png?, info?} | {id, ok: false, error, kind, fatal}
 
@@ -69,14 +70,26 @@ async function initEngine() {
     throw new Error(`wasm init failed: ${errorText(e)}`);
   }
   if (THREADED) {
+    // Firefox now and then leaves one of the pool's new workers unstarted (seen about once in ten
+    // cold starts on a loaded two-core machine), and initThreadPool then waits forever. Past
+    // POOL_START_MS the page restarts this worker (see `restart` below) instead of hanging.
+    let timer;
+    const late = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(Object.assign(
+        new Error(`the CPU backend's ${POOL} threads did not start within ${POOL_START_MS / 1000} s`), { restart: true, kind: 'start' })), POOL_START_MS);
+    });
     try {
-      await mod.initThreadPool(POOL);
+      await Promise.race([mod.initThreadPool(POOL), late]);
     } catch (e) {
+      if (e.restart) throw e;
       throw new Error(`the CPU backend's ${POOL} threads did not start: ${errorText(e)}`);
+    } finally {
+      clearTimeout(timer);
     }
   }
   return mod;
 }
+const POOL_START_MS = 20_000;
 
 const ready = initEngine().then(
   (mod) => {
@@ -86,7 +99,7 @@ const ready = initEngine().then(
   },
   (e) => {
     const error = errorText(e);
-    self.postMessage({ id: null, ok: false, error });
+    self.postMessage({ id: null, ok: false, error, restart: e?.restart === true });
     return error;
   },
 );

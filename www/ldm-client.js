@@ -6,11 +6,18 @@ const WORKER_URL = new URL('./engine-worker.js', import.meta.url);
 
 // A module worker must come from the page's origin; from elsewhere (an embedding page), start a
 // same-origin blob worker that imports the real one (served with CORS).
-function startWorker() {
-  if (WORKER_URL.origin === self.location.origin) return new Worker(WORKER_URL, { type: 'module' });
-  const shim = URL.createObjectURL(new Blob([`import ${JSON.stringify(WORKER_URL.href)};`], { type: 'text/javascript' }));
+// `singleThreaded`: the engine's build without a thread pool (see engine-worker.js).
+function startWorker(singleThreaded) {
+  const url = new URL(WORKER_URL);
+  if (singleThreaded) url.searchParams.set('threads', '0');
+  if (url.origin === self.location.origin) return new Worker(url, { type: 'module' });
+  const shim = URL.createObjectURL(new Blob([`import ${JSON.stringify(url.href)};`], { type: 'text/javascript' }));
   return new Worker(shim, { type: 'module' });
 }
+
+// Thread pools that may fail to start (a fresh worker usually succeeds) before the single-threaded
+// build is used instead.
+const POOL_FAILURES = 2;
 
 // Why WebGPU is missing, in words a user can act on; null when navigator.gpu exists. (The engine
 // then runs on its CPU backend.)
@@ -36,19 +43,29 @@ export class LdmEngine {
     this.nextId = 1;
     this.jobs = new Map();
     this.onStatus = () => {};
+    this.poolFailures = 0;
     this.start();
   }
 
   start() {
-    this.worker = startWorker();
     this.ready = new Promise((resolve, reject) => {
       this.readyResolve = resolve;
       this.readyReject = reject;
     });
     this.ready.catch(() => {});
-    this.worker.addEventListener('message', (e) => this.onMessage(e.data ?? {}));
-    this.worker.addEventListener('error', (e) => {
+    this.spawn();
+  }
+
+  // A worker for the current `ready` promise (a second one when the first could not start).
+  spawn() {
+    const worker = startWorker(this.poolFailures >= POOL_FAILURES);
+    this.worker = worker;
+    // Messages sent before the start finishes wait in the new worker's queue.
+    for (const job of this.jobs.values()) worker.postMessage(job.message);
+    worker.addEventListener('message', (e) => { if (this.worker === worker) this.onMessage(e.data ?? {}); });
+    worker.addEventListener('error', (e) => {
       e.preventDefault();
+      if (this.worker !== worker) return;
       this.fail(`the engine worker failed: ${e.message || 'could not load engine-worker.js (see the console)'}`, true);
     });
   }
@@ -68,7 +85,14 @@ export class LdmEngine {
   onMessage(m) {
     if (m.id === null || m.id === undefined) {
       if (m.cmd === 'ready') this.readyResolve();
-      else if (m.ok === false) this.readyReject(new Error(m.error));
+      else if (m.ok === false && m.restart) {
+        this.worker.terminate();
+        this.poolFailures += 1;
+        const next = this.poolFailures >= POOL_FAILURES ? 'the single-threaded engine' : 'a fresh engine worker';
+        this.onStatus(`${m.error}; starting ${next}.`);
+        console.warn(`ldm-web: ${m.error}; starting ${next}`);
+        this.spawn();
+      } else if (m.ok === false) this.readyReject(new Error(m.error));
       return;
     }
     const job = this.jobs.get(m.id);
@@ -88,8 +112,9 @@ export class LdmEngine {
   request(message, onEvent) {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      this.jobs.set(id, { resolve, reject, onEvent });
-      this.worker.postMessage({ id, device: this.device, ...message });
+      const msg = { id, device: this.device, ...message };
+      this.jobs.set(id, { resolve, reject, onEvent, message: msg });
+      this.worker.postMessage(msg);
     });
   }
 

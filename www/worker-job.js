@@ -32,26 +32,48 @@ export function runWorkerJob({ out, name, tag, message, what, validate = () => n
   window.addEventListener('error', (e) => fail(`page error: ${e.message}`));
   window.addEventListener('unhandledrejection', (e) => fail(`page unhandled rejection: ${e.reason}`));
 
+  // ?threads=0 on the page: the engine's single-threaded build; ?threads=N: its threads build
+  // with N workers (the default chooses from the cores).
+  const threads = new URLSearchParams(location.search).get('threads');
+  const url = threads ? `./engine-worker.js?threads=${encodeURIComponent(threads)}` : './engine-worker.js';
+  const MAX_STARTS = 3;
+  let starts = 0;
   let worker;
-  try {
-    // ?threads=0 on the page: the engine's single-threaded build; ?threads=N: its threads build
-    // with N workers (the default chooses from the cores).
-    const threads = new URLSearchParams(location.search).get('threads');
-    worker = new Worker(threads ? `./engine-worker.js?threads=${encodeURIComponent(threads)}` : './engine-worker.js', { type: 'module' });
-  } catch (e) {
-    fail(`could not start worker: ${e}`);
-    return;
+
+  function start() {
+    starts += 1;
+    try {
+      worker = new Worker(url, { type: 'module' });
+    } catch (e) {
+      fail(`could not start worker: ${e}`);
+      return;
+    }
+    worker.addEventListener('error', (e) => {
+      e.preventDefault();
+      fail(`worker error: ${e.message || 'failed to load or run engine-worker.js (see console)'}` +
+           (e.filename ? ` at ${e.filename}:${e.lineno}` : ''));
+    });
+    worker.addEventListener('messageerror', () => fail('worker message could not be deserialised'));
+    worker.addEventListener('message', onMessage);
+    worker.postMessage({ id: 1, ...message });
   }
-  worker.addEventListener('error', (e) => {
-    e.preventDefault();
-    fail(`worker error: ${e.message || 'failed to load or run engine-worker.js (see console)'}` +
-         (e.filename ? ` at ${e.filename}:${e.lineno}` : ''));
-  });
-  worker.addEventListener('messageerror', () => fail('worker message could not be deserialised'));
-  worker.addEventListener('message', (e) => {
+
+  function onMessage(e) {
+    if (e.target !== worker) return; // from a worker already restarted
     const m = e.data ?? {};
     if (m.id === null && m.cmd === 'ready') { log(`engine ready after ${secs()} s; running ${what}…`); return; }
-    if (m.id === null && m.ok === false) { fail(m.error); return; }
+    if (m.id === null && m.ok === false) {
+      // A worker whose start failed for a reason a fresh one may not meet (the thread pool's start).
+      if (m.restart && starts < MAX_STARTS) {
+        log(`${m.error}; restarting the engine worker (start ${starts + 1} of ${MAX_STARTS})`);
+        console.warn(`[${tag}] ${m.error}; restarting the engine worker`);
+        worker.terminate();
+        start();
+        return;
+      }
+      fail(m.error);
+      return;
+    }
     if (m.id !== 1) return;
     if (m.event) { if (m.event.type === 'step') log(`step ${m.event.step}/${m.event.steps} (${m.event.ms.toFixed(0)} ms)`); else if (m.event.type === 'stage') log(`stage: ${m.event.stage}`); return; }
     if (!m.ok) { fail(m.error); return; }
@@ -60,6 +82,7 @@ export function runWorkerJob({ out, name, tag, message, what, validate = () => n
     const problem = validate(res);
     if (problem) { fail(`${problem}: ${String(m.json).slice(0, 200)}`); return; }
     succeed(res);
-  });
-  worker.postMessage({ id: 1, ...message });
+  }
+
+  start();
 }

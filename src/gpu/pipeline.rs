@@ -16,6 +16,8 @@ use super::dtype::DType;
 pub enum Def {
     U32(u32),
     Bool(bool),
+    /// A WGSL extension the variant needs: `enable NAME;` (e.g. `subgroups`).
+    Enable,
 }
 
 /// One kernel variant: WGSL sources (concatenated), entry point, element type and constants.
@@ -48,11 +50,21 @@ impl Kernel<'_> {
         if self.dtype == DType::F16 {
             s.push_str("enable f16;\n");
         }
+        // Browsers require the directive for extensions such as subgroups; native wgpu's naga turns
+        // them on with the device feature and rejects the directive as unsupported.
+        if cfg!(target_arch = "wasm32") {
+            for (name, d) in self.defs {
+                if let Def::Enable = d {
+                    let _ = writeln!(s, "enable {name};");
+                }
+            }
+        }
         let _ = writeln!(s, "alias T = {ty};\nalias T4 = vec4<{ty}>;");
         for (name, d) in self.defs {
             let _ = match d {
                 Def::U32(v) => writeln!(s, "const {name}: u32 = {v}u;"),
                 Def::Bool(v) => writeln!(s, "const {name}: bool = {v};"),
+                Def::Enable => Ok(()),
             };
         }
         for src in self.sources {
@@ -119,6 +131,9 @@ mod tests {
         let k = Kernel { family: "t", sources: &["fn f(x: T) -> T { return x; }"], entry: "main", dtype: DType::F16, defs: &[("TILE", Def::U32(4)), ("FUSE", Def::Bool(true))] };
         let s = k.source();
         assert!(s.starts_with("enable f16;\nalias T = f16;"));
+        let sg = Kernel { defs: &[("subgroups", Def::Enable)], ..k };
+        let expected = if cfg!(target_arch = "wasm32") { "enable f16;\nenable subgroups;\nalias T = f16;" } else { "enable f16;\nalias T = f16;" };
+        assert!(sg.source().starts_with(expected));
         assert!(s.contains("const TILE: u32 = 4u;") && s.contains("const FUSE: bool = true;"));
         let k32 = Kernel { dtype: DType::F32, ..k };
         assert!(!k32.source().contains("enable f16"));

@@ -91,6 +91,9 @@ impl GemmTile {
     const fn new(wx: u32, wy: u32, tm: u32, tn: u32) -> Self {
         Self { wx, wy, tm, tn, bk: 16 }
     }
+    const fn with_bk(self, bk: u32) -> Self {
+        Self { bk, ..self }
+    }
     fn block(&self) -> (usize, usize) {
         ((self.wy * self.tm) as usize, (self.wx * self.tn) as usize)
     }
@@ -101,8 +104,15 @@ impl GemmTile {
     }
 }
 
-/// 64x64 blocks of 256 invocations, 4x4 outputs each, through workgroup memory.
-const TILED: GemmTile = GemmTile::new(16, 16, 4, 4);
+/// Workgroup-memory tilings for real GPUs, largest first, one per shape class: 128x128 blocks
+/// (256 invocations with 8x8 outputs each: twice the reuse of every loaded value, 8 KiB of tiles
+/// at BK 8), 64x64 (256 x 4x4) and 32x32 (64 x 4x4) for outputs too small to fill a GPU
+/// otherwise. Chosen by `gemm_tile`; every one is tested at odd sizes (suite cases
+/// `matmul/tiled_tiling*`). Not yet timed on a GPU: the choice's thresholds are estimates.
+const TILED: [GemmTile; 3] = [GemmTile::new(16, 16, 8, 8).with_bk(8), GemmTile::new(16, 16, 4, 4), GemmTile::new(8, 8, 4, 4)];
+
+/// Workgroups a GPU needs to keep busy (about one per multiprocessor of a large one).
+const GPU_WORKGROUPS: usize = 128;
 
 /// Register tiles for software adapters. Each k step costs TM + TN loads for TM x TN FMAs, and
 /// loads dominate there: on llvmpipe a 320->320 3x3 convolution at 64x64 ran at 0.4 / 1.0 / 3.2 /
@@ -127,7 +137,8 @@ pub(crate) fn gemm_tile(profile: KernelProfile, m: usize, n: usize) -> GemmTile 
     };
     let score = |t: &GemmTile| (t.tm * t.tn) as f64 / (t.tm + t.tn) as f64 / t.waste(m, n);
     match profile {
-        KernelProfile::Tiled => TILED,
+        // The largest block that still fills the GPU without much padding.
+        KernelProfile::Tiled => TILED.iter().find(|t| groups(t) >= GPU_WORKGROUPS && t.waste(m, n) <= 1.15).copied().unwrap_or(TILED[TILED.len() - 1]),
         KernelProfile::Register => REGISTER
             .iter()
             .rev()
@@ -190,6 +201,14 @@ pub fn matmul_spec_with(gpu: &Gpu, s: &MatmulSpec, profile: KernelProfile) -> Re
 
 /// Number of register tilings, for [`matmul_register_tile`].
 pub const REGISTER_TILINGS: usize = REGISTER.len();
+/// Number of workgroup-memory tilings, for [`matmul_tiled_tile`].
+pub const TILED_TILINGS: usize = TILED.len();
+
+/// As [`matmul_spec`] with the tiled profile and tiling `index` whatever the shape (tests).
+pub fn matmul_tiled_tile(gpu: &Gpu, s: &MatmulSpec, index: usize) -> Result<Tensor> {
+    let tile = *TILED.get(index).ok_or_else(|| Error::Unsupported(format!("no tiled tiling {index}")))?;
+    matmul_spec_tile(gpu, s, KernelProfile::Tiled, tile)
+}
 
 /// As [`matmul_spec`] with the register profile and register tiling `index` whatever the shape,
 /// so tests can cover every generated kernel at small sizes.
@@ -396,6 +415,9 @@ mod tests {
         // An 8x8 latent (64 pixels): a 256-wide tile would be three quarters padding.
         let t = gemm_tile(KernelProfile::Register, 1280, 64);
         assert!(t.waste(1280, 64) <= 1.0 + 1e-9, "{t:?}");
-        assert_eq!(gemm_tile(KernelProfile::Tiled, 3, 5), TILED);
+        // Real GPUs: small outputs take the small block, large ones the 128x128 one.
+        assert_eq!(gemm_tile(KernelProfile::Tiled, 3, 5), TILED[2]);
+        assert_eq!(gemm_tile(KernelProfile::Tiled, 4096, 1280), TILED[0]);
+        assert_eq!(gemm_tile(KernelProfile::Tiled, 1280, 256), TILED[1]);
     }
 }

@@ -14,7 +14,7 @@ mod quant;
 mod unrolled;
 
 use crate::error::{Error, Result};
-use crate::gpu::{grid, Bind, DType, Gpu, Tensor};
+use crate::gpu::{grid, Bind, DType, Def, Gpu, Tensor};
 
 pub use attention::{attention, AttentionSpec, HeadView};
 pub use conv2d::{conv2d, Conv2dSpec};
@@ -64,7 +64,18 @@ impl Activation {
 }
 
 pub(crate) const ACTIVATIONS_WGSL: &str = include_str!("../../shaders/activations.wgsl");
-pub(crate) const REDUCE_WGSL: &str = include_str!("../../shaders/reduce.wgsl");
+const REDUCE_WGSL: &str = include_str!("../../shaders/reduce.wgsl");
+const REDUCE_SUBGROUPS_WGSL: &str = include_str!("../../shaders/reduce_subgroups.wgsl");
+
+/// The workgroup reductions for `gpu` (subgroup operations where the adapter has them) and the
+/// constants the kernel needs with them.
+pub(crate) fn reduce_source(gpu: &Gpu) -> (&'static str, Option<(&'static str, Def)>) {
+    if gpu.summary().subgroups {
+        (REDUCE_SUBGROUPS_WGSL, Some(("subgroups", Def::Enable)))
+    } else {
+        (REDUCE_WGSL, None)
+    }
+}
 
 /// Threads per workgroup of the reduction kernels.
 pub(crate) const REDUCE_WG: u32 = 128;

@@ -1,7 +1,7 @@
 //! Normalisations and softmax: group norm (+ fused SiLU), layer norm, softmax over the last dim,
 //! and the row standard deviation guidance rescale needs.
 
-use super::{bind_range, bytes_of, check_same_dtype, dummy, max_binding_elems, ACTIVATIONS_WGSL, REDUCE_WG, REDUCE_WGSL};
+use super::{bind_range, bytes_of, check_same_dtype, dummy, max_binding_elems, reduce_source, ACTIVATIONS_WGSL, REDUCE_WG};
 use crate::error::{Error, Result};
 use crate::gpu::{grid, Bind, Def, Gpu, Kernel, Tensor};
 
@@ -39,8 +39,9 @@ pub fn group_norm(gpu: &Gpu, x: &Tensor, groups: usize, gamma: &Tensor, beta: &T
     let hw = x.numel() / (b * c).max(1);
     let len = c / groups * hw;
     let out = gpu.empty(x.shape(), dtype)?;
-    let defs = [("RWG", Def::U32(REDUCE_WG)), ("SILU", Def::Bool(silu))];
-    let kernel = Kernel { family: "group_norm", sources: &[ACTIVATIONS_WGSL, REDUCE_WGSL, GROUP_NORM_WGSL], entry: "main", dtype, defs: &defs };
+    let (reduce, enable) = reduce_source(gpu);
+    let defs: Vec<_> = [("RWG", Def::U32(REDUCE_WG)), ("SILU", Def::Bool(silu))].into_iter().chain(enable).collect();
+    let kernel = Kernel { family: "group_norm", sources: &[ACTIVATIONS_WGSL, reduce, GROUP_NORM_WGSL], entry: "main", dtype, defs: &defs };
     // Each (image, group) is one contiguous span: split the dispatch between spans when the
     // tensor is larger than one storage binding (Firefox allows 128 MiB).
     let units = b * groups;
@@ -84,8 +85,9 @@ pub fn layer_norm(gpu: &Gpu, x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps
     let rows = x.numel() / cols.max(1);
     let out = gpu.empty(x.shape(), dtype)?;
     let spare = dummy(gpu, dtype)?;
-    let defs = [("RWG", Def::U32(REDUCE_WG)), ("AFFINE", Def::Bool(affine.is_some()))];
-    let kernel = Kernel { family: "layer_norm", sources: &[REDUCE_WGSL, LAYER_NORM_WGSL], entry: "main", dtype, defs: &defs };
+    let (reduce, enable) = reduce_source(gpu);
+    let defs: Vec<_> = [("RWG", Def::U32(REDUCE_WG)), ("AFFINE", Def::Bool(affine.is_some()))].into_iter().chain(enable).collect();
+    let kernel = Kernel { family: "layer_norm", sources: &[reduce, LAYER_NORM_WGSL], entry: "main", dtype, defs: &defs };
     let (g, b) = affine.unwrap_or((&spare, &spare));
     let p = RowParams { rows: rows as u32, cols: cols as u32, value: eps };
     let grid = grid(rows as u32, gpu.limits().max_compute_workgroups_per_dimension);
@@ -102,8 +104,9 @@ pub fn softmax(gpu: &Gpu, x: &Tensor, scale: f32) -> Result<Tensor> {
     }
     let rows = x.numel() / cols.max(1);
     let out = gpu.empty(x.shape(), dtype)?;
-    let defs = [("RWG", Def::U32(REDUCE_WG))];
-    let kernel = Kernel { family: "softmax", sources: &[REDUCE_WGSL, SOFTMAX_WGSL], entry: "main", dtype, defs: &defs };
+    let (reduce, enable) = reduce_source(gpu);
+    let defs: Vec<_> = [("RWG", Def::U32(REDUCE_WG))].into_iter().chain(enable).collect();
+    let kernel = Kernel { family: "softmax", sources: &[reduce, SOFTMAX_WGSL], entry: "main", dtype, defs: &defs };
     let p = RowParams { rows: rows as u32, cols: cols as u32, value: scale };
     let grid = grid(rows as u32, gpu.limits().max_compute_workgroups_per_dimension);
     gpu.dispatch(&kernel, bytes_of(&p), &[Bind::whole(x), Bind::whole(&out)], grid)?;
@@ -129,8 +132,9 @@ pub fn row_std(gpu: &Gpu, x: &Tensor, cols: usize) -> Result<Tensor> {
     }
     let rows = x.numel() / cols;
     let out = gpu.empty(&[rows], crate::gpu::DType::F32)?;
-    let defs = [("RWG", Def::U32(REDUCE_WG))];
-    let kernel = Kernel { family: "row_std", sources: &[REDUCE_WGSL, ROW_STD_WGSL], entry: "main", dtype, defs: &defs };
+    let (reduce, enable) = reduce_source(gpu);
+    let defs: Vec<_> = [("RWG", Def::U32(REDUCE_WG))].into_iter().chain(enable).collect();
+    let kernel = Kernel { family: "row_std", sources: &[reduce, ROW_STD_WGSL], entry: "main", dtype, defs: &defs };
     let p = RowStdParams { rows: rows as u32, cols: cols as u32 };
     let grid = grid(rows as u32, gpu.limits().max_compute_workgroups_per_dimension);
     gpu.dispatch(&kernel, bytes_of(&p), &[Bind::whole(x), Bind::whole(&out)], grid)?;
