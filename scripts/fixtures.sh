@@ -3,7 +3,7 @@
 # depth, ControlNet, x4 upscaler), CompVis LDM models (and concatenation-conditioned ones converted from
 # the CompVis layout), depth estimators, OpenCV canny edge maps, the SDXL / turbo / LCM / TAESD family with LoRA and
 # textual-inversion files, diffusers reference outputs, scheduler trajectories, diffusers' images of the
-# built-in model).
+# built-in model, torch autograd's gradients and an AdamW run).
 # Idempotent: creates the Python venv only if it lacks diffusers; re-running reproduces
 # byte-identical files. Venv location: $LDM_VENV (default /work/venv).
 set -euo pipefail
@@ -35,5 +35,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
 # SDXL (base, refiner, inpainting, turbo), SD-Turbo, LCM, SDXL ControlNet, TAESD, LoRA / textual-inversion
 # files, .ckpt and malformed inputs, A1111 prompt weighting (reads sd1/, sd2/, ldm/uncond/, images/)
 "$VENV/bin/python" scripts/family_fixtures.py
+# torch autograd's gradients and an AdamW run of a small network (src/autograd's tests)
+"$VENV/bin/python" scripts/autograd_fixtures.py
 # diffusers' images of the committed built-in model (assets/builtin/emoji)
 "$VENV/bin/python" scripts/builtin/reference.py

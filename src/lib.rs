@@ -4,6 +4,7 @@
 //! tensors) → [`ops`] (kernel launchers and their CPU references) → [`suite`] / [`bench`]
 //! (kernel tests and benchmarks shared by the native and browser runners) → `web` (wasm API).
 
+pub mod autograd;
 pub mod bench;
 pub mod error;
 pub mod gpu;

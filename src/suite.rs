@@ -142,7 +142,7 @@ pub fn case_names() -> Vec<String> {
     names.extend(
         [
             "group_norm/silu", "group_norm/plain_eps1e-6", "layer_norm/affine_77", "layer_norm/plain_300", "softmax/rows9_cols333", "row_std/rows7_cols143",
-            "expr/scheduler_step_1001", "expr/guidance_halves_per_row",
+            "expr/scheduler_step_1001", "expr/guidance_halves_per_row", "expr/exp_sqrt_sigmoid_77",
             "elementwise/silu", "elementwise/gelu", "elementwise/gelu_tanh", "elementwise/quick_gelu", "elementwise/scale", "elementwise/relu", "elementwise/tanh_third",
             "elementwise/add_broadcast", "elementwise/mul_broadcast_last", "elementwise/add_same_shape", "elementwise/add_rank5", "elementwise/geglu",
             "layout/upsample_nearest2x", "layout/upsample_to_3x5", "layout/bilinear_align_corners_2x", "layout/bilinear_half_pixel_5x7_to_3x4", "pool/max_3x3_s2_same", "layout/slice_rows", "layout/concat_channels", "layout/concat_last", "layout/permute_0213", "layout/permute_201",
@@ -394,6 +394,23 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                 let ins = [ExprInput { tensor: &outt, map: maps[0] }, ExprInput { tensor: &outt, map: maps[1] }, ExprInput { tensor: &st, map: maps[2] }, ExprInput { tensor: &mt, map: maps[3] }];
                 let y = ops::expr(gpu, &f, &ins, &[half], dtype)?;
                 let r: Vec<f32> = f.eval(half, &[(&out, maps[0]), (&out, maps[1]), (&s, maps[2]), (&m, maps[3])])?.into_iter().map(|v| c.round(v)).collect();
+                c.compare(&y, &r, Tol::Elementwise).await
+            }
+            // The transcendental forms gradients and optimisers use: a SiLU derivative through
+            // sigmoid (exp) and Adam's update (sqrt).
+            "expr/exp_sqrt_sigmoid_77" => {
+                use ops::{Expr, ExprInput, IndexMap};
+                let n = 77;
+                let (x, xt) = c.tensor(&[n], 3.0)?;
+                let (g, gt) = c.tensor(&[n], 1.0)?;
+                let (x0, g0) = (Expr::input(0), Expr::input(1));
+                let s = x0.clone().sigmoid();
+                let silu_grad = g0.clone() * s.clone() * (1.0 + x0.clone() * (1.0 - s));
+                let f = silu_grad - 0.01 * g0.clone() / ((g0.clone() * g0).sqrt() + 1e-3) + 0.1 * (0.5 * x0).exp();
+                let same = IndexMap::same(n);
+                let ins = [ExprInput { tensor: &xt, map: same }, ExprInput { tensor: &gt, map: same }];
+                let y = ops::expr(gpu, &f, &ins, &[n], dtype)?;
+                let r: Vec<f32> = f.eval(n, &[(&x, same), (&g, same)])?.into_iter().map(|v| c.round(v)).collect();
                 c.compare(&y, &r, Tol::Elementwise).await
             }
             "softmax/rows9_cols333" => {

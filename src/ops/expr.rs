@@ -32,6 +32,10 @@ pub enum Expr {
     Div(Box<Expr>, Box<Expr>),
     /// `min(max(x, lo), hi)` (torch's `clamp`).
     Clamp(Box<Expr>, f32, f32),
+    /// `e^x` (sigmoids in gradients).
+    Exp(Box<Expr>),
+    /// `sqrt(x)` (Adam's denominator).
+    Sqrt(Box<Expr>),
 }
 
 impl Expr {
@@ -43,6 +47,21 @@ impl Expr {
     /// `self.clamp(lo, hi)`.
     pub fn clamp(self, lo: f32, hi: f32) -> Expr {
         Expr::Clamp(Box::new(self), lo, hi)
+    }
+
+    /// `e^self`.
+    pub fn exp(self) -> Expr {
+        Expr::Exp(Box::new(self))
+    }
+
+    /// `sqrt(self)`.
+    pub fn sqrt(self) -> Expr {
+        Expr::Sqrt(Box::new(self))
+    }
+
+    /// `1 / (1 + e^-self)`.
+    pub fn sigmoid(self) -> Expr {
+        1.0 / (1.0 + (-self).exp())
     }
 
     /// `c0 * x0 + c1 * x1 + ...`, left to right as torch evaluates the sum.
@@ -57,7 +76,7 @@ impl Expr {
         match self {
             Expr::Input(k) => k + 1,
             Expr::Const(_) => 0,
-            Expr::Neg(a) | Expr::Clamp(a, ..) => a.inputs(),
+            Expr::Neg(a) | Expr::Clamp(a, ..) | Expr::Exp(a) | Expr::Sqrt(a) => a.inputs(),
             Expr::Add(a, b) | Expr::Sub(a, b) | Expr::Mul(a, b) | Expr::Div(a, b) => a.inputs().max(b.inputs()),
         }
     }
@@ -73,6 +92,8 @@ impl Expr {
             Expr::Mul(a, b) => a.at(x) * b.at(x),
             Expr::Div(a, b) => a.at(x) / b.at(x),
             Expr::Clamp(a, lo, hi) => a.at(x).max(*lo).min(*hi),
+            Expr::Exp(a) => a.at(x).exp(),
+            Expr::Sqrt(a) => a.at(x).sqrt(),
         }
     }
 
@@ -108,7 +129,7 @@ impl Expr {
         match self {
             Expr::Input(k) => used[*k] = true,
             Expr::Const(_) => {}
-            Expr::Neg(a) | Expr::Clamp(a, ..) => a.mark_inputs(used),
+            Expr::Neg(a) | Expr::Clamp(a, ..) | Expr::Exp(a) | Expr::Sqrt(a) => a.mark_inputs(used),
             Expr::Add(a, b) | Expr::Sub(a, b) | Expr::Mul(a, b) | Expr::Div(a, b) => {
                 a.mark_inputs(used);
                 b.mark_inputs(used);
@@ -151,6 +172,11 @@ impl Expr {
                 let k = consts.len();
                 consts.extend([*lo, *hi]);
                 let _ = write!(out, ", p.c[{}][{}]), p.c[{}][{}])", k / 4, k % 4, (k + 1) / 4, (k + 1) % 4);
+            }
+            Expr::Exp(a) | Expr::Sqrt(a) => {
+                out.push_str(if matches!(self, Expr::Exp(_)) { "exp(" } else { "sqrt(" });
+                a.wgsl(out, consts, slot);
+                out.push(')');
             }
         }
     }

@@ -1,0 +1,67 @@
+"""Training fixtures for src/autograd: a small two-layer network's gradients by torch autograd, and
+a 50-step AdamW run with gradient clipping, for the engine to repeat (tests in src/autograd).
+
+The network is `mse(linear(s * s + s), target)` with `s = silu(linear(x))`, which uses every op the
+tape has so far (linear with bias, SiLU, elementwise product and sum, MSE). Writes
+tests/fixtures/autograd/mlp.json (float32 values as JSON numbers, exact as printed by repr).
+"""
+import json
+import os
+
+import torch
+
+ROWS, D_IN, D_HID, D_OUT = 5, 7, 6, 3
+STEPS, LR, WEIGHT_DECAY, MAX_NORM = 50, 0.02, 0.01, 1.0
+
+
+def forward(x, w1, b1, w2, b2, target):
+    s = torch.nn.functional.silu(torch.nn.functional.linear(x, w1, b1))
+    y = torch.nn.functional.linear(s * s + s, w2, b2)
+    return torch.nn.functional.mse_loss(y, target)
+
+
+def values(t):
+    return [float(v) for v in t.detach().reshape(-1).tolist()]
+
+
+def main():
+    torch.manual_seed(20)
+    x = torch.randn(ROWS, D_IN) * 0.7
+    params = [torch.randn(D_HID, D_IN) * 0.5, torch.randn(D_HID) * 0.5, torch.randn(D_OUT, D_HID) * 0.5, torch.randn(D_OUT) * 0.5]
+    target = torch.randn(ROWS, D_OUT)
+    init = [p.clone() for p in params]
+
+    # Gradients at the start, x included.
+    leaves = [t.clone().requires_grad_(True) for t in [x] + params]
+    loss = forward(*leaves, target)
+    loss.backward()
+
+    # Training: x and the target are data; AdamW over the weights, gradients clipped first.
+    weights = [p.clone().requires_grad_(True) for p in params]
+    opt = torch.optim.AdamW(weights, lr=LR, weight_decay=WEIGHT_DECAY, foreach=False)
+    losses, norms = [], []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        step_loss = forward(x, *weights, target)
+        step_loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(weights, MAX_NORM)))
+        opt.step()
+        losses.append(float(step_loss.detach()))
+
+    out = {
+        "shapes": [list(x.shape)] + [list(p.shape) for p in params],
+        "x": values(x), "params": [values(p) for p in init], "target": values(target),
+        "loss": float(loss.detach()), "grads": [values(t.grad) for t in leaves],
+        "train": {"steps": STEPS, "lr": LR, "weight_decay": WEIGHT_DECAY, "max_norm": MAX_NORM,
+                  "losses": losses, "grad_norms": norms, "final": [values(w) for w in weights]},
+        "torch": torch.__version__.split("+")[0],
+    }
+    path = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "autograd", "mlp.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=None, separators=(",", ":"))
+        f.write("\n")
+    print(f"wrote {os.path.normpath(path)}: loss {losses[0]:.5f} -> {losses[-1]:.5f} in {STEPS} steps")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,482 @@
+//! Reverse-mode gradients over the engine's ops, for training on the user's device.
+//!
+//! A [`Tape`] records each operation on [`Var`]s together with the rule that turns the gradient
+//! of its output into gradients of its inputs; [`Tape::backward`] replays the tape in reverse and
+//! sums the gradients of values used more than once. Values and gradients are engine tensors, and
+//! every rule is written with the forward ops (matrix products over transposed views, elementwise
+//! expressions), so gradients run on WebGPU and on the CPU backend alike and each piece has the
+//! CPU reference its op already has. Training computes in f32.
+
+pub mod optim;
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Tensor};
+use crate::ops::{self, Activation, Expr, ExprInput, IndexMap, MatView, MatmulSpec};
+
+/// A value on a [`Tape`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Var(usize);
+
+/// Gradients of an op's inputs (in input order; `None` for one that needs none) from its output's.
+type Rule = Box<dyn Fn(&Gpu, &Tensor) -> Result<Vec<Option<Tensor>>>>;
+
+struct Node {
+    value: Tensor,
+    inputs: Vec<Var>,
+    rule: Option<Rule>,
+    needs_grad: bool,
+}
+
+/// The operations of one forward pass, in order.
+pub struct Tape<'g> {
+    gpu: &'g Gpu,
+    nodes: Vec<Node>,
+}
+
+/// The gradients [`Tape::backward`] found, by variable.
+pub struct Grads {
+    grads: Vec<Option<Tensor>>,
+}
+
+impl Grads {
+    /// The gradient of the loss with respect to `v` (`None` where the loss does not depend on it
+    /// or `v` needs no gradient).
+    pub fn get(&self, v: Var) -> Option<&Tensor> {
+        self.grads.get(v.0).and_then(Option::as_ref)
+    }
+}
+
+fn check_f32(t: &Tensor, what: &str) -> Result<()> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::Unsupported(format!("training computes in f32; {what} is {}", t.dtype().name())));
+    }
+    Ok(())
+}
+
+/// `1 x n` ones (sums as matrix products).
+fn ones(gpu: &Gpu, n: usize) -> Result<Tensor> {
+    gpu.constant(&format!("autograd/ones/{n}"), &[1, n], DType::F32, || vec![1.0; n])
+}
+
+/// Column sums of a row-major `rows x cols` matrix: `[cols]`.
+fn column_sums(gpu: &Gpu, x: &Tensor, rows: usize, cols: usize) -> Result<Tensor> {
+    let one = ones(gpu, rows)?;
+    let spec = MatmulSpec {
+        a: MatView::packed(&one, 1, rows), b: MatView::packed(x, rows, cols), m: 1, n: cols, k: rows, batch: 1,
+        alpha: 1.0, bias: None, act: Activation::None, residual: None,
+    };
+    ops::matmul_spec(gpu, &spec)?.reshape(&[cols])
+}
+
+/// An elementwise expression over same-sized tensors, shaped like the first.
+fn elementwise(gpu: &Gpu, f: &Expr, xs: &[&Tensor]) -> Result<Tensor> {
+    let n = xs[0].numel();
+    let ins: Vec<ExprInput> = xs.iter().map(|t| ExprInput { tensor: t, map: IndexMap::same(n) }).collect();
+    ops::expr(gpu, f, &ins, xs[0].shape(), DType::F32)
+}
+
+impl<'g> Tape<'g> {
+    /// An empty tape on `gpu`.
+    pub fn new(gpu: &'g Gpu) -> Self {
+        Self { gpu, nodes: Vec::new() }
+    }
+
+    fn push(&mut self, value: Tensor, inputs: Vec<Var>, rule: Rule) -> Var {
+        let needs_grad = inputs.iter().any(|v| self.nodes[v.0].needs_grad);
+        self.nodes.push(Node { value, inputs, rule: needs_grad.then_some(rule), needs_grad });
+        Var(self.nodes.len() - 1)
+    }
+
+    fn leaf(&mut self, value: Tensor, needs_grad: bool) -> Result<Var> {
+        check_f32(&value, "a tape input")?;
+        self.nodes.push(Node { value, inputs: Vec::new(), rule: None, needs_grad });
+        Ok(Var(self.nodes.len() - 1))
+    }
+
+    /// A value the loss is differentiated with respect to (a parameter).
+    pub fn param(&mut self, value: Tensor) -> Result<Var> {
+        self.leaf(value, true)
+    }
+
+    /// A value that needs no gradient (data, targets, frozen weights).
+    pub fn constant(&mut self, value: Tensor) -> Result<Var> {
+        self.leaf(value, false)
+    }
+
+    /// The value of `v`.
+    pub fn value(&self, v: Var) -> &Tensor {
+        &self.nodes[v.0].value
+    }
+
+    fn same_shape(&self, a: Var, b: Var, op: &str) -> Result<()> {
+        let (sa, sb) = (self.value(a).shape(), self.value(b).shape());
+        if sa != sb {
+            return Err(Error::Shape(format!("{op} of {sa:?} and {sb:?}: the shapes must be equal")));
+        }
+        Ok(())
+    }
+
+    /// `x · wᵀ + b` over the last axis (torch's `F.linear`): x `[.., in]`, w `[out, in]`, b `[out]`.
+    pub fn linear(&mut self, x: Var, w: Var, b: Option<Var>) -> Result<Var> {
+        let (xt, wt) = (self.value(x).clone(), self.value(w).clone());
+        let bt = b.map(|b| self.value(b).clone());
+        let y = ops::linear(self.gpu, &xt, &wt, bt.as_ref(), Activation::None)?;
+        let (out_f, in_f) = (wt.dim(0), wt.dim(1));
+        let rows = xt.numel() / in_f;
+        let has_bias = b.is_some();
+        let mut inputs = vec![x, w];
+        inputs.extend(b);
+        let rule: Rule = Box::new(move |gpu, g| {
+            // dx = g · w, dw = gᵀ · x, db = column sums of g.
+            let dx = ops::matmul_spec(gpu, &MatmulSpec {
+                a: MatView::packed(g, rows, out_f), b: MatView::packed(&wt, out_f, in_f).broadcast(), m: rows, n: in_f, k: out_f,
+                batch: 1, alpha: 1.0, bias: None, act: Activation::None, residual: None,
+            })?.reshape(xt.shape())?;
+            let dw = ops::matmul_spec(gpu, &MatmulSpec {
+                a: MatView::transposed(g, out_f, rows), b: MatView::packed(&xt, rows, in_f), m: out_f, n: in_f, k: rows,
+                batch: 1, alpha: 1.0, bias: None, act: Activation::None, residual: None,
+            })?.reshape(&[out_f, in_f])?;
+            let mut grads = vec![Some(dx), Some(dw)];
+            if has_bias {
+                grads.push(Some(column_sums(gpu, g, rows, out_f)?));
+            }
+            Ok(grads)
+        });
+        Ok(self.push(y, inputs, rule))
+    }
+
+    /// `a + b` (equal shapes).
+    pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
+        self.same_shape(a, b, "add")?;
+        let y = ops::add(self.gpu, self.value(a), self.value(b))?;
+        Ok(self.push(y, vec![a, b], Box::new(|_, g| Ok(vec![Some(g.clone()), Some(g.clone())]))))
+    }
+
+    /// `a * b` elementwise (equal shapes).
+    pub fn mul(&mut self, a: Var, b: Var) -> Result<Var> {
+        self.same_shape(a, b, "mul")?;
+        let (at, bt) = (self.value(a).clone(), self.value(b).clone());
+        let y = ops::mul(self.gpu, &at, &bt)?;
+        Ok(self.push(y, vec![a, b], Box::new(move |gpu, g| Ok(vec![Some(ops::mul(gpu, g, &bt)?), Some(ops::mul(gpu, g, &at)?)]))))
+    }
+
+    /// `x · sigmoid(x)`.
+    pub fn silu(&mut self, x: Var) -> Result<Var> {
+        let xt = self.value(x).clone();
+        let y = ops::activation(self.gpu, &xt, Activation::Silu)?;
+        let rule: Rule = Box::new(move |gpu, g| {
+            // d/dx x s(x) = s(x) (1 + x (1 - s(x))).
+            let (xe, ge) = (Expr::input(0), Expr::input(1));
+            let s = xe.clone().sigmoid();
+            let f = ge * s.clone() * (1.0 + xe * (1.0 - s));
+            Ok(vec![Some(elementwise(gpu, &f, &[&xt, g])?)])
+        });
+        Ok(self.push(y, vec![x], rule))
+    }
+
+    /// The mean of `(pred - target)²` over every element (torch's `F.mse_loss`): shape `[1]`.
+    pub fn mse_loss(&mut self, pred: Var, target: Var) -> Result<Var> {
+        self.same_shape(pred, target, "mse_loss")?;
+        let (pt, tt) = (self.value(pred).clone(), self.value(target).clone());
+        let n = pt.numel();
+        let (p, t) = (Expr::input(0), Expr::input(1));
+        let sq = elementwise(self.gpu, &((p.clone() - t.clone()) * (p - t)), &[&pt, &tt])?;
+        let one = ones(self.gpu, n)?;
+        let loss = ops::matmul_spec(self.gpu, &MatmulSpec {
+            a: MatView::packed(&one, 1, n), b: MatView::packed(&sq, n, 1), m: 1, n: 1, k: n, batch: 1,
+            alpha: 1.0 / n as f32, bias: None, act: Activation::None, residual: None,
+        })?.reshape(&[1])?;
+        let rule: Rule = Box::new(move |gpu, g| {
+            // d/dpred = 2 (pred - target) / n times the loss's gradient (one value for all).
+            let f = Expr::input(2) * (2.0 / n as f32) * (Expr::input(0) - Expr::input(1));
+            let ins = [
+                ExprInput { tensor: &pt, map: IndexMap::same(n) },
+                ExprInput { tensor: &tt, map: IndexMap::same(n) },
+                ExprInput { tensor: g, map: IndexMap::repeat(1) },
+            ];
+            let dp = ops::expr(gpu, &f, &ins, pt.shape(), DType::F32)?;
+            let dt = ops::scale(gpu, &dp, -1.0, 0.0)?;
+            Ok(vec![Some(dp), Some(dt)])
+        });
+        Ok(self.push(loss, vec![pred, target], rule))
+    }
+
+    /// Gradients of the one-element `loss` with respect to every value that needs one.
+    pub fn backward(&self, loss: Var) -> Result<Grads> {
+        let lt = self.value(loss);
+        if lt.numel() != 1 {
+            return Err(Error::Shape(format!("backward needs a one-element loss, got {:?}", lt.shape())));
+        }
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.nodes.len()];
+        grads[loss.0] = Some(self.gpu.upload(lt.shape(), DType::F32, &[1.0])?);
+        for i in (0..=loss.0).rev() {
+            let node = &self.nodes[i];
+            let (Some(rule), Some(g)) = (&node.rule, grads[i].clone()) else { continue };
+            let input_grads = rule(self.gpu, &g)?;
+            for (v, dg) in node.inputs.iter().zip(input_grads) {
+                let Some(dg) = dg else { continue };
+                if !self.nodes[v.0].needs_grad {
+                    continue;
+                }
+                let shape = self.value(*v).shape();
+                if dg.shape() != shape {
+                    return Err(Error::Shape(format!("gradient of shape {:?} for a value of shape {shape:?} (a bug in ldm-web, please report it)", dg.shape())));
+                }
+                grads[v.0] = Some(match grads[v.0].take() {
+                    Some(acc) => ops::add(self.gpu, &acc, &dg)?,
+                    None => dg,
+                });
+            }
+            // Intermediate gradients are not kept: only parameters' are asked for.
+            if !node.inputs.is_empty() {
+                grads[i] = None;
+            }
+        }
+        Ok(Grads { grads })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::optim::{adamw_reference, clip_grad_norm, AdamW, AdamWConfig};
+    use super::*;
+    use crate::gpu::GpuOptions;
+    use crate::rng::TorchGenerator;
+
+    /// The devices the tests run on: the CPU backend, and the native adapter where there is one.
+    fn devices() -> Vec<Gpu> {
+        let mut out = vec![pollster::block_on(Gpu::new(GpuOptions { cpu: true, ..Default::default() })).expect("the CPU backend")];
+        if let Ok(gpu) = pollster::block_on(Gpu::new(GpuOptions::default())) {
+            out.push(gpu);
+        }
+        out
+    }
+
+    /// A two-layer network in f64 on the host, `mse(linear(silu(a) * silu(a) + silu(a)), t)` with
+    /// `a = linear(x)`: the reference the tape's gradients are checked against by central
+    /// differences.
+    struct Net {
+        rows: usize,
+        d_in: usize,
+        d_hid: usize,
+        d_out: usize,
+    }
+
+    impl Net {
+        fn loss(&self, p: &[Vec<f64>], t: &[f64]) -> f64 {
+            let [x, w1, b1, w2, b2] = [&p[0], &p[1], &p[2], &p[3], &p[4]];
+            let silu = |v: f64| v / (1.0 + (-v).exp());
+            let mut loss = 0.0;
+            for r in 0..self.rows {
+                let u: Vec<f64> = (0..self.d_hid)
+                    .map(|j| {
+                        let a = b1[j] + (0..self.d_in).map(|k| x[r * self.d_in + k] * w1[j * self.d_in + k]).sum::<f64>();
+                        silu(a) * silu(a) + silu(a)
+                    })
+                    .collect();
+                for o in 0..self.d_out {
+                    let y = b2[o] + (0..self.d_hid).map(|j| u[j] * w2[o * self.d_hid + j]).sum::<f64>();
+                    loss += (y - t[r * self.d_out + o]).powi(2);
+                }
+            }
+            loss / (self.rows * self.d_out) as f64
+        }
+    }
+
+    #[test]
+    fn gradients_match_central_differences() {
+        let net = Net { rows: 5, d_in: 7, d_hid: 6, d_out: 3 };
+        let shapes: [Vec<usize>; 5] = [vec![net.rows, net.d_in], vec![net.d_hid, net.d_in], vec![net.d_hid], vec![net.d_out, net.d_hid], vec![net.d_out]];
+        let mut rng = TorchGenerator::new(20);
+        let params: Vec<Vec<f32>> = shapes.iter().map(|s| rng.randn(s.iter().product()).iter().map(|v| v * 0.7).collect()).collect();
+        let target = rng.randn(net.rows * net.d_out);
+        // Central differences on the f64 reference.
+        let p64: Vec<Vec<f64>> = params.iter().map(|p| p.iter().map(|&v| v as f64).collect()).collect();
+        let t64: Vec<f64> = target.iter().map(|&v| v as f64).collect();
+        let h = 1e-5;
+        let expected: Vec<Vec<f64>> = (0..p64.len())
+            .map(|i| {
+                (0..p64[i].len())
+                    .map(|e| {
+                        let mut q = p64.clone();
+                        q[i][e] += h;
+                        let up = net.loss(&q, &t64);
+                        q[i][e] -= 2.0 * h;
+                        (up - net.loss(&q, &t64)) / (2.0 * h)
+                    })
+                    .collect()
+            })
+            .collect();
+        for gpu in devices() {
+            let mut tape = Tape::new(&gpu);
+            let vars: Vec<Var> = params.iter().zip(&shapes).map(|(p, s)| tape.param(gpu.upload(s, DType::F32, p).unwrap()).unwrap()).collect();
+            let t = tape.constant(gpu.upload(&[net.rows, net.d_out], DType::F32, &target).unwrap()).unwrap();
+            let a = tape.linear(vars[0], vars[1], Some(vars[2])).unwrap();
+            let s = tape.silu(a).unwrap();
+            let sq = tape.mul(s, s).unwrap();
+            let u = tape.add(sq, s).unwrap();
+            let y = tape.linear(u, vars[3], Some(vars[4])).unwrap();
+            let loss = tape.mse_loss(y, t).unwrap();
+            let got_loss = pollster::block_on(gpu.read(tape.value(loss))).unwrap()[0] as f64;
+            let want_loss = net.loss(&p64, &t64);
+            assert!((got_loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0), "{}: loss {got_loss} vs {want_loss}", gpu.summary().name);
+            let grads = tape.backward(loss).unwrap();
+            assert!(grads.get(t).is_none(), "a constant got a gradient");
+            for (i, v) in vars.iter().enumerate() {
+                let got = pollster::block_on(gpu.read(grads.get(*v).expect("a parameter's gradient"))).unwrap();
+                let scale = expected[i].iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                let err = got.iter().zip(&expected[i]).fold(0.0f64, |m, (&g, &e)| m.max((g as f64 - e).abs()));
+                assert!(err <= 1e-4 * scale.max(1e-3), "{}: parameter {i} {:?}: max error {err:.3e} (gradient scale {scale:.3e})", gpu.summary().name, shapes[i]);
+            }
+        }
+    }
+
+    /// torch's run of the same network (scripts/autograd_fixtures.py).
+    #[derive(serde::Deserialize)]
+    struct TorchRun {
+        shapes: Vec<Vec<usize>>,
+        x: Vec<f32>,
+        params: Vec<Vec<f32>>,
+        target: Vec<f32>,
+        loss: f32,
+        grads: Vec<Vec<f32>>,
+        train: TorchTraining,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct TorchTraining {
+        steps: usize,
+        lr: f32,
+        weight_decay: f32,
+        max_norm: f32,
+        losses: Vec<f32>,
+        grad_norms: Vec<f32>,
+        #[serde(rename = "final")]
+        final_params: Vec<Vec<f32>>,
+    }
+
+    fn torch_run() -> TorchRun {
+        serde_json::from_str(include_str!("../../tests/fixtures/autograd/mlp.json")).expect("tests/fixtures/autograd/mlp.json")
+    }
+
+    /// Records the network on a tape: (loss, the four weights' variables).
+    fn record(tape: &mut Tape, gpu: &Gpu, run: &TorchRun, x: Var, weights: &[Tensor]) -> (Var, Vec<Var>) {
+        let w: Vec<Var> = weights.iter().map(|t| tape.param(t.clone()).unwrap()).collect();
+        let t = tape.constant(gpu.upload(&[run.shapes[0][0], run.shapes[3][0]], DType::F32, &run.target).unwrap()).unwrap();
+        let a = tape.linear(x, w[0], Some(w[1])).unwrap();
+        let s = tape.silu(a).unwrap();
+        let sq = tape.mul(s, s).unwrap();
+        let u = tape.add(sq, s).unwrap();
+        let y = tape.linear(u, w[2], Some(w[3])).unwrap();
+        (tape.mse_loss(y, t).unwrap(), w)
+    }
+
+    fn max_rel(got: &[f32], want: &[f32]) -> f32 {
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+        got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale
+    }
+
+    /// The gradients torch autograd gives, and 50 steps of clipped AdamW with torch's losses.
+    #[test]
+    fn gradients_and_training_match_torch() {
+        let run = torch_run();
+        for gpu in devices() {
+            let name = gpu.summary().name.clone();
+            let weights: Vec<Tensor> = run.params.iter().zip(&run.shapes[1..]).map(|(p, s)| gpu.upload(s, DType::F32, p).unwrap()).collect();
+            let mut tape = Tape::new(&gpu);
+            let x = tape.param(gpu.upload(&run.shapes[0], DType::F32, &run.x).unwrap()).unwrap();
+            let (loss, w) = record(&mut tape, &gpu, &run, x, &weights);
+            let got = pollster::block_on(gpu.read(tape.value(loss))).unwrap()[0];
+            assert!((got - run.loss).abs() <= 1e-5 * run.loss, "{name}: loss {got} vs torch {}", run.loss);
+            let grads = tape.backward(loss).unwrap();
+            for (i, v) in std::iter::once(x).chain(w).enumerate() {
+                let g = pollster::block_on(gpu.read(grads.get(v).unwrap())).unwrap();
+                let err = max_rel(&g, &run.grads[i]);
+                assert!(err <= 1e-5, "{name}: gradient {i}: max error {err:e} of its largest value");
+            }
+
+            // Training: x and the target are data.
+            let tr = &run.train;
+            let mut params = weights;
+            let mut opt = AdamW::new(AdamWConfig { lr: tr.lr, weight_decay: tr.weight_decay, ..Default::default() }, params.len());
+            let mut losses = Vec::new();
+            for step in 0..tr.steps {
+                let mut tape = Tape::new(&gpu);
+                let x = tape.constant(gpu.upload(&run.shapes[0], DType::F32, &run.x).unwrap()).unwrap();
+                let (loss, w) = record(&mut tape, &gpu, &run, x, &params);
+                let grads = tape.backward(loss).unwrap();
+                let mut g: Vec<Tensor> = w.iter().map(|v| grads.get(*v).unwrap().clone()).collect();
+                let norm = clip_grad_norm(&gpu, &mut g, tr.max_norm).unwrap();
+                let gs: Vec<Option<&Tensor>> = g.iter().map(Some).collect();
+                opt.step(&gpu, &mut params, &gs).unwrap();
+                let norm = pollster::block_on(gpu.read(&norm)).unwrap()[0];
+                assert!((norm - tr.grad_norms[step]).abs() <= 1e-4 * tr.grad_norms[step], "{name}: step {step}: gradient norm {norm} vs torch {}", tr.grad_norms[step]);
+                losses.push(pollster::block_on(gpu.read(tape.value(loss))).unwrap()[0]);
+            }
+            let worst = losses.iter().zip(&tr.losses).map(|(a, b)| (a - b).abs() / b).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-4, "{name}: loss curve off by {worst:e} (relative) from torch's: {losses:?}");
+            for (i, p) in params.iter().enumerate() {
+                let err = max_rel(&pollster::block_on(gpu.read(p)).unwrap(), &tr.final_params[i]);
+                assert!(err <= 1e-4, "{name}: weight {i} after training: max error {err:e} of its largest value");
+            }
+            eprintln!("{name}: loss {:.5} -> {:.5} in {} steps, worst relative loss difference from torch {worst:.2e}", losses[0], losses[tr.steps - 1], tr.steps);
+        }
+    }
+
+    #[test]
+    fn adamw_follows_its_reference() {
+        let config = AdamWConfig { lr: 0.05, weight_decay: 0.1, ..Default::default() };
+        let shape = [3, 41];
+        let n = 123;
+        let mut rng = TorchGenerator::new(21);
+        let p0 = rng.randn(n);
+        let gs: Vec<Vec<f32>> = (0..5).map(|_| rng.randn(n)).collect();
+        let (mut p, mut m, mut v) = (p0.clone(), vec![0.0; n], vec![0.0; n]);
+        for (t, g) in gs.iter().enumerate() {
+            adamw_reference(&config, t as u32 + 1, &mut p, g, &mut m, &mut v);
+        }
+        for gpu in devices() {
+            let mut opt = AdamW::new(config, 2);
+            let mut params = vec![gpu.upload(&shape, DType::F32, &p0).unwrap(), gpu.upload(&[2], DType::F32, &[1.0, 2.0]).unwrap()];
+            for g in &gs {
+                let gt = gpu.upload(&shape, DType::F32, g).unwrap();
+                opt.step(&gpu, &mut params, &[Some(&gt), None]).unwrap();
+            }
+            let got = pollster::block_on(gpu.read(&params[0])).unwrap();
+            let err = got.iter().zip(&p).fold(0.0f32, |e, (a, b)| e.max((a - b).abs()));
+            assert!(err <= 1e-6, "{}: max |device - reference| = {err:e}", gpu.summary().name);
+            assert_eq!(pollster::block_on(gpu.read(&params[1])).unwrap(), vec![1.0, 2.0], "a parameter without a gradient moved");
+            let wrong = gpu.upload(&[2, 2], DType::F32, &[0.0; 4]).unwrap();
+            assert!(matches!(opt.step(&gpu, &mut params, &[Some(&wrong), None]), Err(Error::Shape(_))));
+        }
+    }
+
+    #[test]
+    fn clipping_scales_to_the_global_norm() {
+        let a: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..5).map(|i| i as f32 - 2.0).collect();
+        let norm = a.iter().chain(&b).map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        for gpu in devices() {
+            for max_norm in [1.0f32, 100.0] {
+                let mut grads = vec![gpu.upload(&[37], DType::F32, &a).unwrap(), gpu.upload(&[5], DType::F32, &b).unwrap()];
+                let got_norm = pollster::block_on(gpu.read(&clip_grad_norm(&gpu, &mut grads, max_norm).unwrap())).unwrap()[0] as f64;
+                assert!((got_norm - norm).abs() <= 1e-5 * norm, "norm {got_norm} vs {norm}");
+                let coef = (max_norm as f64 / (norm + 1e-6)).min(1.0);
+                let got = pollster::block_on(gpu.read(&grads[1])).unwrap();
+                for (g, x) in got.iter().zip(&b) {
+                    assert!((*g as f64 - *x as f64 * coef).abs() <= 1e-6, "{}: max_norm {max_norm}: {g} vs {}", gpu.summary().name, *x as f64 * coef);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let gpu = pollster::block_on(Gpu::new(GpuOptions { cpu: true, ..Default::default() })).unwrap();
+        let mut tape = Tape::new(&gpu);
+        let a = tape.param(gpu.upload(&[2, 3], DType::F32, &[0.0; 6]).unwrap()).unwrap();
+        let b = tape.param(gpu.upload(&[3, 2], DType::F32, &[0.0; 6]).unwrap()).unwrap();
+        assert!(matches!(tape.add(a, b), Err(Error::Shape(_))));
+        assert!(matches!(tape.backward(a), Err(Error::Shape(_))), "a loss of six elements");
+    }
+}
