@@ -1,9 +1,11 @@
 """Training fixtures for src/autograd: a small two-layer network's gradients by torch autograd, and
-a 50-step AdamW run with gradient clipping, for the engine to repeat (tests in src/autograd).
+a 50-step AdamW run with gradient clipping, for the engine to repeat (tests in src/autograd); and a
+small convolutional network's gradients.
 
-The network is `mse(linear(s * s + s), target)` with `s = silu(linear(x))`, which uses every op the
-tape has so far (linear with bias, SiLU, elementwise product and sum, MSE). Writes
-tests/fixtures/autograd/mlp.json (float32 values as JSON numbers, exact as printed by repr).
+mlp.json: `mse(linear(s * s + s), target)` with `s = silu(linear(x))` (linear with bias, SiLU,
+elementwise product and sum, MSE). convnet.json: `mse(conv(silu(group_norm(conv(x)))), target)`, the
+first convolution 3x3 padded, the second 3x3 with stride 2 (a UNet's downsampler), group norm in
+two groups. Float32 values as JSON numbers.
 """
 import json
 import os
@@ -63,5 +65,31 @@ def main():
     print(f"wrote {os.path.normpath(path)}: loss {losses[0]:.5f} -> {losses[-1]:.5f} in {STEPS} steps")
 
 
+def convnet():
+    torch.manual_seed(22)
+    x = torch.randn(2, 3, 7, 6)
+    params = [torch.randn(4, 3, 3, 3) * 0.4, torch.randn(4) * 0.3, 1.0 + 0.2 * torch.randn(4), 0.2 * torch.randn(4),
+              torch.randn(2, 4, 3, 3) * 0.4, torch.randn(2) * 0.3]
+    target = torch.randn(2, 2, 4, 3)
+    leaves = [t.clone().requires_grad_(True) for t in [x] + params]
+    x_, w1, b1, gamma, beta, w2, b2 = leaves
+    h = torch.nn.functional.conv2d(x_, w1, b1, padding=1)
+    h = torch.nn.functional.silu(torch.nn.functional.group_norm(h, 2, gamma, beta, eps=1e-5))
+    y = torch.nn.functional.conv2d(h, w2, b2, stride=2, padding=1)
+    loss = torch.nn.functional.mse_loss(y, target)
+    loss.backward()
+    out = {
+        "shapes": [list(t.shape) for t in [x] + params], "values": [values(t) for t in [x] + params],
+        "target_shape": list(target.shape), "target": values(target),
+        "loss": float(loss.detach()), "grads": [values(t.grad) for t in leaves],
+    }
+    path = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "autograd", "convnet.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=None, separators=(",", ":"))
+        f.write("\n")
+    print(f"wrote {os.path.normpath(path)}: loss {float(loss.detach()):.5f}")
+
+
 if __name__ == "__main__":
     main()
+    convnet()

@@ -143,6 +143,7 @@ pub fn case_names() -> Vec<String> {
         [
             "group_norm/silu", "group_norm/plain_eps1e-6", "layer_norm/affine_77", "layer_norm/plain_300", "softmax/rows9_cols333", "row_std/rows7_cols143",
             "expr/scheduler_step_1001", "expr/guidance_halves_per_row", "expr/exp_sqrt_sigmoid_77",
+            "im2col/3x3_s2_p1_2x3x9x7", "im2col/5x3_dil2_uneven_1x2x8x11", "col2im/3x3_s2_p1_2x3x9x7", "col2im/5x3_dil2_uneven_1x2x8x11",
             "elementwise/silu", "elementwise/gelu", "elementwise/gelu_tanh", "elementwise/quick_gelu", "elementwise/scale", "elementwise/relu", "elementwise/tanh_third",
             "elementwise/add_broadcast", "elementwise/mul_broadcast_last", "elementwise/add_same_shape", "elementwise/add_rank5", "elementwise/geglu",
             "layout/upsample_nearest2x", "layout/upsample_to_3x5", "layout/bilinear_align_corners_2x", "layout/bilinear_half_pixel_5x7_to_3x4", "pool/max_3x3_s2_same", "layout/slice_rows", "layout/concat_channels", "layout/concat_last", "layout/permute_0213", "layout/permute_201",
@@ -412,6 +413,28 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                 let y = ops::expr(gpu, &f, &ins, &[n], dtype)?;
                 let r: Vec<f32> = f.eval(n, &[(&x, same), (&g, same)])?.into_iter().map(|v| c.round(v)).collect();
                 c.compare(&y, &r, Tol::Elementwise).await
+            }
+            // Convolution columns and their adjoint (convolution gradients): a strided, padded
+            // 3x3 kernel, and a dilated 5x3 one with uneven strides and padding.
+            "im2col/3x3_s2_p1_2x3x9x7" | "im2col/5x3_dil2_uneven_1x2x8x11" | "col2im/3x3_s2_p1_2x3x9x7" | "col2im/5x3_dil2_uneven_1x2x8x11" => {
+                use ops::im2col::{col2im_reference, im2col_reference};
+                let (x_shape, (kh, kw), spec) = if base.ends_with("2x3x9x7") {
+                    ([2, 3, 9, 7], (3, 3), ops::Conv2dSpec::new(2, 1))
+                } else {
+                    let s = ops::Conv2dSpec { stride: (1, 2), padding: (3, 1), padding_after: Some((4, 2)), dilation: (2, 2), act: Activation::None };
+                    ([1, 2, 8, 11], (5, 3), s)
+                };
+                let g = ops::ColGeometry::new(&x_shape, kh, kw, &spec)?;
+                if base.starts_with("im2col") {
+                    let (x, xt) = c.tensor(&x_shape, 1.0)?;
+                    let y = ops::im2col(gpu, &xt, kh, kw, &spec)?;
+                    c.compare(&y, &im2col_reference(&x, &g, &spec), Tol::Elementwise).await
+                } else {
+                    let (cols, ct) = c.tensor(&g.cols_shape(), 1.0)?;
+                    let y = ops::col2im(gpu, &ct, &x_shape, kh, kw, &spec)?;
+                    let r: Vec<f32> = col2im_reference(&cols, &g, &spec).into_iter().map(|v| c.round(v)).collect();
+                    c.compare(&y, &r, Tol::Reduction).await
+                }
             }
             "softmax/rows9_cols333" => {
                 let (x, xt) = c.tensor(&[9, 333], 3.0)?;

@@ -11,7 +11,7 @@ pub mod optim;
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
-use crate::ops::{self, Activation, Expr, ExprInput, IndexMap, MatView, MatmulSpec};
+use crate::ops::{self, Activation, ColGeometry, Conv2dSpec, Expr, ExprInput, IndexMap, MatView, MatmulSpec};
 
 /// A value on a [`Tape`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -66,6 +66,21 @@ fn column_sums(gpu: &Gpu, x: &Tensor, rows: usize, cols: usize) -> Result<Tensor
         alpha: 1.0, bias: None, act: Activation::None, residual: None,
     };
     ops::matmul_spec(gpu, &spec)?.reshape(&[cols])
+}
+
+/// Image `n` of a `[B, rows, cols]` tensor as a matrix.
+fn image_view(t: &Tensor, n: usize, rows: usize, cols: usize) -> MatView<'_> {
+    MatView { tensor: t, base: n * rows * cols, batch_stride: 0, row_stride: cols, col_stride: 1 }
+}
+
+/// Row sums of a row-major `rows x cols` matrix times `scale`: `[rows]`.
+fn row_sums(gpu: &Gpu, x: &Tensor, rows: usize, cols: usize, scale: f32) -> Result<Tensor> {
+    let one = ones(gpu, cols)?;
+    let spec = MatmulSpec {
+        a: MatView::packed(x, rows, cols), b: MatView::packed(&one, cols, 1), m: rows, n: 1, k: cols, batch: 1,
+        alpha: scale, bias: None, act: Activation::None, residual: None,
+    };
+    ops::matmul_spec(gpu, &spec)?.reshape(&[rows])
 }
 
 /// An elementwise expression over same-sized tensors, shaped like the first.
@@ -143,6 +158,102 @@ impl<'g> Tape<'g> {
             Ok(grads)
         });
         Ok(self.push(y, inputs, rule))
+    }
+
+    /// A 2-D convolution (torch's `F.conv2d`): x `[B, Cin, H, W]`, w `[Cout, Cin, KH, KW]`, b
+    /// `[Cout]`. The gradients go through convolution columns: dw = Σ g · colsᵀ, dx =
+    /// col2im(wᵀ · g), db = Σ g.
+    pub fn conv2d(&mut self, x: Var, w: Var, b: Option<Var>, spec: Conv2dSpec) -> Result<Var> {
+        if spec.act != Activation::None {
+            return Err(Error::Unsupported("a convolution with a fused activation on a tape: apply the activation as its own op".into()));
+        }
+        let (xt, wt) = (self.value(x).clone(), self.value(w).clone());
+        let bt = b.map(|b| self.value(b).clone());
+        let y = ops::conv2d(self.gpu, &xt, &wt, bt.as_ref(), &spec, None)?;
+        let &[cout, cin, kh, kw] = wt.shape() else { return Err(Error::Shape(format!("conv2d weight {:?}", wt.shape()))) };
+        let geo = ColGeometry::new(xt.shape(), kh, kw, &spec)?;
+        let (batch, kk, p) = (geo.b, cin * kh * kw, geo.oh * geo.ow);
+        let has_bias = b.is_some();
+        let mut inputs = vec![x, w];
+        inputs.extend(b);
+        let rule: Rule = Box::new(move |gpu, g| {
+            let dcols = ops::matmul_spec(gpu, &MatmulSpec {
+                a: MatView::transposed(&wt, kk, cout).broadcast(),
+                b: MatView { tensor: g, base: 0, batch_stride: cout * p, row_stride: p, col_stride: 1 },
+                m: kk, n: p, k: cout, batch, alpha: 1.0, bias: None, act: Activation::None, residual: None,
+            })?.reshape(&geo.cols_shape())?;
+            let dx = ops::col2im(gpu, &dcols, xt.shape(), kh, kw, &spec)?;
+            let cols = ops::im2col(gpu, &xt, kh, kw, &spec)?;
+            let one = ones(gpu, p)?;
+            let (mut dw, mut db): (Option<Tensor>, Option<Tensor>) = (None, None);
+            for n in 0..batch {
+                // cols[n]ᵀ: [p, kk] read from the [kk, p] block.
+                let cols_t = MatView { tensor: &cols, base: n * kk * p, batch_stride: 0, row_stride: 1, col_stride: p };
+                dw = Some(ops::matmul_spec(gpu, &MatmulSpec {
+                    a: image_view(g, n, cout, p), b: cols_t, m: cout, n: kk, k: p, batch: 1,
+                    alpha: 1.0, bias: None, act: Activation::None, residual: dw.as_ref(),
+                })?);
+                if has_bias {
+                    db = Some(ops::matmul_spec(gpu, &MatmulSpec {
+                        a: image_view(g, n, cout, p), b: MatView::packed(&one, p, 1), m: cout, n: 1, k: p, batch: 1,
+                        alpha: 1.0, bias: None, act: Activation::None, residual: db.as_ref(),
+                    })?);
+                }
+            }
+            let dw = dw.ok_or_else(|| Error::Shape("conv2d of an empty batch".into()))?.reshape(&[cout, cin, kh, kw])?;
+            let mut grads = vec![Some(dx), Some(dw)];
+            if let Some(db) = db {
+                grads.push(Some(db.reshape(&[cout])?));
+            }
+            Ok(grads)
+        });
+        Ok(self.push(y, inputs, rule))
+    }
+
+    /// Group normalisation over `[B, C, ...]` (torch's `F.group_norm`), gamma and beta `[C]`. The
+    /// value is the engine's kernel; the gradient recomputes the normalised input from group sums:
+    /// dx = rstd (dx̂ - mean(dx̂) - x̂ mean(dx̂ x̂)) with dx̂ = γ g, per group.
+    pub fn group_norm(&mut self, x: Var, groups: usize, gamma: Var, beta: Var, eps: f32) -> Result<Var> {
+        let (xt, gt, bt) = (self.value(x).clone(), self.value(gamma).clone(), self.value(beta).clone());
+        let y = ops::group_norm(self.gpu, &xt, groups, &gt, &bt, eps, false)?;
+        let (b, c) = (xt.dim(0), xt.dim(1));
+        let hw = xt.numel() / (b * c);
+        let (units, len) = (b * groups, c / groups * hw);
+        let n = xt.numel();
+        let rule: Rule = Box::new(move |gpu, g| {
+            let e = |k: usize| Expr::input(k);
+            let same = IndexMap::same(n);
+            let per_unit = IndexMap::per(len, units);
+            let per_channel = IndexMap::per(hw, c);
+            let on = |f: &Expr, ins: &[(&Tensor, IndexMap)]| -> Result<Tensor> {
+                let ins: Vec<ExprInput> = ins.iter().map(|(t, map)| ExprInput { tensor: t, map: *map }).collect();
+                ops::expr(gpu, f, &ins, xt.shape(), DType::F32)
+            };
+            // Mean and 1/sqrt(var + eps) per (image, group), as the forward kernel has them.
+            let mean = row_sums(gpu, &xt, units, len, 1.0 / len as f32)?;
+            let centred = on(&(e(0) - e(1)), &[(&xt, same), (&mean, per_unit)])?;
+            let sq = on(&(e(0) * e(0)), &[(&centred, same)])?;
+            let var = row_sums(gpu, &sq, units, len, 1.0 / len as f32)?;
+            let rstd = ops::expr(gpu, &(1.0 / (e(0) + eps).sqrt()), &[ExprInput { tensor: &var, map: IndexMap::same(units) }], &[units], DType::F32)?;
+            let xhat = on(&(e(0) * e(1)), &[(&centred, same), (&rstd, per_unit)])?;
+            // Per channel: dγ = Σ g x̂, dβ = Σ g over images and positions.
+            let gx = on(&(e(0) * e(1)), &[(g, same), (&xhat, same)])?;
+            let channel_sums = |t: &Tensor| -> Result<Tensor> {
+                // [B, C, HW] summed over HW, then over B.
+                let per_image = row_sums(gpu, t, b * c, hw, 1.0)?;
+                column_sums(gpu, &per_image, b, c)
+            };
+            let dgamma = channel_sums(&gx)?;
+            let dbeta = channel_sums(g)?;
+            // dx̂ = γ g, then the group means of dx̂ and dx̂ x̂.
+            let dxhat = on(&(e(0) * e(1)), &[(g, same), (&gt, per_channel)])?;
+            let m1 = row_sums(gpu, &dxhat, units, len, 1.0 / len as f32)?;
+            let dxx = on(&(e(0) * e(1)), &[(&dxhat, same), (&xhat, same)])?;
+            let m2 = row_sums(gpu, &dxx, units, len, 1.0 / len as f32)?;
+            let dx = on(&(e(4) * (e(0) - e(2) - e(1) * e(3))), &[(&dxhat, same), (&xhat, same), (&m1, per_unit), (&m2, per_unit), (&rstd, per_unit)])?;
+            Ok(vec![Some(dx), Some(dgamma), Some(dbeta)])
+        });
+        Ok(self.push(y, vec![x, gamma, beta], rule))
     }
 
     /// `a + b` (equal shapes).
@@ -420,6 +531,70 @@ mod tests {
                 assert!(err <= 1e-4, "{name}: weight {i} after training: max error {err:e} of its largest value");
             }
             eprintln!("{name}: loss {:.5} -> {:.5} in {} steps, worst relative loss difference from torch {worst:.2e}", losses[0], losses[tr.steps - 1], tr.steps);
+        }
+    }
+
+    /// torch's gradients of a small convolutional network (scripts/autograd_fixtures.py).
+    #[derive(serde::Deserialize)]
+    struct TorchConvNet {
+        shapes: Vec<Vec<usize>>,
+        values: Vec<Vec<f32>>,
+        target_shape: Vec<usize>,
+        target: Vec<f32>,
+        loss: f32,
+        grads: Vec<Vec<f32>>,
+    }
+
+    /// `mse(conv(silu(group_norm(conv(x)))), target)`: the loss and the seven inputs' variables.
+    fn record_convnet(tape: &mut Tape, gpu: &Gpu, net: &TorchConvNet, values: &[Vec<f32>]) -> (Var, Vec<Var>) {
+        let v: Vec<Var> = values.iter().zip(&net.shapes).map(|(d, s)| tape.param(gpu.upload(s, DType::F32, d).unwrap()).unwrap()).collect();
+        let t = tape.constant(gpu.upload(&net.target_shape, DType::F32, &net.target).unwrap()).unwrap();
+        let h = tape.conv2d(v[0], v[1], Some(v[2]), Conv2dSpec::new(1, 1)).unwrap();
+        let h = tape.group_norm(h, 2, v[3], v[4], 1e-5).unwrap();
+        let h = tape.silu(h).unwrap();
+        let y = tape.conv2d(h, v[5], Some(v[6]), Conv2dSpec::new(2, 1)).unwrap();
+        (tape.mse_loss(y, t).unwrap(), v)
+    }
+
+    /// Convolution (strided and padded) and group norm gradients against torch autograd, and
+    /// against central differences of the engine's own forward pass.
+    #[test]
+    fn convolution_and_group_norm_gradients_match_torch() {
+        let net: TorchConvNet = serde_json::from_str(include_str!("../../tests/fixtures/autograd/convnet.json")).expect("tests/fixtures/autograd/convnet.json");
+        for gpu in devices() {
+            let name = gpu.summary().name.clone();
+            let mut tape = Tape::new(&gpu);
+            let (loss, vars) = record_convnet(&mut tape, &gpu, &net, &net.values);
+            let got = pollster::block_on(gpu.read(tape.value(loss))).unwrap()[0];
+            assert!((got - net.loss).abs() <= 1e-5 * net.loss, "{name}: loss {got} vs torch {}", net.loss);
+            let grads = tape.backward(loss).unwrap();
+            let got: Vec<Vec<f32>> = vars.iter().map(|v| pollster::block_on(gpu.read(grads.get(*v).unwrap())).unwrap()).collect();
+            let mut worst = 0.0f32;
+            for (i, g) in got.iter().enumerate() {
+                let err = max_rel(g, &net.grads[i]);
+                assert!(err <= 1e-4, "{name}: gradient {i} {:?}: max error {err:e} of its largest value", net.shapes[i]);
+                worst = worst.max(err);
+            }
+            eprintln!("{name}: conv/group-norm gradients within {worst:.2e} of torch's (relative to each one's largest value)");
+            // A few elements of every input by central differences of the engine's forward (f32,
+            // so a coarse step and tolerance).
+            let loss_at = |values: &[Vec<f32>]| {
+                let mut tape = Tape::new(&gpu);
+                let (loss, _) = record_convnet(&mut tape, &gpu, &net, values);
+                pollster::block_on(gpu.read(tape.value(loss))).unwrap()[0] as f64
+            };
+            let h = 1e-2f32;
+            for (i, g) in got.iter().enumerate() {
+                for e in [0, g.len() / 2, g.len() - 1] {
+                    let mut v = net.values.clone();
+                    v[i][e] += h;
+                    let up = loss_at(&v);
+                    v[i][e] -= 2.0 * h;
+                    let fd = (up - loss_at(&v)) / (2.0 * h as f64);
+                    let scale = got[i].iter().fold(0.0f32, |m, x| m.max(x.abs())) as f64;
+                    assert!((fd - g[e] as f64).abs() <= 2e-2 * scale.max(1e-2), "{name}: input {i} element {e}: central difference {fd:.5} vs gradient {}", g[e]);
+                }
+            }
         }
     }
 
