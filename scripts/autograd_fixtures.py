@@ -5,7 +5,9 @@ small convolutional network's gradients.
 mlp.json: `mse(linear(s * s + s), target)` with `s = silu(linear(x))` (linear with bias, SiLU,
 elementwise product and sum, MSE). convnet.json: `mse(conv(silu(group_norm(conv(x)))), target)`, the
 first convolution 3x3 padded, the second 3x3 with stride 2 (a UNet's downsampler), group norm in
-two groups. Float32 values as JSON numbers.
+two groups. blocks.json: a UNet's up path in small, `mse(0.5 conv(concat(up(h), up(x))), target)`
+with `h = conv(x) + linear(silu(temb))` per channel (nearest 2x upsampling, channel concatenation,
+a timestep embedding added per channel, an output scale). Float32 values as JSON numbers.
 """
 import json
 import os
@@ -90,6 +92,34 @@ def convnet():
     print(f"wrote {os.path.normpath(path)}: loss {float(loss.detach()):.5f}")
 
 
+def blocks():
+    torch.manual_seed(23)
+    x = torch.randn(2, 3, 4, 5)
+    temb = torch.randn(2, 6)
+    params = [torch.randn(4, 3, 3, 3) * 0.4, torch.randn(4) * 0.3, torch.randn(4, 6) * 0.4, torch.randn(2, 7, 3, 3) * 0.3, torch.randn(2) * 0.3]
+    target = torch.randn(2, 2, 8, 10)
+    leaves = [t.clone().requires_grad_(True) for t in [x, temb] + params]
+    x_, temb_, w1, b1, wt, w2, b2 = leaves
+    up = lambda t: torch.nn.functional.interpolate(t, scale_factor=2.0, mode="nearest")
+    h = torch.nn.functional.conv2d(x_, w1, b1, padding=1)
+    h = h + torch.nn.functional.linear(torch.nn.functional.silu(temb_), wt)[:, :, None, None]
+    c = torch.cat([up(h), up(x_)], dim=1)
+    y = 0.5 * torch.nn.functional.conv2d(c, w2, b2, padding=1)
+    loss = torch.nn.functional.mse_loss(y, target)
+    loss.backward()
+    out = {
+        "shapes": [list(t.shape) for t in [x, temb] + params], "values": [values(t) for t in [x, temb] + params],
+        "target_shape": list(target.shape), "target": values(target),
+        "loss": float(loss.detach()), "grads": [values(t.grad) for t in leaves],
+    }
+    path = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "autograd", "blocks.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=None, separators=(",", ":"))
+        f.write("\n")
+    print(f"wrote {os.path.normpath(path)}: loss {float(loss.detach()):.5f}")
+
+
 if __name__ == "__main__":
     main()
     convnet()
+    blocks()

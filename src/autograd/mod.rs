@@ -256,6 +256,78 @@ impl<'g> Tape<'g> {
         Ok(self.push(y, vec![x, gamma, beta], rule))
     }
 
+    /// Nearest-neighbour 2x upsampling of `[B, C, H, W]` (a UNet's `Upsample2D`); the gradient
+    /// sums each 2x2 block (as convolution columns of the gradient, summed in fours).
+    pub fn upsample_nearest2x(&mut self, x: Var) -> Result<Var> {
+        let xt = self.value(x).clone();
+        let y = ops::upsample_nearest2x(self.gpu, &xt)?;
+        let shape = xt.shape().to_vec();
+        let rule: Rule = Box::new(move |gpu, g| {
+            let (planes, p) = (shape[0] * shape[1], shape[2] * shape[3]);
+            let cols = ops::im2col(gpu, g, 2, 2, &Conv2dSpec::new(2, 0))?;
+            let one = ones(gpu, 4)?;
+            let dx = ops::matmul_spec(gpu, &MatmulSpec {
+                a: MatView::packed(&one, 1, 4).broadcast(),
+                b: MatView { tensor: &cols, base: 0, batch_stride: 4 * p, row_stride: p, col_stride: 1 },
+                m: 1, n: p, k: 4, batch: planes, alpha: 1.0, bias: None, act: Activation::None, residual: None,
+            })?;
+            Ok(vec![Some(dx.reshape(&shape)?)])
+        });
+        Ok(self.push(y, vec![x], rule))
+    }
+
+    /// Concatenation along `dim` (a UNet's skip connections); each input's gradient is its part of
+    /// the output's.
+    pub fn concat(&mut self, xs: &[Var], dim: usize) -> Result<Var> {
+        let ts: Vec<Tensor> = xs.iter().map(|v| self.value(*v).clone()).collect();
+        let refs: Vec<&Tensor> = ts.iter().collect();
+        let y = ops::concat(self.gpu, &refs, dim)?;
+        let shapes: Vec<Vec<usize>> = ts.iter().map(|t| t.shape().to_vec()).collect();
+        let out_shape = y.shape().to_vec();
+        let rule: Rule = Box::new(move |gpu, g| {
+            let outer: usize = out_shape[..dim].iter().product();
+            let inner: usize = out_shape[dim + 1..].iter().product();
+            let total = out_shape[dim];
+            let mut offset = 0;
+            let mut grads = Vec::with_capacity(shapes.len());
+            for shape in &shapes {
+                let d = shape[dim];
+                // One contiguous run per outer index, joined back along the outer axis.
+                let runs: Vec<Tensor> = (0..outer).map(|o| ops::slice(gpu, g, (o * total + offset) * inner, &[1, d * inner])).collect::<Result<_>>()?;
+                let part = if runs.len() == 1 { runs[0].clone() } else { ops::concat(gpu, &runs.iter().collect::<Vec<_>>(), 0)? };
+                grads.push(Some(part.reshape(shape)?));
+                offset += d;
+            }
+            Ok(grads)
+        });
+        Ok(self.push(y, xs.to_vec(), rule))
+    }
+
+    /// `x + t` with t `[B, C]` added to every position of x `[B, C, ...]` (a ResNet block's
+    /// timestep embedding).
+    pub fn add_per_channel(&mut self, x: Var, t: Var) -> Result<Var> {
+        let (xt, tt) = (self.value(x).clone(), self.value(t).clone());
+        let (b, c) = match xt.shape() {
+            [b, c, ..] => (*b, *c),
+            s => return Err(Error::Shape(format!("add_per_channel needs x [B, C, ...], got {s:?}"))),
+        };
+        if tt.shape() != [b, c] {
+            return Err(Error::Shape(format!("add_per_channel of x {:?} needs t [{b}, {c}], got {:?}", xt.shape(), tt.shape())));
+        }
+        let n = xt.numel();
+        let hw = n / (b * c).max(1);
+        let ins = [ExprInput { tensor: &xt, map: IndexMap::same(n) }, ExprInput { tensor: &tt, map: IndexMap::per(hw, b * c) }];
+        let y = ops::expr(self.gpu, &(Expr::input(0) + Expr::input(1)), &ins, xt.shape(), DType::F32)?;
+        let rule: Rule = Box::new(move |gpu, g| Ok(vec![Some(g.clone()), Some(row_sums(gpu, g, b * c, hw, 1.0)?.reshape(&[b, c])?)]));
+        Ok(self.push(y, vec![x, t], rule))
+    }
+
+    /// `alpha * x` (a block's output scale factor).
+    pub fn scale(&mut self, x: Var, alpha: f32) -> Result<Var> {
+        let y = ops::scale(self.gpu, self.value(x), alpha, 0.0)?;
+        Ok(self.push(y, vec![x], Box::new(move |gpu, g| Ok(vec![Some(ops::scale(gpu, g, alpha, 0.0)?)]))))
+    }
+
     /// `a + b` (equal shapes).
     pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
         self.same_shape(a, b, "add")?;
@@ -595,6 +667,39 @@ mod tests {
                     assert!((fd - g[e] as f64).abs() <= 2e-2 * scale.max(1e-2), "{name}: input {i} element {e}: central difference {fd:.5} vs gradient {}", g[e]);
                 }
             }
+        }
+    }
+
+    /// Upsampling, channel concatenation, a per-channel timestep embedding and an output scale
+    /// (a UNet's up path in small) against torch autograd.
+    #[test]
+    fn unet_block_gradients_match_torch() {
+        let net: TorchConvNet = serde_json::from_str(include_str!("../../tests/fixtures/autograd/blocks.json")).expect("tests/fixtures/autograd/blocks.json");
+        for gpu in devices() {
+            let name = gpu.summary().name.clone();
+            let mut tape = Tape::new(&gpu);
+            let v: Vec<Var> = net.values.iter().zip(&net.shapes).map(|(d, s)| tape.param(gpu.upload(s, DType::F32, d).unwrap()).unwrap()).collect();
+            let t = tape.constant(gpu.upload(&net.target_shape, DType::F32, &net.target).unwrap()).unwrap();
+            let h = tape.conv2d(v[0], v[2], Some(v[3]), Conv2dSpec::new(1, 1)).unwrap();
+            let e = tape.silu(v[1]).unwrap();
+            let e = tape.linear(e, v[4], None).unwrap();
+            let h = tape.add_per_channel(h, e).unwrap();
+            let (uh, ux) = (tape.upsample_nearest2x(h).unwrap(), tape.upsample_nearest2x(v[0]).unwrap());
+            let c = tape.concat(&[uh, ux], 1).unwrap();
+            let y = tape.conv2d(c, v[5], Some(v[6]), Conv2dSpec::new(1, 1)).unwrap();
+            let y = tape.scale(y, 0.5).unwrap();
+            let loss = tape.mse_loss(y, t).unwrap();
+            let got = pollster::block_on(gpu.read(tape.value(loss))).unwrap()[0];
+            assert!((got - net.loss).abs() <= 1e-5 * net.loss, "{name}: loss {got} vs torch {}", net.loss);
+            let grads = tape.backward(loss).unwrap();
+            let mut worst = 0.0f32;
+            for (i, var) in v.iter().enumerate() {
+                let g = pollster::block_on(gpu.read(grads.get(*var).unwrap())).unwrap();
+                let err = max_rel(&g, &net.grads[i]);
+                assert!(err <= 1e-4, "{name}: gradient {i} {:?}: max error {err:e} of its largest value", net.shapes[i]);
+                worst = worst.max(err);
+            }
+            eprintln!("{name}: up-path gradients within {worst:.2e} of torch's");
         }
     }
 
