@@ -20,6 +20,13 @@ const app = { results: [], events: [], errors: [], busy: false, engine: null, ga
 window.__ldmApp = app;
 const note = (type, detail = {}) => app.events.push({ type, t: Date.now(), ...detail });
 
+// Whatever the Content-Security-Policy (_headers) blocks is named in the console and in the
+// events, so a deployment that tightens it sees what broke.
+document.addEventListener('securitypolicyviolation', (e) => {
+  note('csp-violation', { directive: e.effectiveDirective, blocked: e.blockedURI || '(inline)' });
+  console.warn(`ldm-web: the Content-Security-Policy's ${e.effectiveDirective} blocked ${e.blockedURI || 'inline code'}`);
+});
+
 function setStatus(text, error = false) {
   $('status').textContent = text;
   $('status').classList.toggle('error', error);
@@ -94,16 +101,25 @@ function splitSuffix(s, accept) {
   return [s, undefined];
 }
 
+// Share links carry the settings in the fragment (#model=…&prompt=…), which browsers never send
+// to the app's server: model URLs and prompts reach only the hosts they name.
 function shareUrl(p) {
   const u = new URL(location.pathname, location.href);
-  for (const k of PARAMS) if (p[k] !== undefined && p[k] !== '') u.searchParams.set(k, String(p[k]));
-  for (const l of p.loras ?? []) u.searchParams.append('lora', `${l.url}:${l.scale}`);
-  for (const e of p.embeddings ?? []) u.searchParams.append('embedding', e.token ? `${e.url}:${e.token}` : e.url);
+  const q = new URLSearchParams();
+  for (const k of PARAMS) if (p[k] !== undefined && p[k] !== '') q.set(k, String(p[k]));
+  for (const l of p.loras ?? []) q.append('lora', `${l.url}:${l.scale}`);
+  for (const e of p.embeddings ?? []) q.append('embedding', e.token ? `${e.url}:${e.token}` : e.url);
+  u.hash = q.toString();
   return u.href;
 }
 
+// The link's settings: from the fragment, or from the query string of older links.
+function linkParams() {
+  return new URLSearchParams(location.hash.length > 1 ? location.hash.slice(1) : location.search);
+}
+
 function fromUrl() {
-  const q = new URLSearchParams(location.search);
+  const q = linkParams();
   const p = {};
   for (const k of PARAMS) if (q.has(k)) p[k] = q.get(k);
   const loras = q.getAll('lora').map((v) => {
@@ -722,8 +738,11 @@ async function main() {
     try { await navigator.clipboard.writeText(link); setStatus('Share link copied.'); } catch { setStatus('Share link below: copy it.'); }
   });
 
+  // Another share link pasted over this one changes only the fragment: load it as a link.
+  window.addEventListener('hashchange', () => location.reload());
+
   // Where to compute: the Device setting (kept in this browser), or ?device= for this visit.
-  const linkDevice = new URLSearchParams(location.search).get('device');
+  const linkDevice = linkParams().get('device');
   const device = ['auto', 'gpu', 'cpu'].includes(linkDevice) ? linkDevice : (localStorage.getItem('ldm-device') ?? 'auto');
   $('device').value = device;
   const help = webgpuHelp();
@@ -779,7 +798,7 @@ async function main() {
   note('ready');
   if (fromLink.model && fromLink.prompt !== undefined) {
     generate();
-  } else if (location.search === '' && hints.example_prompts?.length && !(await galleryAll().catch(() => [])).length) {
+  } else if (location.search === '' && location.hash.length <= 1 && hints.example_prompts?.length && !(await galleryAll().catch(() => [])).length) {
     // A first visit: show what the app does right away, with the built-in model.
     form.elements.prompt.value = hints.example_prompts[0];
     note('first-visit');

@@ -20,8 +20,9 @@
 //   Every message may carry device: 'auto' (default) | 'gpu' | 'cpu': where it computes (see chooseDevice).
 //   {cmd: 'cancel'} | {cmd: 'simulate-device-loss'} | {cmd: 'simulate-out-of-memory'}   (the last two test recovery)
 // Messages out:
-//   {id: null, cmd: 'ready'} or {id: null, ok: false, error, restart} once, after initialisation
-//                                             (restart: a fresh worker may well start; see initEngine)
+//   {id: null, cmd: 'pool-start', threads} when the threads build starts its pool (the page restarts
+//                                             a worker that is not ready soon after; see initEngine)
+//   {id: null, cmd: 'ready'} or {id: null, ok: false, error} once, after initialisation
 //   {id, event: {type: 'stage' | 'step' | 'preview' | 'download' | 'status', ...}} while a job runs
 //   {id, ok: true, json?, png?, info?} | {id, ok: false, error, kind, fatal}
 
@@ -70,26 +71,19 @@ async function initEngine() {
     throw new Error(`wasm init failed: ${errorText(e)}`);
   }
   if (THREADED) {
-    // Firefox now and then leaves one of the pool's new workers unstarted (seen about once in ten
-    // cold starts on a loaded two-core machine), and initThreadPool then waits forever. Past
-    // POOL_START_MS the page restarts this worker (see `restart` below) instead of hanging.
-    let timer;
-    const late = new Promise((_, reject) => {
-      timer = setTimeout(() => reject(Object.assign(
-        new Error(`the CPU backend's ${POOL} threads did not start within ${POOL_START_MS / 1000} s`), { restart: true, kind: 'start' })), POOL_START_MS);
-    });
+    // The page watches this start (ldm-client.js, worker-job.js): Firefox now and then never
+    // finishes starting the pool's workers (about one cold start in seven on a loaded two-core
+    // machine) and this worker then stops running anything, its own timers included; only the
+    // page can see that and restart it.
+    self.postMessage({ id: null, cmd: 'pool-start', threads: POOL });
     try {
-      await Promise.race([mod.initThreadPool(POOL), late]);
+      await mod.initThreadPool(POOL);
     } catch (e) {
-      if (e.restart) throw e;
       throw new Error(`the CPU backend's ${POOL} threads did not start: ${errorText(e)}`);
-    } finally {
-      clearTimeout(timer);
     }
   }
   return mod;
 }
-const POOL_START_MS = 20_000;
 
 const ready = initEngine().then(
   (mod) => {
@@ -99,7 +93,7 @@ const ready = initEngine().then(
   },
   (e) => {
     const error = errorText(e);
-    self.postMessage({ id: null, ok: false, error, restart: e?.restart === true });
+    self.postMessage({ id: null, ok: false, error });
     return error;
   },
 );

@@ -15,8 +15,10 @@ function startWorker(singleThreaded) {
   return new Worker(shim, { type: 'module' });
 }
 
-// Thread pools that may fail to start (a fresh worker usually succeeds) before the single-threaded
-// build is used instead.
+// How long a worker may take from starting its thread pool to being ready (about a second
+// normally), and how many pools may fail to start (a fresh worker usually succeeds) before the
+// single-threaded build is used instead.
+export const POOL_START_MS = 10_000;
 const POOL_FAILURES = 2;
 
 // Why WebGPU is missing, in words a user can act on; null when navigator.gpu exists. (The engine
@@ -62,7 +64,16 @@ export class LdmEngine {
     this.worker = worker;
     // Messages sent before the start finishes wait in the new worker's queue.
     for (const job of this.jobs.values()) worker.postMessage(job.message);
-    worker.addEventListener('message', (e) => { if (this.worker === worker) this.onMessage(e.data ?? {}); });
+    worker.addEventListener('message', (e) => {
+      if (this.worker !== worker) return;
+      const m = e.data ?? {};
+      if (m.id === null && m.cmd === 'pool-start') {
+        this.poolTimer = setTimeout(() => this.poolStuck(worker, m.threads), POOL_START_MS);
+        return;
+      }
+      if (m.id === null) clearTimeout(this.poolTimer);
+      this.onMessage(m);
+    });
     worker.addEventListener('error', (e) => {
       e.preventDefault();
       if (this.worker !== worker) return;
@@ -76,23 +87,30 @@ export class LdmEngine {
     for (const job of this.jobs.values()) job.reject(Object.assign(new Error(message), { kind: 'worker' }));
     this.jobs.clear();
     if (restart) {
+      clearTimeout(this.poolTimer);
       this.worker.terminate();
       this.onStatus('The engine stopped unexpectedly and was restarted.');
       this.start();
     }
   }
 
+  // A worker whose thread pool did not start in time: a fresh one (or, after POOL_FAILURES, the
+  // single-threaded build) takes over the same `ready` promise and pending jobs.
+  poolStuck(worker, threads) {
+    if (this.worker !== worker) return;
+    worker.terminate();
+    this.poolFailures += 1;
+    const why = `the CPU backend's ${threads} threads did not start within ${POOL_START_MS / 1000} s`;
+    const next = this.poolFailures >= POOL_FAILURES ? 'the single-threaded engine' : 'a fresh engine worker';
+    this.onStatus(`${why}; starting ${next}.`);
+    console.warn(`ldm-web: ${why}; starting ${next}`);
+    this.spawn();
+  }
+
   onMessage(m) {
     if (m.id === null || m.id === undefined) {
       if (m.cmd === 'ready') this.readyResolve();
-      else if (m.ok === false && m.restart) {
-        this.worker.terminate();
-        this.poolFailures += 1;
-        const next = this.poolFailures >= POOL_FAILURES ? 'the single-threaded engine' : 'a fresh engine worker';
-        this.onStatus(`${m.error}; starting ${next}.`);
-        console.warn(`ldm-web: ${m.error}; starting ${next}`);
-        this.spawn();
-      } else if (m.ok === false) this.readyReject(new Error(m.error));
+      else if (m.ok === false) this.readyReject(new Error(m.error));
       return;
     }
     const job = this.jobs.get(m.id);

@@ -32,6 +32,17 @@ const STYLE = `
   .error { color: #b00020; }
 `;
 
+// One constructed style sheet shared by every widget: unlike a <style> element it needs no
+// 'unsafe-inline' in an embedding page's Content-Security-Policy.
+let sheet = null;
+function widgetSheet() {
+  if (!sheet) {
+    sheet = new CSSStyleSheet();
+    sheet.replaceSync(STYLE);
+  }
+  return sheet;
+}
+
 class LdmImage extends HTMLElement {
   static get observedAttributes() {
     return ATTRS;
@@ -40,7 +51,8 @@ class LdmImage extends HTMLElement {
   constructor() {
     super();
     const root = this.attachShadow({ mode: 'open' });
-    root.innerHTML = `<style>${STYLE}</style><div class="frame" part="frame"><canvas part="preview" hidden></canvas><img part="image" alt="" hidden><div class="msg" part="status"></div><div class="bar"><div></div></div></div>`;
+    root.adoptedStyleSheets = [widgetSheet()];
+    root.innerHTML = `<div class="frame" part="frame"><canvas part="preview" hidden></canvas><img part="image" alt="" hidden><div class="msg" part="status"></div><div class="bar"><div></div></div></div>`;
     this.frame = root.querySelector('.frame');
     this.canvas = root.querySelector('canvas');
     this.img = root.querySelector('img');

@@ -2,6 +2,8 @@
 // `out`, and publishes the parsed result on window[`${name}Results`] or the failure on
 // window[`${name}Error`], where the browser test driver (tests/browser/run.mjs) looks for them.
 
+import { POOL_START_MS } from './ldm-client.js';
+
 export function runWorkerJob({ out, name, tag, message, what, validate = () => null, render }) {
   const t0 = performance.now();
   const secs = () => ((performance.now() - t0) / 1000).toFixed(1);
@@ -58,22 +60,32 @@ export function runWorkerJob({ out, name, tag, message, what, validate = () => n
     worker.postMessage({ id: 1, ...message });
   }
 
+  // A worker whose thread pool has not started in time (see engine-worker.js): a fresh one.
+  let poolTimer;
+  function poolStuck(stuck, threads) {
+    if (stuck !== worker || done) return;
+    const why = `the CPU backend's ${threads} threads did not start within ${POOL_START_MS / 1000} s`;
+    if (starts >= MAX_STARTS) {
+      fail(why);
+      return;
+    }
+    log(`${why}; restarting the engine worker (start ${starts + 1} of ${MAX_STARTS})`);
+    console.warn(`[${tag}] ${why}; restarting the engine worker`);
+    worker.terminate();
+    start();
+  }
+
   function onMessage(e) {
     if (e.target !== worker) return; // from a worker already restarted
     const m = e.data ?? {};
-    if (m.id === null && m.cmd === 'ready') { log(`engine ready after ${secs()} s; running ${what}…`); return; }
-    if (m.id === null && m.ok === false) {
-      // A worker whose start failed for a reason a fresh one may not meet (the thread pool's start).
-      if (m.restart && starts < MAX_STARTS) {
-        log(`${m.error}; restarting the engine worker (start ${starts + 1} of ${MAX_STARTS})`);
-        console.warn(`[${tag}] ${m.error}; restarting the engine worker`);
-        worker.terminate();
-        start();
-        return;
-      }
-      fail(m.error);
+    if (m.id === null && m.cmd === 'pool-start') {
+      const w = worker;
+      poolTimer = setTimeout(() => poolStuck(w, m.threads), POOL_START_MS);
       return;
     }
+    if (m.id === null) clearTimeout(poolTimer);
+    if (m.id === null && m.cmd === 'ready') { log(`engine ready after ${secs()} s; running ${what}…`); return; }
+    if (m.id === null && m.ok === false) { fail(m.error); return; }
     if (m.id !== 1) return;
     if (m.event) { if (m.event.type === 'step') log(`step ${m.event.step}/${m.event.steps} (${m.event.ms.toFixed(0)} ms)`); else if (m.event.type === 'stage') log(`stage: ${m.event.stage}`); return; }
     if (!m.ok) { fail(m.error); return; }

@@ -54,6 +54,7 @@ import { spawn, execFileSync } from 'node:child_process';
 import { performance } from 'node:perf_hooks';
 import { PNG } from 'pngjs';
 import { CHROMIUM_ARGS, FIREFOX_PREFS, EXECUTABLES } from './browsers.mjs';
+import { readHeadersFile } from './server.mjs';
 
 const TOL = 2; // of 255
 // The built-in model in f16 against the CLI's f32 (see tests/builtin.rs): max and mean, of 255.
@@ -193,9 +194,9 @@ async function startServe(models, port = 0) {
 function startEmbedder(appUrl) {
   const model = new URL('models/sd1/', appUrl).href;
   const html = `<!doctype html><meta charset="utf-8"><title>embed</title>
-<script type="module" src="${new URL('ldm-image.js', appUrl).href}"></script>
+<script type="module" src="${new URL('ldm-image.js', appUrl).href}" nonce="e2e"></script>
 <ldm-image model="${model}" prompt="${PROMPT}" seed="7" steps="3" guidance="7.5" width="64" height="64" device="gpu" style="width:192px"></ldm-image>
-<script>
+<script nonce="e2e">
   window.__embed = { progress: [], done: null, error: null };
   const el = document.querySelector('ldm-image');
   el.addEventListener('ldm-progress', (e) => window.__embed.progress.push(e.detail));
@@ -208,8 +209,11 @@ function startEmbedder(appUrl) {
     window.__embed.all.push(window.__embed.done);
   });
 </script>`;
+  // The embedding page's own policy, as strict as README's widget section says it can be.
+  const appOrigin = new URL(appUrl).origin;
+  const csp = `script-src 'nonce-e2e' ${appOrigin} 'wasm-unsafe-eval'; worker-src blob: ${appOrigin}; connect-src ${appOrigin}; object-src 'none'`;
   const server = http.createServer((req, res) => {
-    res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8' });
+    res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8', 'Content-Security-Policy': csp });
     res.end(html);
   });
   return new Promise((resolve) => server.listen(0, 'localhost', () => resolve({ url: `http://localhost:${server.address().port}/`, close: () => server.close() })));
@@ -377,6 +381,7 @@ async function runBrowser(name, fx, results) {
   await page.goto(`${app}icon.svg`);
   await page.evaluate(`localStorage.setItem('ldm-device', 'gpu')`);
   let first = null;
+  let firstLink = null; // the address the page gave its first image (a share link)
   try {
     await attempt('builtin', async () => {
       // A profile of its own: a first visit has an empty gallery and caches.
@@ -429,6 +434,7 @@ async function runBrowser(name, fx, results) {
       await page.goto(link7);
       const png = await nextResult(page, 0);
       first = png;
+      firstLink = await page.evaluate('location.href');
       const d = maxDiff(png, fx.refs[7]);
       const info = await page.evaluate('window.__ldmApp.results[0].info');
       check('page matches CLI', d <= TOL, `max |browser - ldm generate| = ${d}/255 (tolerance ${TOL}; browser ran in ${info.precision}, the CLI in f32)`);
@@ -520,13 +526,19 @@ async function runBrowser(name, fx, results) {
       check('gallery survives a reload', made >= 1 && n === made, `${n} images after the reload, ${made} made before it`);
     });
 
+    // The link the page made for its first image (settings in the fragment) in a new tab: the
+    // same pixels, and the server saw neither the model URL nor the prompt.
     await attempt('share', async () => {
+      const link = firstLink ?? link7;
       const tab = await browser.newPage();
       watch(tab, `${tag}(share)`);
-      await tab.goto(link7);
+      const seen = serve.log.length;
+      await tab.goto(link);
       const png = await nextResult(tab, 0);
       const same = first && maxDiff(png, PNG.sync.read(first)) === 0;
-      check('share link reproduces the image', same, `identical pixels to the first generation: ${same}`);
+      const leaked = serve.log.slice(seen).filter((r) => /prompt=|model=/.test(r.url)).map((r) => r.url);
+      check('share link reproduces the image', same && new URL(link).search === '' && /prompt=/.test(new URL(link).hash) && leaked.length === 0,
+        `${link.slice(link.indexOf('#'), link.indexOf('#') + 60)}…: identical pixels to the first generation: ${same}; requests carrying settings: ${leaked.length}`);
       await tab.close();
     });
 
@@ -537,6 +549,26 @@ async function runBrowser(name, fx, results) {
       const info = await page.evaluate('window.__ldmApp.results[0].info');
       const d = maxDiff(png, fx.refs[7]);
       check('the CPU backend matches the CLI', info.device === 'cpu' && d <= TOL, `${info.device_name}, ${info.precision}: max |browser - ldm generate| = ${d}/255 in ${(info.total_ms / 1000).toFixed(2)} s (UNet ${(info.unet_steps_ms.reduce((a, b) => a + b, 0) / info.unet_steps_ms.length).toFixed(0)} ms/step)`);
+    });
+
+    // Every scenario here runs under the app's Content-Security-Policy (www/_headers): the header
+    // and index.html's meta carry it, code from strings is refused, and nothing else was blocked
+    // (app.js notes each violation) while the page above generated on the CPU backend.
+    await attempt('csp', async () => {
+      const policy = readHeadersFile(opts.www)['Content-Security-Policy'];
+      const r = await page.evaluate(`(async () => {
+        const header = (await fetch(location.pathname, { cache: 'no-store' })).headers.get('content-security-policy');
+        const meta = document.querySelector('meta[http-equiv="Content-Security-Policy"]')?.content ?? null;
+        const tryCode = (f) => { try { f(); return 'ran'; } catch (e) { return e.name; } };
+        const evaluated = tryCode(() => eval('1 + 1'));
+        const constructed = tryCode(() => new Function('return 1')());
+        await new Promise((r) => setTimeout(r, 300));
+        const violations = window.__ldmApp.events.filter((e) => e.type === 'csp-violation').map((e) => e.directive + ' ' + e.blocked);
+        return { header, meta, evaluated, constructed, violations, generated: window.__ldmApp.results.length };
+      })()`);
+      const others = r.violations.filter((v) => !/^script-src(-elem)? eval$/.test(v));
+      check('the app runs under its Content-Security-Policy', !!policy && r.header === policy && r.meta === policy && r.evaluated === 'EvalError' && r.constructed === 'EvalError' && others.length === 0 && r.generated > 0,
+        `header ${r.header === policy ? 'as _headers' : JSON.stringify(r.header)}, meta ${r.meta === policy ? 'the same' : JSON.stringify(r.meta)}; eval: ${r.evaluated}, new Function: ${r.constructed}; ${r.generated} image(s) generated on the page with ${others.length} other violation(s) ${JSON.stringify(others)}`);
     });
 
     await attempt('offline', async () => {
@@ -899,7 +931,7 @@ async function runBrowser(name, fx, results) {
       check('tiny autoencoder previews every step', tiny.length === Number(c16.query.steps) && previews.length === tiny.length,
         `${tiny.length} of ${previews.length} previews decoded by TAESD at 64x64 (steps ${c16.query.steps})`);
       const link = await page.evaluate('location.href');
-      check('LoRA rows go into the share link', /lora=[^&]*sd1-kohya\.safetensors%3A0\.7/.test(link) && /lora=[^&]*sd1-peft\.safetensors%3A-0\.4/.test(link) && /tiny_vae=/.test(link), link.slice(link.indexOf('?'), link.indexOf('?') + 300));
+      check('LoRA rows go into the share link', /lora=[^&]*sd1-kohya\.safetensors%3A0\.7/.test(link) && /lora=[^&]*sd1-peft\.safetensors%3A-0\.4/.test(link) && /tiny_vae=/.test(link), link.slice(link.indexOf('#'), link.indexOf('#') + 300));
 
       ({ png } = await viaLink(20, [['embedding', '/models/embeddings/cat-toy.safetensors'], ['embedding', '/models/embeddings/a1111-style.safetensors']]));
       r = await report('SD1 + <cat-toy> (diffusers learned_embeds) and a1111-style (A1111 emb_params, token from the file name)', png, 20);

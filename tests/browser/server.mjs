@@ -65,6 +65,29 @@ export function parseRange(header, size) {
   return { start, end };
 }
 
+// The app's own headers from `_headers` in the served folder (its `/*` section; see
+// src/bin/ldm/serve.rs), set by startServer.
+let appHeaders = {};
+
+export function readHeadersFile(root) {
+  let text;
+  try {
+    text = fs.readFileSync(path.join(root, '_headers'), 'utf8');
+  } catch {
+    return {};
+  }
+  const out = {};
+  let inRoot = false;
+  for (const line of text.split('\n')) {
+    const t = line.trim();
+    if (!t || t.startsWith('#')) continue;
+    if (!/^[ \t]/.test(line)) { inRoot = t === '/*'; continue; }
+    const i = t.indexOf(':');
+    if (inRoot && i > 0) out[t.slice(0, i).trim()] = t.slice(i + 1).trim();
+  }
+  return out;
+}
+
 function baseHeaders() {
   return {
     'Cache-Control': 'no-cache',
@@ -72,6 +95,7 @@ function baseHeaders() {
     'Cross-Origin-Embedder-Policy': 'require-corp',
     'Cross-Origin-Resource-Policy': 'same-origin',
     'X-Content-Type-Options': 'nosniff',
+    ...appHeaders,
   };
 }
 
@@ -173,6 +197,7 @@ function handler(root, quiet) {
 export async function startServer({ root, port = 0, host = '127.0.0.1', quiet = true } = {}) {
   if (!root) throw new Error('startServer: root is required');
   const absRoot = await fs.promises.realpath(path.resolve(root));
+  appHeaders = readHeadersFile(absRoot);
   const server = http.createServer(handler(absRoot, quiet));
   const sockets = new Set();
   server.on('connection', (s) => {

@@ -141,11 +141,49 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The response headers the app asks for in `_headers` in its folder (the file Netlify and
+/// Cloudflare Pages read): the lines of its `/*` section, `Name: value`, indented. Other path
+/// sections are ignored: the app has only the one. No file: no headers.
+fn app_headers(root: &Path) -> Result<Vec<(String, String)>> {
+    let path = root.join("_headers");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::Io(format!("cannot read {}: {e}", path.display()))),
+    };
+    parse_headers_file(&text).map_err(|line| Error::Io(format!("{}: line {line} is not `Name: value` under a path; see https://docs.netlify.com/routing/headers/", path.display())))
+}
+
+/// The `/*` section of a `_headers` file; Err(line number) for a line that is not understood.
+fn parse_headers_file(text: &str) -> std::result::Result<Vec<(String, String)>, usize> {
+    let mut out = Vec::new();
+    let mut section: Option<bool> = None; // Some(whether the section is `/*`)
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        if !line.starts_with([' ', '\t']) {
+            section = Some(trimmed == "/*");
+            continue;
+        }
+        let (Some(in_root), Some((name, value))) = (section, trimmed.split_once(':')) else { return Err(i + 1) };
+        let (name, value) = (name.trim(), value.trim());
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') || !value.is_ascii() {
+            return Err(i + 1);
+        }
+        if in_root {
+            out.push((name.to_string(), value.to_string()));
+        }
+    }
+    Ok(out)
+}
+
 fn header(name: &str, value: &str) -> tiny_http::Header {
     tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("ASCII header")
 }
 
-fn respond(req: tiny_http::Request, app_root: &Path, models: Option<&Path>, fault: &Fault) {
+fn respond(req: tiny_http::Request, app_root: &Path, models: Option<&Path>, fault: &Fault, app: &[(String, String)]) {
     let url = req.url().split(['?', '#']).next().unwrap_or("/").to_string();
     let method = req.method().clone();
     let range_h = req.headers().iter().find(|h| h.field.equiv("Range")).map(|h| h.value.as_str().to_string());
@@ -164,6 +202,10 @@ fn respond(req: tiny_http::Request, app_root: &Path, models: Option<&Path>, faul
         header("Cross-Origin-Resource-Policy", "cross-origin"),
         header("Accept-Ranges", "bytes"),
     ];
+    for (name, value) in app {
+        headers.retain(|h| !h.field.to_string().eq_ignore_ascii_case(name));
+        headers.push(header(name, value));
+    }
     let log = |status: u16, bytes: u64, range: &Option<String>| {
         eprintln!("{method} {url} {status} {bytes}{}", range.as_ref().map(|r| format!(" range={r}")).unwrap_or_default());
     };
@@ -251,13 +293,14 @@ pub fn run(a: &ServeArgs) -> Result<String> {
     let server = Arc::new(server);
     let (root, models) = (Arc::new(a.root.clone()), Arc::new(a.models.clone()));
     let fault = Arc::new(Fault { pattern: a.inject_fault.clone(), fired: Default::default() });
+    let app = Arc::new(app_headers(&a.root)?);
     // A handful of threads: a browser opens several connections for range requests.
     let workers: Vec<_> = (0..8)
         .map(|_| {
-            let (server, root, models, fault) = (server.clone(), root.clone(), models.clone(), fault.clone());
+            let (server, root, models, fault, app) = (server.clone(), root.clone(), models.clone(), fault.clone(), app.clone());
             std::thread::spawn(move || {
                 for req in server.incoming_requests() {
-                    respond(req, &root, models.as_deref(), &fault);
+                    respond(req, &root, models.as_deref(), &fault, &app);
                 }
             })
         })
@@ -271,6 +314,29 @@ pub fn run(a: &ServeArgs) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_file() {
+        let h = parse_headers_file("# c\n/*\n  A-B: x; y 'z'\n/other\n  C: d\n/*\n\tE: f\n").expect("parses");
+        assert_eq!(h, vec![("A-B".to_string(), "x; y 'z'".to_string()), ("E".to_string(), "f".to_string())]);
+        assert_eq!(parse_headers_file("/*\n  no colon\n"), Err(2));
+        assert_eq!(parse_headers_file("  A: b\n"), Err(1));
+    }
+
+    /// The app's Content-Security-Policy: `_headers` sends it, index.html's meta repeats it for
+    /// hosts that cannot send headers, and the two must not drift apart.
+    #[test]
+    fn app_policy_in_headers_and_page() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("www");
+        let h = app_headers(&root).expect("www/_headers parses");
+        let csp = h.iter().find(|(n, _)| n == "Content-Security-Policy").map(|(_, v)| v.clone()).expect("www/_headers has a Content-Security-Policy");
+        assert!(!csp.contains("'unsafe-eval'") && !csp.contains("'unsafe-inline'") && csp.contains("'wasm-unsafe-eval'"), "{csp}");
+        let page = std::fs::read_to_string(root.join("index.html")).expect("www/index.html");
+        assert!(page.contains(&format!("<meta http-equiv=\"Content-Security-Policy\" content=\"{csp}\">")), "index.html's meta differs from _headers: {csp}");
+        for name in ["Cross-Origin-Opener-Policy", "Cross-Origin-Embedder-Policy"] {
+            assert!(h.iter().any(|(n, _)| n == name), "www/_headers lacks {name}");
+        }
+    }
 
     #[test]
     fn ranges() {
