@@ -7,7 +7,9 @@ elementwise product and sum, MSE). convnet.json: `mse(conv(silu(group_norm(conv(
 first convolution 3x3 padded, the second 3x3 with stride 2 (a UNet's downsampler), group norm in
 two groups. blocks.json: a UNet's up path in small, `mse(0.5 conv(concat(up(h), up(x))), target)`
 with `h = conv(x) + linear(silu(temb))` per channel (nearest 2x upsampling, channel concatenation,
-a timestep embedding added per channel, an output scale). Float32 values as JSON numbers.
+a timestep embedding added per channel, an output scale). attention.json: one attention head over
+projected tokens, `mse(linear(softmax(q kᵀ / √d) v), target)` with q, k, v linear maps of x.
+Float32 values as JSON numbers.
 """
 import json
 import os
@@ -119,7 +121,33 @@ def blocks():
     print(f"wrote {os.path.normpath(path)}: loss {float(loss.detach()):.5f}")
 
 
+def attention():
+    torch.manual_seed(24)
+    x = torch.randn(2, 5, 6)
+    params = [torch.randn(4, 6) * 0.5, torch.randn(4, 6) * 0.5, torch.randn(4, 6) * 0.5, torch.randn(6, 4) * 0.5]
+    target = torch.randn(2, 5, 6)
+    leaves = [t.clone().requires_grad_(True) for t in [x] + params]
+    x_, wq, wk, wv, wo = leaves
+    lin = torch.nn.functional.linear
+    q, k, v = lin(x_, wq), lin(x_, wk), lin(x_, wv)
+    p = torch.softmax(q @ k.transpose(1, 2) * 0.5, dim=-1)
+    y = lin(p @ v, wo)
+    loss = torch.nn.functional.mse_loss(y, target)
+    loss.backward()
+    out = {
+        "shapes": [list(t.shape) for t in [x] + params], "values": [values(t) for t in [x] + params],
+        "target_shape": list(target.shape), "target": values(target),
+        "loss": float(loss.detach()), "grads": [values(t.grad) for t in leaves],
+    }
+    path = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "autograd", "attention.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=None, separators=(",", ":"))
+        f.write("\n")
+    print(f"wrote {os.path.normpath(path)}: loss {float(loss.detach()):.5f}")
+
+
 if __name__ == "__main__":
     main()
     convnet()
     blocks()
+    attention()

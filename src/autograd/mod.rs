@@ -68,6 +68,11 @@ fn column_sums(gpu: &Gpu, x: &Tensor, rows: usize, cols: usize) -> Result<Tensor
     ops::matmul_spec(gpu, &spec)?.reshape(&[cols])
 }
 
+/// `a · b` for `batch` matrix pairs: `[batch, m, n]`.
+fn batched_product(gpu: &Gpu, batch: usize, a: MatView, b: MatView, m: usize, n: usize, k: usize) -> Result<Tensor> {
+    ops::matmul_spec(gpu, &MatmulSpec { a, b, m, n, k, batch, alpha: 1.0, bias: None, act: Activation::None, residual: None })?.reshape(&[batch, m, n])
+}
+
 /// Image `n` of a `[B, rows, cols]` tensor as a matrix.
 fn image_view(t: &Tensor, n: usize, rows: usize, cols: usize) -> MatView<'_> {
     MatView { tensor: t, base: n * rows * cols, batch_stride: 0, row_stride: cols, col_stride: 1 }
@@ -326,6 +331,60 @@ impl<'g> Tape<'g> {
     pub fn scale(&mut self, x: Var, alpha: f32) -> Result<Var> {
         let y = ops::scale(self.gpu, self.value(x), alpha, 0.0)?;
         Ok(self.push(y, vec![x], Box::new(move |gpu, g| Ok(vec![Some(ops::scale(gpu, g, alpha, 0.0)?)]))))
+    }
+
+    /// Batched matrix product `a · b` (or `a · bᵀ` with `transpose_b`): a `[B, M, K]`, b
+    /// `[B, K, N]` (`[B, N, K]` transposed) -> `[B, M, N]` (attention's scores and values).
+    pub fn bmm(&mut self, a: Var, b: Var, transpose_b: bool) -> Result<Var> {
+        let (at, bt) = (self.value(a).clone(), self.value(b).clone());
+        let (&[batch, m, k], &[bb, b1, b2]) = (at.shape(), bt.shape()) else {
+            return Err(Error::Shape(format!("bmm needs [B, M, K] and [B, K, N], got {:?} and {:?}", at.shape(), bt.shape())));
+        };
+        let n = if transpose_b { b1 } else { b2 };
+        if bb != batch || (if transpose_b { b2 } else { b1 }) != k {
+            return Err(Error::Shape(format!("bmm of {:?} and {:?} (transpose_b {transpose_b})", at.shape(), bt.shape())));
+        }
+        // B as a `K x N` matrix per batch, read through its layout.
+        let b_view = if transpose_b { MatView { tensor: &bt, base: 0, batch_stride: n * k, row_stride: 1, col_stride: k } } else { MatView::packed(&bt, k, n) };
+        let y = batched_product(self.gpu, batch, MatView::packed(&at, m, k), b_view, m, n, k)?;
+        let product = move |gpu: &Gpu, a: MatView, b: MatView, m: usize, n: usize, k: usize| batched_product(gpu, batch, a, b, m, n, k);
+        let rule: Rule = Box::new(move |gpu, g| {
+            // da = g · Bᵀ where B is the K x N operand; dB = aᵀ · g, laid out as b is.
+            let b_t = if transpose_b { MatView::packed(&bt, n, k) } else { MatView { tensor: &bt, base: 0, batch_stride: k * n, row_stride: 1, col_stride: n } };
+            let da = product(gpu, MatView::packed(g, m, n), b_t, m, k, n)?;
+            let db = if transpose_b {
+                // (aᵀ g)ᵀ = gᵀ a: [N, K].
+                let g_t = MatView { tensor: g, base: 0, batch_stride: m * n, row_stride: 1, col_stride: n };
+                product(gpu, g_t, MatView::packed(&at, m, k), n, k, m)?
+            } else {
+                let a_t = MatView { tensor: &at, base: 0, batch_stride: m * k, row_stride: 1, col_stride: k };
+                product(gpu, a_t, MatView::packed(g, m, n), k, n, m)?
+            };
+            Ok(vec![Some(da), Some(db)])
+        });
+        Ok(self.push(y, vec![a, b], rule))
+    }
+
+    /// Softmax of `scale * x` over the last axis; the gradient is `scale * y (g - Σ g y)` per row.
+    pub fn softmax(&mut self, x: Var, scale: f32) -> Result<Var> {
+        let xt = self.value(x).clone();
+        let y = ops::softmax(self.gpu, &xt, scale)?;
+        let yt = y.clone();
+        let cols = *xt.shape().last().ok_or_else(|| Error::Shape("softmax of a scalar".into()))?;
+        let rows = xt.numel() / cols.max(1);
+        let rule: Rule = Box::new(move |gpu, g| {
+            let n = rows * cols;
+            let gy = elementwise(gpu, &(Expr::input(0) * Expr::input(1)), &[g, &yt])?;
+            let dot = row_sums(gpu, &gy, rows, cols, 1.0)?;
+            let ins = [
+                ExprInput { tensor: g, map: IndexMap::same(n) },
+                ExprInput { tensor: &yt, map: IndexMap::same(n) },
+                ExprInput { tensor: &dot, map: IndexMap::per(cols, rows) },
+            ];
+            let f = scale * Expr::input(1) * (Expr::input(0) - Expr::input(2));
+            Ok(vec![Some(ops::expr(gpu, &f, &ins, yt.shape(), DType::F32)?)])
+        });
+        Ok(self.push(y, vec![x], rule))
     }
 
     /// `a + b` (equal shapes).
@@ -700,6 +759,36 @@ mod tests {
                 worst = worst.max(err);
             }
             eprintln!("{name}: up-path gradients within {worst:.2e} of torch's");
+        }
+    }
+
+    /// One attention head (projections, scores q kᵀ, softmax, values, output projection)
+    /// against torch autograd.
+    #[test]
+    fn attention_gradients_match_torch() {
+        let net: TorchConvNet = serde_json::from_str(include_str!("../../tests/fixtures/autograd/attention.json")).expect("tests/fixtures/autograd/attention.json");
+        for gpu in devices() {
+            let name = gpu.summary().name.clone();
+            let mut tape = Tape::new(&gpu);
+            let v: Vec<Var> = net.values.iter().zip(&net.shapes).map(|(d, s)| tape.param(gpu.upload(s, DType::F32, d).unwrap()).unwrap()).collect();
+            let t = tape.constant(gpu.upload(&net.target_shape, DType::F32, &net.target).unwrap()).unwrap();
+            let (q, k, val) = (tape.linear(v[0], v[1], None).unwrap(), tape.linear(v[0], v[2], None).unwrap(), tape.linear(v[0], v[3], None).unwrap());
+            let scores = tape.bmm(q, k, true).unwrap();
+            let p = tape.softmax(scores, 0.5).unwrap();
+            let o = tape.bmm(p, val, false).unwrap();
+            let y = tape.linear(o, v[4], None).unwrap();
+            let loss = tape.mse_loss(y, t).unwrap();
+            let got = pollster::block_on(gpu.read(tape.value(loss))).unwrap()[0];
+            assert!((got - net.loss).abs() <= 1e-5 * net.loss, "{name}: loss {got} vs torch {}", net.loss);
+            let grads = tape.backward(loss).unwrap();
+            let mut worst = 0.0f32;
+            for (i, var) in v.iter().enumerate() {
+                let g = pollster::block_on(gpu.read(grads.get(*var).unwrap())).unwrap();
+                let err = max_rel(&g, &net.grads[i]);
+                assert!(err <= 1e-4, "{name}: gradient {i} {:?}: max error {err:e} of its largest value", net.shapes[i]);
+                worst = worst.max(err);
+            }
+            eprintln!("{name}: attention gradients within {worst:.2e} of torch's");
         }
     }
 
