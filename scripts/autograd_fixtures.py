@@ -8,7 +8,8 @@ first convolution 3x3 padded, the second 3x3 with stride 2 (a UNet's downsampler
 two groups. blocks.json: a UNet's up path in small, `mse(0.5 conv(concat(up(h), up(x))), target)`
 with `h = conv(x) + linear(silu(temb))` per channel (nearest 2x upsampling, channel concatenation,
 a timestep embedding added per channel, an output scale). attention.json: one attention head over
-projected tokens, `mse(linear(softmax(q kᵀ / √d) v), target)` with q, k, v linear maps of x.
+layer-normalised tokens, `mse(linear(softmax(q kᵀ / 2) v), target)` with q, k, v linear maps of
+layer_norm(x).
 Float32 values as JSON numbers.
 """
 import json
@@ -124,12 +125,14 @@ def blocks():
 def attention():
     torch.manual_seed(24)
     x = torch.randn(2, 5, 6)
-    params = [torch.randn(4, 6) * 0.5, torch.randn(4, 6) * 0.5, torch.randn(4, 6) * 0.5, torch.randn(6, 4) * 0.5]
+    params = [torch.randn(4, 6) * 0.5, torch.randn(4, 6) * 0.5, torch.randn(4, 6) * 0.5, torch.randn(6, 4) * 0.5,
+              1.0 + 0.2 * torch.randn(6), 0.2 * torch.randn(6)]
     target = torch.randn(2, 5, 6)
     leaves = [t.clone().requires_grad_(True) for t in [x] + params]
-    x_, wq, wk, wv, wo = leaves
+    x_, wq, wk, wv, wo, gamma, beta = leaves
     lin = torch.nn.functional.linear
-    q, k, v = lin(x_, wq), lin(x_, wk), lin(x_, wv)
+    h = torch.nn.functional.layer_norm(x_, (6,), gamma, beta, eps=1e-5)
+    q, k, v = lin(h, wq), lin(h, wk), lin(h, wv)
     p = torch.softmax(q @ k.transpose(1, 2) * 0.5, dim=-1)
     y = lin(p @ v, wo)
     loss = torch.nn.functional.mse_loss(y, target)

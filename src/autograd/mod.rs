@@ -88,6 +88,39 @@ fn row_sums(gpu: &Gpu, x: &Tensor, rows: usize, cols: usize, scale: f32) -> Resu
     ops::matmul_spec(gpu, &spec)?.reshape(&[rows])
 }
 
+/// x̂ = (x - mean) / sqrt(var + eps) over `units` contiguous runs of `len` values, and the
+/// per-run 1 / sqrt(var + eps) (`[units]`), as the normalisation kernels compute them.
+fn normalized(gpu: &Gpu, x: &Tensor, units: usize, len: usize, eps: f32) -> Result<(Tensor, Tensor)> {
+    let e = |k: usize| Expr::input(k);
+    let (same, per_unit) = (IndexMap::same(x.numel()), IndexMap::per(len, units));
+    let on = |f: &Expr, ins: &[(&Tensor, IndexMap)]| -> Result<Tensor> {
+        let ins: Vec<ExprInput> = ins.iter().map(|(t, map)| ExprInput { tensor: t, map: *map }).collect();
+        ops::expr(gpu, f, &ins, x.shape(), DType::F32)
+    };
+    let mean = row_sums(gpu, x, units, len, 1.0 / len as f32)?;
+    let centred = on(&(e(0) - e(1)), &[(x, same), (&mean, per_unit)])?;
+    let sq = on(&(e(0) * e(0)), &[(&centred, same)])?;
+    let var = row_sums(gpu, &sq, units, len, 1.0 / len as f32)?;
+    let rstd = ops::expr(gpu, &(1.0 / (e(0) + eps).sqrt()), &[ExprInput { tensor: &var, map: IndexMap::same(units) }], &[units], DType::F32)?;
+    let xhat = on(&(e(0) * e(1)), &[(&centred, same), (&rstd, per_unit)])?;
+    Ok((xhat, rstd))
+}
+
+/// The input gradient of a normalisation from the gradient of x̂:
+/// dx = rstd (dx̂ - mean(dx̂) - x̂ mean(dx̂ x̂)), means per run.
+fn normalized_input_grad(gpu: &Gpu, dxhat: &Tensor, xhat: &Tensor, rstd: &Tensor, units: usize, len: usize) -> Result<Tensor> {
+    let e = |k: usize| Expr::input(k);
+    let (same, per_unit) = (IndexMap::same(xhat.numel()), IndexMap::per(len, units));
+    let m1 = row_sums(gpu, dxhat, units, len, 1.0 / len as f32)?;
+    let dxx = elementwise(gpu, &(e(0) * e(1)), &[dxhat, xhat])?;
+    let m2 = row_sums(gpu, &dxx, units, len, 1.0 / len as f32)?;
+    let ins = [
+        ExprInput { tensor: dxhat, map: same }, ExprInput { tensor: xhat, map: same },
+        ExprInput { tensor: &m1, map: per_unit }, ExprInput { tensor: &m2, map: per_unit }, ExprInput { tensor: rstd, map: per_unit },
+    ];
+    ops::expr(gpu, &(e(4) * (e(0) - e(2) - e(1) * e(3))), &ins, xhat.shape(), DType::F32)
+}
+
 /// An elementwise expression over same-sized tensors, shaped like the first.
 fn elementwise(gpu: &Gpu, f: &Expr, xs: &[&Tensor]) -> Result<Tensor> {
     let n = xs[0].numel();
@@ -228,21 +261,9 @@ impl<'g> Tape<'g> {
         let rule: Rule = Box::new(move |gpu, g| {
             let e = |k: usize| Expr::input(k);
             let same = IndexMap::same(n);
-            let per_unit = IndexMap::per(len, units);
-            let per_channel = IndexMap::per(hw, c);
-            let on = |f: &Expr, ins: &[(&Tensor, IndexMap)]| -> Result<Tensor> {
-                let ins: Vec<ExprInput> = ins.iter().map(|(t, map)| ExprInput { tensor: t, map: *map }).collect();
-                ops::expr(gpu, f, &ins, xt.shape(), DType::F32)
-            };
-            // Mean and 1/sqrt(var + eps) per (image, group), as the forward kernel has them.
-            let mean = row_sums(gpu, &xt, units, len, 1.0 / len as f32)?;
-            let centred = on(&(e(0) - e(1)), &[(&xt, same), (&mean, per_unit)])?;
-            let sq = on(&(e(0) * e(0)), &[(&centred, same)])?;
-            let var = row_sums(gpu, &sq, units, len, 1.0 / len as f32)?;
-            let rstd = ops::expr(gpu, &(1.0 / (e(0) + eps).sqrt()), &[ExprInput { tensor: &var, map: IndexMap::same(units) }], &[units], DType::F32)?;
-            let xhat = on(&(e(0) * e(1)), &[(&centred, same), (&rstd, per_unit)])?;
+            let (xhat, rstd) = normalized(gpu, &xt, units, len, eps)?;
             // Per channel: dγ = Σ g x̂, dβ = Σ g over images and positions.
-            let gx = on(&(e(0) * e(1)), &[(g, same), (&xhat, same)])?;
+            let gx = elementwise(gpu, &(e(0) * e(1)), &[g, &xhat])?;
             let channel_sums = |t: &Tensor| -> Result<Tensor> {
                 // [B, C, HW] summed over HW, then over B.
                 let per_image = row_sums(gpu, t, b * c, hw, 1.0)?;
@@ -250,13 +271,30 @@ impl<'g> Tape<'g> {
             };
             let dgamma = channel_sums(&gx)?;
             let dbeta = channel_sums(g)?;
-            // dx̂ = γ g, then the group means of dx̂ and dx̂ x̂.
-            let dxhat = on(&(e(0) * e(1)), &[(g, same), (&gt, per_channel)])?;
-            let m1 = row_sums(gpu, &dxhat, units, len, 1.0 / len as f32)?;
-            let dxx = on(&(e(0) * e(1)), &[(&dxhat, same), (&xhat, same)])?;
-            let m2 = row_sums(gpu, &dxx, units, len, 1.0 / len as f32)?;
-            let dx = on(&(e(4) * (e(0) - e(2) - e(1) * e(3))), &[(&dxhat, same), (&xhat, same), (&m1, per_unit), (&m2, per_unit), (&rstd, per_unit)])?;
+            let ins = [ExprInput { tensor: g, map: same }, ExprInput { tensor: &gt, map: IndexMap::per(hw, c) }];
+            let dxhat = ops::expr(gpu, &(e(0) * e(1)), &ins, xt.shape(), DType::F32)?;
+            let dx = normalized_input_grad(gpu, &dxhat, &xhat, &rstd, units, len)?;
             Ok(vec![Some(dx), Some(dgamma), Some(dbeta)])
+        });
+        Ok(self.push(y, vec![x, gamma, beta], rule))
+    }
+
+    /// Layer normalisation over the last axis with gamma and beta `[cols]` (torch's
+    /// `F.layer_norm` over one dimension): dx as group norm's, dγ and dβ summed over rows.
+    pub fn layer_norm(&mut self, x: Var, gamma: Var, beta: Var, eps: f32) -> Result<Var> {
+        let (xt, gt, bt) = (self.value(x).clone(), self.value(gamma).clone(), self.value(beta).clone());
+        let y = ops::layer_norm(self.gpu, &xt, Some((&gt, &bt)), eps)?;
+        let cols = *xt.shape().last().ok_or_else(|| Error::Shape("layer_norm of a scalar".into()))?;
+        let rows = xt.numel() / cols.max(1);
+        let rule: Rule = Box::new(move |gpu, g| {
+            let e = |k: usize| Expr::input(k);
+            let (xhat, rstd) = normalized(gpu, &xt, rows, cols, eps)?;
+            let gx = elementwise(gpu, &(e(0) * e(1)), &[g, &xhat])?;
+            let dgamma = column_sums(gpu, &gx, rows, cols)?;
+            let dbeta = column_sums(gpu, g, rows, cols)?;
+            let ins = [ExprInput { tensor: g, map: IndexMap::same(rows * cols) }, ExprInput { tensor: &gt, map: IndexMap::repeat(cols) }];
+            let dxhat = ops::expr(gpu, &(e(0) * e(1)), &ins, xt.shape(), DType::F32)?;
+            Ok(vec![Some(normalized_input_grad(gpu, &dxhat, &xhat, &rstd, rows, cols)?), Some(dgamma), Some(dbeta)])
         });
         Ok(self.push(y, vec![x, gamma, beta], rule))
     }
@@ -762,8 +800,8 @@ mod tests {
         }
     }
 
-    /// One attention head (projections, scores q kᵀ, softmax, values, output projection)
-    /// against torch autograd.
+    /// One attention head (layer norm, projections, scores q kᵀ, softmax, values, output
+    /// projection) against torch autograd.
     #[test]
     fn attention_gradients_match_torch() {
         let net: TorchConvNet = serde_json::from_str(include_str!("../../tests/fixtures/autograd/attention.json")).expect("tests/fixtures/autograd/attention.json");
@@ -772,7 +810,8 @@ mod tests {
             let mut tape = Tape::new(&gpu);
             let v: Vec<Var> = net.values.iter().zip(&net.shapes).map(|(d, s)| tape.param(gpu.upload(s, DType::F32, d).unwrap()).unwrap()).collect();
             let t = tape.constant(gpu.upload(&net.target_shape, DType::F32, &net.target).unwrap()).unwrap();
-            let (q, k, val) = (tape.linear(v[0], v[1], None).unwrap(), tape.linear(v[0], v[2], None).unwrap(), tape.linear(v[0], v[3], None).unwrap());
+            let h = tape.layer_norm(v[0], v[5], v[6], 1e-5).unwrap();
+            let (q, k, val) = (tape.linear(h, v[1], None).unwrap(), tape.linear(h, v[2], None).unwrap(), tape.linear(h, v[3], None).unwrap());
             let scores = tape.bmm(q, k, true).unwrap();
             let p = tape.softmax(scores, 0.5).unwrap();
             let o = tape.bmm(p, val, false).unwrap();
