@@ -8,8 +8,8 @@ first convolution 3x3 padded, the second 3x3 with stride 2 (a UNet's downsampler
 two groups. blocks.json: a UNet's up path in small, `mse(0.5 conv(concat(up(h), up(x))), target)`
 with `h = conv(x) + linear(silu(temb))` per channel (nearest 2x upsampling, channel concatenation,
 a timestep embedding added per channel, an output scale). attention.json: one attention head over
-layer-normalised tokens, `mse(linear(softmax(q kᵀ / 2) v), target)` with q, k, v linear maps of
-layer_norm(x).
+layer-normalised tokens, `mse(linear(gelu(softmax(q kᵀ / 2) v)), target)` with q, k, v linear maps
+of layer_norm(x).
 Float32 values as JSON numbers.
 """
 import json
@@ -134,7 +134,7 @@ def attention():
     h = torch.nn.functional.layer_norm(x_, (6,), gamma, beta, eps=1e-5)
     q, k, v = lin(h, wq), lin(h, wk), lin(h, wv)
     p = torch.softmax(q @ k.transpose(1, 2) * 0.5, dim=-1)
-    y = lin(p @ v, wo)
+    y = lin(torch.nn.functional.gelu(p @ v), wo)
     loss = torch.nn.functional.mse_loss(y, target)
     loss.backward()
     out = {

@@ -142,7 +142,7 @@ pub fn case_names() -> Vec<String> {
     names.extend(
         [
             "group_norm/silu", "group_norm/plain_eps1e-6", "layer_norm/affine_77", "layer_norm/plain_300", "softmax/rows9_cols333", "row_std/rows7_cols143",
-            "expr/scheduler_step_1001", "expr/guidance_halves_per_row", "expr/exp_sqrt_sigmoid_77",
+            "expr/scheduler_step_1001", "expr/guidance_halves_per_row", "expr/exp_sqrt_erf_sigmoid_77",
             "im2col/3x3_s2_p1_2x3x9x7", "im2col/5x3_dil2_uneven_1x2x8x11", "col2im/3x3_s2_p1_2x3x9x7", "col2im/5x3_dil2_uneven_1x2x8x11",
             "elementwise/silu", "elementwise/gelu", "elementwise/gelu_tanh", "elementwise/quick_gelu", "elementwise/scale", "elementwise/relu", "elementwise/tanh_third",
             "elementwise/add_broadcast", "elementwise/mul_broadcast_last", "elementwise/add_same_shape", "elementwise/add_rank5", "elementwise/geglu",
@@ -398,8 +398,8 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                 c.compare(&y, &r, Tol::Elementwise).await
             }
             // The transcendental forms gradients and optimisers use: a SiLU derivative through
-            // sigmoid (exp) and Adam's update (sqrt).
-            "expr/exp_sqrt_sigmoid_77" => {
+            // sigmoid (exp), GELU's through erf, and Adam's update (sqrt).
+            "expr/exp_sqrt_erf_sigmoid_77" => {
                 use ops::{Expr, ExprInput, IndexMap};
                 let n = 77;
                 let (x, xt) = c.tensor(&[n], 3.0)?;
@@ -407,7 +407,7 @@ fn run_case<'a>(devices: &'a Devices<'a>, name: &'a str, dtype: DType) -> CaseFu
                 let (x0, g0) = (Expr::input(0), Expr::input(1));
                 let s = x0.clone().sigmoid();
                 let silu_grad = g0.clone() * s.clone() * (1.0 + x0.clone() * (1.0 - s));
-                let f = silu_grad - 0.01 * g0.clone() / ((g0.clone() * g0).sqrt() + 1e-3) + 0.1 * (0.5 * x0).exp();
+                let f = silu_grad - 0.01 * g0.clone() / ((g0.clone() * g0).sqrt() + 1e-3) + 0.1 * (0.5 * x0.clone()).exp() + 0.5 * (0.7 * x0).erf();
                 let same = IndexMap::same(n);
                 let ins = [ExprInput { tensor: &xt, map: same }, ExprInput { tensor: &gt, map: same }];
                 let y = ops::expr(gpu, &f, &ins, &[n], dtype)?;

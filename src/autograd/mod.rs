@@ -454,6 +454,19 @@ impl<'g> Tape<'g> {
         Ok(self.push(y, vec![x], rule))
     }
 
+    /// Exact GELU, `0.5 x (1 + erf(x / √2))`; its derivative is `Φ(x) + x φ(x)`.
+    pub fn gelu(&mut self, x: Var) -> Result<Var> {
+        let xt = self.value(x).clone();
+        let y = ops::activation(self.gpu, &xt, Activation::Gelu)?;
+        let rule: Rule = Box::new(move |gpu, g| {
+            let (xe, ge) = (Expr::input(0), Expr::input(1));
+            let cdf = 0.5 * (1.0 + (std::f32::consts::FRAC_1_SQRT_2 * xe.clone()).erf());
+            let pdf = 0.398_942_3 * (-0.5 * xe.clone() * xe.clone()).exp();
+            Ok(vec![Some(elementwise(gpu, &(ge * (cdf + xe * pdf)), &[&xt, g])?)])
+        });
+        Ok(self.push(y, vec![x], rule))
+    }
+
     /// The mean of `(pred - target)²` over every element (torch's `F.mse_loss`): shape `[1]`.
     pub fn mse_loss(&mut self, pred: Var, target: Var) -> Result<Var> {
         self.same_shape(pred, target, "mse_loss")?;
@@ -800,7 +813,7 @@ mod tests {
         }
     }
 
-    /// One attention head (layer norm, projections, scores q kᵀ, softmax, values, output
+    /// One attention head (layer norm, projections, scores q kᵀ, softmax, values, GELU, output
     /// projection) against torch autograd.
     #[test]
     fn attention_gradients_match_torch() {
@@ -815,6 +828,7 @@ mod tests {
             let scores = tape.bmm(q, k, true).unwrap();
             let p = tape.softmax(scores, 0.5).unwrap();
             let o = tape.bmm(p, val, false).unwrap();
+            let o = tape.gelu(o).unwrap();
             let y = tape.linear(o, v[4], None).unwrap();
             let loss = tape.mse_loss(y, t).unwrap();
             let got = pollster::block_on(gpu.read(tape.value(loss))).unwrap()[0];

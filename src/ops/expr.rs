@@ -36,6 +36,9 @@ pub enum Expr {
     Exp(Box<Expr>),
     /// `sqrt(x)` (Adam's denominator).
     Sqrt(Box<Expr>),
+    /// The error function (GELU's gradient); the kernel's is Abramowitz & Stegun 7.1.26
+    /// (|error| < 1.5e-7), the CPU reference libm's.
+    Erf(Box<Expr>),
 }
 
 impl Expr {
@@ -59,6 +62,11 @@ impl Expr {
         Expr::Sqrt(Box::new(self))
     }
 
+    /// `erf(self)`.
+    pub fn erf(self) -> Expr {
+        Expr::Erf(Box::new(self))
+    }
+
     /// `1 / (1 + e^-self)`.
     pub fn sigmoid(self) -> Expr {
         1.0 / (1.0 + (-self).exp())
@@ -76,7 +84,7 @@ impl Expr {
         match self {
             Expr::Input(k) => k + 1,
             Expr::Const(_) => 0,
-            Expr::Neg(a) | Expr::Clamp(a, ..) | Expr::Exp(a) | Expr::Sqrt(a) => a.inputs(),
+            Expr::Neg(a) | Expr::Clamp(a, ..) | Expr::Exp(a) | Expr::Sqrt(a) | Expr::Erf(a) => a.inputs(),
             Expr::Add(a, b) | Expr::Sub(a, b) | Expr::Mul(a, b) | Expr::Div(a, b) => a.inputs().max(b.inputs()),
         }
     }
@@ -94,6 +102,7 @@ impl Expr {
             Expr::Clamp(a, lo, hi) => a.at(x).max(*lo).min(*hi),
             Expr::Exp(a) => a.at(x).exp(),
             Expr::Sqrt(a) => a.at(x).sqrt(),
+            Expr::Erf(a) => libm::erff(a.at(x)),
         }
     }
 
@@ -129,7 +138,7 @@ impl Expr {
         match self {
             Expr::Input(k) => used[*k] = true,
             Expr::Const(_) => {}
-            Expr::Neg(a) | Expr::Clamp(a, ..) | Expr::Exp(a) | Expr::Sqrt(a) => a.mark_inputs(used),
+            Expr::Neg(a) | Expr::Clamp(a, ..) | Expr::Exp(a) | Expr::Sqrt(a) | Expr::Erf(a) => a.mark_inputs(used),
             Expr::Add(a, b) | Expr::Sub(a, b) | Expr::Mul(a, b) | Expr::Div(a, b) => {
                 a.mark_inputs(used);
                 b.mark_inputs(used);
@@ -173,8 +182,12 @@ impl Expr {
                 consts.extend([*lo, *hi]);
                 let _ = write!(out, ", p.c[{}][{}]), p.c[{}][{}])", k / 4, k % 4, (k + 1) / 4, (k + 1) % 4);
             }
-            Expr::Exp(a) | Expr::Sqrt(a) => {
-                out.push_str(if matches!(self, Expr::Exp(_)) { "exp(" } else { "sqrt(" });
+            Expr::Exp(a) | Expr::Sqrt(a) | Expr::Erf(a) => {
+                out.push_str(match self {
+                    Expr::Exp(_) => "exp(",
+                    Expr::Sqrt(_) => "sqrt(",
+                    _ => "erf_f32(",
+                });
                 a.wgsl(out, consts, slot);
                 out.push(')');
             }
@@ -353,7 +366,8 @@ pub fn expr(gpu: &Gpu, e: &Expr, inputs: &[ExprInput], shape: &[usize], dtype: D
     let defs = [("EXPR", Def::U32(id))];
     // The header's T is unused; an f16 one enables f16 for whichever binding holds it.
     let any_f16 = dtype == DType::F16 || inputs.iter().any(|x| x.tensor.dtype() == DType::F16);
-    let kernel = Kernel { family: "expr", sources: &[source], entry: "main", dtype: if any_f16 { DType::F16 } else { DType::F32 }, defs: &defs };
+    // activations.wgsl brings erf_f32.
+    let kernel = Kernel { family: "expr", sources: &[super::ACTIVATIONS_WGSL, source], entry: "main", dtype: if any_f16 { DType::F16 } else { DType::F32 }, defs: &defs };
     let mut binds: Vec<Bind> = inputs.iter().map(|x| Bind::whole(x.tensor)).collect();
     binds.push(Bind::whole(&out));
     gpu.dispatch(&kernel, bytes_of(&p), &binds, elementwise_grid(gpu, n))?;
