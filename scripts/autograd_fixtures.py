@@ -27,6 +27,15 @@ def forward(x, w1, b1, w2, b2, target):
     return torch.nn.functional.mse_loss(y, target)
 
 
+def write(name, out):
+    """tests/fixtures/autograd/NAME.json; returns its path."""
+    path = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "autograd", f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=None, separators=(",", ":"))
+        f.write("\n")
+    return path
+
+
 def values(t):
     return [float(v) for v in t.detach().reshape(-1).tolist()]
 
@@ -63,10 +72,7 @@ def main():
                   "losses": losses, "grad_norms": norms, "final": [values(w) for w in weights]},
         "torch": torch.__version__.split("+")[0],
     }
-    path = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "autograd", "mlp.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=None, separators=(",", ":"))
-        f.write("\n")
+    path = write("mlp", out)
     print(f"wrote {os.path.normpath(path)}: loss {losses[0]:.5f} -> {losses[-1]:.5f} in {STEPS} steps")
 
 
@@ -88,10 +94,7 @@ def convnet():
         "target_shape": list(target.shape), "target": values(target),
         "loss": float(loss.detach()), "grads": [values(t.grad) for t in leaves],
     }
-    path = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "autograd", "convnet.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=None, separators=(",", ":"))
-        f.write("\n")
+    path = write("convnet", out)
     print(f"wrote {os.path.normpath(path)}: loss {float(loss.detach()):.5f}")
 
 
@@ -115,10 +118,7 @@ def blocks():
         "target_shape": list(target.shape), "target": values(target),
         "loss": float(loss.detach()), "grads": [values(t.grad) for t in leaves],
     }
-    path = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "autograd", "blocks.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=None, separators=(",", ":"))
-        f.write("\n")
+    path = write("blocks", out)
     print(f"wrote {os.path.normpath(path)}: loss {float(loss.detach()):.5f}")
 
 
@@ -142,10 +142,7 @@ def attention():
         "target_shape": list(target.shape), "target": values(target),
         "loss": float(loss.detach()), "grads": [values(t.grad) for t in leaves],
     }
-    path = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "autograd", "attention.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=None, separators=(",", ":"))
-        f.write("\n")
+    path = write("attention", out)
     print(f"wrote {os.path.normpath(path)}: loss {float(loss.detach()):.5f}")
 
 

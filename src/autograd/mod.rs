@@ -780,16 +780,37 @@ mod tests {
         }
     }
 
+    /// The fixture's inputs as parameters and its target as a constant.
+    fn torch_inputs(tape: &mut Tape, gpu: &Gpu, net: &TorchConvNet) -> (Vec<Var>, Var) {
+        let v = net.values.iter().zip(&net.shapes).map(|(d, s)| tape.param(gpu.upload(s, DType::F32, d).unwrap()).unwrap()).collect();
+        (v, tape.constant(gpu.upload(&net.target_shape, DType::F32, &net.target).unwrap()).unwrap())
+    }
+
+    /// Asserts the loss (1e-5) and every input's gradient (1e-4 of its largest value) against
+    /// torch's; returns the gradients' worst relative error.
+    fn check_against_torch(tape: &Tape, gpu: &Gpu, net: &TorchConvNet, loss: Var, v: &[Var]) -> f32 {
+        let name = &gpu.summary().name;
+        let got = pollster::block_on(gpu.read(tape.value(loss))).unwrap()[0];
+        assert!((got - net.loss).abs() <= 1e-5 * net.loss, "{name}: loss {got} vs torch {}", net.loss);
+        let grads = tape.backward(loss).unwrap();
+        let mut worst = 0.0f32;
+        for (i, var) in v.iter().enumerate() {
+            let g = pollster::block_on(gpu.read(grads.get(*var).unwrap())).unwrap();
+            let err = max_rel(&g, &net.grads[i]);
+            assert!(err <= 1e-4, "{name}: gradient {i} {:?}: max error {err:e} of its largest value", net.shapes[i]);
+            worst = worst.max(err);
+        }
+        worst
+    }
+
     /// Upsampling, channel concatenation, a per-channel timestep embedding and an output scale
     /// (a UNet's up path in small) against torch autograd.
     #[test]
     fn unet_block_gradients_match_torch() {
         let net: TorchConvNet = serde_json::from_str(include_str!("../../tests/fixtures/autograd/blocks.json")).expect("tests/fixtures/autograd/blocks.json");
         for gpu in devices() {
-            let name = gpu.summary().name.clone();
             let mut tape = Tape::new(&gpu);
-            let v: Vec<Var> = net.values.iter().zip(&net.shapes).map(|(d, s)| tape.param(gpu.upload(s, DType::F32, d).unwrap()).unwrap()).collect();
-            let t = tape.constant(gpu.upload(&net.target_shape, DType::F32, &net.target).unwrap()).unwrap();
+            let (v, t) = torch_inputs(&mut tape, &gpu, &net);
             let h = tape.conv2d(v[0], v[2], Some(v[3]), Conv2dSpec::new(1, 1)).unwrap();
             let e = tape.silu(v[1]).unwrap();
             let e = tape.linear(e, v[4], None).unwrap();
@@ -799,17 +820,8 @@ mod tests {
             let y = tape.conv2d(c, v[5], Some(v[6]), Conv2dSpec::new(1, 1)).unwrap();
             let y = tape.scale(y, 0.5).unwrap();
             let loss = tape.mse_loss(y, t).unwrap();
-            let got = pollster::block_on(gpu.read(tape.value(loss))).unwrap()[0];
-            assert!((got - net.loss).abs() <= 1e-5 * net.loss, "{name}: loss {got} vs torch {}", net.loss);
-            let grads = tape.backward(loss).unwrap();
-            let mut worst = 0.0f32;
-            for (i, var) in v.iter().enumerate() {
-                let g = pollster::block_on(gpu.read(grads.get(*var).unwrap())).unwrap();
-                let err = max_rel(&g, &net.grads[i]);
-                assert!(err <= 1e-4, "{name}: gradient {i} {:?}: max error {err:e} of its largest value", net.shapes[i]);
-                worst = worst.max(err);
-            }
-            eprintln!("{name}: up-path gradients within {worst:.2e} of torch's");
+            let worst = check_against_torch(&tape, &gpu, &net, loss, &v);
+            eprintln!("{}: up-path gradients within {worst:.2e} of torch's", gpu.summary().name);
         }
     }
 
@@ -819,10 +831,8 @@ mod tests {
     fn attention_gradients_match_torch() {
         let net: TorchConvNet = serde_json::from_str(include_str!("../../tests/fixtures/autograd/attention.json")).expect("tests/fixtures/autograd/attention.json");
         for gpu in devices() {
-            let name = gpu.summary().name.clone();
             let mut tape = Tape::new(&gpu);
-            let v: Vec<Var> = net.values.iter().zip(&net.shapes).map(|(d, s)| tape.param(gpu.upload(s, DType::F32, d).unwrap()).unwrap()).collect();
-            let t = tape.constant(gpu.upload(&net.target_shape, DType::F32, &net.target).unwrap()).unwrap();
+            let (v, t) = torch_inputs(&mut tape, &gpu, &net);
             let h = tape.layer_norm(v[0], v[5], v[6], 1e-5).unwrap();
             let (q, k, val) = (tape.linear(h, v[1], None).unwrap(), tape.linear(h, v[2], None).unwrap(), tape.linear(h, v[3], None).unwrap());
             let scores = tape.bmm(q, k, true).unwrap();
@@ -831,17 +841,8 @@ mod tests {
             let o = tape.gelu(o).unwrap();
             let y = tape.linear(o, v[4], None).unwrap();
             let loss = tape.mse_loss(y, t).unwrap();
-            let got = pollster::block_on(gpu.read(tape.value(loss))).unwrap()[0];
-            assert!((got - net.loss).abs() <= 1e-5 * net.loss, "{name}: loss {got} vs torch {}", net.loss);
-            let grads = tape.backward(loss).unwrap();
-            let mut worst = 0.0f32;
-            for (i, var) in v.iter().enumerate() {
-                let g = pollster::block_on(gpu.read(grads.get(*var).unwrap())).unwrap();
-                let err = max_rel(&g, &net.grads[i]);
-                assert!(err <= 1e-4, "{name}: gradient {i} {:?}: max error {err:e} of its largest value", net.shapes[i]);
-                worst = worst.max(err);
-            }
-            eprintln!("{name}: attention gradients within {worst:.2e} of torch's");
+            let worst = check_against_torch(&tape, &gpu, &net, loss, &v);
+            eprintln!("{}: attention gradients within {worst:.2e} of torch's", gpu.summary().name);
         }
     }
 

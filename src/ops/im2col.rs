@@ -96,10 +96,10 @@ fn tap(g: &ColGeometry, spec: &Conv2dSpec, oy: usize, ox: usize, ky: usize, kx: 
     (iy < g.h && ix < g.w).then_some((iy, ix))
 }
 
-/// CPU reference of [`im2col`].
-pub fn im2col_reference(x: &[f32], g: &ColGeometry, spec: &Conv2dSpec) -> Vec<f32> {
+/// Visits every (column element, input element) pair a convolution reads, in the kernels'
+/// order (images, channels, taps by row then column, outputs), as flat indices.
+fn for_each_tap(g: &ColGeometry, spec: &Conv2dSpec, mut f: impl FnMut(usize, usize)) {
     let [_, rows, cols] = g.cols_shape();
-    let mut out = vec![0.0; g.b * rows * cols];
     for n in 0..g.b {
         for c in 0..g.c {
             for ky in 0..g.kh {
@@ -108,7 +108,7 @@ pub fn im2col_reference(x: &[f32], g: &ColGeometry, spec: &Conv2dSpec) -> Vec<f3
                     for oy in 0..g.oh {
                         for ox in 0..g.ow {
                             if let Some((iy, ix)) = tap(g, spec, oy, ox, ky, kx) {
-                                out[(n * rows + row) * cols + oy * g.ow + ox] = x[((n * g.c + c) * g.h + iy) * g.w + ix];
+                                f((n * rows + row) * cols + oy * g.ow + ox, ((n * g.c + c) * g.h + iy) * g.w + ix);
                             }
                         }
                     }
@@ -116,29 +116,20 @@ pub fn im2col_reference(x: &[f32], g: &ColGeometry, spec: &Conv2dSpec) -> Vec<f3
             }
         }
     }
+}
+
+/// CPU reference of [`im2col`].
+pub fn im2col_reference(x: &[f32], g: &ColGeometry, spec: &Conv2dSpec) -> Vec<f32> {
+    let [_, rows, cols] = g.cols_shape();
+    let mut out = vec![0.0; g.b * rows * cols];
+    for_each_tap(g, spec, |col, pixel| out[col] = x[pixel]);
     out
 }
 
 /// CPU reference of [`col2im`]: the sum, in the kernel's order (taps by row, then column), of
 /// every column entry that read each pixel.
 pub fn col2im_reference(cols_data: &[f32], g: &ColGeometry, spec: &Conv2dSpec) -> Vec<f32> {
-    let [_, rows, cols] = g.cols_shape();
     let mut x = vec![0.0f32; g.b * g.c * g.h * g.w];
-    for n in 0..g.b {
-        for c in 0..g.c {
-            for ky in 0..g.kh {
-                for kx in 0..g.kw {
-                    let row = (c * g.kh + ky) * g.kw + kx;
-                    for oy in 0..g.oh {
-                        for ox in 0..g.ow {
-                            if let Some((iy, ix)) = tap(g, spec, oy, ox, ky, kx) {
-                                x[((n * g.c + c) * g.h + iy) * g.w + ix] += cols_data[(n * rows + row) * cols + oy * g.ow + ox];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
+    for_each_tap(g, spec, |col, pixel| x[pixel] += cols_data[col]);
     x
 }
