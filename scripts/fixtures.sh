@@ -37,5 +37,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
 "$VENV/bin/python" scripts/family_fixtures.py
 # torch autograd's gradients and an AdamW run of a small network (src/autograd's tests)
 "$VENV/bin/python" scripts/autograd_fixtures.py
+# a tiny concatenation-conditioned UNet2DModel: its gradients and a 50-step training run by torch + diffusers (src/training's tests)
+"$VENV/bin/python" scripts/training_fixtures.py
 # diffusers' images of the committed built-in model (assets/builtin/emoji)
 "$VENV/bin/python" scripts/builtin/reference.py

@@ -14,6 +14,7 @@ pub mod pipelines;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod training;
 pub mod ops;
 pub mod suite;
 #[cfg(target_arch = "wasm32")]

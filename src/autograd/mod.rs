@@ -156,6 +156,11 @@ impl<'g> Tape<'g> {
         self.leaf(value, false)
     }
 
+    /// The device the tape records on.
+    pub fn gpu(&self) -> &'g Gpu {
+        self.gpu
+    }
+
     /// The value of `v`.
     pub fn value(&self, v: Var) -> &Tensor {
         &self.nodes[v.0].value
@@ -425,6 +430,45 @@ impl<'g> Tape<'g> {
         Ok(self.push(y, vec![x], rule))
     }
 
+    /// The same values in another shape (free: the buffer is shared).
+    pub fn reshape(&mut self, x: Var, shape: &[usize]) -> Result<Var> {
+        let from = self.value(x).shape().to_vec();
+        let y = self.value(x).reshape(shape)?;
+        Ok(self.push(y, vec![x], Box::new(move |_, g| Ok(vec![Some(g.reshape(&from)?)]))))
+    }
+
+    /// Output dim `i` is input dim `perm[i]` (torch's `permute`, made contiguous); the gradient is
+    /// permuted back by the inverse permutation.
+    pub fn permute(&mut self, x: Var, perm: &[usize]) -> Result<Var> {
+        let y = ops::permute(self.gpu, self.value(x), perm)?;
+        let mut inverse = vec![0; perm.len()];
+        for (i, &p) in perm.iter().enumerate() {
+            inverse[p] = i;
+        }
+        Ok(self.push(y, vec![x], Box::new(move |gpu, g| Ok(vec![Some(ops::permute(gpu, g, &inverse)?)]))))
+    }
+
+    /// Rows `ids` of `table` `[vocab, dim]` (torch's `F.embedding`): `[ids, dim]`. The table's
+    /// gradient scatters each row's gradient back: `onehot(ids)ᵀ · g`, so repeated ids add up.
+    pub fn embedding(&mut self, ids: &[u32], table: Var) -> Result<Var> {
+        let tt = self.value(table).clone();
+        let y = ops::embedding(self.gpu, ids, &tt)?;
+        let (vocab, dim, n) = (tt.dim(0), tt.dim(1), ids.len());
+        let mut onehot = vec![0f32; n * vocab];
+        for (r, &i) in ids.iter().enumerate() {
+            onehot[r * vocab + i as usize] = 1.0;
+        }
+        let rule: Rule = Box::new(move |gpu, g| {
+            let onehot = gpu.upload(&[n, vocab], DType::F32, &onehot)?;
+            let dt = ops::matmul_spec(gpu, &MatmulSpec {
+                a: MatView::transposed(&onehot, vocab, n), b: MatView::packed(g, n, dim), m: vocab, n: dim, k: n, batch: 1,
+                alpha: 1.0, bias: None, act: Activation::None, residual: None,
+            })?;
+            Ok(vec![Some(dt.reshape(&[vocab, dim])?)])
+        });
+        Ok(self.push(y, vec![table], rule))
+    }
+
     /// `a + b` (equal shapes).
     pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
         self.same_shape(a, b, "add")?;
@@ -463,6 +507,30 @@ impl<'g> Tape<'g> {
             let cdf = 0.5 * (1.0 + (std::f32::consts::FRAC_1_SQRT_2 * xe.clone()).erf());
             let pdf = 0.398_942_3 * (-0.5 * xe.clone() * xe.clone()).exp();
             Ok(vec![Some(elementwise(gpu, &(ge * (cdf + xe * pdf)), &[&xt, g])?)])
+        });
+        Ok(self.push(y, vec![x], rule))
+    }
+
+    /// GEGLU (diffusers' `GEGLU` after its projection): x `[.., 2d]` is split into `h` and `gate`,
+    /// `y = h · gelu(gate)`; dh = g gelu(gate), dgate = g h gelu'(gate).
+    pub fn geglu(&mut self, x: Var) -> Result<Var> {
+        let xt = self.value(x).clone();
+        let y = ops::geglu(self.gpu, &xt)?;
+        let two_d = *xt.shape().last().ok_or_else(|| Error::Shape("geglu of a scalar".into()))?;
+        let (d, rows) = (two_d / 2, xt.numel() / two_d.max(1));
+        let rule: Rule = Box::new(move |gpu, g| {
+            // [rows, 2, d] -> [2, rows, d]: the halves become contiguous.
+            let halves = ops::permute(gpu, &xt.reshape(&[rows, 2, d])?, &[1, 0, 2])?;
+            let h = ops::slice(gpu, &halves, 0, &[rows, d])?;
+            let gate = ops::slice(gpu, &halves, rows * d, &[rows, d])?;
+            let g = g.reshape(&[rows, d])?;
+            let (he, ge, ze) = (Expr::input(0), Expr::input(1), Expr::input(2));
+            let cdf = 0.5 * (1.0 + (std::f32::consts::FRAC_1_SQRT_2 * ze.clone()).erf());
+            let pdf = 0.398_942_3 * (-0.5 * ze.clone() * ze.clone()).exp();
+            let dh = elementwise(gpu, &(ge.clone() * (ze.clone() * cdf.clone())), &[&h, &g, &gate])?;
+            let dgate = elementwise(gpu, &(ge * he * (cdf + ze * pdf)), &[&h, &g, &gate])?;
+            let dx = ops::concat(gpu, &[&dh.reshape(&[rows, 1, d])?, &dgate.reshape(&[rows, 1, d])?], 1)?;
+            Ok(vec![Some(dx.reshape(xt.shape())?)])
         });
         Ok(self.push(y, vec![x], rule))
     }
@@ -890,6 +958,53 @@ mod tests {
                     assert!((*g as f64 - *x as f64 * coef).abs() <= 1e-6, "{}: max_norm {max_norm}: {g} vs {}", gpu.summary().name, *x as f64 * coef);
                 }
             }
+        }
+    }
+
+    /// Checks `f`'s tape gradients against central differences of the engine's own forward:
+    /// loss = mean((f(inputs) - t)²) evaluated in f64 on the host from the f32 outputs.
+    fn check_central_differences(gpu: &Gpu, name: &str, inputs: &[Vec<usize>], f: &dyn Fn(&mut Tape, &[Var]) -> Var) {
+        let mut rng = TorchGenerator::new(31);
+        let values: Vec<Vec<f32>> = inputs.iter().map(|s| rng.randn(s.iter().product())).collect();
+        let forward = |values: &[Vec<f32>]| -> (Vec<f32>, Vec<usize>) {
+            let mut tape = Tape::new(gpu);
+            let vars: Vec<Var> = values.iter().zip(inputs).map(|(v, s)| tape.param(gpu.upload(s, DType::F32, v).unwrap()).unwrap()).collect();
+            let y = f(&mut tape, &vars);
+            (pollster::block_on(gpu.read(tape.value(y))).unwrap(), tape.value(y).shape().to_vec())
+        };
+        let (y0, shape) = forward(&values);
+        let target = rng.randn(y0.len());
+        let loss = |y: &[f32]| y.iter().zip(&target).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / y.len() as f64;
+        let mut tape = Tape::new(gpu);
+        let vars: Vec<Var> = values.iter().zip(inputs).map(|(v, s)| tape.param(gpu.upload(s, DType::F32, v).unwrap()).unwrap()).collect();
+        let y = f(&mut tape, &vars);
+        let t = tape.constant(gpu.upload(&shape, DType::F32, &target).unwrap()).unwrap();
+        let l = tape.mse_loss(y, t).unwrap();
+        let grads = tape.backward(l).unwrap();
+        let h = 1e-2f32;
+        for (i, v) in vars.iter().enumerate() {
+            let got = pollster::block_on(gpu.read(grads.get(*v).expect("an input's gradient"))).unwrap();
+            for e in 0..values[i].len() {
+                let mut q = values.to_vec();
+                q[i][e] += h;
+                let up = loss(&forward(&q).0);
+                q[i][e] -= 2.0 * h;
+                let want = (up - loss(&forward(&q).0)) / (2.0 * h as f64);
+                assert!((got[e] as f64 - want).abs() <= 2e-3 * want.abs().max(0.05), "{}: {name} input {i} element {e}: {} vs {want}", gpu.summary().name, got[e]);
+            }
+        }
+    }
+
+    #[test]
+    fn layout_embedding_and_geglu_gradients_match_central_differences() {
+        for gpu in devices() {
+            check_central_differences(&gpu, "permute", &[vec![2, 3, 5]], &|tape, v| {
+                let p = tape.permute(v[0], &[2, 0, 1]).unwrap();
+                let r = tape.reshape(p, &[5, 6]).unwrap();
+                tape.mul(r, r).unwrap()
+            });
+            check_central_differences(&gpu, "embedding", &[vec![5, 3]], &|tape, v| tape.embedding(&[2, 0, 2, 4, 2], v[0]).unwrap());
+            check_central_differences(&gpu, "geglu", &[vec![3, 2, 14]], &|tape, v| tape.geglu(v[0]).unwrap());
         }
     }
 

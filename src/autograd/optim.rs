@@ -44,6 +44,20 @@ impl AdamW {
         Self { config, steps: 0, moments: vec![None; params] }
     }
 
+    /// Per parameter: the first and second moment estimates (absent before its first gradient).
+    pub fn moments(&self) -> &[Option<(Tensor, Tensor)>] {
+        &self.moments
+    }
+
+    /// Restores a saved state (resuming a run): steps taken and the moments.
+    pub fn restore(&mut self, steps: u32, moments: Vec<Option<(Tensor, Tensor)>>) -> Result<()> {
+        if moments.len() != self.moments.len() {
+            return Err(Error::Shape(format!("AdamW state for {} parameters restored into one for {}", moments.len(), self.moments.len())));
+        }
+        (self.steps, self.moments) = (steps, moments);
+        Ok(())
+    }
+
     /// One step: each parameter with a gradient is replaced by its update (torch's order: decay,
     /// moments, then `p - step_size * m / (√v / √bc2 + eps)`); parameters without one stay.
     pub fn step(&mut self, gpu: &Gpu, params: &mut [Tensor], grads: &[Option<&Tensor>]) -> Result<()> {

@@ -24,7 +24,7 @@ use super::loading::{config, ComponentQuant};
 use super::stable_diffusion::{guide, to_hwc01, Images, Latents, Progress, StageTimes, StepProgress, Txt2ImgParams};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
-use crate::loader::{component_files, read_json, FileSource, Weights};
+use crate::loader::{component_files, join_path, read_json, FileSource, Weights};
 use crate::models::{AutoencoderKL, AutoencoderKLConfig, LdmBertConfig, LdmBertModel, UNet2DConditionConfig, UNet2DConditionModel, UNet2DConfig, UNet2DModel, VQModel, VQModelConfig};
 use crate::ops::{self, Expr, ExprInput, IndexMap};
 use crate::rng::TorchGenerator;
@@ -68,6 +68,27 @@ impl FirstStage {
             FirstStage::Kl(v) => Ok(v.encode(gpu, &gpu.upload(&shape, dtype, image)?).await?.mode().to_vec()),
         }
     }
+    /// Loads the autoencoder in folder `dir` of `src` (`vqvae`, `vae`, or `""` for a component
+    /// folder) as `class` (`VQModel` or `AutoencoderKL`); `encoder`: load its encoder too.
+    pub async fn load(gpu: &Gpu, src: &dyn FileSource, dir: &'static str, class: &str, dtype: DType, quant: &ComponentQuant, encoder: bool) -> Result<Self> {
+        let component = if dir.is_empty() { "vqvae" } else { dir };
+        let cfg_path = join_path(dir, "config.json");
+        let w = weights(src, dir, "diffusion_pytorch_model").await?;
+        match class {
+            "VQModel" => {
+                let cfg: VQModelConfig = config(src, &cfg_path).await?;
+                // force_upcast: the autoencoder is not to run in f16 (diffusers upcasts it).
+                let own = if cfg.force_upcast { DType::F32 } else { dtype };
+                Ok(FirstStage::Vq(VQModel::load(&quant.apply(w.at(gpu, own, ""), component), cfg, encoder).await?, own))
+            }
+            "AutoencoderKL" => {
+                let cfg: AutoencoderKLConfig = config(src, &cfg_path).await?;
+                Ok(FirstStage::Kl(AutoencoderKL::load(&quant.apply(w.at(gpu, dtype, ""), component), cfg, encoder).await?))
+            }
+            other => Err(Error::Model(format!("autoencoder class {other} is not supported (VQModel and AutoencoderKL are)"))),
+        }
+    }
+
     /// `vqvae.decode(latents)`: a VQ model snaps latents to its codebook first. Images in [-1, 1].
     pub fn decode(&self, gpu: &Gpu, latents: &[f32], shape: [usize; 4], dtype: DType) -> Result<Tensor> {
         match self {
@@ -316,19 +337,7 @@ impl LdmModel {
             }
             other => return Err(Error::Model(format!("{} with a {other} is not supported (LDMTextToImagePipeline takes a UNet2DConditionModel, the others a UNet2DModel)", kind.class_name()))),
         };
-        let first_stage = match component_class(index, "vqvae").unwrap_or("VQModel") {
-            "VQModel" => {
-                let cfg: VQModelConfig = config(src, "vqvae/config.json").await?;
-                // force_upcast: the autoencoder is not to run in f16 (diffusers upcasts it).
-                let own = if cfg.force_upcast { DType::F32 } else { dtype };
-                FirstStage::Vq(VQModel::load(&quant.apply(weights(src, "vqvae", "diffusion_pytorch_model").await?.at(gpu, own, ""), "vqvae"), cfg, encoder).await?, own)
-            }
-            "AutoencoderKL" => {
-                let cfg: AutoencoderKLConfig = config(src, "vqvae/config.json").await?;
-                FirstStage::Kl(AutoencoderKL::load(&quant.apply(weights(src, "vqvae", "diffusion_pytorch_model").await?.at(gpu, dtype, ""), "vqvae"), cfg, encoder).await?)
-            }
-            other => return Err(Error::Model(format!("vqvae class {other} is not supported (VQModel and AutoencoderKL are)"))),
-        };
+        let first_stage = FirstStage::load(gpu, src, "vqvae", component_class(index, "vqvae").unwrap_or("VQModel"), dtype, quant, encoder).await?;
         let text = if kind == LdmKind::TextToImage {
             match component_class(index, "bert") {
                 Some("LDMBertModel") | None => {}

@@ -79,6 +79,11 @@ pub struct DdpmScheduler {
 }
 
 impl DdpmScheduler {
+    /// `alphas_cumprod` over the training timesteps (what training's `add_noise` uses).
+    pub fn alphas_cumprod(&self) -> &[f32] {
+        &self.schedule.alphas_cumprod
+    }
+
     pub fn new(config: DdpmConfig) -> Result<Self> {
         reject_thresholding(CLASS, config.thresholding)?;
         reject_flow_prediction(CLASS, config.prediction_type)?;
