@@ -828,3 +828,61 @@ fn generate_preprocesses_photos_and_runs_concat_models() {
     let (ok, _, stderr) = ldm(&["depth", "--model", &f("sd1"), "--image", &init]);
     assert!(!ok && stderr.contains("not a depth estimator folder"), "{stderr}");
 }
+
+/// `ldm train` on the fixture pairs (CPU backend): a model folder `ldm generate` loads (with
+/// guidance, the unconditional half from a zero condition), a resumed run that repeats an
+/// uninterrupted one exactly, and one-line errors for bad pairs.
+#[test]
+fn train_writes_a_model_that_generates_and_resumes_exactly() {
+    let dir = tmp("train");
+    let pairs = fixtures().join("training/pairs");
+    let pairs = pairs.to_str().expect("utf-8");
+    let run = |out: &Path, steps: &str, extra: &[&str]| {
+        let mut args = vec!["--device", "cpu", "train", "--pairs", pairs, "--resolution", "32", "--batch", "2", "--lr", "1e-3", "--channels", "32,64", "--steps", steps, "--save-every", "3", "--out", out.to_str().expect("utf-8")];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = ldm(&args);
+        assert!(ok, "ldm train failed: {stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).expect("a JSON report")
+    };
+    let whole = dir.join("whole");
+    let report = run(&whole, "6", &[]);
+    assert_eq!(report["steps"], 6);
+    assert_eq!(report["pairs"], 4);
+    for f in ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vqvae/config.json", "scheduler/scheduler_config.json", "ldm-web.json", "training/state.safetensors", "samples/step-000006.png"] {
+        assert!(whole.join(f).is_file(), "{f} missing");
+    }
+    let out = dir.join("gen.png");
+    let cond = fixtures().join("training/pairs/cond/1F525.png");
+    let (ok, _, stderr) = ldm(&["--device", "cpu", "generate", "--model", whole.to_str().unwrap(), "--init-image", cond.to_str().unwrap(), "--steps", "4", "--guidance", "2", "--out", out.to_str().unwrap()]);
+    assert!(ok, "generate from the trained model failed: {stderr}");
+    let (_, w, h, _) = read_png(&out);
+    assert_eq!((w, h), (32, 32));
+
+    let split = dir.join("split");
+    run(&split, "3", &[]);
+    run(&split, "6", &["--resume"]);
+    let losses = |d: &Path| -> Vec<f64> {
+        let state: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("training/state.json")).unwrap()).unwrap();
+        state["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
+    };
+    assert_eq!(losses(&whole).len(), 6);
+    assert_eq!(losses(&whole), losses(&split), "a resumed run must repeat the uninterrupted one");
+    let weights = |d: &Path| std::fs::read(d.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert!(weights(&whole) == weights(&split), "resumed weights differ");
+
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(empty.join("cond")).unwrap();
+    std::fs::create_dir_all(empty.join("target")).unwrap();
+    std::fs::write(empty.join("cond/a.png"), b"not a png").unwrap();
+    for (args, want) in [
+        (vec!["train", "--pairs", "/nonexistent/pairs.csv"], "cannot read"),
+        (vec!["train", "--pairs", empty.to_str().unwrap()], "no target image named a"),
+        (vec!["train", "--pairs", pairs, "--resolution", "30"], "multiple of"),
+        (vec!["train", "--pairs", pairs, "--resume", "--out", dir.join("none").to_str().unwrap()], "no training state"),
+    ] {
+        let mut full = vec!["--device", "cpu"];
+        full.extend(args);
+        let (ok, _, stderr) = ldm(&full);
+        assert!(!ok && stderr.contains(want) && stderr.trim().lines().count() == 1, "{full:?}: {stderr}");
+    }
+}

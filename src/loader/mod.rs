@@ -58,11 +58,39 @@ impl FileSource for StaticSource {
         Box::pin(async move { Ok(self.file(path).map(|b| b.len() as u64)) })
     }
     fn read_range<'a>(&'a self, path: &'a str, start: u64, len: u64) -> LocalFuture<'a, Result<Vec<u8>>> {
-        Box::pin(async move {
-            let bytes = self.file(path).ok_or_else(|| Error::Io(format!("{} does not exist", self.describe(path))))?;
-            let end = start.checked_add(len).filter(|&e| e <= bytes.len() as u64).ok_or_else(|| Error::Io(format!("{} has {} bytes, not {}", self.describe(path), bytes.len(), start.saturating_add(len))))?;
-            Ok(bytes[start as usize..end as usize].to_vec())
-        })
+        Box::pin(async move { byte_range(self.file(path), &self.describe(path), start, len) })
+    }
+}
+
+/// Bytes `start .. start + len` of an in-memory file (`None`: it does not exist).
+fn byte_range(bytes: Option<&[u8]>, what: &str, start: u64, len: u64) -> Result<Vec<u8>> {
+    let bytes = bytes.ok_or_else(|| Error::Io(format!("{what} does not exist")))?;
+    let end = start.checked_add(len).filter(|&e| e <= bytes.len() as u64).ok_or_else(|| Error::Io(format!("{what} has {} bytes, not {}", bytes.len(), start.saturating_add(len))))?;
+    Ok(bytes[start as usize..end as usize].to_vec())
+}
+
+/// A model held in memory: `(path, bytes)` pairs (a model just trained, before it is saved).
+pub struct MemorySource {
+    name: String,
+    files: std::collections::BTreeMap<String, Vec<u8>>,
+}
+
+impl MemorySource {
+    /// The files of the model called `name` (for messages).
+    pub fn new(name: &str, files: impl IntoIterator<Item = (String, Vec<u8>)>) -> Self {
+        Self { name: name.to_string(), files: files.into_iter().collect() }
+    }
+}
+
+impl FileSource for MemorySource {
+    fn describe(&self, path: &str) -> String {
+        format!("{path} of {}", self.name)
+    }
+    fn size<'a>(&'a self, path: &'a str) -> LocalFuture<'a, Result<Option<u64>>> {
+        Box::pin(async move { Ok(self.files.get(path).map(|b| b.len() as u64)) })
+    }
+    fn read_range<'a>(&'a self, path: &'a str, start: u64, len: u64) -> LocalFuture<'a, Result<Vec<u8>>> {
+        Box::pin(async move { byte_range(self.files.get(path).map(Vec::as_slice), &self.describe(path), start, len) })
     }
 }
 

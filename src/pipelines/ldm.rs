@@ -518,9 +518,25 @@ impl LdmModel {
         scheduler.set_timesteps(p.steps)?;
         let sigma = scheduler.init_noise_sigma();
         let latents: Vec<f32> = noise.into_iter().map(|v| v * sigma).collect();
-        let condition = gpu.upload(&[shape[0], cc, shape[2], shape[3]], DType::F32, &condition.repeat(shape[0]))?;
-        let step = Loop { shape, input_shape: [shape[0], cl + cc, shape[2], shape[3]], scale_input: true, guidance: None, condition: Some(&condition), preview_every: p.latent_preview_every, sync: p.sync_steps };
-        let (latents, mut times) = self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &|x| Ok(x.clone()), &|x, t| unet.forward(gpu, x, t, None), now_ms, progress).await?;
+        // Classifier-free guidance (for models trained with condition dropout, as `ldm train`
+        // does): the unconditional half sees a zero condition, as dropped conditions were.
+        let guided = p.guidance_scale != 1.0;
+        let rows = if guided { 2 * shape[0] } else { shape[0] };
+        let mut values = if guided { vec![0.0; shape[0] * cc * shape[2] * shape[3]] } else { Vec::new() };
+        values.extend(condition.repeat(shape[0]));
+        let condition = gpu.upload(&[rows, cc, shape[2], shape[3]], DType::F32, &values)?;
+        let doubled = |x: &Latent| -> Result<Latent> {
+            if !guided {
+                return Ok(x.clone());
+            }
+            let x = LatentMath::Device(gpu).tensor(x)?.reshape(&shape)?;
+            Ok(Latent::Device(ops::concat(gpu, &[&x, &x], 0)?))
+        };
+        let step = Loop {
+            shape, input_shape: [rows, cl + cc, shape[2], shape[3]], scale_input: true, guidance: guided.then_some(p.guidance_scale),
+            condition: Some(&condition), preview_every: p.latent_preview_every, sync: p.sync_steps,
+        };
+        let (latents, mut times) = self.denoise_loop(gpu, scheduler.as_mut(), p.seed, latents, &step, &doubled, &|x, t| unet.forward(gpu, x, t, None), now_ms, progress).await?;
         times.vae_encode_ms = encode_ms;
         Ok((latents, times))
     }
@@ -604,7 +620,8 @@ impl LdmModel {
             let input = math.tensor(&input)?;
             let input = match l.condition {
                 Some(c) => {
-                    let rows = [l.shape[0], input.numel() / (l.shape[0] * l.shape[2] * l.shape[3]), l.shape[2], l.shape[3]];
+                    let b = l.input_shape[0];
+                    let rows = [b, input.numel() / (b * l.shape[2] * l.shape[3]), l.shape[2], l.shape[3]];
                     ops::concat(gpu, &[&input.reshape(&rows)?, c], 1)?
                 }
                 None => input,

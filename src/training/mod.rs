@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod pairs;
+pub mod run;
 pub mod unet_2d;
 
 use std::collections::BTreeMap;
@@ -519,5 +520,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// What the trainer saves has the names, shapes and order-independent layout of diffusers'
+    /// own `save_pretrained` of the same config.
+    #[test]
+    fn saved_weights_have_diffusers_names_and_shapes() {
+        let fx = Fixture::load();
+        let unet = UNet2DTrainable::new(fx.config.clone()).unwrap();
+        let ours = safetensors_bytes(unet.params(), &fx.init, FileDType::F32, &BTreeMap::new()).unwrap();
+        let header = |b: &[u8]| {
+            let n = header_len(b, b.len() as u64, "t").unwrap() as usize;
+            parse_header(&b[8..8 + n], b.len() as u64, "t").unwrap().tensors.into_iter().map(|(k, e)| (k, e.shape)).collect::<Vec<_>>()
+        };
+        let theirs = std::fs::read(format!("{DIR}/unet/diffusion_pytorch_model.safetensors")).unwrap();
+        assert_eq!(header(&ours), header(&theirs));
+        assert_eq!(values_from_safetensors(unet.params(), &ours, "ours").unwrap(), fx.init);
     }
 }

@@ -36,7 +36,7 @@ pub struct GenerateArgs {
     /// Denoising steps (default: the model's ldm-web.json, else the pipeline's own as diffusers: 50; 100 for LDM super-resolution).
     #[arg(long)]
     steps: Option<usize>,
-    /// Classifier-free guidance scale (default: the model's ldm-web.json, else 7.5 for Stable Diffusion, where 1 or less skips the unconditional pass; 1 for LDM text-to-image, which guides at any other value).
+    /// Classifier-free guidance scale (default: the model's ldm-web.json, else 7.5 for Stable Diffusion, where 1 or less skips the unconditional pass; 1 for LDM text-to-image and concatenation-conditioned LDMs, which guide at any other value; the latter's unconditional input is a zero condition, as `ldm train` drops conditions).
     #[arg(long)]
     guidance: Option<f32>,
     /// Default: the model's sample size times the VAE's scale factor.
@@ -654,6 +654,8 @@ fn ldm_params(a: &GenerateArgs, model: &LdmModel, scheduler: Option<SchedulerKin
     unused("--noise-level", a.noise_level.is_some())?;
     if kind != LdmKind::TextToImage {
         unused("--prompt", !a.prompt.is_empty())?;
+    }
+    if !matches!(kind, LdmKind::TextToImage | LdmKind::Concat) {
         unused("--guidance", a.guidance.is_some())?;
     }
     if kind == LdmKind::SuperResolution {

@@ -8,6 +8,7 @@ mod generate;
 mod http;
 mod manifest;
 mod serve;
+mod train;
 
 use clap::{Parser, Subcommand};
 use ldm_web::bench::{BenchOptions, BenchReport};
@@ -57,6 +58,8 @@ enum Command {
     Manifest(manifest::ManifestArgs),
     /// Serves the web app and model folders over HTTP (range requests, CORS, caching headers).
     Serve(serve::ServeArgs),
+    /// Trains an image-to-image LDM (condition image -> target image) on pairs with a frozen autoencoder; writes an LDMPipeline folder and a resumable state.
+    Train(train::TrainArgs),
 }
 
 #[derive(Subcommand)]
@@ -67,6 +70,8 @@ enum BenchWhat {
     Unet(bench_unet::BenchUNetArgs),
     /// Depth estimation of a photo: load, first and steady-state times, peak GPU bytes.
     Depth(depth::DepthArgs),
+    /// Training steps of `ldm train`'s settings (nothing saved): steps/s and peak GPU bytes, as JSON.
+    Train(train::TrainArgs),
     /// Every kernel at Stable Diffusion 1.5 shapes (`--shapes sd`) or small ones (`--shapes small`).
     Kernels {
         #[arg(long, default_value = "small", value_parser = ["small", "sd"])]
@@ -96,6 +101,8 @@ fn main() -> std::process::ExitCode {
         Command::Bench { what: BenchWhat::Depth(args) } => depth::run(&args, true),
         Command::Convert(args) => convert::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Train(args) => train::run(&args, false),
+        Command::Bench { what: BenchWhat::Train(args) } => train::run(&args, true),
         Command::Manifest(args) => manifest::run(&args),
         Command::Bench { what: BenchWhat::Generate(args) } => generate::run(&args, true),
         Command::Bench { what: BenchWhat::Unet(args) } => bench_unet::run(&args),
