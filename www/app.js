@@ -3,6 +3,7 @@
 // and the mask / condition image inputs. All GPU work happens in the engine worker.
 
 import { LdmEngine, webgpuHelp, previewImage } from './ldm-client.js';
+import { setupTraining } from './train.js';
 
 const $ = (id) => document.getElementById(id);
 const form = $('settings');
@@ -792,6 +793,16 @@ async function main() {
     app.engine.device = $('device').value;
     localStorage.setItem('ldm-device', $('device').value);
     await showDevice();
+  });
+  app.training = setupTraining(app.engine, {
+    builtin: BUILTIN,
+    // A trained model generates from a condition: the init image of the Generate tab.
+    useModel: (url) => {
+      form.elements.model.value = url;
+      form.elements.guidance.value = '1';
+      form.elements.prompt.value = '';
+      setStatus('Choose the condition image as the init image, then Generate.');
+    },
   });
   if (!(await showDevice())) return;
   refreshModels();

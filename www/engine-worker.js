@@ -14,6 +14,12 @@
 //    estimator?: folder URL}                (a condition from a photo; resolves to {png})
 //   {id, cmd: 'bench-generate', model, params}
 //   {id, cmd: 'adapter'} | {id, cmd: 'models'} | {id, cmd: 'delete-model', url}
+//   {id, cmd: 'train', run, settings, autoencoder?: folder URL, cond?: File[], target?: File[], zip?: File,
+//    resume?: bool}                         (ldm train in the page: a new run from the pairs (files paired
+//                                             by name, or a ZIP of cond/ and target/), or the saved run
+//                                             `run` continued; events train-step, checkpoint, sample)
+//   {id, cmd: 'runs'} | {id, cmd: 'delete-run', run} | {id, cmd: 'run-files', run}   (saved runs in OPFS)
+//   A model URL `opfs:RUN/` generates with a saved run's model.
 //   {id, cmd: 'bench-unet', model: 'sd15' | 'sdxl' | URL, inputs: URL?, options}  (ldm bench unet)
 //   {id, cmd: 'bench-depth', model: architecture name | folder URL, options: {width, height, precision}}  (ldm bench depth)
 //   {id, cmd: 'test', filter} | {id, cmd: 'bench', which}     (kernel tests and benchmarks)
@@ -27,6 +33,8 @@
 //   {id, ok: true, json?, png?, info?} | {id, ok: false, error, kind, fatal}
 
 import { WeightStore, abortError, recordModel, listCachedModels, deleteCachedModel } from './weight-store.js';
+import { RunStore, checkRunName, deleteRun, listRuns, readRunFiles, readRunPairs, startRun, writeRunFiles } from './run-store.js';
+import { readZip } from './zip.js';
 
 let ldm = null;
 let current = null; // {id, abort: AbortController} of the running job
@@ -129,6 +137,9 @@ async function chooseDevice(pref) {
 // PyTorch .ckpt / .pt read by the engine's restricted unpickler).
 function modelLocation(model) {
   if (!model) throw Object.assign(new Error('no model given: enter the URL of a diffusers folder or a .safetensors / .ckpt file'), { kind: 'input' });
+  // A model trained in this browser (the Train tab), kept in OPFS.
+  const run = /^opfs:([^/]+)\/?$/.exec(model);
+  if (run) return { url: `opfs:${run[1]}/`, base: `opfs:${run[1]}/`, file: null, run: checkRunName(run[1]) };
   const url = new URL(model, self.location.href);
   if (/\.(safetensors|ckpt|pt|pth)$/i.test(url.pathname)) {
     const base = new URL('./', url).href;
@@ -156,6 +167,7 @@ function postEvent(id, event) {
 async function withModel(id, msg, run) {
   const loc = modelLocation(msg.model);
   const counter = jobCounter(id);
+  if (loc.run) return run(loc, new RunStore(loc.run), undefined, counter);
   const store = storeFor(id, loc.base, counter);
   // Recorded before anything downloads, so a partial download is listed (and can be deleted) too.
   await recordModel(loc.url, { file: loc.file });
@@ -261,11 +273,82 @@ async function generate(id, msg) {
   }
 }
 
+// ---- training (the Train tab) --------------------------------------------------------------------
+
+const IMAGE_NAME = /\.(png|jpe?g|webp|gif|bmp)$/i;
+const stem = (name) => name.split('/').pop().replace(/\.[^.]*$/, '');
+
+// Pairs from two lists of files, matched by name without extension.
+function filePairs(cond, target) {
+  const map = (files) => new Map(files.filter((f) => IMAGE_NAME.test(f.name)).map((f) => [stem(f.name), f]));
+  return { cond: map(cond), target: map(target) };
+}
+
+// Pairs from a ZIP holding cond/ and target/ folders (at any depth).
+async function zipPairs(zip) {
+  const pairs = { cond: new Map(), target: new Map() };
+  for (const { name, bytes } of await readZip(zip)) {
+    const m = /(?:^|\/)(cond|target)\/([^/]+)$/.exec(name);
+    if (m && IMAGE_NAME.test(m[2])) pairs[m[1]].set(stem(m[2]), new File([bytes], m[2]));
+  }
+  return pairs;
+}
+
+// An image file as {width, height, rgba}, decoded by the browser (PNG, JPEG, WebP, ...).
+async function decodeImage(blob, what) {
+  let bmp;
+  try {
+    bmp = await createImageBitmap(blob, { colorSpaceConversion: 'none', premultiplyAlpha: 'none' });
+  } catch {
+    throw Object.assign(new Error(`${what} is not an image this browser can read (PNG, JPEG, WebP)`), { kind: 'input' });
+  }
+  const canvas = new OffscreenCanvas(bmp.width, bmp.height);
+  const ctx = canvas.getContext('2d');
+  ctx.drawImage(bmp, 0, 0);
+  const data = ctx.getImageData(0, 0, bmp.width, bmp.height).data;
+  return { width: bmp.width, height: bmp.height, rgba: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) };
+}
+
+async function train(id, msg) {
+  const name = checkRunName(msg.run);
+  let pairs;
+  if (msg.resume) {
+    pairs = await readRunPairs(name);
+  } else {
+    pairs = msg.zip ? await zipPairs(msg.zip) : filePairs(msg.cond ?? [], msg.target ?? []);
+    const matched = [...pairs.cond.keys()].filter((k) => pairs.target.has(k)).length;
+    if (!matched) throw Object.assign(new Error(`no pairs: ${pairs.cond.size} condition and ${pairs.target.size} target images, none with the same name`), { kind: 'input' });
+    for (const side of ['cond', 'target']) for (const k of [...pairs[side].keys()]) if (!pairs[side === 'cond' ? 'target' : 'cond'].has(k)) pairs[side].delete(k);
+    await startRun(name, pairs);
+  }
+  postEvent(id, { type: 'status', message: `${pairs.cond.size} pairs` });
+  // In name order (as ldm train reads a folder): the data order of a run, resumed or not,
+  // depends on it.
+  const decoded = [];
+  for (const key of [...pairs.cond.keys()].sort()) {
+    decoded.push({ name: key, cond: await decodeImage(pairs.cond.get(key), `condition image ${key}`), target: await decodeImage(pairs.target.get(key), `target image ${key}`) });
+  }
+  // A resumed run reads its autoencoder from its own folder (vqvae/): no network needed.
+  const resume = msg.resume ? await readRunFiles(name, ['training/', 'unet/config.json', 'scheduler/']) : null;
+  const ae = msg.resume ? { url: `opfs:${name}/`, store: new RunStore(name) } : await folderEntry(id, msg.autoencoder, jobCounter(id), 'autoencoder');
+  let saving = Promise.resolve();
+  const json = await ldm.train(ae.url, ae.store, decoded, JSON.stringify(msg.settings ?? {}), resume, (ev) => {
+    if (ev.type === 'checkpoint') {
+      const { files, step } = ev;
+      saving = saving.then(() => writeRunFiles(name, files)).then(() => postEvent(id, { type: 'checkpoint', step }));
+    } else {
+      postEvent(id, ev);
+    }
+  });
+  await saving;
+  return { json };
+}
+
 async function handle(id, msg) {
   const initError = await ready;
   if (initError !== null) throw new Error(initError);
   // The kernel suite and benchmarks open their own devices; every other job uses the engine's.
-  if (!['test', 'bench', 'models', 'delete-model'].includes(msg.cmd)) ldm.set_device((await chooseDevice(msg.device ?? 'auto')) === 'cpu');
+  if (!['test', 'bench', 'models', 'delete-model', 'runs', 'delete-run', 'run-files'].includes(msg.cmd)) ldm.set_device((await chooseDevice(msg.device ?? 'auto')) === 'cpu');
   switch (msg.cmd) {
     case 'test':
       return { json: await ldm.run_kernel_tests(msg.filter ?? '', msg.device === 'cpu') };
@@ -302,6 +385,17 @@ async function handle(id, msg) {
     }
     case 'models':
       return { json: JSON.stringify(await listCachedModels()) };
+    case 'train':
+      return train(id, msg);
+    case 'runs':
+      return { json: JSON.stringify(await listRuns()) };
+    case 'delete-run':
+      return { json: JSON.stringify({ deleted: await deleteRun(msg.run) }) };
+    case 'run-files': {
+      // The model folder of a run (not its training state or pairs), for download.
+      const files = await readRunFiles(msg.run, ['model_index.json', 'unet/', 'vqvae/', 'scheduler/', 'ldm-web.json']);
+      return { files: Object.entries(files) };
+    }
     case 'delete-model':
       return { json: JSON.stringify({ deleted: await deleteCachedModel(msg.url) }) };
     default:

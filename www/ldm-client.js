@@ -191,6 +191,30 @@ export class LdmEngine {
   deleteModel(url) {
     return this.json({ cmd: 'delete-model', url });
   }
+
+  // Trains (engine-worker.js 'train'): job {run, settings, autoencoder?, cond?, target?, zip?,
+  // resume?}; onEvent sees {type: 'stage' | 'status' | 'train-step' | 'checkpoint' | 'sample'}.
+  // Resolves to {step, steps, losses, cancelled}.
+  async train(job, onEvent) {
+    await this.ready;
+    const autoencoder = job.autoencoder ? new URL(job.autoencoder, document.baseURI).href : undefined;
+    return JSON.parse((await this.request({ cmd: 'train', ...job, autoencoder }, onEvent)).json);
+  }
+
+  // Training runs saved in this browser: [{name, step, steps, losses, pairs, resolution}].
+  runs() {
+    return this.json({ cmd: 'runs' });
+  }
+
+  deleteRun(run) {
+    return this.json({ cmd: 'delete-run', run });
+  }
+
+  // A run's model folder: [[path, Uint8Array], ...].
+  async runFiles(run) {
+    await this.ready;
+    return (await this.request({ cmd: 'run-files', run })).files;
+  }
 }
 
 // RGBA latent previews as a canvas-ready ImageData.

@@ -3,10 +3,10 @@
 // update shows on the next online visit; model weights are not touched here (the engine worker
 // caches them chunk by chunk in the Cache API itself).
 
-const SHELL_CACHE = 'ldm-shell-v3';
+const SHELL_CACHE = 'ldm-shell-v4';
 const SHELL = [
   './', 'index.html', 'app.js', 'app.css', 'ldm-client.js', 'ldm-image.js', 'engine-worker.js', 'weight-store.js',
-  'worker-job.js', 'manifest.webmanifest', 'icon.svg', 'embed.html', 'bench.html', 'tests.html',
+  'worker-job.js', 'train.js', 'run-store.js', 'zip.js', 'manifest.webmanifest', 'icon.svg', 'embed.html', 'bench.html', 'tests.html',
   'pkg/ldm_web.js', 'pkg/ldm_web_bg.wasm', 'pkg-mt/ldm_web.js', 'pkg-mt/ldm_web_bg.wasm',
   // The built-in model's settings and example prompts (its weights arrive through the engine's
   // chunk cache like any model's).

@@ -165,6 +165,9 @@ pub struct LdmModel {
     pub dtype: DType,
     /// Concatenation-conditioned models: how their condition image is made.
     pub concat: Option<ConcatCondition>,
+    /// Whether the model learnt to predict without its condition (trained with condition
+    /// dropout), so that classifier-free guidance means something (the page guides only then).
+    pub learnt_unconditional: bool,
 }
 
 /// What an LDM pipeline is given besides its settings.
@@ -226,6 +229,20 @@ pub struct SpatialRescale {
 #[serde(default)]
 struct LdmFolderHints {
     concat: Option<ConcatCondition>,
+    /// Written by `ldm train`: the run's settings, among them its condition dropout.
+    training: Option<TrainingHints>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct TrainingHints {
+    config: TrainingConfigHints,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct TrainingConfigHints {
+    cond_dropout: f32,
 }
 
 impl ConcatCondition {
@@ -360,7 +377,8 @@ impl LdmModel {
                 )));
             }
         }
-        Ok(Self { name: name.to_string(), kind, unet, first_stage, text, scheduler_config, dtype, concat })
+        let learnt_unconditional = hints.training.is_some_and(|t| t.config.cond_dropout > 0.0);
+        Ok(Self { name: name.to_string(), kind, unet, first_stage, text, scheduler_config, dtype, concat, learnt_unconditional })
     }
 
     /// The scheduler `kind` (default: the model's own), built from the model's config as

@@ -80,6 +80,29 @@ impl Default for UNetSpec {
     }
 }
 
+/// When a run saves and samples.
+#[derive(Clone, Copy, Debug)]
+pub struct Cadence {
+    /// Save every this many steps and at the end (0: never).
+    pub save_every: u32,
+    /// Sample every this many steps (0: never), and at the end when `sample_at_end`.
+    pub sample_every: u32,
+    pub sample_at_end: bool,
+    pub sample_steps: usize,
+    pub sample_guidance: f32,
+    /// Type of the saved UNet weights.
+    pub weights: FileDType,
+}
+
+/// What [`TrainingRun::train`] reports.
+pub enum RunEvent<'a> {
+    Step(StepStats),
+    /// The model folder's and state's files at this step.
+    Checkpoint(&'a [(String, Vec<u8>)]),
+    /// Generated from the sampling condition.
+    Sample(&'a Images),
+}
+
 /// A run in progress.
 pub struct TrainingRun {
     pub trainer: Trainer,
@@ -147,6 +170,30 @@ impl TrainingRun {
         self.info.step += 1;
         self.info.losses.push(stats.loss);
         Ok(stats)
+    }
+
+    /// Takes the remaining steps, saving and sampling (from `condition`) as `cadence` says. When
+    /// `on` fails (a cancellation, say) the run saves where it is, if it saves at all, and stops
+    /// with that error.
+    pub async fn train(&mut self, gpu: &Gpu, cadence: &Cadence, condition: Option<&InputImage>, on: &mut dyn FnMut(RunEvent) -> Result<()>) -> Result<()> {
+        while !self.done() {
+            let stats = self.step(gpu).await?;
+            let step = self.info.step;
+            if let Err(e) = on(RunEvent::Step(stats)) {
+                if cadence.save_every > 0 {
+                    on(RunEvent::Checkpoint(&self.files(gpu, cadence.weights).await?)).ok();
+                }
+                return Err(e);
+            }
+            if cadence.save_every > 0 && (step % cadence.save_every == 0 || self.done()) {
+                on(RunEvent::Checkpoint(&self.files(gpu, cadence.weights).await?))?;
+            }
+            let due = (cadence.sample_every > 0 && step % cadence.sample_every == 0) || (cadence.sample_at_end && self.done());
+            if let (true, Some(c)) = (due, condition) {
+                on(RunEvent::Sample(&self.sample(gpu, c, cadence.sample_steps, cadence.sample_guidance, 0).await?))?;
+            }
+        }
+        Ok(())
     }
 
     /// The model folder's files and the state's (paths relative to the folder).

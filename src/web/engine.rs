@@ -277,18 +277,18 @@ pub fn to_js(e: &Error) -> JsValue {
 }
 
 /// Errors after which the device cannot be trusted: drop it, and everything on it.
-fn poisons_device(e: &Error) -> bool {
+pub(super) fn poisons_device(e: &Error) -> bool {
     matches!(e, Error::DeviceLost(_) | Error::OutOfMemory(_) | Error::Validation(_) | Error::Readback(_))
 }
 
-fn now_ms() -> f64 {
+pub(super) fn now_ms() -> f64 {
     js_sys::Reflect::get(&js_sys::global(), &JsValue::from_str("performance"))
         .ok()
         .and_then(|p| p.dyn_into::<web_sys::Performance>().ok())
         .map_or_else(js_sys::Date::now, |p| p.now())
 }
 
-async fn gpu() -> Result<Gpu> {
+pub(super) async fn gpu() -> Result<Gpu> {
     if let Some(g) = ENGINE.with_borrow(|e| e.gpu.clone()) {
         g.check()?;
         return Ok(g);
@@ -353,10 +353,18 @@ async fn run_preprocess(photo_png: &[u8], kind: &str, options_json: &str, estima
     encode_png(condition.width, condition.height, &condition.rgb8(), "")
 }
 
-/// Asks the running generation (or model load) to stop at its next step.
+/// Asks the running generation (or model load, or training run) to stop at its next step.
 #[wasm_bindgen]
 pub fn cancel() {
     CANCEL.set(true);
+}
+
+/// Whether [`cancel`] was asked since `reset` last cleared it.
+pub(super) fn cancelled(reset: bool) -> bool {
+    if reset {
+        CANCEL.set(false);
+    }
+    CANCEL.get()
 }
 
 /// Opens the GPU device; resolves to the adapter's summary as JSON.
@@ -470,7 +478,9 @@ fn ldm_params(m: &LdmModel, req: GenerateRequest, image: Option<&LdmImage>) -> R
         prompt: if text { req.prompt } else { String::new() },
         seed: req.seed,
         steps: req.steps.unwrap_or(m.kind.default_steps()),
-        guidance_scale: if text { req.guidance.unwrap_or(1.0) } else { 1.0 },
+        // Concatenation-conditioned models guide (a zero condition as the unconditional half)
+        // only when trained for it; others ignore the page's guidance, as they did before.
+        guidance_scale: if text || m.learnt_unconditional { req.guidance.unwrap_or(1.0) } else { 1.0 },
         width: req.width.unwrap_or(w),
         height: req.height.unwrap_or(h),
         scheduler: Some(kind),
@@ -511,7 +521,7 @@ fn params<'m>(m: &StableDiffusionModel, req: GenerateRequest, images: UserImages
     Ok((p, kind, prepared.conditions))
 }
 
-fn event(on_event: &js_sys::Function, kind: &str, fields: &[(&str, JsValue)]) {
+pub(super) fn event(on_event: &js_sys::Function, kind: &str, fields: &[(&str, JsValue)]) {
     let obj = js_sys::Object::new();
     let _ = js_sys::Reflect::set(&obj, &JsValue::from_str("type"), &JsValue::from_str(kind));
     for (k, v) in fields {

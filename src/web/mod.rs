@@ -4,6 +4,7 @@ use wasm_bindgen::prelude::*;
 
 mod engine;
 mod source;
+mod train;
 
 use crate::bench::BenchOptions;
 

@@ -38,6 +38,8 @@
 //             the CLI; the estimator is in the models panel
 //   concat    a concatenation-conditioned LDM draws from the uploaded photo as `ldm generate
 //             --init-image` does (and the widget's init-image, above)
+//   train     the Train tab trains on the fixture pairs with ldm train's losses, the run is found
+//             after a reload (OPFS) and resumes exactly, and the result generates in the Generate tab
 //   bench depth  bench.html?mode=depth prints ldm bench depth's JSON
 //   bench     bench.html?mode=generate prints ldm bench generate's JSON (Chromium)
 //   cpu       the share link on the CPU backend (?device=cpu) gives the CLI's pixels
@@ -72,6 +74,14 @@ const SDXL_Q4_CLI = Object.entries(SDXL_Q4).flatMap(([k, v]) => [`--${k.replace(
 const LDM_UNCOND = { query: { prompt: '', seed: '1', steps: '4' }, cli: ['--seed', '1', '--steps', '4'] };
 // The concatenation-conditioned LDM fixture (tests/fixtures/concat/rescale) with the photo as its condition.
 const CONCAT = { query: { seed: '3', steps: '10', width: '32', height: '32' }, cli: ['--seed', '3', '--steps', '10', '--width', '32', '--height', '32'] };
+
+// The Train tab's run (the fixture pairs, 32x32, a small UNet) and ldm train's flags for the same.
+const TRAIN = {
+  fields: { 'train-steps': '12', 'train-batch': '2', 'train-lr': '0.001', 'train-resolution': '32', 'train-channels': '32,64', 'train-save-every': '6', 'train-sample-every': '0', 'train-seed': '0' },
+  cli: ['--batch', '2', '--lr', '0.001', '--resolution', '32', '--channels', '32,64', '--seed', '0'],
+  steps: 12,
+  resumeTo: 16,
+};
 
 function parseArgs(argv) {
   const o = { ldm: 'target/release/ldm', www: 'www', fixtures: 'tests/fixtures', browsers: ['chromium', 'firefox'], artifacts: null, timeoutMin: 30, only: null };
@@ -158,7 +168,11 @@ function prepare(work) {
   };
   // A concatenation-conditioned LDM (ldm-web.json "concat": the photo, rescaled, beside the latents).
   const concat = cli(['--model', path.join(models, 'concat-rescale'), '--init-image', path.join(opts.fixtures, 'images', 'init.png'), ...CONCAT.cli], path.join(work, 'cli-concat.png'));
-  return { models, refs, ldm, builtin, quantised, xlQ4, photo, concat };
+  // ldm train on the fixture pairs with the Train tab's settings below: its loss per step.
+  const trainOut = path.join(work, 'cli-train');
+  execFileSync(opts.ldm, ['--device', 'cpu', 'train', '--pairs', path.join(opts.fixtures, 'training', 'pairs'), ...TRAIN.cli, '--steps', String(TRAIN.resumeTo), '--save-every', '100', '--out', trainOut], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const train = { losses: JSON.parse(fs.readFileSync(path.join(trainOut, 'training', 'state.json'), 'utf8')).losses };
+  return { models, refs, ldm, builtin, quantised, xlQ4, photo, concat, train };
 }
 
 // ---- ldm serve, with its request log ---------------------------------------------------------------
@@ -249,12 +263,13 @@ function watch(page, tag) {
   page.on('close', () => console.log(`${tag} page closed`));
 }
 
-// A file chosen in an <input type=file>, by each driver's own upload (playwright, puppeteer).
+// Files chosen in an <input type=file> (one path or several), by each driver's own upload
+// (playwright, puppeteer).
 async function upload(page, selector, file) {
   if (typeof page.setInputFiles === 'function') return page.setInputFiles(selector, file);
   const input = await page.$(selector);
   if (!input) throw new Error(`no ${selector} on the page`);
-  await input.uploadFile(file);
+  await input.uploadFile(...[file].flat());
 }
 
 // A mouse drag over the element `selector` between two points given as fractions of its box.
@@ -856,6 +871,62 @@ async function runBrowser(name, fx, results) {
       const [tolMax, tolMean] = info.precision === 'f16' ? [FAMILY_F16_TOL.max, FAMILY_F16_TOL.mean] : [TOL, TOL];
       check('a concatenation-conditioned LDM draws from the photo as in the CLI', max <= tolMax && mean <= tolMean,
         `concat/rescale (ldm-web.json "concat": rescale), ${info.width}x${info.height}, ${info.steps} steps, ${info.precision}: max |browser - ldm generate --init-image init.png| = ${max}/255 (mean ${mean.toFixed(3)}, tolerance ${tolMax}/${tolMean})`);
+    });
+
+    // The Train tab: a run on the fixture pairs (CPU backend), its losses as ldm train's, a reload
+    // that finds it saved (OPFS), a resumed run that continues as an uninterrupted one, and an
+    // image generated with the result.
+    await attempt('train', async () => {
+      const trainDone = (n) => `(() => { const t = window.__ldmTrain; if (!t) return null; if (t.errors.length) return { error: t.errors.at(-1) }; return t.result && !t.busy && t.result.step >= ${n} ? t.result : null; })()`;
+      const trainPage = async () => {
+        await page.goto(`${app}?tab=train&device=cpu`);
+        await waitFor(page, `window.__ldmApp.events.some((e) => e.type === 'ready')`, 'the engine');
+      };
+      await trainPage();
+      await page.evaluate(`(() => {
+        const fields = ${JSON.stringify({ ...TRAIN.fields, 'train-name': 'e2e' })};
+        for (const [id, v] of Object.entries(fields)) document.getElementById(id).value = v;
+        document.getElementById('train-folders').click();
+      })()`);
+      const dir = path.join(opts.fixtures, 'training', 'pairs');
+      const files = (side) => fs.readdirSync(path.join(dir, side)).sort().map((f) => path.join(dir, side, f));
+      await upload(page, '#train-cond', files('cond'));
+      await upload(page, '#train-target', files('target'));
+      const t = Date.now();
+      await page.evaluate(`document.getElementById('train-start').click()`);
+      const out = await waitFor(page, trainDone(TRAIN.steps), 'the training run');
+      if (out.error) throw new Error(out.error);
+      const secs = (Date.now() - t) / 1000;
+      const rel = (a, b) => Math.max(...a.map((v, i) => Math.abs(v - b[i]) / b[i]));
+      const mean = (a) => a.reduce((x, y) => x + y, 0) / a.length;
+      const l = out.losses;
+      const d = rel(l, fx.train.losses.slice(0, l.length));
+      const samples = await page.evaluate('window.__ldmTrain.samples');
+      check('the Train tab trains as ldm train does', l.length === TRAIN.steps && d <= 1e-3 && mean(l.slice(-4)) < mean(l.slice(0, 4)) && samples >= 1,
+        `${l.length} steps in ${secs.toFixed(1)} s; loss ${l[0].toFixed(4)} -> ${l.at(-1).toFixed(4)} (mean of the first 4 ${mean(l.slice(0, 4)).toFixed(4)}, last 4 ${mean(l.slice(-4)).toFixed(4)}); max relative difference to ldm train's losses ${d.toExponential(2)} (tolerance 1e-3); ${samples} sample(s) shown`);
+      // A reload: the run is still there, and resumes where it stopped.
+      await trainPage();
+      const listed = await waitFor(page, `document.querySelector('#train-runs li[data-run="e2e"]')?.textContent`, 'the saved run', 60_000);
+      await page.evaluate(`document.getElementById('train-steps').value = '${TRAIN.resumeTo}'`);
+      await page.evaluate(`document.querySelector('#train-runs li[data-run="e2e"] button.resume').click()`);
+      const resumed = await waitFor(page, trainDone(TRAIN.resumeTo), 'the resumed run');
+      if (resumed.error) throw new Error(resumed.error);
+      const r = resumed.losses;
+      const dr = rel(r, fx.train.losses);
+      check('a saved run survives a reload and resumes exactly', /step 12 of 12/.test(listed) && r.length === TRAIN.resumeTo && dr <= 1e-3,
+        `listed after the reload: ${JSON.stringify(listed.slice(0, 80))}; resumed to step ${resumed.step}: losses 13-${TRAIN.resumeTo} ${r.slice(TRAIN.steps).map((v) => v.toFixed(4)).join(', ')}; max relative difference to an uninterrupted ldm train ${dr.toExponential(2)}`);
+      // Generate with it: the Generate tab, model opfs:e2e/, the condition as the init image.
+      const before = await page.evaluate('window.__ldmApp.results.length');
+      await page.evaluate(`document.querySelector('#train-runs li[data-run="e2e"] button.use').click()`);
+      await page.evaluate(`(() => { document.getElementById('conditioning').open = true; document.getElementById('settings').elements.steps.value = '10'; })()`);
+      await upload(page, '#init-file', files('cond')[0]);
+      await waitFor(page, `document.getElementById('mask-canvas').width === 32`, 'the condition image', 30_000);
+      await page.evaluate(`document.getElementById('generate').click()`);
+      const png = await nextResult(page, before);
+      const img = PNG.sync.read(png);
+      const info = await page.evaluate('window.__ldmApp.results.at(-1).info');
+      check('the trained model generates in the Generate tab', img.width === 32 && img.height === 32 && info.steps === 10,
+        `model ${info.model}: ${img.width}x${img.height}, ${info.steps} steps on ${info.device_name} in ${(info.total_ms / 1000).toFixed(2)} s`);
     });
 
     // Depth estimation time in the browser (ldm bench depth's JSON) on the fixture estimator.

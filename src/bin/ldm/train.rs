@@ -1,6 +1,7 @@
 //! `ldm train`: fits a concatenation-conditioned image-to-image LDM to pairs of images with a
 //! frozen autoencoder, on the GPU (or `--device cpu`); `ldm bench train`: its speed and memory.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
@@ -8,7 +9,9 @@ use ldm_web::gpu::{Gpu, GpuOptions};
 use ldm_web::loader::safetensors::FileDType;
 use ldm_web::loader::{DirSource, FileSource};
 use ldm_web::training::pairs::Pair;
-use ldm_web::training::run::{RunSettings, TrainingRun, UNetSpec};
+use ldm_web::pipelines::image_input::{resize_u8, InputImage, Resample};
+use ldm_web::pipelines::stable_diffusion::Images;
+use ldm_web::training::run::{Cadence, RunEvent, RunSettings, TrainingRun, UNetSpec};
 use ldm_web::training::{Objective, TrainConfig};
 use ldm_web::{Error, Result};
 
@@ -188,10 +191,9 @@ async fn start(gpu: &Gpu, a: &TrainArgs, pairs: &[Pair], resume: bool) -> Result
 }
 
 /// A PNG of the first pair's condition, its target and the generated image, side by side.
-async fn write_sample(gpu: &Gpu, run: &TrainingRun, a: &TrainArgs, pair: &Pair, step: u32) -> Result<()> {
-    let images = run.sample(gpu, &pair.cond, a.sample_steps, a.sample_guidance, 0).await?;
+fn write_sample(images: &Images, a: &TrainArgs, pair: &Pair, step: u32) -> Result<()> {
     let r = a.resolution;
-    let resized = |img: &ldm_web::pipelines::image_input::InputImage| ldm_web::pipelines::image_input::resize_u8(&img.rgb8(), img.width, img.height, 3, r, r, ldm_web::pipelines::image_input::Resample::Bicubic);
+    let resized = |img: &InputImage| resize_u8(&img.rgb8(), img.width, img.height, 3, r, r, Resample::Bicubic);
     let panels = [resized(&pair.cond), resized(&pair.target), images.rgb8(0)];
     let mut strip = vec![0u8; 3 * r * 3 * r];
     for (k, p) in panels.iter().enumerate() {
@@ -216,29 +218,38 @@ pub fn run(a: &TrainArgs, bench: bool) -> Result<String> {
         }
         let mut run = start(&gpu, a, &pairs, resume).await?;
         let first = run.info.step;
-        let total = run.info.config.steps;
-        let bar = if bench { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total as u64) };
+        let bar = if bench { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(run.info.config.steps as u64) };
         bar.set_style(indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} {elapsed_precise} eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
         bar.set_position(first as u64);
         gpu.reset_pool_peak();
         let start = std::time::Instant::now();
-        let dtype = if a.f16 { FileDType::F16 } else { FileDType::F32 };
-        while !run.done() {
-            let stats = run.step(&gpu).await?;
-            let step = run.info.step;
-            let rate = (step - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!("loss {:.4} | {rate:.2} steps/s", stats.loss));
-            bar.set_position(step as u64);
-            if bench {
-                continue;
+        let cadence = Cadence {
+            save_every: if bench { 0 } else { a.save_every.max(1) },
+            sample_every: if bench { 0 } else { a.sample_every },
+            sample_at_end: !bench,
+            sample_steps: a.sample_steps,
+            sample_guidance: a.sample_guidance,
+            weights: if a.f16 { FileDType::F16 } else { FileDType::F32 },
+        };
+        let mut step = first;
+        run.train(&gpu, &cadence, Some(&pairs[0].cond), &mut |ev| {
+            match ev {
+                RunEvent::Step(stats) => {
+                    step += 1;
+                    let rate = (step - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+                    bar.set_message(format!("loss {:.4} | {rate:.2} steps/s", stats.loss));
+                    bar.set_position(step as u64);
+                    // Without a terminal (a log file) the bar is hidden: a line every 50 steps instead.
+                    if !bench && !std::io::stderr().is_terminal() && (step % 50 == 0 || step == 1) {
+                        eprintln!("step {step}/{}: loss {:.4}, {rate:.2} steps/s", bar.length().unwrap_or(0), stats.loss);
+                    }
+                }
+                RunEvent::Checkpoint(files) => write_files(Path::new(&a.out), files)?,
+                RunEvent::Sample(images) => write_sample(images, a, &pairs[0], step)?,
             }
-            if step % a.save_every.max(1) == 0 || run.done() {
-                write_files(Path::new(&a.out), &run.files(&gpu, dtype).await?)?;
-            }
-            if (a.sample_every > 0 && step % a.sample_every == 0) || run.done() {
-                write_sample(&gpu, &run, a, &pairs[0], step).await?;
-            }
-        }
+            Ok(())
+        })
+        .await?;
         bar.finish();
         let seconds = start.elapsed().as_secs_f64();
         let steps = run.info.step - first;
