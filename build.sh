@@ -4,7 +4,7 @@
 #   ./build.sh serve [ARGS]  set up, build, and run `ldm serve ARGS` (the app on http://127.0.0.1:8080;
 #                            PORT=..., --models DIR serves model folders at /models/)
 #   ./build.sh test      set up, build, and run every test: unit, native kernels, Chromium, Firefox
-# Other subcommands: setup, build, wasm, bench [small|sd], bench-browser [small|sd|depth [ESTIMATOR]],
+# Other subcommands: setup, build, wasm, bench [small|sd], bench-browser [small|sd|depth [ESTIMATOR]|train [STEPS]],
 #                    ort-compare [fixture|sd15-div5] (against ONNX Runtime Web; needs CPU torch).
 # CARGO_TARGET_DIR is honoured (CI keeps it outside the clone to reuse builds).
 set -euo pipefail
@@ -204,6 +204,8 @@ case "$cmd" in
     case "${2:-small}" in
       # Depth estimation of a 512x512 photo (ldm bench depth): ESTIMATOR = depth-anything-v2-small or dpt-hybrid-midas.
       depth) node "$BROWSER_DIR/run.mjs" --www www --mode bench --timeout-min 60 --query "mode=depth&model=${3:-depth-anything-v2-small}" ;;
+      # Training steps (ldm bench train) of the Noto->Twemoji demonstration's settings, auto device.
+      train) node "$BROWSER_DIR/run.mjs" --www www --mode bench --timeout-min 60 --query "mode=train&device=auto&steps=${3:-5}&batch=8&resolution=64&channels=64,128" ;;
       *) node "$BROWSER_DIR/run.mjs" --www www --mode bench --which "${2:-small}" ;;
     esac
     ;;

@@ -25,9 +25,15 @@ if (q.get('mode') === 'depth') {
   const options = { width: Number(q.get('width') || 512), height: Number(q.get('height') || 512), precision: q.get('precision') || 'f32' };
   message = { cmd: 'bench-depth', model: /[/:]/.test(model) ? new URL(model, location.href).href : model, options };
 }
+if (q.get('mode') === 'train') {
+  // Training steps on 16 synthetic pairs with the Train tab's settings (ldm bench train).
+  const num = (k, d) => (q.has(k) ? Number(q.get(k)) : d);
+  const options = { steps: num('steps', 10), batch: num('batch', 4), resolution: num('resolution', 64), channels: (q.get('channels') || '64,128').split(',').map(Number), lr: num('lr', 1e-4) };
+  message = { cmd: 'bench-train', model: q.get('model') ? new URL(q.get('model'), location.href).href : undefined, options };
+}
 // device=cpu|gpu|auto: where it runs (the engine's CPU backend or WebGPU; default gpu, and auto
 // for mode=generate as the app chooses).
-message.device = q.get('device') ?? (q.get('mode') === 'generate' ? 'auto' : 'gpu');
+message.device = q.get('device') ?? (['generate', 'train'].includes(q.get('mode')) ? 'auto' : 'gpu');
 out.textContent = `${JSON.stringify(message)}; starting worker…`;
 runWorkerJob({
   out, name: '__ldmBench', tag: 'ldm-bench', what: 'benchmarks', message,

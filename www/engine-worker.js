@@ -18,6 +18,7 @@
 //    resume?: bool}                         (ldm train in the page: a new run from the pairs (files paired
 //                                             by name, or a ZIP of cond/ and target/), or the saved run
 //                                             `run` continued; events train-step, checkpoint, sample)
+//   {id, cmd: 'bench-train', model?: autoencoder folder URL, options: Train tab settings}  (ldm bench train)
 //   {id, cmd: 'runs'} | {id, cmd: 'delete-run', run} | {id, cmd: 'run-files', run}   (saved runs in OPFS)
 //   A model URL `opfs:RUN/` generates with a saved run's model.
 //   {id, cmd: 'bench-unet', model: 'sd15' | 'sdxl' | URL, inputs: URL?, options}  (ldm bench unet)
@@ -387,6 +388,11 @@ async function handle(id, msg) {
       return { json: JSON.stringify(await listCachedModels()) };
     case 'train':
       return train(id, msg);
+    case 'bench-train': {
+      // ldm bench train: synthetic pairs, the autoencoder of `model` (default: the built-in model's).
+      const ae = await folderEntry(id, msg.model ?? new URL('./builtin/emoji/', self.location.href).href, jobCounter(id), 'autoencoder');
+      return { json: await ldm.bench_train(ae.url, ae.store, JSON.stringify(msg.options ?? {})) };
+    }
     case 'runs':
       return { json: JSON.stringify(await listRuns()) };
     case 'delete-run':

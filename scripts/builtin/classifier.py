@@ -8,6 +8,7 @@ Writes WORK/classifier.pt (weights_only) and WORK/classifier.json (label lists, 
 """
 
 import json
+import os
 import time
 
 import torch
@@ -78,7 +79,7 @@ def main():
     tr = torch.tensor([m["split"] == "train" for m in meta])
     model = EmojiClassifier(len(cats), len(subs))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
-    epochs, batch = 30, 128
+    epochs, batch = int(os.environ.get("LDM_CLASSIFIER_EPOCHS", "30")), 128
     xt, yct, yst = x[tr], yc[tr], ys[tr]
     steps = epochs * (len(xt) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)

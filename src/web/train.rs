@@ -84,6 +84,43 @@ fn saved_files(files: &JsValue) -> Result<MemorySource> {
     Ok(MemorySource::new("the saved training run", out))
 }
 
+/// The autoencoder folder in `src`: `vae/`, `vqvae/` or the folder itself.
+async fn autoencoder_dir(src: &JsSource, url: &str) -> Result<&'static str> {
+    for dir in ["vae", "vqvae", ""] {
+        if src.size(&crate::loader::join_path(dir, "config.json")).await?.is_some() {
+            return Ok(dir);
+        }
+    }
+    Err(Error::Input(format!("{url} holds no autoencoder (vae/config.json, vqvae/config.json or config.json)")))
+}
+
+impl TrainRequest {
+    fn settings(&self) -> RunSettings {
+        let config = TrainConfig {
+            steps: self.steps, batch: self.batch, lr: self.lr, weight_decay: self.weight_decay, max_grad_norm: self.max_grad_norm, objective: self.objective,
+            cond_dropout: self.cond_dropout, ema_decay: (self.ema_decay > 0.0).then_some(self.ema_decay), seed: self.seed,
+        };
+        let unet = UNetSpec::Levels { channels: self.channels.clone(), layers: self.layers_per_block, head_dim: self.head_dim };
+        RunSettings { config, resolution: self.resolution, unet, schedule: None }
+    }
+}
+
+/// `ldm bench train` in the page: `settings_json` as the Train tab's (its `steps` are the timed
+/// steps) on 16 synthetic pairs, with the autoencoder of `ae_url`. Resolves to the report as JSON.
+#[wasm_bindgen]
+pub async fn bench_train(ae_url: String, ae_store: JsValue, settings_json: String) -> Result<String, JsValue> {
+    async fn run(ae_url: &str, ae_store: JsValue, settings_json: &str) -> Result<String> {
+        let req: TrainRequest = serde_json::from_str(settings_json).map_err(|e| Error::Input(format!("training settings: {e}")))?;
+        let src = JsSource::new(ae_store, ae_url.to_string());
+        let dir = autoencoder_dir(&src, ae_url).await?;
+        let pairs = crate::bench::train::synthetic_pairs(16, req.resolution)?;
+        let gpu = gpu().await?;
+        let report = crate::bench::train::run(&gpu, &src, dir, &pairs, req.settings(), req.steps as usize, &now_ms).await?;
+        serde_json::to_string(&report).map_err(|e| Error::Io(e.to_string()))
+    }
+    run(&ae_url, ae_store, &settings_json).await.map_err(|e| to_js(&e))
+}
+
 /// Trains an image-to-image LDM on `pairs` (`[{name, cond, target}]`, each image
 /// `{width, height, rgba}`) with the autoencoder of the folder `ae_url` (its `vae/` or `vqvae/`,
 /// or the folder itself), read through `ae_store`; `settings_json` as [`TrainRequest`];
@@ -108,19 +145,8 @@ async fn run_train(ae_url: &str, ae_store: JsValue, pairs_list: &JsValue, settin
     let req: TrainRequest = serde_json::from_str(settings_json).map_err(|e| Error::Input(format!("training settings: {e}")))?;
     let pairs = pairs(pairs_list)?;
     let src = JsSource::new(ae_store, ae_url.to_string());
-    let mut ae_dir = None;
-    for dir in ["vae", "vqvae", ""] {
-        if src.size(&crate::loader::join_path(dir, "config.json")).await?.is_some() {
-            ae_dir = Some(dir);
-            break;
-        }
-    }
-    let ae_dir = ae_dir.ok_or_else(|| Error::Input(format!("{ae_url} holds no autoencoder (vae/config.json, vqvae/config.json or config.json)")))?;
-    let config = TrainConfig {
-        steps: req.steps, batch: req.batch, lr: req.lr, weight_decay: req.weight_decay, max_grad_norm: req.max_grad_norm, objective: req.objective,
-        cond_dropout: req.cond_dropout, ema_decay: (req.ema_decay > 0.0).then_some(req.ema_decay), seed: req.seed,
-    };
-    let settings = RunSettings { config, resolution: req.resolution, unet: UNetSpec::Levels { channels: req.channels.clone(), layers: req.layers_per_block, head_dim: req.head_dim }, schedule: None };
+    let ae_dir = autoencoder_dir(&src, ae_url).await?;
+    let settings = req.settings();
     let saved = if resume.is_null() || resume.is_undefined() { None } else { Some(saved_files(resume)?) };
     let gpu = gpu().await?;
     event(on_event, "stage", &[("stage", "encode".into())]);

@@ -70,8 +70,8 @@ enum BenchWhat {
     Unet(bench_unet::BenchUNetArgs),
     /// Depth estimation of a photo: load, first and steady-state times, peak GPU bytes.
     Depth(depth::DepthArgs),
-    /// Training steps of `ldm train`'s settings (nothing saved): steps/s and peak GPU bytes, as JSON.
-    Train(train::TrainArgs),
+    /// Training steps of `ldm train`'s settings on its pairs or synthetic ones (nothing saved): steps/s and peak GPU bytes, as JSON.
+    Train(train::BenchTrainArgs),
     /// Every kernel at Stable Diffusion 1.5 shapes (`--shapes sd`) or small ones (`--shapes small`).
     Kernels {
         #[arg(long, default_value = "small", value_parser = ["small", "sd"])]
@@ -101,8 +101,8 @@ fn main() -> std::process::ExitCode {
         Command::Bench { what: BenchWhat::Depth(args) } => depth::run(&args, true),
         Command::Convert(args) => convert::run(&args),
         Command::Serve(args) => serve::run(&args),
-        Command::Train(args) => train::run(&args, false),
-        Command::Bench { what: BenchWhat::Train(args) } => train::run(&args, true),
+        Command::Train(args) => train::run(&args),
+        Command::Bench { what: BenchWhat::Train(args) } => train::bench(&args),
         Command::Manifest(args) => manifest::run(&args),
         Command::Bench { what: BenchWhat::Generate(args) } => generate::run(&args, true),
         Command::Bench { what: BenchWhat::Unet(args) } => bench_unet::run(&args),

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use ldm_web::gpu::{Gpu, GpuOptions};
+use ldm_web::gpu::GpuOptions;
 use ldm_web::loader::safetensors::FileDType;
 use ldm_web::loader::{DirSource, FileSource};
 use ldm_web::training::pairs::Pair;
@@ -15,21 +15,15 @@ use ldm_web::training::run::{Cadence, RunEvent, RunSettings, TrainingRun, UNetSp
 use ldm_web::training::{Objective, TrainConfig};
 use ldm_web::{Error, Result};
 
-/// Arguments of `ldm train`.
+/// What a run is made of: data, autoencoder, UNet and optimiser settings (`ldm train` and `ldm bench train`).
 #[derive(Args, Debug, Clone)]
-pub struct TrainArgs {
-    /// The training pairs: a folder with `cond/` and `target/` holding images of the same file names (PNG, JPEG, WebP), or a CSV file of `condition,target` paths (relative to the CSV).
+pub struct RunArgs {
+    /// The training pairs: a folder with `cond/` and `target/` holding images of the same file names (PNG, JPEG, WebP), or a CSV file of `condition,target` paths (relative to the CSV); `ldm bench train` without it uses 16 synthetic pairs.
     #[arg(long)]
-    pub pairs: String,
+    pub pairs: Option<String>,
     /// The frozen autoencoder: `builtin` (the built-in model's), an AutoencoderKL / VQModel folder, or a pipeline folder with `vae/` or `vqvae/`.
     #[arg(long, default_value = "builtin")]
     pub autoencoder: String,
-    /// Where the trained model goes: an LDMPipeline folder `ldm generate --model` and the page load, plus `training/` to resume from.
-    #[arg(long, default_value = "trained")]
-    pub out: String,
-    /// Optimisation steps (in all, when resuming).
-    #[arg(long, default_value_t = 1000)]
-    pub steps: u32,
     /// Pairs per step.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
@@ -69,6 +63,19 @@ pub struct TrainArgs {
     /// A UNet2DModel config.json to train instead of the one --channels describes.
     #[arg(long)]
     pub unet_config: Option<String>,
+}
+
+/// Arguments of `ldm train`.
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Optimisation steps (in all, when resuming).
+    #[arg(long, default_value_t = 1000)]
+    pub steps: u32,
+    /// Where the trained model goes: an LDMPipeline folder `ldm generate --model` and the page load, plus `training/` to resume from.
+    #[arg(long, default_value = "trained")]
+    pub out: String,
     /// Save the model and the training state every this many steps (and at the end).
     #[arg(long, default_value_t = 500)]
     pub save_every: u32,
@@ -87,6 +94,16 @@ pub struct TrainArgs {
     /// Save the model's UNet weights in f16 (half the size; training state stays f32).
     #[arg(long)]
     pub f16: bool,
+}
+
+/// Arguments of `ldm bench train`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchTrainArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Steps to time (the first, which compiles pipelines, is reported apart).
+    #[arg(long, default_value_t = 10)]
+    pub steps: u32,
 }
 
 const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
@@ -155,10 +172,10 @@ fn autoencoder_source(spec: &str) -> Result<(Box<dyn FileSource>, &'static str)>
     Err(Error::Input(format!("{spec} holds no autoencoder (config.json, vae/config.json or vqvae/config.json)")))
 }
 
-fn config_of(a: &TrainArgs) -> Result<TrainConfig> {
+fn config_of(a: &RunArgs, steps: u32) -> Result<TrainConfig> {
     let objective = if a.objective == "v_prediction" { Objective::V } else { Objective::Epsilon };
     let ema_decay = (a.ema_decay > 0.0).then_some(a.ema_decay);
-    let c = TrainConfig { steps: a.steps, batch: a.batch, lr: a.lr, weight_decay: a.weight_decay, max_grad_norm: a.max_grad_norm, objective, cond_dropout: a.cond_dropout, ema_decay, seed: a.seed };
+    let c = TrainConfig { steps, batch: a.batch, lr: a.lr, weight_decay: a.weight_decay, max_grad_norm: a.max_grad_norm, objective, cond_dropout: a.cond_dropout, ema_decay, seed: a.seed };
     c.validate()?;
     Ok(c)
 }
@@ -179,20 +196,33 @@ fn write_files(out: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
     Ok(())
 }
 
-async fn start(gpu: &Gpu, a: &TrainArgs, pairs: &[Pair], resume: bool) -> Result<TrainingRun> {
-    let (ae, ae_dir) = autoencoder_source(&a.autoencoder)?;
+fn settings(a: &RunArgs, steps: u32) -> Result<RunSettings> {
     let unet = match &a.unet_config {
         Some(p) => UNetSpec::Config(serde_json::from_slice(&std::fs::read(p).map_err(|e| Error::Input(format!("cannot read {p}: {e}")))?).map_err(|e| Error::Input(format!("{p}: {e}")))?),
         None => UNetSpec::Levels { channels: a.channels.clone(), layers: a.layers_per_block, head_dim: a.head_dim },
     };
-    let settings = RunSettings { config: config_of(a)?, resolution: a.resolution, unet, schedule: None };
-    let out = DirSource::new(&a.out);
-    TrainingRun::start(gpu, ae.as_ref(), ae_dir, pairs, settings, resume.then_some(&out as &dyn FileSource)).await
+    Ok(RunSettings { config: config_of(a, steps)?, resolution: a.resolution, unet, schedule: None })
+}
+
+/// Runs `ldm bench train`: the steps' times and peak GPU bytes as JSON.
+pub fn bench(a: &BenchTrainArgs) -> Result<String> {
+    let pairs = match &a.run.pairs {
+        Some(p) => read_pairs(p)?,
+        None => ldm_web::bench::train::synthetic_pairs(16, a.run.resolution)?,
+    };
+    pollster::block_on(async {
+        let gpu = crate::open_device(GpuOptions { force_f32: true, ..Default::default() }).await?;
+        let (ae, ae_dir) = autoencoder_source(&a.run.autoencoder)?;
+        let start = std::time::Instant::now();
+        let now_ms = || start.elapsed().as_secs_f64() * 1e3;
+        let report = ldm_web::bench::train::run(&gpu, ae.as_ref(), ae_dir, &pairs, settings(&a.run, a.steps)?, a.steps as usize, &now_ms).await?;
+        serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()))
+    })
 }
 
 /// A PNG of the first pair's condition, its target and the generated image, side by side.
 fn write_sample(images: &Images, a: &TrainArgs, pair: &Pair, step: u32) -> Result<()> {
-    let r = a.resolution;
+    let r = a.run.resolution;
     let resized = |img: &InputImage| resize_u8(&img.rgb8(), img.width, img.height, 3, r, r, Resample::Bicubic);
     let panels = [resized(&pair.cond), resized(&pair.target), images.rgb8(0)];
     let mut strip = vec![0u8; 3 * r * 3 * r];
@@ -207,26 +237,28 @@ fn write_sample(images: &Images, a: &TrainArgs, pair: &Pair, step: u32) -> Resul
     crate::generate::write_png(&path.display().to_string(), 3 * r, r, &strip, &format!("ldm train sample: condition, target, generated at step {step}"))
 }
 
-/// Runs `ldm train` (or `ldm bench train`: the steps' speed and peak GPU bytes as JSON, nothing saved).
-pub fn run(a: &TrainArgs, bench: bool) -> Result<String> {
-    let pairs = read_pairs(&a.pairs)?;
+/// Runs `ldm train`.
+pub fn run(a: &TrainArgs) -> Result<String> {
+    let spec = a.run.pairs.as_deref().ok_or_else(|| Error::Input("ldm train needs --pairs DIR (cond/ and target/) or --pairs FILE.csv".into()))?;
+    let pairs = read_pairs(spec)?;
     pollster::block_on(async {
         let gpu = crate::open_device(GpuOptions { force_f32: true, ..Default::default() }).await?;
         let resume = a.resume && Path::new(&a.out).join("training/state.json").is_file();
         if a.resume && !resume {
             return Err(Error::Input(format!("--resume: {} holds no training state (training/state.json)", a.out)));
         }
-        let mut run = start(&gpu, a, &pairs, resume).await?;
+        let (ae, ae_dir) = autoencoder_source(&a.run.autoencoder)?;
+        let out = DirSource::new(&a.out);
+        let mut run = TrainingRun::start(&gpu, ae.as_ref(), ae_dir, &pairs, settings(&a.run, a.steps)?, resume.then_some(&out as &dyn FileSource)).await?;
         let first = run.info.step;
-        let bar = if bench { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(run.info.config.steps as u64) };
+        let bar = indicatif::ProgressBar::new(run.info.config.steps as u64);
         bar.set_style(indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} {elapsed_precise} eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
         bar.set_position(first as u64);
-        gpu.reset_pool_peak();
         let start = std::time::Instant::now();
         let cadence = Cadence {
-            save_every: if bench { 0 } else { a.save_every.max(1) },
-            sample_every: if bench { 0 } else { a.sample_every },
-            sample_at_end: !bench,
+            save_every: a.save_every.max(1),
+            sample_every: a.sample_every,
+            sample_at_end: true,
             sample_steps: a.sample_steps,
             sample_guidance: a.sample_guidance,
             weights: if a.f16 { FileDType::F16 } else { FileDType::F32 },
@@ -240,7 +272,7 @@ pub fn run(a: &TrainArgs, bench: bool) -> Result<String> {
                     bar.set_message(format!("loss {:.4} | {rate:.2} steps/s", stats.loss));
                     bar.set_position(step as u64);
                     // Without a terminal (a log file) the bar is hidden: a line every 50 steps instead.
-                    if !bench && !std::io::stderr().is_terminal() && (step % 50 == 0 || step == 1) {
+                    if !std::io::stderr().is_terminal() && (step % 50 == 0 || step == 1) {
                         eprintln!("step {step}/{}: loss {:.4}, {rate:.2} steps/s", bar.length().unwrap_or(0), stats.loss);
                     }
                 }
@@ -261,15 +293,12 @@ pub fn run(a: &TrainArgs, bench: bool) -> Result<String> {
             "parameters": run.trainer.unet.params().iter().map(|p| p.numel()).sum::<usize>(),
             "batch": run.info.config.batch,
             "resolution": run.info.resolution,
-            "latent_shape": run.data.latent_shape,
             "steps": steps,
             "seconds": seconds,
             "steps_per_s": steps as f64 / seconds.max(1e-9),
-            "ms_per_step": seconds * 1e3 / steps.max(1) as f64,
-            "peak_gpu_bytes": gpu.pool_stats().peak_bytes,
             "first_loss": losses.first(),
             "mean_loss_last_10": tail.iter().sum::<f32>() / tail.len().max(1) as f32,
-            "out": if bench { None } else { Some(&a.out) },
+            "out": &a.out,
         });
         serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()))
     })
