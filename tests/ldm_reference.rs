@@ -184,7 +184,8 @@ fn concat_conditioned_ldms_match_the_compvis_sampler() {
         let concat = model.concat.as_ref().expect("concat entry");
         let cond = pollster::block_on(concat.prepare(&gpu, &model.first_stage, &img, c.width, c.height, DType::F32)).expect("condition");
         assert_close(&format!("{} condition ({:?})", c.key, concat.stage), &cond, &want[&format!("{}_condition", c.key)].1, 1e-4);
-        let p = Txt2ImgParams { seed: c.seed, steps: c.steps, width: c.width, height: c.height, eta: c.eta, batch: c.batch, ..Default::default() };
+        // CompVis' sampler runs these without guidance (1.0: no unconditional half).
+        let p = Txt2ImgParams { seed: c.seed, steps: c.steps, width: c.width, height: c.height, eta: c.eta, batch: c.batch, guidance_scale: 1.0, ..Default::default() };
         let (images, _) = pollster::block_on(model.generate(&gpu, &p, Some(&LdmImage::Condition(img)), &|| 0.0, &mut |_| Ok(()))).unwrap_or_else(|e| panic!("{}: {e}", c.key));
         let (shape, pixels) = &want[&c.key];
         assert_eq!(vec![images.batch, images.height, images.width, 3], *shape, "{} shape", c.key);
