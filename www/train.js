@@ -59,6 +59,7 @@ function settings() {
     save_every: num('train-save-every'),
     sample_every: num('train-sample-every'),
     sample_steps: 20,
+    gradient_checkpointing: $('train-checkpointing').checked,
   };
 }
 

@@ -9,6 +9,8 @@
 
 pub mod optim;
 
+use std::rc::Rc;
+
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::ops::{self, Activation, ColGeometry, Conv2dSpec, Expr, ExprInput, IndexMap, MatView, MatmulSpec};
@@ -430,6 +432,30 @@ impl<'g> Tape<'g> {
         Ok(self.push(y, vec![x], rule))
     }
 
+    /// `f(inputs)` recorded as one op whose intermediate values are not kept: the backward pass
+    /// runs `f` again on a tape of its own and takes its gradients there (gradient checkpointing:
+    /// memory of a block's output instead of all its activations, for a second forward pass).
+    /// `f` must compute the same values each time (the engine's ops are deterministic).
+    pub fn checkpoint(&mut self, inputs: &[Var], f: Rc<dyn Fn(&mut Tape, &[Var]) -> Result<Var>>) -> Result<Var> {
+        let values: Vec<Tensor> = inputs.iter().map(|v| self.value(*v).clone()).collect();
+        let needs: Vec<bool> = inputs.iter().map(|v| self.nodes[v.0].needs_grad).collect();
+        let leaves = |tape: &mut Tape| -> Result<Vec<Var>> { values.iter().zip(&needs).map(|(t, &n)| tape.leaf(t.clone(), n)).collect() };
+        let y = {
+            let mut sub = Tape::new(self.gpu);
+            let vars = leaves(&mut sub)?;
+            let out = f(&mut sub, &vars)?;
+            sub.value(out).clone()
+        };
+        let rule: Rule = Box::new(move |gpu, g| {
+            let mut sub = Tape::new(gpu);
+            let vars: Vec<Var> = values.iter().zip(&needs).map(|(t, &n)| sub.leaf(t.clone(), n)).collect::<Result<_>>()?;
+            let out = f(&mut sub, &vars)?;
+            let grads = sub.backward_from(out, g.clone())?;
+            Ok(vars.iter().map(|v| grads.get(*v).cloned()).collect())
+        });
+        Ok(self.push(y, inputs.to_vec(), rule))
+    }
+
     /// The same values in another shape (free: the buffer is shared).
     pub fn reshape(&mut self, x: Var, shape: &[usize]) -> Result<Var> {
         let from = self.value(x).shape().to_vec();
@@ -568,8 +594,17 @@ impl<'g> Tape<'g> {
         if lt.numel() != 1 {
             return Err(Error::Shape(format!("backward needs a one-element loss, got {:?}", lt.shape())));
         }
+        self.backward_from(loss, self.gpu.upload(lt.shape(), DType::F32, &[1.0])?)
+    }
+
+    /// Gradients of `Σ seed · out` (the vector-Jacobian product with `seed`, shaped like `out`).
+    pub fn backward_from(&self, out: Var, seed: Tensor) -> Result<Grads> {
+        if seed.shape() != self.value(out).shape() {
+            return Err(Error::Shape(format!("a gradient seed of shape {:?} for a value of shape {:?}", seed.shape(), self.value(out).shape())));
+        }
         let mut grads: Vec<Option<Tensor>> = vec![None; self.nodes.len()];
-        grads[loss.0] = Some(self.gpu.upload(lt.shape(), DType::F32, &[1.0])?);
+        grads[out.0] = Some(seed);
+        let loss = out;
         for i in (0..=loss.0).rev() {
             let node = &self.nodes[i];
             let (Some(rule), Some(g)) = (&node.rule, grads[i].clone()) else { continue };

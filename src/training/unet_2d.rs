@@ -6,6 +6,8 @@
 //! `UNetMidBlock2D` and `UpBlock2D` / `AttnUpBlock2D`; attention is the materialised
 //! softmax(q kᵀ / √d) v, whose gradient is the tape's.
 
+use std::rc::Rc;
+
 use super::{Init, ParamSpec};
 use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
@@ -184,21 +186,24 @@ impl Attention {
 /// A down or up block: resnets, each followed by attention in the `Attn*` blocks, then the
 /// resampling convolution.
 struct Block {
-    resnets: Vec<Resnet>,
-    attentions: Vec<Attention>,
+    resnets: Vec<Rc<Resnet>>,
+    attentions: Vec<Rc<Attention>>,
     resample: Option<Conv>,
 }
 
 /// diffusers' `UNetMidBlock2D`: resnet, (attention, resnet).
 struct Mid {
-    first: Resnet,
-    attention: Option<Attention>,
-    second: Resnet,
+    first: Rc<Resnet>,
+    attention: Option<Rc<Attention>>,
+    second: Rc<Resnet>,
 }
 
 /// `UNet2DModel` recorded on a tape; parameters are indices into [`Self::params`].
 pub struct UNet2DTrainable {
     pub config: UNet2DConfig,
+    /// Recompute each resnet's and attention's activations in the backward pass instead of
+    /// keeping them (diffusers' `enable_gradient_checkpointing`): less memory, one more forward.
+    pub gradient_checkpointing: bool,
     params: Vec<ParamSpec>,
     sinusoid: TimestepEmbedding,
     time_1: Linear,
@@ -241,9 +246,9 @@ impl UNet2DTrainable {
             let attn = attends(&config.down_block_types[i]);
             let mut block = Block { resnets: Vec::new(), attentions: Vec::new(), resample: None };
             for j in 0..config.layers_per_block {
-                block.resnets.push(r.resnet(&format!("{prefix}.resnets.{j}"), if j == 0 { cin } else { ch[i] }, ch[i], &s));
+                block.resnets.push(Rc::new(r.resnet(&format!("{prefix}.resnets.{j}"), if j == 0 { cin } else { ch[i] }, ch[i], &s)));
                 if attn {
-                    block.attentions.push(r.attention(&format!("{prefix}.attentions.{j}"), ch[i], config.head_dim(i), s.groups, s.eps));
+                    block.attentions.push(Rc::new(r.attention(&format!("{prefix}.attentions.{j}"), ch[i], config.head_dim(i), s.groups, s.eps)));
                 }
             }
             if i + 1 < n {
@@ -255,9 +260,9 @@ impl UNet2DTrainable {
         let c = ch[n - 1];
         let mid_groups = config.attn_norm_num_groups.unwrap_or(s.groups);
         let mid = Mid {
-            first: r.resnet("mid_block.resnets.0", c, c, &s),
-            attention: config.add_attention.then(|| r.attention("mid_block.attentions.0", c, config.head_dim(n - 1), mid_groups, s.eps)),
-            second: r.resnet("mid_block.resnets.1", c, c, &s),
+            first: Rc::new(r.resnet("mid_block.resnets.0", c, c, &s)),
+            attention: config.add_attention.then(|| Rc::new(r.attention("mid_block.attentions.0", c, config.head_dim(n - 1), mid_groups, s.eps))),
+            second: Rc::new(r.resnet("mid_block.resnets.1", c, c, &s)),
         };
         let reversed: Vec<usize> = ch.iter().rev().copied().collect();
         let mut up = Vec::with_capacity(n);
@@ -270,9 +275,9 @@ impl UNet2DTrainable {
             for j in 0..layers {
                 let skip = if j == layers - 1 { input } else { out };
                 let cin = if j == 0 { prev } else { out };
-                block.resnets.push(r.resnet(&format!("{prefix}.resnets.{j}"), cin + skip, out, &s));
+                block.resnets.push(Rc::new(r.resnet(&format!("{prefix}.resnets.{j}"), cin + skip, out, &s)));
                 if attn {
-                    block.attentions.push(r.attention(&format!("{prefix}.attentions.{j}"), out, config.head_dim(n - 1 - i), s.groups, s.eps));
+                    block.attentions.push(Rc::new(r.attention(&format!("{prefix}.attentions.{j}"), out, config.head_dim(n - 1 - i), s.groups, s.eps)));
                 }
             }
             if i + 1 < n {
@@ -283,7 +288,27 @@ impl UNet2DTrainable {
         let norm_out = r.norm("conv_norm_out", ch[0], s.groups, s.eps);
         let conv_out = r.conv("conv_out", ch[0], config.out_channels, 3, Conv2dSpec::new(1, 1));
         let sinusoid = TimestepEmbedding { dim: ch[0], flip_sin_to_cos: config.flip_sin_to_cos, downscale_freq_shift: config.freq_shift, scale: 1.0, max_period: 10000.0 };
-        Ok(Self { config, params: r.specs, sinusoid, time_1, time_2, conv_in, down, mid, up, norm_out, conv_out })
+        Ok(Self { config, gradient_checkpointing: false, params: r.specs, sinusoid, time_1, time_2, conv_in, down, mid, up, norm_out, conv_out })
+    }
+
+    /// A resnet, checkpointed when asked (its inputs: every parameter, x and the embedding).
+    fn resnet(&self, tape: &mut Tape, p: &[Var], r: &Rc<Resnet>, x: Var, temb: Var) -> Result<Var> {
+        if !self.gradient_checkpointing {
+            return r.forward(tape, p, x, temb);
+        }
+        let (r, n) = (Rc::clone(r), p.len());
+        let inputs: Vec<Var> = p.iter().copied().chain([x, temb]).collect();
+        tape.checkpoint(&inputs, Rc::new(move |t, v| r.forward(t, &v[..n], v[n], v[n + 1])))
+    }
+
+    /// An attention layer, checkpointed when asked.
+    fn attention(&self, tape: &mut Tape, p: &[Var], a: &Rc<Attention>, x: Var) -> Result<Var> {
+        if !self.gradient_checkpointing {
+            return a.forward(tape, p, x);
+        }
+        let (a, n) = (Rc::clone(a), p.len());
+        let inputs: Vec<Var> = p.iter().copied().chain([x]).collect();
+        tape.checkpoint(&inputs, Rc::new(move |t, v| a.forward(t, &v[..n], v[n])))
     }
 
     /// The parameters in diffusers' names and shapes, in the order [`Self::forward`] takes them.
@@ -316,9 +341,9 @@ impl UNet2DTrainable {
         let mut skips = vec![x];
         for block in &self.down {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                x = resnet.forward(tape, p, x, temb)?;
+                x = self.resnet(tape, p, resnet, x, temb)?;
                 if let Some(a) = block.attentions.get(j) {
-                    x = a.forward(tape, p, x)?;
+                    x = self.attention(tape, p, a, x)?;
                 }
                 skips.push(x);
             }
@@ -327,18 +352,18 @@ impl UNet2DTrainable {
                 skips.push(x);
             }
         }
-        x = self.mid.first.forward(tape, p, x, temb)?;
+        x = self.resnet(tape, p, &self.mid.first, x, temb)?;
         if let Some(a) = &self.mid.attention {
-            x = a.forward(tape, p, x)?;
+            x = self.attention(tape, p, a, x)?;
         }
-        x = self.mid.second.forward(tape, p, x, temb)?;
+        x = self.resnet(tape, p, &self.mid.second, x, temb)?;
         for block in &self.up {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let skip = skips.pop().ok_or_else(|| Error::Model("UNet skip connections do not match its blocks (a bug in ldm-web)".into()))?;
                 x = tape.concat(&[x, skip], 1)?;
-                x = resnet.forward(tape, p, x, temb)?;
+                x = self.resnet(tape, p, resnet, x, temb)?;
                 if let Some(a) = block.attentions.get(j) {
-                    x = a.forward(tape, p, x)?;
+                    x = self.attention(tape, p, a, x)?;
                 }
             }
             if let Some(conv) = &block.resample {

@@ -35,6 +35,7 @@ struct TrainRequest {
     sample_every: u32,
     sample_steps: usize,
     sample_guidance: f32,
+    gradient_checkpointing: bool,
 }
 
 impl Default for TrainRequest {
@@ -43,7 +44,7 @@ impl Default for TrainRequest {
         Self {
             steps: c.steps, batch: c.batch, lr: c.lr, weight_decay: c.weight_decay, max_grad_norm: c.max_grad_norm, resolution: 64,
             objective: c.objective, cond_dropout: c.cond_dropout, ema_decay: c.ema_decay.unwrap_or(0.0), seed: 0,
-            channels: vec![64, 128], layers_per_block: 1, head_dim: 32, save_every: 50, sample_every: 50, sample_steps: 20, sample_guidance: 1.0,
+            channels: vec![64, 128], layers_per_block: 1, head_dim: 32, save_every: 50, sample_every: 50, sample_steps: 20, sample_guidance: 1.0, gradient_checkpointing: false,
         }
     }
 }
@@ -99,6 +100,7 @@ impl TrainRequest {
         let config = TrainConfig {
             steps: self.steps, batch: self.batch, lr: self.lr, weight_decay: self.weight_decay, max_grad_norm: self.max_grad_norm, objective: self.objective,
             cond_dropout: self.cond_dropout, ema_decay: (self.ema_decay > 0.0).then_some(self.ema_decay), seed: self.seed,
+            gradient_checkpointing: self.gradient_checkpointing,
         };
         let unet = UNetSpec::Levels { channels: self.channels.clone(), layers: self.layers_per_block, head_dim: self.head_dim };
         RunSettings { config, resolution: self.resolution, unet, schedule: None }
