@@ -52,6 +52,7 @@ import os from 'node:os';
 import path from 'node:path';
 import http from 'node:http';
 import crypto from 'node:crypto';
+import zlib from 'node:zlib';
 import { spawn, execFileSync } from 'node:child_process';
 import { performance } from 'node:perf_hooks';
 import { PNG } from 'pngjs';
@@ -114,6 +115,33 @@ function copyDir(from, to) {
   fs.cpSync(from, to, { recursive: true });
 }
 
+// A ZIP (deflated entries) of the files under `dir`, named relative to it, for the Train tab's ZIP input.
+function zipOf(dir) {
+  const local = [];
+  const central = [];
+  let offset = 0;
+  const walk = (d) => fs.readdirSync(d, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? walk(path.join(d, e.name)) : [path.join(d, e.name)]));
+  const files = walk(dir).sort();
+  for (const f of files) {
+    const name = Buffer.from(path.relative(dir, f).split(path.sep).join('/'));
+    const raw = fs.readFileSync(f);
+    const data = zlib.deflateRawSync(raw);
+    const head = Buffer.alloc(30);
+    head.writeUInt32LE(0x04034b50, 0); head.writeUInt16LE(20, 4); head.writeUInt16LE(8, 8);
+    head.writeUInt32LE(zlib.crc32(raw), 14); head.writeUInt32LE(data.length, 18); head.writeUInt32LE(raw.length, 22); head.writeUInt16LE(name.length, 26);
+    const entry = Buffer.alloc(46);
+    entry.writeUInt32LE(0x02014b50, 0); entry.writeUInt16LE(20, 4); entry.writeUInt16LE(20, 6); entry.writeUInt16LE(8, 10);
+    entry.writeUInt32LE(zlib.crc32(raw), 16); entry.writeUInt32LE(data.length, 20); entry.writeUInt32LE(raw.length, 24); entry.writeUInt16LE(name.length, 28); entry.writeUInt32LE(offset, 42);
+    local.push(head, name, data);
+    central.push(entry, name);
+    offset += 30 + name.length + data.length;
+  }
+  const dirBytes = Buffer.concat(central);
+  const end = Buffer.alloc(22);
+  end.writeUInt32LE(0x06054b50, 0); end.writeUInt16LE(files.length, 8); end.writeUInt16LE(files.length, 10); end.writeUInt32LE(dirBytes.length, 12); end.writeUInt32LE(offset, 16);
+  return Buffer.concat([...local, dirBytes, end]);
+}
+
 function prepare(work) {
   const models = path.join(work, 'models');
   fs.mkdirSync(models, { recursive: true });
@@ -171,7 +199,8 @@ function prepare(work) {
   // ldm train on the fixture pairs with the Train tab's settings below: its loss per step.
   const trainOut = path.join(work, 'cli-train');
   execFileSync(opts.ldm, ['--device', 'cpu', 'train', '--pairs', path.join(opts.fixtures, 'training', 'pairs'), ...TRAIN.cli, '--steps', String(TRAIN.resumeTo), '--save-every', '100', '--out', trainOut], { stdio: ['ignore', 'ignore', 'inherit'] });
-  const train = { losses: JSON.parse(fs.readFileSync(path.join(trainOut, 'training', 'state.json'), 'utf8')).losses };
+  const train = { losses: JSON.parse(fs.readFileSync(path.join(trainOut, 'training', 'state.json'), 'utf8')).losses, zip: path.join(work, 'pairs.zip') };
+  fs.writeFileSync(train.zip, zipOf(path.join(opts.fixtures, 'training', 'pairs')));
   return { models, refs, ldm, builtin, quantised, xlQ4, photo, concat, train };
 }
 
@@ -890,8 +919,14 @@ async function runBrowser(name, fx, results) {
       })()`);
       const dir = path.join(opts.fixtures, 'training', 'pairs');
       const files = (side) => fs.readdirSync(path.join(dir, side)).sort().map((f) => path.join(dir, side, f));
-      await upload(page, '#train-cond', files('cond'));
-      await upload(page, '#train-target', files('target'));
+      // The pairs as chosen files in Chromium, as one ZIP (deflated) in Firefox: both inputs are used.
+      const how = name === 'firefox' ? 'a ZIP of cond/ and target/' : 'chosen files';
+      if (name === 'firefox') {
+        await upload(page, '#train-zip', fx.train.zip);
+      } else {
+        await upload(page, '#train-cond', files('cond'));
+        await upload(page, '#train-target', files('target'));
+      }
       const t = Date.now();
       await page.evaluate(`document.getElementById('train-start').click()`);
       const out = await waitFor(page, trainDone(TRAIN.steps), 'the training run');
@@ -903,10 +938,10 @@ async function runBrowser(name, fx, results) {
       const d = rel(l, fx.train.losses.slice(0, l.length));
       const samples = await page.evaluate('window.__ldmTrain.samples');
       check('the Train tab trains as ldm train does', l.length === TRAIN.steps && d <= 1e-3 && mean(l.slice(-4)) < mean(l.slice(0, 4)) && samples >= 1,
-        `${l.length} steps in ${secs.toFixed(1)} s; loss ${l[0].toFixed(4)} -> ${l.at(-1).toFixed(4)} (mean of the first 4 ${mean(l.slice(0, 4)).toFixed(4)}, last 4 ${mean(l.slice(-4)).toFixed(4)}); max relative difference to ldm train's losses ${d.toExponential(2)} (tolerance 1e-3); ${samples} sample(s) shown`);
+        `pairs from ${how}; ${l.length} steps in ${secs.toFixed(1)} s; loss ${l[0].toFixed(4)} -> ${l.at(-1).toFixed(4)} (mean of the first 4 ${mean(l.slice(0, 4)).toFixed(4)}, last 4 ${mean(l.slice(-4)).toFixed(4)}); max relative difference to ldm train's losses ${d.toExponential(2)} (tolerance 1e-3); ${samples} sample(s) shown`);
       // A reload: the run is still there, and resumes where it stopped.
       await trainPage();
-      const listed = await waitFor(page, `document.querySelector('#train-runs li[data-run="e2e"]')?.textContent`, 'the saved run', 60_000);
+      const listed = await waitFor(page, `document.querySelector('#train-runs li[data-run="e2e"] span')?.textContent`, 'the saved run', 60_000);
       await page.evaluate(`document.getElementById('train-steps').value = '${TRAIN.resumeTo}'`);
       await page.evaluate(`document.querySelector('#train-runs li[data-run="e2e"] button.resume').click()`);
       const resumed = await waitFor(page, trainDone(TRAIN.resumeTo), 'the resumed run');
