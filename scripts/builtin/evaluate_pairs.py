@@ -74,9 +74,11 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0])
+    p.add_argument("--limit", type=int, default=0, help="only the first N pairs (a quick check)")
     a = p.parse_args()
     meta = {m["id"]: m for m in json.loads(Path(a.meta).read_text())}
     ids = sorted(f.stem for f in (Path(a.pairs) / "cond").glob("*.png"))
+    ids = ids[:a.limit] if a.limit else ids
     clf, info = load_classifier()
     cats, subs = info["categories"], info["subcategories"]
     targets = [load(Path(a.pairs) / "target" / f"{i}.png") for i in ids]
