@@ -870,6 +870,17 @@ fn train_writes_a_model_that_generates_and_resumes_exactly() {
     let weights = |d: &Path| std::fs::read(d.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     assert!(weights(&whole) == weights(&split), "resumed weights differ");
 
+    // The same pairs listed in a CSV (paths relative to it, a header line).
+    let csv = dir.join("pairs.csv");
+    let mut text = String::from("condition,target\n");
+    for name in ["1F34E", "1F525"] {
+        text.push_str(&format!("{p}/cond/{name}.png, {p}/target/{name}.png\n", p = pairs));
+    }
+    std::fs::write(&csv, text).unwrap();
+    let from_csv = dir.join("csv");
+    let (ok, stdout, stderr) = ldm(&["--device", "cpu", "train", "--pairs", csv.to_str().unwrap(), "--resolution", "32", "--batch", "1", "--channels", "32,64", "--steps", "1", "--out", from_csv.to_str().unwrap()]);
+    assert!(ok && stdout.contains("\"pairs\": 2"), "a CSV of pairs: {stderr}");
+
     let empty = dir.join("empty");
     std::fs::create_dir_all(empty.join("cond")).unwrap();
     std::fs::create_dir_all(empty.join("target")).unwrap();

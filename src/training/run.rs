@@ -9,7 +9,7 @@ use super::{init_values, StepStats, TrainConfig, Trainer, UNet2DTrainable};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu};
 use crate::loader::safetensors::FileDType;
-use crate::loader::{FileSource, MemorySource};
+use crate::loader::{FileSource, LocalFuture, MemorySource};
 use crate::models::unet_2d::UNet2DConfig;
 use crate::pipelines::image_input::{InputImage, Resample};
 use crate::pipelines::ldm::{ConcatCondition, ConditionStage, FirstStage, LdmImage};
@@ -175,8 +175,12 @@ impl TrainingRun {
     /// Takes the remaining steps, saving and sampling (from `condition`) as `cadence` says. When
     /// `on` fails (a cancellation, say) the run saves where it is, if it saves at all, and stops
     /// with that error.
-    pub async fn train(&mut self, gpu: &Gpu, cadence: &Cadence, condition: Option<&InputImage>, on: &mut dyn FnMut(RunEvent) -> Result<()>) -> Result<()> {
+    /// `between` is awaited before each step: the page's worker yields to its event loop there,
+    /// so that a Cancel message (or anything else queued) is seen between steps even when the CPU
+    /// backend's steps complete without waiting for anything.
+    pub async fn train(&mut self, gpu: &Gpu, cadence: &Cadence, condition: Option<&InputImage>, between: &dyn Fn() -> LocalFuture<'static, ()>, on: &mut dyn FnMut(RunEvent) -> Result<()>) -> Result<()> {
         while !self.done() {
+            between().await;
             let stats = self.step(gpu).await?;
             let step = self.info.step;
             if let Err(e) = on(RunEvent::Step(stats)) {

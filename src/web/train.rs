@@ -85,6 +85,23 @@ fn saved_files(files: &JsValue) -> Result<MemorySource> {
     Ok(MemorySource::new("the saved training run", out))
 }
 
+/// Resolves in a new task of the worker's event loop (`setTimeout(0)`), after the messages
+/// queued before it (Cancel) have been handled.
+async fn next_task() {
+    let promise = js_sys::Promise::new(&mut |resolve, _| {
+        let set_timeout = js_sys::Reflect::get(&js_sys::global(), &JsValue::from_str("setTimeout")).ok().and_then(|f| f.dyn_into::<js_sys::Function>().ok());
+        match set_timeout {
+            Some(f) => {
+                let _ = f.call2(&JsValue::NULL, &resolve, &JsValue::from_f64(0.0));
+            }
+            None => {
+                let _ = resolve.call0(&JsValue::NULL);
+            }
+        }
+    });
+    let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
+}
+
 /// The autoencoder folder in `src`: `vae/`, `vqvae/` or the folder itself.
 async fn autoencoder_dir(src: &JsSource, url: &str) -> Result<&'static str> {
     for dir in ["vae", "vqvae", ""] {
@@ -161,7 +178,7 @@ async fn run_train(ae_url: &str, ae_store: JsValue, pairs_list: &JsValue, settin
     let (mut step, steps) = (run.info.step, run.info.config.steps);
     let mut last = now_ms();
     let outcome = run
-        .train(&gpu, &cadence, Some(&pairs[0].cond), &mut |ev| {
+        .train(&gpu, &cadence, Some(&pairs[0].cond), &|| Box::pin(next_task()), &mut |ev| {
             match ev {
                 RunEvent::Step(s) => {
                     step += 1;

@@ -950,6 +950,15 @@ async function runBrowser(name, fx, results) {
       const dr = rel(r, fx.train.losses);
       check('a saved run survives a reload and resumes exactly', /step 12 of 12/.test(listed) && r.length === TRAIN.resumeTo && dr <= 1e-3,
         `listed after the reload: ${JSON.stringify(listed.slice(0, 80))}; resumed to step ${resumed.step}: losses 13-${TRAIN.resumeTo} ${r.slice(TRAIN.steps).map((v) => v.toFixed(4)).join(', ')}; max relative difference to an uninterrupted ldm train ${dr.toExponential(2)}`);
+      // Cancel: a long continuation stops at its next step and is saved where it stopped.
+      await page.evaluate(`document.getElementById('train-steps').value = '1000'`);
+      const evs = await page.evaluate('window.__ldmTrain.events.length');
+      await page.evaluate(`document.querySelector('#train-runs li[data-run="e2e"] button.resume').click()`);
+      await waitFor(page, `window.__ldmTrain.events.slice(${evs}).filter((e) => e.type === 'train-step').length >= 2`, 'steps of the continued run');
+      await page.evaluate(`document.getElementById('train-cancel').click()`);
+      const stopped = await waitFor(page, `(() => { const t = window.__ldmTrain; return !t.busy && t.result?.cancelled ? t.result : null; })()`, 'the cancellation', 120_000);
+      const savedAs = await waitFor(page, `(() => { const s = document.querySelector('#train-runs li[data-run="e2e"] span')?.textContent ?? ''; return s.includes('step ' + window.__ldmTrain.result.step + ' of 1000') ? s : null; })()`, 'the run saved at the cancelled step', 60_000);
+      check('Cancel stops training and saves the run where it stopped', stopped.step > TRAIN.resumeTo && stopped.step < 1000, `stopped at step ${stopped.step} of 1000; listed as ${JSON.stringify(savedAs)}`);
       // Generate with it: the Generate tab, model opfs:e2e/, the condition as the init image.
       const before = await page.evaluate('window.__ldmApp.results.length');
       await page.evaluate(`document.querySelector('#train-runs li[data-run="e2e"] button.use').click()`);

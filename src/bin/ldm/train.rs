@@ -267,7 +267,7 @@ pub fn run(a: &TrainArgs) -> Result<String> {
             weights: if a.f16 { FileDType::F16 } else { FileDType::F32 },
         };
         let mut step = first;
-        run.train(&gpu, &cadence, Some(&pairs[0].cond), &mut |ev| {
+        run.train(&gpu, &cadence, Some(&pairs[0].cond), &|| Box::pin(async {}), &mut |ev| {
             match ev {
                 RunEvent::Step(stats) => {
                     step += 1;
