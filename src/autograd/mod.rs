@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::ops::{self, Activation, ColGeometry, Conv2dSpec, Expr, ExprInput, IndexMap, MatView, MatmulSpec};
 
+/// Ops that record themselves on a tape from their inputs ([`Tape::checkpoint`]'s block).
+pub type Recorded = Rc<dyn Fn(&mut Tape, &[Var]) -> Result<Var>>;
+
 /// A value on a [`Tape`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Var(usize);
@@ -436,7 +439,7 @@ impl<'g> Tape<'g> {
     /// runs `f` again on a tape of its own and takes its gradients there (gradient checkpointing:
     /// memory of a block's output instead of all its activations, for a second forward pass).
     /// `f` must compute the same values each time (the engine's ops are deterministic).
-    pub fn checkpoint(&mut self, inputs: &[Var], f: Rc<dyn Fn(&mut Tape, &[Var]) -> Result<Var>>) -> Result<Var> {
+    pub fn checkpoint(&mut self, inputs: &[Var], f: Recorded) -> Result<Var> {
         let values: Vec<Tensor> = inputs.iter().map(|v| self.value(*v).clone()).collect();
         let needs: Vec<bool> = inputs.iter().map(|v| self.nodes[v.0].needs_grad).collect();
         let leaves = |tape: &mut Tape| -> Result<Vec<Var>> { values.iter().zip(&needs).map(|(t, &n)| tape.leaf(t.clone(), n)).collect() };

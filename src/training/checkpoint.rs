@@ -89,6 +89,7 @@ pub fn scheduler_config(train_schedule: &serde_json::Value, objective: Objective
 
 /// The files of the trained model folder (paths relative to it). `unet_config` is the UNet's
 /// `config.json` as given; weights are written in `dtype`.
+#[allow(clippy::too_many_arguments)]
 pub async fn model_files(
     gpu: &Gpu, trainer: &Trainer, unet_config: &serde_json::Value, train_schedule: &serde_json::Value, autoencoder: &AutoencoderFiles,
     condition: &ConcatCondition, info: &RunInfo, dtype: FileDType,

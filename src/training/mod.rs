@@ -186,7 +186,7 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&self.cond_dropout) {
             return bad(format!("cond_dropout {} must be between 0 and 1", self.cond_dropout));
         }
-        if !(self.max_grad_norm > 0.0) || !(self.weight_decay >= 0.0) {
+        if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 || self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             return bad("max_grad_norm must be positive and weight_decay not negative".into());
         }
         if self.ema_decay.is_some_and(|d| !(0.0..1.0).contains(&d)) {

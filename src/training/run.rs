@@ -28,7 +28,7 @@ pub fn default_schedule() -> serde_json::Value {
 /// channels: `channels` per level (attention from the second level on, and in the middle),
 /// `layers` resnets per level, heads of `head_dim` channels.
 pub fn unet_config(latent: usize, cond: usize, channels: &[usize], layers: usize, head_dim: usize, sample_size: usize) -> Result<serde_json::Value> {
-    if channels.is_empty() || channels.iter().any(|&c| c == 0) || layers == 0 {
+    if channels.is_empty() || channels.contains(&0) || layers == 0 {
         return Err(Error::Input("the UNet needs at least one level of a positive channel count and one resnet per level".into()));
     }
     let groups = channels.iter().fold(32, |g, &c| gcd(g, c));
