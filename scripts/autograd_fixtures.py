@@ -36,6 +36,17 @@ def write(name, out):
     return path
 
 
+def write_case(name, inputs, target, loss, leaves):
+    """NAME.json of a network's inputs and weights, target, loss and torch's gradients."""
+    out = {
+        "shapes": [list(t.shape) for t in inputs], "values": [values(t) for t in inputs],
+        "target_shape": list(target.shape), "target": values(target),
+        "loss": float(loss.detach()), "grads": [values(t.grad) for t in leaves],
+    }
+    path = write(name, out)
+    print(f"wrote {os.path.normpath(path)}: loss {float(loss.detach()):.5f}")
+
+
 def values(t):
     return [float(v) for v in t.detach().reshape(-1).tolist()]
 
@@ -89,13 +100,7 @@ def convnet():
     y = torch.nn.functional.conv2d(h, w2, b2, stride=2, padding=1)
     loss = torch.nn.functional.mse_loss(y, target)
     loss.backward()
-    out = {
-        "shapes": [list(t.shape) for t in [x] + params], "values": [values(t) for t in [x] + params],
-        "target_shape": list(target.shape), "target": values(target),
-        "loss": float(loss.detach()), "grads": [values(t.grad) for t in leaves],
-    }
-    path = write("convnet", out)
-    print(f"wrote {os.path.normpath(path)}: loss {float(loss.detach()):.5f}")
+    write_case("convnet", [x] + params, target, loss, leaves)
 
 
 def blocks():
@@ -113,13 +118,7 @@ def blocks():
     y = 0.5 * torch.nn.functional.conv2d(c, w2, b2, padding=1)
     loss = torch.nn.functional.mse_loss(y, target)
     loss.backward()
-    out = {
-        "shapes": [list(t.shape) for t in [x, temb] + params], "values": [values(t) for t in [x, temb] + params],
-        "target_shape": list(target.shape), "target": values(target),
-        "loss": float(loss.detach()), "grads": [values(t.grad) for t in leaves],
-    }
-    path = write("blocks", out)
-    print(f"wrote {os.path.normpath(path)}: loss {float(loss.detach()):.5f}")
+    write_case("blocks", [x, temb] + params, target, loss, leaves)
 
 
 def attention():
@@ -137,13 +136,7 @@ def attention():
     y = lin(torch.nn.functional.gelu(p @ v), wo)
     loss = torch.nn.functional.mse_loss(y, target)
     loss.backward()
-    out = {
-        "shapes": [list(t.shape) for t in [x] + params], "values": [values(t) for t in [x] + params],
-        "target_shape": list(target.shape), "target": values(target),
-        "loss": float(loss.detach()), "grads": [values(t.grad) for t in leaves],
-    }
-    path = write("attention", out)
-    print(f"wrote {os.path.normpath(path)}: loss {float(loss.detach()):.5f}")
+    write_case("attention", [x] + params, target, loss, leaves)
 
 
 if __name__ == "__main__":

@@ -442,16 +442,18 @@ impl<'g> Tape<'g> {
     pub fn checkpoint(&mut self, inputs: &[Var], f: Recorded) -> Result<Var> {
         let values: Vec<Tensor> = inputs.iter().map(|v| self.value(*v).clone()).collect();
         let needs: Vec<bool> = inputs.iter().map(|v| self.nodes[v.0].needs_grad).collect();
-        let leaves = |tape: &mut Tape| -> Result<Vec<Var>> { values.iter().zip(&needs).map(|(t, &n)| tape.leaf(t.clone(), n)).collect() };
+        fn leaves(tape: &mut Tape, values: &[Tensor], needs: &[bool]) -> Result<Vec<Var>> {
+            values.iter().zip(needs).map(|(t, &n)| tape.leaf(t.clone(), n)).collect()
+        }
         let y = {
             let mut sub = Tape::new(self.gpu);
-            let vars = leaves(&mut sub)?;
+            let vars = leaves(&mut sub, &values, &needs)?;
             let out = f(&mut sub, &vars)?;
             sub.value(out).clone()
         };
         let rule: Rule = Box::new(move |gpu, g| {
             let mut sub = Tape::new(gpu);
-            let vars: Vec<Var> = values.iter().zip(&needs).map(|(t, &n)| sub.leaf(t.clone(), n)).collect::<Result<_>>()?;
+            let vars = leaves(&mut sub, &values, &needs)?;
             let out = f(&mut sub, &vars)?;
             let grads = sub.backward_from(out, g.clone())?;
             Ok(vars.iter().map(|v| grads.get(*v).cloned()).collect())

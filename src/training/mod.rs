@@ -289,8 +289,8 @@ impl Trainer {
         Ok((input, target))
     }
 
-    /// One optimisation step on `batch`: forward, backward, clipping, AdamW, EMA.
-    pub async fn step(&mut self, gpu: &Gpu, batch: &Batch) -> Result<StepStats> {
+    /// The loss of `batch` (a one-element tensor) and its gradient for every parameter.
+    pub fn loss_and_gradients(&self, gpu: &Gpu, batch: &Batch) -> Result<(Tensor, Vec<Tensor>)> {
         let [c, h, w] = self.latent_shape;
         let n = batch.timesteps.len();
         let (input, target) = self.inputs_and_target(batch)?;
@@ -302,13 +302,17 @@ impl Trainer {
         let target = tape.constant(gpu.upload(&[n, c, h, w], DType::F32, &target)?)?;
         let loss = tape.mse_loss(pred, target)?;
         let grads = tape.backward(loss)?;
-        let mut grads = vars
+        let grads = vars
             .iter()
             .zip(self.unet.params())
             .map(|(v, s)| grads.get(*v).cloned().ok_or_else(|| Error::Model(format!("parameter {} got no gradient (a bug in ldm-web)", s.name))))
             .collect::<Result<Vec<_>>>()?;
-        let loss_value = tape.value(loss).clone();
-        drop(tape);
+        Ok((tape.value(loss).clone(), grads))
+    }
+
+    /// One optimisation step on `batch`: forward, backward, clipping, AdamW, EMA.
+    pub async fn step(&mut self, gpu: &Gpu, batch: &Batch) -> Result<StepStats> {
+        let (loss_value, mut grads) = self.loss_and_gradients(gpu, batch)?;
         let norm = clip_grad_norm(gpu, &mut grads, self.config.max_grad_norm)?;
         let grad_refs: Vec<Option<&Tensor>> = grads.iter().map(Some).collect();
         self.optimizer.step(gpu, &mut self.params, &grad_refs)?;
@@ -470,25 +474,17 @@ mod tests {
         let batch = fx.batch(&g.items, &g.timesteps, &g.keep_cond, g.noise_seed);
         for gpu in devices() {
             let trainer = fx.trainer(&gpu, fx.run_config(Objective::Epsilon));
-            let (input, target) = trainer.inputs_and_target(&batch).unwrap();
-            let r = &fx.run;
-            let mut tape = Tape::new(&gpu);
-            let vars: Vec<_> = trainer.params.iter().map(|p| tape.param(p.clone()).unwrap()).collect();
-            let x = tape.constant(gpu.upload(&[2, r.latent + r.cond, r.side, r.side], DType::F32, &input).unwrap()).unwrap();
-            let pred = trainer.unet.forward(&mut tape, &vars, x, &[g.timesteps[0] as f32, g.timesteps[1] as f32]).unwrap();
-            let t = tape.constant(gpu.upload(&[2, r.latent, r.side, r.side], DType::F32, &target).unwrap()).unwrap();
-            let loss = tape.mse_loss(pred, t).unwrap();
-            let got_loss = pollster::block_on(gpu.read(tape.value(loss))).unwrap()[0];
+            let (loss, grads) = trainer.loss_and_gradients(&gpu, &batch).unwrap();
+            let got_loss = pollster::block_on(gpu.read(&loss)).unwrap()[0];
             assert!((got_loss - g.loss).abs() <= 1e-5 * g.loss, "{}: loss {got_loss} vs torch {}", gpu.summary().name, g.loss);
-            let grads = tape.backward(loss).unwrap();
             // Relative to each tensor's largest gradient, but not below 1e-3 of the model's: a
             // key bias's gradient is zero in exact arithmetic (softmax ignores a shift common to a
             // row), so both sides hold rounding noise there.
             let want: Vec<Vec<f32>> = trainer.unet.params().iter().map(|s| fx.tensor(&format!("grad.{}", s.name), &s.shape)).collect();
             let global = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
             let mut worst = (0f32, String::new());
-            for ((v, spec), want) in vars.iter().zip(trainer.unet.params()).zip(&want) {
-                let got = pollster::block_on(gpu.read(grads.get(*v).unwrap())).unwrap();
+            for ((grad, spec), want) in grads.iter().zip(trainer.unet.params()).zip(&want) {
+                let got = pollster::block_on(gpu.read(grad)).unwrap();
                 let scale = want.iter().fold(1e-3 * global, |m, v| m.max(v.abs()));
                 let err = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
                 if err > worst.0 {
@@ -496,7 +492,7 @@ mod tests {
                 }
             }
             assert!(worst.0 <= 2e-4, "{}: gradient of {} off by {:.2e} of its largest value", gpu.summary().name, worst.1, worst.0);
-            eprintln!("{}: {} gradients, worst {} at {:.2e}", gpu.summary().name, vars.len(), worst.1, worst.0);
+            eprintln!("{}: {} gradients, worst {} at {:.2e}", gpu.summary().name, grads.len(), worst.1, worst.0);
         }
     }
 
@@ -558,17 +554,9 @@ mod tests {
             for checkpointing in [false, true] {
                 let mut trainer = fx.trainer(&gpu, fx.run_config(Objective::Epsilon));
                 trainer.unet.gradient_checkpointing = checkpointing;
-                let (input, target) = trainer.inputs_and_target(&batch).unwrap();
-                let r = &fx.run;
                 gpu.reset_pool_peak();
-                let mut tape = Tape::new(&gpu);
-                let vars: Vec<_> = trainer.params.iter().map(|p| tape.param(p.clone()).unwrap()).collect();
-                let x = tape.constant(gpu.upload(&[2, r.latent + r.cond, r.side, r.side], DType::F32, &input).unwrap()).unwrap();
-                let pred = trainer.unet.forward(&mut tape, &vars, x, &[g.timesteps[0] as f32, g.timesteps[1] as f32]).unwrap();
-                let t = tape.constant(gpu.upload(&[2, r.latent, r.side, r.side], DType::F32, &target).unwrap()).unwrap();
-                let loss = tape.mse_loss(pred, t).unwrap();
-                let grads = tape.backward(loss).unwrap();
-                let values: Vec<Vec<f32>> = vars.iter().map(|v| pollster::block_on(gpu.read(grads.get(*v).unwrap())).unwrap()).collect();
+                let (_, grads) = trainer.loss_and_gradients(&gpu, &batch).unwrap();
+                let values: Vec<Vec<f32>> = grads.iter().map(|g| pollster::block_on(gpu.read(g)).unwrap()).collect();
                 runs.push((values, gpu.pool_stats().peak_bytes));
             }
             let name = gpu.summary().name.clone();

@@ -80,10 +80,15 @@ impl PairLatents {
         let (n, b) = (self.len(), config.batch);
         let mut rng = TorchGenerator::new(config.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64 + 1));
         let mut items = Vec::with_capacity(b);
+        let mut order: Option<(usize, Vec<usize>)> = None;
         for k in 0..b {
             let global = step as usize * b + k;
             let (epoch, pos) = (global / n, global % n);
-            items.push(epoch_order(config.seed, epoch, n)[pos]);
+            // A batch spans at most a few epochs: shuffle each once.
+            if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                order = Some((epoch, epoch_order(config.seed, epoch, n)));
+            }
+            items.push(order.as_ref().map_or(0, |(_, o)| o[pos]));
         }
         let timesteps = (0..b).map(|_| (rng.next_u64() % train_timesteps as u64) as u32).collect();
         let keep_cond = rng.rand(b).into_iter().map(|u| u >= config.cond_dropout).collect();

@@ -56,6 +56,17 @@ pub fn first_stage_condition() -> ConcatCondition {
     ConcatCondition { stage: ConditionStage::FirstStage, channels: 3, range: [-1.0, 1.0], resample: Resample::Bicubic, rescale: None }
 }
 
+/// Where the autoencoder is in `src`: `vae/` (a Stable Diffusion folder, as the built-in model),
+/// `vqvae/` (an LDM folder, as a trained model) or the folder itself (a component folder).
+pub async fn autoencoder_dir(src: &dyn FileSource) -> Result<&'static str> {
+    for dir in ["vae", "vqvae", ""] {
+        if src.size(&crate::loader::join_path(dir, "config.json")).await?.is_some() {
+            return Ok(dir);
+        }
+    }
+    Err(Error::Input(format!("{} holds no autoencoder (vae/config.json, vqvae/config.json or config.json)", src.describe(""))))
+}
+
 /// What a new run is made of (a resumed one reads these from its state).
 pub struct RunSettings {
     pub config: TrainConfig,

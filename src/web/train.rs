@@ -10,7 +10,7 @@ use crate::loader::safetensors::FileDType;
 use crate::loader::{FileSource, MemorySource};
 use crate::pipelines::image_input::InputImage;
 use crate::training::pairs::Pair;
-use crate::training::run::{Cadence, RunEvent, RunSettings, TrainingRun, UNetSpec};
+use crate::training::run::{autoencoder_dir, Cadence, RunEvent, RunSettings, TrainingRun, UNetSpec};
 use crate::training::{Objective, TrainConfig};
 
 /// The Train tab's settings (JSON), named as `ldm train`'s flags.
@@ -102,16 +102,6 @@ async fn next_task() {
     let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
 }
 
-/// The autoencoder folder in `src`: `vae/`, `vqvae/` or the folder itself.
-async fn autoencoder_dir(src: &JsSource, url: &str) -> Result<&'static str> {
-    for dir in ["vae", "vqvae", ""] {
-        if src.size(&crate::loader::join_path(dir, "config.json")).await?.is_some() {
-            return Ok(dir);
-        }
-    }
-    Err(Error::Input(format!("{url} holds no autoencoder (vae/config.json, vqvae/config.json or config.json)")))
-}
-
 impl TrainRequest {
     fn settings(&self) -> RunSettings {
         let config = TrainConfig {
@@ -131,7 +121,7 @@ pub async fn bench_train(ae_url: String, ae_store: JsValue, settings_json: Strin
     async fn run(ae_url: &str, ae_store: JsValue, settings_json: &str) -> Result<String> {
         let req: TrainRequest = serde_json::from_str(settings_json).map_err(|e| Error::Input(format!("training settings: {e}")))?;
         let src = JsSource::new(ae_store, ae_url.to_string());
-        let dir = autoencoder_dir(&src, ae_url).await?;
+        let dir = autoencoder_dir(&src).await?;
         let pairs = crate::bench::train::synthetic_pairs(16, req.resolution)?;
         let gpu = gpu().await?;
         let report = crate::bench::train::run(&gpu, &src, dir, &pairs, req.settings(), req.steps as usize, &now_ms).await?;
@@ -164,7 +154,7 @@ async fn run_train(ae_url: &str, ae_store: JsValue, pairs_list: &JsValue, settin
     let req: TrainRequest = serde_json::from_str(settings_json).map_err(|e| Error::Input(format!("training settings: {e}")))?;
     let pairs = pairs(pairs_list)?;
     let src = JsSource::new(ae_store, ae_url.to_string());
-    let ae_dir = autoencoder_dir(&src, ae_url).await?;
+    let ae_dir = autoencoder_dir(&src).await?;
     let settings = req.settings();
     let saved = if resume.is_null() || resume.is_undefined() { None } else { Some(saved_files(resume)?) };
     let gpu = gpu().await?;

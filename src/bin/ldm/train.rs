@@ -11,7 +11,7 @@ use ldm_web::loader::{DirSource, FileSource};
 use ldm_web::training::pairs::Pair;
 use ldm_web::pipelines::image_input::{resize_u8, InputImage, Resample};
 use ldm_web::pipelines::stable_diffusion::Images;
-use ldm_web::training::run::{Cadence, RunEvent, RunSettings, TrainingRun, UNetSpec};
+use ldm_web::training::run::{autoencoder_dir, Cadence, RunEvent, RunSettings, TrainingRun, UNetSpec};
 use ldm_web::training::{Objective, TrainConfig};
 use ldm_web::{Error, Result};
 
@@ -161,18 +161,14 @@ pub fn read_pairs(spec: &str) -> Result<Vec<Pair>> {
 }
 
 /// The autoencoder's source and folder within it.
-fn autoencoder_source(spec: &str) -> Result<(Box<dyn FileSource>, &'static str)> {
-    if spec == crate::builtin::NAME {
-        let src = crate::builtin::source().ok_or_else(|| Error::Input("this ldm was built without the built-in model; pass --autoencoder DIR".into()))?;
-        return Ok((Box::new(src), "vae"));
-    }
-    let dir = Path::new(spec);
-    for sub in ["", "vqvae", "vae"] {
-        if dir.join(sub).join("config.json").is_file() {
-            return Ok((Box::new(DirSource::new(dir)), sub));
-        }
-    }
-    Err(Error::Input(format!("{spec} holds no autoencoder (config.json, vae/config.json or vqvae/config.json)")))
+async fn autoencoder_source(spec: &str) -> Result<(Box<dyn FileSource>, &'static str)> {
+    let src: Box<dyn FileSource> = if spec == crate::builtin::NAME {
+        Box::new(crate::builtin::source().ok_or_else(|| Error::Input("this ldm was built without the built-in model; pass --autoencoder DIR".into()))?)
+    } else {
+        Box::new(DirSource::new(spec))
+    };
+    let dir = autoencoder_dir(src.as_ref()).await?;
+    Ok((src, dir))
 }
 
 fn config_of(a: &RunArgs, steps: u32) -> Result<TrainConfig> {
@@ -215,7 +211,7 @@ pub fn bench(a: &BenchTrainArgs) -> Result<String> {
     };
     pollster::block_on(async {
         let gpu = crate::open_device(GpuOptions { force_f32: true, ..Default::default() }).await?;
-        let (ae, ae_dir) = autoencoder_source(&a.run.autoencoder)?;
+        let (ae, ae_dir) = autoencoder_source(&a.run.autoencoder).await?;
         let start = std::time::Instant::now();
         let now_ms = || start.elapsed().as_secs_f64() * 1e3;
         let report = ldm_web::bench::train::run(&gpu, ae.as_ref(), ae_dir, &pairs, settings(&a.run, a.steps)?, a.steps as usize, &now_ms).await?;
@@ -250,7 +246,7 @@ pub fn run(a: &TrainArgs) -> Result<String> {
         if a.resume && !resume {
             return Err(Error::Input(format!("--resume: {} holds no training state (training/state.json)", a.out)));
         }
-        let (ae, ae_dir) = autoencoder_source(&a.run.autoencoder)?;
+        let (ae, ae_dir) = autoencoder_source(&a.run.autoencoder).await?;
         let out = DirSource::new(&a.out);
         let mut run = TrainingRun::start(&gpu, ae.as_ref(), ae_dir, &pairs, settings(&a.run, a.steps)?, resume.then_some(&out as &dyn FileSource)).await?;
         let first = run.info.step;
