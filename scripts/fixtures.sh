@@ -39,5 +39,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
 "$VENV/bin/python" scripts/autograd_fixtures.py
 # a tiny concatenation-conditioned UNet2DModel: its gradients and a 50-step training run by torch + diffusers (src/training's tests)
 "$VENV/bin/python" scripts/training_fixtures.py
+# a PEFT LoRA on tests/fixtures/sd1's UNet: its gradients, a 20-step run and diffusers' saved file (src/training/lora.rs's tests)
+"$VENV/bin/python" scripts/lora_training_fixtures.py
 # diffusers' images of the committed built-in model (assets/builtin/emoji)
 "$VENV/bin/python" scripts/builtin/reference.py

@@ -151,6 +151,10 @@ impl<'g> Tape<'g> {
         Ok(Var(self.nodes.len() - 1))
     }
 
+    fn needs_grad(&self, v: Var) -> bool {
+        self.nodes[v.0].needs_grad
+    }
+
     /// A value the loss is differentiated with respect to (a parameter).
     pub fn param(&mut self, value: Tensor) -> Result<Var> {
         self.leaf(value, true)
@@ -187,21 +191,23 @@ impl<'g> Tape<'g> {
         let (out_f, in_f) = (wt.dim(0), wt.dim(1));
         let rows = xt.numel() / in_f;
         let has_bias = b.is_some();
+        let (need_x, need_w, need_b) = (self.needs_grad(x), self.needs_grad(w), b.is_some_and(|b| self.needs_grad(b)));
         let mut inputs = vec![x, w];
         inputs.extend(b);
         let rule: Rule = Box::new(move |gpu, g| {
-            // dx = g · w, dw = gᵀ · x, db = column sums of g.
-            let dx = ops::matmul_spec(gpu, &MatmulSpec {
+            // dx = g · w, dw = gᵀ · x, db = column sums of g; frozen weights (LoRA's base) and
+            // data get none.
+            let dx = need_x.then(|| ops::matmul_spec(gpu, &MatmulSpec {
                 a: MatView::packed(g, rows, out_f), b: MatView::packed(&wt, out_f, in_f).broadcast(), m: rows, n: in_f, k: out_f,
                 batch: 1, alpha: 1.0, bias: None, act: Activation::None, residual: None,
-            })?.reshape(xt.shape())?;
-            let dw = ops::matmul_spec(gpu, &MatmulSpec {
+            })?.reshape(xt.shape())).transpose()?;
+            let dw = need_w.then(|| ops::matmul_spec(gpu, &MatmulSpec {
                 a: MatView::transposed(g, out_f, rows), b: MatView::packed(&xt, rows, in_f), m: out_f, n: in_f, k: rows,
                 batch: 1, alpha: 1.0, bias: None, act: Activation::None, residual: None,
-            })?.reshape(&[out_f, in_f])?;
-            let mut grads = vec![Some(dx), Some(dw)];
+            })?.reshape(&[out_f, in_f])).transpose()?;
+            let mut grads = vec![dx, dw];
             if has_bias {
-                grads.push(Some(column_sums(gpu, g, rows, out_f)?));
+                grads.push(need_b.then(|| column_sums(gpu, g, rows, out_f)).transpose()?);
             }
             Ok(grads)
         });
@@ -222,15 +228,26 @@ impl<'g> Tape<'g> {
         let geo = ColGeometry::new(xt.shape(), kh, kw, &spec)?;
         let (batch, kk, p) = (geo.b, cin * kh * kw, geo.oh * geo.ow);
         let has_bias = b.is_some();
+        let (need_x, need_w) = (self.needs_grad(x), self.needs_grad(w) || b.is_some_and(|b| self.needs_grad(b)));
         let mut inputs = vec![x, w];
         inputs.extend(b);
         let rule: Rule = Box::new(move |gpu, g| {
-            let dcols = ops::matmul_spec(gpu, &MatmulSpec {
-                a: MatView::transposed(&wt, kk, cout).broadcast(),
-                b: MatView { tensor: g, base: 0, batch_stride: cout * p, row_stride: p, col_stride: 1 },
-                m: kk, n: p, k: cout, batch, alpha: 1.0, bias: None, act: Activation::None, residual: None,
-            })?.reshape(&geo.cols_shape())?;
-            let dx = ops::col2im(gpu, &dcols, xt.shape(), kh, kw, &spec)?;
+            let dx = if need_x {
+                let dcols = ops::matmul_spec(gpu, &MatmulSpec {
+                    a: MatView::transposed(&wt, kk, cout).broadcast(),
+                    b: MatView { tensor: g, base: 0, batch_stride: cout * p, row_stride: p, col_stride: 1 },
+                    m: kk, n: p, k: cout, batch, alpha: 1.0, bias: None, act: Activation::None, residual: None,
+                })?.reshape(&geo.cols_shape())?;
+                Some(ops::col2im(gpu, &dcols, xt.shape(), kh, kw, &spec)?)
+            } else {
+                None
+            };
+            // Frozen weights (LoRA's base): only the input's gradient.
+            if !need_w {
+                let mut grads = vec![dx, None];
+                grads.extend(has_bias.then_some(None));
+                return Ok(grads);
+            }
             let cols = ops::im2col(gpu, &xt, kh, kw, &spec)?;
             let one = ones(gpu, p)?;
             let (mut dw, mut db): (Option<Tensor>, Option<Tensor>) = (None, None);
@@ -249,7 +266,7 @@ impl<'g> Tape<'g> {
                 }
             }
             let dw = dw.ok_or_else(|| Error::Shape("conv2d of an empty batch".into()))?.reshape(&[cout, cin, kh, kw])?;
-            let mut grads = vec![Some(dx), Some(dw)];
+            let mut grads = vec![dx, Some(dw)];
             if let Some(db) = db {
                 grads.push(Some(db.reshape(&[cout])?));
             }

@@ -155,6 +155,34 @@ impl UNet2DConfig {
         self.time_embedding_dim.unwrap_or(self.block_out_channels[0] * 4)
     }
 
+    /// The blocks this config describes (block i's settings; up block i mirrors down block
+    /// n - 1 - i).
+    pub fn body_config(&self) -> Result<UNetBodyConfig<'_>> {
+        let config = self;
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let temb = config.time_embed_dim();
+        let time_norm = TimeEmbeddingNorm::from_config(&config.resnet_time_scale_shift)?;
+        let attention = |types: &[String], i: usize, r: usize| {
+            block_kind(&types[i]).is_some_and(|(a, _)| a).then(|| BlockAttention::SelfAttention { head_dim: config.head_dim(r) })
+        };
+        // diffusers: the mid attention normalises with the resnets' groups only with the default
+        // time embedding, unless attn_norm_num_groups says otherwise.
+        let mid_groups = config.attn_norm_num_groups.or((time_norm == TimeEmbeddingNorm::Default).then_some(config.norm_num_groups));
+        let mid_attention = config.add_attention.then(|| BlockAttention::SelfAttention { head_dim: config.head_dim(n - 1) });
+        Ok(UNetBodyConfig {
+            in_channels: config.in_channels,
+            out_channels: config.out_channels,
+            block_out_channels: ch,
+            layers_per_block: vec![config.layers_per_block; n],
+            down_attention: (0..n).map(|i| attention(&config.down_block_types, i, i)).collect(),
+            up_attention: (0..n).map(|i| attention(&config.up_block_types, i, n - 1 - i)).collect(),
+            mid: config.mid_block_type.is_some().then_some((mid_attention, mid_groups, config.mid_block_scale_factor)),
+            downsample_padding: config.downsample_padding,
+            settings: BlockSettings { temb_channels: temb, groups: config.norm_num_groups, eps: config.norm_eps, cross_attention_dim: 0, time_norm },
+        })
+    }
+
     /// The class embedding this config asks for, if any.
     pub fn class_embedding(&self) -> Result<Option<ClassEmbedKind>> {
         match (self.class_embed_type.as_deref(), self.num_class_embeds) {
@@ -193,27 +221,8 @@ impl UNet2DModel {
     pub async fn load(w: &W<'_, '_>, config: UNet2DConfig) -> Result<Self> {
         config.validate()?;
         let ch = &config.block_out_channels;
-        let n = ch.len();
         let temb = config.time_embed_dim();
-        let time_norm = TimeEmbeddingNorm::from_config(&config.resnet_time_scale_shift)?;
-        let attention = |types: &[String], i: usize, r: usize| {
-            block_kind(&types[i]).is_some_and(|(a, _)| a).then(|| BlockAttention::SelfAttention { head_dim: config.head_dim(r) })
-        };
-        // diffusers: the mid attention normalises with the resnets' groups only with the default
-        // time embedding, unless attn_norm_num_groups says otherwise.
-        let mid_groups = config.attn_norm_num_groups.or((time_norm == TimeEmbeddingNorm::Default).then_some(config.norm_num_groups));
-        let mid_attention = config.add_attention.then(|| BlockAttention::SelfAttention { head_dim: config.head_dim(n - 1) });
-        let body = UNetBodyConfig {
-            in_channels: config.in_channels,
-            out_channels: config.out_channels,
-            block_out_channels: ch,
-            layers_per_block: vec![config.layers_per_block; n],
-            down_attention: (0..n).map(|i| attention(&config.down_block_types, i, i)).collect(),
-            up_attention: (0..n).map(|i| attention(&config.up_block_types, i, n - 1 - i)).collect(),
-            mid: config.mid_block_type.is_some().then_some((mid_attention, mid_groups, config.mid_block_scale_factor)),
-            downsample_padding: config.downsample_padding,
-            settings: BlockSettings { temb_channels: temb, groups: config.norm_num_groups, eps: config.norm_eps, cross_attention_dim: 0, time_norm },
-        };
+        let body = config.body_config()?;
         let time_embedding = TimestepMlp::load(&w.sub("time_embedding"), ch[0], temb, config.flip_sin_to_cos, config.freq_shift).await?;
         let class_embedding = match config.class_embedding()? {
             None => None,

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{safetensors_bytes, values_from_safetensors, Ema, Objective, ParamSpec, TrainConfig, Trainer};
+use super::{safetensors_bytes, values_from_safetensors, Ema, Objective, Optimised, ParamSpec, TrainConfig, Trainer};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::loader::safetensors::FileDType;
@@ -108,7 +108,7 @@ pub async fn model_files(
     });
     let mut meta = BTreeMap::new();
     meta.insert("format".into(), "pt".into());
-    let values = read_all(gpu, trainer.inference_params()).await?;
+    let values = read_all(gpu, trainer.trained.inference_params()).await?;
     let weights = safetensors_bytes(trainer.unet.params(), &values, dtype, &meta)?;
     Ok(vec![
         ("model_index.json".into(), json(&index)?),
@@ -126,8 +126,8 @@ fn prefixed(specs: &[ParamSpec], prefix: &str) -> Vec<ParamSpec> {
 }
 
 /// `training/state.safetensors` and `training/state.json`: everything [`restore_state`] needs.
-pub async fn state_files(gpu: &Gpu, trainer: &Trainer, info: &RunInfo) -> Result<Vec<(String, Vec<u8>)>> {
-    let specs = trainer.unet.params();
+pub async fn state_files(gpu: &Gpu, trainer: &Optimised, info: &RunInfo) -> Result<Vec<(String, Vec<u8>)>> {
+    let specs = &trainer.specs;
     let mut all_specs = prefixed(specs, "param");
     let mut values = read_all(gpu, &trainer.params).await?;
     let moments = trainer.optimizer.moments();
@@ -155,9 +155,9 @@ pub fn read_run_info(bytes: &[u8]) -> Result<RunInfo> {
     serde_json::from_slice(bytes).map_err(|e| Error::Model(format!("training/state.json is not a training state of this version: {e}")))
 }
 
-/// Puts a saved state (from [`state_files`]) back into `trainer`.
-pub fn restore_state(gpu: &Gpu, trainer: &mut Trainer, state: &[u8]) -> Result<()> {
-    let specs = trainer.unet.params().to_vec();
+/// Puts a saved state (from [`state_files`]) back into the trained tensors.
+pub fn restore_state(gpu: &Gpu, trainer: &mut Optimised, state: &[u8]) -> Result<()> {
+    let specs = trainer.specs.clone();
     let what = "training/state.safetensors";
     let upload = |values: Vec<Vec<f32>>| -> Result<Vec<Tensor>> { specs.iter().zip(values).map(|(s, v)| gpu.upload(&s.shape, DType::F32, &v)).collect() };
     trainer.params = upload(values_from_safetensors(&prefixed(&specs, "param"), state, what)?)?;

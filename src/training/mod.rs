@@ -9,9 +9,13 @@
 //! classifier-free guidance needs.
 
 pub mod checkpoint;
+mod layers;
+pub mod lora;
 pub mod pairs;
 pub mod run;
 pub mod unet_2d;
+mod unet_body;
+pub mod unet_2d_condition;
 
 use std::collections::BTreeMap;
 
@@ -22,13 +26,17 @@ use crate::gpu::{DType, Gpu, Tensor};
 use crate::loader::safetensors::{header_len, parse_header, serialize, FileDType, OutTensor};
 use crate::ops::{self, Expr, ExprInput, IndexMap};
 use crate::rng::TorchGenerator;
+pub use layers::LoraConfig;
 pub use unet_2d::UNet2DTrainable;
+pub use unet_2d_condition::UNet2DConditionTrainable;
 
 /// How a parameter starts.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {
     /// torch's default for linear and convolution layers: uniform in ±1/√fan_in.
     Uniform { fan_in: usize },
+    /// Normal with this standard deviation (PEFT's "gaussian" LoRA A).
+    Normal { std: f32 },
     Ones,
     Zeros,
 }
@@ -61,6 +69,10 @@ pub fn init_values(specs: &[ParamSpec], seed: u64) -> Vec<Vec<f32>> {
                 let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
                 let mut rng = TorchGenerator::new(seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
                 rng.rand(s.numel()).into_iter().map(|u| (2.0 * u - 1.0) * bound).collect()
+            }
+            Init::Normal { std } => {
+                let mut rng = TorchGenerator::new(seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
+                rng.randn(s.numel()).into_iter().map(|z| z * std).collect()
             }
         })
         .collect()
@@ -217,13 +229,73 @@ pub struct StepStats {
     pub grad_norm: f32,
 }
 
+/// The tensors a run trains (all of a UNet's, or a LoRA's factors), their AdamW state and EMA.
+pub struct Optimised {
+    /// Names and shapes of [`Self::params`].
+    pub specs: Vec<ParamSpec>,
+    pub params: Vec<Tensor>,
+    pub optimizer: AdamW,
+    pub ema: Option<Ema>,
+    max_grad_norm: f32,
+}
+
+impl Optimised {
+    /// Starts from `values` (one per spec) with `config`'s optimiser and EMA.
+    pub fn new(gpu: &Gpu, specs: Vec<ParamSpec>, values: &[Vec<f32>], config: &TrainConfig) -> Result<Self> {
+        if values.len() != specs.len() {
+            return Err(Error::Shape(format!("{} values for {} trained tensors", values.len(), specs.len())));
+        }
+        let params = specs.iter().zip(values).map(|(s, v)| gpu.upload(&s.shape, DType::F32, v)).collect::<Result<Vec<_>>>()?;
+        let adam = AdamWConfig { lr: config.lr, weight_decay: config.weight_decay, ..Default::default() };
+        let optimizer = AdamW::new(adam, params.len());
+        let ema = config.ema_decay.map(|d| Ema::new(gpu, d, &params)).transpose()?;
+        Ok(Self { specs, params, optimizer, ema, max_grad_norm: config.max_grad_norm })
+    }
+
+    /// Clipping, AdamW and the EMA with `grads` (one per parameter); then reads back the step's
+    /// `loss` and the gradients' norm.
+    pub async fn apply(&mut self, gpu: &Gpu, loss: &Tensor, mut grads: Vec<Tensor>) -> Result<StepStats> {
+        let norm = clip_grad_norm(gpu, &mut grads, self.max_grad_norm)?;
+        let grad_refs: Vec<Option<&Tensor>> = grads.iter().map(Some).collect();
+        self.optimizer.step(gpu, &mut self.params, &grad_refs)?;
+        if let Some(ema) = &mut self.ema {
+            ema.update(gpu, &self.params)?;
+        }
+        let stats = ops::concat(gpu, &[loss, &norm.reshape(&[1])?], 0)?;
+        let stats = gpu.read(&stats).await?;
+        if !stats[0].is_finite() {
+            return Err(Error::Model(format!("the training loss became {} at step {}; lower the learning rate", stats[0], self.optimizer.steps)));
+        }
+        Ok(StepStats { loss: stats[0], grad_norm: stats[1] })
+    }
+
+    /// The weights to save or sample with: the EMA's when there is one.
+    pub fn inference_params(&self) -> &[Tensor] {
+        self.ema.as_ref().map_or(&self.params, |e| &e.shadow)
+    }
+}
+
+/// The noisy latents x_t and the regression target of one item at noise level `alpha_cumprod`,
+/// as diffusers' `DDPMScheduler.add_noise` / `get_velocity` compute them in f32.
+fn noised(alpha_cumprod: f32, objective: Objective, x0: &[f32], eps: &[f32], input: &mut Vec<f32>, target: &mut Vec<f32>) {
+    let (sa, sb) = (alpha_cumprod.sqrt(), (1.0 - alpha_cumprod).sqrt());
+    input.extend(x0.iter().zip(eps).map(|(x, e)| sa * x + sb * e));
+    match objective {
+        Objective::Epsilon => target.extend_from_slice(eps),
+        Objective::V => target.extend(x0.iter().zip(eps).map(|(x, e)| sa * e - sb * x)),
+    }
+}
+
+/// ᾱ_t from a schedule, or the error for a timestep past it.
+fn alpha_cumprod(schedule: &[f32], t: u32) -> Result<f32> {
+    schedule.get(t as usize).copied().ok_or_else(|| Error::Input(format!("timestep {t} is past the schedule's {}", schedule.len())))
+}
+
 /// A concatenation-conditioned UNet2DModel being trained: its weights, optimiser and EMA.
 pub struct Trainer {
     pub unet: UNet2DTrainable,
     pub config: TrainConfig,
-    pub params: Vec<Tensor>,
-    pub optimizer: AdamW,
-    pub ema: Option<Ema>,
+    pub trained: Optimised,
     alphas_cumprod: Vec<f32>,
     /// `[C, h, w]` of the latents and the condition's channels.
     pub latent_shape: [usize; 3],
@@ -244,12 +316,9 @@ impl Trainer {
                 unet.config.in_channels, unet.config.out_channels, latent_shape[0]
             )));
         }
-        let params = specs.iter().zip(values).map(|(s, v)| gpu.upload(&s.shape, DType::F32, v)).collect::<Result<Vec<_>>>()?;
-        unet.gradient_checkpointing = config.gradient_checkpointing;
-        let adam = AdamWConfig { lr: config.lr, weight_decay: config.weight_decay, ..Default::default() };
-        let optimizer = AdamW::new(adam, params.len());
-        let ema = config.ema_decay.map(|d| Ema::new(gpu, d, &params)).transpose()?;
-        Ok(Self { unet, config, params, optimizer, ema, alphas_cumprod, latent_shape, cond_channels })
+        let trained = Optimised::new(gpu, specs.to_vec(), values, &config)?;
+        unet.set_gradient_checkpointing(config.gradient_checkpointing);
+        Ok(Self { unet, config, trained, alphas_cumprod, latent_shape, cond_channels })
     }
 
     /// Training timesteps (`num_train_timesteps`).
@@ -269,21 +338,14 @@ impl Trainer {
         let mut input = Vec::with_capacity(n * (c + cc) * plane);
         let mut target = Vec::with_capacity(n * c * plane);
         for i in 0..n {
-            let t = b.timesteps[i] as usize;
-            let acp = *self.alphas_cumprod.get(t).ok_or_else(|| Error::Input(format!("timestep {t} is past the schedule's {}", self.alphas_cumprod.len())))?;
-            let (sa, sb) = (acp.sqrt(), (1.0 - acp).sqrt());
+            let acp = alpha_cumprod(&self.alphas_cumprod, b.timesteps[i])?;
             let range = i * c * plane..(i + 1) * c * plane;
-            let (x0, eps) = (&b.x0[range.clone()], &b.noise[range]);
-            input.extend(x0.iter().zip(eps).map(|(x, e)| sa * x + sb * e));
+            noised(acp, self.config.objective, &b.x0[range.clone()], &b.noise[range], &mut input, &mut target);
             let cond = &b.cond[i * cc * plane..(i + 1) * cc * plane];
             if b.keep_cond[i] {
                 input.extend_from_slice(cond);
             } else {
                 input.extend(std::iter::repeat_n(0.0, cond.len()));
-            }
-            match self.config.objective {
-                Objective::Epsilon => target.extend_from_slice(eps),
-                Objective::V => target.extend(x0.iter().zip(eps).map(|(x, e)| sa * e - sb * x)),
             }
         }
         Ok((input, target))
@@ -295,7 +357,7 @@ impl Trainer {
         let n = batch.timesteps.len();
         let (input, target) = self.inputs_and_target(batch)?;
         let mut tape = Tape::new(gpu);
-        let vars = self.params.iter().map(|p| tape.param(p.clone())).collect::<Result<Vec<_>>>()?;
+        let vars = self.trained.params.iter().map(|p| tape.param(p.clone())).collect::<Result<Vec<_>>>()?;
         let x = tape.constant(gpu.upload(&[n, c + self.cond_channels, h, w], DType::F32, &input)?)?;
         let t: Vec<f32> = batch.timesteps.iter().map(|&t| t as f32).collect();
         let pred = self.unet.forward(&mut tape, &vars, x, &t)?;
@@ -312,24 +374,8 @@ impl Trainer {
 
     /// One optimisation step on `batch`: forward, backward, clipping, AdamW, EMA.
     pub async fn step(&mut self, gpu: &Gpu, batch: &Batch) -> Result<StepStats> {
-        let (loss_value, mut grads) = self.loss_and_gradients(gpu, batch)?;
-        let norm = clip_grad_norm(gpu, &mut grads, self.config.max_grad_norm)?;
-        let grad_refs: Vec<Option<&Tensor>> = grads.iter().map(Some).collect();
-        self.optimizer.step(gpu, &mut self.params, &grad_refs)?;
-        if let Some(ema) = &mut self.ema {
-            ema.update(gpu, &self.params)?;
-        }
-        let stats = ops::concat(gpu, &[&loss_value, &norm.reshape(&[1])?], 0)?;
-        let stats = gpu.read(&stats).await?;
-        if !stats[0].is_finite() {
-            return Err(Error::Model(format!("the training loss became {} at step {}; lower the learning rate", stats[0], self.optimizer.steps)));
-        }
-        Ok(StepStats { loss: stats[0], grad_norm: stats[1] })
-    }
-
-    /// The weights to save or sample with: the EMA's when there is one.
-    pub fn inference_params(&self) -> &[Tensor] {
-        self.ema.as_ref().map_or(&self.params, |e| &e.shadow)
+        let (loss, grads) = self.loss_and_gradients(gpu, batch)?;
+        self.trained.apply(gpu, &loss, grads).await
     }
 }
 
@@ -512,7 +558,7 @@ mod tests {
             eprintln!("{name}: 50 steps, losses within {worst_loss:.2e}, gradient norms within {worst_norm:.2e} of torch's");
             assert!(worst_loss <= 1e-4 && worst_norm <= 1e-3, "{name}: losses off by {worst_loss:.2e}, gradient norms by {worst_norm:.2e}");
             let specs = trainer.unet.params().to_vec();
-            for (which, params) in [("final", &trainer.params), ("final_ema", &trainer.ema.as_ref().unwrap().shadow)] {
+            for (which, params) in [("final", &trainer.trained.params), ("final_ema", &trainer.trained.ema.as_ref().unwrap().shadow)] {
                 for (spec, p) in specs.iter().zip(params.iter()) {
                     let key = format!("{which}.{}", spec.name);
                     let spec_ok = ParamSpec { name: key.clone(), shape: spec.shape.clone(), init: Init::Zeros };
@@ -553,7 +599,7 @@ mod tests {
             let mut runs = Vec::new();
             for checkpointing in [false, true] {
                 let mut trainer = fx.trainer(&gpu, fx.run_config(Objective::Epsilon));
-                trainer.unet.gradient_checkpointing = checkpointing;
+                trainer.unet.set_gradient_checkpointing(checkpointing);
                 gpu.reset_pool_peak();
                 let (_, grads) = trainer.loss_and_gradients(&gpu, &batch).unwrap();
                 let values: Vec<Vec<f32>> = grads.iter().map(|g| pollster::block_on(gpu.read(g)).unwrap()).collect();

@@ -162,7 +162,7 @@ impl TrainingRun {
         let values = init_values(unet.params(), info.config.seed);
         let mut trainer = Trainer::new(gpu, unet, info.config.clone(), &values, alphas, data.latent_shape, data.cond_channels)?;
         if let Some(state) = state {
-            restore_state(gpu, &mut trainer, &state)?;
+            restore_state(gpu, &mut trainer.trained, &state)?;
         }
         let mut info = info;
         info.pairs = data.names.clone();
@@ -214,7 +214,7 @@ impl TrainingRun {
     /// The model folder's files and the state's (paths relative to the folder).
     pub async fn files(&self, gpu: &Gpu, dtype: FileDType) -> Result<Vec<(String, Vec<u8>)>> {
         let mut files = model_files(gpu, &self.trainer, &self.unet_config, &self.schedule, &self.autoencoder, &self.condition, &self.info, dtype).await?;
-        files.extend(state_files(gpu, &self.trainer, &self.info).await?);
+        files.extend(state_files(gpu, &self.trainer.trained, &self.info).await?);
         Ok(files)
     }
 
