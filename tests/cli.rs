@@ -897,3 +897,74 @@ fn train_writes_a_model_that_generates_and_resumes_exactly() {
         assert!(!ok && stderr.contains(want) && stderr.trim().lines().count() == 1, "{full:?}: {stderr}");
     }
 }
+
+/// `ldm train-lora` on four captioned images (captions from `.txt` files and from a
+/// `metadata.jsonl`): a LoRA file `ldm generate --lora` uses, resumed runs that repeat an
+/// uninterrupted one, one-line errors.
+#[test]
+fn train_lora_writes_a_lora_that_generates_and_resumes_exactly() {
+    let dir = tmp("train-lora");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let targets = fixtures().join("training/pairs/target");
+    for (name, caption) in [("1F34E", "a red apple"), ("1F525", "fire"), ("2600-FE0F", "the sun"), ("2764-FE0F", "a red heart")] {
+        std::fs::copy(targets.join(format!("{name}.png")), images.join(format!("{name}.png"))).unwrap();
+        if name.starts_with("1F") {
+            std::fs::write(images.join(format!("{name}.txt")), format!("{caption}\n")).unwrap();
+        }
+    }
+    std::fs::write(images.join("metadata.jsonl"), "{\"file_name\": \"2600-FE0F.png\", \"text\": \"the sun\"}\n{\"file_name\": \"2764-FE0F.png\", \"text\": \"a red heart\"}\n").unwrap();
+    let model = fixtures().join("sd1");
+    let (model, images) = (model.to_str().unwrap(), images.to_str().unwrap());
+    let run = |out: &Path, steps: &str, extra: &[&str]| {
+        let mut args = vec!["--device", "cpu", "train-lora", "--model", model, "--images", images, "--resolution", "32", "--batch", "2", "--lr", "1e-3", "--cond-dropout", "0.25", "--steps", steps, "--save-every", "3", "--sample-steps", "3", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = ldm(&args);
+        assert!(ok, "ldm train-lora failed: {stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).expect("a JSON report")
+    };
+    let whole = dir.join("whole");
+    let report = run(&whole, "6", &[]);
+    assert_eq!((report["steps"].as_u64(), report["images"].as_u64()), (Some(6), Some(4)));
+    for f in ["pytorch_lora_weights.safetensors", "training/lora.json", "training/state.json", "training/state.safetensors", "samples/step-000006.png"] {
+        assert!(whole.join(f).is_file(), "{f} missing");
+    }
+    let lora = whole.join("pytorch_lora_weights.safetensors");
+    let gen = |extra: &[&str], out: &Path| {
+        let mut args = vec!["--device", "cpu", "generate", "--model", model, "--prompt", "a red apple", "--steps", "3", "--width", "32", "--height", "32", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (ok, _, stderr) = ldm(&args);
+        assert!(ok, "generate failed: {stderr}");
+        read_png(out).0
+    };
+    let with = gen(&["--lora", lora.to_str().unwrap()], &dir.join("with.png"));
+    let without = gen(&[], &dir.join("without.png"));
+    assert_ne!(with, without, "the trained LoRA changes nothing");
+
+    let split = dir.join("split");
+    run(&split, "3", &[]);
+    run(&split, "6", &["--resume"]);
+    let losses = |d: &Path| -> Vec<f64> {
+        let state: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("training/state.json")).unwrap()).unwrap();
+        state["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
+    };
+    assert_eq!(losses(&whole).len(), 6);
+    assert_eq!(losses(&whole), losses(&split), "a resumed run must repeat the uninterrupted one");
+    assert!(std::fs::read(&lora).unwrap() == std::fs::read(split.join("pytorch_lora_weights.safetensors")).unwrap(), "resumed LoRA differs");
+
+    let bare = dir.join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::copy(targets.join("1F34E.png"), bare.join("a.png")).unwrap();
+    for (args, want) in [
+        (vec!["train-lora", "--model", model, "--images", bare.to_str().unwrap()], "has no caption"),
+        (vec!["train-lora", "--model", model, "--images", images, "--resolution", "40"], "multiple of 32"),
+        (vec!["train-lora", "--model", model, "--images", images, "--targets", "conv1"], "only linear layers"),
+        (vec!["train-lora", "--model", model, "--images", images, "--targets", "nothing"], "match no linear layer"),
+        (vec!["train-lora", "--model", model, "--images", images, "--resume", "--out", dir.join("none").to_str().unwrap()], "no training state"),
+    ] {
+        let mut full = vec!["--device", "cpu"];
+        full.extend(args);
+        let (ok, _, stderr) = ldm(&full);
+        assert!(!ok && stderr.contains(want) && stderr.trim().lines().count() == 1, "{full:?}: {stderr}");
+    }
+}

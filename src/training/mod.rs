@@ -11,6 +11,7 @@
 pub mod checkpoint;
 mod layers;
 pub mod lora;
+pub mod lora_run;
 pub mod pairs;
 pub mod run;
 pub mod unet_2d;

@@ -20,6 +20,7 @@ enum AttentionLayer {
 }
 
 impl AttentionLayer {
+    #[allow(clippy::too_many_arguments)]
     fn build(r: &mut Registry, prefix: &str, channels: usize, kind: BlockAttention, groups: usize, s: &Settings, cross_dim: usize, linear_projection: bool) -> Self {
         match kind {
             BlockAttention::SelfAttention { head_dim } => Self::Spatial(r.spatial_attention(prefix, channels, head_dim, groups, s.eps)),

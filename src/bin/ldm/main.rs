@@ -9,6 +9,7 @@ mod http;
 mod manifest;
 mod serve;
 mod train;
+mod train_lora;
 
 use clap::{Parser, Subcommand};
 use ldm_web::bench::{BenchOptions, BenchReport};
@@ -60,6 +61,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Trains an image-to-image LDM (condition image -> target image) on pairs with a frozen autoencoder; writes an LDMPipeline folder and a resumable state.
     Train(train::TrainArgs),
+    /// Fine-tunes a Stable Diffusion model's UNet with LoRA on captioned images; writes pytorch_lora_weights.safetensors (for --lora) and a resumable state.
+    TrainLora(train_lora::TrainLoraArgs),
 }
 
 #[derive(Subcommand)]
@@ -102,6 +105,7 @@ fn main() -> std::process::ExitCode {
         Command::Convert(args) => convert::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Train(args) => train::run(&args),
+        Command::TrainLora(args) => train_lora::run(&args),
         Command::Bench { what: BenchWhat::Train(args) } => train::bench(&args),
         Command::Manifest(args) => manifest::run(&args),
         Command::Bench { what: BenchWhat::Generate(args) } => generate::run(&args, true),

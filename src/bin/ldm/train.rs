@@ -181,7 +181,7 @@ fn config_of(a: &RunArgs, steps: u32) -> Result<TrainConfig> {
 
 /// Writes `files` under `out`, each through a temporary file so an interrupted save leaves the
 /// previous one whole.
-fn write_files(out: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+pub(crate) fn write_files(out: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
     for (rel, bytes) in files {
         let path = out.join(rel);
         let io = |e: std::io::Error| Error::Io(format!("cannot write {}: {e}", path.display()));
