@@ -5,7 +5,8 @@
 //! sums the gradients of values used more than once. Values and gradients are engine tensors, and
 //! every rule is written with the forward ops (matrix products over transposed views, elementwise
 //! expressions), so gradients run on WebGPU and on the CPU backend alike and each piece has the
-//! CPU reference its op already has. Training computes in f32.
+//! CPU reference its op already has. A rule computes in its values' dtype: f32, or f16 under
+//! mixed precision ([`Tape::with_compute`]).
 
 pub mod optim;
 
@@ -36,6 +37,9 @@ struct Node {
 pub struct Tape<'g> {
     gpu: &'g Gpu,
     nodes: Vec<Node>,
+    /// What matrix products and convolutions run in ([`Tape::autocast`]): f32, or f16 for mixed
+    /// precision.
+    compute: DType,
 }
 
 /// The gradients [`Tape::backward`] found, by variable.
@@ -51,21 +55,21 @@ impl Grads {
     }
 }
 
-fn check_f32(t: &Tensor, what: &str) -> Result<()> {
-    if t.dtype() != DType::F32 {
-        return Err(Error::Unsupported(format!("training computes in f32; {what} is {}", t.dtype().name())));
+fn check_float(t: &Tensor, what: &str) -> Result<()> {
+    if !matches!(t.dtype(), DType::F32 | DType::F16) {
+        return Err(Error::Unsupported(format!("training computes in f32 or f16; {what} is {}", t.dtype().name())));
     }
     Ok(())
 }
 
-/// `1 x n` ones (sums as matrix products).
-fn ones(gpu: &Gpu, n: usize) -> Result<Tensor> {
-    gpu.constant(&format!("autograd/ones/{n}"), &[1, n], DType::F32, || vec![1.0; n])
+/// `1 x n` ones of `dtype` (sums as matrix products).
+fn ones(gpu: &Gpu, n: usize, dtype: DType) -> Result<Tensor> {
+    gpu.constant(&format!("autograd/ones/{n}/{}", dtype.name()), &[1, n], dtype, || vec![1.0; n])
 }
 
 /// Column sums of a row-major `rows x cols` matrix: `[cols]`.
 fn column_sums(gpu: &Gpu, x: &Tensor, rows: usize, cols: usize) -> Result<Tensor> {
-    let one = ones(gpu, rows)?;
+    let one = ones(gpu, rows, x.dtype())?;
     let spec = MatmulSpec {
         a: MatView::packed(&one, 1, rows), b: MatView::packed(x, rows, cols), m: 1, n: cols, k: rows, batch: 1,
         alpha: 1.0, bias: None, act: Activation::None, residual: None,
@@ -85,7 +89,7 @@ fn image_view(t: &Tensor, n: usize, rows: usize, cols: usize) -> MatView<'_> {
 
 /// Row sums of a row-major `rows x cols` matrix times `scale`: `[rows]`.
 fn row_sums(gpu: &Gpu, x: &Tensor, rows: usize, cols: usize, scale: f32) -> Result<Tensor> {
-    let one = ones(gpu, cols)?;
+    let one = ones(gpu, cols, x.dtype())?;
     let spec = MatmulSpec {
         a: MatView::packed(x, rows, cols), b: MatView::packed(&one, cols, 1), m: rows, n: 1, k: cols, batch: 1,
         alpha: scale, bias: None, act: Activation::None, residual: None,
@@ -100,13 +104,13 @@ fn normalized(gpu: &Gpu, x: &Tensor, units: usize, len: usize, eps: f32) -> Resu
     let (same, per_unit) = (IndexMap::same(x.numel()), IndexMap::per(len, units));
     let on = |f: &Expr, ins: &[(&Tensor, IndexMap)]| -> Result<Tensor> {
         let ins: Vec<ExprInput> = ins.iter().map(|(t, map)| ExprInput { tensor: t, map: *map }).collect();
-        ops::expr(gpu, f, &ins, x.shape(), DType::F32)
+        ops::expr(gpu, f, &ins, x.shape(), x.dtype())
     };
     let mean = row_sums(gpu, x, units, len, 1.0 / len as f32)?;
     let centred = on(&(e(0) - e(1)), &[(x, same), (&mean, per_unit)])?;
     let sq = on(&(e(0) * e(0)), &[(&centred, same)])?;
     let var = row_sums(gpu, &sq, units, len, 1.0 / len as f32)?;
-    let rstd = ops::expr(gpu, &(1.0 / (e(0) + eps).sqrt()), &[ExprInput { tensor: &var, map: IndexMap::same(units) }], &[units], DType::F32)?;
+    let rstd = ops::expr(gpu, &(1.0 / (e(0) + eps).sqrt()), &[ExprInput { tensor: &var, map: IndexMap::same(units) }], &[units], x.dtype())?;
     let xhat = on(&(e(0) * e(1)), &[(&centred, same), (&rstd, per_unit)])?;
     Ok((xhat, rstd))
 }
@@ -123,20 +127,54 @@ fn normalized_input_grad(gpu: &Gpu, dxhat: &Tensor, xhat: &Tensor, rstd: &Tensor
         ExprInput { tensor: dxhat, map: same }, ExprInput { tensor: xhat, map: same },
         ExprInput { tensor: &m1, map: per_unit }, ExprInput { tensor: &m2, map: per_unit }, ExprInput { tensor: rstd, map: per_unit },
     ];
-    ops::expr(gpu, &(e(4) * (e(0) - e(2) - e(1) * e(3))), &ins, xhat.shape(), DType::F32)
+    ops::expr(gpu, &(e(4) * (e(0) - e(2) - e(1) * e(3))), &ins, xhat.shape(), xhat.dtype())
 }
 
-/// An elementwise expression over same-sized tensors, shaped like the first.
+/// An elementwise expression over same-sized tensors, shaped and typed like the first.
 fn elementwise(gpu: &Gpu, f: &Expr, xs: &[&Tensor]) -> Result<Tensor> {
     let n = xs[0].numel();
     let ins: Vec<ExprInput> = xs.iter().map(|t| ExprInput { tensor: t, map: IndexMap::same(n) }).collect();
-    ops::expr(gpu, f, &ins, xs[0].shape(), DType::F32)
+    ops::expr(gpu, f, &ins, xs[0].shape(), xs[0].dtype())
 }
 
 impl<'g> Tape<'g> {
-    /// An empty tape on `gpu`.
+    /// An empty tape on `gpu`, computing in f32.
     pub fn new(gpu: &'g Gpu) -> Self {
-        Self { gpu, nodes: Vec::new() }
+        Self { gpu, nodes: Vec::new(), compute: DType::F32 }
+    }
+
+    /// An empty tape whose matrix products and convolutions run in `compute` (f16: mixed
+    /// precision, as torch's autocast: the layers cast their inputs and f32 master weights with
+    /// [`Self::autocast`], and normalisations, softmax and losses run in f32).
+    pub fn with_compute(gpu: &'g Gpu, compute: DType) -> Result<Self> {
+        if compute == DType::F16 && !gpu.supports(DType::F16) {
+            return Err(Error::Unsupported(format!("mixed precision needs f16 kernels (shader-f16), which {} does not have; train in f32", gpu.summary().name)));
+        }
+        if !matches!(compute, DType::F32 | DType::F16) {
+            return Err(Error::Unsupported(format!("training computes in f32 or f16, not {}", compute.name())));
+        }
+        Ok(Self { gpu, nodes: Vec::new(), compute })
+    }
+
+    /// The dtype matrix products and convolutions run in.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
+    }
+
+    /// `x` in `dtype` (itself when it already is); the gradient is cast back to `x`'s dtype.
+    pub fn cast(&mut self, x: Var, dtype: DType) -> Result<Var> {
+        let from = self.value(x).dtype();
+        if from == dtype {
+            return Ok(x);
+        }
+        let cast = |gpu: &Gpu, t: &Tensor, to: DType| ops::expr(gpu, &Expr::input(0), &[ExprInput { tensor: t, map: IndexMap::same(t.numel()) }], t.shape(), to);
+        let y = cast(self.gpu, self.value(x), dtype)?;
+        Ok(self.push(y, vec![x], Box::new(move |gpu, g| Ok(vec![Some(cast(gpu, g, from)?)]))))
+    }
+
+    /// `x` in the tape's compute dtype (the input of a matrix product or convolution).
+    pub fn autocast(&mut self, x: Var) -> Result<Var> {
+        self.cast(x, self.compute)
     }
 
     fn push(&mut self, value: Tensor, inputs: Vec<Var>, rule: Rule) -> Var {
@@ -146,7 +184,7 @@ impl<'g> Tape<'g> {
     }
 
     fn leaf(&mut self, value: Tensor, needs_grad: bool) -> Result<Var> {
-        check_f32(&value, "a tape input")?;
+        check_float(&value, "a tape input")?;
         self.nodes.push(Node { value, inputs: Vec::new(), rule: None, needs_grad });
         Ok(Var(self.nodes.len() - 1))
     }
@@ -249,7 +287,7 @@ impl<'g> Tape<'g> {
                 return Ok(grads);
             }
             let cols = ops::im2col(gpu, &xt, kh, kw, &spec)?;
-            let one = ones(gpu, p)?;
+            let one = ones(gpu, p, g.dtype())?;
             let (mut dw, mut db): (Option<Tensor>, Option<Tensor>) = (None, None);
             for n in 0..batch {
                 // cols[n]ᵀ: [p, kk] read from the [kk, p] block.
@@ -299,7 +337,7 @@ impl<'g> Tape<'g> {
             let dgamma = channel_sums(&gx)?;
             let dbeta = channel_sums(g)?;
             let ins = [ExprInput { tensor: g, map: same }, ExprInput { tensor: &gt, map: IndexMap::per(hw, c) }];
-            let dxhat = ops::expr(gpu, &(e(0) * e(1)), &ins, xt.shape(), DType::F32)?;
+            let dxhat = ops::expr(gpu, &(e(0) * e(1)), &ins, xt.shape(), xt.dtype())?;
             let dx = normalized_input_grad(gpu, &dxhat, &xhat, &rstd, units, len)?;
             Ok(vec![Some(dx), Some(dgamma), Some(dbeta)])
         });
@@ -320,7 +358,7 @@ impl<'g> Tape<'g> {
             let dgamma = column_sums(gpu, &gx, rows, cols)?;
             let dbeta = column_sums(gpu, g, rows, cols)?;
             let ins = [ExprInput { tensor: g, map: IndexMap::same(rows * cols) }, ExprInput { tensor: &gt, map: IndexMap::repeat(cols) }];
-            let dxhat = ops::expr(gpu, &(e(0) * e(1)), &ins, xt.shape(), DType::F32)?;
+            let dxhat = ops::expr(gpu, &(e(0) * e(1)), &ins, xt.shape(), xt.dtype())?;
             Ok(vec![Some(normalized_input_grad(gpu, &dxhat, &xhat, &rstd, rows, cols)?), Some(dgamma), Some(dbeta)])
         });
         Ok(self.push(y, vec![x, gamma, beta], rule))
@@ -335,7 +373,7 @@ impl<'g> Tape<'g> {
         let rule: Rule = Box::new(move |gpu, g| {
             let (planes, p) = (shape[0] * shape[1], shape[2] * shape[3]);
             let cols = ops::im2col(gpu, g, 2, 2, &Conv2dSpec::new(2, 0))?;
-            let one = ones(gpu, 4)?;
+            let one = ones(gpu, 4, g.dtype())?;
             let dx = ops::matmul_spec(gpu, &MatmulSpec {
                 a: MatView::packed(&one, 1, 4).broadcast(),
                 b: MatView { tensor: &cols, base: 0, batch_stride: 4 * p, row_stride: p, col_stride: 1 },
@@ -387,7 +425,7 @@ impl<'g> Tape<'g> {
         let n = xt.numel();
         let hw = n / (b * c).max(1);
         let ins = [ExprInput { tensor: &xt, map: IndexMap::same(n) }, ExprInput { tensor: &tt, map: IndexMap::per(hw, b * c) }];
-        let y = ops::expr(self.gpu, &(Expr::input(0) + Expr::input(1)), &ins, xt.shape(), DType::F32)?;
+        let y = ops::expr(self.gpu, &(Expr::input(0) + Expr::input(1)), &ins, xt.shape(), xt.dtype())?;
         let rule: Rule = Box::new(move |gpu, g| Ok(vec![Some(g.clone()), Some(row_sums(gpu, g, b * c, hw, 1.0)?.reshape(&[b, c])?)]));
         Ok(self.push(y, vec![x, t], rule))
     }
@@ -447,7 +485,7 @@ impl<'g> Tape<'g> {
                 ExprInput { tensor: &dot, map: IndexMap::per(cols, rows) },
             ];
             let f = scale * Expr::input(1) * (Expr::input(0) - Expr::input(2));
-            Ok(vec![Some(ops::expr(gpu, &f, &ins, yt.shape(), DType::F32)?)])
+            Ok(vec![Some(ops::expr(gpu, &f, &ins, yt.shape(), yt.dtype())?)])
         });
         Ok(self.push(y, vec![x], rule))
     }
@@ -462,14 +500,15 @@ impl<'g> Tape<'g> {
         fn leaves(tape: &mut Tape, values: &[Tensor], needs: &[bool]) -> Result<Vec<Var>> {
             values.iter().zip(needs).map(|(t, &n)| tape.leaf(t.clone(), n)).collect()
         }
+        let compute = self.compute;
         let y = {
-            let mut sub = Tape::new(self.gpu);
+            let mut sub = Tape { gpu: self.gpu, nodes: Vec::new(), compute };
             let vars = leaves(&mut sub, &values, &needs)?;
             let out = f(&mut sub, &vars)?;
             sub.value(out).clone()
         };
         let rule: Rule = Box::new(move |gpu, g| {
-            let mut sub = Tape::new(gpu);
+            let mut sub = Tape { gpu, nodes: Vec::new(), compute };
             let vars = leaves(&mut sub, &values, &needs)?;
             let out = f(&mut sub, &vars)?;
             let grads = sub.backward_from(out, g.clone())?;
@@ -507,7 +546,7 @@ impl<'g> Tape<'g> {
             onehot[r * vocab + i as usize] = 1.0;
         }
         let rule: Rule = Box::new(move |gpu, g| {
-            let onehot = gpu.upload(&[n, vocab], DType::F32, &onehot)?;
+            let onehot = gpu.upload(&[n, vocab], g.dtype(), &onehot)?;
             let dt = ops::matmul_spec(gpu, &MatmulSpec {
                 a: MatView::transposed(&onehot, vocab, n), b: MatView::packed(g, n, dim), m: vocab, n: dim, k: n, batch: 1,
                 alpha: 1.0, bias: None, act: Activation::None, residual: None,
@@ -590,7 +629,7 @@ impl<'g> Tape<'g> {
         let n = pt.numel();
         let (p, t) = (Expr::input(0), Expr::input(1));
         let sq = elementwise(self.gpu, &((p.clone() - t.clone()) * (p - t)), &[&pt, &tt])?;
-        let one = ones(self.gpu, n)?;
+        let one = ones(self.gpu, n, pt.dtype())?;
         let loss = ops::matmul_spec(self.gpu, &MatmulSpec {
             a: MatView::packed(&one, 1, n), b: MatView::packed(&sq, n, 1), m: 1, n: 1, k: n, batch: 1,
             alpha: 1.0 / n as f32, bias: None, act: Activation::None, residual: None,
@@ -603,7 +642,7 @@ impl<'g> Tape<'g> {
                 ExprInput { tensor: &tt, map: IndexMap::same(n) },
                 ExprInput { tensor: g, map: IndexMap::repeat(1) },
             ];
-            let dp = ops::expr(gpu, &f, &ins, pt.shape(), DType::F32)?;
+            let dp = ops::expr(gpu, &f, &ins, pt.shape(), pt.dtype())?;
             let dt = ops::scale(gpu, &dp, -1.0, 0.0)?;
             Ok(vec![Some(dp), Some(dt)])
         });
@@ -616,7 +655,7 @@ impl<'g> Tape<'g> {
         if lt.numel() != 1 {
             return Err(Error::Shape(format!("backward needs a one-element loss, got {:?}", lt.shape())));
         }
-        self.backward_from(loss, self.gpu.upload(lt.shape(), DType::F32, &[1.0])?)
+        self.backward_from(loss, self.gpu.upload(lt.shape(), lt.dtype(), &[1.0])?)
     }
 
     /// Gradients of `Σ seed · out` (the vector-Jacobian product with `seed`, shaped like `out`).

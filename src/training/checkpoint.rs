@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{safetensors_bytes, values_from_safetensors, Ema, Objective, Optimised, ParamSpec, TrainConfig, Trainer};
+use super::{safetensors_bytes, values_from_safetensors, Ema, LossScaler, Objective, Optimised, ParamSpec, TrainConfig, Trainer};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::loader::safetensors::FileDType;
@@ -145,6 +145,10 @@ pub async fn state_files(gpu: &Gpu, trainer: &Optimised, info: &RunInfo) -> Resu
     let mut meta = BTreeMap::new();
     meta.insert("adam_steps".into(), trainer.optimizer.steps.to_string());
     meta.insert("ema_updates".into(), trainer.ema.as_ref().map_or(0, |e| e.updates).to_string());
+    if let Some(s) = trainer.scaler {
+        meta.insert("loss_scale".into(), s.scale.to_string());
+        meta.insert("loss_scale_growth_tracker".into(), s.growth_tracker.to_string());
+    }
     let state = safetensors_bytes(&all_specs, &values, FileDType::F32, &meta)?;
     let info = serde_json::to_value(info).map_err(|e| Error::Io(e.to_string()))?;
     Ok(vec![("training/state.safetensors".into(), state), ("training/state.json".into(), json(&info)?)])
@@ -173,6 +177,9 @@ pub fn restore_state(gpu: &Gpu, trainer: &mut Optimised, state: &[u8]) -> Result
     if let Some(ema) = &mut trainer.ema {
         let shadow = upload(values_from_safetensors(&prefixed(&specs, "ema"), state, what)?)?;
         *ema = Ema { decay: ema.decay, updates: number("ema_updates")?, shadow };
+    }
+    if let (Some(scaler), Some(scale)) = (&mut trainer.scaler, header.metadata.get("loss_scale").and_then(|v| v.parse::<f32>().ok())) {
+        *scaler = LossScaler { scale, growth_tracker: number("loss_scale_growth_tracker")? };
     }
     Ok(())
 }

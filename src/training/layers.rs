@@ -199,7 +199,8 @@ pub(super) struct Conv {
 
 impl Conv {
     pub fn forward(&self, tape: &mut Tape, p: &[Var], x: Var) -> Result<Var> {
-        tape.conv2d(x, p[self.w], Some(p[self.b]), self.spec)
+        let (x, w, b) = (tape.autocast(x)?, tape.autocast(p[self.w])?, tape.autocast(p[self.b])?);
+        tape.conv2d(x, w, Some(b), self.spec)
     }
 }
 
@@ -218,16 +219,20 @@ pub(super) struct Linear {
 
 impl Linear {
     pub fn forward(&self, tape: &mut Tape, p: &[Var], x: Var) -> Result<Var> {
-        let y = tape.linear(x, p[self.w], self.b.map(|b| p[b]))?;
+        let (x, w) = (tape.autocast(x)?, tape.autocast(p[self.w])?);
+        let b = self.b.map(|b| tape.autocast(p[b])).transpose()?;
+        let y = tape.linear(x, w, b)?;
         let Some(l) = &self.lora else { return Ok(y) };
-        let down = tape.linear(x, p[l.a], None)?;
-        let up = tape.linear(down, p[l.b], None)?;
+        let (a, b) = (tape.autocast(p[l.a])?, tape.autocast(p[l.b])?);
+        let down = tape.linear(x, a, None)?;
+        let up = tape.linear(down, b, None)?;
         let up = tape.scale(up, l.scale)?;
         tape.add(y, up)
     }
 }
 
-/// A group norm, or (with `groups` 0) a layer norm over the last axis.
+/// A group norm, or (with `groups` 0) a layer norm over the last axis; in f32 whatever the
+/// compute dtype (as torch's autocast runs normalisations).
 pub(super) struct Norm {
     gamma: usize,
     beta: usize,
@@ -237,10 +242,11 @@ pub(super) struct Norm {
 
 impl Norm {
     pub fn forward(&self, tape: &mut Tape, p: &[Var], x: Var) -> Result<Var> {
+        let (x, gamma, beta) = (tape.cast(x, DType::F32)?, tape.cast(p[self.gamma], DType::F32)?, tape.cast(p[self.beta], DType::F32)?);
         if self.groups == 0 {
-            return tape.layer_norm(x, p[self.gamma], p[self.beta], self.eps);
+            return tape.layer_norm(x, gamma, beta, self.eps);
         }
-        tape.group_norm(x, self.groups, p[self.gamma], p[self.beta], self.eps)
+        tape.group_norm(x, self.groups, gamma, beta, self.eps)
     }
 }
 
@@ -300,8 +306,11 @@ impl Attention {
         let q = split(&self.to_q, x, tape)?;
         let k = split(&self.to_k, context, tape)?;
         let v = split(&self.to_v, context, tape)?;
+        // The softmax in f32, the products in the compute dtype (torch's autocast).
         let scores = tape.bmm(q, k, true)?;
+        let scores = tape.cast(scores, DType::F32)?;
         let probs = tape.softmax(scores, (d as f32).powf(-0.5))?;
+        let probs = tape.autocast(probs)?;
         let out = tape.bmm(probs, v, false)?;
         let out = tape.reshape(out, &[b, heads, n, d])?;
         let out = tape.permute(out, &[0, 2, 1, 3])?;

@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 
 use super::{alpha_cumprod, init_values, noised, safetensors_bytes, values_from_safetensors, Batch, Optimised, ParamSpec, StepStats, TrainConfig, UNet2DConditionTrainable};
-use crate::autograd::Tape;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::loader::safetensors::FileDType;
@@ -84,7 +83,7 @@ impl LoraTrainer {
             noised(acp, self.config.objective, &b.x0[range.clone()], &b.noise[range], &mut input, &mut target);
             context.extend_from_slice(if b.keep_cond[i] { &b.cond[i * ctx..(i + 1) * ctx] } else { &self.uncond });
         }
-        let mut tape = Tape::new(gpu);
+        let mut tape = self.trained.tape(gpu)?;
         let mut adapters = self.trained.params.iter();
         let mut vars = Vec::with_capacity(self.base.len());
         for frozen in &self.base {
@@ -98,15 +97,11 @@ impl LoraTrainer {
         let context = tape.constant(gpu.upload(&[n, tokens, ctx / tokens.max(1)], DType::F32, &context)?)?;
         let t: Vec<f32> = b.timesteps.iter().map(|&t| t as f32).collect();
         let pred = self.unet.forward(&mut tape, &vars, x, &t, context)?;
+        let pred = tape.cast(pred, DType::F32)?;
         let target = tape.constant(gpu.upload(&[n, c, h, w], DType::F32, &target)?)?;
         let loss = tape.mse_loss(pred, target)?;
-        let grads = tape.backward(loss)?;
-        let grads = self
-            .unet
-            .adapters()
-            .iter()
-            .map(|&i| grads.get(vars[i]).cloned().ok_or_else(|| Error::Model(format!("LoRA factor {} got no gradient (a bug in ldm-web)", self.unet.params()[i].name))))
-            .collect::<Result<Vec<_>>>()?;
+        let adapters: Vec<_> = self.unet.adapters().iter().map(|&i| vars[i]).collect();
+        let grads = self.trained.backward(&tape, loss, &adapters, &self.trained.specs)?;
         Ok((tape.value(loss).clone(), grads))
     }
 
@@ -164,6 +159,7 @@ pub fn lora_values(unet: &UNet2DConditionTrainable, bytes: &[u8], what: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::autograd::Tape;
     use crate::gpu::GpuOptions;
     use crate::loader::lora::AdapterSet;
     use crate::loader::safetensors::{header_len, parse_header};
@@ -256,7 +252,7 @@ mod tests {
 
         fn config(&self) -> TrainConfig {
             let r = &self.run;
-            TrainConfig { steps: r.steps.len() as u32, batch: 2, lr: r.lr, weight_decay: r.weight_decay, max_grad_norm: r.max_grad_norm, objective: Objective::Epsilon, cond_dropout: 0.0, ema_decay: None, seed: 0, gradient_checkpointing: false }
+            TrainConfig { steps: r.steps.len() as u32, batch: 2, lr: r.lr, weight_decay: r.weight_decay, max_grad_norm: r.max_grad_norm, objective: Objective::Epsilon, cond_dropout: 0.0, ema_decay: None, seed: 0, gradient_checkpointing: false, mixed_precision: false }
         }
 
         fn context_len(&self) -> usize {
@@ -361,6 +357,46 @@ mod tests {
             let (got, want) = (lora_values(&trainer.unet, &ours, "ours").unwrap(), lora_values(&trainer.unet, &theirs, "diffusers'").unwrap());
             let worst = got.iter().zip(&want).map(|(a, b)| max_rel(a, b)).fold(0f32, f32::max);
             assert!(worst <= 1e-3, "{name}: trained factors off by {worst:.2e} after {} steps", fx.run.steps.len());
+        }
+    }
+
+    /// Mixed precision (frozen weights in f16, f16 products, f32 LoRA masters, scaled loss) on
+    /// adapters with shader-f16: gradients and the 20-step run within f16's rounding of torch's.
+    #[test]
+    fn mixed_precision_lora_follows_torch_within_f16_rounding() {
+        let fx = Fixture::load();
+        let g = &fx.run.gradients;
+        let batch = fx.batch(&g.items, &g.timesteps, &g.keep_cond, g.noise_seed);
+        for gpu in devices().into_iter().filter(|g| g.supports(DType::F16)) {
+            let name = gpu.summary().name.clone();
+            let trainer = |config: TrainConfig| {
+                let unet = fx.unet();
+                let init: Vec<Vec<f32>> = adapter_specs(&unet).iter().map(|s| read_tensor(&fx.tensors, &format!("init.{}", s.name), &s.shape)).collect();
+                let uncond = read_tensor(&fx.tensors, "uncond", &[fx.run.tokens, fx.config.cross_attention_dim.get(0)]);
+                let w = fx.weights.at(&gpu, DType::F16, "");
+                pollster::block_on(LoraTrainer::new(&gpu, &w, unet, config, Some(&init), fx.alphas_cumprod.clone(), [4, 8, 8], uncond)).unwrap()
+            };
+            let mixed = TrainConfig { mixed_precision: true, ..fx.config() };
+            let t = trainer(mixed.clone());
+            let (loss, grads) = t.loss_and_gradients(&gpu, &batch).unwrap();
+            let got_loss = pollster::block_on(gpu.read(&loss)).unwrap()[0];
+            let scale = t.trained.loss_scale();
+            let want: Vec<Vec<f32>> = t.trained.specs.iter().map(|s| read_tensor(&fx.tensors, &format!("grad.{}", s.name), &s.shape)).collect();
+            let global = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+            let mut worst = 0f32;
+            for (grad, want) in grads.iter().zip(&want) {
+                let got = pollster::block_on(gpu.read(grad)).unwrap();
+                worst = worst.max(got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a / scale - b).abs())) / global);
+            }
+            let mut t = trainer(mixed);
+            let mut worst_loss = 0f32;
+            for (s, step) in fx.run.steps.iter().enumerate() {
+                let batch = fx.batch(&step.items, &step.timesteps, &step.keep_cond, 1000 + s as u64);
+                let stats = pollster::block_on(t.step(&gpu, &batch)).unwrap();
+                worst_loss = worst_loss.max((stats.loss - step.loss).abs() / step.loss);
+            }
+            eprintln!("{name}: mixed-precision LoRA loss {got_loss} (torch f32 {}), gradients within {worst:.2e} of the largest, 20-step losses within {worst_loss:.2e}", g.loss);
+            assert!((got_loss - g.loss).abs() <= 1e-3 * g.loss && worst <= 1e-2 && worst_loss <= 5e-3, "{name}: mixed-precision LoRA loss {got_loss} vs {}, gradients off by {worst:.2e}, losses by {worst_loss:.2e}", g.loss);
         }
     }
 

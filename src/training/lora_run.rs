@@ -142,7 +142,8 @@ impl LoraRun {
         let unet = UNet2DConditionTrainable::new(unet_config, Some(lora))?;
         let files = component_files(model_src, "unet", "diffusion_pytorch_model", false).await?;
         let weights = Weights::new(model_src, files);
-        let w = weights.at(gpu, DType::F32, "");
+        // Under mixed precision the frozen weights are only ever read in f16: store them so.
+        let w = weights.at(gpu, if info.config.mixed_precision { DType::F16 } else { DType::F32 }, "");
         let mut trainer = LoraTrainer::new(gpu, &w, unet, info.config.clone(), None, alphas, data.latent_shape, uncond).await?;
         if let Some(state) = state {
             restore_state(gpu, &mut trainer.trained, &state)?;

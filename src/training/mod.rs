@@ -21,7 +21,7 @@ pub mod unet_2d_condition;
 use std::collections::BTreeMap;
 
 use crate::autograd::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::autograd::Tape;
+use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::loader::safetensors::{header_len, parse_header, serialize, FileDType, OutTensor};
@@ -178,11 +178,15 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Recompute block activations in the backward pass (less memory, about a third more time).
     pub gradient_checkpointing: bool,
+    /// Matrix products and convolutions in f16 with f32 master weights, normalisations, softmax
+    /// and the loss in f32, and a dynamically scaled loss (torch's autocast + `GradScaler`); needs
+    /// an adapter with shader-f16.
+    pub mixed_precision: bool,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { steps: 1000, batch: 4, lr: 1e-4, weight_decay: 1e-2, max_grad_norm: 1.0, objective: Objective::Epsilon, cond_dropout: 0.1, ema_decay: Some(0.999), seed: 0, gradient_checkpointing: false }
+        Self { steps: 1000, batch: 4, lr: 1e-4, weight_decay: 1e-2, max_grad_norm: 1.0, objective: Objective::Epsilon, cond_dropout: 0.1, ema_decay: Some(0.999), seed: 0, gradient_checkpointing: false, mixed_precision: false }
     }
 }
 
@@ -226,8 +230,49 @@ pub struct Batch {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepStats {
     pub loss: f32,
-    /// The gradients' global norm before clipping.
+    /// The gradients' global norm before clipping (infinite or NaN when a mixed-precision step
+    /// overflowed and was skipped).
     pub grad_norm: f32,
+}
+
+/// torch's `GradScaler`: the loss is multiplied by `scale` before the backward pass so that small
+/// f16 gradients do not flush to zero; a step whose gradients overflow is skipped and halves the
+/// scale, and every `growth_interval` good steps double it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScaler {
+    pub scale: f32,
+    /// Good steps since the scale last changed.
+    pub growth_tracker: u32,
+}
+
+impl LossScaler {
+    /// torch's defaults: 2^16, ×2 every 2000 good steps, ×0.5 on overflow.
+    const INIT: f32 = 65536.0;
+    const GROWTH_INTERVAL: u32 = 2000;
+
+    pub fn new() -> Self {
+        Self { scale: Self::INIT, growth_tracker: 0 }
+    }
+
+    /// Records a step: `overflowed` when its gradients were not finite.
+    pub fn update(&mut self, overflowed: bool) {
+        if overflowed {
+            self.scale *= 0.5;
+            self.growth_tracker = 0;
+        } else {
+            self.growth_tracker += 1;
+            if self.growth_tracker == Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.growth_tracker = 0;
+            }
+        }
+    }
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The tensors a run trains (all of a UNet's, or a LoRA's factors), their AdamW state and EMA.
@@ -237,6 +282,8 @@ pub struct Optimised {
     pub params: Vec<Tensor>,
     pub optimizer: AdamW,
     pub ema: Option<Ema>,
+    /// Under mixed precision.
+    pub scaler: Option<LossScaler>,
     max_grad_norm: f32,
 }
 
@@ -246,28 +293,81 @@ impl Optimised {
         if values.len() != specs.len() {
             return Err(Error::Shape(format!("{} values for {} trained tensors", values.len(), specs.len())));
         }
+        if config.mixed_precision && !gpu.supports(DType::F16) {
+            return Err(Error::Unsupported(format!("mixed precision needs f16 kernels (shader-f16), which {} does not have; train in f32", gpu.summary().name)));
+        }
         let params = specs.iter().zip(values).map(|(s, v)| gpu.upload(&s.shape, DType::F32, v)).collect::<Result<Vec<_>>>()?;
         let adam = AdamWConfig { lr: config.lr, weight_decay: config.weight_decay, ..Default::default() };
         let optimizer = AdamW::new(adam, params.len());
         let ema = config.ema_decay.map(|d| Ema::new(gpu, d, &params)).transpose()?;
-        Ok(Self { specs, params, optimizer, ema, max_grad_norm: config.max_grad_norm })
+        let scaler = config.mixed_precision.then(LossScaler::new);
+        Ok(Self { specs, params, optimizer, ema, scaler, max_grad_norm: config.max_grad_norm })
     }
 
-    /// Clipping, AdamW and the EMA with `grads` (one per parameter); then reads back the step's
-    /// `loss` and the gradients' norm.
+    /// What the loss is multiplied by before the backward pass (1 without mixed precision).
+    pub fn loss_scale(&self) -> f32 {
+        self.scaler.map_or(1.0, |s| s.scale)
+    }
+
+    /// Clipping, AdamW and the EMA with `grads` (one per parameter, of the loss times
+    /// [`Self::loss_scale`]); then reads back the step's `loss` and the gradients' norm. Under
+    /// mixed precision a step whose gradients overflowed changes nothing but the scale.
     pub async fn apply(&mut self, gpu: &Gpu, loss: &Tensor, mut grads: Vec<Tensor>) -> Result<StepStats> {
+        let read = |norm: &Tensor| {
+            let stats = norm.reshape(&[1]).and_then(|n| ops::concat(gpu, &[loss, &n], 0));
+            async move { gpu.read(&stats?).await }
+        };
+        let finite_loss = |stats: &[f32], step: u32| {
+            if stats[0].is_finite() {
+                Ok(StepStats { loss: stats[0], grad_norm: stats[1] })
+            } else {
+                Err(Error::Model(format!("the training loss became {} at step {step}; lower the learning rate", stats[0])))
+            }
+        };
+        if let Some(scaler) = self.scaler {
+            let unscale = 1.0 / scaler.scale;
+            grads = grads.iter().map(|g| ops::scale(gpu, g, unscale, 0.0)).collect::<Result<_>>()?;
+        }
         let norm = clip_grad_norm(gpu, &mut grads, self.max_grad_norm)?;
+        // Under mixed precision the norm decides whether the step happens: read it first.
+        let early = match &mut self.scaler {
+            Some(scaler) => {
+                let stats = read(&norm).await?;
+                scaler.update(!stats[1].is_finite());
+                if !stats[1].is_finite() {
+                    return finite_loss(&stats, self.optimizer.steps);
+                }
+                Some(stats)
+            }
+            None => None,
+        };
         let grad_refs: Vec<Option<&Tensor>> = grads.iter().map(Some).collect();
         self.optimizer.step(gpu, &mut self.params, &grad_refs)?;
         if let Some(ema) = &mut self.ema {
             ema.update(gpu, &self.params)?;
         }
-        let stats = ops::concat(gpu, &[loss, &norm.reshape(&[1])?], 0)?;
-        let stats = gpu.read(&stats).await?;
-        if !stats[0].is_finite() {
-            return Err(Error::Model(format!("the training loss became {} at step {}; lower the learning rate", stats[0], self.optimizer.steps)));
-        }
-        Ok(StepStats { loss: stats[0], grad_norm: stats[1] })
+        let stats = match early {
+            Some(s) => s,
+            None => read(&norm).await?,
+        };
+        finite_loss(&stats, self.optimizer.steps)
+    }
+
+    /// The tape a step records on: f32, or f16 products under mixed precision.
+    pub fn tape<'g>(&self, gpu: &'g Gpu) -> Result<Tape<'g>> {
+        Tape::with_compute(gpu, if self.scaler.is_some() { DType::F16 } else { DType::F32 })
+    }
+
+    /// The gradients of the one-element `loss` (f32) for `params`' variables, scaled by
+    /// [`Self::loss_scale`].
+    pub fn backward(&self, tape: &Tape, loss: Var, params: &[Var], names: &[ParamSpec]) -> Result<Vec<Tensor>> {
+        let seed = tape.gpu().upload(&[1], DType::F32, &[self.loss_scale()])?;
+        let grads = tape.backward_from(loss, seed)?;
+        params
+            .iter()
+            .zip(names)
+            .map(|(v, s)| grads.get(*v).cloned().ok_or_else(|| Error::Model(format!("parameter {} got no gradient (a bug in ldm-web)", s.name))))
+            .collect()
     }
 
     /// The weights to save or sample with: the EMA's when there is one.
@@ -357,19 +457,15 @@ impl Trainer {
         let [c, h, w] = self.latent_shape;
         let n = batch.timesteps.len();
         let (input, target) = self.inputs_and_target(batch)?;
-        let mut tape = Tape::new(gpu);
+        let mut tape = self.trained.tape(gpu)?;
         let vars = self.trained.params.iter().map(|p| tape.param(p.clone())).collect::<Result<Vec<_>>>()?;
         let x = tape.constant(gpu.upload(&[n, c + self.cond_channels, h, w], DType::F32, &input)?)?;
         let t: Vec<f32> = batch.timesteps.iter().map(|&t| t as f32).collect();
         let pred = self.unet.forward(&mut tape, &vars, x, &t)?;
+        let pred = tape.cast(pred, DType::F32)?;
         let target = tape.constant(gpu.upload(&[n, c, h, w], DType::F32, &target)?)?;
         let loss = tape.mse_loss(pred, target)?;
-        let grads = tape.backward(loss)?;
-        let grads = vars
-            .iter()
-            .zip(self.unet.params())
-            .map(|(v, s)| grads.get(*v).cloned().ok_or_else(|| Error::Model(format!("parameter {} got no gradient (a bug in ldm-web)", s.name))))
-            .collect::<Result<Vec<_>>>()?;
+        let grads = self.trained.backward(&tape, loss, &vars, self.unet.params())?;
         Ok((tape.value(loss).clone(), grads))
     }
 
@@ -476,7 +572,7 @@ mod tests {
 
         fn run_config(&self, objective: Objective) -> TrainConfig {
             let r = &self.run;
-            TrainConfig { steps: r.steps.len() as u32, batch: 2, lr: r.lr, weight_decay: r.weight_decay, max_grad_norm: r.max_grad_norm, objective, cond_dropout: 0.0, ema_decay: Some(r.ema_decay), seed: 0, gradient_checkpointing: false }
+            TrainConfig { steps: r.steps.len() as u32, batch: 2, lr: r.lr, weight_decay: r.weight_decay, max_grad_norm: r.max_grad_norm, objective, cond_dropout: 0.0, ema_decay: Some(r.ema_decay), seed: 0, gradient_checkpointing: false, mixed_precision: false }
         }
     }
 
@@ -570,6 +666,69 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Mixed precision (f16 products, f32 masters, scaled loss) on adapters with shader-f16: the
+    /// gradients and a 50-step run stay within f16's rounding of torch's f32 ones.
+    #[test]
+    fn mixed_precision_follows_torch_within_f16_rounding() {
+        let fx = Fixture::load();
+        let g = &fx.run.gradients;
+        let batch = fx.batch(&g.items, &g.timesteps, &g.keep_cond, g.noise_seed);
+        for gpu in devices() {
+            let name = gpu.summary().name.clone();
+            let mixed = TrainConfig { mixed_precision: true, ..fx.run_config(Objective::Epsilon) };
+            if !gpu.supports(DType::F16) {
+                let err = Trainer::new(&gpu, UNet2DTrainable::new(fx.config.clone()).unwrap(), mixed, &fx.init, fx.alphas_cumprod.clone(), [3, 8, 8], 3).err().expect("refused without f16");
+                assert!(err.to_string().contains("shader-f16"), "{err}");
+                eprintln!("{name}: no shader-f16, mixed precision refused");
+                continue;
+            }
+            let trainer = fx.trainer(&gpu, mixed);
+            let (loss, grads) = trainer.loss_and_gradients(&gpu, &batch).unwrap();
+            let got_loss = pollster::block_on(gpu.read(&loss)).unwrap()[0];
+            let scale = trainer.trained.loss_scale();
+            let want: Vec<Vec<f32>> = trainer.unet.params().iter().map(|s| fx.tensor(&format!("grad.{}", s.name), &s.shape)).collect();
+            let global = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+            let mut worst = 0f32;
+            for (grad, want) in grads.iter().zip(&want) {
+                let got = pollster::block_on(gpu.read(grad)).unwrap();
+                worst = worst.max(got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a / scale - b).abs())) / global);
+            }
+            eprintln!("{name}: mixed precision loss {got_loss} (torch f32 {}), gradients within {worst:.2e} of the largest", g.loss);
+            assert!((got_loss - g.loss).abs() <= 1e-3 * g.loss && worst <= 5e-3, "{name}: mixed-precision loss {got_loss} vs {}, gradients off by {worst:.2e}", g.loss);
+            let mut trainer = fx.trainer(&gpu, TrainConfig { mixed_precision: true, ..fx.run_config(Objective::V) });
+            let mut worst_loss = 0f32;
+            for (s, step) in fx.run.steps.iter().enumerate() {
+                let batch = fx.batch(&step.items, &step.timesteps, &step.keep_cond, 1000 + s as u64);
+                let stats = pollster::block_on(trainer.step(&gpu, &batch)).unwrap();
+                worst_loss = worst_loss.max((stats.loss - step.loss).abs() / step.loss);
+            }
+            eprintln!("{name}: 50 mixed-precision steps, losses within {worst_loss:.2e} of torch's f32 run, loss scale {}", trainer.trained.loss_scale());
+            assert!(worst_loss <= 5e-3, "{name}: mixed-precision losses off by {worst_loss:.2e}");
+            // A scale that overflows f16: the step is skipped and the scale halves.
+            trainer.trained.scaler = Some(LossScaler { scale: 3e38, growth_tracker: 7 });
+            let before = pollster::block_on(gpu.read(&trainer.trained.params[0])).unwrap();
+            let steps = trainer.trained.optimizer.steps;
+            let stats = pollster::block_on(trainer.step(&gpu, &batch)).unwrap();
+            assert!(!stats.grad_norm.is_finite() && stats.loss.is_finite(), "{name}: an overflowing step reports {stats:?}");
+            assert_eq!(trainer.trained.scaler, Some(LossScaler { scale: 1.5e38, growth_tracker: 0 }));
+            assert_eq!((trainer.trained.optimizer.steps, pollster::block_on(gpu.read(&trainer.trained.params[0])).unwrap()), (steps, before), "{name}: a skipped step changed the weights");
+        }
+    }
+
+    #[test]
+    fn the_loss_scale_grows_after_good_steps_and_backs_off_on_overflow() {
+        let mut s = LossScaler::new();
+        for _ in 0..1999 {
+            s.update(false);
+        }
+        assert_eq!(s, LossScaler { scale: 65536.0, growth_tracker: 1999 });
+        s.update(false);
+        assert_eq!(s, LossScaler { scale: 131072.0, growth_tracker: 0 });
+        s.update(false);
+        s.update(true);
+        assert_eq!(s, LossScaler { scale: 65536.0, growth_tracker: 0 });
     }
 
     /// What the trainer saves has the names, shapes and order-independent layout of diffusers'

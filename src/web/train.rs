@@ -107,7 +107,7 @@ impl TrainRequest {
         let config = TrainConfig {
             steps: self.steps, batch: self.batch, lr: self.lr, weight_decay: self.weight_decay, max_grad_norm: self.max_grad_norm, objective: self.objective,
             cond_dropout: self.cond_dropout, ema_decay: (self.ema_decay > 0.0).then_some(self.ema_decay), seed: self.seed,
-            gradient_checkpointing: self.gradient_checkpointing,
+            gradient_checkpointing: self.gradient_checkpointing, mixed_precision: false,
         };
         let unet = UNetSpec::Levels { channels: self.channels.clone(), layers: self.layers_per_block, head_dim: self.head_dim };
         RunSettings { config, resolution: self.resolution, unet, schedule: None }

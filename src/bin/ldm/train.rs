@@ -66,6 +66,9 @@ pub struct RunArgs {
     /// Recompute each resnet's and attention's activations in the backward pass instead of keeping them: less GPU memory, about a third more time per step.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Matrix products and convolutions in f16 with f32 master weights and a scaled loss (torch's autocast + GradScaler); needs an adapter with shader-f16.
+    #[arg(long)]
+    pub mixed_precision: bool,
 }
 
 /// Arguments of `ldm train`.
@@ -174,7 +177,7 @@ async fn autoencoder_source(spec: &str) -> Result<(Box<dyn FileSource>, &'static
 fn config_of(a: &RunArgs, steps: u32) -> Result<TrainConfig> {
     let objective = if a.objective == "v_prediction" { Objective::V } else { Objective::Epsilon };
     let ema_decay = (a.ema_decay > 0.0).then_some(a.ema_decay);
-    let c = TrainConfig { steps, batch: a.batch, lr: a.lr, weight_decay: a.weight_decay, max_grad_norm: a.max_grad_norm, objective, cond_dropout: a.cond_dropout, ema_decay, seed: a.seed, gradient_checkpointing: a.gradient_checkpointing };
+    let c = TrainConfig { steps, batch: a.batch, lr: a.lr, weight_decay: a.weight_decay, max_grad_norm: a.max_grad_norm, objective, cond_dropout: a.cond_dropout, ema_decay, seed: a.seed, gradient_checkpointing: a.gradient_checkpointing, mixed_precision: a.mixed_precision };
     c.validate()?;
     Ok(c)
 }

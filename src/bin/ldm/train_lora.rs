@@ -60,6 +60,9 @@ pub struct TrainLoraArgs {
     /// Recompute block activations in the backward pass: less GPU memory, more time.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Matrix products and convolutions in f16 (frozen weights stored in f16) with f32 LoRA master weights and a scaled loss; needs an adapter with shader-f16.
+    #[arg(long)]
+    pub mixed_precision: bool,
     /// Where the LoRA goes: `pytorch_lora_weights.safetensors`, plus `training/` to resume from.
     #[arg(long, default_value = "lora")]
     pub out: String,
@@ -146,7 +149,7 @@ pub fn run(a: &TrainLoraArgs) -> Result<String> {
     lora.validate()?;
     let config = TrainConfig {
         steps: a.steps, batch: a.batch, lr: a.lr, weight_decay: a.weight_decay, max_grad_norm: a.max_grad_norm, cond_dropout: a.cond_dropout,
-        ema_decay: None, seed: a.seed, gradient_checkpointing: a.gradient_checkpointing, ..Default::default()
+        ema_decay: None, seed: a.seed, gradient_checkpointing: a.gradient_checkpointing, mixed_precision: a.mixed_precision, ..Default::default()
     };
     config.validate()?;
     pollster::block_on(async {
