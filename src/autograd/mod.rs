@@ -37,8 +37,7 @@ struct Node {
 pub struct Tape<'g> {
     gpu: &'g Gpu,
     nodes: Vec<Node>,
-    /// What matrix products and convolutions run in ([`Tape::autocast`]): f32, or f16 for mixed
-    /// precision.
+    /// What the layers run in ([`Tape::autocast`]): f32, or f16 for mixed precision.
     compute: DType,
 }
 
@@ -130,6 +129,14 @@ fn normalized_input_grad(gpu: &Gpu, dxhat: &Tensor, xhat: &Tensor, rstd: &Tensor
     ops::expr(gpu, &(e(4) * (e(0) - e(2) - e(1) * e(3))), &ins, xhat.shape(), xhat.dtype())
 }
 
+/// `t` in `dtype` (itself when it already is).
+fn to_dtype(gpu: &Gpu, t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        return Ok(t.clone());
+    }
+    ops::expr(gpu, &Expr::input(0), &[ExprInput { tensor: t, map: IndexMap::same(t.numel()) }], t.shape(), dtype)
+}
+
 /// An elementwise expression over same-sized tensors, shaped and typed like the first.
 fn elementwise(gpu: &Gpu, f: &Expr, xs: &[&Tensor]) -> Result<Tensor> {
     let n = xs[0].numel();
@@ -143,9 +150,10 @@ impl<'g> Tape<'g> {
         Self { gpu, nodes: Vec::new(), compute: DType::F32 }
     }
 
-    /// An empty tape whose matrix products and convolutions run in `compute` (f16: mixed
-    /// precision, as torch's autocast: the layers cast their inputs and f32 master weights with
-    /// [`Self::autocast`], and normalisations, softmax and losses run in f32).
+    /// An empty tape whose layers run in `compute` (f16: mixed precision, as torch's autocast
+    /// with f16 activations: the layers cast their inputs and f32 master weights with
+    /// [`Self::autocast`]; normalisation and softmax kernels and their gradients take their
+    /// statistics in f32, and the loss is computed in f32).
     pub fn with_compute(gpu: &'g Gpu, compute: DType) -> Result<Self> {
         if compute == DType::F16 && !gpu.supports(DType::F16) {
             return Err(Error::Unsupported(format!("mixed precision needs f16 kernels (shader-f16), which {} does not have; train in f32", gpu.summary().name)));
@@ -156,7 +164,7 @@ impl<'g> Tape<'g> {
         Ok(Self { gpu, nodes: Vec::new(), compute })
     }
 
-    /// The dtype matrix products and convolutions run in.
+    /// The dtype the layers run in.
     pub fn compute_dtype(&self) -> DType {
         self.compute
     }
@@ -167,12 +175,11 @@ impl<'g> Tape<'g> {
         if from == dtype {
             return Ok(x);
         }
-        let cast = |gpu: &Gpu, t: &Tensor, to: DType| ops::expr(gpu, &Expr::input(0), &[ExprInput { tensor: t, map: IndexMap::same(t.numel()) }], t.shape(), to);
-        let y = cast(self.gpu, self.value(x), dtype)?;
-        Ok(self.push(y, vec![x], Box::new(move |gpu, g| Ok(vec![Some(cast(gpu, g, from)?)]))))
+        let y = to_dtype(self.gpu, self.value(x), dtype)?;
+        Ok(self.push(y, vec![x], Box::new(move |gpu, g| Ok(vec![Some(to_dtype(gpu, g, from)?)]))))
     }
 
-    /// `x` in the tape's compute dtype (the input of a matrix product or convolution).
+    /// `x` in the tape's compute dtype (a layer's input or weight).
     pub fn autocast(&mut self, x: Var) -> Result<Var> {
         self.cast(x, self.compute)
     }
@@ -324,9 +331,13 @@ impl<'g> Tape<'g> {
         let (units, len) = (b * groups, c / groups * hw);
         let n = xt.numel();
         let rule: Rule = Box::new(move |gpu, g| {
+            // In f32 whatever the values' dtype (f16 under mixed precision: the statistics need
+            // the range), cast back at the end.
+            let (dtype, wtype) = (xt.dtype(), gt.dtype());
+            let (xt, g, gt) = (&to_dtype(gpu, &xt, DType::F32)?, &to_dtype(gpu, g, DType::F32)?, to_dtype(gpu, &gt, DType::F32)?);
             let e = |k: usize| Expr::input(k);
             let same = IndexMap::same(n);
-            let (xhat, rstd) = normalized(gpu, &xt, units, len, eps)?;
+            let (xhat, rstd) = normalized(gpu, xt, units, len, eps)?;
             // Per channel: dγ = Σ g x̂, dβ = Σ g over images and positions.
             let gx = elementwise(gpu, &(e(0) * e(1)), &[g, &xhat])?;
             let channel_sums = |t: &Tensor| -> Result<Tensor> {
@@ -339,7 +350,7 @@ impl<'g> Tape<'g> {
             let ins = [ExprInput { tensor: g, map: same }, ExprInput { tensor: &gt, map: IndexMap::per(hw, c) }];
             let dxhat = ops::expr(gpu, &(e(0) * e(1)), &ins, xt.shape(), xt.dtype())?;
             let dx = normalized_input_grad(gpu, &dxhat, &xhat, &rstd, units, len)?;
-            Ok(vec![Some(dx), Some(dgamma), Some(dbeta)])
+            Ok(vec![Some(to_dtype(gpu, &dx, dtype)?), Some(to_dtype(gpu, &dgamma, wtype)?), Some(to_dtype(gpu, &dbeta, wtype)?)])
         });
         Ok(self.push(y, vec![x, gamma, beta], rule))
     }
@@ -352,14 +363,17 @@ impl<'g> Tape<'g> {
         let cols = *xt.shape().last().ok_or_else(|| Error::Shape("layer_norm of a scalar".into()))?;
         let rows = xt.numel() / cols.max(1);
         let rule: Rule = Box::new(move |gpu, g| {
+            let (dtype, wtype) = (xt.dtype(), gt.dtype());
+            let (xt, g, gt) = (&to_dtype(gpu, &xt, DType::F32)?, &to_dtype(gpu, g, DType::F32)?, to_dtype(gpu, &gt, DType::F32)?);
             let e = |k: usize| Expr::input(k);
-            let (xhat, rstd) = normalized(gpu, &xt, rows, cols, eps)?;
+            let (xhat, rstd) = normalized(gpu, xt, rows, cols, eps)?;
             let gx = elementwise(gpu, &(e(0) * e(1)), &[g, &xhat])?;
             let dgamma = column_sums(gpu, &gx, rows, cols)?;
             let dbeta = column_sums(gpu, g, rows, cols)?;
             let ins = [ExprInput { tensor: g, map: IndexMap::same(rows * cols) }, ExprInput { tensor: &gt, map: IndexMap::repeat(cols) }];
             let dxhat = ops::expr(gpu, &(e(0) * e(1)), &ins, xt.shape(), xt.dtype())?;
-            Ok(vec![Some(normalized_input_grad(gpu, &dxhat, &xhat, &rstd, rows, cols)?), Some(dgamma), Some(dbeta)])
+            let dx = normalized_input_grad(gpu, &dxhat, &xhat, &rstd, rows, cols)?;
+            Ok(vec![Some(to_dtype(gpu, &dx, dtype)?), Some(to_dtype(gpu, &dgamma, wtype)?), Some(to_dtype(gpu, &dbeta, wtype)?)])
         });
         Ok(self.push(y, vec![x, gamma, beta], rule))
     }
@@ -477,6 +491,8 @@ impl<'g> Tape<'g> {
         let rows = xt.numel() / cols.max(1);
         let rule: Rule = Box::new(move |gpu, g| {
             let n = rows * cols;
+            let dtype = yt.dtype();
+            let (g, yt) = (&to_dtype(gpu, g, DType::F32)?, to_dtype(gpu, &yt, DType::F32)?);
             let gy = elementwise(gpu, &(Expr::input(0) * Expr::input(1)), &[g, &yt])?;
             let dot = row_sums(gpu, &gy, rows, cols, 1.0)?;
             let ins = [
@@ -485,7 +501,7 @@ impl<'g> Tape<'g> {
                 ExprInput { tensor: &dot, map: IndexMap::per(cols, rows) },
             ];
             let f = scale * Expr::input(1) * (Expr::input(0) - Expr::input(2));
-            Ok(vec![Some(ops::expr(gpu, &f, &ins, yt.shape(), yt.dtype())?)])
+            Ok(vec![Some(ops::expr(gpu, &f, &ins, yt.shape(), dtype)?)])
         });
         Ok(self.push(y, vec![x], rule))
     }

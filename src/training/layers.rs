@@ -231,8 +231,8 @@ impl Linear {
     }
 }
 
-/// A group norm, or (with `groups` 0) a layer norm over the last axis; in f32 whatever the
-/// compute dtype (as torch's autocast runs normalisations).
+/// A group norm, or (with `groups` 0) a layer norm over the last axis, in the compute dtype (the
+/// kernels and the gradient take the statistics in f32).
 pub(super) struct Norm {
     gamma: usize,
     beta: usize,
@@ -242,7 +242,7 @@ pub(super) struct Norm {
 
 impl Norm {
     pub fn forward(&self, tape: &mut Tape, p: &[Var], x: Var) -> Result<Var> {
-        let (x, gamma, beta) = (tape.cast(x, DType::F32)?, tape.cast(p[self.gamma], DType::F32)?, tape.cast(p[self.beta], DType::F32)?);
+        let (x, gamma, beta) = (tape.autocast(x)?, tape.autocast(p[self.gamma])?, tape.autocast(p[self.beta])?);
         if self.groups == 0 {
             return tape.layer_norm(x, gamma, beta, self.eps);
         }
@@ -306,11 +306,8 @@ impl Attention {
         let q = split(&self.to_q, x, tape)?;
         let k = split(&self.to_k, context, tape)?;
         let v = split(&self.to_v, context, tape)?;
-        // The softmax in f32, the products in the compute dtype (torch's autocast).
         let scores = tape.bmm(q, k, true)?;
-        let scores = tape.cast(scores, DType::F32)?;
         let probs = tape.softmax(scores, (d as f32).powf(-0.5))?;
-        let probs = tape.autocast(probs)?;
         let out = tape.bmm(probs, v, false)?;
         let out = tape.reshape(out, &[b, heads, n, d])?;
         let out = tape.permute(out, &[0, 2, 1, 3])?;
