@@ -803,6 +803,13 @@ async function main() {
       form.elements.prompt.value = '';
       setStatus('Choose the condition image as the init image, then Generate.');
     },
+    // A LoRA trained here: its base model with the LoRA as a LoRA row.
+    useLora: (base, url) => {
+      form.elements.model.value = base;
+      if (![...$('lora-list').children].some((r) => r.querySelector('.lora-url').value === url)) addLora({ url });
+      $('lora-list').closest('details')?.setAttribute('open', '');
+      setStatus('The LoRA is added below the prompt; write a prompt in its captions\' words, then Generate.');
+    },
   });
   if (!(await showDevice())) return;
   refreshModels();

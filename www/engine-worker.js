@@ -18,9 +18,13 @@
 //    resume?: bool}                         (ldm train in the page: a new run from the pairs (files paired
 //                                             by name, or a ZIP of cond/ and target/), or the saved run
 //                                             `run` continued; events train-step, checkpoint, sample)
+//   {id, cmd: 'train-lora', run, settings, model?: Stable Diffusion folder URL, images?: File[] (images,
+//    NAME.txt captions, metadata.jsonl), zip?: File, caption?, resume?: bool}   (ldm train-lora in the
+//                                             page: a LoRA of the model from captioned images, or the saved
+//                                             LoRA run `run` continued; events as train's)
 //   {id, cmd: 'bench-train', model?: autoencoder folder URL, options: Train tab settings}  (ldm bench train)
 //   {id, cmd: 'runs'} | {id, cmd: 'delete-run', run} | {id, cmd: 'run-files', run}   (saved runs in OPFS)
-//   A model URL `opfs:RUN/` generates with a saved run's model.
+//   A model URL `opfs:RUN/` generates with a saved run's model; a LoRA URL `opfs:RUN/FILE` with its LoRA.
 //   {id, cmd: 'bench-unet', model: 'sd15' | 'sdxl' | URL, inputs: URL?, options}  (ldm bench unet)
 //   {id, cmd: 'bench-depth', model: architecture name | folder URL, options: {width, height, precision}}  (ldm bench depth)
 //   {id, cmd: 'test', filter} | {id, cmd: 'bench', which}     (kernel tests and benchmarks)
@@ -34,7 +38,7 @@
 //   {id, ok: true, json?, png?, info?} | {id, ok: false, error, kind, fatal}
 
 import { WeightStore, abortError, recordModel, listCachedModels, deleteCachedModel } from './weight-store.js';
-import { RunStore, checkRunName, deleteRun, listRuns, readRunFiles, readRunPairs, startRun, writeRunFiles } from './run-store.js';
+import { RunStore, checkRunName, deleteRun, listRuns, readLoraRun, readRunFiles, readRunPairs, startLoraRun, startRun, writeRunFiles } from './run-store.js';
 import { readZip } from './zip.js';
 
 let ldm = null;
@@ -213,6 +217,9 @@ function storeFor(id, base, counter) {
 
 // A file given by URL (a LoRA, an embedding): its folder's weight store and its name there.
 async function fileEntry(id, url, counter, what) {
+  // A file of a run trained in this browser (a LoRA), kept in OPFS.
+  const run = /^opfs:([^/]+)\/([^/]+)$/.exec(url);
+  if (run) return { url, store: new RunStore(checkRunName(run[1])), file: run[2] };
   const u = new URL(url, self.location.href);
   const name = decodeURIComponent(u.pathname.split('/').pop() ?? '');
   if (!name) throw Object.assign(new Error(`the ${what} URL ${url} names a folder, not a file (.safetensors, .pt, .ckpt or .bin)`), { kind: 'input' });
@@ -345,6 +352,71 @@ async function train(id, msg) {
   return { json };
 }
 
+const CAPTION_NAME = /\.txt$/i;
+
+// Captioned images from files (or a ZIP's entries): images, NAME.txt captions and metadata.jsonl
+// lines ({file_name, text}, diffusers' image folder), `fallback` for images without a caption.
+// Resolves to {images: Map(stem -> File), captions: {stem: text}}.
+async function captionedImages(files, zip, fallback) {
+  const entries = zip ? (await readZip(zip)).map(({ name, bytes }) => new File([bytes], name.split('/').pop())) : files;
+  const images = new Map();
+  const captions = {};
+  const named = {};
+  for (const f of entries) {
+    if (IMAGE_NAME.test(f.name)) images.set(stem(f.name), f);
+    else if (CAPTION_NAME.test(f.name)) captions[stem(f.name)] = (await f.text()).trim();
+    else if (f.name === 'metadata.jsonl') {
+      for (const line of (await f.text()).split('\n').filter((l) => l.trim())) {
+        let v;
+        try {
+          v = JSON.parse(line);
+        } catch {
+          v = null;
+        }
+        if (typeof v?.file_name !== 'string' || typeof v?.text !== 'string') throw Object.assign(new Error(`metadata.jsonl: expected {"file_name": ..., "text": ...} lines, got ${line.slice(0, 80)}`), { kind: 'input' });
+        named[stem(v.file_name)] = v.text;
+      }
+    }
+  }
+  if (!images.size) throw Object.assign(new Error('no training images (PNG, JPEG, WebP)'), { kind: 'input' });
+  const out = {};
+  for (const k of images.keys()) {
+    const c = named[k] ?? captions[k] ?? (fallback || null);
+    if (c === null) throw Object.assign(new Error(`image ${k} has no caption: add ${k}.txt, a metadata.jsonl line, or a caption for all`), { kind: 'input' });
+    out[k] = c;
+  }
+  return { images, captions: out };
+}
+
+async function trainLora(id, msg) {
+  const name = checkRunName(msg.run);
+  let data;
+  if (msg.resume) {
+    data = await readLoraRun(name);
+  } else {
+    data = await captionedImages(msg.images ?? [], msg.zip, msg.caption);
+    data.base = new URL(msg.model ?? './builtin/emoji/', self.location.href).href;
+    await startLoraRun(name, data.base, data.images, data.captions);
+  }
+  postEvent(id, { type: 'status', message: `${data.images.size} images` });
+  // In name order (as ldm train-lora reads a folder): the data order depends on it.
+  const decoded = [];
+  for (const key of [...data.images.keys()].sort()) decoded.push({ name: key, caption: data.captions[key] ?? '', image: await decodeImage(data.images.get(key), `training image ${key}`) });
+  const resume = msg.resume ? await readRunFiles(name, ['training/']) : null;
+  const model = await folderEntry(id, data.base, jobCounter(id), 'model');
+  let saving = Promise.resolve();
+  const json = await ldm.train_lora(model.url, model.store, decoded, JSON.stringify(msg.settings ?? {}), resume, (ev) => {
+    if (ev.type === 'checkpoint') {
+      const { files, step } = ev;
+      saving = saving.then(() => writeRunFiles(name, files)).then(() => postEvent(id, { type: 'checkpoint', step }));
+    } else {
+      postEvent(id, ev);
+    }
+  });
+  await saving;
+  return { json };
+}
+
 async function handle(id, msg) {
   const initError = await ready;
   if (initError !== null) throw new Error(initError);
@@ -388,6 +460,8 @@ async function handle(id, msg) {
       return { json: JSON.stringify(await listCachedModels()) };
     case 'train':
       return train(id, msg);
+    case 'train-lora':
+      return trainLora(id, msg);
     case 'bench-train': {
       // ldm bench train: synthetic pairs, the autoencoder of `model` (default: the built-in model's).
       const ae = await folderEntry(id, msg.model ?? new URL('./builtin/emoji/', self.location.href).href, jobCounter(id), 'autoencoder');
@@ -398,8 +472,8 @@ async function handle(id, msg) {
     case 'delete-run':
       return { json: JSON.stringify({ deleted: await deleteRun(msg.run) }) };
     case 'run-files': {
-      // The model folder of a run (not its training state or pairs), for download.
-      const files = await readRunFiles(msg.run, ['model_index.json', 'unet/', 'vqvae/', 'scheduler/', 'ldm-web.json']);
+      // The model folder of a run, or a LoRA run's LoRA (not the training state or data), for download.
+      const files = await readRunFiles(msg.run, ['model_index.json', 'unet/', 'vqvae/', 'scheduler/', 'ldm-web.json', 'pytorch_lora_weights.safetensors']);
       return { files: Object.entries(files) };
     }
     case 'delete-model':

@@ -201,7 +201,15 @@ export class LdmEngine {
     return JSON.parse((await this.request({ cmd: 'train', ...job, autoencoder }, onEvent)).json);
   }
 
-  // Training runs saved in this browser: [{name, step, steps, losses, pairs, resolution}].
+  // LoRA training (engine-worker.js 'train-lora'): job {run, settings, model?, images?, zip?,
+  // caption?, resume?}; events and result as train's.
+  async trainLora(job, onEvent) {
+    await this.ready;
+    const model = job.model ? new URL(job.model, document.baseURI).href : undefined;
+    return JSON.parse((await this.request({ cmd: 'train-lora', ...job, model }, onEvent)).json);
+  }
+
+  // Training runs saved in this browser: [{name, kind, base, step, steps, losses, pairs, resolution}].
   runs() {
     return this.json({ cmd: 'runs' });
   }

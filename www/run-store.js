@@ -1,7 +1,9 @@
 // Training runs in the origin-private file system (OPFS), one folder per run under ldm-training/:
 // the model folder `ldm train` writes (model_index.json, unet/, vqvae/, scheduler/, ldm-web.json),
-// training/ (the state a run resumes from) and pairs/{cond,target}/ (the images it trains on), so a
-// run continues after a reload without the network. A run's model is generated from by the URL
+// training/ (the state a run resumes from) and pairs/{cond,target}/ (the images it trains on); or,
+// for a LoRA run (`ldm train-lora`), pytorch_lora_weights.safetensors, training/ (with base.json:
+// the model it adapts) and images/ (with captions.json). A run continues after a reload without the
+// network (a LoRA run needs its base model, cached like any model). A run's model is generated from by the URL
 // `opfs:NAME/`, read through RunStore like any weight store.
 
 const ROOT = 'ldm-training';
@@ -97,7 +99,33 @@ export async function startRun(name, pairs) {
   }
 }
 
-// Every saved run: {name, step, steps, losses, pairs, resolution} from its training/state.json.
+// Replaces run `name` with a LoRA run of the model at `base` (a URL) on `images` (Map(stem -> Blob))
+// with their `captions` ({stem: text}).
+export async function startLoraRun(name, base, images, captions) {
+  await deleteRun(name);
+  const dir = await runDir(name, true);
+  for (const [stem, blob] of images) await writeFile(dir, `images/${stem}.png`, new Uint8Array(await blob.arrayBuffer()));
+  const json = (v) => new TextEncoder().encode(JSON.stringify(v, null, 1));
+  await writeFile(dir, 'images/captions.json', json(captions));
+  await writeFile(dir, 'training/base.json', json({ model: base }));
+}
+
+// What LoRA run `name` trains on: {base, images: Map(stem -> File), captions: {stem: text}}.
+export async function readLoraRun(name) {
+  const out = { base: null, images: new Map(), captions: {} };
+  const text = async (handle) => JSON.parse(await (await handle.getFile()).text());
+  for (const [path, handle] of await walk(await runDir(name), '', [])) {
+    const m = /^images\/(.+)\.png$/.exec(path);
+    if (m) out.images.set(m[1], await handle.getFile());
+    else if (path === 'images/captions.json') out.captions = await text(handle);
+    else if (path === 'training/base.json') out.base = (await text(handle)).model;
+  }
+  if (!out.base) throw Object.assign(new Error(`run ${name} is not a LoRA run (no training/base.json)`), { kind: 'input' });
+  return out;
+}
+
+// Every saved run: {name, kind: 'ldm' | 'lora', base (LoRA runs' model URL), step, steps, losses,
+// pairs (images of LoRA runs), resolution} from its training/state.json.
 export async function listRuns() {
   let dir;
   try {
@@ -109,14 +137,16 @@ export async function listRuns() {
   const runs = [];
   for await (const [name, handle] of dir.entries()) {
     if (handle.kind !== 'directory') continue;
-    let state = null;
-    try {
-      const f = await (await fileHandle(handle, 'training/state.json', false)).getFile();
-      state = JSON.parse(await f.text());
-    } catch {
-      state = null;
-    }
-    runs.push({ name, step: state?.step ?? 0, steps: state?.config?.steps ?? 0, losses: state?.losses ?? [], pairs: state?.pairs?.length ?? 0, resolution: state?.resolution ?? 0 });
+    const json = async (path) => {
+      try {
+        return JSON.parse(await (await (await fileHandle(handle, path, false)).getFile()).text());
+      } catch {
+        return null;
+      }
+    };
+    const state = await json('training/state.json');
+    const base = (await json('training/base.json'))?.model ?? null;
+    runs.push({ name, kind: base ? 'lora' : 'ldm', base, step: state?.step ?? 0, steps: state?.config?.steps ?? 0, losses: state?.losses ?? [], pairs: state?.pairs?.length ?? 0, resolution: state?.resolution ?? 0 });
   }
   return runs.sort((a, b) => a.name.localeCompare(b.name));
 }

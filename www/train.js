@@ -1,7 +1,9 @@
 // The Train tab: fits an image-to-image latent diffusion model to the user's pairs (condition image
-// -> target image) in this browser, on the engine's device, as `ldm train` does natively. Runs are
-// kept in OPFS (run-store.js) with their pairs, so one continues after a reload; the result
-// generates in the Generate tab (model `opfs:NAME/`) or downloads as a diffusers folder (a ZIP).
+// -> target image) in this browser, on the engine's device, as `ldm train` does natively, or a LoRA
+// of a text-to-image model to captioned images, as `ldm train-lora` does. Runs are kept in OPFS
+// (run-store.js) with their data, so one continues after a reload; the result generates in the
+// Generate tab (model `opfs:NAME/`, or LoRA `opfs:NAME/pytorch_lora_weights.safetensors`) or
+// downloads (a diffusers folder as a ZIP, or the LoRA file).
 
 import { writeZip } from './zip.js';
 
@@ -60,10 +62,33 @@ function settings() {
     sample_every: num('train-sample-every'),
     sample_steps: 20,
     gradient_checkpointing: $('train-checkpointing').checked,
+    mixed_precision: $('train-mixed').checked,
   };
 }
 
-export function setupTraining(engine, { builtin, useModel }) {
+// `ldm train-lora`'s settings from the same fields and the LoRA ones.
+function loraSettings() {
+  const num = (id) => Number($(id).value);
+  return {
+    steps: num('train-steps'),
+    batch: num('train-batch'),
+    lr: num('train-lr'),
+    resolution: num('train-resolution'),
+    rank: num('train-lora-rank'),
+    cond_dropout: num('train-dropout'),
+    seed: num('train-seed'),
+    save_every: num('train-save-every'),
+    sample_every: num('train-sample-every'),
+    sample_steps: 20,
+    sample_prompt: $('train-lora-prompt').value.trim(),
+    gradient_checkpointing: $('train-checkpointing').checked,
+    mixed_precision: $('train-mixed').checked,
+  };
+}
+
+const LORA_FILE = 'pytorch_lora_weights.safetensors';
+
+export function setupTraining(engine, { builtin, useModel, useLora }) {
   const showTab = (tab) => {
     for (const t of ['generate', 'train']) $(`tab-${t}`).setAttribute('aria-pressed', String(t === tab));
     for (const el of document.querySelectorAll('[data-tab]')) el.hidden = el.dataset.tab !== tab;
@@ -72,8 +97,14 @@ export function setupTraining(engine, { builtin, useModel }) {
   $('tab-generate').addEventListener('click', () => showTab('generate'));
   $('tab-train').addEventListener('click', () => showTab('train'));
   $('train-folders').addEventListener('change', () => {
-    for (const id of ['train-cond', 'train-target']) $(id).toggleAttribute('webkitdirectory', $('train-folders').checked);
+    for (const id of ['train-cond', 'train-target', 'train-lora-images']) $(id).toggleAttribute('webkitdirectory', $('train-folders').checked);
   });
+  const showKind = () => {
+    const kind = $('train-kind').value;
+    for (const el of document.querySelectorAll('#train [data-kind]')) el.hidden = el.dataset.kind !== kind;
+  };
+  $('train-kind').addEventListener('change', showKind);
+  showKind();
   if (!$('train-autoencoder').value) $('train-autoencoder').value = builtin;
 
   const setBusy = (busy) => {
@@ -91,9 +122,10 @@ export function setupTraining(engine, { builtin, useModel }) {
     const t0 = performance.now();
     let first = null;
     try {
-      const out = await engine.train(job, (ev) => {
+      const lora = job.kind === 'lora';
+      const out = await (lora ? engine.trainLora.bind(engine) : engine.train.bind(engine))(job, (ev) => {
         state.events.push({ type: ev.type, step: ev.step, t: Date.now() });
-        if (ev.type === 'stage') status(ev.stage === 'encode' ? 'Encoding the pairs with the autoencoder…' : 'Training…');
+        if (ev.type === 'stage') status(ev.stage !== 'encode' ? 'Training…' : lora ? 'Encoding the images and captions with the model…' : 'Encoding the pairs with the autoencoder…');
         else if (ev.type === 'status') status(ev.message);
         else if (ev.type === 'train-step') {
           first ??= { step: ev.step - 1, t: performance.now() };
@@ -112,7 +144,7 @@ export function setupTraining(engine, { builtin, useModel }) {
           c.height = ev.height;
           c.getContext('2d').putImageData(new ImageData(new Uint8ClampedArray(ev.rgba), ev.width, ev.height), 0, 0);
           c.hidden = false;
-          $('train-sample-text').textContent = `generated from the first pair's condition at step ${ev.step}`;
+          $('train-sample-text').textContent = lora ? `the sample prompt with the LoRA at step ${ev.step}` : `generated from the first pair's condition at step ${ev.step}`;
           state.samples++;
         }
       });
@@ -128,6 +160,17 @@ export function setupTraining(engine, { builtin, useModel }) {
   }
 
   $('train-start').addEventListener('click', () => {
+    if ($('train-kind').value === 'lora') {
+      const images = [...$('train-lora-images').files];
+      const zip = $('train-lora-zip').files[0];
+      if (!zip && !images.length) {
+        status('Choose the images with their captions (or a ZIP of them).', true);
+        return;
+      }
+      const model = $('train-lora-model').value.trim() || builtin;
+      run({ kind: 'lora', run: $('train-name').value.trim(), settings: loraSettings(), model, images, zip, caption: $('train-lora-caption').value.trim() });
+      return;
+    }
     const zip = $('train-zip').files[0];
     const cond = [...$('train-cond').files];
     const target = [...$('train-target').files];
@@ -142,9 +185,20 @@ export function setupTraining(engine, { builtin, useModel }) {
     status('Cancelling (saving where it is)…');
   });
 
-  async function download(name) {
+  async function download(name, kind) {
     status(`Packing ${name}…`);
     const files = await engine.runFiles(name);
+    if (kind === 'lora') {
+      const lora = files.find(([p]) => p === LORA_FILE);
+      if (!lora) throw new Error(`${name} has no ${LORA_FILE} yet`);
+      const a = document.createElement('a');
+      a.href = URL.createObjectURL(new Blob([lora[1]]));
+      a.download = `${name}.safetensors`;
+      a.click();
+      setTimeout(() => URL.revokeObjectURL(a.href), 60_000);
+      status(`${name}.safetensors: a diffusers LoRA (ldm generate --lora ${name}.safetensors, or pipe.load_lora_weights).`);
+      return;
+    }
     const a = document.createElement('a');
     a.href = URL.createObjectURL(writeZip(files.map(([p, b]) => [`${name}/${p}`, b])));
     a.download = `${name}.zip`;
@@ -171,7 +225,10 @@ export function setupTraining(engine, { builtin, useModel }) {
       const text = document.createElement('span');
       const last = r.losses.slice(-20);
       const mean = last.length ? (last.reduce((a, b) => a + b, 0) / last.length).toFixed(4) : '–';
-      text.textContent = `${r.name}: step ${r.step} of ${r.steps}, ${r.pairs} pairs at ${r.resolution} px, recent loss ${mean}`;
+      text.textContent = r.kind === 'lora'
+        ? `${r.name}: LoRA of ${r.base}, step ${r.step} of ${r.steps}, ${r.pairs} images at ${r.resolution} px, recent loss ${mean}`
+        : `${r.name}: step ${r.step} of ${r.steps}, ${r.pairs} pairs at ${r.resolution} px, recent loss ${mean}`;
+      li.dataset.kind = r.kind;
       li.append(text);
       const button = (label, cls, fn) => {
         const b = document.createElement('button');
@@ -185,10 +242,15 @@ export function setupTraining(engine, { builtin, useModel }) {
       button('Resume', 'resume', () => {
         const more = Math.max(r.step + 1, Number($('train-steps').value), r.steps);
         $('train-name').value = r.name;
-        run({ run: r.name, settings: { ...settings(), steps: more }, resume: true });
+        if (r.kind === 'lora') run({ kind: 'lora', run: r.name, settings: { ...loraSettings(), steps: more }, resume: true });
+        else run({ run: r.name, settings: { ...settings(), steps: more }, resume: true });
       });
-      button('Generate with it', 'use', () => { showTab('generate'); useModel(`opfs:${r.name}/`); });
-      button('Download', 'download', () => download(r.name).catch((e) => status(`Download failed: ${e.message}`, true)));
+      button('Generate with it', 'use', () => {
+        showTab('generate');
+        if (r.kind === 'lora') useLora(r.base, `opfs:${r.name}/${LORA_FILE}`);
+        else useModel(`opfs:${r.name}/`);
+      });
+      button('Download', 'download', () => download(r.name, r.kind).catch((e) => status(`Download failed: ${e.message}`, true)));
       button('Delete', 'delete', async () => {
         await engine.deleteRun(r.name);
         refreshRuns();

@@ -8,17 +8,18 @@ use std::collections::BTreeMap;
 use super::checkpoint::{read_run_info, restore_state, state_files, RunInfo};
 use super::lora::{lora_values, LoraTrainer, LORA_FILE};
 use super::pairs::PairLatents;
+use super::run::{Cadence, RunEvent};
 use super::{LoraConfig, Objective, StepStats, TrainConfig, UNet2DConditionTrainable};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu};
 use crate::loader::lora::AdapterSet;
-use crate::loader::{component_files, read_file, FileSource, MemorySource, Weights};
+use crate::loader::{component_files, read_file, FileSource, LocalFuture, MemorySource, Weights};
 use crate::models::unet_2d_condition::UNet2DConditionConfig;
 use crate::pipelines::image_input::{resize_u8, InputImage, Resample};
 use crate::pipelines::loading::{DiffusionModel, LoadOptions, StableDiffusionModel};
 use crate::pipelines::prompt::{PromptText, PromptWeighting};
 use crate::pipelines::stable_diffusion::{Images, Txt2ImgParams};
-use crate::schedulers::{DdpmConfig, DdpmScheduler};
+use crate::schedulers::DdpmScheduler;
 
 /// One training image and its caption.
 pub struct CaptionedImage {
@@ -134,8 +135,8 @@ impl LoraRun {
             Some(other) => return Err(Error::Unsupported(format!("LoRA training of a model that predicts {other:?} (epsilon and v_prediction are supported)"))),
         };
         info.config.objective = objective;
-        let ddpm: DdpmConfig = serde_json::from_value(model.scheduler_config.clone()).map_err(json_error("the model's scheduler config"))?;
-        let alphas = DdpmScheduler::new(ddpm)?.alphas_cumprod().to_vec();
+        // The training script's DDPMScheduler.from_pretrained(model, subfolder="scheduler").
+        let alphas = DdpmScheduler::from_json(&model.scheduler_config, &[])?.alphas_cumprod().to_vec();
         let unet_config: UNet2DConditionConfig = model.unet.config.clone();
         // The inference model is done with: its weights leave the device before the trainer's load.
         drop(model);
@@ -164,6 +165,33 @@ impl LoraRun {
         self.info.step += 1;
         self.info.losses.push(stats.loss);
         Ok(stats)
+    }
+
+    /// Takes the remaining steps, saving and sampling `prompt` as `cadence` says (its `weights`
+    /// do not apply: a LoRA is saved in f32), as [`super::run::TrainingRun::train`] does: when `on`
+    /// fails (a cancellation) the run saves where it is and stops with that error; `between` is
+    /// awaited before each step.
+    pub async fn train(
+        &mut self, gpu: &Gpu, model_src: &dyn FileSource, cadence: &Cadence, prompt: &str, between: &dyn Fn() -> LocalFuture<'static, ()>, on: &mut dyn FnMut(RunEvent) -> Result<()>,
+    ) -> Result<()> {
+        while !self.done() {
+            between().await;
+            let stats = self.step(gpu).await?;
+            let step = self.info.step;
+            if let Err(e) = on(RunEvent::Step(stats)) {
+                if cadence.save_every > 0 {
+                    on(RunEvent::Checkpoint(&self.files(gpu).await?)).ok();
+                }
+                return Err(e);
+            }
+            if cadence.save_every > 0 && (step.is_multiple_of(cadence.save_every) || self.done()) {
+                on(RunEvent::Checkpoint(&self.files(gpu).await?))?;
+            }
+            if (cadence.sample_every > 0 && step.is_multiple_of(cadence.sample_every)) || (cadence.sample_at_end && self.done()) {
+                on(RunEvent::Sample(&self.sample(gpu, model_src, prompt, cadence.sample_steps, cadence.sample_guidance, 0).await?))?;
+            }
+        }
+        Ok(())
     }
 
     /// `pytorch_lora_weights.safetensors` and the state's files (paths relative to the run's folder).

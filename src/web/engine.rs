@@ -298,6 +298,12 @@ pub(super) async fn gpu() -> Result<Gpu> {
     Ok(g)
 }
 
+/// Drops the generation model (its weights leave the device); the next generation loads it again.
+pub(crate) fn release_model(gpu: &Gpu) {
+    ENGINE.with_borrow_mut(|e| e.model = None);
+    gpu.trim_pool();
+}
+
 /// Drops the device and the model on it; the next call starts afresh.
 #[wasm_bindgen]
 pub fn reset_engine() {

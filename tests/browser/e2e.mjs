@@ -40,6 +40,9 @@
 //             --init-image` does (and the widget's init-image, above)
 //   train     the Train tab trains on the fixture pairs with ldm train's losses, the run is found
 //             after a reload (OPFS) and resumes exactly, and the result generates in the Generate tab
+//   train-lora  the Train tab trains a LoRA of the built-in model on captioned images with ldm
+//             train-lora's losses, resumes it exactly, and the LoRA (opfs:RUN/...) changes the
+//             Generate tab's image
 //   bench depth  bench.html?mode=depth prints ldm bench depth's JSON
 //   bench     bench.html?mode=generate prints ldm bench generate's JSON (Chromium)
 //   cpu       the share link on the CPU backend (?device=cpu) gives the CLI's pixels
@@ -82,6 +85,14 @@ const TRAIN = {
   cli: ['--batch', '2', '--lr', '0.001', '--resolution', '32', '--channels', '32,64', '--seed', '0'],
   steps: 12,
   resumeTo: 16,
+};
+
+// The Train tab's LoRA run (the fixture targets with captions, the built-in model at 32x32) and
+// ldm train-lora's flags for the same.
+const LORA = {
+  fields: { 'train-steps': '4', 'train-batch': '2', 'train-lr': '0.001', 'train-resolution': '32', 'train-save-every': '2', 'train-sample-every': '0', 'train-seed': '0', 'train-dropout': '0', 'train-lora-rank': '4' },
+  cli: ['--batch', '2', '--lr', '0.001', '--resolution', '32', '--seed', '0', '--rank', '4', '--steps', '6'],
+  captions: { '1F34E': 'a red apple', '1F525': 'fire', '2600-FE0F': 'the sun', '2764-FE0F': 'a red heart' },
 };
 
 function parseArgs(argv) {
@@ -201,7 +212,17 @@ function prepare(work) {
   execFileSync(opts.ldm, ['--device', 'cpu', 'train', '--pairs', path.join(opts.fixtures, 'training', 'pairs'), ...TRAIN.cli, '--steps', String(TRAIN.resumeTo), '--save-every', '100', '--out', trainOut], { stdio: ['ignore', 'ignore', 'inherit'] });
   const train = { losses: JSON.parse(fs.readFileSync(path.join(trainOut, 'training', 'state.json'), 'utf8')).losses, zip: path.join(work, 'pairs.zip') };
   fs.writeFileSync(train.zip, zipOf(path.join(opts.fixtures, 'training', 'pairs')));
-  return { models, refs, ldm, builtin, quantised, xlQ4, photo, concat, train };
+  // ldm train-lora of the built-in model on the fixture targets with captions (NAME.txt).
+  const loraImages = path.join(work, 'lora-images');
+  fs.mkdirSync(loraImages, { recursive: true });
+  for (const [stem, caption] of Object.entries(LORA.captions)) {
+    fs.copyFileSync(path.join(opts.fixtures, 'training', 'pairs', 'target', `${stem}.png`), path.join(loraImages, `${stem}.png`));
+    fs.writeFileSync(path.join(loraImages, `${stem}.txt`), `${caption}\n`);
+  }
+  const loraOut = path.join(work, 'cli-lora');
+  execFileSync(opts.ldm, ['--device', 'cpu', 'train-lora', '--model', 'builtin', '--images', loraImages, ...LORA.cli, '--save-every', '100', '--sample-steps', '2', '--out', loraOut], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const lora = { losses: JSON.parse(fs.readFileSync(path.join(loraOut, 'training', 'state.json'), 'utf8')).losses, files: fs.readdirSync(loraImages).sort().map((f) => path.join(loraImages, f)) };
+  return { models, refs, ldm, builtin, quantised, xlQ4, photo, concat, train, lora };
 }
 
 // ---- ldm serve, with its request log ---------------------------------------------------------------
@@ -971,6 +992,57 @@ async function runBrowser(name, fx, results) {
       const info = await page.evaluate('window.__ldmApp.results.at(-1).info');
       check('the trained model generates in the Generate tab', img.width === 32 && img.height === 32 && info.steps === 10,
         `model ${info.model}: ${img.width}x${img.height}, ${info.steps} steps on ${info.device_name} in ${(info.total_ms / 1000).toFixed(2)} s`);
+    });
+
+    // The Train tab's LoRA mode: a LoRA of the built-in model on captioned images (CPU backend), its
+    // losses as ldm train-lora's, then the Generate tab with the saved LoRA (an opfs: URL) against
+    // the same generation without it.
+    await attempt('train-lora', async () => {
+      const done = (n) => `(() => { const t = window.__ldmTrain; if (!t) return null; if (t.errors.length) return { error: t.errors.at(-1) }; return t.result && !t.busy && t.result.step >= ${n} ? t.result : null; })()`;
+      await page.goto(`${app}?tab=train&device=cpu`);
+      await waitFor(page, `window.__ldmApp.events.some((e) => e.type === 'ready')`, 'the engine');
+      await page.evaluate(`(() => {
+        const kind = document.getElementById('train-kind');
+        kind.value = 'lora';
+        kind.dispatchEvent(new Event('change'));
+        const fields = ${JSON.stringify({ ...LORA.fields, 'train-name': 'e2e-lora' })};
+        for (const [id, v] of Object.entries(fields)) document.getElementById(id).value = v;
+        document.getElementById('train-folders').click();
+      })()`);
+      await upload(page, '#train-lora-images', fx.lora.files);
+      const t = Date.now();
+      await page.evaluate(`document.getElementById('train-start').click()`);
+      const out = await waitFor(page, done(4), 'the LoRA training run');
+      if (out.error) throw new Error(out.error);
+      const secs = (Date.now() - t) / 1000;
+      const l = out.losses;
+      const d = Math.max(...l.map((v, i) => Math.abs(v - fx.lora.losses[i]) / fx.lora.losses[i]));
+      const samples = await page.evaluate('window.__ldmTrain.samples');
+      check('the Train tab trains a LoRA as ldm train-lora does', l.length === 4 && d <= 1e-3 && samples >= 1,
+        `4 captioned images from chosen files (.png + .txt); ${l.length} steps in ${secs.toFixed(1)} s; losses ${l.map((v) => v.toFixed(4)).join(', ')}; max relative difference to ldm train-lora's ${d.toExponential(2)} (tolerance 1e-3); ${samples} sample(s) shown`);
+      const listed = await waitFor(page, `document.querySelector('#train-runs li[data-run="e2e-lora"][data-kind="lora"] span')?.textContent`, 'the saved LoRA run', 60_000);
+      await page.evaluate(`document.getElementById('train-steps').value = '6'`);
+      await page.evaluate(`document.querySelector('#train-runs li[data-run="e2e-lora"] button.resume').click()`);
+      const resumed = await waitFor(page, done(6), 'the resumed LoRA run');
+      if (resumed.error) throw new Error(resumed.error);
+      const dr = Math.max(...resumed.losses.map((v, i) => Math.abs(v - fx.lora.losses[i]) / fx.lora.losses[i]));
+      check('a LoRA run resumes as an uninterrupted one', resumed.losses.length === 6 && dr <= 1e-3, `resumed to step ${resumed.step}: losses 5-6 ${resumed.losses.slice(4).map((v) => v.toFixed(4)).join(', ')}; max relative difference to an uninterrupted ldm train-lora ${dr.toExponential(2)}`);
+      // Generate with it, then without it: the same seed and prompt, different pixels.
+      const gen = async () => {
+        const before = await page.evaluate('window.__ldmApp.results.length');
+        await page.evaluate(`(() => { const f = document.getElementById('settings').elements; f.prompt.value = 'a red apple'; f.steps.value = '4'; f.seed.value = '1'; f.width.value = '32'; f.height.value = '32'; })()`);
+        await page.evaluate(`document.getElementById('generate').click()`);
+        return PNG.sync.read(await nextResult(page, before));
+      };
+      await page.evaluate(`document.querySelector('#train-runs li[data-run="e2e-lora"] button.use').click()`);
+      const rows = await page.evaluate(`[...document.querySelectorAll('#lora-list .lora-url')].map((i) => i.value)`);
+      const withLora = await gen();
+      await page.evaluate(`document.querySelectorAll('#lora-list .remove').forEach((b) => b.click())`);
+      const without = await gen();
+      let diff = 0;
+      for (let i = 0; i < withLora.data.length; i++) diff = Math.max(diff, Math.abs(withLora.data[i] - without.data[i]));
+      check('the trained LoRA generates in the Generate tab', rows.includes('opfs:e2e-lora/pytorch_lora_weights.safetensors') && withLora.width === 32 && diff > 0,
+        `listed as ${JSON.stringify(listed.slice(0, 90))}; LoRA rows ${JSON.stringify(rows)}; largest pixel difference with and without it ${diff}`);
     });
 
     // Depth estimation time in the browser (ldm bench depth's JSON) on the fixture estimator.

@@ -8,7 +8,9 @@ use std::path::Path;
 use clap::Args;
 use ldm_web::gpu::GpuOptions;
 use ldm_web::loader::{DirSource, FileSource};
+use ldm_web::loader::safetensors::FileDType;
 use ldm_web::training::lora_run::{CaptionedImage, LoraRun, LoraSettings};
+use ldm_web::training::run::{Cadence, RunEvent};
 use ldm_web::training::{LoraConfig, TrainConfig};
 use ldm_web::{Error, Result};
 
@@ -169,27 +171,30 @@ pub fn run(a: &TrainLoraArgs) -> Result<String> {
         bar.set_position(first as u64);
         let start = std::time::Instant::now();
         let prompt = a.sample_prompt.clone().unwrap_or_else(|| images[0].caption.clone());
-        while !run.done() {
-            let stats = run.step(&gpu).await?;
-            let step = run.info.step;
-            let rate = (step - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!("loss {:.4} | {rate:.2} steps/s", stats.loss));
-            bar.set_position(step as u64);
-            if !std::io::stderr().is_terminal() && (step % 50 == 0 || step == first + 1) {
-                eprintln!("step {step}/{}: loss {:.4}, {rate:.2} steps/s", run.info.config.steps, stats.loss);
+        let cadence = Cadence { save_every: a.save_every.max(1), sample_every: a.sample_every, sample_at_end: true, sample_steps: a.sample_steps, sample_guidance: a.sample_guidance, weights: FileDType::F32 };
+        let (mut step, steps) = (first, run.info.config.steps);
+        run.train(&gpu, src.as_ref(), &cadence, &prompt, &|| Box::pin(async {}), &mut |ev| {
+            match ev {
+                RunEvent::Step(stats) => {
+                    step += 1;
+                    let rate = (step - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+                    bar.set_message(format!("loss {:.4} | {rate:.2} steps/s", stats.loss));
+                    bar.set_position(step as u64);
+                    if !std::io::stderr().is_terminal() && (step % 50 == 0 || step == first + 1) {
+                        eprintln!("step {step}/{steps}: loss {:.4}, {rate:.2} steps/s", stats.loss);
+                    }
+                }
+                RunEvent::Checkpoint(files) => crate::train::write_files(out_dir, files)?,
+                RunEvent::Sample(images) => {
+                    let dir = out_dir.join("samples");
+                    std::fs::create_dir_all(&dir).map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.display())))?;
+                    let path = dir.join(format!("step-{step:06}.png"));
+                    crate::generate::write_png(&path.display().to_string(), images.width, images.height, &images.rgb8(0), &format!("ldm train-lora sample at step {step}: {prompt}"))?;
+                }
             }
-            if step % a.save_every.max(1) == 0 || run.done() {
-                crate::train::write_files(out_dir, &run.files(&gpu).await?)?;
-            }
-            if (a.sample_every > 0 && step % a.sample_every == 0) || run.done() {
-                let images = run.sample(&gpu, src.as_ref(), &prompt, a.sample_steps, a.sample_guidance, 0).await?;
-                let dir = out_dir.join("samples");
-                std::fs::create_dir_all(&dir).map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.display())))?;
-                let r = run.info.resolution;
-                let path = dir.join(format!("step-{step:06}.png"));
-                crate::generate::write_png(&path.display().to_string(), r, r, &images.rgb8(0), &format!("ldm train-lora sample at step {step}: {prompt}"))?;
-            }
-        }
+            Ok(())
+        })
+        .await?;
         bar.finish();
         let seconds = start.elapsed().as_secs_f64();
         let steps = run.info.step - first;
