@@ -28,7 +28,7 @@ if (q.get('mode') === 'depth') {
 if (q.get('mode') === 'train') {
   // Training steps on 16 synthetic pairs with the Train tab's settings (ldm bench train).
   const num = (k, d) => (q.has(k) ? Number(q.get(k)) : d);
-  const options = { steps: num('steps', 10), batch: num('batch', 4), resolution: num('resolution', 64), channels: (q.get('channels') || '64,128').split(',').map(Number), lr: num('lr', 1e-4) };
+  const options = { steps: num('steps', 10), batch: num('batch', 4), resolution: num('resolution', 64), channels: (q.get('channels') || '64,128').split(',').map(Number), lr: num('lr', 1e-4), mixed_precision: q.get('mixed_precision') === '1', gradient_checkpointing: q.get('gradient_checkpointing') === '1' };
   message = { cmd: 'bench-train', model: q.get('model') ? new URL(q.get('model'), location.href).href : undefined, options };
 }
 // device=cpu|gpu|auto: where it runs (the engine's CPU backend or WebGPU; default gpu, and auto
