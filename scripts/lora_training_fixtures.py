@@ -37,6 +37,8 @@ def model_input(sched, x0, context, uncond, t, noise, keep):
 
 
 def main():
+    # Before add_adapter: PEFT draws the LoRA's A from torch's global generator.
+    torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(os.path.join(ROOT, "sd1", "unet"))
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=TARGETS))
