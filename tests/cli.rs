@@ -968,3 +968,27 @@ fn train_lora_writes_a_lora_that_generates_and_resumes_exactly() {
         assert!(!ok && stderr.contains(want) && stderr.trim().lines().count() == 1, "{full:?}: {stderr}");
     }
 }
+
+/// `ldm bench quality` on the SD1 fixture: q8 stays close to f32, q4_1 is smaller and further,
+/// the JSON names the recipe and sizes; without a quantisation it is an error.
+#[test]
+fn bench_quality_compares_quantised_with_f32() {
+    let model = fixtures().join("sd1");
+    let run = |q: &str| {
+        let (ok, stdout, stderr) = ldm(&["--device", "cpu", "bench", "quality", "--model", model.to_str().unwrap(), "--quant", q, "--steps", "4", "--guidance", "7.5", "--seeds", "0,1"]);
+        assert!(ok, "bench quality --quant {q}: {stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).expect("a JSON report")
+    };
+    let (q8, q4) = (run("q8"), run("q4_1"));
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+    println!("q8: {:.1} dB images, {:.1} dB noise, {:.2} bits; q4_1: {:.1} dB, {:.1} dB, {:.2} bits", f(&q8, "mean_psnr_db"), f(&q8, "noise_prediction_psnr_db"), f(&q8, "bits_per_weight"), f(&q4, "mean_psnr_db"), f(&q4, "noise_prediction_psnr_db"), f(&q4, "bits_per_weight"));
+    assert_eq!(q8["recipe"], "unet=q8_0,text_encoder=q8_0,vae=q8_0");
+    assert_eq!(q8["images"].as_array().map(Vec::len), Some(4), "2 prompts x 2 seeds");
+    assert!(f(&q8, "mean_psnr_db") >= 40.0 && f(&q8, "noise_prediction_psnr_db") >= 40.0 && f(&q8, "mean_ssim") > 0.99, "q8: {q8}");
+    assert!(f(&q4, "mean_psnr_db") < f(&q8, "mean_psnr_db") && f(&q4, "noise_prediction_psnr_db") < f(&q8, "noise_prediction_psnr_db"), "q4_1 should be further from f32 than q8");
+    assert!(f(&q4, "unet_bytes") < f(&q8, "unet_bytes") && f(&q8, "unet_bytes") < f(&q8, "unet_bytes_f32"));
+    let bits = f(&q8, "bits_per_weight");
+    assert!((8.0..10.5).contains(&bits) && (f(&q8, "unet_bytes") * 8.0 / f(&q8, "unet_parameters") - bits).abs() < 1e-9, "q8 bits per weight {bits}");
+    let (ok, _, stderr) = ldm(&["--device", "cpu", "bench", "quality", "--model", model.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("give --quant") && stderr.trim().lines().count() == 1, "{stderr}");
+}

@@ -1,6 +1,7 @@
 //! Kernel benchmarks (`ldm bench kernels`, and `bench.html` in the browser: same code, same JSON).
 
 pub mod depth;
+pub mod quality;
 pub mod train;
 pub mod unet;
 

@@ -8,6 +8,7 @@ mod generate;
 mod http;
 mod manifest;
 mod serve;
+mod bench_quality;
 mod train;
 mod train_lora;
 
@@ -71,6 +72,8 @@ enum BenchWhat {
     Generate(generate::GenerateArgs),
     /// One UNet step and VAE decode of a model, or of Stable Diffusion 1.5 with random weights: times, weight bytes, peak GPU bytes.
     Unet(bench_unet::BenchUNetArgs),
+    /// A quantised model against the same model in f32: single-step noise-prediction PSNR, PSNR and SSIM of whole generations over prompts and seeds, UNet bytes and bits per weight, as JSON.
+    Quality(bench_quality::BenchQualityArgs),
     /// Depth estimation of a photo: load, first and steady-state times, peak GPU bytes.
     Depth(depth::DepthArgs),
     /// Training steps of `ldm train`'s settings on its pairs or synthetic ones (nothing saved): steps/s and peak GPU bytes, as JSON.
@@ -110,6 +113,7 @@ fn main() -> std::process::ExitCode {
         Command::Manifest(args) => manifest::run(&args),
         Command::Bench { what: BenchWhat::Generate(args) } => generate::run(&args, true),
         Command::Bench { what: BenchWhat::Unet(args) } => bench_unet::run(&args),
+        Command::Bench { what: BenchWhat::Quality(args) } => bench_quality::run(&args),
         Command::Bench { what: BenchWhat::Kernels { shapes, filter, dtype, profile, min_ms } } => {
             let opts = BenchOptions {
                 shapes,
