@@ -339,8 +339,14 @@ async function train(id, msg) {
   // A resumed run reads its autoencoder from its own folder (vqvae/): no network needed.
   const resume = msg.resume ? await readRunFiles(name, ['training/', 'unet/config.json', 'scheduler/']) : null;
   const ae = msg.resume ? { url: `opfs:${name}/`, store: new RunStore(name) } : await folderEntry(id, msg.autoencoder, jobCounter(id), 'autoencoder');
+  return savingCheckpoints(id, name, (onEvent) => ldm.train(ae.url, ae.store, decoded, JSON.stringify(msg.settings ?? {}), resume, onEvent));
+}
+
+// Runs `start(onEvent)` (ldm.train or ldm.train_lora), writing each checkpoint's files into run
+// `name` in order and passing every other event on; resolves to {json} once all are written.
+async function savingCheckpoints(id, name, start) {
   let saving = Promise.resolve();
-  const json = await ldm.train(ae.url, ae.store, decoded, JSON.stringify(msg.settings ?? {}), resume, (ev) => {
+  const json = await start((ev) => {
     if (ev.type === 'checkpoint') {
       const { files, step } = ev;
       saving = saving.then(() => writeRunFiles(name, files)).then(() => postEvent(id, { type: 'checkpoint', step }));
@@ -404,17 +410,7 @@ async function trainLora(id, msg) {
   for (const key of [...data.images.keys()].sort()) decoded.push({ name: key, caption: data.captions[key] ?? '', image: await decodeImage(data.images.get(key), `training image ${key}`) });
   const resume = msg.resume ? await readRunFiles(name, ['training/']) : null;
   const model = await folderEntry(id, data.base, jobCounter(id), 'model');
-  let saving = Promise.resolve();
-  const json = await ldm.train_lora(model.url, model.store, decoded, JSON.stringify(msg.settings ?? {}), resume, (ev) => {
-    if (ev.type === 'checkpoint') {
-      const { files, step } = ev;
-      saving = saving.then(() => writeRunFiles(name, files)).then(() => postEvent(id, { type: 'checkpoint', step }));
-    } else {
-      postEvent(id, ev);
-    }
-  });
-  await saving;
-  return { json };
+  return savingCheckpoints(id, name, (onEvent) => ldm.train_lora(model.url, model.store, decoded, JSON.stringify(msg.settings ?? {}), resume, onEvent));
 }
 
 async function handle(id, msg) {

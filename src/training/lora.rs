@@ -160,24 +160,16 @@ pub fn lora_values(unet: &UNet2DConditionTrainable, bytes: &[u8], what: &str) ->
 mod tests {
     use super::*;
     use crate::autograd::Tape;
-    use crate::gpu::GpuOptions;
     use crate::loader::lora::AdapterSet;
     use crate::loader::safetensors::{header_len, parse_header};
     use crate::loader::{component_files, DirSource, MemorySource, Weights};
     use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
     use crate::rng::TorchGenerator;
     use crate::schedulers::{DdpmConfig, DdpmScheduler};
+    use crate::training::tests::{devices, max_rel};
     use crate::training::{Init, LoraConfig, Objective};
 
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-
-    fn devices() -> Vec<Gpu> {
-        let mut out = vec![pollster::block_on(Gpu::new(GpuOptions { cpu: true, ..Default::default() })).expect("the CPU backend")];
-        if let Ok(gpu) = pollster::block_on(Gpu::new(GpuOptions::default())) {
-            out.push(gpu);
-        }
-        out
-    }
 
     /// torch's run (scripts/lora_training_fixtures.py).
     #[derive(serde::Deserialize)]
@@ -279,11 +271,6 @@ mod tests {
                 keep_cond: keep_cond.to_vec(),
             }
         }
-    }
-
-    fn max_rel(got: &[f32], want: &[f32]) -> f32 {
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-        got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
     }
 
     /// The adapters' parameter names are PEFT's, on exactly the layers PEFT wraps.

@@ -486,7 +486,8 @@ mod tests {
 
     const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/training");
 
-    fn devices() -> Vec<Gpu> {
+    /// The CPU backend, and the native adapter where there is one (also the LoRA tests').
+    pub(super) fn devices() -> Vec<Gpu> {
         let mut out = vec![pollster::block_on(Gpu::new(GpuOptions { cpu: true, ..Default::default() })).expect("the CPU backend")];
         if let Ok(gpu) = pollster::block_on(Gpu::new(GpuOptions::default())) {
             out.push(gpu);
@@ -580,7 +581,8 @@ mod tests {
         UNet2DTrainable::new(fx.config.clone()).unwrap().params().iter().map(|p| p.name.clone()).collect()
     }
 
-    fn max_rel(got: &[f32], want: &[f32]) -> f32 {
+    /// Largest difference relative to the reference's largest magnitude.
+    pub(super) fn max_rel(got: &[f32], want: &[f32]) -> f32 {
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
         got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
     }

@@ -145,7 +145,12 @@ pub async fn bench_train(ae_url: String, ae_store: JsValue, settings_json: Strin
 #[wasm_bindgen]
 pub async fn train(ae_url: String, ae_store: JsValue, pairs_list: JsValue, settings_json: String, resume: JsValue, on_event: js_sys::Function) -> Result<String, JsValue> {
     cancelled(true);
-    let result = run_train(&ae_url, ae_store, &pairs_list, &settings_json, &resume, &on_event).await;
+    settle(run_train(&ae_url, ae_store, &pairs_list, &settings_json, &resume, &on_event).await)
+}
+
+/// A training run's result for JavaScript; an error that leaves the device unusable resets the
+/// engine first.
+fn settle(result: Result<String>) -> Result<String, JsValue> {
     if let Err(e) = &result {
         if poisons_device(e) {
             reset_engine();
@@ -292,13 +297,7 @@ fn captioned(list: &JsValue) -> Result<Vec<CaptionedImage>> {
 #[wasm_bindgen]
 pub async fn train_lora(model_url: String, model_store: JsValue, images: JsValue, settings_json: String, resume: JsValue, on_event: js_sys::Function) -> Result<String, JsValue> {
     cancelled(true);
-    let result = run_train_lora(&model_url, model_store, &images, &settings_json, &resume, &on_event).await;
-    if let Err(e) = &result {
-        if poisons_device(e) {
-            reset_engine();
-        }
-    }
-    result.map_err(|e| to_js(&e))
+    settle(run_train_lora(&model_url, model_store, &images, &settings_json, &resume, &on_event).await)
 }
 
 async fn run_train_lora(model_url: &str, model_store: JsValue, images: &JsValue, settings_json: &str, resume: &JsValue, on_event: &js_sys::Function) -> Result<String> {
