@@ -120,7 +120,7 @@ impl Ctx<'_> {
 
 type CaseFuture<'a> = Pin<Box<dyn Future<Output = Result<(f64, f64)>> + 'a>>;
 
-const QUANT_TYPES: [DType; 3] = [DType::Q8_0, DType::Q4_0, DType::Q4_1];
+const QUANT_TYPES: [DType; 5] = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1];
 
 const PROFILES: [(KernelProfile, &str); 2] = [(KernelProfile::Tiled, "tiled"), (KernelProfile::Register, "register")];
 

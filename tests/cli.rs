@@ -520,14 +520,15 @@ fn data_start(header: &serde_json::Map<String, serde_json::Value>, name: &str) -
 }
 
 /// `ldm convert` writes quantised weights that load to exactly the image quantising on the fly
-/// gives, smaller files, tensors in first-use order and a manifest; q8 stays close to f32.
+/// gives (per-layer rules included), smaller files, tensors in first-use order, the recipe and a
+/// manifest; q8 stays close to f32.
 #[test]
 fn convert_matches_on_the_fly_quantisation() {
     let root = tmp("convert");
     let sd1 = fixtures().join("sd1");
     let sd1 = sd1.to_str().expect("utf-8");
     let conv = root.join("q4");
-    let flags = ["--unet", "q4_1", "--text-encoder", "q8", "--vae", "q8"];
+    let flags = ["--unet", "q4_1", "--text-encoder", "q8", "--vae", "q8", "--layer", "unet/conv_out.*=q8", "--layer", "*attn2.to_k*=q5_1", "--layer", "unet/time_embedding.linear_1.*=f32"];
     let (ok, summary, err) = ldm(&[&["convert", "--model", sd1, "--out", conv.to_str().expect("utf-8")][..], &flags].concat());
     assert!(ok, "convert failed: {err}");
     println!("{summary}");
@@ -566,7 +567,17 @@ fn convert_matches_on_the_fly_quantisation() {
         assert!(data_start(&header, w[0]) < data_start(&header, w[1]), "{} is stored after {}", w[0], w[1]);
     }
     let meta = header["__metadata__"].as_object().expect("metadata");
-    assert!(meta.get("ldm-web.quant.conv_in.weight").and_then(|v| v.as_str()).is_some_and(|v| v.starts_with("q4_1:")), "conv_in is not q4_1: {meta:?}");
+    let stored = |name: &str| meta.get(&format!("ldm-web.quant.{name}")).and_then(|v| v.as_str()).map(|v| v.split(':').next().unwrap_or("").to_string());
+    assert_eq!(stored("conv_in.weight").as_deref(), Some("q4_1"), "{meta:?}");
+    assert_eq!(stored("conv_out.weight").as_deref(), Some("q8_0"), "the layer rule unet/conv_out.*=q8");
+    assert_eq!(stored("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight").as_deref(), Some("q5_1"));
+    assert_eq!(stored("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v.weight").as_deref(), Some("q4_1"));
+    assert_eq!(stored("time_embedding.linear_1.weight"), None, "a float rule keeps the weight unquantised");
+    assert_eq!(header["time_embedding.linear_1.weight"]["dtype"], "F32");
+    let hints: serde_json::Value = serde_json::from_slice(&std::fs::read(conv.join("ldm-web.json")).expect("ldm-web.json")).expect("json");
+    assert_eq!(hints["quantisation"]["recipe"], "unet=q4_1,text_encoder=q8_0,vae=q8_0;unet/conv_out.*=q8_0;*attn2.to_k*=q5_1;unet/time_embedding.linear_1.*=f32", "{hints}");
+    let unet_bits = hints["quantisation"]["bits_per_weight"]["unet"].as_f64().expect("UNet bits per weight");
+    assert!((4.5..32.0).contains(&unet_bits), "UNet bits per weight {unet_bits}");
     let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(conv.join("ldm-manifest.json")).expect("manifest")).expect("json");
     assert_eq!(manifest["files"][unet_file]["size"].as_u64(), Some(after), "manifest size of {unet_file}");
 
@@ -596,6 +607,8 @@ fn convert_matches_on_the_fly_quantisation() {
         (variant("scale-shape", &|h| {
             h["conv_in.weight.mins"]["shape"] = serde_json::json!([2, 16]);
         }), none.clone(), "conv_in.weight.mins"),
+        (sd1.to_string(), vec!["--layer".into(), "unet/conv_in.*=q3".into()], "unknown type \"q3\""),
+        (sd1.to_string(), vec!["--layer".into(), "unet/conv_in.*".into()], "PATTERN=TYPE"),
     ];
     expect_one_line_errors(&root, &cases);
 }

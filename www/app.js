@@ -363,7 +363,9 @@ async function refreshModels() {
   for (const m of models) {
     const li = document.createElement('li');
     const kind = { lora: 'LoRA', embedding: 'embedding', vae: 'VAE', 'tiny-vae': 'tiny autoencoder', controlnet: 'ControlNet', 'depth-estimator': 'depth estimator' }[m.kind];
-    li.textContent = `${kind ? `${kind}: ` : ''}${m.url} — ${mb(m.bytes)} MB in ${m.files} files `;
+    const q = m.quantisation;
+    const weights = q?.recipe ? `, weights ${q.recipe.replace(/[;,]/g, ', ')}${q.bits_per_weight?.unet ? ` (UNet ${q.bits_per_weight.unet} bits per weight)` : ''}` : '';
+    li.textContent = `${kind ? `${kind}: ` : ''}${m.url} — ${mb(m.bytes)} MB in ${m.files} files${weights} `;
     const use = Object.assign(document.createElement('button'), { type: 'button', textContent: 'use' });
     use.addEventListener('click', () => {
       $('extras').open = m.kind && !['controlnet', 'depth-estimator'].includes(m.kind);

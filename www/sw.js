@@ -3,7 +3,7 @@
 // update shows on the next online visit; model weights are not touched here (the engine worker
 // caches them chunk by chunk in the Cache API itself).
 
-const SHELL_CACHE = 'ldm-shell-v5';
+const SHELL_CACHE = 'ldm-shell-v6';
 const SHELL = [
   './', 'index.html', 'app.js', 'app.css', 'ldm-client.js', 'ldm-image.js', 'engine-worker.js', 'weight-store.js',
   'worker-job.js', 'train.js', 'run-store.js', 'zip.js', 'manifest.webmanifest', 'icon.svg', 'embed.html', 'bench.html', 'tests.html',

@@ -427,7 +427,19 @@ export async function recordModel(url, info = {}) {
   await cache.put(tag(url, 'model'), new Response(JSON.stringify(record), { headers: { 'Content-Type': 'application/json' } }));
 }
 
-// The models the cache holds: [{url, bytes, files, added}], sizes counted from the cached chunks.
+// The quantisation recipe `ldm convert` wrote into a cached folder's ldm-web.json, if any.
+async function cachedRecipe(cache, entries, url) {
+  const hints = entries.find((c) => c.file === `${url}ldm-web.json` && /^chunk-\d+-0$/.test(c.what));
+  if (!hints) return undefined;
+  try {
+    return (await (await cache.match(tag(hints.file, hints.what))).json()).quantisation;
+  } catch {
+    return undefined;
+  }
+}
+
+// The models the cache holds: [{url, bytes, files, added, quantisation}], sizes counted from the
+// cached chunks.
 export async function listCachedModels() {
   const cache = await caches.open(CACHE_NAME);
   const keys = (await cache.keys()).map((r) => r.url);
@@ -456,7 +468,7 @@ export async function listCachedModels() {
       files.add(c.file);
       bytes += Math.max(0, Math.min(cs, (sizes.get(`${c.file}@${cs}`) ?? cs) - i * cs));
     }
-    models.push({ ...record, url: e.file, bytes, files: files.size });
+    models.push({ ...record, url: e.file, bytes, files: files.size, quantisation: await cachedRecipe(cache, entries, e.file) });
   }
   return models.sort((a, b) => a.url.localeCompare(b.url));
 }

@@ -189,11 +189,11 @@ pub enum BenchModel<'a> {
     Folder { src: &'a dyn FileSource, name: String },
 }
 
-/// A `--unet` / `--vae` weight type as given: q8, q4, q4_1, or float (`None`: the activation dtype).
+/// A `--unet` / `--vae` weight type as given: a quantised type, or float (`None`: the activation dtype).
 pub fn weight_type(flag: &str, v: Option<&str>) -> Result<Option<DType>> {
     match v {
         None | Some("float") | Some("f16") | Some("f32") => Ok(None),
-        Some(s) => DType::from_name(s).filter(|d| d.is_quantised()).map(Some).ok_or_else(|| Error::Input(format!("{flag} {s}: use q8, q4, q4_1 or float"))),
+        Some(s) => DType::from_name(s).filter(|d| d.is_quantised()).map(Some).ok_or_else(|| Error::Input(format!("{flag} {s}: use {} or float", DType::quantised_names()))),
     }
 }
 
@@ -271,7 +271,7 @@ pub async fn run(gpu: &Gpu, model: BenchModel<'_>, opts: &UNetBenchOptions, inpu
     }
     gpu.reset_pool_peak();
     let log = WeightLog::default();
-    let quant = ComponentQuant { unet: opts.unet_quant, text_encoder: opts.text_encoders.flatten(), vae: opts.vae_quant, log: Some(log.clone()) };
+    let quant = ComponentQuant { unet: opts.unet_quant, text_encoder: opts.text_encoders.flatten(), vae: opts.vae_quant, log: Some(log.clone()), ..Default::default() };
     let t0 = now_ms();
     let empty = StaticSource::new("random", &[]);
     let mut text_encoder_bytes = None;

@@ -4,7 +4,7 @@
 //! so a convolution `[Cout, Cin, KH, KW]` is `Cout x Cin*KH*KW`) as blocks of 32 consecutive values
 //! along K, each row padded with zeros to whole blocks. Bytes are stored split rather than
 //! interleaved as in ggml: first every block's packed values, then every block's f16 scale, then
-//! (q4_1) every block's f16 minimum. Each region starts on a 4-byte boundary, so a kernel reads
+//! (q4_1, q5_1) every block's f16 minimum. Each region starts on a 4-byte boundary, so a kernel reads
 //! all of it as aligned `u32` words (a 34-byte interleaved q8_0 block is not word aligned).
 //! Plain floats are the one-element-per-block case of the same layout: one region, no scales.
 
@@ -23,6 +23,10 @@ pub enum DType {
     Q4_0 = 3,
     /// Blocks of 32 4-bit q, an f16 scale d and minimum m: x = q d + m (ggml's q4_1).
     Q4_1 = 4,
+    /// Blocks of 32 5-bit q and an f16 scale d: x = (q - 16) d (ggml's q5_0).
+    Q5_0 = 5,
+    /// Blocks of 32 5-bit q, an f16 scale d and minimum m: x = q d + m (ggml's q5_1).
+    Q5_1 = 6,
 }
 
 /// What the engine needs to know about a dtype.
@@ -48,12 +52,14 @@ pub struct DTypeInfo {
     decode_block: fn(&[u8], &[f16], &mut [f32]),
 }
 
-const TABLE: [DTypeInfo; 5] = [
+const TABLE: [DTypeInfo; 7] = [
     DTypeInfo { name: "f32", block_size: 1, block_bytes: 4, value_bytes: 4, params: 0, wgsl: Some("f32"), needs_shader_f16: false, wgsl_quant: 0, encode_block: encode_f32, decode_block: decode_f32 },
     DTypeInfo { name: "f16", block_size: 1, block_bytes: 2, value_bytes: 2, params: 0, wgsl: Some("f16"), needs_shader_f16: true, wgsl_quant: 0, encode_block: encode_f16, decode_block: decode_f16 },
     DTypeInfo { name: "q8_0", block_size: 32, block_bytes: 34, value_bytes: 32, params: 1, wgsl: None, needs_shader_f16: false, wgsl_quant: 1, encode_block: encode_q8_0, decode_block: decode_q8_0 },
     DTypeInfo { name: "q4_0", block_size: 32, block_bytes: 18, value_bytes: 16, params: 1, wgsl: None, needs_shader_f16: false, wgsl_quant: 2, encode_block: encode_q4_0, decode_block: decode_q4_0 },
     DTypeInfo { name: "q4_1", block_size: 32, block_bytes: 20, value_bytes: 16, params: 2, wgsl: None, needs_shader_f16: false, wgsl_quant: 3, encode_block: encode_q4_1, decode_block: decode_q4_1 },
+    DTypeInfo { name: "q5_0", block_size: 32, block_bytes: 22, value_bytes: 20, params: 1, wgsl: None, needs_shader_f16: false, wgsl_quant: 4, encode_block: encode_q5_0, decode_block: decode_q5_0 },
+    DTypeInfo { name: "q5_1", block_size: 32, block_bytes: 24, value_bytes: 20, params: 2, wgsl: None, needs_shader_f16: false, wgsl_quant: 5, encode_block: encode_q5_1, decode_block: decode_q5_1 },
 ];
 
 /// Where a tensor's regions lie in its bytes (see the module docs).
@@ -80,7 +86,7 @@ impl Layout {
 
 impl DType {
     /// Every dtype, in table order.
-    pub const ALL: [DType; 5] = [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
+    pub const ALL: [DType; 7] = [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1];
 
     /// This dtype's table row.
     pub fn info(self) -> &'static DTypeInfo {
@@ -90,14 +96,19 @@ impl DType {
     pub fn name(self) -> &'static str {
         self.info().name
     }
-    /// The dtype called `name` (as in `--quant q8`; `q8` and `q4` name q8_0 and q4_0).
+    /// The dtype called `name` (as in `--quant q8`; `q8`, `q5` and `q4` name q8_0, q5_0 and q4_0).
     pub fn from_name(name: &str) -> Option<DType> {
         let name = match name {
             "q8" => "q8_0",
+            "q5" => "q5_0",
             "q4" => "q4_0",
             n => n,
         };
         DType::ALL.into_iter().find(|d| d.name() == name)
+    }
+    /// The quantised types' names, for messages (`q8_0, q4_0, ...`).
+    pub fn quantised_names() -> String {
+        DType::ALL.iter().filter(|d| d.is_quantised()).map(|d| d.name()).collect::<Vec<_>>().join(", ")
     }
     /// Whether this is a block-quantised type (only weights use these).
     pub fn is_quantised(self) -> bool {
@@ -331,6 +342,48 @@ fn decode_q4_1(b: &[u8], p: &[f16], out: &mut [f32]) {
     }
 }
 
+/// Packs 5-bit values as ggml does: their low 4 bits as [`pack_nibbles`] (16 bytes), then one
+/// little-endian u32 whose bit e is element e's fifth bit (so a kernel reads word 4 of the block).
+fn pack_q5(out: &mut [u8], q: impl Fn(usize) -> u8) {
+    pack_nibbles(&mut out[..16], |e| q(e) & 15);
+    let high = (0..32).fold(0u32, |h, e| h | (((q(e) >> 4) & 1) as u32) << e);
+    out[16..20].copy_from_slice(&high.to_le_bytes());
+}
+fn q5(b: &[u8], e: usize) -> f32 {
+    let high = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
+    nibble(b, e) + 16.0 * ((high >> e) & 1) as f32
+}
+
+fn encode_q5_0(v: &[f32], out: &mut [u8], p: &mut [f16]) {
+    // As q4_0: the value of largest magnitude maps exactly to -16.
+    let max = v.iter().fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
+    let (d, id) = scale(max / -16.0);
+    p[0] = d;
+    pack_q5(out, |e| (v[e] * id + 16.0).round().clamp(0.0, 31.0) as u8);
+}
+fn decode_q5_0(b: &[u8], p: &[f16], out: &mut [f32]) {
+    let d = p[0].to_f32();
+    for (e, o) in out.iter_mut().enumerate() {
+        *o = (q5(b, e) - 16.0) * d;
+    }
+}
+
+fn encode_q5_1(v: &[f32], out: &mut [u8], p: &mut [f16]) {
+    let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &x| (l.min(x), h.max(x)));
+    let (d, id) = scale((hi - lo) / 31.0);
+    let m = f16::from_f32(lo);
+    p[0] = d;
+    p[1] = m;
+    let mf = m.to_f32();
+    pack_q5(out, |e| ((v[e] - mf) * id).round().clamp(0.0, 31.0) as u8);
+}
+fn decode_q5_1(b: &[u8], p: &[f16], out: &mut [f32]) {
+    let (d, m) = (p[0].to_f32(), p[1].to_f32());
+    for (e, o) in out.iter_mut().enumerate() {
+        *o = q5(b, e).mul_add(d, m);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,7 +400,7 @@ mod tests {
         let x = data(231, 0);
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let range = 2.0 * amax;
-        for (dt, tol) in [(DType::F32, 0.0), (DType::F16, 2e-3), (DType::Q8_0, 0.5 * amax / 127.0 * 1.01), (DType::Q4_0, amax / 8.0 * 1.01), (DType::Q4_1, 0.5 * range / 15.0 * 1.01)] {
+        for (dt, tol) in [(DType::F32, 0.0), (DType::F16, 2e-3), (DType::Q8_0, 0.5 * amax / 127.0 * 1.01), (DType::Q4_0, amax / 8.0 * 1.01), (DType::Q4_1, 0.5 * range / 15.0 * 1.01), (DType::Q5_0, amax / 16.0 * 1.01), (DType::Q5_1, 0.5 * range / 31.0 * 1.01)] {
             let bytes = dt.encode(&shape, &x);
             assert_eq!(bytes.len() as u64, dt.bytes_for(&shape), "{}", dt.name());
             let back = dt.decode(&shape, &bytes);
@@ -388,6 +441,14 @@ mod tests {
         let y: Vec<f32> = (0..32).map(|e| e as f32 - 16.0).collect();
         let bytes = DType::Q8_0.encode(&[1, 32], &y);
         assert_eq!(bytes[0] as i8, -127);
+        // q5_1 over 0..31 (scale 1, minimum 0): low 4 bits in the nibbles, the fifth in word 4.
+        let z: Vec<f32> = (0..32).map(|e| e as f32).collect();
+        let bytes = DType::Q5_1.encode(&[1, 32], &z);
+        let words: Vec<u32> = bytes[..20].chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        for e in 0..32 {
+            let q = ((words[e / 8] >> (4 * (e % 8))) & 15) | (((words[4] >> e) & 1) << 4);
+            assert_eq!(q, e as u32, "element {e}");
+        }
     }
 
     #[test]
@@ -409,6 +470,8 @@ mod tests {
     fn names_parse() {
         assert_eq!(DType::from_name("q8"), Some(DType::Q8_0));
         assert_eq!(DType::from_name("q4_1"), Some(DType::Q4_1));
+        assert_eq!(DType::from_name("q5"), Some(DType::Q5_0));
+        assert_eq!(DType::from_name("q5_1"), Some(DType::Q5_1));
         assert_eq!(DType::from_name("f16"), Some(DType::F16));
         assert_eq!(DType::from_name("q3"), None);
     }

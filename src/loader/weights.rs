@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use super::quantised::{self, StoredQuant};
+use super::quantised::{self, rule_for, LayerRule, StoredQuant};
 use super::safetensors::{header_len, parse_header, Header, TensorEntry};
 use super::lora::{AdapterSet, AdapterTarget, LowRankFactors};
 use super::FileSource;
@@ -258,7 +258,7 @@ impl<'s> Weights<'s> {
 
     /// A view that prefixes every name with `prefix.`.
     pub fn at<'w>(&'w self, gpu: &'w Gpu, dtype: DType, prefix: &str) -> W<'w, 's> {
-        W { weights: self, gpu, dtype, quant: None, log: None, adapters: None, prefix: prefix.to_string() }
+        W { weights: self, gpu, dtype, quant: None, layer_rules: None, log: None, adapters: None, prefix: prefix.to_string() }
     }
 }
 
@@ -330,6 +330,8 @@ pub struct W<'w, 's> {
     pub dtype: DType,
     /// Quantised type for Linear and Conv2d weights read by [`W::weight`] (`None`: `dtype`).
     pub quant: Option<DType>,
+    /// Per-layer rules that override `quant`, with the component folder they match against.
+    layer_rules: Option<(std::rc::Rc<[LayerRule]>, &'static str)>,
     log: Option<(WeightLog, &'static str)>,
     /// LoRA adapters for the component this view reads.
     adapters: Option<(std::rc::Rc<AdapterSet>, AdapterTarget)>,
@@ -366,6 +368,10 @@ impl<'w, 's> W<'w, 's> {
     pub fn with_quant(self, quant: Option<DType>) -> Self {
         Self { quant: quant.filter(|q| q.is_quantised()), ..self }
     }
+    /// The same view with per-layer `rules` (matched as `folder/name`) overriding its quantisation.
+    pub fn with_layer_rules(self, rules: &std::rc::Rc<[LayerRule]>, folder: &'static str) -> Self {
+        Self { layer_rules: (!rules.is_empty()).then(|| (rules.clone(), folder)), ..self }
+    }
     /// The same view with the LoRA adapters of component `folder` (`unet`, `text_encoder`,
     /// `text_encoder_2`; others get none).
     pub fn with_adapters(self, adapters: Option<&std::rc::Rc<AdapterSet>>, folder: &str) -> Self {
@@ -391,17 +397,19 @@ impl<'w, 's> W<'w, 's> {
             log.0.borrow_mut().push(WeightRecord { folder, name, shape: shape.to_vec(), dtype, bytes: bytes.to_vec(), source_f16 });
         }
     }
-    /// The dtype [`W::weight`] gives a weight of `shape` that is not stored quantised.
-    pub fn weight_dtype(&self, shape: &[usize]) -> DType {
-        match self.quant {
-            Some(q) if quantisable(shape) => q,
+    /// The dtype [`W::weight`] gives weight `name` of `shape` if it is not stored quantised: a
+    /// matching layer rule's, else this view's quantisation (float rules keep the activation dtype).
+    pub fn weight_dtype(&self, name: &str, shape: &[usize]) -> DType {
+        let rule = self.layer_rules.as_ref().and_then(|(rules, folder)| rule_for(rules, folder, &self.name(name)));
+        match rule.or(self.quant) {
+            Some(q) if q.is_quantised() && quantisable(shape) => q,
             _ => self.dtype,
         }
     }
     /// A Linear or Conv2d weight `name` as bytes: stored quantised as is, else quantised by this
     /// view's policy, else in the activation dtype.
     pub async fn weight_bytes(&self, name: &str, shape: &[usize]) -> Result<(DType, Vec<u8>)> {
-        let (dtype, bytes) = self.weights.tensor_bytes(&self.name(name), shape, self.weight_dtype(shape)).await?;
+        let (dtype, bytes) = self.weights.tensor_bytes(&self.name(name), shape, self.weight_dtype(name, shape)).await?;
         // Merged adapters: W + up . down, only into float weights (merging into quantised
         // weights would lose the adapter to rounding).
         let merged = match &self.adapters {

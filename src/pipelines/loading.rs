@@ -13,6 +13,7 @@ use super::conditions::DepthMap;
 use super::depth::DepthEstimator;
 use super::image_input::InputImage;
 use super::stable_diffusion::UserImages;
+use crate::loader::quantised::LayerRule;
 use crate::loader::{component_files, read_file, read_json, FileSource, WeightFile, WeightLog, Weights, W};
 use crate::models::{AutoencoderKL, AutoencoderKLConfig, AutoencoderTiny, AutoencoderTinyConfig, ClipTextConfig, ClipTextModel, ControlNetConfig, ControlNetModel, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::tokenizer::{ClipTokenizer, TokenizerConfig};
@@ -68,7 +69,7 @@ impl LoadOptions {
     }
 }
 
-/// A quantised type (q8_0, q4_0, q4_1) per model component, `None` for float weights.
+/// A quantised type (q8_0, q4_0, q4_1, q5_0, q5_1) per model component, `None` for float weights.
 #[derive(Clone, Debug, Default)]
 pub struct ComponentQuant {
     pub unet: Option<DType>,
@@ -76,6 +77,8 @@ pub struct ComponentQuant {
     pub text_encoder: Option<DType>,
     /// The first stage: AutoencoderKL or VQModel.
     pub vae: Option<DType>,
+    /// Per-layer rules over the component types (`ldm convert --layer`), first match wins.
+    pub layer_rules: std::rc::Rc<[LayerRule]>,
     /// Records what each component read (`ldm convert` writes that).
     pub log: Option<WeightLog>,
 }
@@ -89,7 +92,7 @@ impl ComponentQuant {
             "text_encoder" | "text_encoder_2" | "bert" => self.text_encoder,
             _ => self.vae,
         };
-        w.with_quant(quant).logged(self.log.as_ref(), folder)
+        w.with_quant(quant).with_layer_rules(&self.layer_rules, folder).logged(self.log.as_ref(), folder)
     }
 }
 

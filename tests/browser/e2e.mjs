@@ -740,6 +740,9 @@ async function runBrowser(name, fx, results) {
       const fetched = serve.log.filter((r) => r.url === '/models/sd1-q4/unet/diffusion_pytorch_model.safetensors' && r.status === 206).reduce((n, r) => n + r.bytes, 0);
       check('converted q4 model matches CLI', d <= TOL && fetched > 0 && fetched <= fs.statSync(unetFile).size,
         `max |browser - ldm generate| = ${d}/255 on ldm convert's q4_1 UNet + q8 text encoder and VAE; ${fetched} UNet bytes fetched (file ${fs.statSync(unetFile).size})`);
+      const listed = await page.evaluate(`(async () => { await new Promise((r) => setTimeout(r, 200)); return document.getElementById('model-list').textContent; })()`);
+      const recipe = JSON.parse(fs.readFileSync(path.join(fx.models, 'sd1-q4', 'ldm-web.json'), 'utf8')).quantisation;
+      check('the models panel shows the converted folder\'s recipe', listed.includes(`sd1-q4/ — `) && listed.includes(`weights unet=q4_1, `) && listed.includes(`(UNet ${recipe.bits_per_weight.unet} bits per weight)`), listed.slice(0, 400));
     });
 
     // A mask painted with the mouse and an uploaded condition image drive generations that

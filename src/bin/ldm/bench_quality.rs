@@ -41,8 +41,7 @@ pub fn run(a: &BenchQualityArgs) -> Result<String> {
     if choice.unet.is_none() && choice.text_encoder.is_none() && choice.vae.is_none() {
         return Err(Error::Input("ldm bench quality compares a quantisation against f32: give --quant, --unet, --text-encoder or --vae".into()));
     }
-    let name = |d: Option<ldm_web::gpu::DType>| d.map_or("f32".to_string(), |d| d.name().to_string());
-    let recipe = format!("unet={},text_encoder={},vae={}", name(choice.unet), name(choice.text_encoder), name(choice.vae));
+    let recipe = choice.recipe();
     let size = match (a.width, a.height) {
         (Some(w), Some(h)) => Some((w, h)),
         (None, None) => None,

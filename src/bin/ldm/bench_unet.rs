@@ -22,13 +22,13 @@ pub struct BenchUNetArgs {
     /// Latents per step (2 = classifier-free guidance).
     #[arg(long, default_value_t = 2)]
     batch: usize,
-    /// UNet weights: q8, q4, q4_1 (quantised on load) or float (the activation dtype).
+    /// UNet weights: q8, q4, q4_1, q5, q5_1 (quantised on load) or float (the activation dtype).
     #[arg(long)]
     unet: Option<String>,
     /// VAE decoder weights, as --unet.
     #[arg(long)]
     vae: Option<String>,
-    /// Also load sd15's / sdxl's text encoders with these weights (q8, q4, q4_1 or float) to report their bytes.
+    /// Also load sd15's / sdxl's text encoders with these weights (q8, q4, q4_1, q5, q5_1 or float) to report their bytes.
     #[arg(long)]
     text_encoder: Option<String>,
     /// Storage bindings limited to this many bytes, as in a browser (134217728: the WebGPU default), so the VAE tiles as it would there.

@@ -1,5 +1,5 @@
 //! `ldm convert`: any model ldm loads (folder or single file), written as the web format: a diffusers-layout folder whose
-//! weights are quantised (q8_0 / q4_0 / q4_1) or f16 per component, tensors in each file in the
+//! weights are quantised (q8_0, q4_0, q4_1, q5_0, q5_1) or f16 per component, tensors in each file in the
 //! order the model first reads them (the order the browser fetches), and `ldm-manifest.json`.
 //!
 //! The model is loaded through the normal loader with a [`WeightLog`], so what is written is
@@ -7,10 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use clap::Args;
 use ldm_web::gpu::{DType, GpuOptions};
-use ldm_web::loader::quantised::{describe, stored_tensors, QUANT_KEY_PREFIX};
+use ldm_web::loader::quantised::{describe, stored_tensors, LayerRule, QUANT_KEY_PREFIX};
 use ldm_web::loader::safetensors::{serialize, FileDType, OutTensor};
 use ldm_web::loader::{WeightFile, WeightLog, WeightRecord};
 use ldm_web::pipelines::single_file;
@@ -20,7 +21,7 @@ use ldm_web::{Error, Result};
 /// Weight types per component (`ldm convert` and `ldm generate`).
 #[derive(Args, Clone, Debug, Default)]
 pub struct QuantArgs {
-    /// Weight type of every component: q8 (q8_0), q4 (q4_0), q4_1 (with a per-block minimum), f16 or f32.
+    /// Weight type of every component: q8 (q8_0), q5 (q5_0), q5_1, q4 (q4_0), q4_1 (the _1 types have a per-block minimum), f16 or f32.
     #[arg(long)]
     quant: Option<String>,
     /// Weight type of the UNet (overrides --quant).
@@ -32,14 +33,18 @@ pub struct QuantArgs {
     /// Weight type of the VAE / VQ autoencoder (overrides --quant); `ldm generate` also takes a VAE folder here instead (e.g. SDXL's fp16-fix VAE).
     #[arg(long)]
     vae: Option<String>,
+    /// A per-layer type, PATTERN=TYPE over `folder/tensor` names with `*` wildcards (repeat the flag; the first match wins), e.g. 'unet/conv_in.*=q8' or '*attn2.to_k*=f16'.
+    #[arg(long = "layer", value_name = "PATTERN=TYPE")]
+    layers: Vec<String>,
 }
 
-/// A component's weight type as given: `None` keeps what the model has.
-#[derive(Clone, Copy, Debug, Default)]
+/// A component's weight type as given (`None` keeps what the model has), and the per-layer rules.
+#[derive(Clone, Debug, Default)]
 pub struct Choice {
     pub unet: Option<DType>,
     pub text_encoder: Option<DType>,
     pub vae: Option<DType>,
+    pub layer_rules: Rc<[LayerRule]>,
 }
 
 impl QuantArgs {
@@ -47,12 +52,13 @@ impl QuantArgs {
     pub fn choice(&self) -> Result<Choice> {
         let parse = |flag: &str, v: &Option<String>| -> Result<Option<DType>> {
             v.as_deref()
-                .map(|s| DType::from_name(s).ok_or_else(|| Error::Input(format!("{flag} {s}: use q8, q4, q4_1, f16 or f32"))))
+                .map(|s| DType::from_name(s).ok_or_else(|| Error::Input(format!("{flag} {s}: use {} (q8, q5 and q4 name the _0 types), f16 or f32", DType::quantised_names()))))
                 .transpose()
         };
         let all = parse("--quant", &self.quant)?;
         let vae = self.vae.clone().filter(|_| self.vae_folder().is_none());
-        Ok(Choice { unet: parse("--unet", &self.unet)?.or(all), text_encoder: parse("--text-encoder", &self.text_encoder)?.or(all), vae: parse("--vae", &vae)?.or(all) })
+        let layer_rules = self.layers.iter().map(|r| LayerRule::parse(r).map_err(|e| Error::Input(format!("--layer: {e}")))).collect::<Result<Vec<_>>>()?;
+        Ok(Choice { unet: parse("--unet", &self.unet)?.or(all), text_encoder: parse("--text-encoder", &self.text_encoder)?.or(all), vae: parse("--vae", &vae)?.or(all), layer_rules: layer_rules.into() })
     }
 
     /// `--vae` naming a folder (an AutoencoderKL to use instead of the model's) rather than a
@@ -66,7 +72,16 @@ impl Choice {
     /// The quantisation the loader applies (float choices quantise nothing).
     pub fn component_quant(&self, log: Option<WeightLog>) -> ComponentQuant {
         let q = |d: Option<DType>| d.filter(|d| d.is_quantised());
-        ComponentQuant { unet: q(self.unet), text_encoder: q(self.text_encoder), vae: q(self.vae), log }
+        ComponentQuant { unet: q(self.unet), text_encoder: q(self.text_encoder), vae: q(self.vae), layer_rules: self.layer_rules.clone(), log }
+    }
+    /// The recipe as one line: `unet=q4_1,text_encoder=q8_0,vae=q8_0` and the layer rules after `;`.
+    pub fn recipe(&self) -> String {
+        let name = |d: Option<DType>| d.map_or("as stored".to_string(), |d| d.name().to_string());
+        let mut s = format!("unet={},text_encoder={},vae={}", name(self.unet), name(self.text_encoder), name(self.vae));
+        for r in self.layer_rules.iter() {
+            s.push_str(&format!(";{r}"));
+        }
+        s
     }
     fn for_folder(&self, folder: &str) -> Option<DType> {
         match folder {
@@ -93,6 +108,9 @@ pub struct ConvertArgs {
     #[command(flatten)]
     quant: QuantArgs,
 }
+
+/// The folder's own settings file, where the recipe is recorded.
+const HINTS_FILE: &str = "ldm-web.json";
 
 /// Weight files of a component folder, by the stem diffusers gives them.
 fn weight_stem(folder: &str) -> &'static str {
@@ -157,7 +175,7 @@ fn other_files(model: &str, config: Option<&Path>, converted: &[&str]) -> Result
 /// Runs `ldm convert`; returns a summary (bytes per component).
 pub fn run(a: &ConvertArgs) -> Result<String> {
     if let Some(v) = a.quant.vae_folder() {
-        return Err(Error::Input(format!("--vae {v}: ldm convert takes a weight type here (q8, q4, q4_1, f16, f32), not a VAE folder")));
+        return Err(Error::Input(format!("--vae {v}: ldm convert takes a weight type here ({}, f16, f32), not a VAE folder", DType::quantised_names())));
     }
     let choice = a.quant.choice()?;
     if a.out.exists() && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
@@ -183,10 +201,16 @@ pub fn run(a: &ConvertArgs) -> Result<String> {
         }
         std::fs::write(&path, bytes).map_err(|e| Error::Io(format!("cannot write {}: {e}", path.display())))
     };
+    let mut hints = serde_json::Map::new();
     for (rel, bytes) in other_files(&a.model, a.config.as_deref(), &folders)? {
+        if rel == HINTS_FILE {
+            hints = serde_json::from_slice(&bytes).map_err(|e| Error::Model(format!("{}'s {HINTS_FILE} is not a JSON object: {e}", a.model)))?;
+            continue;
+        }
         write(&rel, &bytes)?;
     }
     let mut summary = Vec::new();
+    let mut bits = serde_json::Map::new();
     for folder in &folders {
         let want = choice.for_folder(folder);
         let mut metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
@@ -202,12 +226,19 @@ pub fn run(a: &ConvertArgs) -> Result<String> {
             *counts.entry(if r.dtype.is_quantised() { r.dtype.name() } else if f16 { "f16" } else { "f32" }).or_default() += 1;
             tensors.extend(out_tensors(r, f16, &mut metadata)?);
         }
+        let stored: u64 = tensors.iter().map(|t| t.bytes.len() as u64).sum();
+        let values: u64 = records.iter().filter(|r| r.folder == *folder).map(|r| r.shape.iter().product::<usize>() as u64).sum();
+        bits.insert(folder.to_string(), serde_json::json!((8.0 * stored as f64 / values.max(1) as f64 * 100.0).round() / 100.0));
         let bytes = serialize(&tensors, &metadata)?;
         let rel = format!("{folder}/{}.safetensors", weight_stem(folder));
         write(&rel, &bytes)?;
         let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
         summary.push(format!("{rel}: {} bytes ({} tensors: {})", bytes.len(), records.iter().filter(|r| r.folder == *folder).count(), counts.join(", ")));
     }
+    // The recipe travels with the folder: the page shows it and a reader can reproduce it.
+    hints.insert("quantisation".into(), serde_json::json!({ "recipe": choice.recipe(), "bits_per_weight": bits, "by": format!("ldm convert {}", env!("CARGO_PKG_VERSION")) }));
+    let text = serde_json::to_string_pretty(&hints).map_err(|e| Error::Io(e.to_string()))?;
+    write(HINTS_FILE, text.as_bytes())?;
     let manifest = crate::manifest::run(&crate::manifest::ManifestArgs::new(a.out.clone()))?;
     summary.push(manifest);
     Ok(summary.join("\n"))

@@ -463,7 +463,7 @@ async fn add_embedding(gpu: &Gpu, m: &mut StableDiffusionModel, spec: &str) -> R
 /// `--vae DIR`: an AutoencoderKL folder.
 fn vae_source(dir: &str) -> Result<VaeSource> {
     if !Path::new(dir).join("config.json").is_file() {
-        return Err(Error::Input(format!("--vae {dir}: expected a weight type (q8, q4, q4_1, f16, f32) or an AutoencoderKL folder with config.json")));
+        return Err(Error::Input(format!("--vae {dir}: expected a weight type ({}, f16, f32) or an AutoencoderKL folder with config.json", DType::quantised_names())));
     }
     folder_source(dir, "--vae")
 }
