@@ -104,7 +104,7 @@ def main():
     a = ap.parse_args()
     prompts = a.prompt or ["an astronaut riding a horse", "a red apple on a table"]
     seeds = [int(s) for s in a.seeds.split(",")]
-    pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(a.model, torch_dtype=torch.float32, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     unet = pipe.unet
     orig = {k: v.detach().clone() for k, v in unet.state_dict().items()}
@@ -167,6 +167,7 @@ def main():
                 hessians[name] = hessians.get(name, 0) + x.T @ x
             return record
 
+        unet.load_state_dict(orig)  # calibrate on the f32 model's own activations
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
         t = time.time()
         for p in CALIBRATION:

@@ -11,6 +11,7 @@ pub mod gpu;
 pub mod loader;
 pub mod models;
 pub mod pipelines;
+pub mod quantise;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;

@@ -982,6 +982,38 @@ fn train_lora_writes_a_lora_that_generates_and_resumes_exactly() {
     }
 }
 
+/// `ldm convert --calibrate`: the layers' recorded inputs choose the quantised blocks (GPTQ and
+/// a weighted scale search), which brings the converted q4_1 UNet's noise prediction closer to
+/// f32 than plain rounding; the recipe says so, and `ldm bench quality --reference` measures a
+/// converted folder against its source.
+#[test]
+fn convert_calibrates_quantised_weights() {
+    let root = tmp("calibrate");
+    let sd1 = fixtures().join("sd1");
+    let sd1 = sd1.to_str().expect("utf-8");
+    let out = root.join("q4-calibrated");
+    let (ok, _, err) = ldm(&["--device", "cpu", "convert", "--model", sd1, "--out", out.to_str().expect("utf-8"), "--unet", "q4_1", "--calibrate", "3", "--calibration-steps", "4", "--calibration-prompt", "a red apple", "--calibration-prompt", "a blue car"]);
+    assert!(ok, "convert --calibrate: {err}");
+    assert!(err.contains("calibration 3/3: \"a red apple\""), "progress: {err}");
+    let hints: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("ldm-web.json")).expect("ldm-web.json")).expect("json");
+    let recipe = hints["quantisation"]["recipe"].as_str().expect("a recipe").to_string();
+    assert!(recipe.starts_with("unet=q4_1,") && recipe.contains(";calibrated on 3 prompts ("), "{recipe}");
+    let bench = |extra: &[&str]| {
+        let (ok, stdout, stderr) = ldm(&[&["--device", "cpu", "bench", "quality", "--steps", "4", "--guidance", "7.5", "--seeds", "0,1"][..], extra].concat());
+        assert!(ok, "bench quality {extra:?}: {stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).expect("a JSON report")
+    };
+    let calibrated = bench(&["--model", out.to_str().expect("utf-8"), "--reference", sd1]);
+    let plain = bench(&["--model", sd1, "--unet", "q4_1"]);
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+    println!("q4_1 noise prediction {:.1} dB plain, {:.1} dB calibrated; images {:.1} / {:.1} dB", f(&plain, "noise_prediction_psnr_db"), f(&calibrated, "noise_prediction_psnr_db"), f(&plain, "mean_psnr_db"), f(&calibrated, "mean_psnr_db"));
+    assert_eq!(calibrated["recipe"].as_str(), Some(recipe.as_str()));
+    assert_eq!(calibrated["unet_bytes"], plain["unet_bytes"], "the same format, the same bytes");
+    assert!(f(&calibrated, "noise_prediction_psnr_db") > f(&plain, "noise_prediction_psnr_db") + 1.0, "calibration must bring the noise prediction closer to f32: {calibrated} vs {plain}");
+    let (ok, _, stderr) = ldm(&["convert", "--model", sd1, "--out", root.join("never").to_str().expect("utf-8"), "--quant", "f16", "--calibrate", "2"]);
+    assert!(!ok && stderr.contains("give a quantised type") && stderr.trim().lines().count() == 1, "{stderr}");
+}
+
 /// `ldm bench quality` on the SD1 fixture: q8 stays close to f32, q4_1 is smaller and further,
 /// the JSON names the recipe and sizes; without a quantisation it is an error.
 #[test]

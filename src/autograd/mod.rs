@@ -716,14 +716,7 @@ mod tests {
     use crate::gpu::GpuOptions;
     use crate::rng::TorchGenerator;
 
-    /// The devices the tests run on: the CPU backend, and the native adapter where there is one.
-    fn devices() -> Vec<Gpu> {
-        let mut out = vec![pollster::block_on(Gpu::new(GpuOptions { cpu: true, ..Default::default() })).expect("the CPU backend")];
-        if let Ok(gpu) = pollster::block_on(Gpu::new(GpuOptions::default())) {
-            out.push(gpu);
-        }
-        out
-    }
+    use crate::gpu::test_devices as devices;
 
     /// A two-layer network in f64 on the host, `mse(linear(silu(a) * silu(a) + silu(a)), t)` with
     /// `a = linear(x)`: the reference the tape's gradients are checked against by central

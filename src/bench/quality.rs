@@ -137,12 +137,13 @@ async fn noise_prediction(gpu: &Gpu, model: &StableDiffusionModel, prompt: &str,
     gpu.read(&eps).await
 }
 
-/// Compares `quant` against f32 on `case` for the model in `src`.
-pub async fn run(gpu: &Gpu, src: &dyn FileSource, name: &str, quant: ComponentQuant, recipe: &str, case: &QualityCase) -> Result<QualityReport> {
+/// Compares `quant` against f32 on `case` for the model in `src` (its f32 outputs from
+/// `reference` instead where given: `src` is a converted folder of it).
+pub async fn run(gpu: &Gpu, src: &dyn FileSource, reference: Option<&dyn FileSource>, name: &str, quant: ComponentQuant, recipe: &str, case: &QualityCase) -> Result<QualityReport> {
     if case.prompts.is_empty() || case.seeds.is_empty() {
         return Err(Error::Input("ldm bench quality needs at least one prompt and one seed".into()));
     }
-    let reference = outputs(gpu, src, name, ComponentQuant::default(), case).await?;
+    let reference = outputs(gpu, reference.unwrap_or(src), name, ComponentQuant::default(), case).await?;
     let quantised = outputs(gpu, src, name, quant, case).await?;
     let as_f64 = |v: &[f32]| -> Vec<f64> { v.iter().map(|&x| x as f64).collect() };
     let noise: Vec<f64> = reference

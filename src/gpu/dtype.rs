@@ -46,20 +46,65 @@ pub struct DTypeInfo {
     pub needs_shader_f16: bool,
     /// Which dequantiser of shaders/quant.wgsl reads it (0: not a quantised type).
     pub wgsl_quant: u32,
+    /// The integer codes of a block-quantised type (`None` for floats).
+    pub codes: Option<BlockCodes>,
     /// Encodes one block of `block_size` values into its packed bytes and f16 parameters.
     encode_block: fn(&[f32], &mut [u8], &mut [f16]),
     /// Decodes one block from its packed bytes and parameters.
     decode_block: fn(&[u8], &[f16], &mut [f32]),
 }
 
+/// A block type's codes: code c in `min..=max` stands for `(c - zero) d + m` (m = 0 for the `_0`
+/// types), packed into a block's value bytes by `pack`. Calibrated encoders search d and m over
+/// these and write blocks through [`DType::encode_with_params`].
+#[derive(Clone, Copy, Debug)]
+pub struct BlockCodes {
+    pub min: i32,
+    pub max: i32,
+    pub zero: i32,
+    /// Whether the block has a minimum m (the `_1` types).
+    pub has_min: bool,
+    pack: fn(&[i32], &mut [u8]),
+}
+
+const Q8_CODES: BlockCodes = BlockCodes { min: -127, max: 127, zero: 0, has_min: false, pack: pack_q8 };
+const Q4_0_CODES: BlockCodes = BlockCodes { min: 0, max: 15, zero: 8, has_min: false, pack: pack_q4 };
+const Q4_1_CODES: BlockCodes = BlockCodes { min: 0, max: 15, zero: 0, has_min: true, pack: pack_q4 };
+const Q5_0_CODES: BlockCodes = BlockCodes { min: 0, max: 31, zero: 16, has_min: false, pack: pack_q5_codes };
+const Q5_1_CODES: BlockCodes = BlockCodes { min: 0, max: 31, zero: 0, has_min: true, pack: pack_q5_codes };
+
+impl BlockCodes {
+    /// The code of value `x` with scale `d` (its inverse `id`) and minimum `m`, as the encoders
+    /// round it.
+    pub fn code(&self, x: f32, id: f32, m: f32) -> i32 {
+        ((x - m) * id + self.zero as f32).round().clamp(self.min as f32, self.max as f32) as i32
+    }
+    /// The value code `c` stands for.
+    pub fn value(&self, c: i32, d: f32, m: f32) -> f32 {
+        ((c - self.zero) as f32).mul_add(d, m)
+    }
+}
+
+fn pack_q8(q: &[i32], out: &mut [u8]) {
+    for (o, &c) in out.iter_mut().zip(q) {
+        *o = c as i8 as u8;
+    }
+}
+fn pack_q4(q: &[i32], out: &mut [u8]) {
+    pack_nibbles(out, |e| q[e] as u8);
+}
+fn pack_q5_codes(q: &[i32], out: &mut [u8]) {
+    pack_q5(out, |e| q[e] as u8);
+}
+
 const TABLE: [DTypeInfo; 7] = [
-    DTypeInfo { name: "f32", block_size: 1, block_bytes: 4, value_bytes: 4, params: 0, wgsl: Some("f32"), needs_shader_f16: false, wgsl_quant: 0, encode_block: encode_f32, decode_block: decode_f32 },
-    DTypeInfo { name: "f16", block_size: 1, block_bytes: 2, value_bytes: 2, params: 0, wgsl: Some("f16"), needs_shader_f16: true, wgsl_quant: 0, encode_block: encode_f16, decode_block: decode_f16 },
-    DTypeInfo { name: "q8_0", block_size: 32, block_bytes: 34, value_bytes: 32, params: 1, wgsl: None, needs_shader_f16: false, wgsl_quant: 1, encode_block: encode_q8_0, decode_block: decode_q8_0 },
-    DTypeInfo { name: "q4_0", block_size: 32, block_bytes: 18, value_bytes: 16, params: 1, wgsl: None, needs_shader_f16: false, wgsl_quant: 2, encode_block: encode_q4_0, decode_block: decode_q4_0 },
-    DTypeInfo { name: "q4_1", block_size: 32, block_bytes: 20, value_bytes: 16, params: 2, wgsl: None, needs_shader_f16: false, wgsl_quant: 3, encode_block: encode_q4_1, decode_block: decode_q4_1 },
-    DTypeInfo { name: "q5_0", block_size: 32, block_bytes: 22, value_bytes: 20, params: 1, wgsl: None, needs_shader_f16: false, wgsl_quant: 4, encode_block: encode_q5_0, decode_block: decode_q5_0 },
-    DTypeInfo { name: "q5_1", block_size: 32, block_bytes: 24, value_bytes: 20, params: 2, wgsl: None, needs_shader_f16: false, wgsl_quant: 5, encode_block: encode_q5_1, decode_block: decode_q5_1 },
+    DTypeInfo { name: "f32", block_size: 1, block_bytes: 4, value_bytes: 4, params: 0, wgsl: Some("f32"), needs_shader_f16: false, wgsl_quant: 0, codes: None, encode_block: encode_f32, decode_block: decode_f32 },
+    DTypeInfo { name: "f16", block_size: 1, block_bytes: 2, value_bytes: 2, params: 0, wgsl: Some("f16"), needs_shader_f16: true, wgsl_quant: 0, codes: None, encode_block: encode_f16, decode_block: decode_f16 },
+    DTypeInfo { name: "q8_0", block_size: 32, block_bytes: 34, value_bytes: 32, params: 1, wgsl: None, needs_shader_f16: false, wgsl_quant: 1, codes: Some(Q8_CODES), encode_block: encode_q8_0, decode_block: decode_q8_0 },
+    DTypeInfo { name: "q4_0", block_size: 32, block_bytes: 18, value_bytes: 16, params: 1, wgsl: None, needs_shader_f16: false, wgsl_quant: 2, codes: Some(Q4_0_CODES), encode_block: encode_q4_0, decode_block: decode_q4_0 },
+    DTypeInfo { name: "q4_1", block_size: 32, block_bytes: 20, value_bytes: 16, params: 2, wgsl: None, needs_shader_f16: false, wgsl_quant: 3, codes: Some(Q4_1_CODES), encode_block: encode_q4_1, decode_block: decode_q4_1 },
+    DTypeInfo { name: "q5_0", block_size: 32, block_bytes: 22, value_bytes: 20, params: 1, wgsl: None, needs_shader_f16: false, wgsl_quant: 4, codes: Some(Q5_0_CODES), encode_block: encode_q5_0, decode_block: decode_q5_0 },
+    DTypeInfo { name: "q5_1", block_size: 32, block_bytes: 24, value_bytes: 20, params: 2, wgsl: None, needs_shader_f16: false, wgsl_quant: 5, codes: Some(Q5_1_CODES), encode_block: encode_q5_1, decode_block: decode_q5_1 },
 ];
 
 /// Where a tensor's regions lie in its bytes (see the module docs).
@@ -166,6 +211,41 @@ impl DType {
             let off = (l.param_offsets[j] - l.param_offsets[0]) as usize;
             for (k, v) in p[j * blocks..(j + 1) * blocks].iter().enumerate() {
                 params[off + 2 * k..off + 2 * k + 2].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        out
+    }
+    /// Encodes a tensor of `shape` whose block `(row, block)` has the scale and minimum `params`
+    /// gives it (`[d, m]`, m ignored by the `_0` types) instead of the default ones; the codes
+    /// are rounded as [`BlockCodes::code`] does. For calibrated encoders.
+    pub fn encode_with_params(self, shape: &[usize], data: &[f32], params: impl Fn(usize, usize, &[f32]) -> [f32; 2]) -> Vec<u8> {
+        let i = self.info();
+        let codes = i.codes.expect("a block-quantised type");
+        let l = self.layout(shape).expect("a tensor that fits in memory");
+        let (bs, bpr, row_len) = (i.block_size, l.blocks_per_row as usize, l.row_len as usize);
+        let mut out = vec![0u8; l.bytes as usize];
+        let mut block = vec![0f32; bs];
+        let mut q = vec![0i32; bs];
+        for r in 0..l.rows as usize {
+            for b in 0..bpr {
+                let start = r * row_len + b * bs;
+                let n = bs.min(row_len - b * bs);
+                block.fill(0.0);
+                block[..n].copy_from_slice(&data[start..start + n]);
+                let [d, m] = params(r, b, &block);
+                let (d, id) = scale(d);
+                let m = if codes.has_min { f16::from_f32(m) } else { f16::ZERO };
+                for (c, &x) in q.iter_mut().zip(&block) {
+                    *c = codes.code(x, id, m.to_f32());
+                }
+                let blk = r * bpr + b;
+                (codes.pack)(&q, &mut out[blk * i.value_bytes..(blk + 1) * i.value_bytes]);
+                let at = l.param_offsets[0] as usize + 2 * blk;
+                out[at..at + 2].copy_from_slice(&d.to_le_bytes());
+                if codes.has_min {
+                    let at = l.param_offsets[1] as usize + 2 * blk;
+                    out[at..at + 2].copy_from_slice(&m.to_le_bytes());
+                }
             }
         }
         out
@@ -463,6 +543,26 @@ mod tests {
             let (v, p) = dt.split(&[5, 40], &both);
             assert_eq!(dt.join(&[5, 40], v, &p, "t").unwrap(), both);
             assert!(dt.join(&[4, 40], v, &p, "t").is_err());
+        }
+    }
+
+    #[test]
+    fn explicit_params_reproduce_the_default_encoders() {
+        // The codes table must describe what each encoder writes: the default d and m given
+        // explicitly give the same bytes.
+        let shape = [3, 70];
+        let x = data(210, 5);
+        for dt in DType::ALL.into_iter().filter(|d| d.is_quantised()) {
+            let want = dt.encode(&shape, &x);
+            let got = dt.encode_with_params(&shape, &x, |_, _, block| {
+                let mut bytes = vec![0u8; dt.info().value_bytes];
+                let mut p = [f16::ZERO; 2];
+                (dt.info().encode_block)(block, &mut bytes, &mut p[..dt.info().params]);
+                [p[0].to_f32(), p[1].to_f32()]
+            });
+            assert_eq!(got, want, "{}", dt.name());
+            let c = dt.info().codes.unwrap();
+            assert_eq!(c.value(c.code(1.0, 4.0, 0.0), 0.25, 0.0), 1.0, "{}", dt.name());
         }
     }
 

@@ -13,7 +13,7 @@ mod weights;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use weights::{quantisable, WeightFile, WeightLog, WeightRecord, Weights, W};
+pub use weights::{quantisable, InputLayout, InputProbe, InputSink, WeightFile, WeightLog, WeightRecord, Weights, W};
 
 use crate::error::{Error, Result};
 

@@ -3,11 +3,16 @@
 use std::collections::HashMap;
 
 use super::quantised::{self, rule_for, LayerRule, StoredQuant};
+use crate::quantise::Calibration;
 use super::safetensors::{header_len, parse_header, Header, TensorEntry};
 use super::lora::{AdapterSet, AdapterTarget, LowRankFactors};
 use super::FileSource;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
+
+/// GPTQ's damping, a fraction of the mean input second moment added to H's diagonal (the
+/// paper's 1%).
+const GPTQ_DAMP: f64 = 0.01;
 
 /// One safetensors file's header.
 #[derive(Clone)]
@@ -258,7 +263,7 @@ impl<'s> Weights<'s> {
 
     /// A view that prefixes every name with `prefix.`.
     pub fn at<'w>(&'w self, gpu: &'w Gpu, dtype: DType, prefix: &str) -> W<'w, 's> {
-        W { weights: self, gpu, dtype, quant: None, layer_rules: None, log: None, adapters: None, prefix: prefix.to_string() }
+        W { weights: self, gpu, dtype, quant: None, layer_rules: None, input_sink: None, calibration: None, log: None, adapters: None, prefix: prefix.to_string() }
     }
 }
 
@@ -322,6 +327,48 @@ impl WeightLog {
     }
 }
 
+/// How a probed layer reads its input, so an [`InputSink`] can form the vectors its weight
+/// multiplies.
+#[derive(Clone, Copy, Debug)]
+pub enum InputLayout {
+    /// Rows of K values (a Linear on tokens `[.., K]`).
+    Rows,
+    /// A channels-first map `[B, K, N]`, one input vector per position.
+    ChannelsFirst,
+    /// A convolution's input `[B, C, H, W]`, one input vector per output position (its patch).
+    Conv { kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize), dilation: (usize, usize) },
+}
+
+/// Receives the inputs of probed Linear and Conv2d layers during a calibration run
+/// (implemented above the loader: `models::calibration::InputRecorder`).
+pub trait InputSink: std::fmt::Debug {
+    /// Layer `names` (`folder/tensor`, several for fused projections) was applied to `x`.
+    fn observe(&self, gpu: &Gpu, names: &[String], x: &Tensor, layout: InputLayout) -> Result<()>;
+}
+
+/// A layer's connection to an [`InputSink`].
+#[derive(Clone)]
+pub struct InputProbe {
+    sink: std::rc::Rc<dyn InputSink>,
+    pub names: Vec<String>,
+}
+
+impl InputProbe {
+    /// Reports input `x` of the layer.
+    pub fn observe(&self, gpu: &Gpu, x: &Tensor, layout: InputLayout) -> Result<()> {
+        self.sink.observe(gpu, &self.names, x, layout)
+    }
+    /// One probe for layers fused from several (q, k and v from one input).
+    pub fn fused(parts: Vec<Option<InputProbe>>) -> Option<InputProbe> {
+        let mut it = parts.into_iter().flatten();
+        let mut first = it.next()?;
+        for p in it {
+            first.names.extend(p.names);
+        }
+        Some(first)
+    }
+}
+
 /// A prefixed view of [`Weights`] that uploads in one dtype (like a VarBuilder).
 #[derive(Clone)]
 pub struct W<'w, 's> {
@@ -332,6 +379,10 @@ pub struct W<'w, 's> {
     pub quant: Option<DType>,
     /// Per-layer rules that override `quant`, with the component folder they match against.
     layer_rules: Option<(std::rc::Rc<[LayerRule]>, &'static str)>,
+    /// Where Linear / Conv2d layers report their inputs (a calibration run), and the folder.
+    input_sink: Option<(std::rc::Rc<dyn InputSink>, &'static str)>,
+    /// Input statistics that choose quantised weights' blocks (`ldm convert --calibrate`).
+    calibration: Option<(std::rc::Rc<Calibration>, &'static str)>,
     log: Option<(WeightLog, &'static str)>,
     /// LoRA adapters for the component this view reads.
     adapters: Option<(std::rc::Rc<AdapterSet>, AdapterTarget)>,
@@ -372,6 +423,19 @@ impl<'w, 's> W<'w, 's> {
     pub fn with_layer_rules(self, rules: &std::rc::Rc<[LayerRule]>, folder: &'static str) -> Self {
         Self { layer_rules: (!rules.is_empty()).then(|| (rules.clone(), folder)), ..self }
     }
+    /// The same view with its Linear / Conv2d layers reporting their inputs to `sink` (as
+    /// `folder/name`).
+    pub fn with_input_sink(self, sink: Option<&std::rc::Rc<dyn InputSink>>, folder: &'static str) -> Self {
+        Self { input_sink: sink.map(|s| (s.clone(), folder)), ..self }
+    }
+    /// The same view quantising weights with `calibration`'s statistics where it has them.
+    pub fn with_calibration(self, calibration: Option<&std::rc::Rc<Calibration>>, folder: &'static str) -> Self {
+        Self { calibration: calibration.map(|c| (c.clone(), folder)), ..self }
+    }
+    /// The probe for the layer whose weight is `name` under this view, during calibration.
+    pub fn input_probe(&self, name: &str) -> Option<InputProbe> {
+        self.input_sink.as_ref().map(|(sink, folder)| InputProbe { sink: sink.clone(), names: vec![format!("{folder}/{}", self.name(name))] })
+    }
     /// The same view with the LoRA adapters of component `folder` (`unet`, `text_encoder`,
     /// `text_encoder_2`; others get none).
     pub fn with_adapters(self, adapters: Option<&std::rc::Rc<AdapterSet>>, folder: &str) -> Self {
@@ -409,7 +473,24 @@ impl<'w, 's> W<'w, 's> {
     /// A Linear or Conv2d weight `name` as bytes: stored quantised as is, else quantised by this
     /// view's policy, else in the activation dtype.
     pub async fn weight_bytes(&self, name: &str, shape: &[usize]) -> Result<(DType, Vec<u8>)> {
-        let (dtype, bytes) = self.weights.tensor_bytes(&self.name(name), shape, self.weight_dtype(name, shape)).await?;
+        let target = self.weight_dtype(name, shape);
+        let stats = self.calibration.as_ref().filter(|_| target.is_quantised()).and_then(|(c, folder)| c.get(&format!("{folder}/{}", self.name(name))));
+        let (dtype, bytes) = match stats {
+            // Calibrated: the float weight quantised with its layer's input statistics (a
+            // weight stored quantised stays as it is).
+            Some(stats) => match self.weights.tensor_bytes(&self.name(name), shape, DType::F32).await? {
+                (DType::F32, raw) => {
+                    let data = DType::F32.decode(shape, &raw);
+                    let bytes = match &stats.gram {
+                        Some(gram) => crate::quantise::encode_gptq(target, shape, &data, gram, GPTQ_DAMP)?,
+                        None => crate::quantise::encode_weighted(target, shape, &data, &stats.diag)?,
+                    };
+                    (target, bytes)
+                }
+                stored => stored,
+            },
+            None => self.weights.tensor_bytes(&self.name(name), shape, target).await?,
+        };
         // Merged adapters: W + up . down, only into float weights (merging into quantised
         // weights would lose the adapter to rounding).
         let merged = match &self.adapters {

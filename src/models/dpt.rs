@@ -110,7 +110,7 @@ impl ReassembleLayer {
         let p = w.sub("projection");
         let weight = p.read_f32("weight", &[channels, hidden, 1, 1]).await?;
         let bias = p.read_f32("bias", &[channels]).await?;
-        let projection = Linear { weight: w.gpu.upload(&[channels, hidden], w.dtype, &weight)?, bias: Some(w.gpu.upload(&[channels], w.dtype, &bias)?), in_features: hidden, out_features: channels, lora: None };
+        let projection = Linear { weight: w.gpu.upload(&[channels, hidden], w.dtype, &weight)?, bias: Some(w.gpu.upload(&[channels], w.dtype, &bias)?), in_features: hidden, out_features: channels, lora: None, probe: None };
         let resize = if factor > 1.0 && factor.fract() == 0.0 {
             Resize::Up(PatchConvTranspose2d::load(&w.sub("resize"), channels, channels, factor as usize).await?)
         } else if factor == 1.0 {
@@ -321,7 +321,7 @@ impl DPTForDepthEstimation {
             let backbone = BitBackbone::load(&e.sub("backbone.bit"), bit).await?;
             let p = e.sub("projection");
             let weight = p.read_f32("weight", &[d, last, 1, 1]).await?;
-            let projection = Linear { weight: w.gpu.upload(&[d, last], w.dtype, &weight)?, bias: Some(p.get("bias", &[d]).await?), in_features: last, out_features: d, lora: None };
+            let projection = Linear { weight: w.gpu.upload(&[d, last], w.dtype, &weight)?, bias: Some(p.get("bias", &[d]).await?), in_features: last, out_features: d, lora: None, probe: None };
             Embeddings::Hybrid { backbone: Box::new(backbone), projection }
         } else {
             Embeddings::Patches(Conv2d::load(&e.sub("patch_embeddings.projection"), config.num_channels, d, config.patch_size, config.patch_size, 0).await?)
@@ -437,7 +437,7 @@ pub(crate) async fn load_readout(w: &W<'_, '_>, d: usize) -> Result<(Linear, Lin
     let bias = w.read_f32("bias", &[d]).await?;
     let half = |first: bool| -> Result<Linear> {
         let rows: Vec<f32> = weight.chunks(2 * d).flat_map(|r| if first { &r[..d] } else { &r[d..] }).copied().collect();
-        Ok(Linear { weight: w.gpu.upload(&[d, d], w.dtype, &rows)?, bias: if first { None } else { Some(w.gpu.upload(&[d], w.dtype, &bias)?) }, in_features: d, out_features: d, lora: None })
+        Ok(Linear { weight: w.gpu.upload(&[d, d], w.dtype, &rows)?, bias: if first { None } else { Some(w.gpu.upload(&[d], w.dtype, &bias)?) }, in_features: d, out_features: d, lora: None, probe: None })
     };
     Ok((half(true)?, half(false)?))
 }

@@ -3,6 +3,7 @@
 pub mod autoencoder_kl;
 pub mod autoencoder_tiny;
 pub mod bit;
+pub mod calibration;
 pub mod clip_text;
 pub mod controlnet;
 pub mod depth_anything;

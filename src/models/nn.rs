@@ -4,7 +4,7 @@
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::loader::lora::LowRankFactors;
-use crate::loader::W;
+use crate::loader::{InputLayout, InputProbe, W};
 use crate::ops::{self, Activation, BiasAxis, Conv2dSpec, MatView, MatmulSpec};
 
 /// A LoRA branch beside a layer's weight: `y += up (down x)` (Hu et al. 2021), run as two thin
@@ -108,6 +108,8 @@ pub struct Linear {
     pub in_features: usize,
     pub out_features: usize,
     pub lora: Option<LowRank>,
+    /// Reports the inputs during a calibration run (`ldm convert --calibrate`).
+    pub probe: Option<InputProbe>,
 }
 
 impl Linear {
@@ -116,7 +118,7 @@ impl Linear {
         let weight = w.weight("weight", &[out_features, in_features]).await?;
         let bias = if bias { Some(w.get("bias", &[out_features]).await?) } else { None };
         let lora = LowRank::load(w, &[out_features, in_features]).await?;
-        Ok(Self { weight, bias, in_features, out_features, lora })
+        Ok(Self { weight, bias, in_features, out_features, lora, probe: w.input_probe("weight") })
     }
 
     /// The matmul of this layer on tokens `x` `[rows, in]` (x W^T + b).
@@ -169,7 +171,8 @@ impl Linear {
             factors.push((out_features, p.low_rank(&shape).await?));
         }
         let lora = LowRank::fuse(&factors, in_features).map(|f| LowRank::upload(gpu, dtype, &f)).transpose()?;
-        Ok(Self { weight, bias, in_features, out_features: n, lora })
+        let probe = InputProbe::fused(parts.iter().map(|p| p.input_probe("weight")).collect());
+        Ok(Self { weight, bias, in_features, out_features: n, lora, probe })
     }
 
     /// Output rows `rows` of a stored `[total_out, in]` linear as a linear of their own, with
@@ -182,7 +185,7 @@ impl Linear {
         let bias: Vec<f32> = bias[rows.clone()].iter().map(|b| b + bias_shift).collect();
         let bias = Some(w.gpu.upload(&[out_features], w.dtype, &bias)?);
         let lora = w.low_rank(&[total_out, in_features]).await?.map(|f| LowRank::upload(w.gpu, w.dtype, &LowRank::rows(&f, rows))).transpose()?;
-        Ok(Self { weight, bias, in_features, out_features, lora })
+        Ok(Self { weight, bias, in_features, out_features, lora, probe: w.input_probe("weight") })
     }
 
     /// A linear whose outputs are multiplied by `scale` (a per-channel layer scale folded in:
@@ -200,11 +203,20 @@ impl Linear {
             in_features,
             out_features,
             lora: None,
+            probe: None,
         })
+    }
+
+    fn observe(&self, gpu: &Gpu, x: &Tensor, layout: InputLayout) -> Result<()> {
+        match &self.probe {
+            Some(p) => p.observe(gpu, x, layout),
+            None => Ok(()),
+        }
     }
 
     /// `act(x W^T + b)` for x `[.., in]`.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, act: Activation) -> Result<Tensor> {
+        self.observe(gpu, x, InputLayout::Rows)?;
         if self.lora.is_none() {
             return ops::linear(gpu, x, &self.weight, self.bias.as_ref(), act);
         }
@@ -216,11 +228,13 @@ impl Linear {
 
     /// `x W^T + b + residual` (the residual laid out like the output).
     pub fn forward_residual(&self, gpu: &Gpu, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.observe(gpu, x, InputLayout::Rows)?;
         matmul_with_lora(gpu, &self.spec(x, Activation::None, Some(residual)), self.lora.as_ref(), true)?.reshape(&self.out_shape(x))
     }
 
     /// Applied to a channels-first map `[B, C, N]`, giving tokens `[B, N, out]` (no permute copy).
     pub fn forward_channels_first(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        self.observe(gpu, x, InputLayout::ChannelsFirst)?;
         let (b, c, n) = (x.dim(0), x.dim(1), x.numel() / (x.dim(0) * x.dim(1)).max(1));
         let spec = MatmulSpec {
             a: MatView { tensor: x, base: 0, batch_stride: c * n, row_stride: 1, col_stride: n },
@@ -234,6 +248,7 @@ impl Linear {
     /// Applied to tokens `[B, N, in]`, giving a channels-first map `[B, out, N]` (+ residual in
     /// that layout), the inverse of [`Linear::forward_channels_first`].
     pub fn forward_to_channels_first(&self, gpu: &Gpu, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        self.observe(gpu, x, InputLayout::Rows)?;
         let (b, n) = (x.dim(0), x.dim(1));
         let spec = MatmulSpec {
             a: MatView::packed(&self.weight, self.out_features, self.in_features).broadcast(),
@@ -253,6 +268,8 @@ pub struct Conv2d {
     pub spec: Conv2dSpec,
     pub out_channels: usize,
     pub lora: Option<LowRank>,
+    /// Reports the inputs during a calibration run (`ldm convert --calibrate`).
+    pub probe: Option<InputProbe>,
 }
 
 impl Conv2d {
@@ -267,11 +284,16 @@ impl Conv2d {
             other => other,
         };
         let lora = lora.map(|f| LowRank::upload(w.gpu, w.dtype, &f)).transpose()?;
-        Ok(Self { weight, bias, spec: Conv2dSpec::new(stride, padding), out_channels: cout, lora })
+        Ok(Self { weight, bias, spec: Conv2dSpec::new(stride, padding), out_channels: cout, lora, probe: w.input_probe("weight") })
     }
 
     /// `act(conv(x) + b) (+ residual)`.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(p) = &self.probe {
+            let (kh, kw) = (self.weight.dim(2), self.weight.dim(3));
+            let s = &self.spec;
+            p.observe(gpu, x, InputLayout::Conv { kernel: (kh, kw), stride: s.stride, padding: s.padding, dilation: s.dilation })?;
+        }
         let Some(l) = &self.lora else { return ops::conv2d(gpu, x, &self.weight, self.bias.as_ref(), &self.spec, residual) };
         let u = ops::conv2d(gpu, x, &l.down, None, &Conv2dSpec { act: Activation::None, ..self.spec }, None)?;
         let act = self.spec.act;
@@ -294,7 +316,7 @@ impl Conv2d {
     /// in): `weight` `[cout, cin, kh, kw]` in `w`'s dtype, no LoRA.
     pub fn from_f32(w: &W<'_, '_>, shape: [usize; 4], weight: &[f32], bias: Option<&[f32]>, spec: Conv2dSpec) -> Result<Self> {
         let bias = bias.map(|b| w.gpu.upload(&[shape[0]], w.dtype, b)).transpose()?;
-        Ok(Self { weight: w.gpu.upload(&shape, w.dtype, weight)?, bias, spec, out_channels: shape[0], lora: None })
+        Ok(Self { weight: w.gpu.upload(&shape, w.dtype, weight)?, bias, spec, out_channels: shape[0], lora: None, probe: None })
     }
 
     /// Loads a convolution followed by an inference-mode `nn.BatchNorm2d` (under `bn`), the norm

@@ -14,6 +14,8 @@ use super::depth::DepthEstimator;
 use super::image_input::InputImage;
 use super::stable_diffusion::UserImages;
 use crate::loader::quantised::LayerRule;
+use crate::loader::InputSink;
+use crate::quantise::Calibration;
 use crate::loader::{component_files, read_file, read_json, FileSource, WeightFile, WeightLog, Weights, W};
 use crate::models::{AutoencoderKL, AutoencoderKLConfig, AutoencoderTiny, AutoencoderTinyConfig, ClipTextConfig, ClipTextModel, ControlNetConfig, ControlNetModel, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::tokenizer::{ClipTokenizer, TokenizerConfig};
@@ -81,6 +83,10 @@ pub struct ComponentQuant {
     pub layer_rules: std::rc::Rc<[LayerRule]>,
     /// Records what each component read (`ldm convert` writes that).
     pub log: Option<WeightLog>,
+    /// Receives every Linear / Conv2d input (a calibration run).
+    pub inputs: Option<Rc<dyn InputSink>>,
+    /// Input statistics that choose the quantised blocks (`ldm convert --calibrate`).
+    pub calibration: Option<Rc<Calibration>>,
 }
 
 impl ComponentQuant {
@@ -92,7 +98,7 @@ impl ComponentQuant {
             "text_encoder" | "text_encoder_2" | "bert" => self.text_encoder,
             _ => self.vae,
         };
-        w.with_quant(quant).with_layer_rules(&self.layer_rules, folder).logged(self.log.as_ref(), folder)
+        w.with_quant(quant).with_layer_rules(&self.layer_rules, folder).with_input_sink(self.inputs.as_ref(), folder).with_calibration(self.calibration.as_ref(), folder).logged(self.log.as_ref(), folder)
     }
 }
 

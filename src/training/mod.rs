@@ -479,21 +479,13 @@ impl Trainer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::GpuOptions;
     use crate::loader::{component_files, DirSource, Weights};
     use crate::models::unet_2d::{UNet2DConfig, UNet2DModel};
     use crate::schedulers::{DdpmConfig, DdpmScheduler};
 
     const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/training");
 
-    /// The CPU backend, and the native adapter where there is one (also the LoRA tests').
-    pub(super) fn devices() -> Vec<Gpu> {
-        let mut out = vec![pollster::block_on(Gpu::new(GpuOptions { cpu: true, ..Default::default() })).expect("the CPU backend")];
-        if let Ok(gpu) = pollster::block_on(Gpu::new(GpuOptions::default())) {
-            out.push(gpu);
-        }
-        out
-    }
+    pub(super) use crate::gpu::test_devices as devices;
 
     /// torch's run (scripts/training_fixtures.py).
     #[derive(serde::Deserialize)]

@@ -15,7 +15,10 @@ use ldm_web::loader::quantised::{describe, stored_tensors, LayerRule, QUANT_KEY_
 use ldm_web::loader::safetensors::{serialize, FileDType, OutTensor};
 use ldm_web::loader::{WeightFile, WeightLog, WeightRecord};
 use ldm_web::pipelines::single_file;
-use ldm_web::pipelines::{ComponentQuant, LoadOptions};
+use ldm_web::models::calibration::InputRecorder;
+use ldm_web::pipelines::{ComponentQuant, DiffusionModel, LoadOptions, Txt2ImgParams};
+use ldm_web::loader::InputSink;
+use ldm_web::quantise::Calibration;
 use ldm_web::{Error, Result};
 
 /// Weight types per component (`ldm convert` and `ldm generate`).
@@ -72,7 +75,7 @@ impl Choice {
     /// The quantisation the loader applies (float choices quantise nothing).
     pub fn component_quant(&self, log: Option<WeightLog>) -> ComponentQuant {
         let q = |d: Option<DType>| d.filter(|d| d.is_quantised());
-        ComponentQuant { unet: q(self.unet), text_encoder: q(self.text_encoder), vae: q(self.vae), layer_rules: self.layer_rules.clone(), log }
+        ComponentQuant { unet: q(self.unet), text_encoder: q(self.text_encoder), vae: q(self.vae), layer_rules: self.layer_rules.clone(), log, ..Default::default() }
     }
     /// The recipe as one line: `unet=q4_1,text_encoder=q8_0,vae=q8_0` and the layer rules after `;`.
     pub fn recipe(&self) -> String {
@@ -107,6 +110,66 @@ pub struct ConvertArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     quant: QuantArgs,
+    /// Calibrate on this many prompts first: every Linear / Conv2d records its inputs (both guidance halves, all steps) and quantised weights are chosen to minimise the output error (GPTQ where the layer has at most 4096 inputs, a weighted scale search otherwise).
+    #[arg(long, default_value_t = 0)]
+    calibrate: usize,
+    /// Calibration prompts (repeat the flag; default: the model's example prompts, else a built-in list), used in turn with seeds 0, 1, ...
+    #[arg(long = "calibration-prompt")]
+    calibration_prompts: Vec<String>,
+    /// Denoising steps of each calibration generation (default: the model's, else 20).
+    #[arg(long)]
+    calibration_steps: Option<usize>,
+}
+
+/// Layers with at most this many inputs per output record their full input second moments
+/// (K x K f32 on the device) for GPTQ; wider ones per-column statistics.
+const GRAM_MAX_K: usize = 4096;
+
+/// Prompts for models that suggest none (varied subjects, styles and compositions).
+const CALIBRATION_PROMPTS: [&str; 8] = [
+    "a photograph of a red fox in the snow", "an oil painting of a harbour at sunset", "a bowl of fruit on a wooden table, studio light",
+    "a city street at night in the rain", "a cartoon robot waving", "a portrait of an old man with a beard", "a mountain lake with pine trees", "a bright abstract pattern of circles",
+];
+
+/// Runs `n` generations through the model with every Linear / Conv2d reporting its inputs, and
+/// returns their statistics.
+async fn calibrate(gpu: &ldm_web::gpu::Gpu, a: &ConvertArgs, choice: &Choice) -> Result<Calibration> {
+    // The components something quantises (a layer rule may name any).
+    let ruled = choice.layer_rules.iter().any(|r| r.dtype.is_quantised());
+    let q = |d: Option<DType>| ruled || d.is_some_and(|d| d.is_quantised());
+    let mut folders = Vec::new();
+    if q(choice.unet) {
+        folders.extend(["unet", "controlnet"]);
+    }
+    if q(choice.text_encoder) {
+        folders.extend(["text_encoder", "text_encoder_2", "bert"]);
+    }
+    if q(choice.vae) {
+        folders.extend(["vae", "vqvae"]);
+    }
+    let recorder = Rc::new(InputRecorder::new(GRAM_MAX_K, &folders));
+    let sink: Rc<dyn InputSink> = recorder.clone();
+    let opts = LoadOptions { quant: ComponentQuant { inputs: Some(sink), ..Default::default() }, ..Default::default() };
+    let DiffusionModel::StableDiffusion(model) = crate::generate::load_model(gpu, &a.model, a.config.as_deref(), &opts).await? else {
+        return Err(Error::Input(format!("{}: --calibrate runs text-to-image generations; convert this model without it", a.model)));
+    };
+    let prompts: Vec<String> = if !a.calibration_prompts.is_empty() {
+        a.calibration_prompts.clone()
+    } else if !model.hints.example_prompts.is_empty() {
+        model.hints.example_prompts.clone()
+    } else {
+        CALIBRATION_PROMPTS.iter().map(|p| p.to_string()).collect()
+    };
+    let steps = a.calibration_steps.or(model.hints.steps).unwrap_or(20);
+    let guidance = model.hints.guidance.unwrap_or(7.5);
+    // At the size the model was made for (its UNet's sample size).
+    let side = model.unet.config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
+    for i in 0..a.calibrate {
+        let p = Txt2ImgParams { prompt: prompts[i % prompts.len()].clone(), seed: i as u64, steps, guidance_scale: guidance, width: side, height: side, batch: 1, ..Default::default() };
+        model.txt2img(gpu, &p, &|| 0.0, &mut |_| Ok(())).await?;
+        eprintln!("calibration {}/{}: {:?}", i + 1, a.calibrate, p.prompt);
+    }
+    recorder.finish(gpu).await
 }
 
 /// The folder's own settings file, where the recipe is recorded.
@@ -178,14 +241,21 @@ pub fn run(a: &ConvertArgs) -> Result<String> {
         return Err(Error::Input(format!("--vae {v}: ldm convert takes a weight type here ({}, f16, f32), not a VAE folder", DType::quantised_names())));
     }
     let choice = a.quant.choice()?;
+    let quantises = [choice.unet, choice.text_encoder, choice.vae].iter().flatten().chain(choice.layer_rules.iter().map(|r| &r.dtype)).any(|d| d.is_quantised());
+    if a.calibrate > 0 && !quantises {
+        return Err(Error::Input("--calibrate chooses quantised weights: give a quantised type too (e.g. --unet q4_1)".into()));
+    }
     if a.out.exists() && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(Error::Input(format!("{} exists and is not empty; give a new folder to --out", a.out.display())));
     }
     let log = WeightLog::default();
-    pollster::block_on(async {
+    let calibrated = pollster::block_on(async {
         let gpu = crate::open_device(GpuOptions { force_f32: true, ..Default::default() }).await?;
-        let opts = LoadOptions { vae_encoder: true, quant: choice.component_quant(Some(log.clone())), ..Default::default() };
-        crate::generate::load_model(&gpu, &a.model, a.config.as_deref(), &opts).await.map(|_| ())
+        let calibration = if a.calibrate > 0 { Some(Rc::new(calibrate(&gpu, a, &choice).await?)) } else { None };
+        let calibrated = calibration.as_ref().map_or(0, |c| c.len());
+        let quant = ComponentQuant { calibration, ..choice.component_quant(Some(log.clone())) };
+        let opts = LoadOptions { vae_encoder: true, quant, ..Default::default() };
+        crate::generate::load_model(&gpu, &a.model, a.config.as_deref(), &opts).await.map(|_| calibrated)
     })?;
     let records = log.records();
     let mut folders: Vec<&'static str> = Vec::new();
@@ -236,7 +306,11 @@ pub fn run(a: &ConvertArgs) -> Result<String> {
         summary.push(format!("{rel}: {} bytes ({} tensors: {})", bytes.len(), records.iter().filter(|r| r.folder == *folder).count(), counts.join(", ")));
     }
     // The recipe travels with the folder: the page shows it and a reader can reproduce it.
-    hints.insert("quantisation".into(), serde_json::json!({ "recipe": choice.recipe(), "bits_per_weight": bits, "by": format!("ldm convert {}", env!("CARGO_PKG_VERSION")) }));
+    let mut recipe = choice.recipe();
+    if a.calibrate > 0 {
+        recipe.push_str(&format!(";calibrated on {} prompts ({calibrated} layers)", a.calibrate));
+    }
+    hints.insert("quantisation".into(), serde_json::json!({ "recipe": recipe, "bits_per_weight": bits, "by": format!("ldm convert {}", env!("CARGO_PKG_VERSION")) }));
     let text = serde_json::to_string_pretty(&hints).map_err(|e| Error::Io(e.to_string()))?;
     write(HINTS_FILE, text.as_bytes())?;
     let manifest = crate::manifest::run(&crate::manifest::ManifestArgs::new(a.out.clone()))?;
