@@ -181,25 +181,35 @@ fn cholesky(a: &mut [f64], n: usize) -> Result<()> {
 fn inverse_factor(h: &[f64], n: usize) -> Result<Vec<f64>> {
     let mut l = h.to_vec();
     cholesky(&mut l, n)?;
-    // L^-1 by forward substitution, column by column.
+    // L^-1 by forward substitution, a row at a time (row i = (e_i - sum_p L_ip row p) / L_ii),
+    // so every inner loop runs along contiguous rows.
     let mut li = vec![0f64; n * n];
-    for c in 0..n {
-        for i in c..n {
-            let mut s = if i == c { 1.0 } else { 0.0 };
-            for p in c..i {
-                s -= l[i * n + p] * li[p * n + c];
-            }
-            li[i * n + c] = s / l[i * n + i];
-        }
-    }
-    // H^-1 = L^-T L^-1, then its Cholesky factor, transposed to upper.
-    let mut hinv = vec![0f64; n * n];
     for i in 0..n {
-        for j in 0..=i {
-            let s: f64 = (i.max(j)..n).map(|p| li[p * n + i] * li[p * n + j]).sum();
-            hinv[i * n + j] = s;
-            hinv[j * n + i] = s;
+        let (done, row) = li.split_at_mut(i * n);
+        let row = &mut row[..n];
+        for p in 0..i {
+            let coef = l[i * n + p];
+            if coef != 0.0 {
+                for (r, &v) in row[..=p].iter_mut().zip(&done[p * n..p * n + p + 1]) {
+                    *r -= coef * v;
+                }
+            }
         }
+        row[i] = 1.0;
+        let d = l[i * n + i];
+        row[..=i].iter_mut().for_each(|v| *v /= d);
+    }
+    // H^-1 = L^-T L^-1 (a matrix product), then its Cholesky factor, transposed to upper.
+    let mut hinv = vec![0f64; n * n];
+    // SAFETY: all three are n x n row-major buffers of this function; hinv does not alias li.
+    unsafe {
+        gemm::gemm(
+            n, n, n,
+            hinv.as_mut_ptr(), 1, n as isize, false,
+            li.as_ptr(), n as isize, 1, // L^-T: element (i, p) is li[p * n + i]
+            li.as_ptr(), 1, n as isize,
+            0.0, 1.0, false, false, false, crate::ops::host::parallelism(2.0 * (n * n * n) as f64),
+        );
     }
     cholesky(&mut hinv, n)?;
     let mut u = vec![0f64; n * n];

@@ -1032,6 +1032,7 @@ fn bench_quality_compares_quantised_with_f32() {
     assert!(f(&q8, "mean_psnr_db") >= 40.0 && f(&q8, "noise_prediction_psnr_db") >= 40.0 && f(&q8, "mean_ssim") > 0.99, "q8: {q8}");
     assert!(f(&q4, "mean_psnr_db") < f(&q8, "mean_psnr_db") && f(&q4, "noise_prediction_psnr_db") < f(&q8, "noise_prediction_psnr_db"), "q4_1 should be further from f32 than q8");
     assert!(f(&q4, "unet_bytes") < f(&q8, "unet_bytes") && f(&q8, "unet_bytes") < f(&q8, "unet_bytes_f32"));
+    assert!((f(&q4, "quantised_bits_per_weight") - 5.0).abs() < 0.3, "q4_1's quantised tensors: 5 bits per weight, row padding aside: {q4}");
     let bits = f(&q8, "bits_per_weight");
     assert!((8.0..10.5).contains(&bits) && (f(&q8, "unet_bytes") * 8.0 / f(&q8, "unet_parameters") - bits).abs() < 1e-9, "q8 bits per weight {bits}");
     let (ok, _, stderr) = ldm(&["--device", "cpu", "bench", "quality", "--model", model.to_str().unwrap()]);

@@ -42,6 +42,9 @@ pub struct QualityReport {
     pub unet_bytes: u64,
     pub unet_bytes_f32: u64,
     pub bits_per_weight: f64,
+    /// Bits per weight of the UNet's quantised tensors alone (a tiny UNet's norms and biases,
+    /// kept float, weigh on `bits_per_weight`; an SD-sized one's do not).
+    pub quantised_bits_per_weight: f64,
     /// PSNR of the UNet's noise prediction (peak: the f32 prediction's range), per prompt, at
     /// [`QualityCase::timestep`] from seeded latents; mean and minimum over prompts and seeds.
     pub noise_prediction_psnr_db: f64,
@@ -98,6 +101,8 @@ struct Outputs {
     size: (usize, usize),
     unet_bytes: u64,
     unet_parameters: u64,
+    /// Bytes and parameters of the quantised UNet tensors.
+    quantised: (u64, u64),
 }
 
 async fn outputs(gpu: &Gpu, src: &dyn FileSource, name: &str, quant: ComponentQuant, case: &QualityCase) -> Result<Outputs> {
@@ -121,7 +126,9 @@ async fn outputs(gpu: &Gpu, src: &dyn FileSource, name: &str, quant: ComponentQu
     }
     let records: Vec<_> = log.records().into_iter().filter(|r| r.folder == "unet").collect();
     let unet_parameters = records.iter().map(|r| r.shape.iter().product::<usize>() as u64).sum();
-    Ok(Outputs { noise, images, size, unet_bytes: log.bytes("unet"), unet_parameters })
+    let q = records.iter().filter(|r| r.dtype.is_quantised());
+    let quantised = q.fold((0, 0), |(b, n), r| (b + r.bytes.len() as u64, n + r.shape.iter().product::<usize>() as u64));
+    Ok(Outputs { noise, images, size, unet_bytes: log.bytes("unet"), unet_parameters, quantised })
 }
 
 /// The UNet's prediction for seeded latents of an image of `size` at `timestep`, conditioned on
@@ -176,6 +183,7 @@ pub async fn run(gpu: &Gpu, src: &dyn FileSource, reference: Option<&dyn FileSou
         unet_bytes: quantised.unet_bytes,
         unet_bytes_f32: reference.unet_bytes,
         bits_per_weight: 8.0 * quantised.unet_bytes as f64 / quantised.unet_parameters.max(1) as f64,
+        quantised_bits_per_weight: 8.0 * quantised.quantised.0 as f64 / quantised.quantised.1.max(1) as f64,
         noise_prediction_psnr_db: mean(&noise.iter().map(|v| v.min(99.0)).collect::<Vec<_>>()),
         noise_prediction_psnr_min_db: noise.iter().cloned().fold(f64::INFINITY, f64::min).min(99.0),
         mean_psnr_db: mean(&psnrs),

@@ -73,7 +73,7 @@ fn for_chunks(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync 
     out.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
 }
 
-fn parallelism(flops: f64) -> gemm::Parallelism {
+pub(crate) fn parallelism(flops: f64) -> gemm::Parallelism {
     // Threads cost more than they give below about a million multiply-adds.
     #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
     {

@@ -164,12 +164,16 @@ async fn calibrate(gpu: &ldm_web::gpu::Gpu, a: &ConvertArgs, choice: &Choice) ->
     let guidance = model.hints.guidance.unwrap_or(7.5);
     // At the size the model was made for (its UNet's sample size).
     let side = model.unet.config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
+    let start = std::time::Instant::now();
     for i in 0..a.calibrate {
         let p = Txt2ImgParams { prompt: prompts[i % prompts.len()].clone(), seed: i as u64, steps, guidance_scale: guidance, width: side, height: side, batch: 1, ..Default::default() };
         model.txt2img(gpu, &p, &|| 0.0, &mut |_| Ok(())).await?;
         eprintln!("calibration {}/{}: {:?}", i + 1, a.calibrate, p.prompt);
     }
-    recorder.finish(gpu).await
+    let stats = recorder.finish(gpu).await?;
+    let gram = stats.values().filter(|s| s.gram.is_some()).count();
+    eprintln!("calibrated {} layers ({gram} with full input second moments: GPTQ; the rest a weighted search) in {:.1} s", stats.len(), start.elapsed().as_secs_f64());
+    Ok(stats)
 }
 
 /// The folder's own settings file, where the recipe is recorded.
@@ -255,7 +259,12 @@ pub fn run(a: &ConvertArgs) -> Result<String> {
         let calibrated = calibration.as_ref().map_or(0, |c| c.len());
         let quant = ComponentQuant { calibration, ..choice.component_quant(Some(log.clone())) };
         let opts = LoadOptions { vae_encoder: true, quant, ..Default::default() };
-        crate::generate::load_model(&gpu, &a.model, a.config.as_deref(), &opts).await.map(|_| calibrated)
+        let start = std::time::Instant::now();
+        let loaded = crate::generate::load_model(&gpu, &a.model, a.config.as_deref(), &opts).await.map(|_| calibrated);
+        if calibrated > 0 {
+            eprintln!("quantised with the calibration in {:.1} s", start.elapsed().as_secs_f64());
+        }
+        loaded
     })?;
     let records = log.records();
     let mut folders: Vec<&'static str> = Vec::new();
