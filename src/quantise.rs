@@ -287,6 +287,19 @@ pub fn encode_gptq(dtype: DType, shape: &[usize], data: &[f32], gram: &[f64], da
     Ok(dtype.encode_with_params(shape, &rounded, |r, b, _| results[r].1[b]))
 }
 
+/// GPTQ's damping, a fraction of the mean input second moment added to H's diagonal (the
+/// paper's 1%).
+pub const GPTQ_DAMP: f64 = 0.01;
+
+/// `data` in `dtype` with `stats`: GPTQ where they hold the Gram matrix, else the weighted
+/// block search.
+pub fn encode_calibrated(dtype: DType, shape: &[usize], data: &[f32], stats: &InputStats) -> Result<Vec<u8>> {
+    match &stats.gram {
+        Some(gram) => encode_gptq(dtype, shape, data, gram, GPTQ_DAMP),
+        None => encode_weighted(dtype, shape, data, &stats.diag),
+    }
+}
+
 /// Output signal-to-noise ratio in dB of weight `w_hat` against `w` (both `[rows, K]`) for
 /// inputs with these statistics: `tr(W H W^T) / tr(ΔW H ΔW^T)`, H's diagonal when no Gram.
 pub fn output_snr_db(w: &[f32], w_hat: &[f32], stats: &InputStats) -> f64 {
@@ -312,6 +325,55 @@ pub fn output_snr_db(w: &[f32], w_hat: &[f32], stats: &InputStats) -> f64 {
     let signal = energy(&|i| w[i] as f64);
     let noise = energy(&|i| (w[i] - w_hat[i]) as f64);
     if noise <= 0.0 { f64::INFINITY } else { 10.0 * (signal / noise).log10() }
+}
+
+/// One layer's choices for [`allocate_bits`]: its weights' count and, per candidate type (in
+/// order of size), the bits it would take (row padding included) and the predicted error it
+/// adds to the model's output.
+#[derive(Clone, Debug)]
+pub struct LayerChoices {
+    pub name: String,
+    pub parameters: u64,
+    pub options: Vec<(DType, f64, f64)>,
+}
+
+/// Bits per weight of a block-quantised type (its block bytes over its block size).
+pub fn bits_of(dtype: DType) -> f64 {
+    let i = dtype.info();
+    8.0 * i.block_bytes as f64 / i.block_size as f64
+}
+
+/// The type of each layer that keeps the summed predicted error lowest within `bits` per weight
+/// on average: every layer starts at its first (smallest) option, then the upgrade with the most
+/// error removed per extra bit is taken while it fits (greedy on the marginal gains).
+pub fn allocate_bits(layers: &[LayerChoices], bits: f64) -> Result<Vec<DType>> {
+    let total: u64 = layers.iter().map(|l| l.parameters).sum();
+    let mut used: f64 = layers.iter().map(|l| l.options.first().map_or(0.0, |o| o.1)).sum();
+    let budget = bits * total as f64;
+    if used > budget * (1.0 + 1e-9) {
+        return Err(Error::Input(format!("--bits {bits}: the smallest types already take {:.2} bits per weight", used / total.max(1) as f64)));
+    }
+    let mut at = vec![0usize; layers.len()];
+    loop {
+        let mut best: Option<(f64, usize, usize, f64)> = None;
+        for (l, layer) in layers.iter().enumerate() {
+            let (_, bits0, err0) = layer.options[at[l]];
+            for (j, &(_, bits, err)) in layer.options.iter().enumerate().skip(at[l] + 1) {
+                let cost = bits - bits0;
+                if cost <= 0.0 || used + cost > budget * (1.0 + 1e-9) || err >= err0 {
+                    continue;
+                }
+                let gain = (err0 - err) / cost;
+                if best.is_none_or(|b| gain > b.0) {
+                    best = Some((gain, l, j, cost));
+                }
+            }
+        }
+        let Some((_, l, j, cost)) = best else { break };
+        at[l] = j;
+        used += cost;
+    }
+    Ok(layers.iter().zip(at).map(|(l, j)| l.options[j].0).collect())
 }
 
 #[cfg(test)]
@@ -356,6 +418,26 @@ mod tests {
             assert!(wdd > pd + 0.3, "{}: the weighted search must lower the weighted error it minimises ({pd:.2} -> {wdd:.2} dB)", dt.name());
             assert!(g > wd + 1.0, "{}: GPTQ must beat the weighted search on correlated inputs ({wd:.2} -> {g:.2} dB)", dt.name());
         }
+    }
+
+    #[test]
+    fn bits_go_where_they_remove_the_most_error() {
+        let layer = |name: &str, n: u64, errs: [f64; 3]| {
+            let options = [DType::Q4_0, DType::Q5_0, DType::Q8_0].into_iter().zip(errs).map(|(d, e)| (d, bits_of(d) * n as f64, e)).collect();
+            LayerChoices { name: name.into(), parameters: n, options }
+        };
+        // A sensitive small layer, a tolerant large one.
+        let layers = [layer("small", 100, [10.0, 3.0, 0.1]), layer("large", 900, [2.0, 1.0, 0.0])];
+        // 4.5 bits: nothing to spend.
+        assert_eq!(allocate_bits(&layers, 4.5).unwrap(), [DType::Q4_0, DType::Q4_0]);
+        // 4.9 bits = 400 spare bits: q8_0 for the small layer (400 bits, 9.9 removed) beats q5_0
+        // for the large one (900 bits).
+        assert_eq!(allocate_bits(&layers, 4.9).unwrap(), [DType::Q8_0, DType::Q4_0]);
+        assert_eq!(allocate_bits(&layers, 5.5).unwrap(), [DType::Q8_0, DType::Q4_0], "900 more bits do not fit");
+        assert_eq!(allocate_bits(&layers, 5.9).unwrap(), [DType::Q8_0, DType::Q5_0]);
+        assert_eq!(allocate_bits(&layers, 9.0).unwrap(), [DType::Q8_0, DType::Q8_0]);
+        assert!(allocate_bits(&layers, 4.0).is_err());
+        assert_eq!(bits_of(DType::Q4_1), 5.0);
     }
 
     #[test]

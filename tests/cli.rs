@@ -985,7 +985,7 @@ fn train_lora_writes_a_lora_that_generates_and_resumes_exactly() {
 /// `ldm convert --calibrate`: the layers' recorded inputs choose the quantised blocks (GPTQ and
 /// a weighted scale search), which brings the converted q4_1 UNet's noise prediction closer to
 /// f32 than plain rounding; the recipe says so, and `ldm bench quality --reference` measures a
-/// converted folder against its source.
+/// converted folder against its source; `--bits 5` mixes types by a sensitivity scan within the budget.
 #[test]
 fn convert_calibrates_quantised_weights() {
     let root = tmp("calibrate");
@@ -1012,6 +1012,22 @@ fn convert_calibrates_quantised_weights() {
     assert!(f(&calibrated, "noise_prediction_psnr_db") > f(&plain, "noise_prediction_psnr_db") + 1.0, "calibration must bring the noise prediction closer to f32: {calibrated} vs {plain}");
     let (ok, _, stderr) = ldm(&["convert", "--model", sd1, "--out", root.join("never").to_str().expect("utf-8"), "--quant", "f16", "--calibrate", "2"]);
     assert!(!ok && stderr.contains("give a quantised type") && stderr.trim().lines().count() == 1, "{stderr}");
+
+    // --bits 5: a layer type each from the sensitivity scan, within 5 bits per quantised weight
+    // on average, closer to f32 than a calibrated q4_1 UNet of the same size.
+    let mixed = root.join("bits5");
+    let (ok, _, err) = ldm(&["--device", "cpu", "convert", "--model", sd1, "--out", mixed.to_str().expect("utf-8"), "--bits", "5", "--calibrate", "3", "--calibration-steps", "4"]);
+    assert!(ok, "convert --bits 5: {err}");
+    assert!(err.contains("sensitivity scan") && err.contains("--bits 5: "), "{err}");
+    let m = bench(&["--model", mixed.to_str().expect("utf-8"), "--reference", sd1]);
+    println!("--bits 5: {:.3} bits, noise {:.1} dB, images {:.1} dB", f(&m, "quantised_bits_per_weight"), f(&m, "noise_prediction_psnr_db"), f(&m, "mean_psnr_db"));
+    assert!(f(&m, "quantised_bits_per_weight") <= 5.0 + 1e-9, "{m}");
+    assert!(f(&m, "noise_prediction_psnr_db") > f(&calibrated, "noise_prediction_psnr_db"), "the scan's mix must beat calibrated q4_1: {m}");
+    assert!(m["recipe"].as_str().is_some_and(|r| r.contains("5 bits per weight from a sensitivity scan")), "{m}");
+    for (flags, want) in [(&["--bits", "5"][..], "give --calibrate"), (&["--bits", "3", "--calibrate", "1"][..], "from 4.5")] {
+        let (ok, _, stderr) = ldm(&[&["convert", "--model", sd1, "--out", root.join("never").to_str().expect("utf-8")][..], flags].concat());
+        assert!(!ok && stderr.contains(want) && stderr.trim().lines().count() == 1, "{flags:?}: {stderr}");
+    }
 }
 
 /// `ldm bench quality` on the SD1 fixture: q8 stays close to f32, q4_1 is smaller and further,

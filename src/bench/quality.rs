@@ -133,7 +133,7 @@ async fn outputs(gpu: &Gpu, src: &dyn FileSource, name: &str, quant: ComponentQu
 
 /// The UNet's prediction for seeded latents of an image of `size` at `timestep`, conditioned on
 /// `prompt`.
-async fn noise_prediction(gpu: &Gpu, model: &StableDiffusionModel, prompt: &str, seed: u64, size: (usize, usize), timestep: f32) -> Result<Vec<f32>> {
+pub async fn noise_prediction(gpu: &Gpu, model: &StableDiffusionModel, prompt: &str, seed: u64, size: (usize, usize), timestep: f32) -> Result<Vec<f32>> {
     let text = model.text.encode(gpu, &PromptText { prompt, prompt_2: None, clip_skip: 0 }, PromptWeighting::None, false).await?;
     let c = &model.unet.config;
     let f = model.vae_config.scale_factor();

@@ -10,10 +10,6 @@ use super::FileSource;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 
-/// GPTQ's damping, a fraction of the mean input second moment added to H's diagonal (the
-/// paper's 1%).
-const GPTQ_DAMP: f64 = 0.01;
-
 /// One safetensors file's header.
 #[derive(Clone)]
 pub struct WeightFile {
@@ -481,11 +477,7 @@ impl<'w, 's> W<'w, 's> {
             Some(stats) => match self.weights.tensor_bytes(&self.name(name), shape, DType::F32).await? {
                 (DType::F32, raw) => {
                     let data = DType::F32.decode(shape, &raw);
-                    let bytes = match &stats.gram {
-                        Some(gram) => crate::quantise::encode_gptq(target, shape, &data, gram, GPTQ_DAMP)?,
-                        None => crate::quantise::encode_weighted(target, shape, &data, &stats.diag)?,
-                    };
-                    (target, bytes)
+                    (target, crate::quantise::encode_calibrated(target, shape, &data, stats)?)
                 }
                 stored => stored,
             },

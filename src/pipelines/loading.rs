@@ -356,6 +356,13 @@ fn prepare_adapters(opts: &LoadOptions, unet: &UNet2DConditionConfig) -> Result<
 }
 
 impl StableDiffusionModel {
+    /// This model's UNet loaded again from its folder `src` with `opts` (a sensitivity scan
+    /// quantises one layer at a time).
+    pub async fn load_unet(&self, gpu: &Gpu, src: &dyn FileSource, opts: &LoadOptions) -> Result<UNet2DConditionModel> {
+        let unet_w = Weights::new(src, component_files(src, "unet", "diffusion_pytorch_model", opts.prefer_fp16).await?);
+        UNet2DConditionModel::load(&opts.component(unet_w.at(gpu, self.dtype, ""), "unet"), self.unet.config.clone()).await
+    }
+
     /// Loads a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/` (and
     /// SDXL's `text_encoder_2/`), `tokenizer/` (`tokenizer_2/`), `scheduler/`).
     pub async fn load(gpu: &Gpu, src: &dyn FileSource, name: &str, opts: &LoadOptions) -> Result<Self> {

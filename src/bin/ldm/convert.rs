@@ -13,12 +13,14 @@ use clap::Args;
 use ldm_web::gpu::{DType, GpuOptions};
 use ldm_web::loader::quantised::{describe, stored_tensors, LayerRule, QUANT_KEY_PREFIX};
 use ldm_web::loader::safetensors::{serialize, FileDType, OutTensor};
-use ldm_web::loader::{WeightFile, WeightLog, WeightRecord};
+use ldm_web::loader::{quantisable, WeightFile, WeightLog, WeightRecord};
 use ldm_web::pipelines::single_file;
 use ldm_web::models::calibration::InputRecorder;
 use ldm_web::pipelines::{ComponentQuant, DiffusionModel, LoadOptions, Txt2ImgParams};
 use ldm_web::loader::InputSink;
-use ldm_web::quantise::Calibration;
+use ldm_web::bench::quality::noise_prediction;
+use ldm_web::pipelines::StableDiffusionModel;
+use ldm_web::quantise::{allocate_bits, encode_weighted, output_snr_db, Calibration, LayerChoices};
 use ldm_web::{Error, Result};
 
 /// Weight types per component (`ldm convert` and `ldm generate`).
@@ -119,7 +121,13 @@ pub struct ConvertArgs {
     /// Denoising steps of each calibration generation (default: the model's, else 20).
     #[arg(long)]
     calibration_steps: Option<usize>,
+    /// With --calibrate: choose each UNet layer's type (q4_0, q4_1, q5_0, q5_1 or q8_0) for this many bits per quantised weight on average (e.g. 4.5, 5, 6), from a sensitivity scan that quantises one layer at a time.
+    #[arg(long)]
+    bits: Option<f64>,
 }
+
+/// The types `--bits` chooses from, smallest first.
+const BIT_CHOICES: [DType; 5] = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0];
 
 /// Layers with at most this many inputs per output record their full input second moments
 /// (K x K f32 on the device) for GPTQ; wider ones per-column statistics.
@@ -130,6 +138,71 @@ const CALIBRATION_PROMPTS: [&str; 8] = [
     "a photograph of a red fox in the snow", "an oil painting of a harbour at sunset", "a bowl of fruit on a wooden table, studio light",
     "a city street at night in the rain", "a cartoon robot waving", "a portrait of an old man with a beard", "a mountain lake with pine trees", "a bright abstract pattern of circles",
 ];
+
+/// The calibration prompts: given, else the model's examples, else the built-in list.
+fn calibration_prompts(a: &ConvertArgs, model: &StableDiffusionModel) -> Vec<String> {
+    if !a.calibration_prompts.is_empty() {
+        a.calibration_prompts.clone()
+    } else if !model.hints.example_prompts.is_empty() {
+        model.hints.example_prompts.clone()
+    } else {
+        CALIBRATION_PROMPTS.iter().map(|p| p.to_string()).collect()
+    }
+}
+
+/// `--bits`: a type per UNet layer. The sensitivity scan quantises one layer at a time
+/// (the smallest type, calibrated) and measures how far the single-step noise prediction moves
+/// (its MSE against f32, first calibration prompt, seed 0, timestep 500); the layer's error at
+/// another type is that scaled by the ratio of its output errors on the calibration statistics.
+/// [`allocate_bits`] then spends the budget where it removes the most error per bit.
+async fn allocate(gpu: &ldm_web::gpu::Gpu, a: &ConvertArgs, stats: &Rc<Calibration>, bits: f64) -> Result<Vec<LayerRule>> {
+    let src: Box<dyn ldm_web::loader::FileSource> = if a.model == crate::builtin::NAME {
+        Box::new(crate::builtin::source().ok_or_else(|| Error::Input("this ldm was built without the built-in model".into()))?)
+    } else {
+        match crate::generate::open_model(&a.model)? {
+            (src, None) => src,
+            (_, Some(_)) => return Err(Error::Input(format!("{}: --bits scans a diffusers folder; convert the single file to one first (ldm convert --quant f32)", a.model))),
+        }
+    };
+    let log = WeightLog::default();
+    let opts = LoadOptions { quant: ComponentQuant { log: Some(log.clone()), ..Default::default() }, ..Default::default() };
+    let DiffusionModel::StableDiffusion(mut model) = DiffusionModel::load(gpu, src.as_ref(), "model", &opts).await? else {
+        return Err(Error::Input(format!("{}: --bits needs a text-to-image model", a.model)));
+    };
+    let prompt = calibration_prompts(a, &model).remove(0);
+    let side = model.unet.config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
+    let reference = noise_prediction(gpu, &model, &prompt, 0, (side, side), 500.0).await?;
+    let layers: Vec<_> = log.records().into_iter().filter(|r| r.folder == "unet" && quantisable(&r.shape) && stats.contains_key(&format!("unet/{}", r.name))).collect();
+    let start = std::time::Instant::now();
+    let mut choices = Vec::new();
+    for (i, r) in layers.iter().enumerate() {
+        let key = format!("unet/{}", r.name);
+        let st = &stats[&key];
+        let w = r.dtype.decode(&r.shape, &r.bytes);
+        // Output error relative to output energy, per type (the weighted search: a fast proxy
+        // for how the types compare on this layer).
+        let rel = |dt: DType| -> Result<f64> {
+            let q = dt.decode(&r.shape, &encode_weighted(dt, &r.shape, &w, &st.diag)?);
+            Ok(10f64.powf(-output_snr_db(&w, &q, st) / 10.0))
+        };
+        let rules: Rc<[LayerRule]> = vec![LayerRule { pattern: key.clone(), dtype: BIT_CHOICES[0] }].into();
+        let scan = LoadOptions { quant: ComponentQuant { layer_rules: rules, calibration: Some(stats.clone()), ..Default::default() }, ..Default::default() };
+        model.unet = model.load_unet(gpu, src.as_ref(), &scan).await?;
+        let got = noise_prediction(gpu, &model, &prompt, 0, (side, side), 500.0).await?;
+        let mse = got.iter().zip(&reference).map(|(g, r)| ((g - r) as f64).powi(2)).sum::<f64>() / reference.len().max(1) as f64;
+        let base = rel(BIT_CHOICES[0])?;
+        let mut options = Vec::new();
+        for dt in BIT_CHOICES {
+            options.push((dt, 8.0 * dt.bytes_for(&r.shape) as f64, if base > 0.0 { mse * rel(dt)? / base } else { 0.0 }));
+        }
+        choices.push(LayerChoices { name: key, parameters: r.shape.iter().product::<usize>() as u64, options });
+        if (i + 1) % 20 == 0 || i + 1 == layers.len() {
+            eprintln!("sensitivity scan {}/{} layers ({:.1} s)", i + 1, layers.len(), start.elapsed().as_secs_f64());
+        }
+    }
+    let types = allocate_bits(&choices, bits)?;
+    Ok(choices.iter().zip(types).map(|(c, dtype)| LayerRule { pattern: c.name.clone(), dtype }).collect())
+}
 
 /// Runs `n` generations through the model with every Linear / Conv2d reporting its inputs, and
 /// returns their statistics.
@@ -153,13 +226,7 @@ async fn calibrate(gpu: &ldm_web::gpu::Gpu, a: &ConvertArgs, choice: &Choice) ->
     let DiffusionModel::StableDiffusion(model) = crate::generate::load_model(gpu, &a.model, a.config.as_deref(), &opts).await? else {
         return Err(Error::Input(format!("{}: --calibrate runs text-to-image generations; convert this model without it", a.model)));
     };
-    let prompts: Vec<String> = if !a.calibration_prompts.is_empty() {
-        a.calibration_prompts.clone()
-    } else if !model.hints.example_prompts.is_empty() {
-        model.hints.example_prompts.clone()
-    } else {
-        CALIBRATION_PROMPTS.iter().map(|p| p.to_string()).collect()
-    };
+    let prompts = calibration_prompts(a, &model);
     let steps = a.calibration_steps.or(model.hints.steps).unwrap_or(20);
     let guidance = model.hints.guidance.unwrap_or(7.5);
     // At the size the model was made for (its UNet's sample size).
@@ -245,6 +312,16 @@ pub fn run(a: &ConvertArgs) -> Result<String> {
         return Err(Error::Input(format!("--vae {v}: ldm convert takes a weight type here ({}, f16, f32), not a VAE folder", DType::quantised_names())));
     }
     let choice = a.quant.choice()?;
+    let mut choice = choice;
+    if let Some(bits) = a.bits {
+        if a.calibrate == 0 {
+            return Err(Error::Input("--bits chooses types from a calibration: give --calibrate N too".into()));
+        }
+        if !(4.5..=8.5).contains(&bits) {
+            return Err(Error::Input(format!("--bits {bits}: give an average from 4.5 (all q4_0) to 8.5 (all q8_0)")));
+        }
+        choice.unet = choice.unet.or(Some(BIT_CHOICES[0]));
+    }
     let quantises = [choice.unet, choice.text_encoder, choice.vae].iter().flatten().chain(choice.layer_rules.iter().map(|r| &r.dtype)).any(|d| d.is_quantised());
     if a.calibrate > 0 && !quantises {
         return Err(Error::Input("--calibrate chooses quantised weights: give a quantised type too (e.g. --unet q4_1)".into()));
@@ -257,7 +334,15 @@ pub fn run(a: &ConvertArgs) -> Result<String> {
         let gpu = crate::open_device(GpuOptions { force_f32: true, ..Default::default() }).await?;
         let calibration = if a.calibrate > 0 { Some(Rc::new(calibrate(&gpu, a, &choice).await?)) } else { None };
         let calibrated = calibration.as_ref().map_or(0, |c| c.len());
-        let quant = ComponentQuant { calibration, ..choice.component_quant(Some(log.clone())) };
+        let mut quant = ComponentQuant { calibration: calibration.clone(), ..choice.component_quant(Some(log.clone())) };
+        if let (Some(bits), Some(stats)) = (a.bits, &calibration) {
+            // The user's own --layer rules first: the first match wins.
+            let chosen = allocate(&gpu, a, stats, bits).await?;
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            chosen.iter().for_each(|r| *counts.entry(r.dtype.name()).or_default() += 1);
+            eprintln!("--bits {bits}: {}", counts.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", "));
+            quant.layer_rules = choice.layer_rules.iter().cloned().chain(chosen).collect::<Vec<_>>().into();
+        }
         let opts = LoadOptions { vae_encoder: true, quant, ..Default::default() };
         let start = std::time::Instant::now();
         let loaded = crate::generate::load_model(&gpu, &a.model, a.config.as_deref(), &opts).await.map(|_| calibrated);
@@ -318,6 +403,9 @@ pub fn run(a: &ConvertArgs) -> Result<String> {
     let mut recipe = choice.recipe();
     if a.calibrate > 0 {
         recipe.push_str(&format!(";calibrated on {} prompts ({calibrated} layers)", a.calibrate));
+    }
+    if let Some(bits) = a.bits {
+        recipe.push_str(&format!(";UNet layer types for {bits} bits per weight from a sensitivity scan"));
     }
     hints.insert("quantisation".into(), serde_json::json!({ "recipe": recipe, "bits_per_weight": bits, "by": format!("ldm convert {}", env!("CARGO_PKG_VERSION")) }));
     let text = serde_json::to_string_pretty(&hints).map_err(|e| Error::Io(e.to_string()))?;
