@@ -68,10 +68,10 @@ pub struct BlockCodes {
 }
 
 const Q8_CODES: BlockCodes = BlockCodes { min: -127, max: 127, zero: 0, has_min: false, pack: pack_q8 };
-const Q4_0_CODES: BlockCodes = BlockCodes { min: 0, max: 15, zero: 8, has_min: false, pack: pack_q4 };
-const Q4_1_CODES: BlockCodes = BlockCodes { min: 0, max: 15, zero: 0, has_min: true, pack: pack_q4 };
-const Q5_0_CODES: BlockCodes = BlockCodes { min: 0, max: 31, zero: 16, has_min: false, pack: pack_q5_codes };
-const Q5_1_CODES: BlockCodes = BlockCodes { min: 0, max: 31, zero: 0, has_min: true, pack: pack_q5_codes };
+const Q4_0_CODES: BlockCodes = BlockCodes { min: 0, max: 15, zero: 8, has_min: false, pack: pack_codes::<4> };
+const Q4_1_CODES: BlockCodes = BlockCodes { min: 0, max: 15, zero: 0, has_min: true, pack: pack_codes::<4> };
+const Q5_0_CODES: BlockCodes = BlockCodes { min: 0, max: 31, zero: 16, has_min: false, pack: pack_codes::<5> };
+const Q5_1_CODES: BlockCodes = BlockCodes { min: 0, max: 31, zero: 0, has_min: true, pack: pack_codes::<5> };
 
 impl BlockCodes {
     /// The code of value `x` with scale `d` (its inverse `id`) and minimum `m`, as the encoders
@@ -90,21 +90,18 @@ fn pack_q8(q: &[i32], out: &mut [u8]) {
         *o = c as i8 as u8;
     }
 }
-fn pack_q4(q: &[i32], out: &mut [u8]) {
-    pack_nibbles(out, |e| q[e] as u8);
-}
-fn pack_q5_codes(q: &[i32], out: &mut [u8]) {
-    pack_q5(out, |e| q[e] as u8);
+fn pack_codes<const BITS: u32>(q: &[i32], out: &mut [u8]) {
+    pack_bits::<BITS>(out, |e| q[e] as u8);
 }
 
 const TABLE: [DTypeInfo; 7] = [
     DTypeInfo { name: "f32", block_size: 1, block_bytes: 4, value_bytes: 4, params: 0, wgsl: Some("f32"), needs_shader_f16: false, wgsl_quant: 0, codes: None, encode_block: encode_f32, decode_block: decode_f32 },
     DTypeInfo { name: "f16", block_size: 1, block_bytes: 2, value_bytes: 2, params: 0, wgsl: Some("f16"), needs_shader_f16: true, wgsl_quant: 0, codes: None, encode_block: encode_f16, decode_block: decode_f16 },
     DTypeInfo { name: "q8_0", block_size: 32, block_bytes: 34, value_bytes: 32, params: 1, wgsl: None, needs_shader_f16: false, wgsl_quant: 1, codes: Some(Q8_CODES), encode_block: encode_q8_0, decode_block: decode_q8_0 },
-    DTypeInfo { name: "q4_0", block_size: 32, block_bytes: 18, value_bytes: 16, params: 1, wgsl: None, needs_shader_f16: false, wgsl_quant: 2, codes: Some(Q4_0_CODES), encode_block: encode_q4_0, decode_block: decode_q4_0 },
-    DTypeInfo { name: "q4_1", block_size: 32, block_bytes: 20, value_bytes: 16, params: 2, wgsl: None, needs_shader_f16: false, wgsl_quant: 3, codes: Some(Q4_1_CODES), encode_block: encode_q4_1, decode_block: decode_q4_1 },
-    DTypeInfo { name: "q5_0", block_size: 32, block_bytes: 22, value_bytes: 20, params: 1, wgsl: None, needs_shader_f16: false, wgsl_quant: 4, codes: Some(Q5_0_CODES), encode_block: encode_q5_0, decode_block: decode_q5_0 },
-    DTypeInfo { name: "q5_1", block_size: 32, block_bytes: 24, value_bytes: 20, params: 2, wgsl: None, needs_shader_f16: false, wgsl_quant: 5, codes: Some(Q5_1_CODES), encode_block: encode_q5_1, decode_block: decode_q5_1 },
+    DTypeInfo { name: "q4_0", block_size: 32, block_bytes: 18, value_bytes: 16, params: 1, wgsl: None, needs_shader_f16: false, wgsl_quant: 2, codes: Some(Q4_0_CODES), encode_block: encode_signed::<4>, decode_block: decode_signed::<4> },
+    DTypeInfo { name: "q4_1", block_size: 32, block_bytes: 20, value_bytes: 16, params: 2, wgsl: None, needs_shader_f16: false, wgsl_quant: 3, codes: Some(Q4_1_CODES), encode_block: encode_min::<4>, decode_block: decode_min::<4> },
+    DTypeInfo { name: "q5_0", block_size: 32, block_bytes: 22, value_bytes: 20, params: 1, wgsl: None, needs_shader_f16: false, wgsl_quant: 4, codes: Some(Q5_0_CODES), encode_block: encode_signed::<5>, decode_block: decode_signed::<5> },
+    DTypeInfo { name: "q5_1", block_size: 32, block_bytes: 24, value_bytes: 20, params: 2, wgsl: None, needs_shader_f16: false, wgsl_quant: 5, codes: Some(Q5_1_CODES), encode_block: encode_min::<5>, decode_block: decode_min::<5> },
 ];
 
 /// Where a tensor's regions lie in its bytes (see the module docs).
@@ -392,75 +389,58 @@ fn nibble(b: &[u8], e: usize) -> f32 {
     ((b[e / 2] >> (4 * (e % 2))) & 15) as f32
 }
 
-fn encode_q4_0(v: &[f32], out: &mut [u8], p: &mut [f16]) {
-    // Scale from the value of largest magnitude, signed, so that value maps exactly to -8.
-    let max = v.iter().fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
-    let (d, id) = scale(max / -8.0);
-    p[0] = d;
-    pack_nibbles(out, |e| (v[e] * id + 8.0).round().clamp(0.0, 15.0) as u8);
-}
-fn decode_q4_0(b: &[u8], p: &[f16], out: &mut [f32]) {
-    let d = p[0].to_f32();
-    for (e, o) in out.iter_mut().enumerate() {
-        *o = (nibble(b, e) - 8.0) * d;
-    }
-}
-
-fn encode_q4_1(v: &[f32], out: &mut [u8], p: &mut [f16]) {
-    let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &x| (l.min(x), h.max(x)));
-    let (d, id) = scale((hi - lo) / 15.0);
-    let m = f16::from_f32(lo);
-    p[0] = d;
-    p[1] = m;
-    let mf = m.to_f32();
-    pack_nibbles(out, |e| ((v[e] - mf) * id).round().clamp(0.0, 15.0) as u8);
-}
-fn decode_q4_1(b: &[u8], p: &[f16], out: &mut [f32]) {
-    let (d, m) = (p[0].to_f32(), p[1].to_f32());
-    for (e, o) in out.iter_mut().enumerate() {
-        *o = nibble(b, e).mul_add(d, m);
-    }
-}
-
-/// Packs 5-bit values as ggml does: their low 4 bits as [`pack_nibbles`] (16 bytes), then one
-/// little-endian u32 whose bit e is element e's fifth bit (so a kernel reads word 4 of the block).
-fn pack_q5(out: &mut [u8], q: impl Fn(usize) -> u8) {
+/// Packs codes of `BITS` (4 or 5) bits into a block's value bytes: low nibbles two per byte,
+/// element 2j in the low nibble of byte j (so element e is bits 4(e % 8) of word e / 8, as the
+/// kernels read it); for 5 bits then one little-endian u32 whose bit e is element e's fifth bit
+/// (ggml's q5 layout: a kernel reads word 4 of the block).
+fn pack_bits<const BITS: u32>(out: &mut [u8], q: impl Fn(usize) -> u8) {
     pack_nibbles(&mut out[..16], |e| q(e) & 15);
-    let high = (0..32).fold(0u32, |h, e| h | (((q(e) >> 4) & 1) as u32) << e);
-    out[16..20].copy_from_slice(&high.to_le_bytes());
+    if BITS == 5 {
+        let high = (0..32).fold(0u32, |h, e| h | (((q(e) >> 4) & 1) as u32) << e);
+        out[16..20].copy_from_slice(&high.to_le_bytes());
+    }
 }
-fn q5(b: &[u8], e: usize) -> f32 {
+/// Code e of a block packed by [`pack_bits`].
+fn code_at<const BITS: u32>(b: &[u8], e: usize) -> f32 {
+    let low = nibble(b, e);
+    if BITS == 4 {
+        return low;
+    }
     let high = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
-    nibble(b, e) + 16.0 * ((high >> e) & 1) as f32
+    low + 16.0 * ((high >> e) & 1) as f32
 }
 
-fn encode_q5_0(v: &[f32], out: &mut [u8], p: &mut [f16]) {
-    // As q4_0: the value of largest magnitude maps exactly to -16.
+/// q4_0 / q5_0: x = (q - z) d with z = 2^(BITS-1); the value of largest magnitude, signed, maps
+/// exactly to code 0 (-z d).
+fn encode_signed<const BITS: u32>(v: &[f32], out: &mut [u8], p: &mut [f16]) {
+    let (zero, top) = ((1u32 << (BITS - 1)) as f32, ((1u32 << BITS) - 1) as f32);
     let max = v.iter().fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
-    let (d, id) = scale(max / -16.0);
+    let (d, id) = scale(max / -zero);
     p[0] = d;
-    pack_q5(out, |e| (v[e] * id + 16.0).round().clamp(0.0, 31.0) as u8);
+    pack_bits::<BITS>(out, |e| (v[e] * id + zero).round().clamp(0.0, top) as u8);
 }
-fn decode_q5_0(b: &[u8], p: &[f16], out: &mut [f32]) {
-    let d = p[0].to_f32();
+fn decode_signed<const BITS: u32>(b: &[u8], p: &[f16], out: &mut [f32]) {
+    let (zero, d) = ((1u32 << (BITS - 1)) as f32, p[0].to_f32());
     for (e, o) in out.iter_mut().enumerate() {
-        *o = (q5(b, e) - 16.0) * d;
+        *o = (code_at::<BITS>(b, e) - zero) * d;
     }
 }
 
-fn encode_q5_1(v: &[f32], out: &mut [u8], p: &mut [f16]) {
+/// q4_1 / q5_1: x = q d + m over the block's range, m its minimum.
+fn encode_min<const BITS: u32>(v: &[f32], out: &mut [u8], p: &mut [f16]) {
+    let top = ((1u32 << BITS) - 1) as f32;
     let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &x| (l.min(x), h.max(x)));
-    let (d, id) = scale((hi - lo) / 31.0);
+    let (d, id) = scale((hi - lo) / top);
     let m = f16::from_f32(lo);
     p[0] = d;
     p[1] = m;
     let mf = m.to_f32();
-    pack_q5(out, |e| ((v[e] - mf) * id).round().clamp(0.0, 31.0) as u8);
+    pack_bits::<BITS>(out, |e| ((v[e] - mf) * id).round().clamp(0.0, top) as u8);
 }
-fn decode_q5_1(b: &[u8], p: &[f16], out: &mut [f32]) {
+fn decode_min<const BITS: u32>(b: &[u8], p: &[f16], out: &mut [f32]) {
     let (d, m) = (p[0].to_f32(), p[1].to_f32());
     for (e, o) in out.iter_mut().enumerate() {
-        *o = q5(b, e).mul_add(d, m);
+        *o = code_at::<BITS>(b, e).mul_add(d, m);
     }
 }
 

@@ -119,20 +119,22 @@ impl InputSink for InputRecorder {
         if !self.folders.iter().any(|f| names[0].starts_with(f.as_str())) {
             return Ok(());
         }
-        let x = if x.dtype() == DType::F32 { x.clone() } else { return Err(Error::Input("calibration runs the model in f32".into())) };
+        if x.dtype() != DType::F32 {
+            return Err(Error::Input("calibration runs the model in f32".into()));
+        }
         match layout {
             InputLayout::Rows => {
                 let k = x.dim(-1);
                 let rows = x.numel() / k.max(1);
                 let gram = k <= self.gram_max_k;
-                let s = second_moments(gpu, &x, 1, rows, k, false, gram)?;
+                let s = second_moments(gpu, x, 1, rows, k, false, gram)?;
                 self.add(gpu, names, Moments { k, gram, kernel: 1, samples: rows as u64, sum: s })
             }
             InputLayout::ChannelsFirst => {
                 let (b, k) = (x.dim(0), x.dim(1));
                 let n = x.numel() / (b * k).max(1);
                 let gram = k <= self.gram_max_k;
-                let s = second_moments(gpu, &x, b, n, k, true, gram)?;
+                let s = second_moments(gpu, x, b, n, k, true, gram)?;
                 self.add(gpu, names, Moments { k, gram, kernel: 1, samples: (b * n) as u64, sum: s })
             }
             InputLayout::Conv { kernel, stride, padding, dilation } => {
@@ -140,7 +142,7 @@ impl InputSink for InputRecorder {
                 let k = c * kernel.0 * kernel.1;
                 let spec = Conv2dSpec { stride, padding, dilation, ..Default::default() };
                 if k <= self.gram_max_k {
-                    let cols = ops::im2col(gpu, &x, kernel.0, kernel.1, &spec)?;
+                    let cols = ops::im2col(gpu, x, kernel.0, kernel.1, &spec)?;
                     let n = cols.dim(2);
                     let s = second_moments(gpu, &cols, b, n, k, true, true)?;
                     self.add(gpu, names, Moments { k, gram: true, kernel: 1, samples: (b * n) as u64, sum: s })
@@ -148,7 +150,7 @@ impl InputSink for InputRecorder {
                     // Per input channel: its x² stands for each of its kernel positions (the
                     // zero padding aside).
                     let n = x.numel() / (b * c).max(1);
-                    let s = second_moments(gpu, &x, b, n, c, true, false)?;
+                    let s = second_moments(gpu, x, b, n, c, true, false)?;
                     self.add(gpu, names, Moments { k, gram: false, kernel: kernel.0 * kernel.1, samples: (b * n) as u64, sum: s })
                 }
             }
